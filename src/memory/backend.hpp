@@ -1,0 +1,93 @@
+// Memory backends: where a model's slab lives (host memfd, CUDA VMM, legacy CUDA IPC) and how a
+// client process maps it. The server allocates and fills slabs; clients import segments.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "common/unique_fd.hpp"
+#include "companion/result.hpp"
+
+namespace companion::memory {
+
+// How a segment travels to a client. Numbering is part of the wire protocol.
+enum class SegmentKind : uint8_t {
+  kHostMemfd = 0,      // sealed memfd, mapped read-only with mmap
+  kCudaVmmFd = 1,      // cuMemExportToShareableHandle POSIX fd, imported with cuMemImport...
+  kCudaIpcHandle = 2,  // 64-byte cuIpcGetMemHandle handle, opened with cuIpcOpenMemHandle
+};
+const char* segment_kind_name(SegmentKind kind) noexcept;
+
+inline constexpr size_t kIpcHandleBytes = 64;
+
+// One exported segment, ready to be sent in one reply.
+struct SegmentExport {
+  SegmentKind kind = SegmentKind::kHostMemfd;
+  uint64_t size = 0;                               // bytes the client maps
+  UniqueFd fd;                                     // for kHostMemfd / kCudaVmmFd (a fresh dup)
+  std::array<uint8_t, kIpcHandleBytes> ipc_handle{};  // for kCudaIpcHandle
+};
+
+// A model's memory: a few segments, written once by the loader, then sealed and shared.
+class Slab {
+ public:
+  virtual ~Slab() = default;
+  virtual SegmentKind kind() const noexcept = 0;
+  virtual size_t segment_count() const noexcept = 0;
+  virtual uint64_t segment_size(size_t segment) const noexcept = 0;
+  uint64_t total_bytes() const noexcept {
+    uint64_t total = 0;
+    for (size_t i = 0; i < segment_count(); ++i) total += segment_size(i);
+    return total;
+  }
+
+  // A host address the loader may write into directly (host backend), or nullptr when the memory
+  // is not host-addressable (GPU backends: use write()).
+  virtual void* host_address(size_t segment) noexcept = 0;
+  // Copies host bytes into the slab. Synchronous: when it returns, src may be reused.
+  virtual Result<void> write(size_t segment, uint64_t offset, const void* src, uint64_t bytes) = 0;
+  // Ends writing: seals the memory so that clients can only read it. Exports need it done.
+  virtual Result<void> seal() = 0;
+  // New handles for one client (fds are dup'ed: the caller owns and closes them).
+  virtual Result<std::vector<SegmentExport>> export_segments() = 0;
+};
+
+// Allocates slabs on one device.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string name() const = 0;  // "host" | "cuda-vmm" | "cuda-ipc"
+  // Segment sizes are rounded up to this (page size, VMM granularity...).
+  virtual uint64_t granularity() const noexcept = 0;
+  // Largest single segment worth allocating; bigger models get several segments.
+  virtual uint64_t max_segment_bytes() const noexcept = 0;
+  // Allocates one slab with the given segment sizes (each a multiple of granularity()).
+  // Out of memory gives kOutOfMemory.
+  virtual Result<std::unique_ptr<Slab>> allocate(const std::vector<uint64_t>& segment_sizes,
+                                                 const std::string& label) = 0;
+};
+
+// A segment mapped into a client process. Unmapped on destruction.
+class MappedSegment {
+ public:
+  virtual ~MappedSegment() = default;
+  // Host pointer (host backend) or device pointer (CUDA backends) of the segment's first byte.
+  virtual const void* address() const noexcept = 0;
+  virtual uint64_t size() const noexcept = 0;
+  virtual bool on_device() const noexcept = 0;
+};
+
+// Where a client maps device memory: the local ordinal of the server's GPU (the client resolves
+// it by UUID), or -1 for host memory.
+struct ImportTarget {
+  int device_ordinal = -1;
+};
+
+// Maps one received segment read-only. Takes ownership of export_.fd.
+Result<std::unique_ptr<MappedSegment>> import_segment(SegmentExport segment,
+                                                      const ImportTarget& target);
+
+}  // namespace companion::memory
