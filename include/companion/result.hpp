@@ -11,7 +11,7 @@
 namespace companion {
 
 enum class StatusCode : int {
-#define COMPANION_X(name, value, text) k##name = value,
+#define COMPANION_X(cname, name, value, text) k##name = value,
   COMPANION_STATUS_CODES(COMPANION_X)
 #undef COMPANION_X
 };

@@ -6,8 +6,8 @@ namespace companion {
 
 const char* status_code_text(StatusCode code) noexcept {
   switch (code) {
-#define COMPANION_X(name, value, text) \
-  case StatusCode::k##name:            \
+#define COMPANION_X(cname, name, value, text) \
+  case StatusCode::k##name:                   \
     return text;
     COMPANION_STATUS_CODES(COMPANION_X)
 #undef COMPANION_X
@@ -17,9 +17,9 @@ const char* status_code_text(StatusCode code) noexcept {
 
 const char* status_code_name(StatusCode code) noexcept {
   switch (code) {
-#define COMPANION_X(name, value, text) \
-  case StatusCode::k##name:            \
-    return #name;
+#define COMPANION_X(cname, name, value, text) \
+  case StatusCode::k##name:                   \
+    return #cname;
     COMPANION_STATUS_CODES(COMPANION_X)
 #undef COMPANION_X
   }
@@ -28,8 +28,8 @@ const char* status_code_name(StatusCode code) noexcept {
 
 StatusCode status_code_from_int(int value) noexcept {
   switch (value) {
-#define COMPANION_X(name, v, text) \
-  case v:                          \
+#define COMPANION_X(cname, name, v, text) \
+  case v:                                 \
     return StatusCode::k##name;
     COMPANION_STATUS_CODES(COMPANION_X)
 #undef COMPANION_X
