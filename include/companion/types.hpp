@@ -79,6 +79,7 @@ struct ModelStatus {
   uint32_t leases = 0;                       // clients currently holding the model
   std::string backend;                       // memory backend holding it
   uint64_t slab_bytes = 0;                   // device/host bytes held
+  uint64_t seq = 0;                          // order of changes on the server: larger is newer
 
   double progress() const noexcept {
     return bytes_total == 0 ? (state == ModelState::kLoaded ? 1.0 : 0.0)

@@ -29,23 +29,22 @@ struct TensorEntry {
 struct SafetensorsFile {
   std::string path;
   uint64_t file_size = 0;
-  uint64_t data_start = 0;  // 8 + header length
+  uint64_t data_start = 0;                      // 8 + header length
   std::map<std::string, std::string> metadata;  // "__metadata__"
-  std::vector<TensorEntry> tensors;              // in data-offset order
+  std::vector<TensorEntry> tensors;             // in data-offset order
 };
 
 // Validates a header's JSON against a data section of data_bytes bytes. Pure: no I/O.
 // Every failure is kBadCheckpoint, except an unknown dtype string: kUnknownDtype.
-Result<SafetensorsFile> parse_safetensors_header(std::string_view header_json,
-                                                 uint64_t data_bytes);
+Result<SafetensorsFile> parse_safetensors_header(std::string_view header_json, uint64_t data_bytes);
 // Opens a .safetensors file and validates its header (length cap, JSON shape, dtypes, sizes,
 // ranges inside the file and not overlapping).
 Result<SafetensorsFile> read_safetensors_file(const std::string& path);
 
 struct Checkpoint {
-  std::string location;             // the directory or file it was opened from
-  std::vector<std::string> files;   // absolute paths of the .safetensors files
-  std::vector<TensorEntry> tensors; // all tensors of all files, names unique
+  std::string location;              // the directory or file it was opened from
+  std::vector<std::string> files;    // absolute paths of the .safetensors files
+  std::vector<TensorEntry> tensors;  // all tensors of all files, names unique
   uint64_t total_bytes = 0;
 };
 

@@ -28,6 +28,10 @@ struct ResolvedSource {
 // (kInvalidArgument): the server's working directory means nothing to a client.
 Result<ResolvedSource> resolve_source(const ModelSpec& spec, const std::string& hf_cache);
 
+// realpath(3): absolute, symlinks resolved. Missing -> kNotFound naming the path, EACCES ->
+// kNotPermitted, anything else kIoError.
+Result<std::string> real_path(const std::string& path);
+
 // Canonicalises roots (realpath); missing roots are dropped with no error.
 std::vector<std::string> canonical_roots(const std::vector<std::string>& roots);
 // True if canonical `real_path` equals a root or lies below one.

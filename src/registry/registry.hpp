@@ -4,6 +4,7 @@
 
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/unique_fd.hpp"
@@ -15,8 +16,15 @@ namespace companion::registry {
 // $COMPANION_RUNTIME_DIR, else $XDG_RUNTIME_DIR/companion, else /tmp/companion-<uid>.
 std::string default_runtime_dir();
 
+// Instance ids become file names: [0-9a-zA-Z_-]{1,64}.
+bool is_valid_instance_id(std::string_view id) noexcept;
+// What every record must satisfy: a valid instance id, non-empty ns and component without '/',
+// a non-empty socket path. kInvalidArgument otherwise.
+Result<void> validate_record(const ServerIdentity& record);
+
 // Serialises a ServerIdentity as the record's JSON (and back). Unknown fields are ignored;
-// missing required fields (instance_id, ns, component, socket_path, pid) are kInvalidArgument.
+// missing required fields (instance_id, ns, component, socket_path, pid), fields of the wrong type
+// and records failing validate_record are kInvalidArgument.
 std::string record_to_json(const ServerIdentity& record);
 Result<ServerIdentity> record_from_json(const std::string& json);
 
@@ -37,12 +45,21 @@ class LocalRegistry {
   Result<void> ensure_dir() const;
   // The socket path a new instance should listen on: <dir>/<instance_id>.sock
   std::string socket_path_for(const std::string& instance_id) const;
+  // <dir>/<instance_id>.json and <dir>/<instance_id>.lock
+  std::string record_path_for(const std::string& instance_id) const;
+  std::string lock_path_for(const std::string& instance_id) const;
   // Takes the instance's lock (<dir>/<instance_id>.lock, flock held by the returned object), then
-  // writes <dir>/<instance_id>.json atomically.
+  // writes <dir>/<instance_id>.json atomically. Creates the directory if needed (kNotPermitted if
+  // it belongs to another user). Empty/zero socket_path, hostname, pid and started_at_ms are
+  // filled in (socket_path_for(id), this host, getpid(), now). An id whose lock is held by a live
+  // instance gives kUnavailable (after retrying for about 60 ms, as a cleaner removing a dead
+  // instance of the same id holds its lock briefly).
   Result<std::unique_ptr<Registration>> register_instance(const ServerIdentity& record);
   // Records of live instances, optionally filtered (empty filter = any). A record whose lock is
   // not held (its server died) is removed with its socket and lock file; unreadable records are
-  // skipped. Ordered by start time, oldest first.
+  // skipped (and removed once older than 10 s with no live lock: a crash mid-write). Ordered by
+  // start time, oldest first. A missing directory lists nothing; one owned by another user is
+  // kNotPermitted. Never blocks.
   Result<std::vector<ServerIdentity>> list(const std::string& ns = "",
                                            const std::string& component = "") const;
 

@@ -1,0 +1,107 @@
+// Companion C++ client: find the server of a device, load models, and map their weights
+// zero-copy. Thread safety: a Client serialises its requests internally and may be shared
+// between threads; a StatusStream belongs to one thread at a time; a MappedModel is immutable
+// and may be read from any thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "companion/result.hpp"
+#include "companion/types.hpp"
+
+namespace companion {
+
+struct ConnectOptions {
+  std::string ns = "companion";  // namespace the server registered in
+  // Which server: "host", or a GPU as ordinal / UUID / PCI bus id (matched by UUID, whatever
+  // CUDA_VISIBLE_DEVICES says in either process).
+  std::string device = "host";
+  std::string socket_path;       // connect here directly instead of discovering
+  std::string runtime_dir;       // local registry directory ("" = default)
+  std::string client_name = "companion-client";
+  // How long to keep looking for a live server before giving up (kUnavailable).
+  double discovery_timeout_s = 0.0;
+};
+
+// One tensor of a mapped model. `data` is a host pointer (host backend) or a device pointer
+// (CUDA backends) valid while the MappedModel lives. Read-only.
+struct TensorView {
+  std::string_view name;
+  DType dtype = DType::kU8;
+  std::span<const int64_t> shape;
+  std::span<const int64_t> strides;  // in elements
+  const void* data = nullptr;
+  uint64_t nbytes = 0;
+  bool on_device = false;
+  int device_ordinal = -1;           // local CUDA ordinal when on_device
+};
+
+// A model's weights mapped into this process. Destruction unmaps them and releases the lease.
+class MappedModel {
+ public:
+  struct Impl;
+  explicit MappedModel(std::unique_ptr<Impl> impl);
+  ~MappedModel();
+  MappedModel(const MappedModel&) = delete;
+  MappedModel& operator=(const MappedModel&) = delete;
+
+  const ModelStatus& status() const noexcept;
+  uint64_t lease_id() const noexcept;
+  std::span<const TensorView> tensors() const noexcept;
+  const TensorView* find(std::string_view name) const noexcept;
+  size_t segment_count() const noexcept;
+  uint64_t mapped_bytes() const noexcept;
+  // Host backend: the inode of each segment's memfd (equal across clients sharing one copy).
+  std::vector<uint64_t> segment_inodes() const;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// Status updates of one model (or of all), on a connection of its own.
+class StatusStream {
+ public:
+  virtual ~StatusStream() = default;
+  // The next update; kTimeout after timeout_s (negative: wait forever).
+  virtual Result<ModelStatus> next(double timeout_s) = 0;
+};
+
+class Client {
+ public:
+  static Result<std::unique_ptr<Client>> connect(const ConnectOptions& options);
+  virtual ~Client() = default;
+
+  virtual const ServerIdentity& server() const noexcept = 0;
+
+  virtual Result<ModelStatus> status(const ModelSpec& spec) = 0;
+  virtual Result<std::vector<ModelStatus>> list() = 0;
+  virtual Result<HealthInfo> health() = 0;
+  // Starts loading (returns at once), or with wait=true returns when loaded, calling
+  // on_progress with each status update on the way.
+  virtual Result<ModelStatus> load(const ModelSpec& spec, bool wait,
+                                   const std::function<void(const ModelStatus&)>& on_progress = {},
+                                   double timeout_s = -1) = 0;
+  virtual Result<ModelStatus> unload(const ModelSpec& spec, bool force) = 0;
+  // key: a key or short id from list().
+  virtual Result<ModelStatus> unload_key(const std::string& key, bool force) = 0;
+
+  // As the seed: triggers the load if needed and waits until the model is loaded. initial_timeout
+  // bounds the wait for the load to start (server answering, model found); loading_timeout bounds
+  // the load itself. Returns the loaded status, or the load's error, or kTimeout.
+  virtual Result<ModelStatus> wait_for_model_ready(const ModelSpec& spec, double initial_timeout_s,
+                                                   double loading_timeout_s) = 0;
+  // Loads if needed (waiting up to timeout_s; negative = no limit) and maps every tensor.
+  virtual Result<std::shared_ptr<MappedModel>> get_model_parameters(const ModelSpec& spec,
+                                                                    double timeout_s = -1) = 0;
+
+  virtual Result<std::unique_ptr<StatusStream>> subscribe(const ModelSpec& spec) = 0;
+  virtual Result<std::unique_ptr<StatusStream>> subscribe_all() = 0;
+};
+
+}  // namespace companion

@@ -1,0 +1,86 @@
+#include "checkpoint/strict_json.hpp"
+
+#include <exception>
+#include <unordered_set>
+#include <vector>
+
+namespace companion::checkpoint {
+namespace {
+
+using json = nlohmann::json;
+
+// A validating pass over the input: records the first repeated key, too-deep nesting or syntax
+// error, and stops there. Building the value is left to a second, plain parse.
+class StrictChecker {
+ public:
+  bool null() { return true; }
+  bool boolean(bool) { return true; }
+  bool number_integer(json::number_integer_t) { return true; }
+  bool number_unsigned(json::number_unsigned_t) { return true; }
+  bool number_float(json::number_float_t, const json::string_t&) { return true; }
+  bool string(json::string_t&) { return true; }
+  bool binary(json::binary_t&) { return true; }
+
+  bool start_object(size_t) { return open(true); }
+  bool end_object() { return close(); }
+  bool start_array(size_t) { return open(false); }
+  bool end_array() { return close(); }
+
+  bool key(json::string_t& key) {
+    if (scopes_.empty() || !scopes_.back().is_object) return true;
+    if (!scopes_.back().keys.insert(key).second) {
+      problem_ = "key '" + key + "' appears twice in the same object";
+      return false;
+    }
+    return true;
+  }
+
+  bool parse_error(size_t, const std::string&, const nlohmann::detail::exception& e) {
+    problem_ = e.what();
+    return false;
+  }
+
+  const std::string& problem() const { return problem_; }
+
+ private:
+  struct Scope {
+    bool is_object;
+    std::unordered_set<std::string> keys;
+  };
+
+  bool open(bool is_object) {
+    if (scopes_.size() >= kMaxJsonDepth) {
+      problem_ = "nested deeper than " + std::to_string(kMaxJsonDepth) + " levels";
+      return false;
+    }
+    scopes_.push_back(Scope{is_object, {}});
+    return true;
+  }
+  bool close() {
+    if (!scopes_.empty()) scopes_.pop_back();
+    return true;
+  }
+
+  std::vector<Scope> scopes_;
+  std::string problem_;
+};
+
+}  // namespace
+
+Result<nlohmann::json> parse_json_strict(std::string_view text, const std::string& what) {
+  try {
+    StrictChecker checker;
+    bool ok = json::sax_parse(text.begin(), text.end(), &checker);
+    if (!ok || !checker.problem().empty()) {
+      std::string problem = checker.problem().empty() ? "invalid JSON" : checker.problem();
+      return make_error(StatusCode::kBadCheckpoint, what + " is not valid JSON: " + problem);
+    }
+    json value = json::parse(text.begin(), text.end());
+    return value;
+  } catch (const std::exception& e) {
+    // sax_parse reports syntax errors through parse_error, but a few limits still throw.
+    return make_error(StatusCode::kBadCheckpoint, what + " is not valid JSON: " + e.what());
+  }
+}
+
+}  // namespace companion::checkpoint

@@ -1,0 +1,153 @@
+// Client-side subcommands: status, load, unload, ls, health.
+#include <unistd.h>
+
+#include <cstdio>
+#include <iostream>
+
+#include "cli/commands.hpp"
+#include "cli/output.hpp"
+
+namespace companion::cli {
+namespace {
+
+int fail(const CommonArgs& args, const Error& e) {
+  if (args.json)
+    std::cout << to_json(e).dump() << std::endl;
+  else
+    std::fprintf(stderr, "companion: %s\n", e.to_string().c_str());
+  return 1;
+}
+
+Result<ModelSpec> make_spec(const ModelArgs& m) {
+  ModelSpec spec;
+  spec.source = m.source;
+  // A local path is sent absolute: the server's working directory is not the caller's.
+  if (!m.source.empty() && m.source[0] != '/' && ::access(m.source.c_str(), F_OK) == 0) {
+    char* real = ::realpath(m.source.c_str(), nullptr);
+    if (real != nullptr) {
+      spec.source = real;
+      std::free(real);
+    }
+  }
+  spec.revision = m.revision;
+  spec.tag = m.tag;
+  if (!m.dtype.empty() && m.dtype != "auto") {
+    COMPANION_ASSIGN_OR_RETURN(DType d, parse_dtype(m.dtype));
+    spec.dtype = d;
+  }
+  COMPANION_TRY(spec.validate());
+  return spec;
+}
+
+}  // namespace
+
+int run_status(const CommonArgs& args, const ModelArgs& model, bool follow) {
+  auto client = Client::connect(args.connect);
+  if (!client.ok()) return fail(args, client.error());
+  if (!follow) {
+    if (model.source.empty()) {
+      auto models = (*client)->list();
+      if (!models.ok()) return fail(args, models.error());
+      if (args.json) {
+        nlohmann::json j = nlohmann::json::array();
+        for (const auto& s : *models) j.push_back(to_json(s));
+        std::cout << j.dump(2) << std::endl;
+      } else {
+        std::cout << render_models(*models);
+      }
+      return 0;
+    }
+    auto spec = make_spec(model);
+    if (!spec.ok()) return fail(args, spec.error());
+    auto s = (*client)->status(*spec);
+    if (!s.ok()) return fail(args, s.error());
+    if (args.json)
+      std::cout << to_json(*s).dump(2) << std::endl;
+    else
+      std::cout << render_models({*s});
+    return 0;
+  }
+  Result<std::unique_ptr<StatusStream>> stream = make_error(StatusCode::kInternal, "");
+  if (model.source.empty()) {
+    stream = (*client)->subscribe_all();
+  } else {
+    auto spec = make_spec(model);
+    if (!spec.ok()) return fail(args, spec.error());
+    stream = (*client)->subscribe(*spec);
+  }
+  if (!stream.ok()) return fail(args, stream.error());
+  for (;;) {
+    auto s = (*stream)->next(-1);
+    if (!s.ok()) return fail(args, s.error());
+    if (args.json) {
+      std::cout << to_json(*s).dump() << std::endl;
+    } else {
+      std::cout << s->id << "  " << model_state_name(s->state) << "  " << render_progress(*s)
+                << "  " << s->source << (s->message.empty() ? "" : "  " + s->message)
+                << std::endl;
+    }
+  }
+}
+
+int run_load(const CommonArgs& args, const ModelArgs& model, bool wait) {
+  auto spec = make_spec(model);
+  if (!spec.ok()) return fail(args, spec.error());
+  auto client = Client::connect(args.connect);
+  if (!client.ok()) return fail(args, client.error());
+  bool bar = !args.json && ::isatty(STDERR_FILENO);
+  auto on_progress = [&](const ModelStatus& s) {
+    if (bar) {
+      std::fprintf(stderr, "\r%s %s", model_state_name(s.state), render_progress(s).c_str());
+      std::fflush(stderr);
+    } else if (!args.json) {
+      std::fprintf(stderr, "%s %s\n", model_state_name(s.state), render_progress(s).c_str());
+    }
+  };
+  auto s = (*client)->load(*spec, wait, on_progress);
+  if (bar) std::fprintf(stderr, "\n");
+  if (!s.ok()) return fail(args, s.error());
+  if (args.json)
+    std::cout << to_json(*s).dump(2) << std::endl;
+  else
+    std::cout << render_models({*s});
+  return 0;
+}
+
+int run_unload(const CommonArgs& args, const ModelArgs& model, bool force) {
+  auto client = Client::connect(args.connect);
+  if (!client.ok()) return fail(args, client.error());
+  Result<ModelStatus> s = make_error(StatusCode::kInternal, "");
+  // An id or key from `companion ls`, or a model source.
+  bool local_path = ::access(model.source.c_str(), F_OK) == 0;
+  if (!local_path && model.source.find('/') == std::string::npos) {
+    s = (*client)->unload_key(model.source, force);
+  } else if (model.source.rfind("source=", 0) == 0) {
+    s = (*client)->unload_key(model.source, force);
+  } else {
+    auto spec = make_spec(model);
+    if (!spec.ok()) return fail(args, spec.error());
+    s = (*client)->unload(*spec, force);
+  }
+  if (!s.ok()) return fail(args, s.error());
+  if (args.json)
+    std::cout << to_json(*s).dump(2) << std::endl;
+  else
+    std::cout << "unloaded " << s->id << "  " << s->key << std::endl;
+  return 0;
+}
+
+int run_list(const CommonArgs& args) { return run_status(args, ModelArgs{}, false); }
+
+int run_health(const CommonArgs& args) {
+  auto client = Client::connect(args.connect);
+  if (!client.ok()) return fail(args, client.error());
+  auto h = (*client)->health();
+  if (!h.ok()) return fail(args, h.error());
+  if (args.json)
+    std::cout << to_json(*h).dump(2) << std::endl;
+  else
+    std::cout << render_health(*h);
+  return h->state == "serving" ? 0 : 1;
+}
+
+}  // namespace companion::cli

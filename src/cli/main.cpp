@@ -1,0 +1,87 @@
+// `companion`: the server and its command-line client.
+#include <CLI/CLI.hpp>
+
+#include "cli/commands.hpp"
+#include "companion/types.hpp"
+
+int main(int argc, char** argv) {
+  using namespace companion;
+  CLI::App app{"Companion: load model weights on a GPU once, share them zero-copy"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", std::string(software_version()));
+
+  cli::CommonArgs common;
+  cli::ModelArgs model;
+  auto add_common = [&](CLI::App* cmd) {
+    cmd->add_option("--namespace,-n", common.connect.ns, "Namespace")->capture_default_str();
+    cmd->add_option("--device,-d", common.connect.device,
+                    "Server device: host, or a GPU ordinal, UUID or PCI bus id")
+        ->capture_default_str();
+    cmd->add_option("--socket", common.connect.socket_path, "Connect to this socket directly");
+    cmd->add_option("--runtime-dir", common.connect.runtime_dir, "Local registry directory");
+    cmd->add_option("--wait-server", common.connect.discovery_timeout_s,
+                    "Seconds to wait for a server to appear");
+    cmd->add_flag("--json", common.json, "JSON output for scripts");
+  };
+  auto add_model = [&](CLI::App* cmd, bool required) {
+    auto* opt = cmd->add_option("model", model.source,
+                                "Model: a directory, a .safetensors file or a Hugging Face id");
+    if (required) opt->required();
+    cmd->add_option("--revision", model.revision, "Hugging Face revision (default main)");
+    cmd->add_option("--dtype", model.dtype, "Cast floating tensors: bf16, fp16, fp32");
+    cmd->add_option("--tag", model.tag, "Opaque tag that keeps otherwise equal models apart");
+  };
+
+  server::ServerOptions serve;
+  std::string log_level = "info";
+  auto* serve_cmd = app.add_subcommand("serve", "Run a server for one device");
+  serve_cmd->add_option("--device,-d", serve.device, "host, or a GPU ordinal, UUID or PCI bus id")
+      ->capture_default_str();
+  serve_cmd->add_option("--namespace,-n", serve.ns, "Namespace")->capture_default_str();
+  serve_cmd->add_option("--backend", serve.backend, "cuda-vmm (GPU default), cuda-ipc or host");
+  serve_cmd->add_option("--model-root", serve.model_roots,
+                        "Directory the server may read checkpoints from (repeatable)");
+  serve_cmd->add_option("--runtime-dir", serve.runtime_dir, "Local registry directory");
+  serve_cmd->add_option("--socket", serve.socket_path, "Socket path (default: in the registry)");
+  serve_cmd->add_option("--hf-cache", serve.hf_cache, "Hugging Face hub cache directory");
+  serve_cmd->add_option("--load-threads", serve.load_threads, "Models loading at once")
+      ->capture_default_str();
+  serve_cmd->add_option("--preload", serve.preload, "Model to load at start (repeatable)");
+  serve_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
+      ->capture_default_str();
+
+  bool follow = false;
+  auto* status_cmd = app.add_subcommand("status", "Show model status (all models without MODEL)");
+  add_common(status_cmd);
+  add_model(status_cmd, false);
+  status_cmd->add_flag("--follow,-f", follow, "Stream every change");
+
+  bool no_wait = false;
+  auto* load_cmd = app.add_subcommand("load", "Load a model, with a progress bar");
+  add_common(load_cmd);
+  add_model(load_cmd, true);
+  load_cmd->add_flag("--no-wait", no_wait, "Return once the load has started");
+
+  bool force = false;
+  auto* unload_cmd = app.add_subcommand("unload", "Unload a model (by source, id or key)");
+  add_common(unload_cmd);
+  add_model(unload_cmd, true);
+  unload_cmd->add_flag("--force", force, "Unload even while clients hold it");
+
+  auto* ls_cmd = app.add_subcommand("ls", "List the server's models");
+  add_common(ls_cmd);
+  auto* health_cmd = app.add_subcommand("health", "Check the server (exit code 0 when serving)");
+  add_common(health_cmd);
+
+  CLI11_PARSE(app, argc, argv);
+
+  if (common.connect.client_name == ConnectOptions{}.client_name)
+    common.connect.client_name = "companion-cli";
+  if (*serve_cmd) return cli::run_serve(serve, log_level);
+  if (*status_cmd) return cli::run_status(common, model, follow);
+  if (*load_cmd) return cli::run_load(common, model, !no_wait);
+  if (*unload_cmd) return cli::run_unload(common, model, force);
+  if (*ls_cmd) return cli::run_list(common);
+  if (*health_cmd) return cli::run_health(common);
+  return 2;
+}

@@ -1,0 +1,115 @@
+#include "cli/output.hpp"
+
+#include <algorithm>
+#include <cstdio>
+
+#include "common/util.hpp"
+
+namespace companion::cli {
+
+nlohmann::json to_json(const ModelStatus& s) {
+  nlohmann::json j = {{"id", s.id},
+                      {"key", s.key},
+                      {"source", s.source},
+                      {"state", model_state_name(s.state)},
+                      {"bytes_done", s.bytes_done},
+                      {"bytes_total", s.bytes_total},
+                      {"progress", s.progress()},
+                      {"tensors", s.tensors},
+                      {"leases", s.leases},
+                      {"backend", s.backend},
+                      {"slab_bytes", s.slab_bytes}};
+  if (s.state == ModelState::kError) {
+    j["error"] = {{"code", status_code_name(s.error_code)}, {"message", s.message}};
+  }
+  return j;
+}
+
+nlohmann::json to_json(const ServerIdentity& s) {
+  return {{"instance_id", s.instance_id}, {"namespace", s.ns},
+          {"component", s.component},     {"hostname", s.hostname},
+          {"pid", s.pid},                 {"device", s.device},
+          {"gpu_uuid", s.gpu_uuid},       {"pci_bus_id", s.pci_bus_id},
+          {"device_ordinal", s.device_ordinal}, {"backends", s.backends},
+          {"default_backend", s.default_backend}, {"started_at_ms", s.started_at_ms},
+          {"version", s.version},         {"socket_path", s.socket_path}};
+}
+
+nlohmann::json to_json(const HealthInfo& h) {
+  return {{"state", h.state},           {"uptime_ms", h.uptime_ms},
+          {"models_loaded", h.models_loaded}, {"models_total", h.models_total},
+          {"clients", h.clients},       {"leases", h.leases},
+          {"slab_bytes", h.slab_bytes}, {"server", to_json(h.server)}};
+}
+
+nlohmann::json to_json(const Error& e) {
+  return {{"error", {{"code", status_code_name(e.code)}, {"message", e.message}}}};
+}
+
+std::string render_table(const std::vector<std::string>& header,
+                         const std::vector<std::vector<std::string>>& rows) {
+  std::vector<size_t> width(header.size());
+  for (size_t i = 0; i < header.size(); ++i) width[i] = header[i].size();
+  for (const auto& row : rows)
+    for (size_t i = 0; i < row.size() && i < width.size(); ++i)
+      width[i] = std::max(width[i], row[i].size());
+  auto line = [&](const std::vector<std::string>& cells) {
+    std::string out;
+    for (size_t i = 0; i < cells.size(); ++i) {
+      out += cells[i];
+      if (i + 1 < cells.size()) out += std::string(width[i] - cells[i].size() + 2, ' ');
+    }
+    return out + "\n";
+  };
+  std::string out = line(header);
+  for (const auto& row : rows) out += line(row);
+  return out;
+}
+
+std::string render_models(const std::vector<ModelStatus>& models) {
+  if (models.empty()) return "no models\n";
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& s : models) {
+    char pct[16];
+    std::snprintf(pct, sizeof(pct), "%.0f%%", s.progress() * 100.0);
+    std::string state = model_state_name(s.state);
+    if (s.state == ModelState::kLoading) state.append(" ").append(pct);
+    std::string note = s.state == ModelState::kError ? s.message : "";
+    rows.push_back({s.id, state, std::to_string(s.tensors), format_bytes(s.bytes_total),
+                    std::to_string(s.leases), s.backend, s.source, note});
+  }
+  return render_table({"ID", "STATE", "TENSORS", "SIZE", "LEASES", "BACKEND", "SOURCE", "ERROR"},
+                      rows);
+}
+
+std::string render_health(const HealthInfo& h) {
+  const ServerIdentity& s = h.server;
+  std::vector<std::vector<std::string>> rows = {
+      {"state", h.state},
+      {"server", s.ns + "/" + s.component + " (instance " + s.instance_id + ")"},
+      {"device", s.device + (s.pci_bus_id.empty() ? "" : " (" + s.pci_bus_id + ")")},
+      {"backend", s.default_backend},
+      {"pid", std::to_string(s.pid) + " on " + s.hostname},
+      {"uptime", std::to_string(h.uptime_ms / 1000) + " s"},
+      {"models", std::to_string(h.models_loaded) + " loaded of " + std::to_string(h.models_total)},
+      {"memory", format_bytes(h.slab_bytes)},
+      {"clients", std::to_string(h.clients) + " connected, " + std::to_string(h.leases) + " leases"},
+      {"socket", s.socket_path},
+      {"version", s.version}};
+  return render_table({"FIELD", "VALUE"}, rows);
+}
+
+std::string render_progress(const ModelStatus& s, int width) {
+  double p = std::clamp(s.progress(), 0.0, 1.0);
+  int filled = static_cast<int>(p * width + 0.5);
+  char pct[16];
+  std::snprintf(pct, sizeof(pct), "%5.1f%%", p * 100.0);
+  std::string out = "[";
+  out.append(static_cast<size_t>(filled), '#');
+  out.append(static_cast<size_t>(width - filled), '.');
+  out.append("] ").append(pct).append("  ").append(format_bytes(s.bytes_done));
+  out.append(" / ").append(format_bytes(s.bytes_total));
+  return out;
+}
+
+}  // namespace companion::cli

@@ -1,0 +1,25 @@
+// Rendering for the `companion` command: readable tables, or JSON for scripts.
+#pragma once
+
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "companion/types.hpp"
+
+namespace companion::cli {
+
+nlohmann::json to_json(const ModelStatus& s);
+nlohmann::json to_json(const ServerIdentity& s);
+nlohmann::json to_json(const HealthInfo& h);
+nlohmann::json to_json(const Error& e);
+
+// A fixed-width table: header row, then rows; columns sized to their widest cell.
+std::string render_table(const std::vector<std::string>& header,
+                         const std::vector<std::vector<std::string>>& rows);
+std::string render_models(const std::vector<ModelStatus>& models);
+std::string render_health(const HealthInfo& h);
+// "[#########.........]  45.0%  1.2 GiB / 2.5 GiB"
+std::string render_progress(const ModelStatus& s, int width = 30);
+
+}  // namespace companion::cli

@@ -1,0 +1,93 @@
+#include "client/connection.hpp"
+
+#include <unistd.h>
+
+#include <chrono>
+
+#include "transport/unix_socket.hpp"
+
+namespace companion::client {
+namespace {
+
+int remaining_ms(std::chrono::steady_clock::time_point deadline, int timeout_ms) {
+  if (timeout_ms < 0) return -1;
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                  deadline - std::chrono::steady_clock::now())
+                  .count();
+  return left < 0 ? 0 : static_cast<int>(left);
+}
+
+}  // namespace
+
+Result<std::shared_ptr<Connection>> Connection::open(const std::string& socket_path,
+                                                     const std::string& client_name) {
+  COMPANION_ASSIGN_OR_RETURN(UniqueFd fd, transport::connect_unix(socket_path));
+  std::shared_ptr<Connection> c(new Connection(std::move(fd)));
+  protocol::Hello hello;
+  hello.client_name = client_name;
+  hello.pid = ::getpid();
+  COMPANION_ASSIGN_OR_RETURN(protocol::Message reply, c->call(hello, 10000));
+  auto* h = std::get_if<protocol::HelloReply>(&reply.body);
+  if (h == nullptr) return make_error(StatusCode::kProtocolError, "server did not answer hello");
+  if (h->major != kProtocolMajor)
+    return make_error(StatusCode::kVersionMismatch,
+                      "server speaks protocol " + std::to_string(h->major) + ", this client " +
+                          std::to_string(kProtocolMajor));
+  c->server_ = h->server;
+  return c;
+}
+
+Result<uint64_t> Connection::send_locked(protocol::Body request) {
+  uint64_t id = next_id_++;
+  auto payload = protocol::encode(protocol::Message{id, std::move(request)});
+  COMPANION_TRY(protocol::send_frame(fd_.get(), payload));
+  return id;
+}
+
+Result<uint64_t> Connection::send(protocol::Body request) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return send_locked(std::move(request));
+}
+
+Result<protocol::Frame> Connection::receive_frame_locked(int timeout_ms) {
+  return protocol::receive_frame(fd_.get(), reader_, timeout_ms);
+}
+
+void Connection::discard_late(const protocol::Message& m) {
+  if (abandoned_.erase(m.request_id) == 0) return;
+  if (auto* p = std::get_if<protocol::Parameters>(&m.body)) {
+    // The lease is ours though nobody waits for it any more: give it back.
+    auto id = send_locked(protocol::Release{p->lease_id});
+    if (id.ok()) abandoned_.insert(*id);
+  }
+}
+
+Result<protocol::Message> Connection::call(protocol::Body request, int timeout_ms,
+                                           std::vector<UniqueFd>* fds) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  COMPANION_ASSIGN_OR_RETURN(uint64_t id, send_locked(std::move(request)));
+  for (;;) {
+    auto frame = receive_frame_locked(remaining_ms(deadline, timeout_ms));
+    if (!frame.ok()) {
+      if (frame.error().code == StatusCode::kTimeout) abandoned_.insert(id);
+      return std::move(frame).error();
+    }
+    COMPANION_ASSIGN_OR_RETURN(protocol::Message m, protocol::decode(std::move(frame->payload)));
+    if (m.request_id != id) {
+      discard_late(m);
+      continue;  // a stale reply or a stream event nobody reads here
+    }
+    if (auto* e = std::get_if<protocol::ErrorReply>(&m.body)) return e->error;
+    if (fds != nullptr) *fds = std::move(frame->fds);
+    return m;
+  }
+}
+
+Result<protocol::Message> Connection::receive(int timeout_ms) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  COMPANION_ASSIGN_OR_RETURN(protocol::Frame frame, receive_frame_locked(timeout_ms));
+  return protocol::decode(std::move(frame.payload));
+}
+
+}  // namespace companion::client

@@ -1,0 +1,49 @@
+// A client's connection to a server: blocking request/reply over the framed protocol.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "common/unique_fd.hpp"
+#include "companion/result.hpp"
+#include "protocol/frame.hpp"
+#include "protocol/messages.hpp"
+
+namespace companion::client {
+
+class Connection {
+ public:
+  // Connects to the socket and exchanges hello.
+  static Result<std::shared_ptr<Connection>> open(const std::string& socket_path,
+                                                  const std::string& client_name);
+
+  const ServerIdentity& server() const noexcept { return server_; }
+
+  // Sends a request and waits (timeout_ms < 0: forever) for the reply with its id. An ErrorReply
+  // becomes its Error. Descriptors that came with the reply are moved to *fds.
+  Result<protocol::Message> call(protocol::Body request, int timeout_ms,
+                                 std::vector<UniqueFd>* fds = nullptr);
+  // Sends without waiting; returns the request id.
+  Result<uint64_t> send(protocol::Body request);
+  // Next message of any id (for streams).
+  Result<protocol::Message> receive(int timeout_ms);
+
+ private:
+  Connection(UniqueFd fd) : fd_(std::move(fd)) {}
+  Result<uint64_t> send_locked(protocol::Body request);
+  Result<protocol::Frame> receive_frame_locked(int timeout_ms);
+  // Replies to requests we gave up on; a late lease is released at once.
+  void discard_late(const protocol::Message& m);
+
+  std::mutex mutex_;
+  UniqueFd fd_;
+  protocol::FrameReader reader_;
+  uint64_t next_id_ = 1;
+  std::set<uint64_t> abandoned_;
+  ServerIdentity server_;
+};
+
+}  // namespace companion::client

@@ -1,0 +1,34 @@
+// Internals of MappedModel, shared by the client and the C ABI.
+#pragma once
+
+#include <memory>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+#include "client/connection.hpp"
+#include "companion/client.hpp"
+#include "memory/backend.hpp"
+#include "protocol/messages.hpp"
+
+namespace companion {
+
+struct MappedModel::Impl {
+  std::shared_ptr<client::Connection> connection;  // releases the lease on destruction
+  uint64_t lease_id = 0;
+  ModelStatus status;
+  protocol::Parameters params;  // keeps names and shapes alive
+  std::vector<std::unique_ptr<memory::MappedSegment>> segments;
+  std::vector<TensorView> views;
+  std::unordered_map<std::string_view, size_t> by_name;
+  std::vector<uint64_t> inodes;
+};
+
+namespace client {
+// Maps a Parameters reply's segments (descriptors in fds) and builds the tensor views.
+Result<std::shared_ptr<MappedModel>> map_parameters(std::shared_ptr<Connection> connection,
+                                                    protocol::Parameters params,
+                                                    std::vector<UniqueFd> fds, int ordinal);
+}  // namespace client
+
+}  // namespace companion

@@ -1,0 +1,122 @@
+#include "loader/loader.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <memory>
+
+#include "checkpoint/dtype_convert.hpp"
+#include "common/unique_fd.hpp"
+
+namespace companion::loader {
+namespace {
+
+constexpr uint64_t kChunkBytes = 16ull << 20;  // multiple of every element size
+
+bool is_cast(const TensorCopy& t) { return t.source.dtype != t.target_dtype; }
+
+// Reads exactly `bytes` at `offset`, or fails.
+Result<void> pread_exact(int fd, const std::string& path, void* dst, uint64_t bytes,
+                         uint64_t offset) {
+  auto* out = static_cast<char*>(dst);
+  while (bytes > 0) {
+    ssize_t n = ::pread(fd, out, bytes, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return errno_error(StatusCode::kIoError, "read " + path, errno);
+    }
+    if (n == 0)
+      return make_error(StatusCode::kBadCheckpoint,
+                        path + " ended early (changed or truncated while loading)");
+    out += n;
+    bytes -= static_cast<uint64_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return ok_result();
+}
+
+}  // namespace
+
+Result<LoadPlan> make_load_plan(const checkpoint::Checkpoint& ckpt, std::optional<DType> cast_to,
+                                const memory::Backend& backend) {
+  LoadPlan plan;
+  plan.files = ckpt.files;
+  std::vector<uint64_t> sizes;
+  sizes.reserve(ckpt.tensors.size());
+  for (const auto& t : ckpt.tensors) {
+    TensorCopy copy;
+    copy.source = t;
+    copy.target_dtype = t.dtype;
+    if (cast_to && dtype_is_float_convertible(t.dtype)) copy.target_dtype = *cast_to;
+    copy.target_bytes = t.nbytes / dtype_size(t.dtype) * dtype_size(copy.target_dtype);
+    sizes.push_back(copy.target_bytes);
+    plan.bytes_to_read += t.nbytes;
+    plan.tensors.push_back(std::move(copy));
+  }
+  COMPANION_ASSIGN_OR_RETURN(
+      SlabLayout layout, plan_layout(sizes, kTensorAlignment, backend.granularity(),
+                                     backend.max_segment_bytes()));
+  for (size_t i = 0; i < plan.tensors.size(); ++i) plan.tensors[i].placement = layout.placements[i];
+  plan.segment_sizes = std::move(layout.segment_sizes);
+  return plan;
+}
+
+Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,
+                            const std::atomic<bool>& cancel) {
+  std::vector<UniqueFd> files;
+  for (const auto& path : plan.files) {
+    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    if (!fd) return errno_error(StatusCode::kIoError, "open " + path, errno);
+    files.push_back(std::move(fd));
+  }
+  std::unique_ptr<char[]> bounce;
+  std::unique_ptr<char[]> converted;
+  uint64_t done = 0;
+  for (const auto& t : plan.tensors) {
+    const std::string& path = plan.files[t.source.file_index];
+    int fd = files[t.source.file_index].get();
+    char* direct = static_cast<char*>(slab.host_address(t.placement.segment));
+    size_t in_size = dtype_size(t.source.dtype);
+    size_t out_size = dtype_size(t.target_dtype);
+    for (uint64_t pos = 0; pos < t.source.nbytes; pos += kChunkBytes) {
+      if (cancel.load(std::memory_order_relaxed))
+        return make_error(StatusCode::kCancelled, "load cancelled");
+      uint64_t n = std::min(kChunkBytes, t.source.nbytes - pos);
+      uint64_t dst_offset = t.placement.offset + pos / in_size * out_size;
+      if (direct != nullptr && !is_cast(t)) {
+        COMPANION_TRY(pread_exact(fd, path, direct + dst_offset, n, t.source.file_offset + pos));
+      } else {
+        if (!bounce) bounce = std::make_unique<char[]>(kChunkBytes);
+        COMPANION_TRY(pread_exact(fd, path, bounce.get(), n, t.source.file_offset + pos));
+        const char* src = bounce.get();
+        uint64_t out_n = n;
+        if (is_cast(t)) {
+          out_n = n / in_size * out_size;
+          char* dst = direct != nullptr ? direct + dst_offset : nullptr;
+          if (dst == nullptr) {
+            if (!converted) converted = std::make_unique<char[]>(kChunkBytes * 2);
+            dst = converted.get();
+          }
+          COMPANION_TRY(checkpoint::convert_elements(t.source.dtype, t.target_dtype, src, dst,
+                                                     n / in_size));
+          if (direct != nullptr) {
+            done += n;
+            if (progress) progress(done, plan.bytes_to_read);
+            continue;
+          }
+          src = dst;
+        }
+        COMPANION_TRY(slab.write(t.placement.segment, dst_offset, src, out_n));
+      }
+      done += n;
+      if (progress) progress(done, plan.bytes_to_read);
+    }
+  }
+  if (progress) progress(done, plan.bytes_to_read);
+  return ok_result();
+}
+
+}  // namespace companion::loader

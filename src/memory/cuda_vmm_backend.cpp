@@ -1,0 +1,296 @@
+// cuda-vmm: each segment is one cuMemCreate allocation exportable as a POSIX fd. The server maps it
+// read-write in its own address space to fill it; clients import the fd and map it read-only.
+#include <fcntl.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "common/log.hpp"
+#include "common/util.hpp"
+#include "memory/cuda_backend.hpp"
+#include "memory/cuda_driver.hpp"
+#include "memory/cuda_slab.hpp"
+
+namespace companion::memory {
+namespace {
+
+constexpr const char* kBackendName = "cuda-vmm";
+constexpr uint64_t kMaxSegmentBytes = uint64_t{16} << 30;
+
+cu::CUmemAllocationProp allocation_prop(int ordinal) {
+  cu::CUmemAllocationProp prop{};
+  prop.type = cu::kMemAllocationTypePinned;
+  prop.requestedHandleTypes = cu::kMemHandleTypePosixFileDescriptor;
+  prop.location.type = cu::kMemLocationTypeDevice;
+  prop.location.id = ordinal;
+  return prop;
+}
+
+cu::CUmemAccessDesc access(int ordinal, cu::CUmemAccessFlags flags) {
+  cu::CUmemAccessDesc desc{};
+  desc.location.type = cu::kMemLocationTypeDevice;
+  desc.location.id = ordinal;
+  desc.flags = flags;
+  return desc;
+}
+
+// One allocation mapped at one address range; each step recorded so a partial one unwinds.
+struct VmmMapping {
+  cu::CUmemGenericAllocationHandle handle = 0;
+  cu::CUdeviceptr va = 0;
+  uint64_t size = 0;
+  bool mapped = false;
+
+  // Needs the device's context current. Errors are logged: nothing else to do with them.
+  void release(const cuda::DriverApi& api) noexcept {
+    if (mapped) {
+      if (auto r = COMPANION_CU(api, cuMemUnmap, va, size); !r.ok()) log::warn(r.error().message);
+      mapped = false;
+    }
+    if (va != 0) {
+      if (auto r = COMPANION_CU(api, cuMemAddressFree, va, size); !r.ok()) {
+        log::warn(r.error().message);
+      }
+      va = 0;
+    }
+    if (handle != 0) {
+      if (auto r = COMPANION_CU(api, cuMemRelease, handle); !r.ok()) log::warn(r.error().message);
+      handle = 0;
+    }
+  }
+
+  // Reserves an address range for the allocation, maps it and grants the device `flags` access.
+  Result<void> map(const cuda::DriverApi& api, int ordinal, uint64_t alignment,
+                   cu::CUmemAccessFlags flags) {
+    cu::CUdeviceptr ptr = 0;
+    COMPANION_TRY(COMPANION_CU(api, cuMemAddressReserve, &ptr, size, alignment, 0, 0));
+    va = ptr;
+    COMPANION_TRY(COMPANION_CU(api, cuMemMap, va, size, 0, handle, 0));
+    mapped = true;
+    const cu::CUmemAccessDesc desc = access(ordinal, flags);
+    COMPANION_TRY(COMPANION_CU(api, cuMemSetAccess, va, size, &desc, 1));
+    return ok_result();
+  }
+};
+
+class VmmSlab final : public CudaSlab {
+ public:
+  VmmSlab(const cuda::DriverApi* api, int ordinal, std::string label)
+      : api_(api), ordinal_(ordinal), label_(std::move(label)) {}
+
+  ~VmmSlab() override {
+    if (segments_.empty()) return;
+    auto scope = cuda::ScopedContext::enter(ordinal_);
+    if (!scope.ok()) {
+      log::warn("cuda-vmm: cannot free slab '" + label_ + "': " + scope.error().message);
+      return;
+    }
+    for (auto& segment : segments_) segment.release(*api_);
+    log::debug("cuda-vmm: freed slab '" + label_ + "'");
+  }
+
+  // Creates and maps one more segment (read-write, for the server). Needs the context current.
+  Result<void> add_segment(const std::vector<uint64_t>& sizes, uint64_t granularity) {
+    const size_t index = segments_.size();
+    VmmMapping& segment = segments_.emplace_back();
+    segment.size = sizes[index];
+    const cu::CUmemAllocationProp prop = allocation_prop(ordinal_);
+    cu::CUmemGenericAllocationHandle handle = 0;
+    auto created = COMPANION_CU(*api_, cuMemCreate, &handle, segment.size, &prop, 0);
+    if (created.ok()) {
+      segment.handle = handle;
+      created = segment.map(*api_, ordinal_, granularity, cu::kMemAccessFlagsProtReadWrite);
+    }
+    if (!created.ok()) {
+      return cuda::with_context(
+          std::move(created).error(),
+          cuda::describe_allocation(kBackendName, label_, ordinal_, index, sizes));
+    }
+    return ok_result();
+  }
+
+  SegmentKind kind() const noexcept override { return SegmentKind::kCudaVmmFd; }
+  size_t segment_count() const noexcept override { return segments_.size(); }
+  uint64_t segment_size(size_t segment) const noexcept override {
+    return segment < segments_.size() ? segments_[segment].size : 0;
+  }
+  void* host_address(size_t) noexcept override { return nullptr; }
+  int device_ordinal() const noexcept override { return ordinal_; }
+  uint64_t device_pointer(size_t segment) const noexcept override {
+    return segment < segments_.size() ? segments_[segment].va : 0;
+  }
+
+  Result<void> write(size_t segment, uint64_t offset, const void* src, uint64_t bytes) override {
+    COMPANION_TRY(cuda::check_write(label_, sealed_, segment, segments_.size(),
+                                    segment_size(segment), offset, bytes));
+    auto r = cuda::copy_to_device(ordinal_, segments_[segment].va + offset, src, bytes);
+    if (!r.ok())
+      return cuda::with_context(std::move(r).error(), "cuda-vmm: writing slab '" + label_ + "'");
+    return ok_result();
+  }
+
+  Result<void> seal() override {
+    if (sealed_) return ok_result();
+    // Every copy into the slab has landed. The server's own mapping stays read-write (VMM memory
+    // cannot be made read-only for its creator); clients map it read-only.
+    auto r = cuda::synchronize_device(ordinal_);
+    if (!r.ok())
+      return cuda::with_context(std::move(r).error(), "cuda-vmm: sealing slab '" + label_ + "'");
+    sealed_ = true;
+    return ok_result();
+  }
+
+  Result<std::vector<SegmentExport>> export_segments() override {
+    if (!sealed_) {
+      return make_error(StatusCode::kNotReady, "cuda-vmm: slab '" + label_ + "' is not sealed yet");
+    }
+    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
+    std::vector<SegmentExport> exports;
+    exports.reserve(segments_.size());
+    for (const auto& segment : segments_) {
+      int fd = -1;
+      auto r = COMPANION_CU(*api_, cuMemExportToShareableHandle, &fd, segment.handle,
+                            cu::kMemHandleTypePosixFileDescriptor, 0);
+      if (!r.ok()) {
+        return cuda::with_context(std::move(r).error(),
+                                  "cuda-vmm: exporting slab '" + label_ + "'");
+      }
+      SegmentExport e;
+      e.kind = SegmentKind::kCudaVmmFd;
+      e.size = segment.size;
+      e.fd = UniqueFd(fd);
+      // Never leak segment fds into processes the server starts.
+      if (int flags = ::fcntl(fd, F_GETFD); flags >= 0) ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+      exports.push_back(std::move(e));
+    }
+    return exports;
+  }
+
+ private:
+  const cuda::DriverApi* api_;
+  int ordinal_;
+  std::string label_;
+  std::vector<VmmMapping> segments_;
+  bool sealed_ = false;
+};
+
+class VmmBackend final : public Backend {
+ public:
+  VmmBackend(const cuda::DriverApi* api, int ordinal, uint64_t granularity)
+      : api_(api), ordinal_(ordinal), granularity_(granularity) {}
+
+  std::string name() const override { return kBackendName; }
+  uint64_t granularity() const noexcept override { return granularity_; }
+  uint64_t max_segment_bytes() const noexcept override { return kMaxSegmentBytes; }
+
+  Result<std::unique_ptr<Slab>> allocate(const std::vector<uint64_t>& segment_sizes,
+                                         const std::string& label) override {
+    COMPANION_TRY(
+        cuda::check_segment_sizes(segment_sizes, granularity_, kMaxSegmentBytes, kBackendName));
+    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
+    // On failure the slab's destructor releases the segments created so far.
+    auto slab = std::make_unique<VmmSlab>(api_, ordinal_, label);
+    for (size_t i = 0; i < segment_sizes.size(); ++i) {
+      COMPANION_TRY(slab->add_segment(segment_sizes, granularity_));
+    }
+    log::debug("cuda-vmm: allocated slab '" + label + "' (" + format_bytes(slab->total_bytes()) +
+               " in " + std::to_string(segment_sizes.size()) + " segment(s)) on GPU " +
+               std::to_string(ordinal_));
+    return std::unique_ptr<Slab>(std::move(slab));
+  }
+
+ private:
+  const cuda::DriverApi* api_;
+  int ordinal_;
+  uint64_t granularity_;
+};
+
+// A client's read-only mapping of an imported segment.
+class VmmImport final : public MappedSegment {
+ public:
+  VmmImport(const cuda::DriverApi* api, int ordinal, uint64_t size) : api_(api), ordinal_(ordinal) {
+    mapping_.size = size;
+  }
+  ~VmmImport() override {
+    auto scope = cuda::ScopedContext::enter(ordinal_);
+    if (!scope.ok()) {
+      log::warn("cuda-vmm: cannot unmap a segment: " + scope.error().message);
+      return;
+    }
+    mapping_.release(*api_);
+  }
+
+  VmmMapping& mapping() noexcept { return mapping_; }
+  const void* address() const noexcept override {
+    return reinterpret_cast<const void*>(static_cast<uintptr_t>(mapping_.va));
+  }
+  uint64_t size() const noexcept override { return mapping_.size; }
+  bool on_device() const noexcept override { return true; }
+
+ private:
+  const cuda::DriverApi* api_;
+  int ordinal_;
+  VmmMapping mapping_;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<Backend>> make_cuda_vmm_backend(int ordinal) {
+  COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
+  COMPANION_TRY(cuda::check_ordinal(*api, ordinal));
+  cu::CUdevice dev = 0;
+  COMPANION_TRY(COMPANION_CU(*api, cuDeviceGet, &dev, ordinal));
+  int vmm = 0;
+  int posix_fd = 0;
+  COMPANION_TRY(COMPANION_CU(*api, cuDeviceGetAttribute, &vmm,
+                             cu::kDevAttrVirtualMemoryManagementSupported, dev));
+  COMPANION_TRY(COMPANION_CU(*api, cuDeviceGetAttribute, &posix_fd,
+                             cu::kDevAttrHandleTypePosixFileDescriptorSupported, dev));
+  if (vmm == 0 || posix_fd == 0) {
+    return make_error(StatusCode::kUnavailable,
+                      "GPU " + std::to_string(ordinal) +
+                          (vmm == 0 ? " does not support CUDA virtual memory management"
+                                    : " cannot export memory as POSIX file descriptors") +
+                          ": use the cuda-ipc backend");
+  }
+  COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal));
+  COMPANION_ASSIGN_OR_RETURN(uint64_t granularity, cuda::vmm_granularity(ordinal));
+  return std::unique_ptr<Backend>(std::make_unique<VmmBackend>(api, ordinal, granularity));
+}
+
+Result<std::unique_ptr<MappedSegment>> import_cuda_vmm_segment(UniqueFd fd, uint64_t size,
+                                                               int ordinal) {
+  COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
+  COMPANION_TRY(cuda::check_ordinal(*api, ordinal));
+  if (!fd) return make_error(StatusCode::kInvalidArgument, "cuda-vmm: import without an fd");
+  COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal));
+  COMPANION_ASSIGN_OR_RETURN(uint64_t granularity, cuda::vmm_granularity(ordinal));
+  if (size == 0 || size % granularity != 0) {
+    return make_error(StatusCode::kInvalidArgument,
+                      "cuda-vmm: segment size " + std::to_string(size) +
+                          " is not a multiple of GPU " + std::to_string(ordinal) +
+                          "'s granularity " + std::to_string(granularity));
+  }
+  auto segment = std::make_unique<VmmImport>(api, ordinal, size);
+  VmmMapping& mapping = segment->mapping();
+  cu::CUmemGenericAllocationHandle handle = 0;
+  auto r = COMPANION_CU(*api, cuMemImportFromShareableHandle, &handle,
+                        reinterpret_cast<void*>(static_cast<intptr_t>(fd.get())),
+                        cu::kMemHandleTypePosixFileDescriptor);
+  fd.reset();  // the allocation handle keeps the memory alive; the fd is no longer needed
+  if (r.ok()) {
+    mapping.handle = handle;
+    r = mapping.map(*api, ordinal, granularity, cu::kMemAccessFlagsProtRead);
+  }
+  if (!r.ok()) {
+    return cuda::with_context(std::move(r).error(), "cuda-vmm: importing a " + format_bytes(size) +
+                                                        " segment on GPU " +
+                                                        std::to_string(ordinal));
+  }
+  return std::unique_ptr<MappedSegment>(std::move(segment));
+}
+
+}  // namespace companion::memory

@@ -1,0 +1,223 @@
+#include "protocol/frame.hpp"
+
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+
+#include "protocol/limits.hpp"
+
+namespace companion::protocol {
+namespace {
+
+void put_u32(uint8_t* p, uint32_t v) {
+  for (int i = 0; i < 4; ++i) p[i] = static_cast<uint8_t>(v >> (8 * i));
+}
+void put_u16(uint8_t* p, uint16_t v) {
+  p[0] = static_cast<uint8_t>(v);
+  p[1] = static_cast<uint8_t>(v >> 8);
+}
+uint32_t get_u32(const uint8_t* p) {
+  return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 |
+         static_cast<uint32_t>(p[2]) << 16 | static_cast<uint32_t>(p[3]) << 24;
+}
+uint16_t get_u16(const uint8_t* p) {
+  return static_cast<uint16_t>(p[0] | static_cast<uint16_t>(p[1]) << 8);
+}
+
+// Sends bytes[offset..] once; attaches fds when non-empty. Returns bytes sent or an errno.
+ssize_t send_once(int socket_fd, const uint8_t* data, size_t size, std::span<const int> fds) {
+  iovec iov{const_cast<uint8_t*>(data), size};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFdsPerFrame)];
+  if (!fds.empty()) {
+    msg.msg_control = control;
+    msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+    cmsghdr* c = CMSG_FIRSTHDR(&msg);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+    std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+  }
+  return ::sendmsg(socket_fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
+}
+
+}  // namespace
+
+std::vector<uint8_t> encode_frame_header(uint32_t size, uint16_t fd_count) {
+  std::vector<uint8_t> h(kFrameHeaderBytes);
+  put_u32(h.data(), kFrameMagic);
+  put_u32(h.data() + 4, size);
+  put_u16(h.data() + 8, fd_count);
+  put_u16(h.data() + 10, 0);
+  return h;
+}
+
+Result<size_t> FrameReader::read_some(int socket_fd) {
+  // Compact before growing: consumed bytes are never needed again.
+  if (consumed_ > 0 && consumed_ == buffer_.size()) {
+    buffer_.clear();
+    consumed_ = 0;
+  } else if (consumed_ > (1u << 20)) {
+    buffer_.erase(buffer_.begin(), buffer_.begin() + static_cast<std::ptrdiff_t>(consumed_));
+    consumed_ = 0;
+  }
+  constexpr size_t kChunk = 256 * 1024;
+  size_t old = buffer_.size();
+  buffer_.resize(old + kChunk);
+  iovec iov{buffer_.data() + old, kChunk};
+  msghdr msg{};
+  msg.msg_iov = &iov;
+  msg.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 253)];
+  msg.msg_control = control;
+  msg.msg_controllen = sizeof(control);
+  ssize_t n;
+  do {
+    n = ::recvmsg(socket_fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    int err = errno;
+    buffer_.resize(old);
+    if (err == EAGAIN || err == EWOULDBLOCK)
+      return make_error(StatusCode::kUnavailable, "no data yet");
+    if (err == ECONNRESET) return make_error(StatusCode::kConnectionClosed, "connection reset");
+    return errno_error(StatusCode::kIoError, "recvmsg", err);
+  }
+  buffer_.resize(old + static_cast<size_t>(n));
+  for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
+    if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+      size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+      for (size_t i = 0; i < count; ++i) {
+        int fd;
+        std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+        fds_.emplace_back(fd);
+      }
+    }
+  }
+  if (msg.msg_flags & MSG_CTRUNC)
+    return make_error(StatusCode::kProtocolError, "descriptors truncated (too many in one frame)");
+  return static_cast<size_t>(n);
+}
+
+void FrameReader::feed(std::span<const uint8_t> bytes, std::vector<UniqueFd> fds) {
+  buffer_.insert(buffer_.end(), bytes.begin(), bytes.end());
+  for (auto& fd : fds) fds_.push_back(std::move(fd));
+}
+
+Result<std::optional<Frame>> FrameReader::next() {
+  size_t available = buffer_.size() - consumed_;
+  if (available < kFrameHeaderBytes) return std::optional<Frame>();
+  const uint8_t* h = buffer_.data() + consumed_;
+  if (get_u32(h) != kFrameMagic)
+    return make_error(StatusCode::kProtocolError, "bad frame magic (not a companion peer?)");
+  uint32_t size = get_u32(h + 4);
+  uint16_t nfds = get_u16(h + 8);
+  if (get_u16(h + 10) != 0) return make_error(StatusCode::kProtocolError, "unknown frame flags");
+  if (size > kMaxPayloadBytes)
+    return make_error(StatusCode::kProtocolError,
+                      "frame of " + std::to_string(size) + " bytes exceeds the limit of " +
+                          std::to_string(kMaxPayloadBytes));
+  if (nfds > kMaxFdsPerFrame)
+    return make_error(StatusCode::kProtocolError, "frame carries too many descriptors");
+  if (available < kFrameHeaderBytes + size) return std::optional<Frame>();
+  if (fds_.size() < nfds)
+    return make_error(StatusCode::kProtocolError, "frame announces descriptors that did not arrive");
+  Frame f;
+  f.payload.assign(h + kFrameHeaderBytes, h + kFrameHeaderBytes + size);
+  for (uint16_t i = 0; i < nfds; ++i) {
+    f.fds.push_back(std::move(fds_.front()));
+    fds_.pop_front();
+  }
+  consumed_ += kFrameHeaderBytes + size;
+  return std::optional<Frame>(std::move(f));
+}
+
+OutgoingFrame::OutgoingFrame(std::vector<uint8_t> payload, std::vector<UniqueFd> fds)
+    : fds_(std::move(fds)) {
+  bytes_ = encode_frame_header(static_cast<uint32_t>(payload.size()),
+                               static_cast<uint16_t>(fds_.size()));
+  bytes_.insert(bytes_.end(), payload.begin(), payload.end());
+}
+
+Result<bool> OutgoingFrame::write_some(int socket_fd) {
+  while (sent_ < bytes_.size()) {
+    std::vector<int> raw;
+    if (sent_ == 0)
+      for (const auto& fd : fds_) raw.push_back(fd.get());
+    ssize_t n = send_once(socket_fd, bytes_.data() + sent_, bytes_.size() - sent_, raw);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) return false;
+      if (errno == EPIPE || errno == ECONNRESET)
+        return make_error(StatusCode::kConnectionClosed, "peer went away");
+      return errno_error(StatusCode::kIoError, "sendmsg", errno);
+    }
+    if (sent_ == 0) fds_.clear();  // the kernel holds its own references now
+    sent_ += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+Result<void> send_frame(int socket_fd, std::span<const uint8_t> payload, std::span<const int> fds) {
+  if (payload.size() > kMaxPayloadBytes)
+    return make_error(StatusCode::kInvalidArgument, "message too large");
+  if (fds.size() > kMaxFdsPerFrame)
+    return make_error(StatusCode::kInvalidArgument, "too many descriptors for one frame");
+  std::vector<uint8_t> bytes =
+      encode_frame_header(static_cast<uint32_t>(payload.size()), static_cast<uint16_t>(fds.size()));
+  bytes.insert(bytes.end(), payload.begin(), payload.end());
+  size_t sent = 0;
+  while (sent < bytes.size()) {
+    ssize_t n = send_once(socket_fd, bytes.data() + sent, bytes.size() - sent,
+                          sent == 0 ? fds : std::span<const int>());
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if (errno == EAGAIN || errno == EWOULDBLOCK) {
+        pollfd p{socket_fd, POLLOUT, 0};
+        ::poll(&p, 1, 1000);
+        continue;
+      }
+      if (errno == EPIPE || errno == ECONNRESET)
+        return make_error(StatusCode::kConnectionClosed, "server went away");
+      return errno_error(StatusCode::kIoError, "sendmsg", errno);
+    }
+    sent += static_cast<size_t>(n);
+  }
+  return ok_result();
+}
+
+Result<Frame> receive_frame(int socket_fd, FrameReader& reader, int timeout_ms) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  for (;;) {
+    COMPANION_ASSIGN_OR_RETURN(auto frame, reader.next());
+    if (frame) return std::move(*frame);
+    int wait = -1;
+    if (timeout_ms >= 0) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      deadline - std::chrono::steady_clock::now())
+                      .count();
+      if (left <= 0) return make_error(StatusCode::kTimeout, "no reply from the server in time");
+      wait = static_cast<int>(left);
+    }
+    pollfd p{socket_fd, POLLIN, 0};
+    int r = ::poll(&p, 1, wait);
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return errno_error(StatusCode::kIoError, "poll", errno);
+    }
+    if (r == 0) continue;  // deadline check above
+    auto n = reader.read_some(socket_fd);
+    if (!n.ok()) {
+      if (n.error().code == StatusCode::kUnavailable) continue;
+      return std::move(n).error();
+    }
+    if (*n == 0) return make_error(StatusCode::kConnectionClosed, "the server closed the connection");
+  }
+}
+
+}  // namespace companion::protocol

@@ -1,0 +1,63 @@
+// Framing on a stream socket: a 12-byte header (magic, payload length, fd count, flags) then the
+// payload. File descriptors ride on the frame's first bytes with SCM_RIGHTS.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include "common/unique_fd.hpp"
+#include "companion/result.hpp"
+
+namespace companion::protocol {
+
+struct Frame {
+  std::vector<uint8_t> payload;
+  std::vector<UniqueFd> fds;
+};
+
+// Header bytes for a payload of `size` bytes carrying `fd_count` descriptors.
+std::vector<uint8_t> encode_frame_header(uint32_t size, uint16_t fd_count);
+
+// Reassembles frames from a socket. Owns descriptors received but not yet claimed by a frame.
+class FrameReader {
+ public:
+  // Reads what is available (one recvmsg). Returns bytes read; 0 means the peer closed.
+  // A would-block read returns kUnavailable. Received descriptors are queued.
+  Result<size_t> read_some(int socket_fd);
+  // The next complete frame, if any. Malformed headers (bad magic, oversized payload, too many
+  // fds, reserved flags set, fds missing) are kProtocolError; the connection is then unusable.
+  Result<std::optional<Frame>> next();
+  // Feeds bytes and descriptors directly (tests).
+  void feed(std::span<const uint8_t> bytes, std::vector<UniqueFd> fds = {});
+  size_t buffered_bytes() const noexcept { return buffer_.size() - consumed_; }
+
+ private:
+  std::vector<uint8_t> buffer_;
+  size_t consumed_ = 0;
+  std::deque<UniqueFd> fds_;
+};
+
+// A frame queued for a non-blocking socket; flushed in pieces.
+class OutgoingFrame {
+ public:
+  OutgoingFrame(std::vector<uint8_t> payload, std::vector<UniqueFd> fds);
+  // Writes as much as the socket takes. Ok(true) when fully sent; kUnavailable never escapes
+  // (a full socket returns Ok(false)); a dead peer is kConnectionClosed.
+  Result<bool> write_some(int socket_fd);
+
+ private:
+  std::vector<uint8_t> bytes_;  // header + payload
+  std::vector<UniqueFd> fds_;   // sent with the first byte, then closed
+  size_t sent_ = 0;
+};
+
+// Blocking helpers for clients (socket in blocking mode).
+Result<void> send_frame(int socket_fd, std::span<const uint8_t> payload,
+                        std::span<const int> fds = {});
+// Waits at most timeout_ms (negative: forever) for a whole frame.
+Result<Frame> receive_frame(int socket_fd, FrameReader& reader, int timeout_ms);
+
+}  // namespace companion::protocol

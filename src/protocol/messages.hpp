@@ -1,0 +1,141 @@
+// The protocol's messages as plain C++ values, and their binary encoding (FlatBuffers, schema in
+// companion.fbs). Nothing outside src/protocol sees FlatBuffers types.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "companion/result.hpp"
+#include "companion/types.hpp"
+#include "memory/backend.hpp"
+
+namespace companion::protocol {
+
+struct Hello {
+  uint16_t major = kProtocolMajor;
+  uint16_t minor = kProtocolMinor;
+  std::string client_name;
+  int64_t pid = 0;
+};
+struct HelloReply {
+  uint16_t major = kProtocolMajor;
+  uint16_t minor = kProtocolMinor;
+  ServerIdentity server;
+};
+struct GetParameters {
+  ModelSpec spec;
+  bool wait = true;
+};
+
+struct SegmentInfo {
+  memory::SegmentKind kind = memory::SegmentKind::kHostMemfd;
+  uint64_t size = 0;
+  int32_t fd_index = -1;
+  std::array<uint8_t, memory::kIpcHandleBytes> ipc_handle{};
+};
+
+// Owning tensor description (what the server keeps per model).
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::kU8;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;
+  uint32_t segment = 0;
+  uint64_t offset = 0;
+  uint64_t nbytes = 0;
+};
+
+// Non-owning tensor description pointing into a received payload (no allocation per tensor).
+struct TensorRef {
+  std::string_view name;
+  DType dtype = DType::kU8;
+  std::span<const int64_t> shape;
+  std::span<const int64_t> strides;
+  uint32_t segment = 0;
+  uint64_t offset = 0;
+  uint64_t nbytes = 0;
+};
+
+// A received Parameters reply. `tensors` point into `payload`, which it keeps alive.
+struct Parameters {
+  uint64_t lease_id = 0;
+  ModelStatus model;
+  std::vector<SegmentInfo> segments;
+  std::vector<TensorRef> tensors;
+  std::shared_ptr<const std::vector<uint8_t>> payload;
+};
+
+struct Release {
+  uint64_t lease_id = 0;
+};
+struct Released {
+  uint64_t lease_id = 0;
+};
+struct StatusSubscribe {
+  ModelSpec spec;
+  bool all = false;
+};
+struct StatusEvent {
+  ModelStatus model;
+};
+struct StatusUnsubscribe {
+  uint64_t subscription_id = 0;
+};
+struct Load {
+  ModelSpec spec;
+  bool wait = false;
+};
+struct LoadReply {
+  ModelStatus model;
+};
+struct Unload {
+  ModelSpec spec;
+  std::string key;  // alternative to spec: a key or id from `list`
+  bool force = false;
+};
+struct UnloadReply {
+  ModelStatus model;
+};
+struct List {};
+struct ListReply {
+  std::vector<ModelStatus> models;
+};
+struct Health {};
+struct HealthReply {
+  HealthInfo info;
+};
+struct ErrorReply {
+  Error error;
+};
+struct Done {};
+
+using Body = std::variant<Hello, HelloReply, GetParameters, Parameters, Release, Released,
+                          StatusSubscribe, StatusEvent, StatusUnsubscribe, Load, LoadReply, Unload,
+                          UnloadReply, List, ListReply, Health, HealthReply, ErrorReply, Done>;
+
+struct Message {
+  uint64_t request_id = 0;
+  Body body;
+};
+
+// Encodes any message except Parameters (use encode_parameters: it takes owning tensors).
+std::vector<uint8_t> encode(const Message& message);
+std::vector<uint8_t> encode_parameters(uint64_t request_id, uint64_t lease_id,
+                                       const ModelStatus& model,
+                                       std::span<const SegmentInfo> segments,
+                                       std::span<const TensorInfo> tensors);
+
+// Verifies (FlatBuffers verifier, then limits and semantic checks) and decodes one payload.
+// Anything malformed is kProtocolError with a reason.
+Result<Message> decode(std::vector<uint8_t> payload);
+
+// Name of the body's type, for logs and errors ("GetParameters").
+const char* body_name(const Body& body) noexcept;
+
+}  // namespace companion::protocol

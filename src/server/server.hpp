@@ -1,0 +1,36 @@
+// The companion server: one per device. Accepts connections on its Unix socket, answers requests
+// on a single event-loop thread, loads models on worker threads, registers itself for discovery.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "companion/result.hpp"
+#include "companion/types.hpp"
+
+namespace companion::server {
+
+struct ServerOptions {
+  std::string device = "host";          // "host", a GPU ordinal, UUID or PCI bus id
+  std::string ns = "companion";         // namespace
+  std::string backend;                  // "" = the device's default (host | cuda-vmm), or cuda-ipc
+  std::vector<std::string> model_roots;
+  std::string runtime_dir;              // "" = registry default
+  std::string socket_path;              // "" = <runtime_dir>/<instance>.sock
+  std::string hf_cache;                 // "" = the usual HF environment rules
+  size_t load_threads = 2;
+  std::vector<std::string> preload;     // model sources to load at start
+};
+
+class Server {
+ public:
+  static Result<std::unique_ptr<Server>> create(const ServerOptions& options);
+  virtual ~Server() = default;
+  virtual const ServerIdentity& identity() const = 0;
+  // Serves until stop() (from another thread or a signal thread). Unregisters on return.
+  virtual Result<void> run() = 0;
+  virtual void stop() = 0;
+};
+
+}  // namespace companion::server

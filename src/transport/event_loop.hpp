@@ -1,0 +1,55 @@
+// A single-threaded epoll loop. Other threads hand it work with post(); everything registered
+// runs on the loop's thread.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "common/unique_fd.hpp"
+#include "companion/result.hpp"
+
+namespace companion::transport {
+
+class EventLoop {
+ public:
+  using Handler = std::function<void(uint32_t events)>;
+  using Token = uint64_t;
+
+  static Result<std::unique_ptr<EventLoop>> create();
+  ~EventLoop();
+
+  // Watches fd for `events` (EPOLLIN, EPOLLOUT...). The token identifies the registration, so a
+  // reused fd number never receives a stale event. Loop thread only.
+  Result<Token> add(int fd, uint32_t events, Handler handler);
+  Result<void> modify(Token token, uint32_t events);
+  void remove(Token token);
+
+  // Runs task on the loop thread soon. Thread-safe.
+  void post(std::function<void()> task);
+  // Runs until stop(). Returns when stopped.
+  void run();
+  // Thread-safe; also safe from a signal-handling thread.
+  void stop();
+
+ private:
+  EventLoop(UniqueFd epoll, UniqueFd wake);
+  void drain_posted();
+
+  struct Entry {
+    int fd;
+    std::shared_ptr<Handler> handler;
+  };
+  UniqueFd epoll_;
+  UniqueFd wake_;  // eventfd
+  std::unordered_map<Token, Entry> entries_;
+  Token next_token_ = 1;
+  std::mutex posted_mutex_;
+  std::vector<std::function<void()>> posted_;
+  bool stopping_ = false;
+};
+
+}  // namespace companion::transport

@@ -1,0 +1,27 @@
+// AF_UNIX stream sockets on filesystem paths (not abstract: they must cross container boundaries
+// through a mounted directory).
+#pragma once
+
+#include <sys/types.h>
+
+#include <string>
+
+#include "common/unique_fd.hpp"
+#include "companion/result.hpp"
+
+namespace companion::transport {
+
+// Binds and listens on `path` (non-blocking, close-on-exec). An existing file at path is replaced.
+Result<UniqueFd> listen_unix(const std::string& path, int backlog = 128);
+// Connects to `path` (blocking socket, close-on-exec). kUnavailable when nobody listens.
+Result<UniqueFd> connect_unix(const std::string& path);
+Result<void> set_nonblocking(int fd);
+
+struct PeerCredentials {
+  pid_t pid = 0;
+  uid_t uid = 0;
+  gid_t gid = 0;
+};
+Result<PeerCredentials> peer_credentials(int fd);
+
+}  // namespace companion::transport
