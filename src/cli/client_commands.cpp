@@ -18,6 +18,8 @@ int fail(const CommonArgs& args, const Error& e) {
   return 1;
 }
 
+}  // namespace
+
 Result<ModelSpec> make_spec(const ModelArgs& m) {
   ModelSpec spec;
   spec.source = m.source;
@@ -39,7 +41,6 @@ Result<ModelSpec> make_spec(const ModelArgs& m) {
   return spec;
 }
 
-}  // namespace
 
 int run_status(const CommonArgs& args, const ModelArgs& model, bool follow) {
   auto client = Client::connect(args.connect);

@@ -21,6 +21,17 @@ struct CommonArgs {
   bool json = false;
 };
 
+struct AttachOptions {
+  double initial_timeout_s = 30;
+  double loading_timeout_s = 600;
+  bool verify = false;  // crc32 of every tensor's bytes
+  double hold_s = 0;    // keep the mapping this long before exiting
+  size_t show = 8;      // tensors listed in the table
+};
+
+// A spec from command-line arguments (local paths made absolute).
+Result<ModelSpec> make_spec(const ModelArgs& model);
+
 // Each returns the process exit code.
 int run_serve(const server::ServerOptions& options, const std::string& log_level);
 int run_status(const CommonArgs& args, const ModelArgs& model, bool follow);
@@ -28,5 +39,6 @@ int run_load(const CommonArgs& args, const ModelArgs& model, bool wait);
 int run_unload(const CommonArgs& args, const ModelArgs& model, bool force);
 int run_list(const CommonArgs& args);
 int run_health(const CommonArgs& args);
+int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOptions& options);
 
 }  // namespace companion::cli

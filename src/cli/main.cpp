@@ -1,5 +1,6 @@
 // `companion`: the server and its command-line client.
 #include <CLI/CLI.hpp>
+#include <cstdio>
 
 #include "cli/commands.hpp"
 #include "companion/types.hpp"
@@ -73,6 +74,21 @@ int main(int argc, char** argv) {
   auto* health_cmd = app.add_subcommand("health", "Check the server (exit code 0 when serving)");
   add_common(health_cmd);
 
+  cli::AttachOptions attach;
+  auto* attach_cmd =
+      app.add_subcommand("attach", "Map a model zero-copy into this process and show it");
+  add_common(attach_cmd);
+  add_model(attach_cmd, true);
+  attach_cmd->add_flag("--verify", attach.verify, "CRC-32 of every tensor's bytes");
+  attach_cmd->add_option("--hold", attach.hold_s, "Seconds to keep the mapping before exiting");
+  attach_cmd->add_option("--show", attach.show, "Tensors to list")->capture_default_str();
+  attach_cmd->add_option("--initial-timeout", attach.initial_timeout_s,
+                         "Seconds for the server to start the load")
+      ->capture_default_str();
+  attach_cmd->add_option("--loading-timeout", attach.loading_timeout_s,
+                         "Seconds for the load to finish")
+      ->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
 
   if (common.connect.client_name == ConnectOptions{}.client_name)
@@ -83,5 +99,13 @@ int main(int argc, char** argv) {
   if (*unload_cmd) return cli::run_unload(common, model, force);
   if (*ls_cmd) return cli::run_list(common);
   if (*health_cmd) return cli::run_health(common);
+  if (*attach_cmd) {
+    auto spec = cli::make_spec(model);
+    if (!spec.ok()) {
+      std::fprintf(stderr, "companion attach: %s\n", spec.error().to_string().c_str());
+      return 1;
+    }
+    return cli::run_attach(common, *spec, attach);
+  }
   return 2;
 }

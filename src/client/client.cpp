@@ -166,7 +166,7 @@ class ClientImpl final : public Client {
         if (next.error().code == StatusCode::kTimeout) continue;
         return std::move(next).error();
       }
-      if (next->seq < started.model.seq) continue;  // from before our load started
+      if (next->seq <= started.model.seq) continue;  // from before our load, or already seen
       s = *next;
       if (on_progress) on_progress(s);
       if (s.state == ModelState::kLoaded) return s;
