@@ -96,13 +96,21 @@ int run_load(const CommonArgs& args, const ModelArgs& model, bool wait) {
   auto client = Client::connect(args.connect);
   if (!client.ok()) return fail(args, client.error());
   bool bar = !args.json && ::isatty(STDERR_FILENO);
+  int last_decile = -1;
+  ModelState last_state = ModelState::kReady;
   auto on_progress = [&](const ModelStatus& s) {
+    if (args.json) return;
     if (bar) {
       std::fprintf(stderr, "\r%s %s", model_state_name(s.state), render_progress(s).c_str());
       std::fflush(stderr);
-    } else if (!args.json) {
-      std::fprintf(stderr, "%s %s\n", model_state_name(s.state), render_progress(s).c_str());
+      return;
     }
+    // Logs get a line per 10% and per state change, not one per event.
+    int decile = static_cast<int>(s.progress() * 10);
+    if (decile == last_decile && s.state == last_state) return;
+    last_decile = decile;
+    last_state = s.state;
+    std::fprintf(stderr, "%s %s\n", model_state_name(s.state), render_progress(s).c_str());
   };
   auto s = (*client)->load(*spec, wait, on_progress);
   if (bar) std::fprintf(stderr, "\n");

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what Companion needs on Debian 12 (as root, or with sudo) and builds it.
+#   scripts/setup.sh            Release build in build/
+#   scripts/setup.sh --asan     also an AddressSanitizer + UBSan build in build-asan/
+# Safe to run again: installs only what is missing, rebuilds only what changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  build-essential cmake ninja-build pkg-config git
+  libflatbuffers-dev flatbuffers-compiler nlohmann-json3-dev libcli11-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev
+  python3 python3-venv python3-pip python3-numpy python3-pytest python3-torch
+  etcd-server etcd-client clang-format
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Tests write reference checkpoints with the safetensors library; CPU torch comes from Debian.
+if ! .venv/bin/python -c "import safetensors, numpy, torch, pytest" 2>/dev/null; then
+  echo "setup: creating .venv"
+  /usr/bin/python3 -m venv --system-site-packages .venv
+  .venv/bin/python -m pip install -q --disable-pip-version-check safetensors
+fi
+
+build() {  # build DIR [cmake args...]
+  local dir=$1; shift
+  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DCOMPANION_PYTHON="$PWD/.venv/bin/python" "$@" >/dev/null
+  cmake --build "$dir" -j "$(nproc)"
+}
+
+build build
+if [[ "${1:-}" == "--asan" ]]; then
+  build build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCOMPANION_SANITIZE=address,undefined
+fi

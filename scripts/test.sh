@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every test: unit and integration tests on the Release build, then again under
+# AddressSanitizer + UndefinedBehaviorSanitizer. GPU tests skip themselves without a GPU
+# (scripts/gpu-test.sh runs them on a GPU machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --asan
+
+export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+status=0
+for dir in build build-asan; do
+  echo "== tests in $dir"
+  (cd "$dir" && ctest --output-on-failure -j 2) || status=1
+  COMPANION_BUILD_DIR="$dir" .venv/bin/python -m pytest -q -p no:cacheprovider tests/integration || status=1
+done
+exit $status
