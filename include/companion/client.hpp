@@ -22,8 +22,8 @@ struct ConnectOptions {
   // Which server: "host", or a GPU as ordinal / UUID / PCI bus id (matched by UUID, whatever
   // CUDA_VISIBLE_DEVICES says in either process).
   std::string device = "host";
-  std::string socket_path;       // connect here directly instead of discovering
-  std::string runtime_dir;       // local registry directory ("" = default)
+  std::string socket_path;  // connect here directly instead of discovering
+  std::string runtime_dir;  // local registry directory ("" = default)
   std::string client_name = "companion-client";
   // How long to keep looking for a live server before giving up (kUnavailable).
   double discovery_timeout_s = 0.0;
@@ -39,7 +39,7 @@ struct TensorView {
   const void* data = nullptr;
   uint64_t nbytes = 0;
   bool on_device = false;
-  int device_ordinal = -1;           // local CUDA ordinal when on_device
+  int device_ordinal = -1;  // local CUDA ordinal when on_device
 };
 
 // A model's weights mapped into this process. Destruction unmaps them and releases the lease.

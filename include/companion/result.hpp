@@ -101,16 +101,17 @@ class [[nodiscard]] Result<void> {
   bool ok_ = true;
 };
 
-inline Result<void> ok_result() { return Result<void>(); }
+inline Result<void> ok_result() {
+  return Result<void>();
+}
 
 }  // namespace companion
 
 // Propagates an error from an expression returning Result<...>.
-#define COMPANION_TRY(expr)                                  \
-  do {                                                       \
-    auto companion_try_result_ = (expr);                     \
-    if (!companion_try_result_.ok())                         \
-      return std::move(companion_try_result_).error();       \
+#define COMPANION_TRY(expr)                                                           \
+  do {                                                                                \
+    auto companion_try_result_ = (expr);                                              \
+    if (!companion_try_result_.ok()) return std::move(companion_try_result_).error(); \
   } while (0)
 
 #define COMPANION_CONCAT_INNER_(a, b) a##b

@@ -44,12 +44,12 @@ bool dtype_is_float_convertible(DType dtype) noexcept;
 // What a client asks for. Its canonical form (after the server resolves the source) is the
 // model key: two clients asking the same thing share one copy.
 struct ModelSpec {
-  std::string source;               // directory, .safetensors file, or Hugging Face id "org/name"
-  std::string revision;             // Hugging Face revision (branch, tag or commit); "" = main
-  std::optional<DType> dtype;       // cast floating tensors to this; nullopt = as stored
-  uint32_t tp_size = 1;             // tensor-parallel world size
-  uint32_t tp_rank = 0;             // this shard's rank
-  std::string tag;                  // opaque, e.g. an engine's config hash
+  std::string source;          // directory, .safetensors file, or Hugging Face id "org/name"
+  std::string revision;        // Hugging Face revision (branch, tag or commit); "" = main
+  std::optional<DType> dtype;  // cast floating tensors to this; nullopt = as stored
+  uint32_t tp_size = 1;        // tensor-parallel world size
+  uint32_t tp_rank = 0;        // this shard's rank
+  std::string tag;             // opaque, e.g. an engine's config hash
 
   // Checks values that do not need the filesystem.
   Result<void> validate() const;
@@ -58,7 +58,7 @@ struct ModelSpec {
 };
 
 enum class ModelState : uint8_t {
-  kReady = 0,     // known to the server (or asked about) but not loaded
+  kReady = 0,  // known to the server (or asked about) but not loaded
   kLoading = 1,
   kLoaded = 2,
   kError = 3,
@@ -67,19 +67,19 @@ enum class ModelState : uint8_t {
 const char* model_state_name(ModelState state) noexcept;
 
 struct ModelStatus {
-  std::string key;        // canonical form of the resolved spec
-  std::string id;         // short stable hash of key, for humans and the CLI
-  std::string source;     // as the client spelled it first
+  std::string key;     // canonical form of the resolved spec
+  std::string id;      // short stable hash of key, for humans and the CLI
+  std::string source;  // as the client spelled it first
   ModelState state = ModelState::kReady;
   uint64_t bytes_done = 0;
   uint64_t bytes_total = 0;
   StatusCode error_code = StatusCode::kOk;  // set when state == kError
-  std::string message;                       // error text or note
+  std::string message;                      // error text or note
   uint32_t tensors = 0;
-  uint32_t leases = 0;                       // clients currently holding the model
-  std::string backend;                       // memory backend holding it
-  uint64_t slab_bytes = 0;                   // device/host bytes held
-  uint64_t seq = 0;                          // order of changes on the server: larger is newer
+  uint32_t leases = 0;      // clients currently holding the model
+  std::string backend;      // memory backend holding it
+  uint64_t slab_bytes = 0;  // device/host bytes held
+  uint64_t seq = 0;         // order of changes on the server: larger is newer
 
   double progress() const noexcept {
     return bytes_total == 0 ? (state == ModelState::kLoaded ? 1.0 : 0.0)
@@ -90,23 +90,23 @@ struct ModelStatus {
 // Who a server is. Sent in hello and stored in registry records.
 struct ServerIdentity {
   std::string instance_id;
-  std::string ns;                // namespace
-  std::string component;         // model_server_gpu_<N> | model_server_host
+  std::string ns;         // namespace
+  std::string component;  // model_server_gpu_<N> | model_server_host
   std::string hostname;
   int64_t pid = 0;
-  std::string device;            // "host" or the GPU UUID ("GPU-...")
-  std::string gpu_uuid;          // empty for host
-  std::string pci_bus_id;        // empty for host
-  int32_t device_ordinal = -1;   // the server's own ordinal; -1 for host
+  std::string device;           // "host" or the GPU UUID ("GPU-...")
+  std::string gpu_uuid;         // empty for host
+  std::string pci_bus_id;       // empty for host
+  int32_t device_ordinal = -1;  // the server's own ordinal; -1 for host
   std::vector<std::string> backends;
   std::string default_backend;
-  int64_t started_at_ms = 0;     // unix epoch milliseconds
-  std::string version;           // software version
+  int64_t started_at_ms = 0;  // unix epoch milliseconds
+  std::string version;        // software version
   std::string socket_path;
 };
 
 struct HealthInfo {
-  std::string state;             // "serving" | "draining"
+  std::string state;  // "serving"
   uint64_t uptime_ms = 0;
   uint32_t models_loaded = 0;
   uint32_t models_total = 0;

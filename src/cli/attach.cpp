@@ -8,8 +8,9 @@
 
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
-#include "common/crc32.hpp"
+#include "common/checksum.hpp"
 #include "common/util.hpp"
+#include "memory/cuda_checksum.hpp"
 
 namespace companion::cli {
 namespace {
@@ -35,6 +36,15 @@ std::string shape_text(std::span<const int64_t> shape) {
   return out + "]";
 }
 
+// Tries to write through a mapping that must be read-only. True when the write was refused.
+bool write_refused(const MappedModel& m) {
+  const TensorView& t = m.tensors()[0];
+  if (!t.on_device) return true;  // host mappings are PROT_READ: a write would fault, not fail
+  auto checker = memory::DeviceChecksum::create(t.device_ordinal);
+  if (!checker.ok()) return false;
+  return !(*checker)->try_write(reinterpret_cast<uint64_t>(t.data)).ok();
+}
+
 }  // namespace
 
 int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOptions& opts) {
@@ -48,7 +58,8 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
   auto t0 = std::chrono::steady_clock::now();
   auto client = Client::connect(args.connect);
   if (!client.ok()) return fail(client.error());
-  auto ready = (*client)->wait_for_model_ready(spec, opts.initial_timeout_s, opts.loading_timeout_s);
+  auto ready =
+      (*client)->wait_for_model_ready(spec, opts.initial_timeout_s, opts.loading_timeout_s);
   if (!ready.ok()) return fail(ready.error());
   auto t1 = std::chrono::steady_clock::now();
   auto model = (*client)->get_model_parameters(spec, opts.loading_timeout_s);
@@ -58,14 +69,29 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
   double attach_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
   const MappedModel& m = **model;
 
-  std::vector<uint32_t> crcs;
-  if (opts.verify) {
+  // Host tensors: CRC-32 on the CPU. GPU tensors: wsum64 computed by the GPU on the mapping.
+  std::unique_ptr<memory::DeviceChecksum> gpu_sum;
+  auto checksums = [&]() -> Result<std::vector<uint64_t>> {
+    std::vector<uint64_t> out;
     for (const auto& t : m.tensors()) {
-      if (t.on_device)
-        return fail(make_error(StatusCode::kInvalidArgument,
-                               "--verify reads host memory; this model lives on a GPU"));
-      crcs.push_back(crc32(t.data, t.nbytes));
+      if (!t.on_device) {
+        out.push_back(crc32(t.data, t.nbytes));
+        continue;
+      }
+      if (!gpu_sum) {
+        COMPANION_ASSIGN_OR_RETURN(gpu_sum, memory::DeviceChecksum::create(t.device_ordinal));
+      }
+      COMPANION_ASSIGN_OR_RETURN(uint64_t sum,
+                                 gpu_sum->run(reinterpret_cast<uint64_t>(t.data), t.nbytes));
+      out.push_back(sum);
     }
+    return out;
+  };
+  std::vector<uint64_t> sums;
+  if (opts.verify || opts.reverify) {
+    auto r = checksums();
+    if (!r.ok()) return fail(r.error());
+    sums = std::move(*r);
   }
   auto [rss_kb, shmem_kb] = resident_kb();
 
@@ -90,10 +116,11 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
                            {"shape", std::vector<int64_t>(t.shape.begin(), t.shape.end())},
                            {"nbytes", t.nbytes},
                            {"on_device", t.on_device}};
-      if (opts.verify) tj["crc32"] = crcs[i];
+      if (opts.verify) tj[t.on_device ? "wsum64" : "crc32"] = sums[i];
       tensors.push_back(std::move(tj));
       ++i;
     }
+    if (opts.try_write && !m.tensors().empty()) j["write_refused"] = write_refused(m);
     std::cout << j.dump() << std::endl;
   } else {
     const ModelStatus& s = m.status();
@@ -114,17 +141,19 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
     size_t shown = 0;
     for (const auto& t : m.tensors()) {
       if (shown++ == opts.show) break;
-      std::vector<std::string> row = {std::string(t.name), dtype_name(t.dtype),
-                                      shape_text(t.shape), format_bytes(t.nbytes)};
+      std::vector<std::string> row = {std::string(t.name), dtype_name(t.dtype), shape_text(t.shape),
+                                      format_bytes(t.nbytes)};
       if (opts.verify) {
-        char hex[16];
-        std::snprintf(hex, sizeof(hex), "%08x", crcs[shown - 1]);
+        char hex[24];
+        std::snprintf(hex, sizeof(hex), t.on_device ? "%016llx" : "%08llx",
+                      static_cast<unsigned long long>(sums[shown - 1]));
         row.push_back(hex);
       }
       rows.push_back(std::move(row));
     }
     std::vector<std::string> header = {"  TENSOR", "DTYPE", "SHAPE", "BYTES"};
-    if (opts.verify) header.push_back("CRC32");
+    if (opts.verify)
+      header.push_back(m.tensors().empty() || !m.tensors()[0].on_device ? "CRC32" : "WSUM64 (GPU)");
     for (auto& r : rows) r[0] = "  " + r[0];
     std::cout << render_table(header, rows);
     if (m.tensors().size() > opts.show)
@@ -132,7 +161,19 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
   }
   std::fflush(stdout);
   if (opts.hold_s > 0)
-    std::this_thread::sleep_for(std::chrono::milliseconds(static_cast<int64_t>(opts.hold_s * 1000)));
+    std::this_thread::sleep_for(
+        std::chrono::milliseconds(static_cast<int64_t>(opts.hold_s * 1000)));
+  if (opts.reverify) {
+    // Still the same bytes after the hold (during which the server may have died).
+    auto again = checksums();
+    if (!again.ok()) return fail(again.error());
+    bool same = *again == sums;
+    if (args.json)
+      std::cout << nlohmann::json{{"reverified", same}}.dump() << std::endl;
+    else
+      std::printf("re-verified after %.1f s: %s\n", opts.hold_s, same ? "same bytes" : "CHANGED");
+    if (!same) return 1;
+  }
   return 0;
 }
 

@@ -41,7 +41,6 @@ Result<ModelSpec> make_spec(const ModelArgs& m) {
   return spec;
 }
 
-
 int run_status(const CommonArgs& args, const ModelArgs& model, bool follow) {
   auto client = Client::connect(args.connect);
   if (!client.ok()) return fail(args, client.error());
@@ -84,8 +83,7 @@ int run_status(const CommonArgs& args, const ModelArgs& model, bool follow) {
       std::cout << to_json(*s).dump() << std::endl;
     } else {
       std::cout << s->id << "  " << model_state_name(s->state) << "  " << render_progress(*s)
-                << "  " << s->source << (s->message.empty() ? "" : "  " + s->message)
-                << std::endl;
+                << "  " << s->source << (s->message.empty() ? "" : "  " + s->message) << std::endl;
     }
   }
 }
@@ -145,7 +143,9 @@ int run_unload(const CommonArgs& args, const ModelArgs& model, bool force) {
   return 0;
 }
 
-int run_list(const CommonArgs& args) { return run_status(args, ModelArgs{}, false); }
+int run_list(const CommonArgs& args) {
+  return run_status(args, ModelArgs{}, false);
+}
 
 int run_health(const CommonArgs& args) {
   auto client = Client::connect(args.connect);

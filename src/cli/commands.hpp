@@ -24,9 +24,11 @@ struct CommonArgs {
 struct AttachOptions {
   double initial_timeout_s = 30;
   double loading_timeout_s = 600;
-  bool verify = false;  // crc32 of every tensor's bytes
-  double hold_s = 0;    // keep the mapping this long before exiting
-  size_t show = 8;      // tensors listed in the table
+  bool verify = false;     // checksum every tensor (CRC-32 on host, wsum64 on the GPU)
+  bool reverify = false;   // checksum again after the hold
+  bool try_write = false;  // report whether a write through the mapping is refused
+  double hold_s = 0;       // keep the mapping this long before exiting
+  size_t show = 8;         // tensors listed in the table
 };
 
 // A spec from command-line arguments (local paths made absolute).
@@ -39,6 +41,7 @@ int run_load(const CommonArgs& args, const ModelArgs& model, bool wait);
 int run_unload(const CommonArgs& args, const ModelArgs& model, bool force);
 int run_list(const CommonArgs& args);
 int run_health(const CommonArgs& args);
+int run_devices(bool json);
 int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOptions& options);
 
 }  // namespace companion::cli

@@ -79,15 +79,24 @@ int main(int argc, char** argv) {
       app.add_subcommand("attach", "Map a model zero-copy into this process and show it");
   add_common(attach_cmd);
   add_model(attach_cmd, true);
-  attach_cmd->add_flag("--verify", attach.verify, "CRC-32 of every tensor's bytes");
+  attach_cmd->add_flag("--verify", attach.verify,
+                       "Checksum every tensor (CRC-32 on host, wsum64 computed by the GPU)");
+  attach_cmd->add_flag("--reverify", attach.reverify, "Checksum again after --hold");
+  attach_cmd->add_flag("--try-write", attach.try_write,
+                       "Report whether a write through the mapping is refused (--json)");
   attach_cmd->add_option("--hold", attach.hold_s, "Seconds to keep the mapping before exiting");
   attach_cmd->add_option("--show", attach.show, "Tensors to list")->capture_default_str();
-  attach_cmd->add_option("--initial-timeout", attach.initial_timeout_s,
-                         "Seconds for the server to start the load")
+  attach_cmd
+      ->add_option("--initial-timeout", attach.initial_timeout_s,
+                   "Seconds for the server to start the load")
       ->capture_default_str();
-  attach_cmd->add_option("--loading-timeout", attach.loading_timeout_s,
-                         "Seconds for the load to finish")
+  attach_cmd
+      ->add_option("--loading-timeout", attach.loading_timeout_s, "Seconds for the load to finish")
       ->capture_default_str();
+
+  bool devices_json = false;
+  auto* devices_cmd = app.add_subcommand("devices", "List the GPUs this process sees");
+  devices_cmd->add_flag("--json", devices_json, "JSON output for scripts");
 
   CLI11_PARSE(app, argc, argv);
 
@@ -99,6 +108,7 @@ int main(int argc, char** argv) {
   if (*unload_cmd) return cli::run_unload(common, model, force);
   if (*ls_cmd) return cli::run_list(common);
   if (*health_cmd) return cli::run_health(common);
+  if (*devices_cmd) return cli::run_devices(devices_json);
   if (*attach_cmd) {
     auto spec = cli::make_spec(model);
     if (!spec.ok()) {

@@ -26,20 +26,31 @@ nlohmann::json to_json(const ModelStatus& s) {
 }
 
 nlohmann::json to_json(const ServerIdentity& s) {
-  return {{"instance_id", s.instance_id}, {"namespace", s.ns},
-          {"component", s.component},     {"hostname", s.hostname},
-          {"pid", s.pid},                 {"device", s.device},
-          {"gpu_uuid", s.gpu_uuid},       {"pci_bus_id", s.pci_bus_id},
-          {"device_ordinal", s.device_ordinal}, {"backends", s.backends},
-          {"default_backend", s.default_backend}, {"started_at_ms", s.started_at_ms},
-          {"version", s.version},         {"socket_path", s.socket_path}};
+  return {{"instance_id", s.instance_id},
+          {"namespace", s.ns},
+          {"component", s.component},
+          {"hostname", s.hostname},
+          {"pid", s.pid},
+          {"device", s.device},
+          {"gpu_uuid", s.gpu_uuid},
+          {"pci_bus_id", s.pci_bus_id},
+          {"device_ordinal", s.device_ordinal},
+          {"backends", s.backends},
+          {"default_backend", s.default_backend},
+          {"started_at_ms", s.started_at_ms},
+          {"version", s.version},
+          {"socket_path", s.socket_path}};
 }
 
 nlohmann::json to_json(const HealthInfo& h) {
-  return {{"state", h.state},           {"uptime_ms", h.uptime_ms},
-          {"models_loaded", h.models_loaded}, {"models_total", h.models_total},
-          {"clients", h.clients},       {"leases", h.leases},
-          {"slab_bytes", h.slab_bytes}, {"server", to_json(h.server)}};
+  return {{"state", h.state},
+          {"uptime_ms", h.uptime_ms},
+          {"models_loaded", h.models_loaded},
+          {"models_total", h.models_total},
+          {"clients", h.clients},
+          {"leases", h.leases},
+          {"slab_bytes", h.slab_bytes},
+          {"server", to_json(h.server)}};
 }
 
 nlohmann::json to_json(const Error& e) {
@@ -93,7 +104,8 @@ std::string render_health(const HealthInfo& h) {
       {"uptime", std::to_string(h.uptime_ms / 1000) + " s"},
       {"models", std::to_string(h.models_loaded) + " loaded of " + std::to_string(h.models_total)},
       {"memory", format_bytes(h.slab_bytes)},
-      {"clients", std::to_string(h.clients) + " connected, " + std::to_string(h.leases) + " leases"},
+      {"clients",
+       std::to_string(h.clients) + " connected, " + std::to_string(h.leases) + " leases"},
       {"socket", s.socket_path},
       {"version", s.version}};
   return render_table({"FIELD", "VALUE"}, rows);

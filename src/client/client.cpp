@@ -69,14 +69,14 @@ class ClientImpl final : public Client {
   }
 
   Result<std::vector<ModelStatus>> list() override {
-    COMPANION_ASSIGN_OR_RETURN(auto r, expect<protocol::ListReply>(
-                                           connection_->call(protocol::List{}, kRequestMs)));
+    COMPANION_ASSIGN_OR_RETURN(
+        auto r, expect<protocol::ListReply>(connection_->call(protocol::List{}, kRequestMs)));
     return std::move(r.models);
   }
 
   Result<HealthInfo> health() override {
-    COMPANION_ASSIGN_OR_RETURN(auto r, expect<protocol::HealthReply>(
-                                           connection_->call(protocol::Health{}, kRequestMs)));
+    COMPANION_ASSIGN_OR_RETURN(
+        auto r, expect<protocol::HealthReply>(connection_->call(protocol::Health{}, kRequestMs)));
     return std::move(r.info);
   }
 
@@ -95,8 +95,8 @@ class ClientImpl final : public Client {
     protocol::Unload u;
     u.spec = spec;
     u.force = force;
-    COMPANION_ASSIGN_OR_RETURN(auto r, expect<protocol::UnloadReply>(
-                                           connection_->call(std::move(u), kRequestMs)));
+    COMPANION_ASSIGN_OR_RETURN(
+        auto r, expect<protocol::UnloadReply>(connection_->call(std::move(u), kRequestMs)));
     return r.model;
   }
 
@@ -104,8 +104,8 @@ class ClientImpl final : public Client {
     protocol::Unload u;
     u.key = key;
     u.force = force;
-    COMPANION_ASSIGN_OR_RETURN(auto r, expect<protocol::UnloadReply>(
-                                           connection_->call(std::move(u), kRequestMs)));
+    COMPANION_ASSIGN_OR_RETURN(
+        auto r, expect<protocol::UnloadReply>(connection_->call(std::move(u), kRequestMs)));
     return r.model;
   }
 
@@ -117,9 +117,9 @@ class ClientImpl final : public Client {
   Result<std::shared_ptr<MappedModel>> get_model_parameters(const ModelSpec& spec,
                                                             double timeout_s) override {
     std::vector<UniqueFd> fds;
-    COMPANION_ASSIGN_OR_RETURN(
-        auto params, expect<protocol::Parameters>(connection_->call(
-                         protocol::GetParameters{spec, true}, to_ms(timeout_s), &fds)));
+    COMPANION_ASSIGN_OR_RETURN(auto params,
+                               expect<protocol::Parameters>(connection_->call(
+                                   protocol::GetParameters{spec, true}, to_ms(timeout_s), &fds)));
     return map_parameters(connection_, std::move(params), std::move(fds), ordinal_);
   }
 
@@ -144,9 +144,9 @@ class ClientImpl final : public Client {
                                     double loading_timeout_s,
                                     const std::function<void(const ModelStatus&)>& on_progress) {
     COMPANION_ASSIGN_OR_RETURN(auto stream, subscribe(spec));
-    COMPANION_ASSIGN_OR_RETURN(auto started,
-                               expect<protocol::LoadReply>(connection_->call(
-                                   protocol::Load{spec, false}, to_ms(initial_timeout_s))));
+    COMPANION_ASSIGN_OR_RETURN(
+        auto started, expect<protocol::LoadReply>(connection_->call(protocol::Load{spec, false},
+                                                                    to_ms(initial_timeout_s))));
     ModelStatus s = started.model;
     if (on_progress) on_progress(s);
     if (s.state == ModelState::kLoaded) return s;

@@ -21,8 +21,9 @@ Result<std::string> discover_socket(const ConnectOptions& options) {
   }
   registry::LocalRegistry registry(options.runtime_dir.empty() ? registry::default_runtime_dir()
                                                                : options.runtime_dir);
-  auto deadline = std::chrono::steady_clock::now() +
-                  std::chrono::milliseconds(static_cast<int64_t>(options.discovery_timeout_s * 1000));
+  auto deadline =
+      std::chrono::steady_clock::now() +
+      std::chrono::milliseconds(static_cast<int64_t>(options.discovery_timeout_s * 1000));
   for (;;) {
     auto records = registry.list(options.ns, component);
     if (records.ok()) {
@@ -34,9 +35,9 @@ Result<std::string> discover_socket(const ConnectOptions& options) {
     if (std::chrono::steady_clock::now() >= deadline) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  return make_error(StatusCode::kUnavailable,
-                    "no live companion server for device " + options.device + " in namespace '" +
-                        options.ns + "' (registry " + registry.runtime_dir() + ")");
+  return make_error(StatusCode::kUnavailable, "no live companion server for device " +
+                                                  options.device + " in namespace '" + options.ns +
+                                                  "' (registry " + registry.runtime_dir() + ")");
 }
 
 Result<int> local_ordinal_for(const ServerIdentity& server) {

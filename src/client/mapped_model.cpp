@@ -20,10 +20,18 @@ MappedModel::~MappedModel() {
   }
 }
 
-const ModelStatus& MappedModel::status() const noexcept { return impl_->status; }
-uint64_t MappedModel::lease_id() const noexcept { return impl_->lease_id; }
-std::span<const TensorView> MappedModel::tensors() const noexcept { return impl_->views; }
-size_t MappedModel::segment_count() const noexcept { return impl_->segments.size(); }
+const ModelStatus& MappedModel::status() const noexcept {
+  return impl_->status;
+}
+uint64_t MappedModel::lease_id() const noexcept {
+  return impl_->lease_id;
+}
+std::span<const TensorView> MappedModel::tensors() const noexcept {
+  return impl_->views;
+}
+size_t MappedModel::segment_count() const noexcept {
+  return impl_->segments.size();
+}
 
 const TensorView* MappedModel::find(std::string_view name) const noexcept {
   auto it = impl_->by_name.find(name);
@@ -36,7 +44,9 @@ uint64_t MappedModel::mapped_bytes() const noexcept {
   return total;
 }
 
-std::vector<uint64_t> MappedModel::segment_inodes() const { return impl_->inodes; }
+std::vector<uint64_t> MappedModel::segment_inodes() const {
+  return impl_->inodes;
+}
 
 namespace client {
 

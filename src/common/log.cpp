@@ -14,22 +14,36 @@ std::atomic<Level> g_level{Level::kWarn};
 std::mutex g_mutex;
 const char* level_tag(Level l) {
   switch (l) {
-    case Level::kDebug: return "debug";
-    case Level::kInfo: return "info";
-    case Level::kWarn: return "warn";
-    case Level::kError: return "error";
-    default: return "";
+    case Level::kDebug:
+      return "debug";
+    case Level::kInfo:
+      return "info";
+    case Level::kWarn:
+      return "warn";
+    case Level::kError:
+      return "error";
+    default:
+      return "";
   }
 }
 }  // namespace
 
-void set_level(Level l) { g_level.store(l); }
-Level level() { return g_level.load(std::memory_order_relaxed); }
+void set_level(Level l) {
+  g_level.store(l);
+}
+Level level() {
+  return g_level.load(std::memory_order_relaxed);
+}
 
 bool set_level(const std::string& name) {
-  static const struct { const char* name; Level level; } kLevels[] = {
-      {"debug", Level::kDebug}, {"info", Level::kInfo}, {"warn", Level::kWarn},
-      {"error", Level::kError}, {"off", Level::kOff}};
+  static const struct {
+    const char* name;
+    Level level;
+  } kLevels[] = {{"debug", Level::kDebug},
+                 {"info", Level::kInfo},
+                 {"warn", Level::kWarn},
+                 {"error", Level::kError},
+                 {"off", Level::kOff}};
   for (const auto& l : kLevels) {
     if (name == l.name) {
       set_level(l.level);

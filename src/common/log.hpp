@@ -13,9 +13,17 @@ Level level();
 bool set_level(const std::string& name);
 void write(Level level, const std::string& message);
 
-inline void debug(const std::string& m) { if (level() <= Level::kDebug) write(Level::kDebug, m); }
-inline void info(const std::string& m) { if (level() <= Level::kInfo) write(Level::kInfo, m); }
-inline void warn(const std::string& m) { if (level() <= Level::kWarn) write(Level::kWarn, m); }
-inline void error(const std::string& m) { if (level() <= Level::kError) write(Level::kError, m); }
+inline void debug(const std::string& m) {
+  if (level() <= Level::kDebug) write(Level::kDebug, m);
+}
+inline void info(const std::string& m) {
+  if (level() <= Level::kInfo) write(Level::kInfo, m);
+}
+inline void warn(const std::string& m) {
+  if (level() <= Level::kWarn) write(Level::kWarn, m);
+}
+inline void error(const std::string& m) {
+  if (level() <= Level::kError) write(Level::kError, m);
+}
 
 }  // namespace companion::log

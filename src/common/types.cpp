@@ -12,10 +12,10 @@ struct DTypeInfo {
   size_t size;
 };
 constexpr DTypeInfo kDTypes[kDTypeCount] = {
-    {DType::kBool, "BOOL", 1}, {DType::kU8, "U8", 1},         {DType::kI8, "I8", 1},
-    {DType::kU16, "U16", 2},   {DType::kI16, "I16", 2},       {DType::kF16, "F16", 2},
-    {DType::kBF16, "BF16", 2}, {DType::kU32, "U32", 4},       {DType::kI32, "I32", 4},
-    {DType::kF32, "F32", 4},   {DType::kU64, "U64", 8},       {DType::kI64, "I64", 8},
+    {DType::kBool, "BOOL", 1}, {DType::kU8, "U8", 1},          {DType::kI8, "I8", 1},
+    {DType::kU16, "U16", 2},   {DType::kI16, "I16", 2},        {DType::kF16, "F16", 2},
+    {DType::kBF16, "BF16", 2}, {DType::kU32, "U32", 4},        {DType::kI32, "I32", 4},
+    {DType::kF32, "F32", 4},   {DType::kU64, "U64", 8},        {DType::kI64, "I64", 8},
     {DType::kF64, "F64", 8},   {DType::kF8E4M3, "F8_E4M3", 1}, {DType::kF8E5M2, "F8_E5M2", 1},
 };
 const DTypeInfo* info(DType d) {
@@ -44,14 +44,29 @@ Result<DType> parse_dtype(std::string_view name) {
   static const struct {
     const char* alias;
     DType dtype;
-  } kAliases[] = {{"bf16", DType::kBF16},    {"bfloat16", DType::kBF16}, {"f16", DType::kF16},
-                  {"fp16", DType::kF16},     {"float16", DType::kF16},   {"half", DType::kF16},
-                  {"f32", DType::kF32},      {"fp32", DType::kF32},      {"float32", DType::kF32},
-                  {"float", DType::kF32},    {"f64", DType::kF64},       {"float64", DType::kF64},
-                  {"double", DType::kF64},   {"bool", DType::kBool},     {"uint8", DType::kU8},
-                  {"int8", DType::kI8},      {"int16", DType::kI16},     {"uint16", DType::kU16},
-                  {"int32", DType::kI32},    {"uint32", DType::kU32},    {"int64", DType::kI64},
-                  {"uint64", DType::kU64},   {"float8_e4m3fn", DType::kF8E4M3},
+  } kAliases[] = {{"bf16", DType::kBF16},
+                  {"bfloat16", DType::kBF16},
+                  {"f16", DType::kF16},
+                  {"fp16", DType::kF16},
+                  {"float16", DType::kF16},
+                  {"half", DType::kF16},
+                  {"f32", DType::kF32},
+                  {"fp32", DType::kF32},
+                  {"float32", DType::kF32},
+                  {"float", DType::kF32},
+                  {"f64", DType::kF64},
+                  {"float64", DType::kF64},
+                  {"double", DType::kF64},
+                  {"bool", DType::kBool},
+                  {"uint8", DType::kU8},
+                  {"int8", DType::kI8},
+                  {"int16", DType::kI16},
+                  {"uint16", DType::kU16},
+                  {"int32", DType::kI32},
+                  {"uint32", DType::kU32},
+                  {"int64", DType::kI64},
+                  {"uint64", DType::kU64},
+                  {"float8_e4m3fn", DType::kF8E4M3},
                   {"float8_e5m2", DType::kF8E5M2}};
   for (const auto& a : kAliases)
     if (lower == a.alias) return a.dtype;
@@ -64,19 +79,20 @@ bool dtype_is_float_convertible(DType d) noexcept {
 
 Result<void> ModelSpec::validate() const {
   if (source.empty()) return make_error(StatusCode::kInvalidArgument, "model source is empty");
-  if (source.size() > 4096) return make_error(StatusCode::kInvalidArgument, "model source too long");
+  if (source.size() > 4096)
+    return make_error(StatusCode::kInvalidArgument, "model source too long");
   if (source.find('\0') != std::string::npos || revision.find('\0') != std::string::npos)
     return make_error(StatusCode::kInvalidArgument, "model source contains a NUL byte");
   if (revision.size() > 256) return make_error(StatusCode::kInvalidArgument, "revision too long");
   if (tag.size() > 1024) return make_error(StatusCode::kInvalidArgument, "tag too long");
   if (tp_size == 0 || tp_rank >= tp_size)
-    return make_error(StatusCode::kInvalidArgument, "tp_rank " + std::to_string(tp_rank) +
-                                                        " is not below tp_size " +
-                                                        std::to_string(tp_size));
+    return make_error(
+        StatusCode::kInvalidArgument,
+        "tp_rank " + std::to_string(tp_rank) + " is not below tp_size " + std::to_string(tp_size));
   if (dtype && !dtype_is_float_convertible(*dtype))
-    return make_error(StatusCode::kUnknownDtype,
-                      std::string("cannot cast a model to ") + dtype_name(*dtype) +
-                          "; targets are BF16, F16 and F32");
+    return make_error(StatusCode::kUnknownDtype, std::string("cannot cast a model to ") +
+                                                     dtype_name(*dtype) +
+                                                     "; targets are BF16, F16 and F32");
   return ok_result();
 }
 
@@ -91,15 +107,22 @@ std::string ModelSpec::describe() const {
 
 const char* model_state_name(ModelState s) noexcept {
   switch (s) {
-    case ModelState::kReady: return "ready";
-    case ModelState::kLoading: return "loading";
-    case ModelState::kLoaded: return "loaded";
-    case ModelState::kError: return "error";
-    case ModelState::kUnloaded: return "unloaded";
+    case ModelState::kReady:
+      return "ready";
+    case ModelState::kLoading:
+      return "loading";
+    case ModelState::kLoaded:
+      return "loaded";
+    case ModelState::kError:
+      return "error";
+    case ModelState::kUnloaded:
+      return "unloaded";
   }
   return "?";
 }
 
-const char* software_version() noexcept { return COMPANION_VERSION_STRING; }
+const char* software_version() noexcept {
+  return COMPANION_VERSION_STRING;
+}
 
 }  // namespace companion

@@ -10,13 +10,14 @@
 
 #include "checkpoint/dtype_convert.hpp"
 #include "common/unique_fd.hpp"
+#include "loader/chunk_sink.hpp"
 
 namespace companion::loader {
 namespace {
 
-constexpr uint64_t kChunkBytes = 16ull << 20;  // multiple of every element size
-
-bool is_cast(const TensorCopy& t) { return t.source.dtype != t.target_dtype; }
+bool is_cast(const TensorCopy& t) {
+  return t.source.dtype != t.target_dtype;
+}
 
 // Reads exactly `bytes` at `offset`, or fails.
 Result<void> pread_exact(int fd, const std::string& path, void* dst, uint64_t bytes,
@@ -57,8 +58,8 @@ Result<LoadPlan> make_load_plan(const checkpoint::Checkpoint& ckpt, std::optiona
     plan.tensors.push_back(std::move(copy));
   }
   COMPANION_ASSIGN_OR_RETURN(
-      SlabLayout layout, plan_layout(sizes, kTensorAlignment, backend.granularity(),
-                                     backend.max_segment_bytes()));
+      SlabLayout layout,
+      plan_layout(sizes, kTensorAlignment, backend.granularity(), backend.max_segment_bytes()));
   for (size_t i = 0; i < plan.tensors.size(); ++i) plan.tensors[i].placement = layout.placements[i];
   plan.segment_sizes = std::move(layout.segment_sizes);
   return plan;
@@ -72,49 +73,38 @@ Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const Prog
     if (!fd) return errno_error(StatusCode::kIoError, "open " + path, errno);
     files.push_back(std::move(fd));
   }
-  std::unique_ptr<char[]> bounce;
-  std::unique_ptr<char[]> converted;
+  COMPANION_ASSIGN_OR_RETURN(std::unique_ptr<ChunkSink> sink, make_chunk_sink(slab));
+  std::unique_ptr<char[]> bounce;  // source bytes of a tensor being cast
   uint64_t done = 0;
   for (const auto& t : plan.tensors) {
     const std::string& path = plan.files[t.source.file_index];
     int fd = files[t.source.file_index].get();
-    char* direct = static_cast<char*>(slab.host_address(t.placement.segment));
     size_t in_size = dtype_size(t.source.dtype);
     size_t out_size = dtype_size(t.target_dtype);
-    for (uint64_t pos = 0; pos < t.source.nbytes; pos += kChunkBytes) {
+    // Chunks hold whole elements on both sides and fit a sink chunk after casting.
+    uint64_t chunk = kSinkChunkBytes / std::max(in_size, out_size) * in_size;
+    for (uint64_t pos = 0; pos < t.source.nbytes; pos += chunk) {
       if (cancel.load(std::memory_order_relaxed))
         return make_error(StatusCode::kCancelled, "load cancelled");
-      uint64_t n = std::min(kChunkBytes, t.source.nbytes - pos);
+      uint64_t n = std::min(chunk, t.source.nbytes - pos);
+      uint64_t count = n / in_size;
       uint64_t dst_offset = t.placement.offset + pos / in_size * out_size;
-      if (direct != nullptr && !is_cast(t)) {
-        COMPANION_TRY(pread_exact(fd, path, direct + dst_offset, n, t.source.file_offset + pos));
+      COMPANION_ASSIGN_OR_RETURN(void* dst,
+                                 sink->acquire(t.placement.segment, dst_offset, count * out_size));
+      if (!is_cast(t)) {
+        COMPANION_TRY(pread_exact(fd, path, dst, n, t.source.file_offset + pos));
       } else {
-        if (!bounce) bounce = std::make_unique<char[]>(kChunkBytes);
+        if (!bounce) bounce = std::make_unique<char[]>(kSinkChunkBytes);
         COMPANION_TRY(pread_exact(fd, path, bounce.get(), n, t.source.file_offset + pos));
-        const char* src = bounce.get();
-        uint64_t out_n = n;
-        if (is_cast(t)) {
-          out_n = n / in_size * out_size;
-          char* dst = direct != nullptr ? direct + dst_offset : nullptr;
-          if (dst == nullptr) {
-            if (!converted) converted = std::make_unique<char[]>(kChunkBytes * 2);
-            dst = converted.get();
-          }
-          COMPANION_TRY(checkpoint::convert_elements(t.source.dtype, t.target_dtype, src, dst,
-                                                     n / in_size));
-          if (direct != nullptr) {
-            done += n;
-            if (progress) progress(done, plan.bytes_to_read);
-            continue;
-          }
-          src = dst;
-        }
-        COMPANION_TRY(slab.write(t.placement.segment, dst_offset, src, out_n));
+        COMPANION_TRY(
+            checkpoint::convert_elements(t.source.dtype, t.target_dtype, bounce.get(), dst, count));
       }
+      COMPANION_TRY(sink->commit());
       done += n;
       if (progress) progress(done, plan.bytes_to_read);
     }
   }
+  COMPANION_TRY(sink->finish());
   if (progress) progress(done, plan.bytes_to_read);
   return ok_result();
 }

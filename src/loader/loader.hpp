@@ -15,7 +15,7 @@
 namespace companion::loader {
 
 struct TensorCopy {
-  checkpoint::TensorEntry source;  // where the bytes are in the checkpoint
+  checkpoint::TensorEntry source;   // where the bytes are in the checkpoint
   DType target_dtype = DType::kU8;  // dtype in the slab (== source.dtype unless cast)
   uint64_t target_bytes = 0;
   Placement placement;

@@ -26,8 +26,8 @@ inline constexpr size_t kIpcHandleBytes = 64;
 // One exported segment, ready to be sent in one reply.
 struct SegmentExport {
   SegmentKind kind = SegmentKind::kHostMemfd;
-  uint64_t size = 0;                               // bytes the client maps
-  UniqueFd fd;                                     // for kHostMemfd / kCudaVmmFd (a fresh dup)
+  uint64_t size = 0;                                  // bytes the client maps
+  UniqueFd fd;                                        // for kHostMemfd / kCudaVmmFd (a fresh dup)
   std::array<uint8_t, kIpcHandleBytes> ipc_handle{};  // for kCudaIpcHandle
 };
 

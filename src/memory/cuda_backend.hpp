@@ -13,10 +13,10 @@
 namespace companion::memory {
 
 struct GpuIdentity {
-  int ordinal = -1;          // local ordinal in this process (depends on CUDA_VISIBLE_DEVICES)
-  std::string uuid;          // "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", stable across processes
-  std::string pci_bus_id;    // "0000:3b:00.0"
-  std::string name;          // "NVIDIA H100 80GB HBM3"
+  int ordinal = -1;        // local ordinal in this process (depends on CUDA_VISIBLE_DEVICES)
+  std::string uuid;        // "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", stable across processes
+  std::string pci_bus_id;  // "0000:3b:00.0"
+  std::string name;        // "NVIDIA H100 80GB HBM3"
   uint64_t total_memory = 0;
 };
 

@@ -18,7 +18,9 @@ namespace {
 
 constexpr unsigned int kSeals = F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL;
 
-uint64_t page_size() { return static_cast<uint64_t>(::sysconf(_SC_PAGESIZE)); }
+uint64_t page_size() {
+  return static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+}
 
 struct HostSegment {
   UniqueFd fd;
@@ -137,7 +139,9 @@ class HostMapping final : public MappedSegment {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_host_backend() { return std::make_unique<HostBackend>(); }
+std::unique_ptr<Backend> make_host_backend() {
+  return std::make_unique<HostBackend>();
+}
 
 Result<std::unique_ptr<MappedSegment>> import_host_segment(UniqueFd fd, uint64_t size) {
   // Refuse anything that is not a sealed memfd of the announced size: a client must never map

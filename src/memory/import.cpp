@@ -6,9 +6,12 @@ namespace companion::memory {
 
 const char* segment_kind_name(SegmentKind kind) noexcept {
   switch (kind) {
-    case SegmentKind::kHostMemfd: return "host-memfd";
-    case SegmentKind::kCudaVmmFd: return "cuda-vmm-fd";
-    case SegmentKind::kCudaIpcHandle: return "cuda-ipc-handle";
+    case SegmentKind::kHostMemfd:
+      return "host-memfd";
+    case SegmentKind::kCudaVmmFd:
+      return "cuda-vmm-fd";
+    case SegmentKind::kCudaIpcHandle:
+      return "cuda-ipc-handle";
   }
   return "?";
 }

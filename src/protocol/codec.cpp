@@ -21,7 +21,9 @@ Error malformed(const std::string& why) {
 
 // ---- encoding --------------------------------------------------------------------------------
 
-fb::Offset<fb::String> str(Builder& b, const std::string& s) { return b.CreateString(s); }
+fb::Offset<fb::String> str(Builder& b, const std::string& s) {
+  return b.CreateString(s);
+}
 
 fb::Offset<wire::ModelSpec> put_spec(Builder& b, const ModelSpec& s) {
   return wire::CreateModelSpec(b, str(b, s.source), str(b, s.revision), s.dtype.has_value(),
@@ -32,11 +34,11 @@ fb::Offset<wire::ModelSpec> put_spec(Builder& b, const ModelSpec& s) {
 fb::Offset<wire::ServerIdentity> put_identity(Builder& b, const ServerIdentity& s) {
   std::vector<fb::Offset<fb::String>> backends;
   for (const auto& name : s.backends) backends.push_back(str(b, name));
-  return wire::CreateServerIdentity(
-      b, str(b, s.instance_id), str(b, s.ns), str(b, s.component), str(b, s.hostname), s.pid,
-      str(b, s.device), str(b, s.gpu_uuid), str(b, s.pci_bus_id), s.device_ordinal,
-      b.CreateVector(backends), str(b, s.default_backend), s.started_at_ms, str(b, s.version),
-      str(b, s.socket_path));
+  return wire::CreateServerIdentity(b, str(b, s.instance_id), str(b, s.ns), str(b, s.component),
+                                    str(b, s.hostname), s.pid, str(b, s.device), str(b, s.gpu_uuid),
+                                    str(b, s.pci_bus_id), s.device_ordinal,
+                                    b.CreateVector(backends), str(b, s.default_backend),
+                                    s.started_at_ms, str(b, s.version), str(b, s.socket_path));
 }
 
 fb::Offset<wire::ModelStatus> put_status(Builder& b, const ModelStatus& s) {
@@ -117,14 +119,15 @@ struct Encoder {
   }
   std::vector<uint8_t> operator()(const HealthReply& m) {
     const HealthInfo& h = m.info;
-    return finish(b, id, wire::Body::HealthReply,
-                  wire::CreateHealthReply(b, str(b, h.state), h.uptime_ms, h.models_loaded,
-                                          h.models_total, h.clients, h.leases, h.slab_bytes,
-                                          put_identity(b, h.server)));
+    return finish(
+        b, id, wire::Body::HealthReply,
+        wire::CreateHealthReply(b, str(b, h.state), h.uptime_ms, h.models_loaded, h.models_total,
+                                h.clients, h.leases, h.slab_bytes, put_identity(b, h.server)));
   }
   std::vector<uint8_t> operator()(const ErrorReply& m) {
-    return finish(b, id, wire::Body::ErrorReply,
-                  wire::CreateErrorReply(b, static_cast<int>(m.error.code), str(b, m.error.message)));
+    return finish(
+        b, id, wire::Body::ErrorReply,
+        wire::CreateErrorReply(b, static_cast<int>(m.error.code), str(b, m.error.message)));
   }
   std::vector<uint8_t> operator()(const Done&) {
     return finish(b, id, wire::Body::Done, wire::CreateDone(b));
@@ -163,17 +166,20 @@ Result<ModelSpec> get_spec(const wire::ModelSpec* s) {
 Result<ServerIdentity> get_identity(const wire::ServerIdentity* s) {
   if (s == nullptr) return malformed("missing server identity");
   ServerIdentity id;
-  COMPANION_ASSIGN_OR_RETURN(id.instance_id, get_str(s->instance_id(), kMaxStringBytes, "instance_id"));
+  COMPANION_ASSIGN_OR_RETURN(id.instance_id,
+                             get_str(s->instance_id(), kMaxStringBytes, "instance_id"));
   COMPANION_ASSIGN_OR_RETURN(id.ns, get_str(s->ns(), kMaxStringBytes, "namespace"));
   COMPANION_ASSIGN_OR_RETURN(id.component, get_str(s->component(), kMaxStringBytes, "component"));
   COMPANION_ASSIGN_OR_RETURN(id.hostname, get_str(s->hostname(), kMaxStringBytes, "hostname"));
   COMPANION_ASSIGN_OR_RETURN(id.device, get_str(s->device(), kMaxStringBytes, "device"));
   COMPANION_ASSIGN_OR_RETURN(id.gpu_uuid, get_str(s->gpu_uuid(), kMaxStringBytes, "gpu_uuid"));
-  COMPANION_ASSIGN_OR_RETURN(id.pci_bus_id, get_str(s->pci_bus_id(), kMaxStringBytes, "pci_bus_id"));
+  COMPANION_ASSIGN_OR_RETURN(id.pci_bus_id,
+                             get_str(s->pci_bus_id(), kMaxStringBytes, "pci_bus_id"));
   COMPANION_ASSIGN_OR_RETURN(id.default_backend,
                              get_str(s->default_backend(), kMaxStringBytes, "default_backend"));
   COMPANION_ASSIGN_OR_RETURN(id.version, get_str(s->version(), kMaxStringBytes, "version"));
-  COMPANION_ASSIGN_OR_RETURN(id.socket_path, get_str(s->socket_path(), kMaxStringBytes, "socket_path"));
+  COMPANION_ASSIGN_OR_RETURN(id.socket_path,
+                             get_str(s->socket_path(), kMaxStringBytes, "socket_path"));
   if (s->backends() != nullptr) {
     if (s->backends()->size() > 16) return malformed("too many backends");
     for (const auto* b : *s->backends()) {
@@ -253,6 +259,9 @@ Result<Parameters> get_parameters(const wire::Parameters* p,
       return malformed("tensor '" + std::string(ref.name) + "' strides do not match its shape");
     // FlatBuffers stores int64 vectors little-endian and 8-byte aligned: view them in place.
     static_assert(std::endian::native == std::endian::little);
+    if (rank > 0 && (reinterpret_cast<uintptr_t>(shape->data()) % alignof(int64_t) != 0 ||
+                     reinterpret_cast<uintptr_t>(strides->data()) % alignof(int64_t) != 0))
+      return malformed("tensor '" + std::string(ref.name) + "' has misaligned shape data");
     if (rank > 0) {
       ref.shape = std::span<const int64_t>(shape->data(), rank);
       ref.strides = std::span<const int64_t>(strides->data(), rank);
@@ -298,8 +307,8 @@ std::vector<uint8_t> encode_parameters(uint64_t request_id, uint64_t lease_id,
     fb::Offset<fb::Vector<uint8_t>> handle;
     if (s.kind == memory::SegmentKind::kCudaIpcHandle)
       handle = b.CreateVector(s.ipc_handle.data(), s.ipc_handle.size());
-    segs.push_back(wire::CreateSegment(b, static_cast<wire::SegmentKind>(s.kind), s.size,
-                                       s.fd_index, handle));
+    segs.push_back(
+        wire::CreateSegment(b, static_cast<wire::SegmentKind>(s.kind), s.size, s.fd_index, handle));
   }
   std::vector<fb::Offset<wire::Tensor>> ts;
   ts.reserve(tensors.size());
@@ -320,13 +329,16 @@ Result<Message> decode(std::vector<uint8_t> payload) {
                         static_cast<fb::uoffset_t>(kMaxTensors * 4 + 1024));
   if (!wire::VerifyMessageBuffer(verifier)) return malformed("failed verification");
   const wire::Message* m = wire::GetMessage(buf.data());
+  // The verifier accepts a union type without its value: every body_as_X() below may assume one.
+  if (m->body() == nullptr) return malformed("message has no body");
   Message out;
   out.request_id = m->request_id();
   switch (m->body_type()) {
     case wire::Body::Hello: {
       const auto* h = m->body_as_Hello();
       Hello v{h->major(), h->minor(), {}, h->pid()};
-      COMPANION_ASSIGN_OR_RETURN(v.client_name, get_str(h->client_name(), kMaxStringBytes, "client"));
+      COMPANION_ASSIGN_OR_RETURN(v.client_name,
+                                 get_str(h->client_name(), kMaxStringBytes, "client"));
       out.body = std::move(v);
       break;
     }
@@ -445,7 +457,8 @@ Result<Message> decode(std::vector<uint8_t> payload) {
       const auto* e = m->body_as_ErrorReply();
       ErrorReply v;
       v.error.code = status_code_from_int(e->code());
-      COMPANION_ASSIGN_OR_RETURN(v.error.message, get_str(e->message(), kMaxStringBytes, "message"));
+      COMPANION_ASSIGN_OR_RETURN(v.error.message,
+                                 get_str(e->message(), kMaxStringBytes, "message"));
       out.body = std::move(v);
       break;
     }
@@ -459,12 +472,24 @@ Result<Message> decode(std::vector<uint8_t> payload) {
 }
 
 const char* body_name(const Body& body) noexcept {
-  static const char* kNames[] = {"Hello",         "HelloReply",        "GetParameters",
-                                 "Parameters",    "Release",           "Released",
-                                 "StatusSubscribe", "StatusEvent",     "StatusUnsubscribe",
-                                 "Load",          "LoadReply",         "Unload",
-                                 "UnloadReply",   "List",              "ListReply",
-                                 "Health",        "HealthReply",       "ErrorReply",
+  static const char* kNames[] = {"Hello",
+                                 "HelloReply",
+                                 "GetParameters",
+                                 "Parameters",
+                                 "Release",
+                                 "Released",
+                                 "StatusSubscribe",
+                                 "StatusEvent",
+                                 "StatusUnsubscribe",
+                                 "Load",
+                                 "LoadReply",
+                                 "Unload",
+                                 "UnloadReply",
+                                 "List",
+                                 "ListReply",
+                                 "Health",
+                                 "HealthReply",
+                                 "ErrorReply",
                                  "Done"};
   static_assert(std::size(kNames) == std::variant_size_v<Body>);
   return kNames[body.index()];

@@ -60,10 +60,12 @@ std::vector<uint8_t> encode_frame_header(uint32_t size, uint16_t fd_count) {
 Result<size_t> FrameReader::read_some(int socket_fd) {
   // Compact before growing: consumed bytes are never needed again.
   if (consumed_ > 0 && consumed_ == buffer_.size()) {
+    base_ += consumed_;
     buffer_.clear();
     consumed_ = 0;
   } else if (consumed_ > (1u << 20)) {
     buffer_.erase(buffer_.begin(), buffer_.begin() + static_cast<std::ptrdiff_t>(consumed_));
+    base_ += consumed_;
     consumed_ = 0;
   }
   constexpr size_t kChunk = 256 * 1024;
@@ -89,24 +91,31 @@ Result<size_t> FrameReader::read_some(int socket_fd) {
     return errno_error(StatusCode::kIoError, "recvmsg", err);
   }
   buffer_.resize(old + static_cast<size_t>(n));
+  std::vector<UniqueFd> received;
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
       size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
       for (size_t i = 0; i < count; ++i) {
         int fd;
         std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
-        fds_.emplace_back(fd);
+        received.emplace_back(fd);
       }
     }
   }
+  add_batch(base_ + old, base_ + old + static_cast<uint64_t>(n), std::move(received));
   if (msg.msg_flags & MSG_CTRUNC)
     return make_error(StatusCode::kProtocolError, "descriptors truncated (too many in one frame)");
   return static_cast<size_t>(n);
 }
 
+void FrameReader::add_batch(uint64_t begin, uint64_t end, std::vector<UniqueFd> fds) {
+  if (!fds.empty()) batches_.push_back(FdBatch{begin, end, std::move(fds)});
+}
+
 void FrameReader::feed(std::span<const uint8_t> bytes, std::vector<UniqueFd> fds) {
+  uint64_t begin = base_ + buffer_.size();
   buffer_.insert(buffer_.end(), bytes.begin(), bytes.end());
-  for (auto& fd : fds) fds_.push_back(std::move(fd));
+  add_batch(begin, begin + bytes.size(), std::move(fds));
 }
 
 Result<std::optional<Frame>> FrameReader::next() {
@@ -119,26 +128,36 @@ Result<std::optional<Frame>> FrameReader::next() {
   uint16_t nfds = get_u16(h + 8);
   if (get_u16(h + 10) != 0) return make_error(StatusCode::kProtocolError, "unknown frame flags");
   if (size > kMaxPayloadBytes)
-    return make_error(StatusCode::kProtocolError,
-                      "frame of " + std::to_string(size) + " bytes exceeds the limit of " +
-                          std::to_string(kMaxPayloadBytes));
+    return make_error(StatusCode::kProtocolError, "frame of " + std::to_string(size) +
+                                                      " bytes exceeds the limit of " +
+                                                      std::to_string(kMaxPayloadBytes));
   if (nfds > kMaxFdsPerFrame)
     return make_error(StatusCode::kProtocolError, "frame carries too many descriptors");
   if (available < kFrameHeaderBytes + size) return std::optional<Frame>();
-  if (fds_.size() < nfds)
-    return make_error(StatusCode::kProtocolError, "frame announces descriptors that did not arrive");
+  // Descriptors must arrive with their own frame's first bytes, exactly as many as announced.
+  uint64_t start = base_ + consumed_;
+  if (!batches_.empty() && batches_.front().end <= start)
+    return make_error(StatusCode::kProtocolError,
+                      "descriptors arrived with no frame claiming them");
   Frame f;
-  f.payload.assign(h + kFrameHeaderBytes, h + kFrameHeaderBytes + size);
-  for (uint16_t i = 0; i < nfds; ++i) {
-    f.fds.push_back(std::move(fds_.front()));
-    fds_.pop_front();
+  if (nfds > 0) {
+    if (batches_.empty() || batches_.front().begin > start)
+      return make_error(StatusCode::kProtocolError,
+                        "frame announces descriptors that did not arrive");
+    if (batches_.front().fds.size() != nfds)
+      return make_error(StatusCode::kProtocolError,
+                        "frame announces " + std::to_string(nfds) + " descriptors but carries " +
+                            std::to_string(batches_.front().fds.size()));
+    f.fds = std::move(batches_.front().fds);
+    batches_.pop_front();
   }
+  f.payload.assign(h + kFrameHeaderBytes, h + kFrameHeaderBytes + size);
   consumed_ += kFrameHeaderBytes + size;
   return std::optional<Frame>(std::move(f));
 }
 
 OutgoingFrame::OutgoingFrame(std::vector<uint8_t> payload, std::vector<UniqueFd> fds)
-    : fds_(std::move(fds)) {
+    : payload_bytes_(payload.size()), fds_(std::move(fds)) {
   bytes_ = encode_frame_header(static_cast<uint32_t>(payload.size()),
                                static_cast<uint16_t>(fds_.size()));
   bytes_.insert(bytes_.end(), payload.begin(), payload.end());
@@ -201,8 +220,7 @@ Result<Frame> receive_frame(int socket_fd, FrameReader& reader, int timeout_ms) 
       auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
                       deadline - std::chrono::steady_clock::now())
                       .count();
-      if (left <= 0) return make_error(StatusCode::kTimeout, "no reply from the server in time");
-      wait = static_cast<int>(left);
+      wait = left < 0 ? 0 : static_cast<int>(left);
     }
     pollfd p{socket_fd, POLLIN, 0};
     int r = ::poll(&p, 1, wait);
@@ -210,13 +228,15 @@ Result<Frame> receive_frame(int socket_fd, FrameReader& reader, int timeout_ms) 
       if (errno == EINTR) continue;
       return errno_error(StatusCode::kIoError, "poll", errno);
     }
-    if (r == 0) continue;  // deadline check above
+    // Nothing arrived in the time left (what was already waiting has been read, even at 0).
+    if (r == 0) return make_error(StatusCode::kTimeout, "no reply from the server in time");
     auto n = reader.read_some(socket_fd);
     if (!n.ok()) {
       if (n.error().code == StatusCode::kUnavailable) continue;
       return std::move(n).error();
     }
-    if (*n == 0) return make_error(StatusCode::kConnectionClosed, "the server closed the connection");
+    if (*n == 0)
+      return make_error(StatusCode::kConnectionClosed, "the server closed the connection");
   }
 }
 

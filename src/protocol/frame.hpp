@@ -35,9 +35,19 @@ class FrameReader {
   size_t buffered_bytes() const noexcept { return buffer_.size() - consumed_; }
 
  private:
+  // Descriptors from one recvmsg, which covered stream bytes [begin, end). The kernel ends a
+  // read after the message that carried them, so they belong to a frame starting in that range.
+  struct FdBatch {
+    uint64_t begin = 0;
+    uint64_t end = 0;
+    std::vector<UniqueFd> fds;
+  };
+  void add_batch(uint64_t begin, uint64_t end, std::vector<UniqueFd> fds);
+
   std::vector<uint8_t> buffer_;
   size_t consumed_ = 0;
-  std::deque<UniqueFd> fds_;
+  uint64_t base_ = 0;  // stream offset of buffer_[0]
+  std::deque<FdBatch> batches_;
 };
 
 // A frame queued for a non-blocking socket; flushed in pieces.
@@ -47,8 +57,10 @@ class OutgoingFrame {
   // Writes as much as the socket takes. Ok(true) when fully sent; kUnavailable never escapes
   // (a full socket returns Ok(false)); a dead peer is kConnectionClosed.
   Result<bool> write_some(int socket_fd);
+  size_t payload_bytes() const noexcept { return payload_bytes_; }
 
  private:
+  size_t payload_bytes_ = 0;
   std::vector<uint8_t> bytes_;  // header + payload
   std::vector<UniqueFd> fds_;   // sent with the first byte, then closed
   size_t sent_ = 0;

@@ -6,7 +6,7 @@
 
 namespace companion::protocol {
 
-inline constexpr uint32_t kFrameMagic = 0x314d5043;     // "CPM1" little-endian
+inline constexpr uint32_t kFrameMagic = 0x314d5043;  // "CPM1" little-endian
 inline constexpr size_t kFrameHeaderBytes = 12;
 inline constexpr uint32_t kMaxPayloadBytes = 64u << 20;  // a 10,000-tensor table is ~0.8 MB
 inline constexpr uint16_t kMaxFdsPerFrame = 250;         // SCM_MAX_FD is 253

@@ -19,14 +19,25 @@ struct ModelStore::Entry {
   std::shared_ptr<memory::Slab> slab;
   std::shared_ptr<const std::vector<protocol::TensorInfo>> tensors;
   uint32_t leases = 0;
-  uint64_t generation = 0;  // bumped by every load and unload: stale workers must not publish
+  uint64_t generation = 0;  // new for every load and unload: stale workers must not publish
   std::shared_ptr<std::atomic<bool>> cancel;
   Clock::time_point last_progress{};
 };
 
+namespace {
+// Generations come from one counter, not per entry: an unload erases the entry, and a new entry
+// for the same key must not reuse the numbers of the old one, or a lease of the old load would be
+// released against the new one.
+uint64_t next_generation() {
+  static std::atomic<uint64_t> counter{0};
+  return counter.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+}  // namespace
+
 std::string canonical_key(const ModelSpec& spec, const checkpoint::ResolvedSource& source) {
+  // The path is canonical and, for the HF cache, names the snapshot (its commit): the same files
+  // asked for by id or by path share one key.
   std::string key = "source=" + source.path;
-  if (!source.hf_commit.empty()) key += ";rev=" + source.hf_commit;
   key += ";dtype=";
   key += spec.dtype ? dtype_name(*spec.dtype) : "stored";
   key += ";tp=" + std::to_string(spec.tp_rank) + "/" + std::to_string(spec.tp_size);
@@ -34,7 +45,9 @@ std::string canonical_key(const ModelSpec& spec, const checkpoint::ResolvedSourc
   return key;
 }
 
-std::string short_id(const std::string& key) { return hex64(fnv1a64(key)).substr(0, 12); }
+std::string short_id(const std::string& key) {
+  return hex64(fnv1a64(key)).substr(0, 12);
+}
 
 ModelStore::ModelStore(std::unique_ptr<memory::Backend> backend, StoreConfig config,
                        Listener listener)
@@ -96,9 +109,9 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
 Result<ResolvedModel> ModelStore::resolve(const ModelSpec& spec) const {
   COMPANION_TRY(spec.validate());
   if (spec.tp_size != 1)
-    return make_error(StatusCode::kInvalidArgument,
-                      "tensor-parallel shards (tp_size " + std::to_string(spec.tp_size) +
-                          ") are not supported by this server yet");
+    return make_error(StatusCode::kInvalidArgument, "tensor-parallel shards (tp_size " +
+                                                        std::to_string(spec.tp_size) +
+                                                        ") are not supported by this server yet");
   COMPANION_ASSIGN_OR_RETURN(checkpoint::ResolvedSource source,
                              checkpoint::resolve_source(spec, config_.hf_cache));
   std::vector<std::string> roots = config_.model_roots;
@@ -148,7 +161,7 @@ ModelStatus ModelStore::ensure_loading(const ResolvedModel& model) {
     e.bytes_done = 0;
     e.bytes_total = 0;
     e.error = Error{};
-    e.generation++;
+    e.generation = next_generation();
     e.cancel = std::make_shared<std::atomic<bool>>(false);
     std::shared_ptr<Entry> entry = slot;
     uint64_t generation = e.generation;
@@ -245,7 +258,8 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
   std::shared_ptr<memory::Slab> shared_slab(std::move(*slab));
   double secs = std::chrono::duration<double>(Clock::now() - start).count();
   log::info("loaded " + model.spec.describe() + ": " + std::to_string(table->size()) +
-            " tensors, " + format_bytes(plan->bytes_to_read) + " in " + std::to_string(secs) + " s");
+            " tensors, " + format_bytes(plan->bytes_to_read) + " in " + std::to_string(secs) +
+            " s");
   publish([&](Entry& e) {
     e.state = ModelState::kLoaded;
     e.bytes_done = e.bytes_total;
@@ -292,14 +306,15 @@ Result<ModelStatus> ModelStore::unload(const std::string& key_or_id, bool force)
   {
     std::lock_guard<std::mutex> lock(mutex_);
     Entry* e = find_locked(key_or_id);
-    if (e == nullptr) return make_error(StatusCode::kNotFound, "no model " + key_or_id + " on this server");
+    if (e == nullptr)
+      return make_error(StatusCode::kNotFound, "no model " + key_or_id + " on this server");
     if (e->state == ModelState::kLoaded && e->leases > 0 && !force)
       return make_error(StatusCode::kModelInUse,
                         std::to_string(e->leases) +
                             " client lease(s) hold the model; unload with force to drop it anyway "
                             "(clients keep their mappings)");
     if (e->cancel) e->cancel->store(true);
-    e->generation++;
+    e->generation = next_generation();
     e->state = ModelState::kUnloaded;
     e->slab.reset();  // leases still holding it keep the memory alive
     e->tensors.reset();

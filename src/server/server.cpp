@@ -81,7 +81,6 @@ Result<DeviceSetup> setup_device(const ServerOptions& options) {
     setup.backend = memory::make_host_backend();
     id.device = "host";
     id.component = "model_server_host";
-    id.backends = {"host"};
   } else {
     COMPANION_ASSIGN_OR_RETURN(memory::GpuIdentity gpu, memory::resolve_gpu(options.device));
     std::string backend = options.backend.empty() ? "cuda-vmm" : options.backend;
@@ -98,9 +97,9 @@ Result<DeviceSetup> setup_device(const ServerOptions& options) {
     id.pci_bus_id = gpu.pci_bus_id;
     id.device_ordinal = gpu.ordinal;
     id.component = "model_server_gpu_" + std::to_string(gpu.ordinal);
-    id.backends = {"cuda-vmm", "cuda-ipc"};
   }
   id.default_backend = setup.backend->name();
+  id.backends = {setup.backend->name()};
   id.ns = options.ns;
   id.hostname = hostname();
   id.pid = ::getpid();
@@ -244,15 +243,15 @@ class ServerImpl final : public Server {
 
   void handle_frame(Connection& c, protocol::Frame frame) {
     if (!frame.fds.empty())
-      return fail_connection(c, 0, make_error(StatusCode::kProtocolError,
-                                              "requests must not carry file descriptors"));
+      return fail_connection(
+          c, 0, make_error(StatusCode::kProtocolError, "requests must not carry file descriptors"));
     auto message = protocol::decode(std::move(frame.payload));
     if (!message.ok()) return fail_connection(c, 0, message.error());
     uint64_t rid = message->request_id;
     protocol::Body& body = message->body;
     if (!c.greeted && !std::holds_alternative<protocol::Hello>(body))
-      return fail_connection(c, rid, make_error(StatusCode::kProtocolError,
-                                                "the first message must be hello"));
+      return fail_connection(
+          c, rid, make_error(StatusCode::kProtocolError, "the first message must be hello"));
     if (auto* m = std::get_if<protocol::Hello>(&body)) return on_hello(c, rid, *m);
     if (auto* m = std::get_if<protocol::GetParameters>(&body)) return on_get(c, rid, *m);
     if (auto* m = std::get_if<protocol::Release>(&body)) return on_release(c, rid, *m);
@@ -291,10 +290,10 @@ class ServerImpl final : public Server {
     ModelStatus s = store_->ensure_loading(*model);
     if (s.state == ModelState::kLoaded) return grant(c, rid, model->key);
     if (!m.wait)
-      return reply_error(c, rid,
-                         make_error(StatusCode::kNotReady,
-                                    "model is loading (" + std::to_string(s.bytes_done) + "/" +
-                                        std::to_string(s.bytes_total) + " bytes)"));
+      return reply_error(
+          c, rid,
+          make_error(StatusCode::kNotReady, "model is loading (" + std::to_string(s.bytes_done) +
+                                                "/" + std::to_string(s.bytes_total) + " bytes)"));
     waiters_.emplace(model->key, Waiter{c.id, rid, true, s.seq});
   }
 
@@ -322,9 +321,10 @@ class ServerImpl final : public Server {
   void on_release(Connection& c, uint64_t rid, const protocol::Release& m) {
     auto it = c.leases.find(m.lease_id);
     if (it == c.leases.end())
-      return reply_error(c, rid,
-                         make_error(StatusCode::kInvalidArgument,
-                                    "no lease " + std::to_string(m.lease_id) + " on this connection"));
+      return reply_error(
+          c, rid,
+          make_error(StatusCode::kInvalidArgument,
+                     "no lease " + std::to_string(m.lease_id) + " on this connection"));
     store_->release(it->second.key, it->second.generation);
     c.leases.erase(it);
     send(c, Message{rid, protocol::Released{m.lease_id}});
@@ -341,6 +341,8 @@ class ServerImpl final : public Server {
     // The current state first; events already in flight that are older get skipped by seq.
     std::vector<ModelStatus> current =
         sub.all ? store_->list() : std::vector<ModelStatus>{store_->status(sub.key)};
+    for (auto& s : current)
+      if (s.source.empty()) s.source = m.spec.source;  // not held yet: name it as asked
     for (const auto& s : current) {
       sub.last_seq[s.key] = s.seq;
       send(c, Message{rid, protocol::StatusEvent{s}});
@@ -396,8 +398,8 @@ class ServerImpl final : public Server {
 
   // Answers with the error, then closes: the stream can no longer be trusted.
   void fail_connection(Connection& c, uint64_t rid, const Error& e) {
-    log::warn("closing connection " + std::to_string(c.id) + " (pid " +
-              std::to_string(c.peer.pid) + "): " + e.to_string());
+    log::warn("closing connection " + std::to_string(c.id) + " (pid " + std::to_string(c.peer.pid) +
+              "): " + e.to_string());
     reply_error(c, rid, e);
     c.closing = true;
     flush(c);
@@ -423,9 +425,9 @@ class ServerImpl final : public Server {
         return;
       }
       if (!*done) break;
+      c.queued_bytes -= c.out.front().payload_bytes();
       c.out.pop_front();
     }
-    if (c.out.empty()) c.queued_bytes = 0;
     bool want = !c.out.empty();
     if (want != c.writing) {
       c.writing = want;
@@ -514,9 +516,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
                                              std::move(registration));
   ServerImpl* raw = server.get();
   server->attach_store(std::make_unique<ModelStore>(
-      std::move(setup.backend), std::move(config), [raw](const ModelStatus& s) {
-        raw->loop().post([raw, s] { raw->on_model_status(s); });
-      }));
+      std::move(setup.backend), std::move(config),
+      [raw](const ModelStatus& s) { raw->loop().post([raw, s] { raw->on_model_status(s); }); }));
   for (const auto& source : options.preload) {
     ModelSpec spec;
     spec.source = source;

@@ -12,15 +12,15 @@
 namespace companion::server {
 
 struct ServerOptions {
-  std::string device = "host";          // "host", a GPU ordinal, UUID or PCI bus id
-  std::string ns = "companion";         // namespace
-  std::string backend;                  // "" = the device's default (host | cuda-vmm), or cuda-ipc
+  std::string device = "host";   // "host", a GPU ordinal, UUID or PCI bus id
+  std::string ns = "companion";  // namespace
+  std::string backend;           // "" = the device's default (host | cuda-vmm), or cuda-ipc
   std::vector<std::string> model_roots;
-  std::string runtime_dir;              // "" = registry default
-  std::string socket_path;              // "" = <runtime_dir>/<instance>.sock
-  std::string hf_cache;                 // "" = the usual HF environment rules
+  std::string runtime_dir;  // "" = registry default
+  std::string socket_path;  // "" = <runtime_dir>/<instance>.sock
+  std::string hf_cache;     // "" = the usual HF environment rules
   size_t load_threads = 2;
-  std::vector<std::string> preload;     // model sources to load at start
+  std::vector<std::string> preload;  // model sources to load at start
 };
 
 class Server {

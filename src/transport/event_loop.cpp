@@ -99,7 +99,7 @@ void EventLoop::run() {
         continue;
       }
       auto it = entries_.find(token);
-      if (it == entries_.end()) continue;  // removed earlier in this batch
+      if (it == entries_.end()) continue;                     // removed earlier in this batch
       std::shared_ptr<Handler> handler = it->second.handler;  // survives its own removal
       (*handler)(events[i].events);
     }

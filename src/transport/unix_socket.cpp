@@ -15,9 +15,9 @@ Result<sockaddr_un> make_address(const std::string& path) {
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.empty() || path.size() >= sizeof(addr.sun_path))
-    return make_error(StatusCode::kInvalidArgument,
-                      "socket path must be 1.." + std::to_string(sizeof(addr.sun_path) - 1) +
-                          " bytes: " + path);
+    return make_error(
+        StatusCode::kInvalidArgument,
+        "socket path must be 1.." + std::to_string(sizeof(addr.sun_path) - 1) + " bytes: " + path);
   std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
   return addr;
 }

@@ -83,3 +83,30 @@ def tensor_crcs(directory):
             b, e = info["data_offsets"]
             out[name] = (info["dtype"], info["shape"], zlib.crc32(data[8 + n + b:8 + n + e]))
     return out
+
+
+def wsum64(data):
+    """The checksum a GPU computes over a mapped tensor (common/checksum.hpp): sum of
+    little-endian 32-bit words w[i] * (2i + 1) mod 2^64, the last word zero-padded."""
+    import numpy as np
+    pad = (-len(data)) % 4
+    words = np.frombuffer(bytes(data) + b"\0" * pad, dtype="<u4").astype(np.uint64)
+    weights = np.arange(len(words), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return int(np.sum(words * weights, dtype=np.uint64))
+
+
+def tensor_wsums(directory):
+    """wsum64 of every tensor's bytes, read straight from the files."""
+    directory = pathlib.Path(directory)
+    files = [directory] if directory.is_file() else sorted(directory.glob("*.safetensors"))
+    out = {}
+    for f in files:
+        data = memoryview(f.read_bytes())
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(bytes(data[8:8 + n]))
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            b, e = info["data_offsets"]
+            out[name] = (info["dtype"], info["shape"], wsum64(data[8 + n + b:8 + n + e]))
+    return out

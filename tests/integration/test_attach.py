@@ -5,7 +5,7 @@ import pathlib
 import subprocess
 
 from checkpoints import tensor_crcs, write_opt_like, write_sharded, opt_like_state_dict
-from conftest import COMPANION, wait_until
+from harness import COMPANION, wait_until
 
 
 def meminfo_kb(field):
@@ -89,7 +89,7 @@ def test_sharded_checkpoint_and_dtype_cast(server, model_root, tmp_path):
 
 
 def test_hugging_face_id_resolves_in_local_cache(runtime_dir, tmp_path):
-    from conftest import Server
+    from harness import Server
     cache = tmp_path / "hub"
     repo = cache / "models--acme--tiny-opt"
     commit = "0123456789abcdef0123456789abcdef01234567"

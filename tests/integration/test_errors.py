@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from checkpoints import write_opt_like
-from conftest import COMPANION, FAULT_CLIENT
+from harness import COMPANION, FAULT_CLIENT
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def assert_still_serving(server, model_root):
 
 @pytest.fixture
 def picky_server(runtime_dir, model_root, bad_models):
-    from conftest import Server
+    from harness import Server
     s = Server(runtime_dir, [model_root, bad_models])
     yield s
     assert s.stop() == 0, s.log_text()
@@ -101,7 +101,7 @@ def test_malformed_input_never_hurts_the_server(server, model_root, mode, expect
 
 @pytest.mark.parametrize("mode", ["die-mid-request", "die-holding-lease"])
 def test_client_killed_mid_request(server, model_root, mode):
-    from conftest import wait_until
+    from harness import wait_until
     r = subprocess.run([str(FAULT_CLIENT), "--socket", server.socket, "--mode", mode, "--model",
                         str(model_root / "opt-small")], capture_output=True, text=True,
                        timeout=60)

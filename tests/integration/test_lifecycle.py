@@ -6,7 +6,7 @@ import subprocess
 import time
 
 from checkpoints import write_opt_like
-from conftest import COMPANION, Server, wait_until
+from harness import COMPANION, Server, wait_until
 
 
 def test_status_stream_sends_current_state_then_changes(server, model_root):

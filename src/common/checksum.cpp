@@ -1,4 +1,6 @@
-#include "common/crc32.hpp"
+#include "common/checksum.hpp"
+
+#include <cstring>
 
 #include <array>
 
@@ -35,6 +37,23 @@ uint32_t crc32(const void* data, size_t size, uint32_t crc) noexcept {
   }
   while (size-- > 0) crc = kTables[0][(crc ^ *p++) & 0xFF] ^ (crc >> 8);
   return ~crc;
+}
+
+uint64_t wsum64(const void* data, size_t size) noexcept {
+  const auto* p = static_cast<const uint8_t*>(data);
+  uint64_t sum = 0;
+  size_t words = size / 4;
+  for (size_t i = 0; i < words; ++i) {
+    uint32_t w;
+    std::memcpy(&w, p + 4 * i, 4);
+    sum += uint64_t{w} * (2 * uint64_t{i} + 1);
+  }
+  if (size % 4 != 0) {
+    uint32_t w = 0;
+    std::memcpy(&w, p + 4 * words, size % 4);
+    sum += uint64_t{w} * (2 * uint64_t{words} + 1);
+  }
+  return sum;
 }
 
 }  // namespace companion

@@ -1,0 +1,109 @@
+"""Attach benchmark on a GPU machine: Companion vs torch.multiprocessing CUDA IPC, same card,
+same run, for an OPT-125m-shaped checkpoint (196 tensors) and a Llama-3-8B-shaped one (291
+tensors, 16 GB bf16). Prints a table; writes attach_bench.json to $OUT (or --out)."""
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests" / "integration"))
+from checkpoints import write_opt_like  # noqa: E402
+from harness import BUILD, COMPANION, Server  # noqa: E402
+
+
+def write_llama3_8b_like(directory):
+    """Llama-3-8B's tensor names and shapes (291 tensors, bf16), random values made on the GPU."""
+    import torch
+    from safetensors.torch import save_file
+    hidden, inter, layers, vocab, kv = 4096, 14336, 32, 128256, 1024
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        })
+    g = torch.Generator(device="cuda").manual_seed(0)
+    sd = {n: (torch.randn(s, generator=g, device="cuda", dtype=torch.float32) * 0.02)
+          .to(torch.bfloat16).cpu() for n, s in shapes.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def gpu_name():
+    r = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                       capture_output=True, text=True)
+    return r.stdout.strip().splitlines()[0] if r.returncode == 0 else "unknown"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--out", default=os.environ.get("OUT", "."))
+    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--torch-iterations", type=int, default=50)
+    parser.add_argument("--backend", default="cuda-vmm")
+    parser.add_argument("--skip-llama", action="store_true")
+    args = parser.parse_args()
+    work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="companion-bench-"))
+    models = {"opt-125m": write_opt_like(work / "models" / "opt-125m", dtype="float16")}
+    if not args.skip_llama:
+        t = time.time()
+        models["llama-3-8b"] = write_llama3_8b_like(work / "models" / "llama-3-8b")
+        print(f"wrote llama-3-8b-shaped checkpoint in {time.time() - t:.1f} s", flush=True)
+
+    runtime = work / "runtime"
+    runtime.mkdir(exist_ok=True)
+    server = Server(runtime, [work / "models"], device="0", extra=["--backend", args.backend])
+    results = {"card": gpu_name(), "backend": args.backend, "models": {}}
+    try:
+        for name, path in models.items():
+            size = (path / "model.safetensors").stat().st_size
+            t = time.time()
+            server.cli("load", str(path), timeout=1800)
+            load_s = time.time() - t
+            r = subprocess.run([str(BUILD / "bench" / "attach_bench"), "--device", "0",
+                                "--runtime-dir", str(runtime), "--model", str(path),
+                                "--iterations", str(args.iterations)],
+                               capture_output=True, text=True, check=True)
+            ours = json.loads(r.stdout)
+            r = subprocess.run([sys.executable, str(REPO / "bench" / "torch_ipc_attach.py"),
+                                str(path / "model.safetensors"), "--iterations",
+                                str(args.torch_iterations)], capture_output=True, text=True)
+            torch_ipc = json.loads(r.stdout) if r.returncode == 0 else {"error": r.stderr[-2000:]}
+            results["models"][name] = {"bytes": size, "load_s": load_s, "companion": ours,
+                                       "torch_ipc": torch_ipc}
+            print(json.dumps({name: results["models"][name]}), flush=True)
+    finally:
+        server.stop()
+
+    pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
+    (pathlib.Path(args.out) / "attach_bench.json").write_text(json.dumps(results, indent=2))
+    print(f"\nAttach latency, request to every tensor usable ({results['card']}, "
+          f"{args.backend}, warm)")
+    print(f"{'model':<12} {'tensors':>7} {'size':>9} {'companion p50':>14} {'p99':>8} "
+          f"{'torch IPC p50':>14} {'p99':>8} {'speedup p50':>12}")
+    for name, m in results["models"].items():
+        c, t = m["companion"], m["torch_ipc"]
+        tp50 = t.get("p50_ms", float("nan"))
+        tp99 = t.get("p99_ms", float("nan"))
+        print(f"{name:<12} {c['tensors']:>7} {m['bytes'] / 1e9:>7.2f}GB {c['p50_ms']:>12.3f}ms "
+              f"{c['p99_ms']:>6.3f}ms {tp50:>12.2f}ms {tp99:>6.2f}ms {tp50 / c['p50_ms']:>11.1f}x")
+
+
+if __name__ == "__main__":
+    main()
