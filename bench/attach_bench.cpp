@@ -7,7 +7,67 @@
 #include <cstdio>
 #include <vector>
 
+#include "client/connection.hpp"
+#include "client/discovery.hpp"
 #include "companion/client.hpp"
+#include "memory/backend.hpp"
+
+namespace {
+
+using namespace companion;
+using Ms = std::chrono::duration<double, std::milli>;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+// The attach path taken apart with the client's internals: where the time goes.
+Result<std::string> time_phases(const ConnectOptions& options, const ModelSpec& spec,
+                                int iterations, const ServerIdentity& server) {
+  COMPANION_ASSIGN_OR_RETURN(std::string socket, client::discover_socket(options));
+  COMPANION_ASSIGN_OR_RETURN(auto conn, client::Connection::open(socket, "attach_bench"));
+  COMPANION_ASSIGN_OR_RETURN(int ordinal, client::local_ordinal_for(server));
+  std::vector<double> rpc, get, import, unmap, release;
+  for (int i = 0; i < iterations; ++i) {
+    auto t0 = std::chrono::steady_clock::now();
+    COMPANION_TRY(conn->call(protocol::Health{}, 10000));
+    auto t1 = std::chrono::steady_clock::now();
+    std::vector<UniqueFd> fds;
+    COMPANION_ASSIGN_OR_RETURN(auto reply,
+                               conn->call(protocol::GetParameters{spec, true}, 60000, &fds));
+    auto t2 = std::chrono::steady_clock::now();
+    auto& params = std::get<protocol::Parameters>(reply.body);
+    std::vector<std::unique_ptr<memory::MappedSegment>> mapped;
+    for (const auto& seg : params.segments) {
+      memory::SegmentExport e;
+      e.kind = seg.kind;
+      e.size = seg.size;
+      e.ipc_handle = seg.ipc_handle;
+      if (seg.fd_index >= 0) e.fd = std::move(fds[static_cast<size_t>(seg.fd_index)]);
+      COMPANION_ASSIGN_OR_RETURN(auto m, memory::import_segment(std::move(e), {ordinal}));
+      mapped.push_back(std::move(m));
+    }
+    auto t3 = std::chrono::steady_clock::now();
+    mapped.clear();
+    auto t4 = std::chrono::steady_clock::now();
+    COMPANION_TRY(conn->call(protocol::Release{params.lease_id}, 10000));
+    auto t5 = std::chrono::steady_clock::now();
+    rpc.push_back(Ms(t1 - t0).count());
+    get.push_back(Ms(t2 - t1).count());
+    import.push_back(Ms(t3 - t2).count());
+    unmap.push_back(Ms(t4 - t3).count());
+    release.push_back(Ms(t5 - t4).count());
+  }
+  char out[512];
+  std::snprintf(out, sizeof(out),
+                "{\"breakdown_ms\": {\"rpc_round_trip\": %.4f, \"get_parameters\": %.4f, "
+                "\"import_and_map\": %.4f, \"unmap\": %.4f, \"release\": %.4f}}",
+                median(rpc), median(get), median(import), median(unmap), median(release));
+  return std::string(out);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace companion;
@@ -22,6 +82,9 @@ int main(int argc, char** argv) {
   app.add_option("--model", model)->required();
   app.add_option("--iterations", iterations)->capture_default_str();
   app.add_option("--warmup", warmup)->capture_default_str();
+  bool breakdown = false;
+  app.add_flag("--breakdown", breakdown,
+               "Also time the phases separately: RPC round trip, GetParameters, import, unmap");
   CLI11_PARSE(app, argc, argv);
 
   auto fail = [](const Error& e) {
@@ -63,5 +126,11 @@ int main(int argc, char** argv) {
       "\"backend\": \"%s\"}\n",
       tensors, segments, static_cast<unsigned long long>(bytes), iterations, pct(0.50), pct(0.99),
       ms.front(), ms.back(), ready->backend.c_str());
+  if (breakdown) {
+    std::fflush(stdout);
+    auto phases = time_phases(options, spec, iterations, (*client)->server());
+    if (!phases.ok()) return fail(phases.error());
+    std::printf("%s\n", phases->c_str());
+  }
   return 0;
 }

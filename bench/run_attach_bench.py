@@ -60,11 +60,16 @@ def main():
     parser.add_argument("--skip-llama", action="store_true")
     args = parser.parse_args()
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="companion-bench-"))
-    models = {"opt-125m": write_opt_like(work / "models" / "opt-125m", dtype="float16")}
+    models = {"opt-125m": work / "models" / "opt-125m"}
     if not args.skip_llama:
-        t = time.time()
-        models["llama-3-8b"] = write_llama3_8b_like(work / "models" / "llama-3-8b")
-        print(f"wrote llama-3-8b-shaped checkpoint in {time.time() - t:.1f} s", flush=True)
+        models["llama-3-8b"] = work / "models" / "llama-3-8b"
+    writers = {"opt-125m": lambda d: write_opt_like(d, dtype="float16"),
+               "llama-3-8b": write_llama3_8b_like}
+    for name, path in models.items():
+        if not (path / "model.safetensors").exists():  # --work reuses earlier checkpoints
+            t = time.time()
+            writers[name](path)
+            print(f"wrote {name}-shaped checkpoint in {time.time() - t:.1f} s", flush=True)
 
     runtime = work / "runtime"
     runtime.mkdir(exist_ok=True)
@@ -78,9 +83,12 @@ def main():
             load_s = time.time() - t
             r = subprocess.run([str(BUILD / "bench" / "attach_bench"), "--device", "0",
                                 "--runtime-dir", str(runtime), "--model", str(path),
-                                "--iterations", str(args.iterations)],
+                                "--iterations", str(args.iterations), "--breakdown"],
                                capture_output=True, text=True, check=True)
-            ours = json.loads(r.stdout)
+            lines = r.stdout.strip().splitlines()
+            ours = json.loads(lines[0])
+            if len(lines) > 1:
+                ours.update(json.loads(lines[1]))
             r = subprocess.run([sys.executable, str(REPO / "bench" / "torch_ipc_attach.py"),
                                 str(path / "model.safetensors"), "--iterations",
                                 str(args.torch_iterations)], capture_output=True, text=True)
@@ -92,7 +100,8 @@ def main():
         server.stop()
 
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-    (pathlib.Path(args.out) / "attach_bench.json").write_text(json.dumps(results, indent=2))
+    (pathlib.Path(args.out) / f"attach_bench_{args.backend}.json").write_text(
+        json.dumps(results, indent=2))
     print(f"\nAttach latency, request to every tensor usable ({results['card']}, "
           f"{args.backend}, warm)")
     print(f"{'model':<12} {'tensors':>7} {'size':>9} {'companion p50':>14} {'p99':>8} "
@@ -103,6 +112,10 @@ def main():
         tp99 = t.get("p99_ms", float("nan"))
         print(f"{name:<12} {c['tensors']:>7} {m['bytes'] / 1e9:>7.2f}GB {c['p50_ms']:>12.3f}ms "
               f"{c['p99_ms']:>6.3f}ms {tp50:>12.2f}ms {tp99:>6.2f}ms {tp50 / c['p50_ms']:>11.1f}x")
+    for name, m in results["models"].items():
+        if "breakdown_ms" in m["companion"]:
+            print(f"{name} phases (median ms): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in m["companion"]["breakdown_ms"].items()))
 
 
 if __name__ == "__main__":

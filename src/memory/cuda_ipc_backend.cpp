@@ -90,6 +90,16 @@ class IpcSlab final : public CudaSlab {
     auto r = cuda::synchronize_device(ordinal_);
     if (!r.ok())
       return cuda::with_context(std::move(r).error(), "cuda-ipc: sealing slab '" + label_ + "'");
+    // The handles never change: take them once, not on every attach.
+    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
+    for (const auto& segment : segments_) {
+      cu::CUipcMemHandle handle{};
+      auto h = COMPANION_CU(*api_, cuIpcGetMemHandle, &handle, segment.ptr);
+      if (!h.ok())
+        return cuda::with_context(std::move(h).error(),
+                                  "cuda-ipc: exporting slab '" + label_ + "'");
+      handles_.push_back(handle);
+    }
     sealed_ = true;
     return ok_result();
   }
@@ -98,20 +108,13 @@ class IpcSlab final : public CudaSlab {
     if (!sealed_) {
       return make_error(StatusCode::kNotReady, "cuda-ipc: slab '" + label_ + "' is not sealed yet");
     }
-    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
     std::vector<SegmentExport> exports;
     exports.reserve(segments_.size());
-    for (const auto& segment : segments_) {
-      cu::CUipcMemHandle handle{};
-      auto r = COMPANION_CU(*api_, cuIpcGetMemHandle, &handle, segment.ptr);
-      if (!r.ok()) {
-        return cuda::with_context(std::move(r).error(),
-                                  "cuda-ipc: exporting slab '" + label_ + "'");
-      }
+    for (size_t i = 0; i < segments_.size(); ++i) {
       SegmentExport e;
       e.kind = SegmentKind::kCudaIpcHandle;
-      e.size = segment.size;
-      std::memcpy(e.ipc_handle.data(), handle.reserved, kIpcHandleBytes);
+      e.size = segments_[i].size;
+      std::memcpy(e.ipc_handle.data(), handles_[i].reserved, kIpcHandleBytes);
       exports.push_back(std::move(e));
     }
     return exports;
@@ -122,6 +125,7 @@ class IpcSlab final : public CudaSlab {
   int ordinal_;
   std::string label_;
   std::vector<IpcSegment> segments_;
+  std::vector<cu::CUipcMemHandle> handles_;  // taken at seal()
   bool sealed_ = false;
 };
 

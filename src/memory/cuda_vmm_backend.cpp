@@ -2,6 +2,8 @@
 // read-write in its own address space to fill it; clients import the fd and map it read-only.
 #include <fcntl.h>
 
+#include <cerrno>
+
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -139,6 +141,20 @@ class VmmSlab final : public CudaSlab {
     auto r = cuda::synchronize_device(ordinal_);
     if (!r.ok())
       return cuda::with_context(std::move(r).error(), "cuda-vmm: sealing slab '" + label_ + "'");
+    // Export each segment once: every client gets a dup of the same fd (cheap) instead of a new
+    // cuMemExportToShareableHandle call on the attach path.
+    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
+    for (const auto& segment : segments_) {
+      int fd = -1;
+      auto e = COMPANION_CU(*api_, cuMemExportToShareableHandle, &fd, segment.handle,
+                            cu::kMemHandleTypePosixFileDescriptor, 0);
+      if (!e.ok())
+        return cuda::with_context(std::move(e).error(),
+                                  "cuda-vmm: exporting slab '" + label_ + "'");
+      // Never leak segment fds into processes the server starts.
+      if (int flags = ::fcntl(fd, F_GETFD); flags >= 0) ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+      exported_.emplace_back(fd);
+    }
     sealed_ = true;
     return ok_result();
   }
@@ -147,23 +163,15 @@ class VmmSlab final : public CudaSlab {
     if (!sealed_) {
       return make_error(StatusCode::kNotReady, "cuda-vmm: slab '" + label_ + "' is not sealed yet");
     }
-    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
     std::vector<SegmentExport> exports;
     exports.reserve(segments_.size());
-    for (const auto& segment : segments_) {
-      int fd = -1;
-      auto r = COMPANION_CU(*api_, cuMemExportToShareableHandle, &fd, segment.handle,
-                            cu::kMemHandleTypePosixFileDescriptor, 0);
-      if (!r.ok()) {
-        return cuda::with_context(std::move(r).error(),
-                                  "cuda-vmm: exporting slab '" + label_ + "'");
-      }
+    for (size_t i = 0; i < segments_.size(); ++i) {
       SegmentExport e;
       e.kind = SegmentKind::kCudaVmmFd;
-      e.size = segment.size;
-      e.fd = UniqueFd(fd);
-      // Never leak segment fds into processes the server starts.
-      if (int flags = ::fcntl(fd, F_GETFD); flags >= 0) ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
+      e.size = segments_[i].size;
+      e.fd.reset(::fcntl(exported_[i].get(), F_DUPFD_CLOEXEC, 0));
+      if (!e.fd)
+        return errno_error(StatusCode::kInternal, "cuda-vmm: dup of an exported fd", errno);
       exports.push_back(std::move(e));
     }
     return exports;
@@ -174,6 +182,7 @@ class VmmSlab final : public CudaSlab {
   int ordinal_;
   std::string label_;
   std::vector<VmmMapping> segments_;
+  std::vector<UniqueFd> exported_;  // one shareable fd per segment, made at seal()
   bool sealed_ = false;
 };
 

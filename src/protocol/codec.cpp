@@ -301,7 +301,7 @@ std::vector<uint8_t> encode_parameters(uint64_t request_id, uint64_t lease_id,
                                        const ModelStatus& model,
                                        std::span<const SegmentInfo> segments,
                                        std::span<const TensorInfo> tensors) {
-  Builder b(1024 + tensors.size() * 96);
+  Builder b(1024 + tensors.size() * 160);  // ~140 bytes a tensor with realistic names
   std::vector<fb::Offset<wire::Segment>> segs;
   for (const auto& s : segments) {
     fb::Offset<fb::Vector<uint8_t>> handle;

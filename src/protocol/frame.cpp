@@ -103,13 +103,20 @@ Result<size_t> FrameReader::read_some(int socket_fd) {
     }
   }
   add_batch(base_ + old, base_ + old + static_cast<uint64_t>(n), std::move(received));
+  // No frame carries more than this; a peer piling up descriptors (e.g. a few per byte of a huge
+  // frame) is cut off before it can exhaust ours.
+  if (queued_fds_ > kMaxFdsPerFrame)
+    return make_error(StatusCode::kProtocolError,
+                      "peer sent more descriptors than any frame may carry");
   if (msg.msg_flags & MSG_CTRUNC)
     return make_error(StatusCode::kProtocolError, "descriptors truncated (too many in one frame)");
   return static_cast<size_t>(n);
 }
 
 void FrameReader::add_batch(uint64_t begin, uint64_t end, std::vector<UniqueFd> fds) {
-  if (!fds.empty()) batches_.push_back(FdBatch{begin, end, std::move(fds)});
+  if (fds.empty()) return;
+  queued_fds_ += fds.size();
+  batches_.push_back(FdBatch{begin, end, std::move(fds)});
 }
 
 void FrameReader::feed(std::span<const uint8_t> bytes, std::vector<UniqueFd> fds) {
@@ -133,6 +140,13 @@ Result<std::optional<Frame>> FrameReader::next() {
                                                       std::to_string(kMaxPayloadBytes));
   if (nfds > kMaxFdsPerFrame)
     return make_error(StatusCode::kProtocolError, "frame carries too many descriptors");
+  // Descriptors that arrived wholly inside this frame, past its first bytes, belong to no frame:
+  // refuse them now rather than hold them until the (possibly huge) frame completes.
+  uint64_t frame_begin = base_ + consumed_;
+  uint64_t frame_end = frame_begin + kFrameHeaderBytes + size;
+  for (const auto& b : batches_)
+    if (b.begin > frame_begin && b.end <= frame_end)
+      return make_error(StatusCode::kProtocolError, "descriptors arrived in the middle of a frame");
   if (available < kFrameHeaderBytes + size) return std::optional<Frame>();
   // Descriptors must arrive with their own frame's first bytes, exactly as many as announced.
   uint64_t start = base_ + consumed_;
@@ -149,6 +163,7 @@ Result<std::optional<Frame>> FrameReader::next() {
                         "frame announces " + std::to_string(nfds) + " descriptors but carries " +
                             std::to_string(batches_.front().fds.size()));
     f.fds = std::move(batches_.front().fds);
+    queued_fds_ -= f.fds.size();
     batches_.pop_front();
   }
   f.payload.assign(h + kFrameHeaderBytes, h + kFrameHeaderBytes + size);
@@ -164,6 +179,8 @@ OutgoingFrame::OutgoingFrame(std::vector<uint8_t> payload, std::vector<UniqueFd>
 }
 
 Result<bool> OutgoingFrame::write_some(int socket_fd) {
+  if (fds_.size() > kMaxFdsPerFrame || payload_bytes_ > kMaxPayloadBytes)
+    return make_error(StatusCode::kInternal, "reply exceeds the protocol's frame limits");
   while (sent_ < bytes_.size()) {
     std::vector<int> raw;
     if (sent_ == 0)

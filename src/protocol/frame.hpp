@@ -47,6 +47,7 @@ class FrameReader {
   std::vector<uint8_t> buffer_;
   size_t consumed_ = 0;
   uint64_t base_ = 0;  // stream offset of buffer_[0]
+  size_t queued_fds_ = 0;
   std::deque<FdBatch> batches_;
 };
 

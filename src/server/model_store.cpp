@@ -6,6 +6,7 @@
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "loader/loader.hpp"
+#include "protocol/limits.hpp"
 
 namespace companion::server {
 
@@ -209,8 +210,16 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
   roots.push_back(config_.hf_cache);
   auto ckpt = checkpoint::open_checkpoint(model.source.path, checkpoint::canonical_roots(roots));
   if (!ckpt.ok()) return fail(ckpt.error());
+  if (ckpt->tensors.size() > protocol::kMaxTensors)
+    return fail(make_error(StatusCode::kInvalidArgument,
+                           "checkpoint has " + std::to_string(ckpt->tensors.size()) +
+                               " tensors; one model may have at most " +
+                               std::to_string(protocol::kMaxTensors)));
   auto plan = loader::make_load_plan(*ckpt, model.spec.dtype, *backend_);
   if (!plan.ok()) return fail(plan.error());
+  if (plan->segment_sizes.size() > protocol::kMaxSegments)
+    return fail(make_error(StatusCode::kInvalidArgument,
+                           "model needs more segments than one reply carries"));
   auto slab = backend_->allocate(plan->segment_sizes, short_id(model.key));
   if (!slab.ok()) return fail(slab.error());
   publish([&](Entry& e) { e.bytes_total = plan->bytes_to_read; });

@@ -5,6 +5,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from checkpoints import tensor_wsums
 from harness import Server, wait_until
 
@@ -62,28 +64,28 @@ def test_mapping_is_read_only(gpu_server, gpu_model_root):
         assert report["write_refused"] is False
 
 
-def test_killed_server_leaves_clients_with_valid_weights(runtime_dir, gpu_model_root, gpu_server):
-    s = gpu_server
+@pytest.mark.parametrize("backend", ["cuda-vmm", "cuda-ipc"])
+def test_killed_server_leaves_clients_with_valid_weights(runtime_dir, gpu_model_root, backend):
     model = gpu_model_root / "opt-1g"
+    s = Server(runtime_dir, [gpu_model_root], device="0", extra=["--backend", backend])
     client = subprocess.Popen(s.command("attach", str(model), "--json", "--verify", "--hold", "4",
                                         "--reverify"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     first = json.loads(client.stdout.readline())
     os.kill(s.pid, signal.SIGKILL)
     s.proc.wait()
+    s.log.close()
     second = json.loads(client.stdout.readline())
     client.wait(timeout=60)
     assert second == {"reverified": True}, client.stderr.read()
     assert checksums(first) == tensor_wsums(model)
-    # A restarted server is found by the next client.
-    s2 = Server(runtime_dir, [gpu_model_root], device="0", extra=["--backend", s.backend])
+    # A restarted server is found by the next client; the dead one's record is ignored.
+    s2 = Server(runtime_dir, [gpu_model_root], device="0", extra=["--backend", backend])
     try:
         health, code = s2.cli_json("health")
-        assert code == 0 and health["server"]["instance_id"] == s2.instance
-        assert health["server"]["instance_id"] != s.instance
+        assert code == 0 and health["server"]["instance_id"] == s2.instance != s.instance
     finally:
         assert s2.stop() == 0
-    s.proc = subprocess.Popen(["true"])  # the fixture's teardown stops this stand-in
 
 
 def test_cuda_visible_devices_spelling_does_not_matter(runtime_dir, gpu_model_root, gpu):

@@ -312,6 +312,30 @@ TEST(FrameReader, UnannouncedFdsAreNotGivenToALaterFrame) {
   EXPECT_EQ(inode((*f2)->fds[0].get()), real_ino) << "got the previous frame's descriptor";
 }
 
+// Descriptors arriving in the middle of a frame cannot belong to any frame (a frame's come with
+// its first bytes). They must be refused when they arrive, not when the frame completes: else a
+// peer announcing a 64 MiB frame and sending it a byte at a time, each byte with 253 descriptors,
+// makes the reader hold descriptors without bound.
+TEST(FrameReader, FdsInTheMiddleOfAFrameAreRefusedAtOnce) {
+  for (uint16_t announced : {uint16_t(0), uint16_t(1)}) {
+    SCOPED_TRACE(announced);
+    FrameReader r;
+    auto bytes = frame_bytes(payload_of(1000, 1), announced);
+    std::vector<UniqueFd> own;
+    if (announced) own.push_back(make_fd());
+    r.feed(std::span<const uint8_t>(bytes.data(), 20), std::move(own));  // header + 8 bytes
+    auto f = r.next();
+    ASSERT_TRUE(f.ok()) << f.error().to_string();
+    ASSERT_FALSE(f->has_value());
+    std::vector<UniqueFd> stray;
+    stray.push_back(make_fd());
+    r.feed(std::span<const uint8_t>(bytes.data() + 20, 10), std::move(stray));
+    auto g = r.next();
+    ASSERT_FALSE(g.ok()) << "descriptors in the middle of a frame were kept";
+    EXPECT_EQ(g.error().code, StatusCode::kProtocolError);
+  }
+}
+
 TEST(FrameReader, MaxFdsPerFrame) {
   UniqueFd base = make_fd();
   std::vector<UniqueFd> fds;
