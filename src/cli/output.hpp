@@ -5,14 +5,13 @@
 #include <string>
 #include <vector>
 
+#include "client/json.hpp"
 #include "companion/types.hpp"
 
 namespace companion::cli {
 
-nlohmann::json to_json(const ModelStatus& s);
-nlohmann::json to_json(const ServerIdentity& s);
-nlohmann::json to_json(const HealthInfo& h);
-nlohmann::json to_json(const Error& e);
+// The JSON documents live in the client library (shared with the C ABI).
+using client::to_json;
 
 // A fixed-width table: header row, then rows; columns sized to their widest cell.
 std::string render_table(const std::vector<std::string>& header,

@@ -1,0 +1,187 @@
+/*
+ * Companion C ABI: the only stable binary interface (libcompanion.so). Everything else in
+ * include/companion/ is C++ convenience over the same library.
+ *
+ * Conventions
+ * - Every function returning companion_status returns COMPANION_OK or an error code; on error,
+ *   companion_last_error() holds a human message for the calling thread until its next call.
+ * - Handles are opaque. Each *_connect / *_get_* / *_subscribe that returns a handle transfers
+ *   ownership to the caller, who frees it with the matching *_close / *_release.
+ * - Strings returned through char** (JSON documents) are allocated by the library; free them with
+ *   companion_free(). Strings passed in are borrowed for the duration of the call.
+ * - Option structs start with struct_size: set it with the *_init function, which also fills the
+ *   defaults, so the structs can grow without breaking older callers.
+ * - No function throws or aborts: C++ exceptions never cross this boundary.
+ *
+ * Thread safety
+ * - companion_client: may be used from several threads; requests are serialised internally.
+ * - companion_model: immutable; any thread may read it; release it once.
+ * - companion_status_stream: one thread at a time.
+ */
+#ifndef COMPANION_COMPANION_H
+#define COMPANION_COMPANION_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "companion/status_codes.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define COMPANION_API __attribute__((visibility("default")))
+
+/* Status codes: the same list as the C++ StatusCode (status_codes.h). */
+typedef enum companion_status {
+#define COMPANION_C_ENUM(cname, cppname, value, text) COMPANION_##cname = value,
+  COMPANION_STATUS_CODES(COMPANION_C_ENUM)
+#undef COMPANION_C_ENUM
+} companion_status;
+
+/* Element types; the numbering matches the wire protocol. */
+typedef enum companion_dtype {
+  COMPANION_DTYPE_BOOL = 0,
+  COMPANION_DTYPE_U8 = 1,
+  COMPANION_DTYPE_I8 = 2,
+  COMPANION_DTYPE_U16 = 3,
+  COMPANION_DTYPE_I16 = 4,
+  COMPANION_DTYPE_F16 = 5,
+  COMPANION_DTYPE_BF16 = 6,
+  COMPANION_DTYPE_U32 = 7,
+  COMPANION_DTYPE_I32 = 8,
+  COMPANION_DTYPE_F32 = 9,
+  COMPANION_DTYPE_U64 = 10,
+  COMPANION_DTYPE_I64 = 11,
+  COMPANION_DTYPE_F64 = 12,
+  COMPANION_DTYPE_F8_E4M3 = 13,
+  COMPANION_DTYPE_F8_E5M2 = 14
+} companion_dtype;
+
+/* Where a tensor's data lives; the values are DLPack's DLDeviceType. */
+typedef enum companion_device_type {
+  COMPANION_DEVICE_CPU = 1,
+  COMPANION_DEVICE_CUDA = 2
+} companion_device_type;
+
+typedef struct companion_client companion_client;
+typedef struct companion_model companion_model;
+typedef struct companion_status_stream companion_status_stream;
+
+typedef struct companion_connect_options {
+  uint32_t struct_size;
+  const char* ns;              /* namespace; default "companion" */
+  const char* device;          /* "host" (default), or a GPU ordinal, UUID or PCI bus id */
+  const char* socket_path;     /* connect here directly instead of discovering; NULL = discover */
+  const char* runtime_dir;     /* local registry directory; NULL = default */
+  const char* client_name;     /* shown in server logs; NULL = "companion-c" */
+  double discovery_timeout_s;  /* how long to wait for a live server; default 0 */
+} companion_connect_options;
+
+typedef struct companion_model_spec {
+  uint32_t struct_size;
+  const char* source;    /* directory, .safetensors file or Hugging Face id "org/name" */
+  const char* revision;  /* NULL or "" = main */
+  const char* dtype;     /* NULL, "" or "auto" = as stored; else "bf16", "fp16", "fp32"... */
+  uint32_t tp_size;      /* default 1 */
+  uint32_t tp_rank;      /* default 0 */
+  const char* tag;       /* NULL = none */
+} companion_model_spec;
+
+/* One tensor of a mapped model. Pointers stay valid until the model is released. */
+typedef struct companion_tensor {
+  const char* name;       /* not NUL-terminated: use name_length */
+  size_t name_length;
+  int32_t dtype;          /* companion_dtype */
+  int32_t ndim;
+  const int64_t* shape;   /* ndim entries */
+  const int64_t* strides; /* ndim entries, in elements */
+  const void* data;       /* host or device pointer (read-only memory) */
+  uint64_t nbytes;
+  int32_t device_type;    /* companion_device_type */
+  int32_t device_id;      /* local CUDA ordinal, 0 for CPU */
+} companion_tensor;
+
+/* ---- errors and version ------------------------------------------------------------------- */
+
+/* Fixed description of a code ("model not found"). Never NULL. */
+COMPANION_API const char* companion_status_string(companion_status status);
+/* The calling thread's message for its last failed call ("" if none). Valid until the thread's
+ * next companion call. */
+COMPANION_API const char* companion_last_error(void);
+COMPANION_API const char* companion_version(void);
+/* Frees a string or buffer the library returned. NULL is fine. */
+COMPANION_API void companion_free(void* pointer);
+
+/* ---- options ------------------------------------------------------------------------------ */
+
+COMPANION_API void companion_connect_options_init(companion_connect_options* options);
+COMPANION_API void companion_model_spec_init(companion_model_spec* spec);
+
+/* ---- client ------------------------------------------------------------------------------- */
+
+/* Finds the server of options->device in options->ns and connects. options may be NULL (all
+ * defaults). On success *client is a new handle. */
+COMPANION_API companion_status companion_client_connect(const companion_connect_options* options,
+                                                        companion_client** client);
+/* Closes the connection. Models obtained from it stay valid (they keep what they need). */
+COMPANION_API void companion_client_close(companion_client* client);
+
+/* JSON documents (free with companion_free): the server's identity, one model's status, all
+ * models, the server's health. Field names as in `companion ... --json`. */
+COMPANION_API companion_status companion_client_server_info(companion_client* client, char** json);
+COMPANION_API companion_status companion_client_status(companion_client* client,
+                                                       const companion_model_spec* spec,
+                                                       char** json);
+COMPANION_API companion_status companion_client_list(companion_client* client, char** json);
+COMPANION_API companion_status companion_client_health(companion_client* client, char** json);
+
+/* Starts a load (wait = 0) or waits for it (wait != 0, up to timeout_s; negative = no limit).
+ * *json (may be NULL) receives the model's status. */
+COMPANION_API companion_status companion_client_load(companion_client* client,
+                                                     const companion_model_spec* spec, int wait,
+                                                     double timeout_s, char** json);
+/* Unloads by spec, or by key / short id when key is not NULL. */
+COMPANION_API companion_status companion_client_unload(companion_client* client,
+                                                       const companion_model_spec* spec,
+                                                       const char* key, int force, char** json);
+/* As the seed: triggers the load if needed and waits for it. COMPANION_TIMEOUT when it takes
+ * longer; the load's own error when it fails. *json (may be NULL) receives the status. */
+COMPANION_API companion_status companion_client_wait_for_model_ready(
+    companion_client* client, const companion_model_spec* spec, double initial_timeout_s,
+    double loading_timeout_s, char** json);
+/* Loads if needed and maps every tensor read-only into this process. */
+COMPANION_API companion_status companion_client_get_model_parameters(
+    companion_client* client, const companion_model_spec* spec, double timeout_s,
+    companion_model** model);
+
+/* ---- mapped models ------------------------------------------------------------------------ */
+
+/* Unmaps the model and releases its lease. Tensors from it must not be used afterwards. */
+COMPANION_API void companion_model_release(companion_model* model);
+COMPANION_API size_t companion_model_tensor_count(const companion_model* model);
+COMPANION_API companion_status companion_model_tensor(const companion_model* model, size_t index,
+                                                      companion_tensor* tensor);
+/* COMPANION_NOT_FOUND when the model has no tensor of that name. */
+COMPANION_API companion_status companion_model_find(const companion_model* model, const char* name,
+                                                    companion_tensor* tensor);
+/* The model's status and mapping facts (lease id, segments, bytes) as JSON. */
+COMPANION_API companion_status companion_model_info(const companion_model* model, char** json);
+
+/* ---- status streams ----------------------------------------------------------------------- */
+
+/* Subscribes to one model's status (spec) or to every model's (spec == NULL). The current state
+ * comes first, then every change. */
+COMPANION_API companion_status companion_client_subscribe(companion_client* client,
+                                                          const companion_model_spec* spec,
+                                                          companion_status_stream** stream);
+/* The next status as JSON; COMPANION_TIMEOUT after timeout_s (negative = wait forever). */
+COMPANION_API companion_status companion_status_stream_next(companion_status_stream* stream,
+                                                            double timeout_s, char** json);
+COMPANION_API void companion_status_stream_close(companion_status_stream* stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* COMPANION_COMPANION_H */

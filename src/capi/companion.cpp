@@ -1,0 +1,514 @@
+// The C ABI (include/companion/companion.h) over the C++ client. Every entry point catches every
+// exception, checks its pointers, and turns Result errors into a status code plus a per-thread
+// message (companion_last_error).
+#include "companion/companion.h"
+
+#include <cmath>
+#include <cstddef>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <new>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "client/json.hpp"
+#include "companion/client.hpp"
+
+// The C and C++ lists come from one X-macro; check anyway that the values agree.
+#define COMPANION_CHECK_CODE(cname, name, value, text)                  \
+  static_assert(static_cast<int>(COMPANION_##cname) ==                  \
+                    static_cast<int>(companion::StatusCode::k##name) && \
+                static_cast<int>(COMPANION_##cname) == (value));
+COMPANION_STATUS_CODES(COMPANION_CHECK_CODE)
+#undef COMPANION_CHECK_CODE
+
+static_assert(COMPANION_DTYPE_BOOL == static_cast<int>(companion::DType::kBool));
+static_assert(COMPANION_DTYPE_U8 == static_cast<int>(companion::DType::kU8));
+static_assert(COMPANION_DTYPE_I8 == static_cast<int>(companion::DType::kI8));
+static_assert(COMPANION_DTYPE_U16 == static_cast<int>(companion::DType::kU16));
+static_assert(COMPANION_DTYPE_I16 == static_cast<int>(companion::DType::kI16));
+static_assert(COMPANION_DTYPE_F16 == static_cast<int>(companion::DType::kF16));
+static_assert(COMPANION_DTYPE_BF16 == static_cast<int>(companion::DType::kBF16));
+static_assert(COMPANION_DTYPE_U32 == static_cast<int>(companion::DType::kU32));
+static_assert(COMPANION_DTYPE_I32 == static_cast<int>(companion::DType::kI32));
+static_assert(COMPANION_DTYPE_F32 == static_cast<int>(companion::DType::kF32));
+static_assert(COMPANION_DTYPE_U64 == static_cast<int>(companion::DType::kU64));
+static_assert(COMPANION_DTYPE_I64 == static_cast<int>(companion::DType::kI64));
+static_assert(COMPANION_DTYPE_F64 == static_cast<int>(companion::DType::kF64));
+static_assert(COMPANION_DTYPE_F8_E4M3 == static_cast<int>(companion::DType::kF8E4M3));
+static_assert(COMPANION_DTYPE_F8_E5M2 == static_cast<int>(companion::DType::kF8E5M2));
+static_assert(companion::kDTypeCount == COMPANION_DTYPE_F8_E5M2 + 1);
+
+// The opaque handles of companion.h.
+struct companion_client {
+  std::unique_ptr<companion::Client> client;
+};
+
+struct companion_model {
+  std::shared_ptr<companion::MappedModel> model;
+  // One entry per MappedModel::tensors(), built once; pointers into the MappedModel's views.
+  std::vector<companion_tensor> tensors;
+};
+
+struct companion_status_stream {
+  std::unique_ptr<companion::StatusStream> stream;
+};
+
+namespace {
+
+using companion::Error;
+using companion::ModelSpec;
+using companion::Result;
+using companion::StatusCode;
+
+// The calling thread's message for its last failed call. Reset by every call that returns a
+// companion_status (and by nothing else, so that companion_status_string() or companion_version()
+// evaluated next to companion_last_error() in one expression cannot wipe it).
+thread_local std::string t_last_error;
+
+// Longest timeout honoured as such: the client counts milliseconds in an int. Anything longer
+// (infinity included) means "no limit".
+constexpr double kMaxTimeoutS = 1.0e6;
+
+companion_status to_c(StatusCode code) noexcept {
+  return static_cast<companion_status>(static_cast<int>(code));
+}
+
+// Records the message; never throws (a message that cannot be stored is dropped).
+companion_status fail(companion_status status, const char* message) noexcept {
+  try {
+    t_last_error = message;
+  } catch (...) {
+    t_last_error.clear();
+  }
+  return status;
+}
+
+companion_status fail(companion_status status, const std::string& message) noexcept {
+  return fail(status, message.c_str());
+}
+
+companion_status fail(const Error& e) noexcept {
+  return fail(to_c(e.code),
+              e.message.empty() ? companion::status_code_text(e.code) : e.message.c_str());
+}
+
+companion_status invalid(const char* message) noexcept {
+  return fail(COMPANION_INVALID_ARGUMENT, message);
+}
+
+// Runs the body of an entry point: clears the thread's message, and turns any exception into a
+// status code (no exception crosses the C boundary).
+template <typename Body>
+companion_status guarded(Body&& body) noexcept {
+  try {
+    t_last_error.clear();
+    return body();
+  } catch (const std::bad_alloc&) {
+    return fail(COMPANION_OUT_OF_MEMORY, "out of memory");
+  } catch (const std::exception& e) {
+    return fail(COMPANION_INTERNAL, std::string("internal error: ") + e.what());
+  } catch (...) {
+    return fail(COMPANION_INTERNAL, "internal error: unknown exception");
+  }
+}
+
+// For the functions that return no status (close, release, count): swallow everything.
+template <typename Body>
+void quietly(Body&& body) noexcept {
+  try {
+    body();
+  } catch (...) {
+  }
+}
+
+// True when a caller's struct (struct_size bytes long) contains the member.
+#define COMPANION_FITS(s, member)           \
+  (static_cast<size_t>((s)->struct_size) >= \
+   offsetof(std::remove_cv_t<std::remove_pointer_t<decltype(s)>>, member) + sizeof((s)->member))
+
+// A string member that fits and is neither NULL nor empty.
+#define COMPANION_STRING(s, member) \
+  (COMPANION_FITS(s, member) && (s)->member != nullptr && (s)->member[0] != '\0')
+
+Result<ModelSpec> to_spec(const companion_model_spec* s) {
+  if (s == nullptr) return companion::make_error(StatusCode::kInvalidArgument, "spec is NULL");
+  if (s->struct_size == 0)
+    return companion::make_error(
+        StatusCode::kInvalidArgument,
+        "spec->struct_size is 0: initialise the spec with companion_model_spec_init()");
+  ModelSpec spec;
+  if (!COMPANION_FITS(s, source) || s->source == nullptr)
+    return companion::make_error(StatusCode::kInvalidArgument, "spec->source is NULL");
+  spec.source = s->source;
+  if (COMPANION_STRING(s, revision)) spec.revision = s->revision;
+  if (COMPANION_STRING(s, dtype) && std::strcmp(s->dtype, "auto") != 0) {
+    COMPANION_ASSIGN_OR_RETURN(companion::DType d, companion::parse_dtype(s->dtype));
+    spec.dtype = d;
+  }
+  if (COMPANION_FITS(s, tp_size)) spec.tp_size = s->tp_size;
+  if (COMPANION_FITS(s, tp_rank)) spec.tp_rank = s->tp_rank;
+  if (COMPANION_STRING(s, tag)) spec.tag = s->tag;
+  COMPANION_TRY(spec.validate());
+  return spec;
+}
+
+// A timeout argument: NaN is refused; negative or beyond kMaxTimeoutS becomes -1 (no limit).
+Result<double> to_timeout(double seconds, const char* name) {
+  if (std::isnan(seconds))
+    return companion::make_error(StatusCode::kInvalidArgument, std::string(name) + " is NaN");
+  if (seconds < 0 || seconds > kMaxTimeoutS) return -1.0;
+  return seconds;
+}
+
+Result<companion::ConnectOptions> to_connect_options(const companion_connect_options* o) {
+  companion::ConnectOptions options;
+  options.client_name = "companion-c";
+  if (o == nullptr) return options;
+  if (o->struct_size == 0)
+    return companion::make_error(
+        StatusCode::kInvalidArgument,
+        "options->struct_size is 0: initialise the options with companion_connect_options_init()");
+  if (COMPANION_STRING(o, ns)) options.ns = o->ns;
+  if (COMPANION_STRING(o, device)) options.device = o->device;
+  if (COMPANION_STRING(o, socket_path)) options.socket_path = o->socket_path;
+  if (COMPANION_STRING(o, runtime_dir)) options.runtime_dir = o->runtime_dir;
+  if (COMPANION_STRING(o, client_name)) options.client_name = o->client_name;
+  if (COMPANION_FITS(o, discovery_timeout_s)) {
+    double t = o->discovery_timeout_s;
+    if (std::isnan(t))
+      return companion::make_error(StatusCode::kInvalidArgument,
+                                   "options->discovery_timeout_s is NaN");
+    options.discovery_timeout_s = t < 0 ? 0 : (t > kMaxTimeoutS ? kMaxTimeoutS : t);
+  }
+  return options;
+}
+
+// Hands a JSON document to the caller as a malloc'd string (companion_free releases it). Invalid
+// UTF-8 (a path with odd bytes) is replaced rather than thrown about.
+void put_json(const nlohmann::json& j, char** out) {
+  if (out == nullptr) return;
+  std::string text = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  auto* p = static_cast<char*>(std::malloc(text.size() + 1));
+  if (p == nullptr) throw std::bad_alloc();
+  std::memcpy(p, text.c_str(), text.size() + 1);
+  *out = p;
+}
+
+// Sets *out to NULL (when out is not NULL) so that a failed call leaves no stale pointer.
+template <typename T>
+void clear_out(T** out) noexcept {
+  if (out != nullptr) *out = nullptr;
+}
+
+companion_tensor to_c(const companion::TensorView& v) {
+  companion_tensor t{};
+  t.name = v.name.data();
+  t.name_length = v.name.size();
+  t.dtype = static_cast<int32_t>(v.dtype);
+  t.ndim = static_cast<int32_t>(v.shape.size());
+  t.shape = v.shape.data();
+  t.strides = v.strides.data();
+  t.data = v.data;
+  t.nbytes = v.nbytes;
+  t.device_type = v.on_device ? COMPANION_DEVICE_CUDA : COMPANION_DEVICE_CPU;
+  t.device_id = v.on_device && v.device_ordinal > 0 ? v.device_ordinal : 0;
+  return t;
+}
+
+}  // namespace
+
+// ---- errors and version --------------------------------------------------------------------
+
+const char* companion_status_string(companion_status status) {
+  // A C caller may pass any int; in C++ a value outside the enumerators' range must not be read
+  // as a companion_status, so take its bytes as an int (unknown values get "unknown status").
+  static_assert(sizeof(status) == sizeof(int));
+  int value = 0;
+  std::memcpy(&value, &status, sizeof(value));
+  return companion::status_code_text(static_cast<StatusCode>(value));
+}
+
+const char* companion_last_error(void) {
+  return t_last_error.c_str();
+}
+
+const char* companion_version(void) {
+  return companion::software_version();
+}
+
+void companion_free(void* pointer) {
+  std::free(pointer);
+}
+
+// ---- options -------------------------------------------------------------------------------
+
+void companion_connect_options_init(companion_connect_options* options) {
+  if (options == nullptr) return;
+  std::memset(static_cast<void*>(options), 0, sizeof(*options));
+  options->struct_size = sizeof(*options);
+  options->ns = "companion";
+  options->device = "host";
+  options->socket_path = nullptr;
+  options->runtime_dir = nullptr;
+  options->client_name = "companion-c";
+  options->discovery_timeout_s = 0.0;
+}
+
+void companion_model_spec_init(companion_model_spec* spec) {
+  if (spec == nullptr) return;
+  std::memset(static_cast<void*>(spec), 0, sizeof(*spec));
+  spec->struct_size = sizeof(*spec);
+  spec->source = nullptr;
+  spec->revision = nullptr;
+  spec->dtype = nullptr;
+  spec->tp_size = 1;
+  spec->tp_rank = 0;
+  spec->tag = nullptr;
+}
+
+// ---- client --------------------------------------------------------------------------------
+
+companion_status companion_client_connect(const companion_connect_options* options,
+                                          companion_client** client) {
+  return guarded([&]() -> companion_status {
+    clear_out(client);
+    if (client == nullptr) return invalid("client (the out pointer) is NULL");
+    auto o = to_connect_options(options);
+    if (!o.ok()) return fail(o.error());
+    auto c = companion::Client::connect(*o);
+    if (!c.ok()) return fail(c.error());
+    *client = new companion_client{std::move(*c)};
+    return COMPANION_OK;
+  });
+}
+
+void companion_client_close(companion_client* client) {
+  quietly([&] { delete client; });
+}
+
+companion_status companion_client_server_info(companion_client* client, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (client == nullptr) return invalid("client is NULL");
+    if (json == nullptr) return invalid("json (the out pointer) is NULL");
+    put_json(companion::client::to_json(client->client->server()), json);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_client_status(companion_client* client, const companion_model_spec* spec,
+                                         char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (client == nullptr) return invalid("client is NULL");
+    if (json == nullptr) return invalid("json (the out pointer) is NULL");
+    auto s = to_spec(spec);
+    if (!s.ok()) return fail(s.error());
+    auto status = client->client->status(*s);
+    if (!status.ok()) return fail(status.error());
+    put_json(companion::client::to_json(*status), json);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_client_list(companion_client* client, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (client == nullptr) return invalid("client is NULL");
+    if (json == nullptr) return invalid("json (the out pointer) is NULL");
+    auto models = client->client->list();
+    if (!models.ok()) return fail(models.error());
+    nlohmann::json j = nlohmann::json::array();
+    for (const auto& m : *models) j.push_back(companion::client::to_json(m));
+    put_json(j, json);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_client_health(companion_client* client, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (client == nullptr) return invalid("client is NULL");
+    if (json == nullptr) return invalid("json (the out pointer) is NULL");
+    auto h = client->client->health();
+    if (!h.ok()) return fail(h.error());
+    put_json(companion::client::to_json(*h), json);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_client_load(companion_client* client, const companion_model_spec* spec,
+                                       int wait, double timeout_s, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (client == nullptr) return invalid("client is NULL");
+    auto s = to_spec(spec);
+    if (!s.ok()) return fail(s.error());
+    auto timeout = to_timeout(timeout_s, "timeout_s");
+    if (!timeout.ok()) return fail(timeout.error());
+    auto status = client->client->load(*s, wait != 0, {}, *timeout);
+    if (!status.ok()) return fail(status.error());
+    put_json(companion::client::to_json(*status), json);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_client_unload(companion_client* client, const companion_model_spec* spec,
+                                         const char* key, int force, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (client == nullptr) return invalid("client is NULL");
+    Result<companion::ModelStatus> status = Error{};
+    if (key != nullptr) {
+      if (key[0] == '\0') return invalid("key is empty");
+      status = client->client->unload_key(key, force != 0);
+    } else {
+      if (spec == nullptr) return invalid("spec and key are both NULL");
+      auto s = to_spec(spec);
+      if (!s.ok()) return fail(s.error());
+      status = client->client->unload(*s, force != 0);
+    }
+    if (!status.ok()) return fail(status.error());
+    put_json(companion::client::to_json(*status), json);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_client_wait_for_model_ready(companion_client* client,
+                                                       const companion_model_spec* spec,
+                                                       double initial_timeout_s,
+                                                       double loading_timeout_s, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (client == nullptr) return invalid("client is NULL");
+    auto s = to_spec(spec);
+    if (!s.ok()) return fail(s.error());
+    auto initial = to_timeout(initial_timeout_s, "initial_timeout_s");
+    if (!initial.ok()) return fail(initial.error());
+    auto loading = to_timeout(loading_timeout_s, "loading_timeout_s");
+    if (!loading.ok()) return fail(loading.error());
+    auto status = client->client->wait_for_model_ready(*s, *initial, *loading);
+    if (!status.ok()) return fail(status.error());
+    put_json(companion::client::to_json(*status), json);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_client_get_model_parameters(companion_client* client,
+                                                       const companion_model_spec* spec,
+                                                       double timeout_s, companion_model** model) {
+  return guarded([&]() -> companion_status {
+    clear_out(model);
+    if (client == nullptr) return invalid("client is NULL");
+    if (model == nullptr) return invalid("model (the out pointer) is NULL");
+    auto s = to_spec(spec);
+    if (!s.ok()) return fail(s.error());
+    auto timeout = to_timeout(timeout_s, "timeout_s");
+    if (!timeout.ok()) return fail(timeout.error());
+    auto mapped = client->client->get_model_parameters(*s, *timeout);
+    if (!mapped.ok()) return fail(mapped.error());
+    auto handle = std::make_unique<companion_model>();
+    handle->model = std::move(*mapped);
+    auto views = handle->model->tensors();
+    handle->tensors.reserve(views.size());
+    for (const auto& v : views) handle->tensors.push_back(to_c(v));
+    *model = handle.release();
+    return COMPANION_OK;
+  });
+}
+
+// ---- mapped models -------------------------------------------------------------------------
+
+void companion_model_release(companion_model* model) {
+  quietly([&] { delete model; });
+}
+
+size_t companion_model_tensor_count(const companion_model* model) {
+  return model == nullptr ? 0 : model->tensors.size();
+}
+
+companion_status companion_model_tensor(const companion_model* model, size_t index,
+                                        companion_tensor* tensor) {
+  return guarded([&]() -> companion_status {
+    if (model == nullptr) return invalid("model is NULL");
+    if (tensor == nullptr) return invalid("tensor (the out pointer) is NULL");
+    if (index >= model->tensors.size())
+      return invalid(("tensor index " + std::to_string(index) + " is out of range (the model has " +
+                      std::to_string(model->tensors.size()) + " tensors)")
+                         .c_str());
+    *tensor = model->tensors[index];
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_model_find(const companion_model* model, const char* name,
+                                      companion_tensor* tensor) {
+  return guarded([&]() -> companion_status {
+    if (model == nullptr) return invalid("model is NULL");
+    if (name == nullptr) return invalid("name is NULL");
+    if (tensor == nullptr) return invalid("tensor (the out pointer) is NULL");
+    const companion::TensorView* v = model->model->find(name);
+    if (v == nullptr)
+      return fail(COMPANION_NOT_FOUND, "the model has no tensor named '" + std::string(name) + "'");
+    auto index = static_cast<size_t>(v - model->model->tensors().data());
+    *tensor = model->tensors.at(index);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_model_info(const companion_model* model, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (model == nullptr) return invalid("model is NULL");
+    if (json == nullptr) return invalid("json (the out pointer) is NULL");
+    put_json(companion::client::to_json(*model->model), json);
+    return COMPANION_OK;
+  });
+}
+
+// ---- status streams ------------------------------------------------------------------------
+
+companion_status companion_client_subscribe(companion_client* client,
+                                            const companion_model_spec* spec,
+                                            companion_status_stream** stream) {
+  return guarded([&]() -> companion_status {
+    clear_out(stream);
+    if (client == nullptr) return invalid("client is NULL");
+    if (stream == nullptr) return invalid("stream (the out pointer) is NULL");
+    Result<std::unique_ptr<companion::StatusStream>> s = Error{};
+    if (spec == nullptr) {
+      s = client->client->subscribe_all();
+    } else {
+      auto model_spec = to_spec(spec);
+      if (!model_spec.ok()) return fail(model_spec.error());
+      s = client->client->subscribe(*model_spec);
+    }
+    if (!s.ok()) return fail(s.error());
+    *stream = new companion_status_stream{std::move(*s)};
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_status_stream_next(companion_status_stream* stream, double timeout_s,
+                                              char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (stream == nullptr) return invalid("stream is NULL");
+    if (json == nullptr) return invalid("json (the out pointer) is NULL");
+    auto timeout = to_timeout(timeout_s, "timeout_s");
+    if (!timeout.ok()) return fail(timeout.error());
+    auto status = stream->stream->next(*timeout);
+    if (!status.ok()) return fail(status.error());
+    put_json(companion::client::to_json(*status), json);
+    return COMPANION_OK;
+  });
+}
+
+void companion_status_stream_close(companion_status_stream* stream) {
+  quietly([&] { delete stream; });
+}

@@ -1,0 +1,63 @@
+#include "client/json.hpp"
+
+namespace companion::client {
+
+nlohmann::json to_json(const ModelStatus& s) {
+  nlohmann::json j = {{"id", s.id},
+                      {"key", s.key},
+                      {"source", s.source},
+                      {"state", model_state_name(s.state)},
+                      {"bytes_done", s.bytes_done},
+                      {"bytes_total", s.bytes_total},
+                      {"progress", s.progress()},
+                      {"tensors", s.tensors},
+                      {"leases", s.leases},
+                      {"backend", s.backend},
+                      {"slab_bytes", s.slab_bytes}};
+  if (s.state == ModelState::kError) {
+    j["error"] = {{"code", status_code_name(s.error_code)}, {"message", s.message}};
+  }
+  return j;
+}
+
+nlohmann::json to_json(const ServerIdentity& s) {
+  return {{"instance_id", s.instance_id},
+          {"namespace", s.ns},
+          {"component", s.component},
+          {"hostname", s.hostname},
+          {"pid", s.pid},
+          {"device", s.device},
+          {"gpu_uuid", s.gpu_uuid},
+          {"pci_bus_id", s.pci_bus_id},
+          {"device_ordinal", s.device_ordinal},
+          {"backends", s.backends},
+          {"default_backend", s.default_backend},
+          {"started_at_ms", s.started_at_ms},
+          {"version", s.version},
+          {"socket_path", s.socket_path}};
+}
+
+nlohmann::json to_json(const HealthInfo& h) {
+  return {{"state", h.state},
+          {"uptime_ms", h.uptime_ms},
+          {"models_loaded", h.models_loaded},
+          {"models_total", h.models_total},
+          {"clients", h.clients},
+          {"leases", h.leases},
+          {"slab_bytes", h.slab_bytes},
+          {"server", to_json(h.server)}};
+}
+
+nlohmann::json to_json(const Error& e) {
+  return {{"error", {{"code", status_code_name(e.code)}, {"message", e.message}}}};
+}
+
+nlohmann::json to_json(const MappedModel& m) {
+  return {{"model", to_json(m.status())},
+          {"lease_id", m.lease_id()},
+          {"segments", m.segment_count()},
+          {"segment_inodes", m.segment_inodes()},
+          {"mapped_bytes", m.mapped_bytes()}};
+}
+
+}  // namespace companion::client

@@ -1,0 +1,51 @@
+/* companion.h compiles as strict C11 (-std=c11 -pedantic -Werror) and a C program links against
+ * libcompanion.so alone. Exits 0 when the checks pass. */
+#include <stdio.h>
+#include <string.h>
+
+#include "companion/companion.h"
+
+static int failures = 0;
+
+static void check(int ok, const char* what) {
+  if (!ok) {
+    fprintf(stderr, "FAILED: %s\n", what);
+    ++failures;
+  }
+}
+
+int main(void) {
+  companion_connect_options options;
+  companion_model_spec spec;
+  companion_client* client = NULL;
+  companion_status status;
+  companion_tensor tensor;
+
+  check(companion_version() != NULL && companion_version()[0] != '\0', "companion_version");
+  check(strcmp(companion_status_string(COMPANION_OK), "ok") == 0, "status string OK");
+  check(strcmp(companion_status_string(COMPANION_UNAVAILABLE), "unavailable") == 0,
+        "status string UNAVAILABLE");
+  /* A value outside the list (C enums are ints) still gets a string. */
+  check(companion_status_string((companion_status)99) != NULL, "status string of 99");
+  check(strcmp(companion_last_error(), "") == 0, "no error yet");
+
+  companion_model_spec_init(&spec);
+  check(spec.struct_size == sizeof(spec) && spec.tp_size == 1, "companion_model_spec_init");
+
+  companion_connect_options_init(&options);
+  check(options.struct_size == sizeof(options), "companion_connect_options_init");
+  options.socket_path = "/nonexistent/companion-c-check.sock";
+  status = companion_client_connect(&options, &client);
+  check(status == COMPANION_UNAVAILABLE, "connect to a missing socket is UNAVAILABLE");
+  check(client == NULL, "no handle on failure");
+  check(strstr(companion_last_error(), "companion-c-check.sock") != NULL,
+        "last_error names the socket");
+
+  check(companion_model_tensor(NULL, 0, &tensor) == COMPANION_INVALID_ARGUMENT, "NULL model");
+  check(companion_model_tensor_count(NULL) == 0, "count of NULL");
+  companion_client_close(NULL);
+  companion_free(NULL);
+
+  if (failures == 0) printf("capi_c_check: ok (libcompanion %s)\n", companion_version());
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,1046 @@
+// unit_capi: libcompanion.so (the C ABI, include/companion/companion.h) against a real
+// `companion serve --device host` process with its own runtime directory and model root. Only
+// the C header is used here: the test links the shared library and nothing else of Companion.
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <barrier>
+#include <chrono>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "companion/companion.h"
+
+#ifndef COMPANION_BINARY
+#error "COMPANION_BINARY (the path of the companion executable) must be defined"
+#endif
+
+namespace {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+// ---- checkpoints ---------------------------------------------------------------------------
+
+struct TestTensor {
+  std::string name;
+  std::string dtype;  // safetensors spelling
+  std::vector<int64_t> shape;
+  std::vector<uint8_t> bytes;
+};
+
+template <typename T>
+std::vector<uint8_t> bytes_of(const std::vector<T>& values) {
+  std::vector<uint8_t> out(values.size() * sizeof(T));
+  if (!out.empty()) std::memcpy(out.data(), values.data(), out.size());
+  return out;
+}
+
+// A few tensors of different types and ranks (a scalar included); seed varies the values.
+std::vector<TestTensor> sample_tensors(int seed) {
+  std::vector<float> w(2 * 3);
+  for (size_t i = 0; i < w.size(); ++i)
+    w[i] = static_cast<float>(seed) + 0.25f * static_cast<float>(i);
+  std::vector<int64_t> b = {seed, -1, 1LL << 40, 7};
+  std::vector<uint8_t> mask = {1, 0, 1, 1, static_cast<uint8_t>(seed)};
+  std::vector<float> scale = {1.5f * static_cast<float>(seed)};
+  return {{"embed.weight", "F32", {2, 3}, bytes_of(w)},
+          {"layer.0.bias", "I64", {4}, bytes_of(b)},
+          {"mask", "U8", {5}, mask},
+          {"scale", "F32", {}, bytes_of(scale)}};
+}
+
+// Writes a safetensors file: 8-byte little-endian header length, JSON header, data.
+void write_safetensors(const fs::path& path, const std::vector<TestTensor>& tensors) {
+  json header = json::object();
+  uint64_t offset = 0;
+  for (const auto& t : tensors) {
+    offset = (offset + 7) / 8 * 8;  // keep every tensor 8-byte aligned
+    header[t.name] = {{"dtype", t.dtype},
+                      {"shape", t.shape},
+                      {"data_offsets", {offset, offset + t.bytes.size()}}};
+    offset += t.bytes.size();
+  }
+  std::string text = header.dump();
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::vector<uint8_t> data(offset, 0);
+  offset = 0;
+  for (const auto& t : tensors) {
+    offset = (offset + 7) / 8 * 8;
+    if (!t.bytes.empty()) std::memcpy(data.data() + offset, t.bytes.data(), t.bytes.size());
+    offset += t.bytes.size();
+  }
+  fs::create_directories(path.parent_path());
+  std::ofstream f(path, std::ios::binary);
+  uint64_t n = text.size();
+  unsigned char len[8];
+  for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(n >> (8 * i));
+  f.write(reinterpret_cast<const char*>(len), 8);
+  f.write(text.data(), static_cast<std::streamsize>(text.size()));
+  f.write(reinterpret_cast<const char*>(data.data()), static_cast<std::streamsize>(data.size()));
+  ASSERT_TRUE(f.good()) << path;
+}
+
+// ---- the server process --------------------------------------------------------------------
+
+std::string make_temp_dir() {
+  const char* base = std::getenv("TMPDIR");
+  std::string pattern =
+      std::string(base != nullptr && *base != '\0' ? base : "/tmp") + "/companion-capi-XXXXXX";
+  std::vector<char> buf(pattern.begin(), pattern.end());
+  buf.push_back('\0');
+  char* dir = ::mkdtemp(buf.data());
+  if (dir == nullptr) return "";
+  return fs::canonical(dir).string();
+}
+
+struct ServerProcess {
+  pid_t pid = -1;
+  int stdout_fd = -1;
+  std::string socket;
+  std::string instance;
+  std::string log_path;
+  std::string error;  // why it did not start
+
+  bool start(const std::string& runtime_dir, const std::string& model_root,
+             const std::string& log) {
+    log_path = log;
+    int out[2];
+    if (::pipe2(out, O_CLOEXEC) != 0) return fail("pipe failed");
+    int log_fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (log_fd < 0) return fail("cannot open " + log);
+    std::vector<std::string> args = {COMPANION_BINARY, "serve",     "--device",     "host",
+                                     "--runtime-dir",  runtime_dir, "--model-root", model_root,
+                                     "--log-level",    "info"};
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid = ::fork();
+    if (pid == 0) {
+      // Only async-signal-safe calls between fork and exec.
+      ::dup2(out[1], STDOUT_FILENO);
+      ::dup2(log_fd, STDERR_FILENO);
+      ::execv(argv[0], argv.data());
+      ::_exit(127);
+    }
+    ::close(out[1]);
+    ::close(log_fd);
+    stdout_fd = out[0];
+    if (pid < 0) return fail("fork failed");
+    // "companion serving <ns>/<component> instance <id> socket <path>"
+    std::string line;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (line.find('\n') == std::string::npos) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      deadline - std::chrono::steady_clock::now())
+                      .count();
+      if (left <= 0) return fail("no 'companion serving' line within 60 s");
+      pollfd p{stdout_fd, POLLIN, 0};
+      if (::poll(&p, 1, static_cast<int>(left)) <= 0) continue;
+      char buf[512];
+      ssize_t n = ::read(stdout_fd, buf, sizeof(buf));
+      if (n <= 0) return fail("server exited before serving");
+      line.append(buf, static_cast<size_t>(n));
+    }
+    line = line.substr(0, line.find('\n'));
+    if (line.find("companion serving") == std::string::npos)
+      return fail("unexpected first line: " + line);
+    auto after = [&](const std::string& marker) {
+      size_t at = line.find(marker);
+      if (at == std::string::npos) return std::string();
+      std::string rest = line.substr(at + marker.size());
+      return rest.substr(0, rest.find(' '));
+    };
+    socket = after(" socket ");
+    instance = after(" instance ");
+    if (socket.empty() || instance.empty()) return fail("cannot parse: " + line);
+    return true;
+  }
+
+  bool fail(const std::string& why) {
+    std::ifstream f(log_path);
+    std::string log((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    error = why + "\nserver log:\n" + log;
+    return false;
+  }
+
+  // SIGTERM, then the exit status (-1 when it had to be killed).
+  int stop() {
+    if (pid <= 0) return -1;
+    ::kill(pid, SIGTERM);
+    int status = 0;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (::waitpid(pid, &status, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, &status, 0);
+        pid = -1;
+        return -1;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    pid = -1;
+    if (stdout_fd >= 0) ::close(stdout_fd);
+    stdout_fd = -1;
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+};
+
+// ---- helpers -------------------------------------------------------------------------------
+
+struct ClientCloser {
+  void operator()(companion_client* c) const { companion_client_close(c); }
+};
+struct ModelReleaser {
+  void operator()(companion_model* m) const { companion_model_release(m); }
+};
+struct StreamCloser {
+  void operator()(companion_status_stream* s) const { companion_status_stream_close(s); }
+};
+using ClientPtr = std::unique_ptr<companion_client, ClientCloser>;
+using ModelPtr = std::unique_ptr<companion_model, ModelReleaser>;
+using StreamPtr = std::unique_ptr<companion_status_stream, StreamCloser>;
+
+// Parses and frees a JSON string the library returned.
+json take_json(char* text) {
+  if (text == nullptr) return json();
+  json j = json::parse(text);
+  companion_free(text);
+  return j;
+}
+
+// A spec that owns its strings.
+class Spec {
+ public:
+  explicit Spec(std::string source, std::string dtype = "") : source_(std::move(source)) {
+    dtype_ = std::move(dtype);
+    companion_model_spec_init(&spec_);
+    spec_.source = source_.c_str();
+    if (!dtype_.empty()) spec_.dtype = dtype_.c_str();
+  }
+  Spec(const Spec&) = delete;
+  Spec& operator=(const Spec&) = delete;
+  const companion_model_spec* get() const { return &spec_; }
+  companion_model_spec* mut() { return &spec_; }
+
+ private:
+  std::string source_;
+  std::string dtype_;
+  companion_model_spec spec_{};
+};
+
+std::string last_error() {
+  return companion_last_error();
+}
+
+class CapiTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    tmp_ = make_temp_dir();
+    ASSERT_FALSE(tmp_.empty());
+    runtime_dir_ = tmp_ + "/runtime";
+    model_root_ = tmp_ + "/models";
+    fs::create_directories(model_root_);
+    ::mkdir(runtime_dir_.c_str(), 0700);
+    server_ = new ServerProcess();
+    started_ = server_->start(runtime_dir_, model_root_, tmp_ + "/server.log");
+    ASSERT_TRUE(started_) << server_->error;
+  }
+
+  static void TearDownTestSuite() {
+    if (server_ != nullptr) {
+      int code = server_->stop();
+      EXPECT_EQ(code, 0) << "server exit status";
+      delete server_;
+      server_ = nullptr;
+    }
+    if (!tmp_.empty()) {
+      std::error_code ec;
+      fs::remove_all(tmp_, ec);
+    }
+  }
+
+  void SetUp() override {
+    if (!started_) GTEST_FAIL() << "the server did not start";
+  }
+
+  // A fresh model directory <root>/<name> with sample_tensors(seed); returns its path.
+  static std::string write_model(const std::string& name, int seed = 1) {
+    fs::path dir = fs::path(model_root_) / name;
+    write_safetensors(dir / "model.safetensors", sample_tensors(seed));
+    return dir.string();
+  }
+
+  static ClientPtr connect() {
+    companion_connect_options options;
+    companion_connect_options_init(&options);
+    options.runtime_dir = runtime_dir_.c_str();
+    companion_client* client = nullptr;
+    companion_status s = companion_client_connect(&options, &client);
+    EXPECT_EQ(s, COMPANION_OK) << last_error();
+    return ClientPtr(client);
+  }
+
+  // The model's entry in list(), or null json.
+  static json listed(companion_client* client, const std::string& source) {
+    char* text = nullptr;
+    EXPECT_EQ(companion_client_list(client, &text), COMPANION_OK) << last_error();
+    for (const auto& m : take_json(text))
+      if (m["source"] == source) return m;
+    return json();
+  }
+
+  static std::string tmp_;
+  static std::string runtime_dir_;
+  static std::string model_root_;
+  static ServerProcess* server_;
+  static bool started_;
+};
+
+std::string CapiTest::tmp_;
+std::string CapiTest::runtime_dir_;
+std::string CapiTest::model_root_;
+ServerProcess* CapiTest::server_ = nullptr;
+bool CapiTest::started_ = false;
+
+// Every tensor of the mapped model equals the file's, in order, with its metadata.
+void expect_tensors_match(const companion_model* model, const std::vector<TestTensor>& expected) {
+  ASSERT_EQ(companion_model_tensor_count(model), expected.size());
+  std::map<std::string, const TestTensor*> by_name;
+  for (const auto& t : expected) by_name[t.name] = &t;
+  std::set<std::string> seen;
+  for (size_t i = 0; i < expected.size(); ++i) {
+    companion_tensor t;
+    ASSERT_EQ(companion_model_tensor(model, i, &t), COMPANION_OK) << last_error();
+    std::string name(t.name, t.name_length);
+    ASSERT_TRUE(by_name.count(name)) << name;
+    seen.insert(name);
+    const TestTensor& want = *by_name[name];
+    EXPECT_EQ(t.ndim, static_cast<int32_t>(want.shape.size())) << name;
+    for (int32_t d = 0; d < t.ndim; ++d) EXPECT_EQ(t.shape[d], want.shape[d]) << name;
+    // Contiguous strides, in elements.
+    int64_t stride = 1;
+    for (int32_t d = t.ndim - 1; d >= 0; --d) {
+      EXPECT_EQ(t.strides[d], stride) << name << " dim " << d;
+      stride *= want.shape[d];
+    }
+    EXPECT_EQ(t.nbytes, want.bytes.size()) << name;
+    ASSERT_NE(t.data, nullptr) << name;
+    EXPECT_EQ(std::memcmp(t.data, want.bytes.data(), want.bytes.size()), 0) << name;
+    EXPECT_EQ(t.device_type, COMPANION_DEVICE_CPU);
+    EXPECT_EQ(t.device_id, 0);
+    int32_t dtype = want.dtype == "F32"   ? COMPANION_DTYPE_F32
+                    : want.dtype == "I64" ? COMPANION_DTYPE_I64
+                                          : COMPANION_DTYPE_U8;
+    EXPECT_EQ(t.dtype, dtype) << name;
+
+    // find() gives the same description.
+    companion_tensor found;
+    ASSERT_EQ(companion_model_find(model, name.c_str(), &found), COMPANION_OK) << last_error();
+    EXPECT_EQ(found.data, t.data);
+    EXPECT_EQ(found.name, t.name);
+    EXPECT_EQ(found.shape, t.shape);
+    EXPECT_EQ(found.nbytes, t.nbytes);
+  }
+  EXPECT_EQ(seen.size(), expected.size());
+}
+
+// ---- errors and version --------------------------------------------------------------------
+
+TEST(CapiStatic, StatusStringForEveryCode) {
+  std::set<std::string> texts;
+#define COMPANION_CHECK(cname, name, value, text)                 \
+  EXPECT_EQ(static_cast<int>(COMPANION_##cname), value);          \
+  ASSERT_NE(companion_status_string(COMPANION_##cname), nullptr); \
+  EXPECT_STREQ(companion_status_string(COMPANION_##cname), text); \
+  texts.insert(companion_status_string(COMPANION_##cname));
+  COMPANION_STATUS_CODES(COMPANION_CHECK)
+#undef COMPANION_CHECK
+  EXPECT_EQ(texts.size(), 19u);
+  EXPECT_STREQ(companion_status_string(COMPANION_NOT_FOUND), "model not found");
+}
+
+TEST(CapiStatic, VersionAndFree) {
+  ASSERT_NE(companion_version(), nullptr);
+  EXPECT_STREQ(companion_version(), COMPANION_VERSION_STRING);
+  companion_free(nullptr);  // fine
+}
+
+TEST(CapiStatic, InitFillsDefaults) {
+  companion_connect_options o;
+  std::memset(&o, 0xAB, sizeof(o));
+  companion_connect_options_init(&o);
+  EXPECT_EQ(o.struct_size, sizeof(o));
+  EXPECT_STREQ(o.ns, "companion");
+  EXPECT_STREQ(o.device, "host");
+  EXPECT_EQ(o.socket_path, nullptr);
+  EXPECT_EQ(o.runtime_dir, nullptr);
+  EXPECT_STREQ(o.client_name, "companion-c");
+  EXPECT_EQ(o.discovery_timeout_s, 0.0);
+
+  companion_model_spec s;
+  std::memset(&s, 0xAB, sizeof(s));
+  companion_model_spec_init(&s);
+  EXPECT_EQ(s.struct_size, sizeof(s));
+  EXPECT_EQ(s.source, nullptr);
+  EXPECT_EQ(s.revision, nullptr);
+  EXPECT_EQ(s.dtype, nullptr);
+  EXPECT_EQ(s.tp_size, 1u);
+  EXPECT_EQ(s.tp_rank, 0u);
+  EXPECT_EQ(s.tag, nullptr);
+
+  companion_connect_options_init(nullptr);  // no crash
+  companion_model_spec_init(nullptr);
+}
+
+TEST(CapiStatic, NoServerIsUnavailable) {
+  std::string empty = make_temp_dir();
+  ASSERT_FALSE(empty.empty());
+  companion_connect_options o;
+  companion_connect_options_init(&o);
+  o.runtime_dir = empty.c_str();
+  o.discovery_timeout_s = 0.2;
+  companion_client* client = reinterpret_cast<companion_client*>(0x1);
+  auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(companion_client_connect(&o, &client), COMPANION_UNAVAILABLE);
+  EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(150));
+  EXPECT_EQ(client, nullptr);
+  EXPECT_NE(last_error().find("no live companion server"), std::string::npos) << last_error();
+  EXPECT_NE(last_error().find(empty), std::string::npos) << last_error();
+
+  std::string missing = empty + "/missing.sock";
+  companion_connect_options_init(&o);
+  o.socket_path = missing.c_str();
+  EXPECT_EQ(companion_client_connect(&o, &client), COMPANION_UNAVAILABLE);
+  EXPECT_NE(last_error().find(missing), std::string::npos) << last_error();
+  fs::remove_all(empty);
+}
+
+TEST(CapiStatic, NullArgumentsAreInvalid) {
+  auto invalid = [](companion_status s, const char* what) {
+    EXPECT_EQ(s, COMPANION_INVALID_ARGUMENT) << what;
+    EXPECT_FALSE(last_error().empty()) << what;
+  };
+  invalid(companion_client_connect(nullptr, nullptr), "connect out");
+  EXPECT_NE(last_error().find("NULL"), std::string::npos) << last_error();
+  char* text = reinterpret_cast<char*>(0x1);
+  invalid(companion_client_server_info(nullptr, &text), "server_info");
+  EXPECT_EQ(text, nullptr);  // cleared on failure
+  EXPECT_EQ(last_error(), "client is NULL");
+  invalid(companion_client_list(nullptr, &text), "list");
+  invalid(companion_client_health(nullptr, &text), "health");
+  Spec spec("/nowhere");
+  invalid(companion_client_status(nullptr, spec.get(), &text), "status");
+  invalid(companion_client_load(nullptr, spec.get(), 1, -1, nullptr), "load");
+  invalid(companion_client_unload(nullptr, spec.get(), nullptr, 0, nullptr), "unload");
+  invalid(companion_client_wait_for_model_ready(nullptr, spec.get(), 1, 1, nullptr), "wait");
+  companion_model* model = nullptr;
+  invalid(companion_client_get_model_parameters(nullptr, spec.get(), -1, &model), "get params");
+  companion_status_stream* stream = nullptr;
+  invalid(companion_client_subscribe(nullptr, spec.get(), &stream), "subscribe");
+  invalid(companion_status_stream_next(nullptr, 0, &text), "next");
+  companion_tensor t;
+  invalid(companion_model_tensor(nullptr, 0, &t), "tensor");
+  invalid(companion_model_find(nullptr, "x", &t), "find");
+  invalid(companion_model_info(nullptr, &text), "info");
+  EXPECT_EQ(companion_model_tensor_count(nullptr), 0u);
+  // NULL handles to close/release are no-ops.
+  companion_client_close(nullptr);
+  companion_model_release(nullptr);
+  companion_status_stream_close(nullptr);
+}
+
+TEST(CapiStatic, LastErrorIsPerThread) {
+  // The main thread's message survives other threads' failures.
+  ASSERT_EQ(companion_client_list(nullptr, nullptr), COMPANION_INVALID_ARGUMENT);
+  std::string main_message = last_error();
+  ASSERT_FALSE(main_message.empty());
+
+  std::barrier sync(2);
+  std::string seen_a, seen_b;
+  companion_status code_a = COMPANION_OK, code_b = COMPANION_OK;
+  std::thread a([&] {
+    EXPECT_STREQ(companion_last_error(), "");  // nothing failed on this thread yet
+    code_a = companion_client_health(nullptr, nullptr);
+    sync.arrive_and_wait();  // both have failed
+    sync.arrive_and_wait();  // both have read
+    seen_a = companion_last_error();
+  });
+  std::thread b([&] {
+    companion_connect_options o;
+    companion_connect_options_init(&o);
+    o.struct_size = 0;  // refused before any connection is tried
+    companion_client* c = nullptr;
+    code_b = companion_client_connect(&o, &c);
+    sync.arrive_and_wait();
+    sync.arrive_and_wait();
+    seen_b = companion_last_error();
+  });
+  a.join();
+  b.join();
+  EXPECT_EQ(code_a, COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(code_b, COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(seen_a, "client is NULL");
+  EXPECT_NE(seen_b.find("struct_size"), std::string::npos) << seen_b;
+  EXPECT_EQ(last_error(), main_message);
+}
+
+TEST(CapiStatic, LastErrorSurvivesInfallibleCalls) {
+  ASSERT_EQ(companion_client_health(nullptr, nullptr), COMPANION_INVALID_ARGUMENT);
+  std::string message = last_error();
+  // Calls that cannot fail leave the message alone (so they may share an expression with it).
+  (void)companion_status_string(COMPANION_INVALID_ARGUMENT);
+  (void)companion_version();
+  companion_free(nullptr);
+  companion_client_close(nullptr);
+  EXPECT_EQ(last_error(), message);
+}
+
+// ---- with a server -------------------------------------------------------------------------
+
+TEST_F(CapiTest, ConnectsByDiscoveryAndReportsServerInfo) {
+  companion_connect_options o;
+  companion_connect_options_init(&o);
+  o.runtime_dir = runtime_dir_.c_str();
+  companion_client* raw = nullptr;
+  ASSERT_EQ(companion_client_connect(&o, &raw), COMPANION_OK) << last_error();
+  ClientPtr client(raw);
+  EXPECT_STREQ(companion_last_error(), "");
+
+  char* text = nullptr;
+  ASSERT_EQ(companion_client_server_info(client.get(), &text), COMPANION_OK) << last_error();
+  json j = take_json(text);
+  std::set<std::string> keys;
+  for (const auto& [k, v] : j.items()) keys.insert(k);
+  EXPECT_EQ(keys,
+            (std::set<std::string>{"instance_id", "namespace", "component", "hostname", "pid",
+                                   "device", "gpu_uuid", "pci_bus_id", "device_ordinal", "backends",
+                                   "default_backend", "started_at_ms", "version", "socket_path"}));
+  EXPECT_EQ(j["socket_path"], server_->socket);
+  EXPECT_EQ(j["instance_id"], server_->instance);
+  EXPECT_EQ(j["pid"], server_->pid);
+  EXPECT_EQ(j["namespace"], "companion");
+  EXPECT_EQ(j["device"], "host");
+  EXPECT_EQ(j["component"], "model_server_host");
+  EXPECT_EQ(j["device_ordinal"], -1);
+  EXPECT_EQ(j["version"], companion_version());
+}
+
+TEST_F(CapiTest, ConnectsBySocketPathAndReportsHealthAndList) {
+  companion_connect_options o;
+  companion_connect_options_init(&o);
+  o.socket_path = server_->socket.c_str();
+  o.runtime_dir = "/nonexistent-runtime-dir";  // not consulted when socket_path is given
+  o.client_name = "capi-unit";
+  companion_client* raw = nullptr;
+  ASSERT_EQ(companion_client_connect(&o, &raw), COMPANION_OK) << last_error();
+  ClientPtr client(raw);
+
+  char* text = nullptr;
+  ASSERT_EQ(companion_client_health(client.get(), &text), COMPANION_OK) << last_error();
+  json h = take_json(text);
+  EXPECT_EQ(h["state"], "serving");
+  EXPECT_EQ(h["server"]["instance_id"], server_->instance);
+  for (const char* k :
+       {"uptime_ms", "models_loaded", "models_total", "clients", "leases", "slab_bytes"})
+    EXPECT_TRUE(h.contains(k)) << k;
+  EXPECT_GE(h["clients"].get<int>(), 1);
+
+  ASSERT_EQ(companion_client_list(client.get(), &text), COMPANION_OK) << last_error();
+  EXPECT_TRUE(take_json(text).is_array());
+}
+
+TEST_F(CapiTest, LoadWithoutWaitThenWaitForReady) {
+  std::string path = write_model("load-nowait");
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec spec(path);
+  char* text = nullptr;
+  ASSERT_EQ(companion_client_load(client.get(), spec.get(), 0, -1, &text), COMPANION_OK)
+      << last_error();
+  json started = take_json(text);
+  EXPECT_TRUE(started["state"] == "loading" || started["state"] == "loaded") << started;
+  EXPECT_EQ(started["source"], path);
+
+  ASSERT_EQ(companion_client_wait_for_model_ready(client.get(), spec.get(), 10, 60, &text),
+            COMPANION_OK)
+      << last_error();
+  json ready = take_json(text);
+  EXPECT_EQ(ready["state"], "loaded");
+  EXPECT_EQ(ready["tensors"], 4);
+  EXPECT_EQ(ready["id"], started["id"]);
+  EXPECT_EQ(ready["key"], started["key"]);
+  EXPECT_EQ(ready["progress"], 1.0);
+  EXPECT_FALSE(ready.contains("error"));
+
+  ASSERT_EQ(companion_client_status(client.get(), spec.get(), &text), COMPANION_OK) << last_error();
+  json status = take_json(text);
+  EXPECT_EQ(status["state"], "loaded");
+  EXPECT_EQ(status["id"], started["id"]);
+  std::set<std::string> keys;
+  for (const auto& [k, v] : status.items()) keys.insert(k);
+  EXPECT_EQ(keys,
+            (std::set<std::string>{"id", "key", "source", "state", "bytes_done", "bytes_total",
+                                   "progress", "tensors", "leases", "backend", "slab_bytes"}));
+
+  json entry = listed(client.get(), path);
+  ASSERT_FALSE(entry.is_null());
+  EXPECT_EQ(entry["id"], started["id"]);
+
+  // Already loaded: load(wait) returns at once; the JSON out pointer is optional.
+  EXPECT_EQ(companion_client_load(client.get(), spec.get(), 1, 5, nullptr), COMPANION_OK)
+      << last_error();
+  EXPECT_EQ(companion_client_wait_for_model_ready(client.get(), spec.get(), 5, 5, nullptr),
+            COMPANION_OK)
+      << last_error();
+}
+
+TEST_F(CapiTest, LoadAndWait) {
+  std::string path = write_model("load-wait", 2);
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec spec(path, "auto");  // "auto" = as stored
+  char* text = nullptr;
+  ASSERT_EQ(companion_client_load(client.get(), spec.get(), 1, 60, &text), COMPANION_OK)
+      << last_error();
+  json j = take_json(text);
+  EXPECT_EQ(j["state"], "loaded");
+  EXPECT_EQ(j["bytes_done"], j["bytes_total"]);
+  EXPECT_GT(j["bytes_total"].get<uint64_t>(), 0u);
+  EXPECT_EQ(j["backend"], "host");
+}
+
+TEST_F(CapiTest, GetModelParametersMapsTheFileBytes) {
+  std::string path = write_model("params", 3);
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec spec(path);
+  companion_model* raw = nullptr;
+  ASSERT_EQ(companion_client_get_model_parameters(client.get(), spec.get(), 60, &raw), COMPANION_OK)
+      << last_error();
+  ModelPtr model(raw);
+  expect_tensors_match(model.get(), sample_tensors(3));
+
+  companion_tensor t;
+  EXPECT_EQ(companion_model_find(model.get(), "no.such.tensor", &t), COMPANION_NOT_FOUND);
+  EXPECT_NE(last_error().find("no.such.tensor"), std::string::npos) << last_error();
+  EXPECT_EQ(companion_model_tensor(model.get(), 4, &t), COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("out of range"), std::string::npos) << last_error();
+  EXPECT_EQ(companion_model_tensor(model.get(), 0, nullptr), COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(companion_model_find(model.get(), nullptr, &t), COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(companion_model_find(model.get(), "mask", nullptr), COMPANION_INVALID_ARGUMENT);
+
+  // The scalar has rank 0.
+  ASSERT_EQ(companion_model_find(model.get(), "scale", &t), COMPANION_OK);
+  EXPECT_EQ(t.ndim, 0);
+  EXPECT_EQ(t.nbytes, 4u);
+
+  char* text = nullptr;
+  ASSERT_EQ(companion_model_info(model.get(), &text), COMPANION_OK) << last_error();
+  json info = take_json(text);
+  EXPECT_GT(info["lease_id"].get<uint64_t>(), 0u);
+  EXPECT_GE(info["segments"].get<size_t>(), 1u);
+  EXPECT_EQ(info["segment_inodes"].size(), info["segments"].get<size_t>());
+  EXPECT_GE(info["mapped_bytes"].get<uint64_t>(), 24u + 32u + 5u + 4u);
+  EXPECT_EQ(info["model"]["state"], "loaded");
+  EXPECT_EQ(info["model"]["source"], path);
+  EXPECT_EQ(info["model"]["tensors"], 4);
+  EXPECT_EQ(companion_model_info(model.get(), nullptr), COMPANION_INVALID_ARGUMENT);
+
+  // The server counts our lease; it goes with the release.
+  EXPECT_EQ(listed(client.get(), path)["leases"], 1);
+  model.reset();
+  bool released = false;
+  for (int i = 0; i < 200 && !released; ++i) {
+    released = listed(client.get(), path)["leases"] == 0;
+    if (!released) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  EXPECT_TRUE(released);
+}
+
+TEST_F(CapiTest, DtypeCastIsPassedToTheServer) {
+  std::string path = write_model("cast", 4);
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec spec(path, "fp16");
+  companion_model* raw = nullptr;
+  ASSERT_EQ(companion_client_get_model_parameters(client.get(), spec.get(), 60, &raw), COMPANION_OK)
+      << last_error();
+  ModelPtr model(raw);
+  companion_tensor t;
+  ASSERT_EQ(companion_model_find(model.get(), "embed.weight", &t), COMPANION_OK);
+  EXPECT_EQ(t.dtype, COMPANION_DTYPE_F16);
+  EXPECT_EQ(t.nbytes, 12u);
+  ASSERT_EQ(companion_model_find(model.get(), "layer.0.bias", &t), COMPANION_OK);
+  EXPECT_EQ(t.dtype, COMPANION_DTYPE_I64);  // only floating tensors are cast
+}
+
+TEST_F(CapiTest, BadDtypesAreRefused) {
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec unknown(model_root_ + "/whatever", "q7");
+  char* text = nullptr;
+  EXPECT_EQ(companion_client_load(client.get(), unknown.get(), 1, 5, &text),
+            COMPANION_UNKNOWN_DTYPE);
+  EXPECT_NE(last_error().find("q7"), std::string::npos) << last_error();
+  EXPECT_EQ(text, nullptr);
+  companion_model* model = nullptr;
+  EXPECT_EQ(companion_client_get_model_parameters(client.get(), unknown.get(), 5, &model),
+            COMPANION_UNKNOWN_DTYPE);
+  EXPECT_EQ(model, nullptr);
+  companion_status_stream* stream = nullptr;
+  EXPECT_EQ(companion_client_subscribe(client.get(), unknown.get(), &stream),
+            COMPANION_UNKNOWN_DTYPE);
+  EXPECT_EQ(stream, nullptr);
+
+  // A real dtype that is no cast target.
+  Spec int8(model_root_ + "/whatever", "int8");
+  EXPECT_EQ(companion_client_status(client.get(), int8.get(), &text), COMPANION_UNKNOWN_DTYPE);
+  EXPECT_NE(last_error().find("I8"), std::string::npos) << last_error();
+}
+
+TEST_F(CapiTest, InvalidSpecsAndTimeouts) {
+  auto client = connect();
+  ASSERT_TRUE(client);
+  char* text = nullptr;
+  companion_model_spec spec;
+  companion_model_spec_init(&spec);
+  EXPECT_EQ(companion_client_status(client.get(), &spec, &text), COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("source"), std::string::npos) << last_error();
+  EXPECT_EQ(companion_client_status(client.get(), nullptr, &text), COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(last_error(), "spec is NULL");
+  spec.source = "";
+  EXPECT_EQ(companion_client_status(client.get(), &spec, &text), COMPANION_INVALID_ARGUMENT);
+  spec.source = "/models/x";
+  spec.struct_size = 0;
+  EXPECT_EQ(companion_client_status(client.get(), &spec, &text), COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("companion_model_spec_init"), std::string::npos) << last_error();
+  companion_model_spec_init(&spec);
+  spec.source = "/models/x";
+  spec.tp_size = 2;
+  spec.tp_rank = 2;
+  EXPECT_EQ(companion_client_status(client.get(), &spec, &text), COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("tp_rank"), std::string::npos) << last_error();
+
+  Spec relative("relative/dir/model");
+  EXPECT_EQ(companion_client_load(client.get(), relative.get(), 1, 5, nullptr),
+            COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("relative"), std::string::npos) << last_error();
+
+  Spec ok(write_model("timeouts"));
+  double nan = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_EQ(companion_client_load(client.get(), ok.get(), 1, nan, nullptr),
+            COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("NaN"), std::string::npos);
+  EXPECT_EQ(companion_client_wait_for_model_ready(client.get(), ok.get(), nan, 1, nullptr),
+            COMPANION_INVALID_ARGUMENT);
+  // Infinity is "no limit".
+  double inf = std::numeric_limits<double>::infinity();
+  EXPECT_EQ(companion_client_wait_for_model_ready(client.get(), ok.get(), inf, inf, nullptr),
+            COMPANION_OK)
+      << last_error();
+  companion_model* model = nullptr;
+  EXPECT_EQ(companion_client_get_model_parameters(client.get(), ok.get(), 1e300, &model),
+            COMPANION_OK)
+      << last_error();
+  companion_model_release(model);
+
+  companion_connect_options o;
+  companion_connect_options_init(&o);
+  o.runtime_dir = runtime_dir_.c_str();
+  o.discovery_timeout_s = nan;
+  companion_client* other = nullptr;
+  EXPECT_EQ(companion_client_connect(&o, &other), COMPANION_INVALID_ARGUMENT);
+  o.discovery_timeout_s = inf;  // a live server is found at once
+  ASSERT_EQ(companion_client_connect(&o, &other), COMPANION_OK) << last_error();
+  companion_client_close(other);
+}
+
+TEST_F(CapiTest, MissingModelIsNotFoundAndNamesThePath) {
+  auto client = connect();
+  ASSERT_TRUE(client);
+  std::string path = model_root_ + "/no-such-model";
+  Spec spec(path);
+  char* text = nullptr;
+  EXPECT_EQ(companion_client_load(client.get(), spec.get(), 1, 10, &text), COMPANION_NOT_FOUND);
+  EXPECT_NE(last_error().find(path), std::string::npos) << last_error();
+  EXPECT_EQ(text, nullptr);
+  EXPECT_EQ(companion_client_load(client.get(), spec.get(), 0, 10, nullptr), COMPANION_NOT_FOUND);
+  EXPECT_EQ(companion_client_status(client.get(), spec.get(), &text), COMPANION_NOT_FOUND);
+  EXPECT_NE(last_error().find(path), std::string::npos) << last_error();
+  EXPECT_EQ(companion_client_wait_for_model_ready(client.get(), spec.get(), 5, 5, nullptr),
+            COMPANION_NOT_FOUND);
+  companion_model* model = nullptr;
+  EXPECT_EQ(companion_client_get_model_parameters(client.get(), spec.get(), 5, &model),
+            COMPANION_NOT_FOUND);
+  EXPECT_EQ(model, nullptr);
+  EXPECT_NE(last_error().find(path), std::string::npos) << last_error();
+  EXPECT_EQ(companion_client_unload(client.get(), spec.get(), nullptr, 0, nullptr),
+            COMPANION_NOT_FOUND);
+  // A successful call clears the message.
+  ASSERT_EQ(companion_client_list(client.get(), &text), COMPANION_OK);
+  companion_free(text);
+  EXPECT_STREQ(companion_last_error(), "");
+}
+
+TEST_F(CapiTest, SubscribeToOneModelSeesCurrentStateThenTheLoad) {
+  std::string path = write_model("stream-one", 5);
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec spec(path);
+  companion_status_stream* raw = nullptr;
+  ASSERT_EQ(companion_client_subscribe(client.get(), spec.get(), &raw), COMPANION_OK)
+      << last_error();
+  StreamPtr stream(raw);
+  char* text = nullptr;
+  ASSERT_EQ(companion_status_stream_next(stream.get(), 10, &text), COMPANION_OK) << last_error();
+  json first = take_json(text);
+  EXPECT_EQ(first["state"], "ready");
+  EXPECT_EQ(first["source"], path);
+
+  ASSERT_EQ(companion_client_load(client.get(), spec.get(), 0, -1, nullptr), COMPANION_OK)
+      << last_error();
+  std::vector<json> states;
+  while (states.empty() || states.back()["state"] != "loaded") {
+    ASSERT_EQ(companion_status_stream_next(stream.get(), 30, &text), COMPANION_OK) << last_error();
+    states.push_back(take_json(text));
+    ASSERT_LT(states.size(), 1000u);
+    ASSERT_NE(states.back()["state"], "error") << states.back();
+  }
+  EXPECT_EQ(states.front()["state"], "loading");
+  uint64_t last_done = 0;
+  for (const auto& s : states) {
+    EXPECT_GE(s["bytes_done"].get<uint64_t>(), last_done);
+    last_done = s["bytes_done"].get<uint64_t>();
+  }
+  EXPECT_EQ(states.back()["bytes_done"], states.back()["bytes_total"]);
+
+  // Nothing more: a timeout, with a message.
+  EXPECT_EQ(companion_status_stream_next(stream.get(), 0.2, &text), COMPANION_TIMEOUT);
+  EXPECT_EQ(text, nullptr);
+  EXPECT_FALSE(last_error().empty());
+  EXPECT_EQ(companion_status_stream_next(stream.get(), std::nan(""), &text),
+            COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(companion_status_stream_next(stream.get(), 1, nullptr), COMPANION_INVALID_ARGUMENT);
+
+  // An unload shows up too.
+  ASSERT_EQ(companion_client_unload(client.get(), spec.get(), nullptr, 0, &text), COMPANION_OK)
+      << last_error();
+  EXPECT_EQ(take_json(text)["state"], "unloaded");
+  ASSERT_EQ(companion_status_stream_next(stream.get(), 10, &text), COMPANION_OK) << last_error();
+  EXPECT_EQ(take_json(text)["state"], "unloaded");
+}
+
+TEST_F(CapiTest, SubscribeToAllSeesEveryModel) {
+  std::string a = write_model("stream-all-a", 6);
+  std::string b = write_model("stream-all-b", 7);
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec spec_a(a), spec_b(b);
+  ASSERT_EQ(companion_client_load(client.get(), spec_a.get(), 1, 60, nullptr), COMPANION_OK)
+      << last_error();
+
+  companion_status_stream* raw = nullptr;
+  ASSERT_EQ(companion_client_subscribe(client.get(), nullptr, &raw), COMPANION_OK) << last_error();
+  StreamPtr stream(raw);
+  // First the current state of every model (a among them, loaded).
+  char* text = nullptr;
+  bool saw_a = false;
+  for (;;) {
+    companion_status s = companion_status_stream_next(stream.get(), 0.5, &text);
+    if (s == COMPANION_TIMEOUT) break;
+    ASSERT_EQ(s, COMPANION_OK) << last_error();
+    json j = take_json(text);
+    if (j["source"] == a) saw_a = j["state"] == "loaded";
+  }
+  EXPECT_TRUE(saw_a);
+
+  ASSERT_EQ(companion_client_load(client.get(), spec_b.get(), 0, -1, nullptr), COMPANION_OK)
+      << last_error();
+  std::vector<std::string> b_states;
+  while (b_states.empty() || b_states.back() != "loaded") {
+    ASSERT_EQ(companion_status_stream_next(stream.get(), 30, &text), COMPANION_OK) << last_error();
+    json j = take_json(text);
+    if (j["source"] == b) b_states.push_back(j["state"]);
+    ASSERT_LT(b_states.size(), 1000u);
+  }
+  EXPECT_EQ(b_states.front(), "loading");
+}
+
+TEST_F(CapiTest, UnloadRespectsLeasesUnlessForced) {
+  std::string path = write_model("in-use", 8);
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec spec(path);
+  companion_model* raw = nullptr;
+  ASSERT_EQ(companion_client_get_model_parameters(client.get(), spec.get(), 60, &raw), COMPANION_OK)
+      << last_error();
+  ModelPtr model(raw);
+
+  char* text = nullptr;
+  EXPECT_EQ(companion_client_unload(client.get(), spec.get(), nullptr, 0, &text),
+            COMPANION_MODEL_IN_USE);
+  EXPECT_EQ(text, nullptr);
+  EXPECT_NE(last_error().find("lease"), std::string::npos) << last_error();
+
+  ASSERT_EQ(companion_client_unload(client.get(), spec.get(), nullptr, 1, &text), COMPANION_OK)
+      << last_error();
+  json unloaded = take_json(text);
+  EXPECT_EQ(unloaded["state"], "unloaded");
+  EXPECT_EQ(unloaded["source"], path);
+  // Our mapping outlives the unload.
+  expect_tensors_match(model.get(), sample_tensors(8));
+  model.reset();
+
+  // By id (and key), as `companion ls` shows them.
+  ASSERT_EQ(companion_client_load(client.get(), spec.get(), 1, 60, &text), COMPANION_OK)
+      << last_error();
+  json loaded = take_json(text);
+  std::string id = loaded["id"];
+  ASSERT_EQ(companion_client_unload(client.get(), nullptr, id.c_str(), 0, &text), COMPANION_OK)
+      << last_error();
+  EXPECT_EQ(take_json(text)["id"], id);
+  EXPECT_EQ(companion_client_unload(client.get(), nullptr, id.c_str(), 0, nullptr),
+            COMPANION_NOT_FOUND);
+  EXPECT_NE(last_error().find(id), std::string::npos) << last_error();
+  ASSERT_EQ(companion_client_load(client.get(), spec.get(), 1, 60, &text), COMPANION_OK);
+  std::string key = take_json(text)["key"];
+  EXPECT_EQ(companion_client_unload(client.get(), nullptr, key.c_str(), 0, nullptr), COMPANION_OK)
+      << last_error();
+
+  EXPECT_EQ(companion_client_unload(client.get(), nullptr, nullptr, 0, nullptr),
+            COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(companion_client_unload(client.get(), nullptr, "", 0, nullptr),
+            COMPANION_INVALID_ARGUMENT);
+}
+
+TEST_F(CapiTest, ModelOutlivesItsClient) {
+  std::string path = write_model("outlives", 9);
+  Spec spec(path);
+  companion_model* raw = nullptr;
+  {
+    auto client = connect();
+    ASSERT_TRUE(client);
+    ASSERT_EQ(companion_client_get_model_parameters(client.get(), spec.get(), 60, &raw),
+              COMPANION_OK)
+        << last_error();
+  }  // client closed here
+  ModelPtr model(raw);
+  expect_tensors_match(model.get(), sample_tensors(9));
+  char* text = nullptr;
+  ASSERT_EQ(companion_model_info(model.get(), &text), COMPANION_OK) << last_error();
+  EXPECT_EQ(take_json(text)["model"]["source"], path);
+
+  // The lease is still held (the model keeps its connection) until the release.
+  auto observer = connect();
+  ASSERT_TRUE(observer);
+  EXPECT_EQ(listed(observer.get(), path)["leases"], 1);
+  model.reset();
+  bool released = false;
+  for (int i = 0; i < 200 && !released; ++i) {
+    released = listed(observer.get(), path)["leases"] == 0;
+    if (!released) std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  EXPECT_TRUE(released);
+}
+
+TEST_F(CapiTest, OneClientSharedByThreads) {
+  std::string path = write_model("threads", 10);
+  auto client = connect();
+  ASSERT_TRUE(client);
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      Spec spec(path);
+      for (int i = 0; i < 10; ++i) {
+        char* text = nullptr;
+        companion_status s = COMPANION_OK;
+        switch ((t + i) % 4) {
+          case 0:
+            s = companion_client_list(client.get(), &text);
+            break;
+          case 1:
+            s = companion_client_health(client.get(), &text);
+            break;
+          case 2:
+            s = companion_client_server_info(client.get(), &text);
+            break;
+          case 3: {
+            companion_model* m = nullptr;
+            s = companion_client_get_model_parameters(client.get(), spec.get(), 60, &m);
+            if (s == COMPANION_OK && companion_model_tensor_count(m) != 4) ++failures;
+            companion_model_release(m);
+            break;
+          }
+        }
+        if (s != COMPANION_OK) ++failures;
+        companion_free(text);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(failures.load(), 0);
+}
+
+TEST_F(CapiTest, StructSizeLimitsWhatIsRead) {
+  std::string path = write_model("struct-size", 11);
+  // An older, shorter spec: the fields past struct_size are never read (poisoned here).
+  companion_model_spec old_spec;
+  companion_model_spec_init(&old_spec);
+  old_spec.source = path.c_str();
+  old_spec.dtype = "q7";                              // past the end: ignored
+  old_spec.tag = reinterpret_cast<const char*>(0x1);  // would crash if read
+  old_spec.struct_size = offsetof(companion_model_spec, dtype);
+
+  // A shorter connect options struct: runtime_dir and later are not read.
+  companion_connect_options old_options;
+  companion_connect_options_init(&old_options);
+  old_options.socket_path = server_->socket.c_str();
+  old_options.runtime_dir = reinterpret_cast<const char*>(0x1);
+  old_options.client_name = reinterpret_cast<const char*>(0x1);
+  old_options.struct_size = offsetof(companion_connect_options, runtime_dir);
+  companion_client* raw = nullptr;
+  ASSERT_EQ(companion_client_connect(&old_options, &raw), COMPANION_OK) << last_error();
+  ClientPtr client(raw);
+
+  char* text = nullptr;
+  ASSERT_EQ(companion_client_load(client.get(), &old_spec, 1, 60, &text), COMPANION_OK)
+      << last_error();
+  EXPECT_EQ(take_json(text)["state"], "loaded");
+
+  // A newer, longer struct: the unknown tail is ignored.
+  struct {
+    companion_model_spec spec;
+    char tail[64];
+  } newer;
+  std::memset(&newer, 0x5A, sizeof(newer));
+  companion_model_spec_init(&newer.spec);
+  newer.spec.source = path.c_str();
+  newer.spec.struct_size = sizeof(newer);
+  ASSERT_EQ(companion_client_status(client.get(), &newer.spec, &text), COMPANION_OK)
+      << last_error();
+  EXPECT_EQ(take_json(text)["state"], "loaded");
+}
+
+}  // namespace

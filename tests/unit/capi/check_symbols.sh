@@ -1,0 +1,68 @@
+#!/bin/sh
+# Checks libcompanion.so's dynamic interface:
+# - the exported (defined, dynamic) symbols are exactly the COMPANION_API functions of
+#   companion.h: any extra or missing symbol fails;
+# - its SONAME is libcompanion.so.0;
+# - it needs no shared library beyond libc, libstdc++, libm, libgcc_s, libdl (and the
+#   sanitizer runtimes in sanitizer builds).
+# Usage: check_symbols.sh LIBCOMPANION_SO COMPANION_H   (NM, OBJDUMP may name the tools)
+set -eu
+lib=$1
+header=$2
+nm=${NM:-nm}
+objdump=${OBJDUMP:-objdump}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# "0000000000007893 T companion_free@@COMPANION_0"; the version node itself is an A symbol.
+"$nm" -D --defined-only "$lib" >"$tmp/nm"
+awk '!($2 == "A" && $3 ~ /^COMPANION_[0-9]+$/) { print $3 }' "$tmp/nm" | sed 's/@.*//' |
+  sort -u >"$tmp/exported"
+awk '$2 != "T" && !($2 == "A" && $3 ~ /^COMPANION_[0-9]+$/)' "$tmp/nm" >"$tmp/not_functions"
+
+# Declarations: "COMPANION_API <return type> <name>(" (the name may be preceded by '*').
+grep -v '^[[:space:]]*#' "$header" | tr '\n' ' ' | grep -o 'COMPANION_API[^(;]*(' |
+  sed 's/($//' | awk '{ print $NF }' | sed 's/^\**//' | sort -u >"$tmp/declared"
+
+status=0
+declared=$(wc -l <"$tmp/declared")
+if [ "$declared" -lt 20 ]; then
+  echo "only $declared COMPANION_API functions parsed from $header: the parser is broken" >&2
+  status=1
+fi
+extra=$(comm -13 "$tmp/declared" "$tmp/exported")
+missing=$(comm -23 "$tmp/declared" "$tmp/exported")
+if [ -n "$extra" ]; then
+  echo "exported but not declared in companion.h:" >&2
+  echo "$extra" | sed 's/^/  /' >&2
+  status=1
+fi
+if [ -n "$missing" ]; then
+  echo "declared in companion.h but not exported:" >&2
+  echo "$missing" | sed 's/^/  /' >&2
+  status=1
+fi
+if [ -s "$tmp/not_functions" ]; then
+  echo "exported symbols that are not functions:" >&2
+  sed 's/^/  /' "$tmp/not_functions" >&2
+  status=1
+fi
+
+soname=$("$objdump" -p "$lib" | awk '$1 == "SONAME" { print $2 }')
+if [ "$soname" != "libcompanion.so.0" ]; then
+  echo "SONAME is '$soname', expected libcompanion.so.0" >&2
+  status=1
+fi
+"$objdump" -p "$lib" | awk '$1 == "NEEDED" { print $2 }' >"$tmp/needed"
+unexpected=$(grep -Ev '^(libc|libstdc\+\+|libm|libgcc_s|libdl|libpthread|ld-linux-x86-64|ld-linux-aarch64|libasan|libubsan|liblsan|libtsan)\.so(\.[0-9]+)*$' "$tmp/needed" || true)
+if [ -n "$unexpected" ]; then
+  echo "unexpected shared library dependencies:" >&2
+  echo "$unexpected" | sed 's/^/  /' >&2
+  status=1
+fi
+
+if [ "$status" -eq 0 ]; then
+  echo "libcompanion.so exports exactly the $declared functions of companion.h"
+  echo "SONAME $soname; needs: $(tr '\n' ' ' <"$tmp/needed")"
+fi
+exit "$status"
