@@ -1,4 +1,4 @@
-/*
+/**
  * Companion C ABI: the only stable binary interface (libcompanion.so). Everything else in
  * include/companion/ is C++ convenience over the same library.
  *
@@ -32,14 +32,14 @@ extern "C" {
 
 #define COMPANION_API __attribute__((visibility("default")))
 
-/* Status codes: the same list as the C++ StatusCode (status_codes.h). */
+/** Status codes: the same list as the C++ StatusCode (status_codes.h). */
 typedef enum companion_status {
 #define COMPANION_C_ENUM(cname, cppname, value, text) COMPANION_##cname = value,
   COMPANION_STATUS_CODES(COMPANION_C_ENUM)
 #undef COMPANION_C_ENUM
 } companion_status;
 
-/* Element types; the numbering matches the wire protocol. */
+/** Element types; the numbering matches the wire protocol. */
 typedef enum companion_dtype {
   COMPANION_DTYPE_BOOL = 0,
   COMPANION_DTYPE_U8 = 1,
@@ -58,7 +58,7 @@ typedef enum companion_dtype {
   COMPANION_DTYPE_F8_E5M2 = 14
 } companion_dtype;
 
-/* Where a tensor's data lives; the values are DLPack's DLDeviceType. */
+/** Where a tensor's data lives; the values are DLPack's DLDeviceType. */
 typedef enum companion_device_type {
   COMPANION_DEVICE_CPU = 1,
   COMPANION_DEVICE_CUDA = 2
@@ -88,7 +88,7 @@ typedef struct companion_model_spec {
   const char* tag;       /* NULL = none */
 } companion_model_spec;
 
-/* One tensor of a mapped model. Pointers stay valid until the model is released. */
+/** One tensor of a mapped model. Pointers stay valid until the model is released. */
 typedef struct companion_tensor {
   const char* name;       /* not NUL-terminated: use name_length */
   size_t name_length;
@@ -102,32 +102,32 @@ typedef struct companion_tensor {
   int32_t device_id;      /* local CUDA ordinal, 0 for CPU */
 } companion_tensor;
 
-/* ---- errors and version ------------------------------------------------------------------- */
+/** ---- errors and version ------------------------------------------------------------------- */
 
-/* Fixed description of a code ("model not found"). Never NULL. */
+/** Fixed description of a code ("model not found"). Never NULL. */
 COMPANION_API const char* companion_status_string(companion_status status);
-/* The calling thread's message for its last failed call ("" if none). Valid until the thread's
+/** The calling thread's message for its last failed call ("" if none). Valid until the thread's
  * next companion call. */
 COMPANION_API const char* companion_last_error(void);
 COMPANION_API const char* companion_version(void);
-/* Frees a string or buffer the library returned. NULL is fine. */
+/** Frees a string or buffer the library returned. NULL is fine. */
 COMPANION_API void companion_free(void* pointer);
 
-/* ---- options ------------------------------------------------------------------------------ */
+/** ---- options ------------------------------------------------------------------------------ */
 
 COMPANION_API void companion_connect_options_init(companion_connect_options* options);
 COMPANION_API void companion_model_spec_init(companion_model_spec* spec);
 
-/* ---- client ------------------------------------------------------------------------------- */
+/** ---- client ------------------------------------------------------------------------------- */
 
-/* Finds the server of options->device in options->ns and connects. options may be NULL (all
+/** Finds the server of options->device in options->ns and connects. options may be NULL (all
  * defaults). On success *client is a new handle. */
 COMPANION_API companion_status companion_client_connect(const companion_connect_options* options,
                                                         companion_client** client);
-/* Closes the connection. Models obtained from it stay valid (they keep what they need). */
+/** Closes the connection. Models obtained from it stay valid (they keep what they need). */
 COMPANION_API void companion_client_close(companion_client* client);
 
-/* JSON documents (free with companion_free): the server's identity, one model's status, all
+/** JSON documents (free with companion_free): the server's identity, one model's status, all
  * models, the server's health. Field names as in `companion ... --json`. */
 COMPANION_API companion_status companion_client_server_info(companion_client* client, char** json);
 COMPANION_API companion_status companion_client_status(companion_client* client,
@@ -136,46 +136,46 @@ COMPANION_API companion_status companion_client_status(companion_client* client,
 COMPANION_API companion_status companion_client_list(companion_client* client, char** json);
 COMPANION_API companion_status companion_client_health(companion_client* client, char** json);
 
-/* Starts a load (wait = 0) or waits for it (wait != 0, up to timeout_s; negative = no limit).
+/** Starts a load (wait = 0) or waits for it (wait != 0, up to timeout_s; negative = no limit).
  * *json (may be NULL) receives the model's status. */
 COMPANION_API companion_status companion_client_load(companion_client* client,
                                                      const companion_model_spec* spec, int wait,
                                                      double timeout_s, char** json);
-/* Unloads by spec, or by key / short id when key is not NULL. */
+/** Unloads by spec, or by key / short id when key is not NULL. */
 COMPANION_API companion_status companion_client_unload(companion_client* client,
                                                        const companion_model_spec* spec,
                                                        const char* key, int force, char** json);
-/* As the seed: triggers the load if needed and waits for it. COMPANION_TIMEOUT when it takes
+/** Triggers the load if needed and waits for it (the seed prototype's wait_for_model_ready). COMPANION_TIMEOUT when it takes
  * longer; the load's own error when it fails. *json (may be NULL) receives the status. */
 COMPANION_API companion_status companion_client_wait_for_model_ready(
     companion_client* client, const companion_model_spec* spec, double initial_timeout_s,
     double loading_timeout_s, char** json);
-/* Loads if needed and maps every tensor read-only into this process. */
+/** Loads if needed and maps every tensor read-only into this process. */
 COMPANION_API companion_status companion_client_get_model_parameters(
     companion_client* client, const companion_model_spec* spec, double timeout_s,
     companion_model** model);
 
-/* ---- mapped models ------------------------------------------------------------------------ */
+/** ---- mapped models ------------------------------------------------------------------------ */
 
-/* Unmaps the model and releases its lease. Tensors from it must not be used afterwards. */
+/** Unmaps the model and releases its lease. Tensors from it must not be used afterwards. */
 COMPANION_API void companion_model_release(companion_model* model);
 COMPANION_API size_t companion_model_tensor_count(const companion_model* model);
 COMPANION_API companion_status companion_model_tensor(const companion_model* model, size_t index,
                                                       companion_tensor* tensor);
-/* COMPANION_NOT_FOUND when the model has no tensor of that name. */
+/** COMPANION_NOT_FOUND when the model has no tensor of that name. */
 COMPANION_API companion_status companion_model_find(const companion_model* model, const char* name,
                                                     companion_tensor* tensor);
-/* The model's status and mapping facts (lease id, segments, bytes) as JSON. */
+/** The model's status and mapping facts (lease id, segments, bytes) as JSON. */
 COMPANION_API companion_status companion_model_info(const companion_model* model, char** json);
 
-/* ---- status streams ----------------------------------------------------------------------- */
+/** ---- status streams ----------------------------------------------------------------------- */
 
-/* Subscribes to one model's status (spec) or to every model's (spec == NULL). The current state
+/** Subscribes to one model's status (spec) or to every model's (spec == NULL). The current state
  * comes first, then every change. */
 COMPANION_API companion_status companion_client_subscribe(companion_client* client,
                                                           const companion_model_spec* spec,
                                                           companion_status_stream** stream);
-/* The next status as JSON; COMPANION_TIMEOUT after timeout_s (negative = wait forever). */
+/** The next status as JSON; COMPANION_TIMEOUT after timeout_s (negative = wait forever). */
 COMPANION_API companion_status companion_status_stream_next(companion_status_stream* stream,
                                                             double timeout_s, char** json);
 COMPANION_API void companion_status_stream_close(companion_status_stream* stream);
