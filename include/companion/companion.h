@@ -70,36 +70,36 @@ typedef struct companion_status_stream companion_status_stream;
 
 typedef struct companion_connect_options {
   uint32_t struct_size;
-  const char* ns;              /* namespace; default "companion" */
-  const char* device;          /* "host" (default), or a GPU ordinal, UUID or PCI bus id */
-  const char* socket_path;     /* connect here directly instead of discovering; NULL = discover */
-  const char* runtime_dir;     /* local registry directory; NULL = default */
-  const char* client_name;     /* shown in server logs; NULL = "companion-c" */
-  double discovery_timeout_s;  /* how long to wait for a live server; default 0 */
+  const char* ns;             /* namespace; default "companion" */
+  const char* device;         /* "host" (default), or a GPU ordinal, UUID or PCI bus id */
+  const char* socket_path;    /* connect here directly instead of discovering; NULL = discover */
+  const char* runtime_dir;    /* local registry directory; NULL = default */
+  const char* client_name;    /* shown in server logs; NULL = "companion-c" */
+  double discovery_timeout_s; /* how long to wait for a live server; default 0 */
 } companion_connect_options;
 
 typedef struct companion_model_spec {
   uint32_t struct_size;
-  const char* source;    /* directory, .safetensors file or Hugging Face id "org/name" */
-  const char* revision;  /* NULL or "" = main */
-  const char* dtype;     /* NULL, "" or "auto" = as stored; else "bf16", "fp16", "fp32"... */
-  uint32_t tp_size;      /* default 1 */
-  uint32_t tp_rank;      /* default 0 */
-  const char* tag;       /* NULL = none */
+  const char* source;   /* directory, .safetensors file or Hugging Face id "org/name" */
+  const char* revision; /* NULL or "" = main */
+  const char* dtype;    /* NULL, "" or "auto" = as stored; else "bf16", "fp16", "fp32"... */
+  uint32_t tp_size;     /* default 1 */
+  uint32_t tp_rank;     /* default 0 */
+  const char* tag;      /* NULL = none */
 } companion_model_spec;
 
 /** One tensor of a mapped model. Pointers stay valid until the model is released. */
 typedef struct companion_tensor {
-  const char* name;       /* not NUL-terminated: use name_length */
+  const char* name; /* not NUL-terminated: use name_length */
   size_t name_length;
-  int32_t dtype;          /* companion_dtype */
+  int32_t dtype; /* companion_dtype */
   int32_t ndim;
   const int64_t* shape;   /* ndim entries */
   const int64_t* strides; /* ndim entries, in elements */
   const void* data;       /* host or device pointer (read-only memory) */
   uint64_t nbytes;
-  int32_t device_type;    /* companion_device_type */
-  int32_t device_id;      /* local CUDA ordinal, 0 for CPU */
+  int32_t device_type; /* companion_device_type */
+  int32_t device_id;   /* local CUDA ordinal, 0 for CPU */
 } companion_tensor;
 
 /** ---- errors and version ------------------------------------------------------------------- */
@@ -145,15 +145,16 @@ COMPANION_API companion_status companion_client_load(companion_client* client,
 COMPANION_API companion_status companion_client_unload(companion_client* client,
                                                        const companion_model_spec* spec,
                                                        const char* key, int force, char** json);
-/** Triggers the load if needed and waits for it (the seed prototype's wait_for_model_ready). COMPANION_TIMEOUT when it takes
- * longer; the load's own error when it fails. *json (may be NULL) receives the status. */
+/** Triggers the load if needed and waits for it (the seed prototype's wait_for_model_ready).
+ * COMPANION_TIMEOUT when it takes longer; the load's own error when it fails. *json (may be NULL)
+ * receives the status. */
 COMPANION_API companion_status companion_client_wait_for_model_ready(
     companion_client* client, const companion_model_spec* spec, double initial_timeout_s,
     double loading_timeout_s, char** json);
 /** Loads if needed and maps every tensor read-only into this process. */
-COMPANION_API companion_status companion_client_get_model_parameters(
-    companion_client* client, const companion_model_spec* spec, double timeout_s,
-    companion_model** model);
+COMPANION_API companion_status
+companion_client_get_model_parameters(companion_client* client, const companion_model_spec* spec,
+                                      double timeout_s, companion_model** model);
 
 /** ---- mapped models ------------------------------------------------------------------------ */
 
