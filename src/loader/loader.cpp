@@ -52,7 +52,9 @@ Result<LoadPlan> make_load_plan(const checkpoint::Checkpoint& ckpt, std::optiona
     copy.source = t;
     copy.target_dtype = t.dtype;
     if (cast_to && dtype_is_float_convertible(t.dtype)) copy.target_dtype = *cast_to;
+    copy.target_shape = t.shape;
     copy.target_bytes = t.nbytes / dtype_size(t.dtype) * dtype_size(copy.target_dtype);
+    if (t.nbytes > 0) copy.extents.push_back(ReadExtent{t.file_offset, t.nbytes, 0});
     sizes.push_back(copy.target_bytes);
     plan.bytes_to_read += t.nbytes;
     plan.tensors.push_back(std::move(copy));
@@ -83,25 +85,27 @@ Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const Prog
     size_t out_size = dtype_size(t.target_dtype);
     // Chunks hold whole elements on both sides and fit a sink chunk after casting.
     uint64_t chunk = kSinkChunkBytes / std::max(in_size, out_size) * in_size;
-    for (uint64_t pos = 0; pos < t.source.nbytes; pos += chunk) {
-      if (cancel.load(std::memory_order_relaxed))
-        return make_error(StatusCode::kCancelled, "load cancelled");
-      uint64_t n = std::min(chunk, t.source.nbytes - pos);
-      uint64_t count = n / in_size;
-      uint64_t dst_offset = t.placement.offset + pos / in_size * out_size;
-      COMPANION_ASSIGN_OR_RETURN(void* dst,
-                                 sink->acquire(t.placement.segment, dst_offset, count * out_size));
-      if (!is_cast(t)) {
-        COMPANION_TRY(pread_exact(fd, path, dst, n, t.source.file_offset + pos));
-      } else {
-        if (!bounce) bounce = std::make_unique<char[]>(kSinkChunkBytes);
-        COMPANION_TRY(pread_exact(fd, path, bounce.get(), n, t.source.file_offset + pos));
-        COMPANION_TRY(
-            checkpoint::convert_elements(t.source.dtype, t.target_dtype, bounce.get(), dst, count));
+    for (const ReadExtent& e : t.extents) {
+      for (uint64_t pos = 0; pos < e.bytes; pos += chunk) {
+        if (cancel.load(std::memory_order_relaxed))
+          return make_error(StatusCode::kCancelled, "load cancelled");
+        uint64_t n = std::min(chunk, e.bytes - pos);
+        uint64_t count = n / in_size;
+        uint64_t dst_offset = t.placement.offset + e.dst_offset + pos / in_size * out_size;
+        COMPANION_ASSIGN_OR_RETURN(
+            void* dst, sink->acquire(t.placement.segment, dst_offset, count * out_size));
+        if (!is_cast(t)) {
+          COMPANION_TRY(pread_exact(fd, path, dst, n, e.file_offset + pos));
+        } else {
+          if (!bounce) bounce = std::make_unique<char[]>(kSinkChunkBytes);
+          COMPANION_TRY(pread_exact(fd, path, bounce.get(), n, e.file_offset + pos));
+          COMPANION_TRY(checkpoint::convert_elements(t.source.dtype, t.target_dtype, bounce.get(),
+                                                     dst, count));
+        }
+        COMPANION_TRY(sink->commit());
+        done += n;
+        if (progress) progress(done, plan.bytes_to_read);
       }
-      COMPANION_TRY(sink->commit());
-      done += n;
-      if (progress) progress(done, plan.bytes_to_read);
     }
   }
   COMPANION_TRY(sink->finish());

@@ -14,10 +14,21 @@
 
 namespace companion::loader {
 
+// One contiguous run of source bytes and where it lands, relative to the tensor's place in the
+// slab. A whole tensor is one extent; a tensor-parallel shard of a row-split matrix is one extent
+// per row.
+struct ReadExtent {
+  uint64_t file_offset = 0;  // absolute, in the tensor's file
+  uint64_t bytes = 0;        // source bytes (whole elements)
+  uint64_t dst_offset = 0;   // target bytes from the tensor's start in the slab (after casting)
+};
+
 struct TensorCopy {
-  checkpoint::TensorEntry source;   // where the bytes are in the checkpoint
-  DType target_dtype = DType::kU8;  // dtype in the slab (== source.dtype unless cast)
+  checkpoint::TensorEntry source;     // where the bytes are in the checkpoint
+  DType target_dtype = DType::kU8;    // dtype in the slab (== source.dtype unless cast)
+  std::vector<int64_t> target_shape;  // == source.shape unless sharded
   uint64_t target_bytes = 0;
+  std::vector<ReadExtent> extents;  // what to read, in file order; covers target_bytes exactly
   Placement placement;
 };
 
@@ -25,7 +36,7 @@ struct LoadPlan {
   std::vector<std::string> files;
   std::vector<TensorCopy> tensors;
   std::vector<uint64_t> segment_sizes;
-  uint64_t bytes_to_read = 0;  // progress counts these
+  uint64_t bytes_to_read = 0;  // sum of extents' bytes; progress counts these
 };
 
 // Builds the plan: casts floating tensors to `cast_to` when set (other dtypes stay as stored),

@@ -252,7 +252,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
     protocol::TensorInfo info;
     info.name = t.source.name;
     info.dtype = t.target_dtype;
-    info.shape = t.source.shape;
+    info.shape = t.target_shape;
     info.strides.resize(info.shape.size());
     int64_t stride = 1;
     for (size_t d = info.shape.size(); d-- > 0;) {
