@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: unit and integration tests on the Release build, then again under
-# AddressSanitizer + UndefinedBehaviorSanitizer. GPU tests skip themselves without a GPU
-# (scripts/gpu-test.sh runs them on a GPU machine).
+# AddressSanitizer + UndefinedBehaviorSanitizer, then the Python package's tests. GPU tests
+# skip themselves without a GPU (scripts/gpu-test.sh runs them on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --asan
@@ -14,4 +14,8 @@ for dir in build build-asan; do
   (cd "$dir" && ctest --output-on-failure -j 2) || status=1
   COMPANION_BUILD_DIR="$dir" .venv/bin/python -m pytest -q -p no:cacheprovider tests/integration || status=1
 done
+# The Python package loads libcompanion.so into the interpreter: the Release build's (an ASan
+# build of the library would need the sanitizer runtime preloaded into Python).
+echo "== Python package tests"
+COMPANION_BUILD_DIR=build .venv/bin/python -m pytest -q -p no:cacheprovider tests/python || status=1
 exit $status

@@ -1,0 +1,231 @@
+"""Loading libcompanion.so and declaring its C ABI (include/companion/companion.h) for ctypes.
+
+The library is looked up on first use, not at import:
+
+1. ``$COMPANION_LIBRARY`` (a path to the library file), if set;
+2. ``libcompanion.so*`` beside this package's files (e.g. copied into ``python/companion/`` before
+   ``pip install``);
+3. ``ctypes.util.find_library("companion")`` (the system's library path).
+
+Failing that, the call that needed it raises :class:`companion.LibraryNotFound`, naming every
+place it looked.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import pathlib
+import threading
+from typing import Any, List, Optional
+
+from .errors import Error, LibraryNotFound, error_for_code
+
+c_char_p = ctypes.c_char_p
+c_void_p = ctypes.c_void_p
+c_int = ctypes.c_int
+c_double = ctypes.c_double
+c_size_t = ctypes.c_size_t
+c_uint32 = ctypes.c_uint32
+c_int32 = ctypes.c_int32
+c_uint64 = ctypes.c_uint64
+c_int64 = ctypes.c_int64
+
+
+class ConnectOptions(ctypes.Structure):
+    """companion_connect_options."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("ns", c_char_p),
+        ("device", c_char_p),
+        ("socket_path", c_char_p),
+        ("runtime_dir", c_char_p),
+        ("client_name", c_char_p),
+        ("discovery_timeout_s", c_double),
+    ]
+
+
+class ModelSpecC(ctypes.Structure):
+    """companion_model_spec."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("source", c_char_p),
+        ("revision", c_char_p),
+        ("dtype", c_char_p),
+        ("tp_size", c_uint32),
+        ("tp_rank", c_uint32),
+        ("tag", c_char_p),
+    ]
+
+
+class TensorC(ctypes.Structure):
+    """companion_tensor."""
+
+    _fields_ = [
+        ("name", c_void_p),  # not NUL-terminated: name_length bytes
+        ("name_length", c_size_t),
+        ("dtype", c_int32),
+        ("ndim", c_int32),
+        ("shape", ctypes.POINTER(c_int64)),
+        ("strides", ctypes.POINTER(c_int64)),
+        ("data", c_void_p),
+        ("nbytes", c_uint64),
+        ("device_type", c_int32),
+        ("device_id", c_int32),
+    ]
+
+
+_P = ctypes.POINTER
+_status = c_int  # companion_status (an int-sized enum)
+
+# name: (restype, argtypes). Opaque handles travel as c_void_p.
+_PROTOTYPES = {
+    "companion_status_string": (c_char_p, [_status]),
+    "companion_last_error": (c_char_p, []),
+    "companion_version": (c_char_p, []),
+    "companion_free": (None, [c_void_p]),
+    "companion_connect_options_init": (None, [_P(ConnectOptions)]),
+    "companion_model_spec_init": (None, [_P(ModelSpecC)]),
+    "companion_client_connect": (_status, [_P(ConnectOptions), _P(c_void_p)]),
+    "companion_client_close": (None, [c_void_p]),
+    "companion_client_server_info": (_status, [c_void_p, _P(c_void_p)]),
+    "companion_client_status": (_status, [c_void_p, _P(ModelSpecC), _P(c_void_p)]),
+    "companion_client_list": (_status, [c_void_p, _P(c_void_p)]),
+    "companion_client_health": (_status, [c_void_p, _P(c_void_p)]),
+    "companion_client_load": (_status, [c_void_p, _P(ModelSpecC), c_int, c_double,
+                                        _P(c_void_p)]),
+    "companion_client_unload": (_status, [c_void_p, _P(ModelSpecC), c_char_p, c_int,
+                                          _P(c_void_p)]),
+    "companion_client_wait_for_model_ready": (_status, [c_void_p, _P(ModelSpecC), c_double,
+                                                        c_double, _P(c_void_p)]),
+    "companion_client_get_model_parameters": (_status, [c_void_p, _P(ModelSpecC), c_double,
+                                                        _P(c_void_p)]),
+    "companion_model_release": (None, [c_void_p]),
+    "companion_model_tensor_count": (c_size_t, [c_void_p]),
+    "companion_model_tensor": (_status, [c_void_p, c_size_t, _P(TensorC)]),
+    "companion_model_find": (_status, [c_void_p, c_char_p, _P(TensorC)]),
+    "companion_model_info": (_status, [c_void_p, _P(c_void_p)]),
+    "companion_client_subscribe": (_status, [c_void_p, _P(ModelSpecC), _P(c_void_p)]),
+    "companion_status_stream_next": (_status, [c_void_p, c_double, _P(c_void_p)]),
+    "companion_status_stream_close": (None, [c_void_p]),
+}
+
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_lib_path: Optional[str] = None
+
+
+def _candidates() -> List[str]:
+    """Where the library may be, in lookup order (for loading and for the error message)."""
+    out: List[str] = []
+    env = os.environ.get("COMPANION_LIBRARY")
+    if env:
+        out.append(env)
+        return out  # an explicit choice is not second-guessed
+    here = pathlib.Path(__file__).resolve().parent
+    beside = sorted(here.glob("libcompanion.so*"), key=lambda p: (len(p.name), p.name))
+    out.extend(str(p) for p in beside)
+    found = ctypes.util.find_library("companion")
+    if found:
+        out.append(found)
+    return out
+
+
+def _describe_search() -> str:
+    env = os.environ.get("COMPANION_LIBRARY")
+    here = pathlib.Path(__file__).resolve().parent
+    if env:
+        return f"$COMPANION_LIBRARY={env}"
+    return (f"$COMPANION_LIBRARY (not set), {here}/libcompanion.so*, "
+            f"ctypes.util.find_library('companion') (the system library path)")
+
+
+def load_library() -> ctypes.CDLL:
+    """The loaded libcompanion.so (loaded once, on first use)."""
+    global _lib, _lib_path
+    lib = _lib
+    if lib is not None:
+        return lib
+    with _lock:
+        if _lib is not None:
+            return _lib
+        problems = []
+        for path in _candidates():
+            try:
+                candidate = ctypes.CDLL(path)
+            except OSError as e:
+                problems.append(f"{path}: {e}")
+                continue
+            missing = [n for n in _PROTOTYPES if not hasattr(candidate, n)]
+            if missing:
+                problems.append(f"{path}: not a Companion C library (no {', '.join(missing[:3])})")
+                continue
+            for name, (restype, argtypes) in _PROTOTYPES.items():
+                fn = getattr(candidate, name)
+                fn.restype = restype
+                fn.argtypes = argtypes
+            _lib, _lib_path = candidate, path
+            return candidate
+        detail = "; ".join(problems) if problems else "no candidate file exists"
+        raise LibraryNotFound(
+            f"looked in {_describe_search()}: {detail}. Build it (target companion_capi: "
+            f"<build>/src/capi/libcompanion.so) and set COMPANION_LIBRARY to its path, or copy it "
+            f"into {pathlib.Path(__file__).resolve().parent}/.")
+
+
+def library_path() -> str:
+    """The path of the library in use (loading it if needed)."""
+    load_library()
+    assert _lib_path is not None
+    return _lib_path
+
+
+def last_error() -> str:
+    raw = load_library().companion_last_error()
+    return raw.decode("utf-8", "replace") if raw else ""
+
+
+def check(status: int) -> None:
+    """Raises the Error subclass of a non-OK status, with the thread's last error message."""
+    if status != 0:
+        raise error_for_code(status, last_error())
+
+
+def take_string(pointer: c_void_p) -> Optional[str]:
+    """Copies a library-allocated NUL-terminated string and frees it."""
+    if not pointer.value:
+        return None
+    lib = load_library()
+    try:
+        return ctypes.string_at(pointer.value).decode("utf-8", "replace")
+    finally:
+        lib.companion_free(pointer)
+
+
+def take_json(pointer: c_void_p) -> Any:
+    text = take_string(pointer)
+    return None if text is None else json.loads(text)
+
+
+def encode(value: Optional[str]) -> Optional[bytes]:
+    if value is None:
+        return None
+    return os.fsencode(value) if isinstance(value, (str, os.PathLike)) else bytes(value)
+
+
+def version() -> str:
+    """The library's software version (``companion_version()``)."""
+    raw = load_library().companion_version()
+    return raw.decode() if raw else ""
+
+
+def status_string(code: int) -> str:
+    raw = load_library().companion_status_string(code)
+    return raw.decode() if raw else ""
+
+
+__all__ = ["load_library", "library_path", "check", "take_json", "take_string", "Error",
+           "ConnectOptions", "ModelSpecC", "TensorC", "version", "status_string"]

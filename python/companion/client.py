@@ -1,0 +1,352 @@
+"""The client: find a device's server, load and unload models, map their weights."""
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import threading
+from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+
+from . import _lib
+from ._types import ModelSpec, ModelStatus, SpecLike
+from .errors import InvalidArgument, Timeout
+from .model import MappedModel, _ModelHandle
+
+DeviceLike = Union[str, int, Any]
+
+
+def _timeout(value: Optional[float]) -> float:
+    """None = no limit (the C ABI's negative value)."""
+    return -1.0 if value is None else float(value)
+
+
+def normalize_device(device: DeviceLike) -> str:
+    """The ``device`` string of the C ABI: "host", a GPU ordinal ("0"), UUID ("GPU-...") or PCI
+    bus id. Also accepts ints, "cpu" (= host), "cuda" / "cuda:N" and torch.device objects."""
+    if device is None:
+        return "host"
+    if isinstance(device, bool):
+        raise TypeError("device must be 'host', a GPU ordinal, UUID or PCI bus id")
+    if isinstance(device, int):
+        return str(device)
+    kind = getattr(device, "type", None)
+    if kind is not None and not isinstance(device, str):  # torch.device
+        if kind == "cpu":
+            return "host"
+        if kind == "cuda":
+            index = device.index
+            if index is None:
+                import torch
+
+                index = torch.cuda.current_device()
+            return str(index)
+        raise ValueError(f"unsupported device {device!r}")
+    text = str(device)
+    if text in ("", "cpu", "host"):
+        return "host"
+    if text == "cuda":
+        import torch
+
+        return str(torch.cuda.current_device())
+    if text.startswith("cuda:"):
+        return text[len("cuda:"):]
+    return text
+
+
+class _NativeHandle:
+    """An owned C handle that may be used from several threads and closed from any of them: the
+    native close happens once no call is using it."""
+
+    def __init__(self, ptr: int, closer: Callable[[int], None], what: str) -> None:
+        self._ptr = ptr
+        self._closer = closer
+        self._what = what
+        self._users = 0
+        self._closed = False
+        self._lock = threading.Lock()
+
+    def acquire(self) -> int:
+        with self._lock:
+            if self._closed:
+                raise InvalidArgument(f"the {self._what} is closed")
+            self._users += 1
+            return self._ptr
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            ptr = self._take_if_done()
+        if ptr:
+            self._closer(ptr)
+
+    def _take_if_done(self) -> int:
+        if self._closed and self._users == 0 and self._ptr:
+            ptr, self._ptr = self._ptr, 0
+            return ptr
+        return 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            ptr = self._take_if_done()
+        if ptr:
+            self._closer(ptr)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> int:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+class _SpecBuffer:
+    """A companion_model_spec filled from a ModelSpec (the encoded strings stay referenced)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        lib = _lib.load_library()
+        self.struct = _lib.ModelSpecC()
+        lib.companion_model_spec_init(ctypes.byref(self.struct))
+        self._keep = [_lib.encode(spec.source), _lib.encode(spec.revision),
+                      _lib.encode(spec.dtype), _lib.encode(spec.tag)]
+        self.struct.source, self.struct.revision, self.struct.dtype, self.struct.tag = self._keep
+        if spec.tp_size < 1 or spec.tp_rank < 0 or spec.tp_size > 0xFFFFFFFF \
+                or spec.tp_rank > 0xFFFFFFFF:
+            raise InvalidArgument(f"tp_size {spec.tp_size} / tp_rank {spec.tp_rank} out of range")
+        self.struct.tp_size = spec.tp_size
+        self.struct.tp_rank = spec.tp_rank
+
+    @property
+    def ref(self) -> Any:
+        return ctypes.byref(self.struct)
+
+
+_SHORT_ID = re.compile(r"[0-9a-f]{12}")
+_DEFAULT: Any = object()
+
+
+class StatusStream:
+    """Status updates of one model, or of every model: the current state first, then each
+    change. Iterate it (each item waits up to ``timeout`` seconds, then raises
+    :class:`companion.Timeout`; None = forever), or call :meth:`next` with a timeout of its own.
+    Close it (or use it as a context manager) when done. One thread at a time."""
+
+    def __init__(self, ptr: int, timeout: Optional[float]) -> None:
+        lib = _lib.load_library()
+        self._handle = _NativeHandle(ptr, lib.companion_status_stream_close, "status stream")
+        self.timeout = timeout
+
+    def next(self, timeout: Any = _DEFAULT) -> ModelStatus:
+        """The next status; waits up to ``timeout`` s (None = forever; default: the stream's
+        own timeout). Raises :class:`companion.Timeout` when none came in time."""
+        if timeout is _DEFAULT:
+            timeout = self.timeout
+        lib = _lib.load_library()
+        out = ctypes.c_void_p()
+        with self._handle as ptr:
+            _lib.check(lib.companion_status_stream_next(ptr, _timeout(timeout),
+                                                        ctypes.byref(out)))
+        return ModelStatus.from_json(_lib.take_json(out))
+
+    def __iter__(self) -> Iterator[ModelStatus]:
+        return self
+
+    def __next__(self) -> ModelStatus:
+        if self._handle.closed:
+            raise StopIteration
+        return self.next()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def __enter__(self) -> "StatusStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            try:
+                handle.close()
+            except Exception:
+                pass
+
+
+class Client:
+    """A connection to one device's Companion server. Thread-safe: requests are serialised by the
+    library; blocking calls release the GIL. Close it, or use it as a context manager. Models
+    mapped through it stay valid after it is closed."""
+
+    def __init__(self, ptr: int, options: Dict[str, Any]) -> None:
+        lib = _lib.load_library()
+        self._handle = _NativeHandle(ptr, lib.companion_client_close, "client")
+        self.options = options
+
+    # ---- plumbing -----------------------------------------------------------------------------
+
+    def _json_call(self, fn: Callable[..., int], *args: Any) -> Any:
+        out = ctypes.c_void_p()
+        with self._handle as ptr:
+            _lib.check(fn(ptr, *args, ctypes.byref(out)))
+        return _lib.take_json(out)
+
+    # ---- information ------------------------------------------------------------------------
+
+    def server_info(self) -> Dict[str, Any]:
+        """The server's identity: instance_id, namespace, component, device, gpu_uuid,
+        pci_bus_id, device_ordinal, backends, default_backend, pid, version, socket_path..."""
+        return self._json_call(_lib.load_library().companion_client_server_info)
+
+    def health(self) -> Dict[str, Any]:
+        """state ("serving"), uptime_ms, models_loaded, models_total, clients, leases,
+        slab_bytes and server (the identity)."""
+        return self._json_call(_lib.load_library().companion_client_health)
+
+    def list(self) -> List[ModelStatus]:
+        """Every model the server holds."""
+        docs = self._json_call(_lib.load_library().companion_client_list) or []
+        return [ModelStatus.from_json(d) for d in docs]
+
+    def status(self, spec: SpecLike) -> ModelStatus:
+        """One model's status (state "ready" for a model the server does not hold)."""
+        s = _SpecBuffer(ModelSpec.of(spec))
+        return ModelStatus.from_json(
+            self._json_call(_lib.load_library().companion_client_status, s.ref))
+
+    # ---- loading ------------------------------------------------------------------------------
+
+    def load(self, spec: SpecLike, wait: bool = True,
+             timeout: Optional[float] = None) -> ModelStatus:
+        """Starts loading the model (wait=False returns at once) or loads it and waits until it
+        is loaded (up to ``timeout`` s; None = no limit). Raises the load's error."""
+        s = _SpecBuffer(ModelSpec.of(spec))
+        return ModelStatus.from_json(self._json_call(
+            _lib.load_library().companion_client_load, s.ref, 1 if wait else 0,
+            _timeout(timeout)))
+
+    def unload(self, spec_or_key: Union[SpecLike, str], force: bool = False) -> ModelStatus:
+        """Unloads a model, named by a ModelSpec, a source, a key ("source=...;dtype=...") or a
+        short id (12 hex digits, as ``list()`` shows). Raises ModelInUse while clients hold
+        leases, unless ``force`` (clients keep their mappings)."""
+        lib = _lib.load_library()
+        if isinstance(spec_or_key, str) and (_SHORT_ID.fullmatch(spec_or_key)
+                                             or spec_or_key.startswith("source=")):
+            return ModelStatus.from_json(self._json_call(
+                lib.companion_client_unload, None, _lib.encode(spec_or_key), 1 if force else 0))
+        s = _SpecBuffer(ModelSpec.of(spec_or_key))  # type: ignore[arg-type]
+        return ModelStatus.from_json(self._json_call(
+            lib.companion_client_unload, s.ref, None, 1 if force else 0))
+
+    def wait_for_model_ready(self, spec: SpecLike, initial_timeout: Optional[float] = 30.0,
+                             loading_timeout: Optional[float] = 600.0) -> ModelStatus:
+        """As the seed: triggers the load if needed and waits until the model is loaded.
+        ``initial_timeout`` bounds the wait for the load to start, ``loading_timeout`` the load
+        itself (None = no limit). Raises Timeout, or the load's own error."""
+        s = _SpecBuffer(ModelSpec.of(spec))
+        return ModelStatus.from_json(self._json_call(
+            _lib.load_library().companion_client_wait_for_model_ready, s.ref,
+            _timeout(initial_timeout), _timeout(loading_timeout)))
+
+    def get_model_parameters(self, spec: SpecLike,
+                             timeout: Optional[float] = None) -> MappedModel:
+        """Loads the model if needed (waiting up to ``timeout`` s; None = no limit) and maps
+        every tensor read-only into this process."""
+        model_spec = ModelSpec.of(spec)
+        s = _SpecBuffer(model_spec)
+        lib = _lib.load_library()
+        out = ctypes.c_void_p()
+        with self._handle as ptr:
+            _lib.check(lib.companion_client_get_model_parameters(ptr, s.ref, _timeout(timeout),
+                                                                 ctypes.byref(out)))
+        return MappedModel(_ModelHandle(out.value or 0), model_spec)
+
+    def state_dict(self, spec: SpecLike, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Every tensor of the model as a zero-copy torch.Tensor (read-only memory). The mapping
+        lives as long as any of the tensors."""
+        return self.get_model_parameters(spec, timeout).state_dict()
+
+    def status_stream(self, spec: Optional[SpecLike] = None,
+                      timeout: Optional[float] = None) -> StatusStream:
+        """Follows one model's status (or every model's, with spec None): the current state,
+        then each change. ``timeout`` bounds the wait for each item when iterating."""
+        lib = _lib.load_library()
+        s = _SpecBuffer(ModelSpec.of(spec)) if spec is not None else None
+        out = ctypes.c_void_p()
+        with self._handle as ptr:
+            _lib.check(lib.companion_client_subscribe(ptr, s.ref if s else None,
+                                                      ctypes.byref(out)))
+        return StatusStream(out.value or 0, timeout)
+
+    # ---- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the connection (after calls in flight return). Idempotent."""
+        self._handle.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._handle.closed
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        handle = getattr(self, "_handle", None)
+        if handle is not None:
+            try:
+                handle.close()
+            except Exception:
+                pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return (f"<companion.Client {state} namespace={self.options.get('namespace')!r} "
+                f"device={self.options.get('device')!r}>")
+
+
+def connect(namespace: str = "companion", device: DeviceLike = "host",
+            socket_path: Optional[Union[str, "os.PathLike[str]"]] = None,
+            runtime_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+            discovery_timeout: float = 0.0, client_name: Optional[str] = None) -> Client:
+    """Connects to the Companion server of ``device`` in ``namespace``.
+
+    - ``device``: "host" (default), a GPU ordinal as this process sees it (int or "0"), a GPU
+      UUID ("GPU-...") or PCI bus id; also "cuda:N" or a torch.device.
+    - ``socket_path``: connect to this socket directly instead of discovering.
+    - ``runtime_dir``: the local registry directory (default: $COMPANION_RUNTIME_DIR, else
+      $XDG_RUNTIME_DIR/companion, else /tmp/companion-<uid>).
+    - ``discovery_timeout``: keep looking for a live server this many seconds.
+
+    Raises Unavailable when no live server is found, DeviceMismatch when this process cannot
+    see the server's GPU.
+    """
+    lib = _lib.load_library()
+    options = _lib.ConnectOptions()
+    lib.companion_connect_options_init(ctypes.byref(options))
+    dev = normalize_device(device)
+    keep = [_lib.encode(namespace), _lib.encode(dev),
+            _lib.encode(os.fspath(socket_path)) if socket_path is not None else None,
+            _lib.encode(os.fspath(runtime_dir)) if runtime_dir is not None else None,
+            _lib.encode(client_name or f"companion-python[{os.getpid()}]")]
+    options.ns, options.device, options.socket_path, options.runtime_dir, \
+        options.client_name = keep
+    options.discovery_timeout_s = float(discovery_timeout)
+    out = ctypes.c_void_p()
+    _lib.check(lib.companion_client_connect(ctypes.byref(options), ctypes.byref(out)))
+    return Client(out.value or 0, {"namespace": namespace, "device": dev,
+                                   "socket_path": socket_path, "runtime_dir": runtime_dir})
+
+
+__all__ = ["Client", "StatusStream", "connect", "normalize_device", "Timeout"]

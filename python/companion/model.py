@@ -1,0 +1,503 @@
+"""Mapped models and their tensors.
+
+Memory and lifetime
+-------------------
+A model's weights are mapped **read-only** into this process: host memory (sealed memfd, mapped
+``PROT_READ``; a write kills the process with SIGSEGV) or GPU memory (CUDA VMM mapped read-only; a
+write faults the CUDA context; the legacy ``cuda-ipc`` backend cannot enforce read-only, but writes
+there corrupt every other client's weights). torch and numpy cannot express read-only memory in
+general: numpy arrays returned here have ``writeable=False``, torch tensors look writable. Never
+write to them (no in-place ops, no optimizer steps, no ``copy_`` into them).
+
+The mapping (and the server-side lease) lives as long as anything made from it: the
+:class:`MappedModel`, any :class:`Tensor`, any torch tensor or numpy array or DLPack capsule made
+from a Tensor, and any view of those. ``MappedModel.release()`` gives up only the MappedModel's own
+hold; the memory is unmapped (and the lease returned) when the last of them is gone.
+"""
+from __future__ import annotations
+
+import collections.abc
+import ctypes
+import sys
+import threading
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+from . import _lib
+from . import dlpack as _dlpack
+from ._types import DTYPES, DType, DTypeInfo, ModelSpec, ModelStatus
+from .errors import InvalidArgument
+
+
+class _ModelHandle:
+    """Owns one ``companion_model*``: released when the last reference goes away."""
+
+    __slots__ = ("_ptr", "_release", "__weakref__")
+
+    def __init__(self, ptr: int) -> None:
+        lib = _lib.load_library()
+        self._ptr = ptr
+        self._release = lib.companion_model_release  # kept for interpreter shutdown
+
+    @property
+    def ptr(self) -> int:
+        return self._ptr
+
+    def __del__(self) -> None:
+        ptr, self._ptr = self._ptr, 0
+        if ptr:
+            try:
+                self._release(ptr)
+            except Exception:
+                pass
+
+
+def _contiguous_strides(shape: Sequence[int]) -> Tuple[int, ...]:
+    strides: List[int] = []
+    step = 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(int(size), 1)
+    return tuple(reversed(strides))
+
+
+def _host_buffer(address: int, nbytes: int, owner: Any) -> Any:
+    """A ctypes byte array over mapped host memory that keeps ``owner`` alive. torch.frombuffer
+    and numpy.frombuffer hold a reference to it (released natively, without Python callbacks)."""
+    buf = (ctypes.c_ubyte * nbytes).from_address(address)
+    buf._companion_owner = owner  # type: ignore[attr-defined]
+    return buf
+
+
+class _CudaArray:
+    """A ``__cuda_array_interface__`` (v3) exporter that keeps ``owner`` alive; torch.as_tensor
+    holds it for the life of the tensor's storage and releases it natively."""
+
+    __slots__ = ("__cuda_array_interface__", "_owner")
+
+    def __init__(self, interface: Dict[str, Any], owner: Any) -> None:
+        self.__cuda_array_interface__ = interface
+        self._owner = owner
+
+
+_INT_TYPESTR = {1: "|u1", 2: "<i2", 4: "<i4", 8: "<i8"}
+
+
+_EXPORTABLE: Dict[Tuple[str, DType], bool] = {}
+
+
+def _exportable(library: str, dtype: DType) -> bool:
+    """Whether torch's / numpy's own DLPack exporter handles this dtype, probed once on a
+    one-element tensor (a failed export may leak what it was exporting, so the real tensor is
+    only handed over when the probe passed)."""
+    key = (library, dtype)
+    known = _EXPORTABLE.get(key)
+    if known is None:
+        info = DTYPES[dtype]
+        try:
+            if library == "torch":
+                import torch
+
+                torch.empty(1, dtype=getattr(torch, info.torch)).__dlpack__()
+            else:
+                import numpy as np
+
+                np.zeros(1, dtype=info.numpy).__dlpack__()
+            known = True
+        except Exception:
+            known = False
+        _EXPORTABLE[key] = known
+    return known
+
+
+def _delegate(make: Any, kwargs: Dict[str, Any]) -> Any:
+    """``make().__dlpack__(**kwargs)``, retried without max_version for older exporters; None
+    when the exporter cannot export this tensor."""
+    try:
+        obj = make()
+    except Exception:
+        return None
+    for attempt in (kwargs, {k: v for k, v in kwargs.items() if k != "max_version"}):
+        try:
+            return obj.__dlpack__(**attempt)
+        except TypeError:
+            continue
+        except Exception:
+            return None
+    return None
+
+
+class Tensor:
+    """One tensor of a mapped model: a read-only view of shared memory.
+
+    Consume it with :meth:`torch` (zero-copy torch.Tensor), :meth:`numpy` (zero-copy read-only
+    array, host memory only), DLPack (``torch.from_dlpack(t)``, ``numpy.from_dlpack(t)``, ...) or,
+    for GPU memory, ``__cuda_array_interface__`` (CuPy, Numba).
+    """
+
+    __slots__ = ("name", "dtype", "shape", "strides", "data_ptr", "nbytes", "device_type",
+                 "device_id", "_owner")
+
+    def __init__(self, name: str, dtype: DType, shape: Sequence[int], strides: Sequence[int],
+                 data_ptr: int, nbytes: int, device_type: int, device_id: int,
+                 owner: Any) -> None:
+        self.name = name
+        self.dtype = DType(dtype)
+        self.shape: Tuple[int, ...] = tuple(int(s) for s in shape)
+        self.strides: Tuple[int, ...] = tuple(int(s) for s in strides)  # in elements
+        self.data_ptr = int(data_ptr or 0)
+        self.nbytes = int(nbytes)
+        self.device_type = int(device_type)
+        self.device_id = int(device_id)
+        self._owner = owner
+
+    # ---- description --------------------------------------------------------------------------
+
+    @property
+    def dtype_info(self) -> DTypeInfo:
+        return DTYPES[self.dtype]
+
+    @property
+    def dtype_name(self) -> str:
+        """The safetensors spelling: "BF16", "F32", ..."""
+        return DTYPES[self.dtype].name
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device_type == _dlpack.kDLCUDA
+
+    @property
+    def device(self) -> str:
+        """"cpu" or "cuda:N" (N: this process's CUDA ordinal), as torch spells devices."""
+        return f"cuda:{self.device_id}" if self.is_cuda else "cpu"
+
+    def is_contiguous(self) -> bool:
+        return self.numel == 0 or self.strides == _contiguous_strides(self.shape)
+
+    def __repr__(self) -> str:
+        return (f"companion.Tensor({self.name!r}, dtype={self.dtype_name}, shape={list(self.shape)}, "
+                f"device={self.device})")
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a companion.Tensor is memory mapped into this process and cannot be "
+                        "pickled: send the ModelSpec and map the model in the other process")
+
+    # ---- DLPack -------------------------------------------------------------------------------
+
+    def __dlpack_device__(self) -> Tuple[int, int]:
+        return (self.device_type, self.device_id)
+
+    def __dlpack__(self, stream: Any = None, max_version: Optional[Tuple[int, int]] = None,
+                   dl_device: Optional[Tuple[int, int]] = None,
+                   copy: Optional[bool] = None) -> Any:
+        """A DLPack capsule sharing this tensor's memory (zero-copy).
+
+        The capsule is made by torch (``self.torch().__dlpack__()``) when torch is already
+        imported, else by numpy for host tensors numpy can type, else by this package through
+        ctypes (a legacy "dltensor" capsule; see :mod:`companion.dlpack`). torch's and numpy's
+        capsules release the memory natively, which stays correct even when a consumer drops
+        its tensor while an exception is propagating; the ctypes fallback cannot (a Python
+        callback cannot run then). ``companion.dlpack.EXPORTER = "ctypes"`` forces the fallback.
+
+        ``stream`` needs no ordering (the weights were complete before the model was reported
+        loaded); ``max_version`` is passed on to torch/numpy (the fallback always makes a legacy
+        capsule, which the DLPack protocol allows); ``dl_device`` other than this tensor's
+        device and ``copy=True`` raise BufferError."""
+        if copy:
+            raise BufferError("companion tensors are shared read-only memory: copy=True is not "
+                              "supported by the producer (copy after import instead)")
+        if dl_device is not None and tuple(dl_device) != self.__dlpack_device__():
+            raise BufferError(f"tensor is on {self.__dlpack_device__()}, not {tuple(dl_device)}")
+        if _dlpack.EXPORTER == "auto" and self.nbytes > 0:
+            kwargs: Dict[str, Any] = {}
+            if stream is not None:
+                kwargs["stream"] = stream
+            if max_version is not None:
+                kwargs["max_version"] = max_version
+            torch = sys.modules.get("torch")
+            if torch is not None and hasattr(torch, DTYPES[self.dtype].torch) \
+                    and _exportable("torch", self.dtype):
+                capsule = _delegate(lambda: self.torch(), kwargs)
+                if capsule is not None:
+                    return capsule
+            if not self.is_cuda and DTYPES[self.dtype].numpy is not None \
+                    and "numpy" in sys.modules and _exportable("numpy", self.dtype):
+                kwargs.pop("stream", None)  # host memory: numpy takes no stream
+                capsule = _delegate(lambda: self._numpy_array(writable=True), kwargs)
+                if capsule is not None:
+                    return capsule
+        return self._dlpack_ctypes()
+
+    def _dlpack_ctypes(self) -> Any:
+        info = DTYPES[self.dtype]
+        strides = None if self.is_contiguous() else self.strides
+        return _dlpack.export(self.data_ptr, self.__dlpack_device__(),
+                              (info.dlpack_code, info.dlpack_bits), self.shape, strides,
+                              self._owner)
+
+    # ---- numpy --------------------------------------------------------------------------------
+
+    def numpy(self, view_dtype: Any = None) -> Any:
+        """A read-only numpy array over the host memory (zero-copy; ``writeable`` is False).
+
+        numpy has no bfloat16 or float8: for those, pass ``view_dtype`` (a numpy dtype of the
+        same item size, e.g. ``numpy.uint16`` for the raw bits of BF16, or ``ml_dtypes.bfloat16``
+        if installed), or use :meth:`torch`. GPU tensors raise TypeError (use :meth:`torch`)."""
+        import numpy as np
+
+        if self.is_cuda:
+            raise TypeError(f"{self.name} is in GPU memory ({self.device}): use .torch() or a "
+                            "__cuda_array_interface__/DLPack consumer (CuPy), not numpy")
+        info = DTYPES[self.dtype]
+        if view_dtype is not None:
+            dtype = np.dtype(view_dtype)
+            if dtype.itemsize != info.itemsize:
+                raise TypeError(f"view_dtype {dtype} has item size {dtype.itemsize}, the tensor's "
+                                f"{info.name} has {info.itemsize}")
+        elif info.numpy is None:
+            raise TypeError(
+                f"numpy has no {info.name} dtype ({self.name}): use .torch(), or "
+                f".numpy(view_dtype=numpy.uint{8 * info.itemsize}) for the raw bits"
+                + (" (or view_dtype=ml_dtypes.bfloat16)" if self.dtype == DType.BF16 else ""))
+        else:
+            dtype = np.dtype(info.numpy)
+        array = self._numpy_array(dtype=dtype)
+        array.flags.writeable = False
+        return array
+
+    def _numpy_array(self, dtype: Any = None, writable: bool = False) -> Any:
+        """The numpy view (writable=True only for handing to numpy's own DLPack exporter, which
+        refuses read-only arrays; the memory itself stays read-only)."""
+        import numpy as np
+
+        info = DTYPES[self.dtype]
+        if dtype is None:
+            dtype = np.dtype(info.numpy)
+        if self.nbytes == 0 or self.numel == 0:
+            return np.empty(self.shape, dtype=dtype)
+        flat = np.frombuffer(_host_buffer(self.data_ptr, self.nbytes, self._owner), dtype=dtype)
+        if self.is_contiguous():
+            return flat.reshape(self.shape)
+        return np.lib.stride_tricks.as_strided(
+            flat, shape=self.shape, strides=[s * info.itemsize for s in self.strides],
+            writeable=writable)
+
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> Any:
+        import numpy as np
+
+        array = self.numpy()
+        if dtype is not None and np.dtype(dtype) != array.dtype:
+            if copy is False:
+                raise ValueError("converting the dtype needs a copy")
+            return array.astype(dtype)
+        return array.copy() if copy else array
+
+    # ---- CUDA array interface -------------------------------------------------------------
+
+    def _cuda_interface(self, typestr: str) -> Dict[str, Any]:
+        itemsize = DTYPES[self.dtype].itemsize
+        return {
+            "shape": self.shape,
+            "typestr": typestr,
+            "data": (self.data_ptr, False),
+            "strides": None if self.is_contiguous()
+            else tuple(s * itemsize for s in self.strides),
+            "version": 3,
+            "stream": None,  # nothing to synchronise: the data is complete
+        }
+
+    @property
+    def __cuda_array_interface__(self) -> Dict[str, Any]:
+        """CUDA Array Interface v3 (GPU tensors whose dtype numpy can name). ``data`` carries the
+        read-only flag True; the memory is read-only."""
+        info = DTYPES[self.dtype]
+        if not self.is_cuda:
+            raise AttributeError("__cuda_array_interface__: the tensor is in host memory")
+        if info.numpy is None:
+            raise AttributeError(f"__cuda_array_interface__: no typestr for {info.name}")
+        interface = self._cuda_interface(info.numpy)
+        interface["data"] = (self.data_ptr, True)
+        return interface
+
+    # ---- torch --------------------------------------------------------------------------------
+
+    def torch(self, view_dtype: Any = None) -> Any:
+        """A torch.Tensor sharing this memory (zero-copy), on "cpu" or "cuda:N".
+
+        The tensor looks writable but the memory is read-only: never write to it. ``view_dtype``
+        reinterprets the bytes as another torch dtype of the same item size (e.g. torch.uint8
+        for float8 tensors under a torch without float8 types). Raises TypeError for a dtype this
+        torch lacks (unsigned 16/32/64-bit before torch 2.3, float8 before torch 2.1)."""
+        import torch
+
+        info = DTYPES[self.dtype]
+        target = view_dtype if view_dtype is not None else getattr(torch, info.torch, None)
+        if target is None:
+            raise TypeError(
+                f"torch {torch.__version__} has no {info.torch} ({self.name}, {info.name}): pass "
+                f"view_dtype=torch.{'uint8' if info.itemsize == 1 else 'int%d' % (8 * info.itemsize)}"
+                " to see the raw bits")
+        target_size = torch.empty((), dtype=target).element_size()
+        if target_size != info.itemsize:
+            raise TypeError(f"view_dtype {target} has item size {target_size}, the tensor's "
+                            f"{info.name} has {info.itemsize}")
+        if self.nbytes == 0 or self.numel == 0:
+            return torch.empty(self.shape, dtype=target,
+                               device=self.device if self.is_cuda else "cpu")
+        if self.is_cuda:
+            return self._torch_cuda(torch, target)
+        flat = torch.frombuffer(_host_buffer(self.data_ptr, self.nbytes, self._owner),
+                                dtype=target)
+        if self.is_contiguous():
+            return flat.view(self.shape)
+        return flat.as_strided(self.shape, self.strides)
+
+    def _torch_cuda(self, torch: Any, target: Any) -> Any:
+        itemsize = DTYPES[self.dtype].itemsize
+        device = torch.device("cuda", self.device_id)
+        tensor = None
+        try:
+            holder = _CudaArray(self._cuda_interface(_INT_TYPESTR[itemsize]), self._owner)
+            tensor = torch.as_tensor(holder, device=device)
+        except Exception:  # e.g. a torch built without numpy: fall back to DLPack
+            tensor = None
+        if tensor is None or tensor.data_ptr() != self.data_ptr:
+            tensor = self._torch_dlpack(torch)
+        if tensor.dtype != target:
+            tensor = tensor.view(target)
+        return tensor
+
+    def _torch_dlpack(self, torch: Any) -> Any:
+        from torch.utils.dlpack import from_dlpack
+
+        tensor = from_dlpack(self._dlpack_ctypes())
+        if tensor.data_ptr() != self.data_ptr:
+            raise RuntimeError(f"{self.name}: torch copied the tensor instead of sharing it")
+        return tensor
+
+
+class MappedModel(collections.abc.Mapping):
+    """A model's weights mapped into this process: a read-only mapping name -> :class:`Tensor`.
+
+    ``mm["model.decoder.embed_tokens.weight"].torch()``; ``mm.state_dict()`` for every tensor as
+    torch; ``mm.info`` for the mapping's facts (lease id, segments, bytes; ``mm.status`` for the
+    model's status). Use as a context manager or call :meth:`release` to give up this object's
+    hold; tensors made from it stay valid (see the module docs)."""
+
+    def __init__(self, handle: _ModelHandle, spec: Optional[ModelSpec] = None) -> None:
+        lib = _lib.load_library()
+        self._handle: Optional[_ModelHandle] = handle
+        self.spec = spec
+        self._lock = threading.Lock()
+        count = lib.companion_model_tensor_count(handle.ptr)
+        tensors: Dict[str, Tensor] = {}
+        raw = _lib.TensorC()
+        for index in range(count):
+            _lib.check(lib.companion_model_tensor(handle.ptr, index, ctypes.byref(raw)))
+            name = ctypes.string_at(raw.name, raw.name_length).decode("utf-8", "replace") \
+                if raw.name_length else ""
+            ndim = raw.ndim
+            shape = tuple(raw.shape[i] for i in range(ndim))
+            strides = tuple(raw.strides[i] for i in range(ndim)) if raw.strides \
+                else _contiguous_strides(shape)
+            tensors[name] = Tensor(name, DType(raw.dtype), shape, strides, raw.data or 0,
+                                   raw.nbytes, raw.device_type, raw.device_id, handle)
+        self._tensors = tensors
+        info = _lib.c_void_p()
+        _lib.check(lib.companion_model_info(handle.ptr, ctypes.byref(info)))
+        self.info: Dict[str, Any] = _lib.take_json(info) or {}
+
+    # ---- facts --------------------------------------------------------------------------------
+
+    @property
+    def status(self) -> ModelStatus:
+        return ModelStatus.from_json(self.info.get("model", {}))
+
+    @property
+    def lease_id(self) -> int:
+        return int(self.info.get("lease_id", 0))
+
+    @property
+    def mapped_bytes(self) -> int:
+        return int(self.info.get("mapped_bytes", 0))
+
+    @property
+    def released(self) -> bool:
+        return self._handle is None
+
+    def _check(self) -> None:
+        if self._handle is None:
+            raise InvalidArgument("the MappedModel was released")
+
+    # ---- mapping protocol -------------------------------------------------------------------
+
+    def __getitem__(self, name: str) -> Tensor:
+        self._check()
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        self._check()
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._tensors
+
+    def tensors(self) -> Dict[str, Tensor]:
+        """Every tensor, by name (a new dict; the Tensor objects are shared)."""
+        self._check()
+        return dict(self._tensors)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Every tensor as a zero-copy torch.Tensor, by name (imports torch)."""
+        self._check()
+        return {name: t.torch() for name, t in self._tensors.items()}
+
+    # ---- lifetime -----------------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Gives up this object's hold on the mapping. Tensors, arrays and capsules made from it
+        keep the memory (and the lease) until they are gone; with none left, the model is
+        unmapped and its lease returned now. Idempotent."""
+        with self._lock:
+            self._handle = None
+            self._tensors = {}
+
+    close = release
+
+    def __enter__(self) -> "MappedModel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a MappedModel is memory mapped into this process and cannot be "
+                        "pickled: send the ModelSpec and map the model in the other process")
+
+    def __repr__(self) -> str:
+        state = "released" if self._handle is None else f"{len(self._tensors)} tensors"
+        source = self.spec.source if self.spec else self.status.source
+        return f"<companion.MappedModel {source!r} {state}, lease {self.lease_id}>"
+
