@@ -49,11 +49,15 @@ struct ModelSpec {
   std::optional<DType> dtype;  // cast floating tensors to this; nullopt = as stored
   uint32_t tp_size = 1;        // tensor-parallel world size
   uint32_t tp_rank = 0;        // this shard's rank
-  std::string tag;             // opaque, e.g. an engine's config hash
+  // How tensors split across ranks, tried before the architecture's preset: "pattern=rule;..."
+  // with fnmatch-style patterns over tensor names and rules replicated, column, row, dim<K>
+  // (the splits optionally "-packed(N)"). "" = the preset alone.
+  std::string shard_rules;
+  std::string tag;  // opaque, e.g. an engine's config hash
 
   // Checks values that do not need the filesystem.
   Result<void> validate() const;
-  // "org/name@rev dtype=bf16 tp=1/2 tag=x", for humans.
+  // "org/name@rev dtype=bf16 tp=1/2 rules=... tag=x", for humans.
   std::string describe() const;
 };
 

@@ -33,6 +33,9 @@ Result<ModelSpec> make_spec(const ModelArgs& m) {
   }
   spec.revision = m.revision;
   spec.tag = m.tag;
+  spec.tp_size = m.tp_size;
+  spec.tp_rank = m.tp_rank;
+  spec.shard_rules = m.shard_rules;
   if (!m.dtype.empty() && m.dtype != "auto") {
     COMPANION_ASSIGN_OR_RETURN(DType d, parse_dtype(m.dtype));
     spec.dtype = d;

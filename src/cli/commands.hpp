@@ -14,6 +14,9 @@ struct ModelArgs {
   std::string revision;
   std::string dtype;  // "" = as stored
   std::string tag;
+  uint32_t tp_size = 1;
+  uint32_t tp_rank = 0;
+  std::string shard_rules;  // "" = the architecture's preset
 };
 
 struct CommonArgs {

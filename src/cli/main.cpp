@@ -31,6 +31,11 @@ int main(int argc, char** argv) {
     cmd->add_option("--revision", model.revision, "Hugging Face revision (default main)");
     cmd->add_option("--dtype", model.dtype, "Cast floating tensors: bf16, fp16, fp32");
     cmd->add_option("--tag", model.tag, "Opaque tag that keeps otherwise equal models apart");
+    cmd->add_option("--tp-size", model.tp_size, "Tensor-parallel world size (default 1)");
+    cmd->add_option("--tp-rank", model.tp_rank, "This shard's tensor-parallel rank (default 0)");
+    cmd->add_option("--shard-rules", model.shard_rules,
+                    "How tensors split, before the architecture's preset: "
+                    "'pattern=rule;...', rule = replicated|column|row|dim<K>[-packed(N)]");
   };
 
   server::ServerOptions serve;

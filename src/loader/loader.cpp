@@ -10,39 +10,20 @@
 
 #include "checkpoint/dtype_convert.hpp"
 #include "common/unique_fd.hpp"
-#include "loader/chunk_sink.hpp"
+#include "loader/load_engine.hpp"
+#include "loader/shard_plan.hpp"
 
 namespace companion::loader {
-namespace {
-
-bool is_cast(const TensorCopy& t) {
-  return t.source.dtype != t.target_dtype;
-}
-
-// Reads exactly `bytes` at `offset`, or fails.
-Result<void> pread_exact(int fd, const std::string& path, void* dst, uint64_t bytes,
-                         uint64_t offset) {
-  auto* out = static_cast<char*>(dst);
-  while (bytes > 0) {
-    ssize_t n = ::pread(fd, out, bytes, static_cast<off_t>(offset));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return errno_error(StatusCode::kIoError, "read " + path, errno);
-    }
-    if (n == 0)
-      return make_error(StatusCode::kBadCheckpoint,
-                        path + " ended early (changed or truncated while loading)");
-    out += n;
-    bytes -= static_cast<uint64_t>(n);
-    offset += static_cast<uint64_t>(n);
-  }
-  return ok_result();
-}
-
-}  // namespace
-
 Result<LoadPlan> make_load_plan(const checkpoint::Checkpoint& ckpt, std::optional<DType> cast_to,
-                                const memory::Backend& backend) {
+                                const memory::Backend& backend, const ShardOptions& shard) {
+  if (shard.tp_size == 0 || shard.tp_rank >= shard.tp_size)
+    return make_error(StatusCode::kInvalidArgument, "tp_rank " + std::to_string(shard.tp_rank) +
+                                                        " is not below tp_size " +
+                                                        std::to_string(shard.tp_size));
+  std::optional<ShardPlanner> planner;
+  if (shard.tp_size > 1) {
+    COMPANION_ASSIGN_OR_RETURN(planner, ShardPlanner::create(shard, ckpt.tensors));
+  }
   LoadPlan plan;
   plan.files = ckpt.files;
   std::vector<uint64_t> sizes;
@@ -52,11 +33,21 @@ Result<LoadPlan> make_load_plan(const checkpoint::Checkpoint& ckpt, std::optiona
     copy.source = t;
     copy.target_dtype = t.dtype;
     if (cast_to && dtype_is_float_convertible(t.dtype)) copy.target_dtype = *cast_to;
-    copy.target_shape = t.shape;
-    copy.target_bytes = t.nbytes / dtype_size(t.dtype) * dtype_size(copy.target_dtype);
-    if (t.nbytes > 0) copy.extents.push_back(ReadExtent{t.file_offset, t.nbytes, 0});
+    if (planner) {
+      COMPANION_ASSIGN_OR_RETURN(
+          TensorShard part, shard_tensor(t, planner->rule_for(t.name), shard.tp_size, shard.tp_rank,
+                                         copy.target_dtype));
+      copy.target_shape = std::move(part.shape);
+      copy.target_bytes = part.target_bytes;
+      copy.extents = std::move(part.extents);
+      plan.bytes_to_read += part.source_bytes;
+    } else {
+      copy.target_shape = t.shape;
+      copy.target_bytes = t.nbytes / dtype_size(t.dtype) * dtype_size(copy.target_dtype);
+      if (t.nbytes > 0) copy.extents.push_back(ReadExtent{t.file_offset, t.nbytes, 0});
+      plan.bytes_to_read += t.nbytes;
+    }
     sizes.push_back(copy.target_bytes);
-    plan.bytes_to_read += t.nbytes;
     plan.tensors.push_back(std::move(copy));
   }
   COMPANION_ASSIGN_OR_RETURN(
@@ -68,49 +59,13 @@ Result<LoadPlan> make_load_plan(const checkpoint::Checkpoint& ckpt, std::optiona
 }
 
 Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,
+                            const std::atomic<bool>& cancel, const LoadOptions& options) {
+  return engine::run(plan, slab, progress, cancel, options);
+}
+
+Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,
                             const std::atomic<bool>& cancel) {
-  std::vector<UniqueFd> files;
-  for (const auto& path : plan.files) {
-    UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-    if (!fd) return errno_error(StatusCode::kIoError, "open " + path, errno);
-    files.push_back(std::move(fd));
-  }
-  COMPANION_ASSIGN_OR_RETURN(std::unique_ptr<ChunkSink> sink, make_chunk_sink(slab));
-  std::unique_ptr<char[]> bounce;  // source bytes of a tensor being cast
-  uint64_t done = 0;
-  for (const auto& t : plan.tensors) {
-    const std::string& path = plan.files[t.source.file_index];
-    int fd = files[t.source.file_index].get();
-    size_t in_size = dtype_size(t.source.dtype);
-    size_t out_size = dtype_size(t.target_dtype);
-    // Chunks hold whole elements on both sides and fit a sink chunk after casting.
-    uint64_t chunk = kSinkChunkBytes / std::max(in_size, out_size) * in_size;
-    for (const ReadExtent& e : t.extents) {
-      for (uint64_t pos = 0; pos < e.bytes; pos += chunk) {
-        if (cancel.load(std::memory_order_relaxed))
-          return make_error(StatusCode::kCancelled, "load cancelled");
-        uint64_t n = std::min(chunk, e.bytes - pos);
-        uint64_t count = n / in_size;
-        uint64_t dst_offset = t.placement.offset + e.dst_offset + pos / in_size * out_size;
-        COMPANION_ASSIGN_OR_RETURN(
-            void* dst, sink->acquire(t.placement.segment, dst_offset, count * out_size));
-        if (!is_cast(t)) {
-          COMPANION_TRY(pread_exact(fd, path, dst, n, e.file_offset + pos));
-        } else {
-          if (!bounce) bounce = std::make_unique<char[]>(kSinkChunkBytes);
-          COMPANION_TRY(pread_exact(fd, path, bounce.get(), n, e.file_offset + pos));
-          COMPANION_TRY(checkpoint::convert_elements(t.source.dtype, t.target_dtype, bounce.get(),
-                                                     dst, count));
-        }
-        COMPANION_TRY(sink->commit());
-        done += n;
-        if (progress) progress(done, plan.bytes_to_read);
-      }
-    }
-  }
-  COMPANION_TRY(sink->finish());
-  if (progress) progress(done, plan.bytes_to_read);
-  return ok_result();
+  return load_into_slab(plan, slab, progress, cancel, LoadOptions{});
 }
 
 }  // namespace companion::loader

@@ -1,9 +1,12 @@
 // Copies a checkpoint's tensors into a slab, converting dtypes on the way.
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,16 +42,100 @@ struct LoadPlan {
   uint64_t bytes_to_read = 0;  // sum of extents' bytes; progress counts these
 };
 
-// Builds the plan: casts floating tensors to `cast_to` when set (other dtypes stay as stored),
-// lays tensors out for `backend`.
-Result<LoadPlan> make_load_plan(const checkpoint::Checkpoint& checkpoint,
-                                std::optional<DType> cast_to, const memory::Backend& backend);
+// Which tensor-parallel shard to load (see shard_plan.hpp for the rules).
+struct ShardOptions {
+  uint32_t tp_size = 1;  // 1: whole tensors, everything else below is ignored
+  uint32_t tp_rank = 0;
+  std::string rules;  // ModelSpec::shard_rules, "pattern=rule;..."; tried before the preset
+  std::optional<std::string> config_json;  // the checkpoint directory's config.json, if any
+};
 
-// (bytes done, bytes total); called from the loading thread.
+// Builds the plan: casts floating tensors to `cast_to` when set (other dtypes stay as stored),
+// takes rank `shard.tp_rank`'s slice of each tensor when `shard.tp_size` > 1 (reading only the
+// slice's bytes), lays tensors out for `backend`. Shard errors (a dimension that does not divide,
+// no rules for the architecture, bad rules) are kInvalidArgument; a config.json that is not JSON
+// is kBadCheckpoint.
+Result<LoadPlan> make_load_plan(const checkpoint::Checkpoint& checkpoint,
+                                std::optional<DType> cast_to, const memory::Backend& backend,
+                                const ShardOptions& shard = {});
+
+// (bytes done, bytes total); called from the thread that called load_into_slab.
 using ProgressFn = std::function<void(uint64_t, uint64_t)>;
 
-// Reads every tensor into the slab. Stops with kCancelled soon after `cancel` becomes true.
-// A file that changed under us (shorter than its header says) is kBadCheckpoint.
+// Where the loader's bytes come from: pread(2) by default. Tests replace it to inject failures
+// (EIO at some byte) or slow reads. Called from several reader threads at once.
+class ReadSource {
+ public:
+  virtual ~ReadSource() = default;
+  // pread(2)'s contract: bytes read (fewer only at the end of the file, 0 there), or -1 with
+  // errno set.
+  virtual ssize_t pread(int fd, void* dst, size_t bytes, uint64_t offset) = 0;
+};
+
+// O_DIRECT reads (past the page cache): on, off, or the loader's choice (currently off).
+enum class DirectIo { kAuto, kOn, kOff };
+const char* direct_io_name(DirectIo mode) noexcept;
+
+enum class PinnedMemory { kHostAlloc, kRegistered };
+
+// What a load did, for benchmarks and tests.
+struct LoadStats {
+  const char* sink = "";              // "host-direct", "cuda-staged" or "write"
+  size_t reader_threads = 0;          // threads started
+  size_t work_items = 0;              // pieces of work (each at most chunk_bytes)
+  bool direct_io = false;             // O_DIRECT asked for and opened on every file
+  uint64_t direct_reads = 0;          // preads through O_DIRECT
+  uint64_t buffered_reads = 0;        // preads through the page cache
+  uint64_t staging_buffer_bytes = 0;  // size of one staging buffer (0: none used)
+  size_t staging_buffers_max = 0;     // the bound: staging_bytes / staging_buffer_bytes
+  size_t staging_buffers = 0;         // allocated (lazily, up to the bound) or reused
+  size_t staging_buffers_reused = 0;  // of those, kept from an earlier load (GPU slabs)
+  size_t staging_buffers_peak = 0;    // most held at once by readers and copies in flight
+  double staging_alloc_seconds = 0;   // time spent allocating them (pinned memory is slow)
+  double seconds = 0;                 // the whole load_into_slab call
+};
+
+// How to load. The defaults suit a GPU server; every field has a safe fallback.
+struct LoadOptions {
+  // Threads reading the checkpoint; 0: min(16, hardware threads).
+  size_t reader_threads = 0;
+  // Largest piece of work: bytes read at once, and bytes of one staging buffer (casts count the
+  // larger of source and target bytes). Rounded down to a multiple of 8, at least 64.
+  uint64_t chunk_bytes = 4ull << 20;
+  // Staging memory (pinned for GPU slabs) allocated as needed up to this bound, at least one
+  // buffer whatever the value. Readers wait for a free buffer when all are taken. Host slabs need
+  // none. Besides it, each reader may hold one bounce buffer of chunk_bytes (casts, O_DIRECT).
+  uint64_t staging_bytes = 128ull << 20;
+  // Streams the asynchronous copies into a GPU slab are spread over.
+  size_t copy_streams = 4;
+  DirectIo direct_io = DirectIo::kAuto;
+  // GPU slabs: how the pinned staging memory is made. kRegistered: an anonymous mapping on
+  // transparent huge pages, pinned with cuMemHostRegister (about twice as fast to pin as
+  // cuMemHostAlloc on an H200; falls back to it when refused). kHostAlloc: cuMemHostAlloc.
+  PinnedMemory pinned_memory = PinnedMemory::kRegistered;
+  // GPU slabs: pinned staging buffers are kept for later loads of this process (at most 256 MiB
+  // per GPU) rather than freed, so that only the first load pays for pinning them.
+  bool keep_staging = true;
+  // Test hook: nullptr reads with pread(2).
+  ReadSource* read_source = nullptr;
+  // Filled in when not null (also when the load fails).
+  LoadStats* stats = nullptr;
+};
+
+// Reads every tensor into the slab: reader threads pread pieces of at most chunk_bytes (casting
+// them when the plan says so) straight into host slabs, or into a bounded pool of staging buffers
+// whose bytes a sink copies into the slab (asynchronous copies on several streams for CUDA slabs;
+// a buffer is reused once its copies are done). Progress counts source bytes (bytes_to_read): it
+// is reported from the calling thread, monotonic, at most about 256 times a load, and always with
+// the total at the end of a successful load.
+// Stops with kCancelled soon after `cancel` becomes true (also when it is set from `progress`).
+// The first error stops every thread; nothing is left running or allocated when it returns (but
+// the pinned staging that keep_staging keeps for the next load).
+// A file that changed under us (shorter than its header says) is kBadCheckpoint; a failed read is
+// kIoError.
+Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,
+                            const std::atomic<bool>& cancel, const LoadOptions& options);
+// The same with the default options.
 Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,
                             const std::atomic<bool>& cancel);
 

@@ -2,10 +2,13 @@
 #include "memory/cuda_driver.hpp"
 
 #include <dlfcn.h>
+#include <sys/mman.h>
 
 #include <atomic>
 #include <cctype>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -338,6 +341,61 @@ void PinnedHostBuffer::reset() noexcept {
   size_ = 0;
 }
 
+Result<RegisteredHostBuffer> RegisteredHostBuffer::allocate(int ordinal, std::size_t bytes) {
+  if (bytes == 0) return make_error(StatusCode::kInvalidArgument, "pinned buffer of 0 bytes");
+  COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal));
+  void* data = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (data == MAP_FAILED) {
+    return errno_error(StatusCode::kOutOfMemory, "mmap of a " + format_bytes(bytes) + " buffer",
+                       errno);
+  }
+  (void)::madvise(data, bytes, MADV_HUGEPAGE);  // a hint: fine if refused
+  std::memset(data, 0, bytes);                  // populate before pinning
+  if (auto r = COMPANION_CU(*api, cuMemHostRegister, data, bytes, cu::kMemHostRegisterPortable);
+      !r.ok()) {
+    ::munmap(data, bytes);
+    return std::move(r).error();
+  }
+  RegisteredHostBuffer buffer;
+  buffer.ordinal_ = ordinal;
+  buffer.data_ = data;
+  buffer.size_ = bytes;
+  return buffer;
+}
+
+RegisteredHostBuffer::RegisteredHostBuffer(RegisteredHostBuffer&& other) noexcept
+    : ordinal_(other.ordinal_),
+      data_(std::exchange(other.data_, nullptr)),
+      size_(std::exchange(other.size_, 0)) {}
+
+RegisteredHostBuffer& RegisteredHostBuffer::operator=(RegisteredHostBuffer&& other) noexcept {
+  if (this != &other) {
+    reset();
+    ordinal_ = other.ordinal_;
+    data_ = std::exchange(other.data_, nullptr);
+    size_ = std::exchange(other.size_, 0);
+  }
+  return *this;
+}
+
+RegisteredHostBuffer::~RegisteredHostBuffer() {
+  reset();
+}
+
+void RegisteredHostBuffer::reset() noexcept {
+  if (data_ == nullptr) return;
+  if (auto api = driver(); api.ok()) {
+    auto scope = ScopedContext::enter(ordinal_);
+    if (auto r = COMPANION_CU(**api, cuMemHostUnregister, data_); !r.ok()) {
+      log::warn("unregistering a pinned host buffer: " + r.error().message);
+    }
+  }
+  ::munmap(data_, size_);
+  data_ = nullptr;
+  size_ = 0;
+}
+
 Result<Stream> Stream::create(int ordinal) {
   COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
   COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal));
@@ -390,6 +448,70 @@ Result<void> Stream::synchronize() {
   COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
   COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal_));
   return COMPANION_CU(*api, cuStreamSynchronize, stream_);
+}
+
+Result<Event> Event::create(int ordinal, bool blocking_sync) {
+  COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal));
+  cu::CUevent event = nullptr;
+  unsigned int flags = cu::kEventDisableTiming | (blocking_sync ? cu::kEventBlockingSync : 0u);
+  COMPANION_TRY(COMPANION_CU(*api, cuEventCreate, &event, flags));
+  Event e;
+  e.ordinal_ = ordinal;
+  e.event_ = event;
+  return e;
+}
+
+Event::Event(Event&& other) noexcept
+    : ordinal_(other.ordinal_), event_(std::exchange(other.event_, nullptr)) {}
+
+Event& Event::operator=(Event&& other) noexcept {
+  if (this != &other) {
+    reset();
+    ordinal_ = other.ordinal_;
+    event_ = std::exchange(other.event_, nullptr);
+  }
+  return *this;
+}
+
+Event::~Event() {
+  reset();
+}
+
+void Event::reset() noexcept {
+  if (event_ == nullptr) return;
+  if (auto api = driver(); api.ok()) {
+    auto scope = ScopedContext::enter(ordinal_);
+    if (auto r = COMPANION_CU(**api, cuEventDestroy, event_); !r.ok()) {
+      log::warn("destroying a CUDA event: " + r.error().message);
+    }
+  }
+  event_ = nullptr;
+}
+
+Result<void> Event::record(const Stream& stream) {
+  if (event_ == nullptr || stream.get() == nullptr)
+    return make_error(StatusCode::kInternal, "record with an empty Event or Stream");
+  COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal_));
+  return COMPANION_CU(*api, cuEventRecord, event_, stream.get());
+}
+
+Result<void> Event::synchronize() {
+  if (event_ == nullptr) return make_error(StatusCode::kInternal, "synchronize on an empty Event");
+  COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal_));
+  return COMPANION_CU(*api, cuEventSynchronize, event_);
+}
+
+Result<bool> Event::query() {
+  if (event_ == nullptr) return make_error(StatusCode::kInternal, "query on an empty Event");
+  COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal_));
+  cu::CUresult r = api->cuEventQuery(event_);
+  if (r == cu::kErrorNotReady) return false;
+  COMPANION_TRY(check(r, "cuEventQuery"));
+  return true;
 }
 
 // ---- shared by the cuda-vmm and cuda-ipc slabs -----------------------------------------------

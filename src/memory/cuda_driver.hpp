@@ -17,6 +17,16 @@
 #include "companion/result.hpp"
 #include "memory/cuda_driver_api.hpp"
 
+// Events, for the loader's copy engine (cuda_driver_api.hpp holds the rest of the ABI).
+namespace companion::memory::cu {
+struct CUevent_st;
+using CUevent = CUevent_st*;
+inline constexpr unsigned int kEventBlockingSync = 1;        // CU_EVENT_BLOCKING_SYNC
+inline constexpr unsigned int kEventDisableTiming = 2;       // CU_EVENT_DISABLE_TIMING
+inline constexpr CUresult kErrorNotReady = 600;              // CUDA_ERROR_NOT_READY (cuEventQuery)
+inline constexpr unsigned int kMemHostRegisterPortable = 1;  // CU_MEMHOSTREGISTER_PORTABLE
+}  // namespace companion::memory::cu
+
 namespace companion::memory::cuda {
 
 // The ABI version every entry point is asked for (cuGetProcAddress's cudaVersion): 12.0. The
@@ -53,9 +63,16 @@ inline constexpr int kRequestedCudaVersion = 12000;
   X(cuMemsetD32, (cu::CUdeviceptr dst, unsigned int value, std::size_t count))                  \
   X(cuMemHostAlloc, (void** ptr, std::size_t bytes, unsigned int flags))                        \
   X(cuMemFreeHost, (void* ptr))                                                                   \
+  X(cuMemHostRegister, (void* ptr, std::size_t bytes, unsigned int flags))                       \
+  X(cuMemHostUnregister, (void* ptr))                                                             \
   X(cuStreamCreate, (cu::CUstream* stream, unsigned int flags))                                  \
   X(cuStreamDestroy, (cu::CUstream stream))                                                       \
   X(cuStreamSynchronize, (cu::CUstream stream))                                                   \
+  X(cuEventCreate, (cu::CUevent* event, unsigned int flags))                                     \
+  X(cuEventRecord, (cu::CUevent event, cu::CUstream stream))                                     \
+  X(cuEventQuery, (cu::CUevent event))                                                            \
+  X(cuEventSynchronize, (cu::CUevent event))                                                      \
+  X(cuEventDestroy, (cu::CUevent event))                                                          \
   X(cuMemCreate, (cu::CUmemGenericAllocationHandle* handle, std::size_t size,                   \
                   const cu::CUmemAllocationProp* prop, unsigned long long flags))                 \
   X(cuMemRelease, (cu::CUmemGenericAllocationHandle handle))                                     \
@@ -180,6 +197,30 @@ class PinnedHostBuffer {
   std::size_t size_ = 0;
 };
 
+// Page-locked host memory made differently: an anonymous mapping backed by transparent huge
+// pages where the kernel allows (MADV_HUGEPAGE), populated, then cuMemHostRegister'ed (PORTABLE).
+// Pinning huge pages can be much faster than cuMemHostAlloc's small ones. Unregistered and unmapped
+// on destruction.
+class RegisteredHostBuffer {
+ public:
+  static Result<RegisteredHostBuffer> allocate(int ordinal, std::size_t bytes);
+  RegisteredHostBuffer() = default;
+  RegisteredHostBuffer(RegisteredHostBuffer&& other) noexcept;
+  RegisteredHostBuffer& operator=(RegisteredHostBuffer&& other) noexcept;
+  RegisteredHostBuffer(const RegisteredHostBuffer&) = delete;
+  RegisteredHostBuffer& operator=(const RegisteredHostBuffer&) = delete;
+  ~RegisteredHostBuffer();
+
+  void* data() const noexcept { return data_; }
+  std::size_t size() const noexcept { return size_; }
+
+ private:
+  void reset() noexcept;
+  int ordinal_ = -1;
+  void* data_ = nullptr;
+  std::size_t size_ = 0;
+};
+
 // A non-blocking stream in a device's primary context. Destroyed on destruction (after the
 // caller synchronized it).
 class Stream {
@@ -203,6 +244,33 @@ class Stream {
   void reset() noexcept;
   int ordinal_ = -1;
   cu::CUstream stream_ = nullptr;
+};
+
+// An event in a device's primary context (timing disabled), to learn when the work a stream had
+// queued up to record() is done. Destroyed on destruction.
+class Event {
+ public:
+  // blocking_sync: synchronize() sleeps instead of spinning (CU_EVENT_BLOCKING_SYNC).
+  static Result<Event> create(int ordinal, bool blocking_sync = true);
+  Event() = default;
+  Event(Event&& other) noexcept;
+  Event& operator=(Event&& other) noexcept;
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+  ~Event();
+
+  cu::CUevent get() const noexcept { return event_; }
+  // cuEventRecord: captures the stream's work queued so far.
+  Result<void> record(const Stream& stream);
+  // cuEventSynchronize: waits for that work.
+  Result<void> synchronize();
+  // cuEventQuery: true when that work is done, false while it runs.
+  Result<bool> query();
+
+ private:
+  void reset() noexcept;
+  int ordinal_ = -1;
+  cu::CUevent event_ = nullptr;
 };
 
 // ---- shared by the cuda-vmm and cuda-ipc slabs -----------------------------------------------

@@ -28,7 +28,7 @@ fb::Offset<fb::String> str(Builder& b, const std::string& s) {
 fb::Offset<wire::ModelSpec> put_spec(Builder& b, const ModelSpec& s) {
   return wire::CreateModelSpec(b, str(b, s.source), str(b, s.revision), s.dtype.has_value(),
                                static_cast<wire::DType>(s.dtype.value_or(DType::kBool)), s.tp_size,
-                               s.tp_rank, str(b, s.tag));
+                               s.tp_rank, str(b, s.tag), str(b, s.shard_rules));
 }
 
 fb::Offset<wire::ServerIdentity> put_identity(Builder& b, const ServerIdentity& s) {
@@ -154,6 +154,8 @@ Result<ModelSpec> get_spec(const wire::ModelSpec* s) {
   COMPANION_ASSIGN_OR_RETURN(spec.source, get_str(s->source(), kMaxStringBytes, "source"));
   COMPANION_ASSIGN_OR_RETURN(spec.revision, get_str(s->revision(), kMaxStringBytes, "revision"));
   COMPANION_ASSIGN_OR_RETURN(spec.tag, get_str(s->tag(), kMaxStringBytes, "tag"));
+  COMPANION_ASSIGN_OR_RETURN(spec.shard_rules,
+                             get_str(s->shard_rules(), kMaxStringBytes, "shard_rules"));
   if (s->has_dtype()) {
     COMPANION_ASSIGN_OR_RETURN(DType d, get_dtype(s->dtype()));
     spec.dtype = d;

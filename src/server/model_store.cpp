@@ -1,11 +1,16 @@
 #include "server/model_store.hpp"
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <optional>
 
 #include "checkpoint/checkpoint.hpp"
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "loader/loader.hpp"
+#include "loader/shard_plan.hpp"
 #include "protocol/limits.hpp"
 
 namespace companion::server {
@@ -33,6 +38,34 @@ uint64_t next_generation() {
   static std::atomic<uint64_t> counter{0};
   return counter.fetch_add(1, std::memory_order_relaxed) + 1;
 }
+// The config.json of a checkpoint directory (for a .safetensors file, the one beside it), which
+// names the architecture for shard presets. nullopt when there is none; like the checkpoint's
+// files it must lie under the roots.
+Result<std::optional<std::string>> read_model_config(const std::string& source_path,
+                                                     const std::vector<std::string>& roots) {
+  namespace fs = std::filesystem;
+  constexpr uint64_t kMaxConfigBytes = 16ull << 20;
+  std::error_code ec;
+  fs::path dir = fs::is_directory(source_path, ec) ? fs::path(source_path)
+                                                   : fs::path(source_path).parent_path();
+  std::string path = (dir / "config.json").string();
+  if (!fs::exists(path, ec)) return std::optional<std::string>();
+  COMPANION_ASSIGN_OR_RETURN(std::string real, checkpoint::real_path(path));
+  if (!checkpoint::is_under_roots(real, roots))
+    return make_error(StatusCode::kNotPermitted, path + " leads outside the server's model roots");
+  if (!fs::is_regular_file(real, ec))
+    return make_error(StatusCode::kBadCheckpoint, path + " is not a regular file");
+  uint64_t size = fs::file_size(real, ec);
+  if (ec) return make_error(StatusCode::kIoError, "stat " + path + ": " + ec.message());
+  if (size > kMaxConfigBytes)
+    return make_error(StatusCode::kBadCheckpoint, path + " is larger than 16 MiB");
+  std::ifstream in(real, std::ios::binary);
+  if (!in.is_open()) return make_error(StatusCode::kIoError, "open " + path);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return make_error(StatusCode::kIoError, "read " + path);
+  return std::optional<std::string>(std::move(text));
+}
+
 }  // namespace
 
 std::string canonical_key(const ModelSpec& spec, const checkpoint::ResolvedSource& source) {
@@ -42,6 +75,23 @@ std::string canonical_key(const ModelSpec& spec, const checkpoint::ResolvedSourc
   key += ";dtype=";
   key += spec.dtype ? dtype_name(*spec.dtype) : "stored";
   key += ";tp=" + std::to_string(spec.tp_rank) + "/" + std::to_string(spec.tp_size);
+  // Rules change what a shard holds (they are ignored when tp_size is 1). In canonical spelling,
+  // with '%' and ';' escaped so that no tag can pass for a rule.
+  if (spec.tp_size > 1 && !spec.shard_rules.empty()) {
+    auto rules = loader::parse_shard_rules(spec.shard_rules);
+    std::string text = rules.ok() ? loader::format_shard_rules(*rules) : spec.shard_rules;
+    if (!text.empty()) {
+      key += ";rules=";
+      for (char c : text) {
+        if (c == '%')
+          key += "%25";
+        else if (c == ';')
+          key += "%3B";
+        else
+          key += c;
+      }
+    }
+  }
   if (!spec.tag.empty()) key += ";tag=" + spec.tag;
   return key;
 }
@@ -109,10 +159,6 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
 
 Result<ResolvedModel> ModelStore::resolve(const ModelSpec& spec) const {
   COMPANION_TRY(spec.validate());
-  if (spec.tp_size != 1)
-    return make_error(StatusCode::kInvalidArgument, "tensor-parallel shards (tp_size " +
-                                                        std::to_string(spec.tp_size) +
-                                                        ") are not supported by this server yet");
   COMPANION_ASSIGN_OR_RETURN(checkpoint::ResolvedSource source,
                              checkpoint::resolve_source(spec, config_.hf_cache));
   std::vector<std::string> roots = config_.model_roots;
@@ -215,7 +261,16 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
                            "checkpoint has " + std::to_string(ckpt->tensors.size()) +
                                " tensors; one model may have at most " +
                                std::to_string(protocol::kMaxTensors)));
-  auto plan = loader::make_load_plan(*ckpt, model.spec.dtype, *backend_);
+  loader::ShardOptions shard;
+  shard.tp_size = model.spec.tp_size;
+  shard.tp_rank = model.spec.tp_rank;
+  if (shard.tp_size > 1) {
+    shard.rules = model.spec.shard_rules;
+    auto config = read_model_config(model.source.path, checkpoint::canonical_roots(roots));
+    if (!config.ok()) return fail(config.error());
+    shard.config_json = std::move(config).value();
+  }
+  auto plan = loader::make_load_plan(*ckpt, model.spec.dtype, *backend_, shard);
   if (!plan.ok()) return fail(plan.error());
   if (plan->segment_sizes.size() > protocol::kMaxSegments)
     return fail(make_error(StatusCode::kInvalidArgument,

@@ -60,8 +60,8 @@ def test_library_messages_reach_the_exception(client, model_root, tmp_path):
     for bad in ("fp13", "int8"):
         with pytest.raises(companion.UnknownDtype):
             client.load(companion.ModelSpec(str(model_root / "opt-f32"), dtype=bad))
-    with pytest.raises(companion.InvalidArgument):
-        client.load(companion.ModelSpec(str(model_root / "opt-f32"), tp_size=2))
+    with pytest.raises(companion.InvalidArgument):  # a shard, but no rules for this architecture
+        client.load(companion.ModelSpec(str(model_root / "mixed"), tp_size=2))
     with pytest.raises(companion.InvalidArgument):
         client.load("no/such/relative/path")  # absolute paths or "org/name" only
     with pytest.raises(companion.NotFound):

@@ -89,13 +89,34 @@ TEST_F(ResolveTest, RelativePathIsInvalidArgument) {
   expect_code(spec(""), StatusCode::kInvalidArgument);
 }
 
-TEST_F(ResolveTest, TensorParallelIsInvalidArgument) {
+TEST_F(ResolveTest, TensorParallelShardsResolveToTheirOwnKeys) {
   ModelSpec s = spec(root / "a");
   s.tp_size = 2;
   s.tp_rank = 1;
-  expect_code(s, StatusCode::kInvalidArgument);
+  auto r1 = store->resolve(s);
+  ASSERT_TRUE(r1.ok()) << r1.error().to_string();
+  EXPECT_NE(r1->key.find(";tp=1/2"), std::string::npos) << r1->key;
   s.tp_rank = 0;
+  auto r0 = store->resolve(s);
+  ASSERT_TRUE(r0.ok()) << r0.error().to_string();
+  EXPECT_NE(r0->key, r1->key);
+  // Shard rules are part of the key, in canonical spelling, escaped so no tag can pose as one.
+  s.shard_rules = " *.w = COLUMN ;";
+  auto ruled = store->resolve(s);
+  ASSERT_TRUE(ruled.ok()) << ruled.error().to_string();
+  EXPECT_NE(ruled->key.find(";rules=*.w=column"), std::string::npos) << ruled->key;
+  s.shard_rules = "*.w=column";
+  EXPECT_EQ(store->resolve(s)->key, ruled->key);
+  s.shard_rules = "*.w=column;tag=row";
+  EXPECT_NE(store->resolve(s)->key.find("rules=*.w=column%3Btag=row"), std::string::npos);
+  s.shard_rules = "*.w=row";
+  EXPECT_NE(store->resolve(s)->key, ruled->key);
+  s.tp_size = 1;  // one rank: the rules change nothing
+  EXPECT_EQ(store->resolve(s)->key.find("rules="), std::string::npos);
+
+  s.shard_rules = "*.w=diagonal";
   expect_code(s, StatusCode::kInvalidArgument);
+  s.shard_rules.clear();
   s.tp_size = 1;
   s.tp_rank = 1;
   expect_code(s, StatusCode::kInvalidArgument);

@@ -1,0 +1,588 @@
+#include "loader/load_engine.hpp"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <system_error>
+#include <thread>
+#include <utility>
+
+#include "checkpoint/dtype_convert.hpp"
+#include "common/log.hpp"
+#include "common/unique_fd.hpp"
+#include "common/util.hpp"
+
+namespace companion::loader {
+
+const char* direct_io_name(DirectIo mode) noexcept {
+  switch (mode) {
+    case DirectIo::kAuto:
+      return "auto";
+    case DirectIo::kOn:
+      return "on";
+    case DirectIo::kOff:
+      return "off";
+  }
+  return "?";
+}
+
+namespace engine {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// Host slabs: an item with at most this many copies is read with one pread per copy straight into
+// the slab; more (many small tensors) go through a bounce buffer.
+constexpr size_t kMaxDirectReads = 8;
+// Reads smaller than this skip O_DIRECT (not worth a bounce, nor the aligned superset).
+constexpr uint64_t kDirectMinBytes = 64ull << 10;
+// Progress is reported at most about this many times a load (plus the first and the last).
+constexpr uint64_t kProgressSteps = 256;
+// The calling thread looks at the cancel flag at least this often.
+constexpr auto kPollInterval = std::chrono::milliseconds(5);
+
+uint64_t align_down(uint64_t v) {
+  return v / kDirectAlign * kDirectAlign;
+}
+uint64_t align_up(uint64_t v) {
+  return (v + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+}
+
+void add_op(std::vector<CopyOp>& ops, const CopyOp& op) {
+  if (!ops.empty()) {
+    CopyOp& last = ops.back();
+    if (last.segment == op.segment && last.stage_offset + last.bytes == op.stage_offset &&
+        last.dst_offset + last.bytes == op.dst_offset) {
+      last.bytes += op.bytes;
+      return;
+    }
+  }
+  ops.push_back(op);
+}
+
+uint64_t target_bytes(const Piece& p) {
+  return p.source_bytes / dtype_size(p.from) * dtype_size(p.to);
+}
+
+// Chooses between the image and the packed layout and computes the copies.
+void finalize(WorkItem& item) {
+  bool cast = std::any_of(item.pieces.begin(), item.pieces.end(),
+                          [](const Piece& p) { return p.from != p.to; });
+  std::vector<CopyOp> packed;
+  for (const Piece& p : item.pieces)
+    add_op(packed, CopyOp{p.stage_offset, target_bytes(p), p.segment, p.dst_offset});
+  if (!cast) {
+    std::vector<CopyOp> image;
+    for (const Piece& p : item.pieces)
+      add_op(image, CopyOp{p.file_offset - item.lo, p.source_bytes, p.segment, p.dst_offset});
+    if (image.size() <= packed.size()) {
+      item.packed = false;
+      item.ops = std::move(image);
+      return;
+    }
+  }
+  item.packed = true;
+  item.ops = std::move(packed);
+}
+
+// A piece's bytes from the file image to their place, cast when the dtypes differ.
+Result<void> convert(const Piece& p, const char* src, char* dst) {
+  if (p.from == p.to) {
+    std::memcpy(dst, src, p.source_bytes);
+    return ok_result();
+  }
+  return checkpoint::convert_elements(p.from, p.to, src, dst, p.source_bytes / dtype_size(p.from));
+}
+
+// Reads through the test hook or pread(2).
+class PosixReadSource final : public ReadSource {
+ public:
+  ssize_t pread(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    return ::pread(fd, dst, bytes, static_cast<off_t>(offset));
+  }
+};
+
+struct FreeDeleter {
+  void operator()(char* p) const noexcept { std::free(p); }
+};
+
+struct OpenFile {
+  std::string path;
+  UniqueFd fd;         // buffered
+  UniqueFd direct_fd;  // O_DIRECT, when asked for and the file system takes it
+  std::atomic<bool> direct_ok{false};
+};
+
+class Engine {
+ public:
+  Engine(const LoadPlan& plan, memory::Slab& slab, const std::atomic<bool>& cancel,
+         const LoadOptions& options)
+      : plan_(plan),
+        slab_(slab),
+        cancel_(cancel),
+        options_(options),
+        source_(options.read_source != nullptr ? options.read_source : &posix_source_) {}
+
+  Result<void> run(const ProgressFn& progress, LoadStats& stats) {
+    if (cancel_.load()) return make_error(StatusCode::kCancelled, "load cancelled");
+    chunk_ = std::max<uint64_t>(64, options_.chunk_bytes / 8 * 8);
+    std::vector<uint64_t> sizes(slab_.segment_count());
+    for (size_t i = 0; i < sizes.size(); ++i) sizes[i] = slab_.segment_size(i);
+    COMPANION_ASSIGN_OR_RETURN(items_, make_work_items(plan_, sizes, chunk_));
+    stats.work_items = items_.size();
+    COMPANION_TRY(open_files(stats));
+
+    SinkOptions sink_options;
+    sink_options.buffer_bytes = chunk_;
+    uint64_t buffer_bytes = align_up(chunk_ + 2 * kDirectAlign);
+    sink_options.max_buffers =
+        static_cast<size_t>(std::max<uint64_t>(1, options_.staging_bytes / buffer_bytes));
+    sink_options.streams = std::max<size_t>(1, options_.copy_streams);
+    sink_options.stop = &stop_;
+    sink_options.registered_pinned = options_.pinned_memory == PinnedMemory::kRegistered;
+    sink_options.keep_buffers = options_.keep_staging;
+    COMPANION_ASSIGN_OR_RETURN(sink_, make_chunk_sink(slab_, sink_options));
+    host_.resize(slab_.segment_count());
+    for (size_t i = 0; i < host_.size(); ++i) host_[i] = sink_->host_address(i);
+    direct_to_host_ = !host_.empty() && host_[0] != nullptr;
+
+    size_t threads = options_.reader_threads;
+    if (threads == 0) threads = std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 16);
+    threads = std::min(threads, items_.size());
+    running_ = threads;
+    std::vector<std::thread> readers;
+    readers.reserve(threads);
+    for (size_t i = 0; i < threads; ++i) {
+      try {
+        readers.emplace_back([this] { reader(); });
+      } catch (const std::system_error& e) {
+        {
+          std::lock_guard lock(mutex_);
+          running_ -= threads - i;
+        }
+        fail(make_error(StatusCode::kInternal,
+                        std::string("starting a reader thread: ") + e.what()));
+        break;
+      }
+    }
+    stats.reader_threads = readers.size();
+
+    watch(progress);
+    stop_.store(true);
+    sink_->wake();
+    for (auto& t : readers) t.join();
+
+    std::optional<Error> error;
+    {
+      std::lock_guard lock(mutex_);
+      error = error_;
+    }
+    if (!error) {
+      if (auto r = sink_->finish(); !r.ok()) error = std::move(r).error();
+    }
+    SinkStats sink = sink_->stats();
+    stats.sink = sink.name;
+    stats.staging_buffer_bytes = sink.buffer_bytes;
+    stats.staging_buffers_max = sink.max_buffers;
+    stats.staging_buffers = sink.buffers;
+    stats.staging_buffers_reused = sink.reused;
+    stats.staging_buffers_peak = sink.peak_in_use;
+    stats.staging_alloc_seconds = sink.alloc_seconds;
+    stats.direct_reads = direct_reads_.load();
+    stats.buffered_reads = buffered_reads_.load();
+    sink_.reset();  // waits for copies still in flight (error paths), frees the buffers
+    if (error) return *error;
+    if (progress) progress(done_, plan_.bytes_to_read);
+    return ok_result();
+  }
+
+ private:
+  Result<void> open_files(LoadStats& stats) {
+    bool want_direct = options_.direct_io == DirectIo::kOn;
+    bool all_direct = want_direct;
+    files_ = std::make_unique<OpenFile[]>(plan_.files.size());
+    for (size_t i = 0; i < plan_.files.size(); ++i) {
+      OpenFile& f = files_[i];
+      f.path = plan_.files[i];
+      f.fd.reset(::open(f.path.c_str(), O_RDONLY | O_CLOEXEC));
+      if (!f.fd) return errno_error(StatusCode::kIoError, "open " + f.path, errno);
+      if (want_direct) {
+        f.direct_fd.reset(::open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT));
+        if (!f.direct_fd) {
+          log::debug("O_DIRECT refused for " + f.path + " (" + std::strerror(errno) +
+                     "): reading it through the page cache");
+        }
+        f.direct_ok.store(f.direct_fd.valid());
+      }
+      all_direct = all_direct && f.direct_fd.valid();
+    }
+    stats.direct_io = all_direct;
+    return ok_result();
+  }
+
+  void fail(Error error) {
+    {
+      std::lock_guard lock(mutex_);
+      if (!error_) error_ = std::move(error);
+    }
+    stop_.store(true);
+    cv_.notify_all();
+    sink_->wake();
+  }
+
+  bool stopping() const {
+    return stop_.load(std::memory_order_relaxed) || cancel_.load(std::memory_order_relaxed);
+  }
+
+  void reader() {
+    auto prepared = sink_->prepare_thread();
+    if (!prepared.ok()) fail(std::move(prepared).error());
+    std::unique_ptr<char, FreeDeleter> bounce;
+    while (!stopping()) {
+      size_t index = next_.fetch_add(1, std::memory_order_relaxed);
+      if (index >= items_.size()) break;
+      const WorkItem& item = items_[index];
+      auto r = process(item, bounce);
+      if (!r.ok()) {
+        fail(std::move(r).error());
+        break;
+      }
+      if (stop_.load(std::memory_order_relaxed)) break;  // acquire() gave up: nothing submitted
+      {
+        std::lock_guard lock(mutex_);
+        done_ += item.source_bytes;
+        events_.push_back(done_);
+      }
+      cv_.notify_all();
+    }
+    if (cancel_.load() && !stop_.load()) fail(make_error(StatusCode::kCancelled, "load cancelled"));
+    {
+      std::lock_guard lock(mutex_);
+      --running_;
+    }
+    cv_.notify_all();
+  }
+
+  // The calling thread: reports progress, watches the cancel flag, returns when the readers are
+  // done or the load is stopping.
+  void watch(const ProgressFn& progress) {
+    const uint64_t total = plan_.bytes_to_read;
+    const uint64_t step = std::max<uint64_t>(1, total / kProgressSteps);
+    bool reported = false;
+    uint64_t last = 0;
+    std::deque<uint64_t> events;
+    for (;;) {
+      bool finished = false;
+      {
+        std::unique_lock lock(mutex_);
+        cv_.wait_for(lock, kPollInterval,
+                     [&] { return !events_.empty() || running_ == 0 || error_.has_value(); });
+        if (error_) return;
+        events.swap(events_);
+        finished = running_ == 0;
+      }
+      if (cancel_.load()) return fail(make_error(StatusCode::kCancelled, "load cancelled"));
+      for (uint64_t done : events) {
+        if (reported && done < last + step) continue;
+        reported = true;
+        last = done;
+        if (!progress) continue;
+        progress(done, total);
+        if (cancel_.load()) return fail(make_error(StatusCode::kCancelled, "load cancelled"));
+      }
+      events.clear();
+      if (finished) return;
+    }
+  }
+
+  Result<void> process(const WorkItem& item, std::unique_ptr<char, FreeDeleter>& bounce) {
+    OpenFile& f = files_[item.file];
+    if (direct_to_host_) {
+      if (!item.packed && !use_direct(f, item) && item.ops.size() <= kMaxDirectReads) {
+        for (const CopyOp& op : item.ops) {
+          COMPANION_TRY(read_buffered(f, host_[op.segment] + op.dst_offset, op.bytes,
+                                      item.lo + op.stage_offset));
+        }
+        return ok_result();
+      }
+      COMPANION_ASSIGN_OR_RETURN(char* b, bounce_buffer(bounce));
+      COMPANION_ASSIGN_OR_RETURN(const char* image, read_image(f, item, b));
+      if (item.packed) {
+        for (const Piece& p : item.pieces) {
+          COMPANION_TRY(
+              convert(p, image + (p.file_offset - item.lo), host_[p.segment] + p.dst_offset));
+        }
+      } else {
+        for (const CopyOp& op : item.ops)
+          std::memcpy(host_[op.segment] + op.dst_offset, image + op.stage_offset, op.bytes);
+      }
+      return ok_result();
+    }
+
+    COMPANION_ASSIGN_OR_RETURN(StagingBuffer * buffer, sink_->acquire(stop_));
+    if (buffer == nullptr) return ok_result();  // stopping
+    auto filled = fill(f, item, *buffer, bounce);
+    if (!filled.ok()) {
+      sink_->release(buffer);
+      return std::move(filled).error();
+    }
+    return sink_->submit(buffer, *filled, item.ops);
+  }
+
+  // Puts the item's bytes into a staging buffer; returns the base its ops are relative to.
+  Result<const char*> fill(OpenFile& f, const WorkItem& item, StagingBuffer& buffer,
+                           std::unique_ptr<char, FreeDeleter>& bounce) {
+    if (!item.packed) return read_image(f, item, buffer.data);
+    COMPANION_ASSIGN_OR_RETURN(char* b, bounce_buffer(bounce));
+    COMPANION_ASSIGN_OR_RETURN(const char* image, read_image(f, item, b));
+    for (const Piece& p : item.pieces)
+      COMPANION_TRY(convert(p, image + (p.file_offset - item.lo), buffer.data + p.stage_offset));
+    return static_cast<const char*>(buffer.data);
+  }
+
+  Result<char*> bounce_buffer(std::unique_ptr<char, FreeDeleter>& bounce) {
+    if (!bounce) {
+      uint64_t bytes = align_up(chunk_ + 2 * kDirectAlign);
+      bounce.reset(static_cast<char*>(std::aligned_alloc(kDirectAlign, bytes)));
+      if (!bounce)
+        return make_error(StatusCode::kOutOfMemory,
+                          "cannot allocate a read buffer of " + format_bytes(bytes));
+    }
+    return bounce.get();
+  }
+
+  bool use_direct(const OpenFile& f, const WorkItem& item) const {
+    return f.direct_ok.load(std::memory_order_relaxed) && item.hi - item.lo >= kDirectMinBytes;
+  }
+
+  // Reads [lo, hi) of the item's file into `buffer` (aligned, with kDirectAlign slack on both
+  // sides); returns where byte `lo` landed.
+  Result<const char*> read_image(OpenFile& f, const WorkItem& item, char* buffer) {
+    if (use_direct(f, item)) {
+      uint64_t a_lo = align_down(item.lo);
+      uint64_t a_hi = align_up(item.hi);
+      COMPANION_ASSIGN_OR_RETURN(bool read,
+                                 read_direct(f, buffer, a_lo, a_hi - a_lo, item.hi - a_lo));
+      if (read) return static_cast<const char*>(buffer + (item.lo - a_lo));
+    }
+    COMPANION_TRY(read_buffered(f, buffer, item.hi - item.lo, item.lo));
+    return static_cast<const char*>(buffer);
+  }
+
+  // Exactly `bytes` at `offset` through the page cache.
+  Result<void> read_buffered(OpenFile& f, char* out, uint64_t bytes, uint64_t offset) {
+    while (bytes > 0) {
+      if (stop_.load(std::memory_order_relaxed)) return stopped();
+      buffered_reads_.fetch_add(1, std::memory_order_relaxed);
+      ssize_t n = source_->pread(f.fd.get(), out, bytes, offset);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return errno_error(StatusCode::kIoError, "read " + f.path, errno);
+      }
+      if (n == 0) return truncated(f);
+      out += n;
+      bytes -= static_cast<uint64_t>(n);
+      offset += static_cast<uint64_t>(n);
+    }
+    return ok_result();
+  }
+
+  // Reads at least `need` bytes of [offset, offset + length) (all aligned) with O_DIRECT. False
+  // when the file system refuses O_DIRECT reads (EINVAL on the first): the caller reads through
+  // the page cache, and so does every later read of the file.
+  Result<bool> read_direct(OpenFile& f, char* out, uint64_t offset, uint64_t length,
+                           uint64_t need) {
+    uint64_t got = 0;
+    while (got < need) {
+      if (stop_.load(std::memory_order_relaxed)) return stopped();
+      direct_reads_.fetch_add(1, std::memory_order_relaxed);
+      ssize_t n = source_->pread(f.direct_fd.get(), out + got, length - got, offset + got);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EINVAL && got == 0) {
+          if (f.direct_ok.exchange(false))
+            log::debug("O_DIRECT reads refused for " + f.path + ": using the page cache");
+          return false;
+        }
+        return errno_error(StatusCode::kIoError, "read " + f.path, errno);
+      }
+      if (n == 0) return truncated(f);
+      got += static_cast<uint64_t>(n);
+      if (got < need && got % kDirectAlign != 0) {
+        // A short unaligned read: the rest cannot be asked for with O_DIRECT.
+        COMPANION_TRY(read_buffered(f, out + got, need - got, offset + got));
+        return true;
+      }
+    }
+    return true;
+  }
+
+  // Returned by reads that notice the load stopping (another error came first: this one is
+  // dropped).
+  static Error stopped() { return make_error(StatusCode::kCancelled, "load stopped"); }
+
+  Error truncated(const OpenFile& f) const {
+    return make_error(StatusCode::kBadCheckpoint,
+                      f.path + " ended early (changed or truncated while loading)");
+  }
+
+  const LoadPlan& plan_;
+  memory::Slab& slab_;
+  const std::atomic<bool>& cancel_;
+  const LoadOptions& options_;
+  PosixReadSource posix_source_;
+  ReadSource* source_;
+  uint64_t chunk_ = 0;
+  std::vector<WorkItem> items_;
+  std::unique_ptr<OpenFile[]> files_;
+  std::unique_ptr<ChunkSink> sink_;
+  std::vector<char*> host_;
+  bool direct_to_host_ = false;
+
+  std::atomic<size_t> next_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<uint64_t> direct_reads_{0};
+  std::atomic<uint64_t> buffered_reads_{0};
+
+  std::mutex mutex_;  // guards what follows
+  std::condition_variable cv_;
+  std::optional<Error> error_;
+  uint64_t done_ = 0;
+  std::deque<uint64_t> events_;  // done_ after each item, for the progress reports
+  size_t running_ = 0;
+};
+
+}  // namespace
+
+uint64_t WorkItem::stage_bytes() const {
+  if (!packed) return hi - lo;
+  uint64_t bytes = 0;
+  for (const Piece& p : pieces) bytes += target_bytes(p);
+  return bytes;
+}
+
+Result<std::vector<WorkItem>> make_work_items(const LoadPlan& plan,
+                                              const std::vector<uint64_t>& segment_sizes,
+                                              uint64_t chunk_bytes, uint64_t max_gap) {
+  if (chunk_bytes < 16) return make_error(StatusCode::kInternal, "load chunk below 16 bytes");
+  struct Run {
+    size_t tensor;
+    uint32_t file;
+    uint64_t offset;
+    uint64_t bytes;
+    DType from;
+    DType to;
+    uint64_t in;
+    uint64_t out;
+    uint32_t segment;
+    uint64_t dst;
+  };
+  std::vector<Run> runs;
+  for (size_t ti = 0; ti < plan.tensors.size(); ++ti) {
+    const TensorCopy& t = plan.tensors[ti];
+    const std::string& name = t.source.name;
+    if (t.source.file_index >= plan.files.size())
+      return make_error(StatusCode::kInternal, "tensor " + name + " names a file not in the plan");
+    uint64_t in = dtype_size(t.source.dtype);
+    uint64_t out = dtype_size(t.target_dtype);
+    if (in == 0 || out == 0 || in > 8 || out > 8)
+      return make_error(StatusCode::kInternal, "tensor " + name + " has an unsized dtype");
+    for (const ReadExtent& e : t.extents) {
+      if (e.bytes == 0) continue;
+      if (e.bytes % in != 0)
+        return make_error(StatusCode::kInternal,
+                          "tensor " + name + " has an extent of partial elements");
+      if (t.placement.segment >= segment_sizes.size())
+        return make_error(StatusCode::kInternal,
+                          "tensor " + name + " placed past the last segment");
+      uint64_t dst = t.placement.offset + e.dst_offset;
+      uint64_t dst_bytes = e.bytes / in * out;
+      uint64_t size = segment_sizes[t.placement.segment];
+      if (dst > size || dst_bytes > size - dst)
+        return make_error(StatusCode::kInternal,
+                          "tensor " + name + " runs past the end of its segment");
+      runs.push_back(Run{ti, t.source.file_index, e.file_offset, e.bytes, t.source.dtype,
+                         t.target_dtype, in, out, t.placement.segment, dst});
+    }
+  }
+  std::stable_sort(runs.begin(), runs.end(), [](const Run& a, const Run& b) {
+    return a.file != b.file ? a.file < b.file : a.offset < b.offset;
+  });
+
+  std::vector<WorkItem> items;
+  WorkItem cur;
+  bool open = false;
+  size_t cur_tensor = 0;
+  uint64_t staged = 0;  // target bytes of the current item's pieces
+  auto close = [&] {
+    if (!open) return;
+    finalize(cur);
+    items.push_back(std::move(cur));
+    cur = WorkItem{};
+    open = false;
+  };
+  for (Run r : runs) {
+    while (r.bytes > 0) {
+      if (open && (cur_tensor != r.tensor || r.offset < cur.lo || r.offset > cur.hi + max_gap))
+        close();
+      if (!open) {
+        open = true;
+        cur.file = r.file;
+        cur.lo = cur.hi = r.offset;
+        cur_tensor = r.tensor;
+        staged = 0;
+      }
+      uint64_t from_lo = r.offset - cur.lo;
+      uint64_t take = std::min(r.bytes, from_lo < chunk_bytes ? chunk_bytes - from_lo : 0);
+      take = std::min(take, (chunk_bytes - staged) / r.out * r.in);
+      take = take / r.in * r.in;
+      if (take > 0 && take < r.bytes) {
+        // Split where an O_DIRECT read of the next item starts aligned, when elements allow.
+        uint64_t end = align_down(r.offset + take);
+        if (end > r.offset && (end - r.offset) % r.in == 0) take = end - r.offset;
+      }
+      if (take == 0) {
+        if (cur.pieces.empty())
+          return make_error(StatusCode::kInternal, "load chunk smaller than an element");
+        close();
+        continue;
+      }
+      cur.pieces.push_back(Piece{r.offset, take, r.from, r.to, r.segment, r.dst, staged});
+      cur.hi = std::max(cur.hi, r.offset + take);
+      cur.source_bytes += take;
+      staged += take / r.in * r.out;
+      r.offset += take;
+      r.dst += take / r.in * r.out;
+      r.bytes -= take;
+      if (r.bytes > 0) close();  // full
+    }
+  }
+  close();
+  return items;
+}
+
+Result<void> run(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,
+                 const std::atomic<bool>& cancel, const LoadOptions& options) {
+  auto start = Clock::now();
+  LoadStats local;
+  LoadStats& stats = options.stats != nullptr ? *options.stats : local;
+  stats = LoadStats{};
+  Engine engine(plan, slab, cancel, options);
+  auto result = engine.run(progress, stats);
+  stats.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return result;
+}
+
+}  // namespace engine
+}  // namespace companion::loader

@@ -1,0 +1,956 @@
+// The parallel copy engine behind load_into_slab: work items, byte-exact loads with many threads
+// and small random chunks (casts, shards of rows, O_DIRECT, short reads), bounded staging, failing
+// reads and writes, cancellation and progress.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "checkpoint/checkpoint.hpp"
+#include "checkpoint/dtype_convert.hpp"
+#include "loader/chunk_sink.hpp"
+#include "loader/layout.hpp"
+#include "loader/load_engine.hpp"
+#include "loader/loader.hpp"
+#include "memory/host_backend.hpp"
+#include "test_support.hpp"
+
+namespace companion::loader {
+namespace {
+
+using testing::random_tensor;
+using testing::read_back;
+using testing::safetensors_file;
+using testing::TempDir;
+using testing::TensorData;
+
+using Clock = std::chrono::steady_clock;
+constexpr uint64_t kKiB = 1ull << 10;
+constexpr uint64_t kMiB = 1ull << 20;
+
+// ---- read sources ------------------------------------------------------------------------------
+
+bool is_direct(int fd) {
+  int flags = ::fcntl(fd, F_GETFL);
+  return flags >= 0 && (flags & O_DIRECT) != 0;
+}
+
+// pread, counting calls and the most running at once.
+class CountingSource : public ReadSource {
+ public:
+  ssize_t pread(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    int now = ++running_;
+    int seen = peak_.load();
+    while (now > seen && !peak_.compare_exchange_weak(seen, now)) {
+    }
+    ++calls_;
+    if (is_direct(fd)) ++direct_calls_;
+    ssize_t n = read(fd, dst, bytes, offset);
+    --running_;
+    return n;
+  }
+  int calls() const { return calls_.load(); }
+  int direct_calls() const { return direct_calls_.load(); }
+  int running() const { return running_.load(); }
+
+ protected:
+  virtual ssize_t read(int fd, void* dst, size_t bytes, uint64_t offset) {
+    return ::pread(fd, dst, bytes, static_cast<off_t>(offset));
+  }
+
+ private:
+  std::atomic<int> running_{0};
+  std::atomic<int> peak_{0};
+  std::atomic<int> calls_{0};
+  std::atomic<int> direct_calls_{0};
+};
+
+// Fails (EIO) every read that covers byte `fail_at` of any file.
+class FailingSource final : public CountingSource {
+ public:
+  explicit FailingSource(uint64_t fail_at) : fail_at_(fail_at) {}
+
+ protected:
+  ssize_t read(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    if (offset <= fail_at_ && fail_at_ < offset + bytes) {
+      errno = EIO;
+      return -1;
+    }
+    return CountingSource::read(fd, dst, bytes, offset);
+  }
+
+ private:
+  uint64_t fail_at_;
+};
+
+// Ends the file early: reads at or past `eof` return 0, reads across it stop there.
+class ShortFileSource final : public CountingSource {
+ public:
+  explicit ShortFileSource(uint64_t eof) : eof_(eof) {}
+
+ protected:
+  ssize_t read(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    if (offset >= eof_) return 0;
+    return CountingSource::read(fd, dst, std::min<uint64_t>(bytes, eof_ - offset), offset);
+  }
+
+ private:
+  uint64_t eof_;
+};
+
+// Returns random short counts (unaligned ones from O_DIRECT files too).
+class ChoppySource final : public CountingSource {
+ public:
+  explicit ChoppySource(uint32_t seed) : rng_(seed) {}
+
+ protected:
+  ssize_t read(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    size_t n = bytes;
+    {
+      std::lock_guard lock(mutex_);
+      if (bytes > 1 && rng_() % 2 == 0) n = 1 + rng_() % (bytes - 1);
+    }
+    if (is_direct(fd)) {
+      // O_DIRECT reads must stay aligned: read everything, report a prefix.
+      ssize_t got = CountingSource::read(fd, dst, bytes, offset);
+      return got < 0 ? got : std::min<ssize_t>(got, static_cast<ssize_t>(n));
+    }
+    return CountingSource::read(fd, dst, n, offset);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::mt19937 rng_;
+};
+
+// O_DIRECT files refuse reads (EINVAL), like some file systems do.
+class NoDirectSource final : public CountingSource {
+ protected:
+  ssize_t read(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    if (is_direct(fd)) {
+      errno = EINVAL;
+      return -1;
+    }
+    return CountingSource::read(fd, dst, bytes, offset);
+  }
+};
+
+// Sleeps before every read.
+class SlowSource final : public CountingSource {
+ public:
+  explicit SlowSource(std::chrono::microseconds delay) : delay_(delay) {}
+
+ protected:
+  ssize_t read(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    std::this_thread::sleep_for(delay_);
+    return CountingSource::read(fd, dst, bytes, offset);
+  }
+
+ private:
+  std::chrono::microseconds delay_;
+};
+
+// ---- slabs -------------------------------------------------------------------------------------
+
+// A host slab without a host address (the staging path through Slab::write()); can fail or slow
+// down writes, counts them and the most running at once.
+class HookedSlab final : public memory::Slab {
+ public:
+  explicit HookedSlab(std::unique_ptr<memory::Slab> inner) : inner_(std::move(inner)) {}
+  memory::SegmentKind kind() const noexcept override { return inner_->kind(); }
+  size_t segment_count() const noexcept override { return inner_->segment_count(); }
+  uint64_t segment_size(size_t i) const noexcept override { return inner_->segment_size(i); }
+  void* host_address(size_t) noexcept override { return nullptr; }
+  Result<void> write(size_t i, uint64_t offset, const void* src, uint64_t bytes) override {
+    int now = ++running;
+    peak = std::max(peak.load(), now);
+    int call = ++writes;
+    if (delay.count() > 0) std::this_thread::sleep_for(delay);
+    Result<void> r = call == fail_on_write
+                         ? Result<void>(make_error(StatusCode::kIoError, "injected write failure"))
+                         : inner_->write(i, offset, src, bytes);
+    --running;
+    return r;
+  }
+  Result<void> seal() override { return inner_->seal(); }
+  Result<std::vector<memory::SegmentExport>> export_segments() override {
+    return inner_->export_segments();
+  }
+
+  std::atomic<int> writes{0};
+  std::atomic<int> running{0};
+  std::atomic<int> peak{0};
+  int fail_on_write = -1;  // 1-based
+  std::chrono::microseconds delay{0};
+
+ private:
+  std::unique_ptr<memory::Slab> inner_;
+};
+
+// ---- checkpoints and expectations -------------------------------------------------------------
+
+enum class Sink { kHost, kWrite };
+
+std::string expected_bytes(const std::string& bytes, DType from, DType to) {
+  if (from == to) return bytes;
+  size_t count = bytes.size() / dtype_size(from);
+  std::string out(count * dtype_size(to), '\0');
+  auto r = checkpoint::convert_elements(from, to, bytes.data(), out.data(), count);
+  EXPECT_TRUE(r.ok()) << r.error().to_string();
+  return out;
+}
+
+// A checkpoint of `count` tensors of random dtypes and sizes (some empty, some big), over
+// `files` files.
+struct Model {
+  TempDir dir;
+  std::vector<TensorData> tensors;
+  checkpoint::Checkpoint ckpt;
+};
+
+std::unique_ptr<Model> make_model(uint32_t seed, int count, int files, uint64_t max_elements) {
+  auto m = std::make_unique<Model>();
+  std::mt19937 rng(seed);
+  const DType dtypes[] = {DType::kF32, DType::kBF16, DType::kF16, DType::kU8,
+                          DType::kI64, DType::kI32,  DType::kF64};
+  std::vector<std::vector<TensorData>> per_file(static_cast<size_t>(files));
+  for (int i = 0; i < count; ++i) {
+    DType d = dtypes[rng() % std::size(dtypes)];
+    uint64_t n = rng() % 8 == 0 ? 0 : 1 + rng() % max_elements;
+    if (rng() % 6 == 0) n = max_elements * 4 + rng() % 1000;  // several chunks
+    auto t = random_tensor("t" + std::to_string(i), d, {static_cast<int64_t>(n)}, seed * 1000 + i);
+    per_file[static_cast<size_t>(i % files)].push_back(t);
+    m->tensors.push_back(std::move(t));
+  }
+  std::string path = m->dir / "model.safetensors";
+  if (files == 1) {
+    testing::write_file(path, safetensors_file(per_file[0]));
+  } else {
+    path = m->dir / "m";
+    for (int f = 0; f < files; ++f) {
+      char name[64];
+      std::snprintf(name, sizeof(name), "m/model-%05d-of-%05d.safetensors", f + 1, files);
+      testing::write_file(m->dir / name, safetensors_file(per_file[static_cast<size_t>(f)]));
+    }
+  }
+  auto ckpt = checkpoint::open_checkpoint(path, {m->dir.path()});
+  EXPECT_TRUE(ckpt.ok()) << ckpt.error().to_string();
+  if (ckpt.ok()) m->ckpt = std::move(ckpt).value();
+  return m;
+}
+
+std::unique_ptr<memory::Slab> allocate(const LoadPlan& plan, Sink sink, HookedSlab** hooked) {
+  auto backend = memory::make_host_backend();
+  auto slab = backend->allocate(plan.segment_sizes, "engine");
+  EXPECT_TRUE(slab.ok()) << slab.error().to_string();
+  if (!slab.ok()) return nullptr;
+  if (sink == Sink::kHost) return std::move(slab).value();
+  auto h = std::make_unique<HookedSlab>(std::move(slab).value());
+  if (hooked != nullptr) *hooked = h.get();
+  return h;
+}
+
+// Every tensor of the plan holds its expected bytes in `segments`. `source` gives a tensor's
+// source bytes for an extent (file offset, bytes).
+void expect_plan_contents(const LoadPlan& plan, const std::vector<std::string>& segments,
+                          const std::map<std::string, std::string>& file_bytes) {
+  ASSERT_EQ(segments.size(), plan.segment_sizes.size());
+  for (const TensorCopy& t : plan.tensors) {
+    SCOPED_TRACE(t.source.name);
+    const std::string& file = file_bytes.at(plan.files[t.source.file_index]);
+    const std::string& segment = segments[t.placement.segment];
+    size_t in = dtype_size(t.source.dtype);
+    size_t out = dtype_size(t.target_dtype);
+    uint64_t covered = 0;
+    for (const ReadExtent& e : t.extents) {
+      ASSERT_LE(e.file_offset + e.bytes, file.size());
+      std::string want =
+          expected_bytes(file.substr(e.file_offset, e.bytes), t.source.dtype, t.target_dtype);
+      uint64_t at = t.placement.offset + e.dst_offset;
+      ASSERT_LE(at + want.size(), segment.size());
+      bool same = std::memcmp(segment.data() + at, want.data(), want.size()) == 0;
+      EXPECT_TRUE(same) << "extent at file offset " << e.file_offset << " (" << e.bytes
+                        << " bytes) -> segment " << t.placement.segment << " offset " << at;
+      covered += e.bytes / in * out;
+    }
+    EXPECT_EQ(covered, t.target_bytes);
+  }
+}
+
+std::map<std::string, std::string> read_files(const LoadPlan& plan) {
+  std::map<std::string, std::string> out;
+  for (const auto& path : plan.files) {
+    std::ifstream in(path, std::ios::binary);
+    out[path] = std::string(std::istreambuf_iterator<char>(in), {});
+  }
+  return out;
+}
+
+// A plan that takes rank `rank` of `tp` of every 2-D tensor's columns: one extent per row.
+LoadPlan row_shard_plan(const checkpoint::Checkpoint& ckpt, uint32_t tp, uint32_t rank,
+                        std::optional<DType> cast, const memory::Backend& backend) {
+  LoadPlan plan;
+  plan.files = ckpt.files;
+  std::vector<uint64_t> sizes;
+  for (const auto& t : ckpt.tensors) {
+    TensorCopy copy;
+    copy.source = t;
+    copy.target_dtype = t.dtype;
+    if (cast && dtype_is_float_convertible(t.dtype)) copy.target_dtype = *cast;
+    uint64_t in = dtype_size(t.dtype);
+    uint64_t out = dtype_size(copy.target_dtype);
+    if (t.shape.size() == 2 && t.shape[1] % tp == 0) {
+      uint64_t rows = static_cast<uint64_t>(t.shape[0]);
+      uint64_t cols = static_cast<uint64_t>(t.shape[1]) / tp;
+      copy.target_shape = {t.shape[0], static_cast<int64_t>(cols)};
+      for (uint64_t r = 0; r < rows; ++r) {
+        copy.extents.push_back(
+            ReadExtent{t.file_offset + (r * tp + rank) * cols * in, cols * in, r * cols * out});
+        plan.bytes_to_read += cols * in;
+      }
+      copy.target_bytes = rows * cols * out;
+    } else {
+      copy.target_shape = t.shape;
+      copy.target_bytes = t.nbytes / in * out;
+      if (t.nbytes > 0) copy.extents.push_back(ReadExtent{t.file_offset, t.nbytes, 0});
+      plan.bytes_to_read += t.nbytes;
+    }
+    sizes.push_back(copy.target_bytes);
+    plan.tensors.push_back(std::move(copy));
+  }
+  auto layout =
+      plan_layout(sizes, kTensorAlignment, backend.granularity(), backend.max_segment_bytes());
+  EXPECT_TRUE(layout.ok());
+  for (size_t i = 0; i < plan.tensors.size(); ++i)
+    plan.tensors[i].placement = layout->placements[i];
+  plan.segment_sizes = layout->segment_sizes;
+  return plan;
+}
+
+struct Outcome {
+  Result<void> result;
+  std::vector<uint64_t> progress;
+  LoadStats stats;
+  double seconds = 0;
+};
+
+Outcome load(const LoadPlan& plan, memory::Slab& slab, LoadOptions options,
+             const std::atomic<bool>& cancel,
+             const std::function<void(uint64_t)>& on_progress = {}) {
+  Outcome run;
+  options.stats = &run.stats;
+  auto start = Clock::now();
+  run.result = load_into_slab(
+      plan, slab,
+      [&](uint64_t done, uint64_t total) {
+        EXPECT_EQ(total, plan.bytes_to_read);
+        run.progress.push_back(done);
+        if (on_progress) on_progress(done);
+      },
+      cancel, options);
+  run.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return run;
+}
+
+void expect_progress_sane(const Outcome& run, uint64_t total) {
+  ASSERT_FALSE(run.progress.empty());
+  for (size_t i = 1; i < run.progress.size(); ++i)
+    EXPECT_GE(run.progress[i], run.progress[i - 1]) << "call " << i;
+  EXPECT_EQ(run.progress.back(), total);
+  EXPECT_LE(run.progress.size(), 260u);  // about 256 steps, the first and the last
+}
+
+// ---- work items --------------------------------------------------------------------------------
+
+TEST(WorkItems, TileEveryExtentWithinTheChunk) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 60; ++trial) {
+    SCOPED_TRACE(trial);
+    LoadPlan plan;
+    plan.files = {"a", "b"};
+    plan.segment_sizes = {1ull << 40, 1ull << 40};
+    uint64_t offset[2] = {8, 1000};
+    uint64_t dst = 0;
+    const DType dtypes[] = {DType::kF32, DType::kBF16, DType::kU8, DType::kF64, DType::kF16};
+    int tensors = 1 + static_cast<int>(rng() % 20);
+    for (int i = 0; i < tensors; ++i) {
+      TensorCopy t;
+      uint32_t file = static_cast<uint32_t>(rng() % 2);
+      t.source.file_index = file;
+      t.source.name = "t" + std::to_string(i);
+      t.source.dtype = dtypes[rng() % std::size(dtypes)];
+      t.target_dtype = dtype_is_float_convertible(t.source.dtype) && rng() % 2 ? dtypes[rng() % 2]
+                                                                               : t.source.dtype;
+      uint64_t in = dtype_size(t.source.dtype);
+      uint64_t out = dtype_size(t.target_dtype);
+      int extents = 1 + static_cast<int>(rng() % 5);
+      uint64_t target = 0;
+      for (int e = 0; e < extents; ++e) {
+        uint64_t bytes = (rng() % 600) * in;
+        offset[file] += (rng() % 3) * in * (rng() % 500);  // gaps, sometimes
+        t.extents.push_back(ReadExtent{offset[file], bytes, target});
+        offset[file] += bytes;
+        target += bytes / in * out;
+        plan.bytes_to_read += bytes;
+      }
+      t.target_bytes = target;
+      t.placement = Placement{static_cast<uint32_t>(rng() % 2), dst};
+      dst += (target + 255) / 256 * 256;
+      plan.tensors.push_back(std::move(t));
+    }
+    uint64_t chunk = 16 + rng() % 1500;
+    auto items = engine::make_work_items(plan, plan.segment_sizes, chunk, rng() % 2 ? 0 : 600);
+    ASSERT_TRUE(items.ok()) << items.error().to_string();
+
+    // Each extent's target bytes are written exactly once, from the right source bytes.
+    std::map<std::pair<uint32_t, uint64_t>, uint64_t> want;  // (segment, dst) -> file offset
+    for (const auto& t : plan.tensors) {
+      uint64_t in = dtype_size(t.source.dtype);
+      uint64_t out = dtype_size(t.target_dtype);
+      for (const auto& e : t.extents)
+        for (uint64_t k = 0; k < e.bytes / in; ++k)
+          want[{t.placement.segment, t.placement.offset + e.dst_offset + k * out}] =
+              e.file_offset + k * in;
+    }
+    uint64_t progress = 0;
+    for (const auto& item : *items) {
+      EXPECT_LE(item.hi - item.lo, chunk);
+      EXPECT_LE(item.stage_bytes(), chunk);
+      EXPECT_FALSE(item.pieces.empty());
+      uint64_t source = 0;
+      uint64_t ops_bytes = 0;
+      for (const auto& op : item.ops) ops_bytes += op.bytes;
+      uint64_t pieces_target = 0;
+      for (const auto& p : item.pieces) {
+        EXPECT_GE(p.file_offset, item.lo);
+        EXPECT_LE(p.file_offset + p.source_bytes, item.hi);
+        uint64_t in = dtype_size(p.from);
+        uint64_t out = dtype_size(p.to);
+        ASSERT_EQ(p.source_bytes % in, 0u);
+        for (uint64_t k = 0; k < p.source_bytes / in; ++k) {
+          auto it = want.find({p.segment, p.dst_offset + k * out});
+          ASSERT_NE(it, want.end()) << "element written twice or nowhere";
+          EXPECT_EQ(it->second, p.file_offset + k * in);
+          want.erase(it);
+        }
+        source += p.source_bytes;
+        pieces_target += p.source_bytes / in * out;
+        if (p.from != p.to) {
+          EXPECT_TRUE(item.packed);
+        }
+      }
+      EXPECT_EQ(ops_bytes, pieces_target);
+      EXPECT_EQ(source, item.source_bytes);
+      progress += item.source_bytes;
+    }
+    EXPECT_TRUE(want.empty()) << want.size() << " elements never written";
+    EXPECT_EQ(progress, plan.bytes_to_read);
+  }
+}
+
+TEST(WorkItems, RowsOfAShardAreReadTogetherAndPacked) {
+  // 512 rows of 1 KiB, of which rank 1 of 4 takes 256 bytes each.
+  LoadPlan plan;
+  plan.files = {"f"};
+  plan.segment_sizes = {1 * kMiB};
+  TensorCopy t;
+  t.source.dtype = DType::kF32;
+  t.target_dtype = DType::kF32;
+  for (uint64_t r = 0; r < 512; ++r)
+    t.extents.push_back(ReadExtent{4096 + r * 1024 + 256, 256, r * 256});
+  t.target_bytes = 512 * 256;
+  plan.tensors.push_back(t);
+  plan.bytes_to_read = t.target_bytes;
+  auto items = engine::make_work_items(plan, plan.segment_sizes, 64 * kKiB);
+  ASSERT_TRUE(items.ok());
+  ASSERT_EQ(items->size(), 8u);  // 512 KiB of file range in 64 KiB reads
+  for (const auto& item : *items) {
+    EXPECT_TRUE(item.packed);
+    ASSERT_EQ(item.ops.size(), 1u);  // contiguous in the slab: one copy
+    EXPECT_EQ(item.ops[0].bytes, item.source_bytes);
+  }
+  // Far apart, rows are read one by one.
+  for (auto& e : plan.tensors[0].extents) e.file_offset *= 1024;
+  items = engine::make_work_items(plan, plan.segment_sizes, 64 * kKiB);
+  ASSERT_TRUE(items.ok());
+  EXPECT_EQ(items->size(), 512u);
+}
+
+TEST(WorkItems, BigExtentsSplitOnAlignedFileOffsets) {
+  LoadPlan plan;
+  plan.files = {"f"};
+  plan.segment_sizes = {64 * kMiB};
+  TensorCopy t;
+  t.source.dtype = DType::kBF16;
+  t.target_dtype = DType::kBF16;
+  t.extents.push_back(ReadExtent{1000, 10 * kMiB, 0});
+  t.target_bytes = 10 * kMiB;
+  plan.tensors.push_back(t);
+  plan.bytes_to_read = t.target_bytes;
+  auto items = engine::make_work_items(plan, plan.segment_sizes, 1 * kMiB);
+  ASSERT_TRUE(items.ok());
+  ASSERT_GE(items->size(), 10u);
+  for (size_t i = 0; i + 1 < items->size(); ++i)
+    EXPECT_EQ((*items)[i].hi % kDirectAlign, 0u) << "item " << i;
+}
+
+TEST(WorkItems, PlansThatDoNotFitTheSlabAreInternalErrors) {
+  LoadPlan plan;
+  plan.files = {"f"};
+  TensorCopy t;
+  t.source.dtype = DType::kF32;
+  t.target_dtype = DType::kF32;
+  t.extents.push_back(ReadExtent{0, 4096, 0});
+  t.placement = Placement{0, 8192};
+  plan.tensors.push_back(t);
+  auto items = engine::make_work_items(plan, {8192}, 1 * kMiB);
+  ASSERT_FALSE(items.ok());
+  EXPECT_EQ(items.error().code, StatusCode::kInternal);
+  plan.tensors[0].placement = Placement{1, 0};
+  EXPECT_FALSE(engine::make_work_items(plan, {1 * kMiB}, 1 * kMiB).ok());
+  plan.tensors[0].placement = Placement{0, 0};
+  plan.tensors[0].extents[0].bytes = 4095;  // partial element
+  EXPECT_FALSE(engine::make_work_items(plan, {1 * kMiB}, 1 * kMiB).ok());
+  plan.tensors[0].extents[0].bytes = 4096;
+  plan.tensors[0].source.file_index = 3;
+  EXPECT_FALSE(engine::make_work_items(plan, {1 * kMiB}, 1 * kMiB).ok());
+}
+
+// ---- byte-exact loads --------------------------------------------------------------------------
+
+struct Case {
+  Sink sink;
+  std::optional<DType> cast;
+  DirectIo direct;
+  bool choppy;
+};
+
+std::string case_name(const Case& c) {
+  std::string name = c.sink == Sink::kHost ? "Host" : "Write";
+  name += c.cast ? std::string("Cast") + dtype_name(*c.cast) : "NoCast";
+  name += c.direct == DirectIo::kOn ? "Direct" : "Buffered";
+  if (c.choppy) name += "ShortReads";
+  return name;
+}
+
+class EngineBytes : public ::testing::TestWithParam<Case> {};
+
+TEST_P(EngineBytes, ManyThreadsAndRandomChunksAreByteExact) {
+  const Case& c = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(std::hash<std::string>()(case_name(c))));
+  for (int trial = 0; trial < 4; ++trial) {
+    SCOPED_TRACE(trial);
+    auto model = make_model(rng(), 24, 1 + trial % 3, 20000);
+    auto backend = memory::make_host_backend();
+    auto plan = make_load_plan(model->ckpt, c.cast, *backend);
+    ASSERT_TRUE(plan.ok()) << plan.error().to_string();
+    auto slab = allocate(*plan, c.sink, nullptr);
+    ASSERT_TRUE(slab);
+    ChoppySource choppy(rng());
+    LoadOptions options;
+    options.reader_threads = 1 + rng() % 8;
+    options.chunk_bytes = 64 + rng() % (96 * kKiB);
+    options.staging_bytes = (1 + rng() % 4) * options.chunk_bytes;
+    options.direct_io = c.direct;
+    if (c.choppy) options.read_source = &choppy;
+    std::atomic<bool> cancel{false};
+    Outcome run = load(*plan, *slab, options, cancel);
+    ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+    expect_progress_sane(run, plan->bytes_to_read);
+    EXPECT_EQ(std::string(run.stats.sink), c.sink == Sink::kHost ? "host-direct" : "write");
+    if (c.sink == Sink::kWrite) {
+      EXPECT_GE(run.stats.staging_buffers_max, 1u);
+      EXPECT_LE(run.stats.staging_buffers_peak, run.stats.staging_buffers_max);
+      EXPECT_LE(run.stats.staging_buffers, run.stats.staging_buffers_max);
+    }
+    if (c.direct == DirectIo::kOn && run.stats.direct_io && options.chunk_bytes >= 128 * kKiB) {
+      EXPECT_GT(run.stats.direct_reads, 0u);
+    }
+    expect_plan_contents(*plan, read_back(*slab), read_files(*plan));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(, EngineBytes,
+                         ::testing::Values(Case{Sink::kHost, std::nullopt, DirectIo::kOff, false},
+                                           Case{Sink::kWrite, std::nullopt, DirectIo::kOff, false},
+                                           Case{Sink::kHost, DType::kBF16, DirectIo::kOff, false},
+                                           Case{Sink::kWrite, DType::kF32, DirectIo::kOff, false},
+                                           Case{Sink::kHost, std::nullopt, DirectIo::kOn, false},
+                                           Case{Sink::kWrite, DType::kF16, DirectIo::kOn, false},
+                                           Case{Sink::kHost, DType::kF32, DirectIo::kOn, true},
+                                           Case{Sink::kWrite, std::nullopt, DirectIo::kOn, true},
+                                           Case{Sink::kHost, std::nullopt, DirectIo::kOff, true}),
+                         [](const auto& tp) { return case_name(tp.param); });
+
+TEST(Engine, BigChunksWithODirectAreByteExact) {
+  // Chunks well above the O_DIRECT threshold, over several files, both sinks.
+  auto model = make_model(99, 12, 2, 100000);
+  auto backend = memory::make_host_backend();
+  for (Sink sink : {Sink::kHost, Sink::kWrite}) {
+    for (std::optional<DType> cast : {std::optional<DType>{}, std::optional<DType>{DType::kBF16}}) {
+      auto plan = make_load_plan(model->ckpt, cast, *backend);
+      ASSERT_TRUE(plan.ok());
+      auto slab = allocate(*plan, sink, nullptr);
+      LoadOptions options;
+      options.reader_threads = 4;
+      options.chunk_bytes = 512 * kKiB;
+      options.direct_io = DirectIo::kOn;
+      std::atomic<bool> cancel{false};
+      Outcome run = load(*plan, *slab, options, cancel);
+      ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+      if (run.stats.direct_io) {
+        EXPECT_GT(run.stats.direct_reads, 0u);
+      }
+      expect_plan_contents(*plan, read_back(*slab), read_files(*plan));
+    }
+  }
+}
+
+TEST(Engine, RowShardsAreByteExact) {
+  TempDir dir;
+  std::vector<TensorData> tensors = {
+      random_tensor("w1", DType::kF32, {300, 64}, 1), random_tensor("b1", DType::kF32, {64}, 2),
+      random_tensor("w2", DType::kBF16, {1000, 256}, 3),
+      random_tensor("w3", DType::kI32, {77, 8}, 4), random_tensor("w4", DType::kF16, {3, 4096}, 5)};
+  testing::write_file(dir / "model.safetensors", safetensors_file(tensors));
+  auto ckpt = checkpoint::open_checkpoint(dir / "model.safetensors", {dir.path()});
+  ASSERT_TRUE(ckpt.ok()) << ckpt.error().to_string();
+  auto backend = memory::make_host_backend();
+  std::mt19937 rng(3);
+  for (uint32_t tp : {2u, 4u}) {
+    for (uint32_t rank = 0; rank < tp; ++rank) {
+      for (Sink sink : {Sink::kHost, Sink::kWrite}) {
+        for (std::optional<DType> cast :
+             {std::optional<DType>{}, std::optional<DType>{DType::kF32}}) {
+          SCOPED_TRACE("tp " + std::to_string(tp) + " rank " + std::to_string(rank));
+          LoadPlan plan = row_shard_plan(*ckpt, tp, rank, cast, *backend);
+          auto slab = allocate(plan, sink, nullptr);
+          LoadOptions options;
+          options.reader_threads = 1 + rng() % 6;
+          options.chunk_bytes = 1024 + rng() % (64 * kKiB);
+          options.direct_io = rng() % 2 ? DirectIo::kOn : DirectIo::kOff;
+          std::atomic<bool> cancel{false};
+          Outcome run = load(plan, *slab, options, cancel);
+          ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+          expect_progress_sane(run, plan.bytes_to_read);
+          expect_plan_contents(plan, read_back(*slab), read_files(plan));
+        }
+      }
+    }
+  }
+}
+
+TEST(Engine, ODirectRefusedFallsBackToThePageCache) {
+  auto model = make_model(5, 8, 1, 100000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, std::nullopt, *backend);
+  ASSERT_TRUE(plan.ok());
+  for (Sink sink : {Sink::kHost, Sink::kWrite}) {
+    auto slab = allocate(*plan, sink, nullptr);
+    NoDirectSource source;
+    LoadOptions options;
+    options.reader_threads = 3;
+    options.chunk_bytes = 256 * kKiB;
+    options.direct_io = DirectIo::kOn;
+    options.read_source = &source;
+    std::atomic<bool> cancel{false};
+    Outcome run = load(*plan, *slab, options, cancel);
+    ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+    EXPECT_GT(run.stats.buffered_reads, 0u);
+    // At most one refused O_DIRECT read per reader before every thread knows.
+    EXPECT_LE(run.stats.direct_reads, options.reader_threads);
+    expect_plan_contents(*plan, read_back(*slab), read_files(*plan));
+  }
+}
+
+// ---- bounded staging ---------------------------------------------------------------------------
+
+TEST(Engine, StagingBuffersNeverExceedTheBound) {
+  auto model = make_model(11, 16, 1, 50000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, DType::kF16, *backend);
+  ASSERT_TRUE(plan.ok());
+  for (size_t bound : {1u, 3u}) {
+    SCOPED_TRACE(bound);
+    HookedSlab* hooked = nullptr;
+    auto slab = allocate(*plan, Sink::kWrite, &hooked);
+    hooked->delay = std::chrono::microseconds(300);  // readers pile up waiting for buffers
+    LoadOptions options;
+    options.reader_threads = 8;
+    options.chunk_bytes = 16 * kKiB;
+    // The bound counts whole buffers (chunk plus O_DIRECT slack).
+    options.staging_bytes = bound * (16 * kKiB + 2 * kDirectAlign);
+    std::atomic<bool> cancel{false};
+    Outcome run = load(*plan, *slab, options, cancel);
+    ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+    EXPECT_EQ(run.stats.staging_buffers_max, bound);
+    EXPECT_LE(run.stats.staging_buffers, bound);
+    EXPECT_LE(run.stats.staging_buffers_peak, bound);
+    EXPECT_GE(run.stats.staging_buffers_peak, 1u);
+    EXPECT_EQ(hooked->peak.load(), 1);  // Slab::write() is never called concurrently
+    EXPECT_GT(run.stats.work_items, bound * 4);
+    expect_plan_contents(*plan, read_back(*slab), read_files(*plan));
+  }
+}
+
+TEST(ChunkSink, AcquireWaitsForARecycledBufferAndWakesOnStop) {
+  auto backend = memory::make_host_backend();
+  auto inner = backend->allocate({4096}, "sink");
+  ASSERT_TRUE(inner.ok());
+  HookedSlab slab(std::move(inner).value());
+  SinkOptions options;
+  options.buffer_bytes = 4096;
+  options.max_buffers = 2;
+  auto sink = make_chunk_sink(slab, options);
+  ASSERT_TRUE(sink.ok());
+  EXPECT_STREQ((*sink)->name(), "write");
+  std::atomic<bool> stop{false};
+  auto a = (*sink)->acquire(stop);
+  auto b = (*sink)->acquire(stop);
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_NE(*a, nullptr);
+  ASSERT_NE(*b, nullptr);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>((*a)->data) % kDirectAlign, 0u);
+  EXPECT_GE((*a)->capacity, 4096 + 2 * kDirectAlign);
+
+  std::atomic<bool> got{false};
+  StagingBuffer* third = nullptr;
+  std::thread waiter([&] {
+    auto c = (*sink)->acquire(stop);
+    EXPECT_TRUE(c.ok());
+    third = c.ok() ? *c : nullptr;
+    got = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(got.load());  // both buffers taken
+  std::memset((*a)->data, 7, 16);
+  CopyOp op{0, 16, 0, 100};
+  ASSERT_TRUE((*sink)->submit(*a, (*a)->data, {&op, 1}).ok());  // recycles a
+  waiter.join();
+  EXPECT_EQ(third, *a);
+
+  std::thread stopped([&] {
+    auto c = (*sink)->acquire(stop);
+    EXPECT_TRUE(c.ok());
+    EXPECT_EQ(c.ok() ? *c : reinterpret_cast<StagingBuffer*>(1), nullptr);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  stop = true;
+  (*sink)->wake();
+  stopped.join();
+  (*sink)->release(third);
+  (*sink)->release(*b);
+  ASSERT_TRUE((*sink)->finish().ok());
+  SinkStats stats = (*sink)->stats();
+  EXPECT_EQ(stats.buffers, 2u);
+  EXPECT_EQ(stats.peak_in_use, 2u);
+  EXPECT_EQ(slab.writes.load(), 1);
+}
+
+// ---- failures ----------------------------------------------------------------------------------
+
+class EngineFailures : public ::testing::TestWithParam<Sink> {};
+
+TEST_P(EngineFailures, ReadErrorInTheMiddleStopsEverything) {
+  TempDir dir;
+  std::vector<TensorData> tensors = {random_tensor("a", DType::kF32, {300000}, 1),
+                                     random_tensor("b", DType::kBF16, {700000}, 2),
+                                     random_tensor("c", DType::kU8, {500000}, 3)};
+  std::string path = dir / "model.safetensors";
+  testing::write_file(path, safetensors_file(tensors));
+  auto ckpt = checkpoint::open_checkpoint(path, {dir.path()});
+  ASSERT_TRUE(ckpt.ok());
+  auto backend = memory::make_host_backend();
+  for (DirectIo direct : {DirectIo::kOff, DirectIo::kOn}) {
+    for (std::optional<DType> cast : {std::optional<DType>{}, std::optional<DType>{DType::kF32}}) {
+      auto plan = make_load_plan(*ckpt, cast, *backend);
+      ASSERT_TRUE(plan.ok());
+      auto slab = allocate(*plan, GetParam(), nullptr);
+      FailingSource source(ckpt->tensors[1].file_offset + ckpt->tensors[1].nbytes / 2);
+      LoadOptions options;
+      options.reader_threads = 6;
+      options.chunk_bytes = 96 * kKiB;
+      options.direct_io = direct;
+      options.read_source = &source;
+      std::atomic<bool> cancel{false};
+      Outcome run = load(*plan, *slab, options, cancel);
+      ASSERT_FALSE(run.result.ok());
+      EXPECT_EQ(run.result.error().code, StatusCode::kIoError) << run.result.error().to_string();
+      EXPECT_NE(run.result.error().message.find(path), std::string::npos);
+      EXPECT_NE(run.result.error().message.find("Input/output error"), std::string::npos)
+          << run.result.error().message;
+      // Stopped: no final progress report, nothing still reading once it returned.
+      for (uint64_t d : run.progress) EXPECT_LT(d, plan->bytes_to_read);
+      EXPECT_EQ(source.running(), 0);
+      int calls = source.calls();
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      EXPECT_EQ(source.calls(), calls);
+    }
+  }
+}
+
+TEST_P(EngineFailures, FileEndingEarlyIsBadCheckpoint) {
+  auto model = make_model(21, 10, 1, 100000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, std::nullopt, *backend);
+  ASSERT_TRUE(plan.ok());
+  auto slab = allocate(*plan, GetParam(), nullptr);
+  ShortFileSource source(model->ckpt.total_bytes / 2 + 4097);
+  LoadOptions options;
+  options.reader_threads = 4;
+  options.chunk_bytes = 32 * kKiB;
+  options.read_source = &source;
+  std::atomic<bool> cancel{false};
+  Outcome run = load(*plan, *slab, options, cancel);
+  ASSERT_FALSE(run.result.ok());
+  EXPECT_EQ(run.result.error().code, StatusCode::kBadCheckpoint) << run.result.error().to_string();
+}
+
+TEST(EngineWriteFailure, StopsEverything) {
+  auto model = make_model(31, 16, 2, 60000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, DType::kBF16, *backend);
+  ASSERT_TRUE(plan.ok());
+  HookedSlab* hooked = nullptr;
+  auto slab = allocate(*plan, Sink::kWrite, &hooked);
+  hooked->fail_on_write = 5;
+  CountingSource source;
+  LoadOptions options;
+  options.reader_threads = 5;
+  options.chunk_bytes = 8 * kKiB;
+  options.read_source = &source;
+  std::atomic<bool> cancel{false};
+  Outcome run = load(*plan, *slab, options, cancel);
+  ASSERT_FALSE(run.result.ok());
+  EXPECT_EQ(run.result.error().code, StatusCode::kIoError);
+  EXPECT_NE(run.result.error().message.find("injected"), std::string::npos);
+  EXPECT_LT(hooked->writes.load(), static_cast<int>(run.stats.work_items));
+  EXPECT_EQ(source.running(), 0);
+  EXPECT_EQ(hooked->running.load(), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(, EngineFailures, ::testing::Values(Sink::kHost, Sink::kWrite),
+                         [](const auto& tp) {
+                           return std::string(tp.param == Sink::kHost ? "Host" : "Write");
+                         });
+
+// ---- cancellation and progress -----------------------------------------------------------------
+
+class EngineCancel : public ::testing::TestWithParam<Sink> {};
+
+TEST_P(EngineCancel, FromTheProgressCallbackStopsQuickly) {
+  auto model = make_model(41, 20, 1, 200000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, std::nullopt, *backend);
+  ASSERT_TRUE(plan.ok());
+  auto slab = allocate(*plan, GetParam(), nullptr);
+  SlowSource source(std::chrono::milliseconds(2));
+  LoadOptions options;
+  options.reader_threads = 6;
+  options.chunk_bytes = 16 * kKiB;  // hundreds of items of 2+ ms each: seconds in all
+  options.read_source = &source;
+  std::atomic<bool> cancel{false};
+  Outcome run = load(*plan, *slab, options, cancel, [&](uint64_t) { cancel = true; });
+  ASSERT_FALSE(run.result.ok());
+  EXPECT_EQ(run.result.error().code, StatusCode::kCancelled) << run.result.error().to_string();
+  EXPECT_EQ(run.progress.size(), 1u);  // nothing reported after the flag was set
+  EXPECT_GT(run.stats.work_items, 200u);
+  EXPECT_LT(run.seconds, 1.0);
+  EXPECT_EQ(source.running(), 0);
+  EXPECT_LT(source.calls(), static_cast<int>(run.stats.work_items) / 2);
+}
+
+TEST_P(EngineCancel, FromAnotherThreadStopsQuickly) {
+  auto model = make_model(43, 20, 1, 200000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, DType::kF32, *backend);
+  ASSERT_TRUE(plan.ok());
+  HookedSlab* hooked = nullptr;
+  auto slab = allocate(*plan, GetParam(), &hooked);
+  SlowSource source(std::chrono::milliseconds(2));
+  LoadOptions options;
+  options.reader_threads = 4;
+  options.chunk_bytes = 16 * kKiB;
+  options.staging_bytes = 2 * 16 * kKiB;  // readers also wait for buffers
+  options.read_source = &source;
+  std::atomic<bool> cancel{false};
+  std::thread canceller([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(30));
+    cancel = true;
+  });
+  auto start = Clock::now();
+  Outcome run = load(*plan, *slab, options, cancel);
+  double after_cancel = std::chrono::duration<double>(Clock::now() - start).count() - 0.03;
+  canceller.join();
+  ASSERT_FALSE(run.result.ok());
+  EXPECT_EQ(run.result.error().code, StatusCode::kCancelled);
+  EXPECT_LT(after_cancel, 0.5);
+  EXPECT_EQ(source.running(), 0);
+  if (hooked != nullptr) {
+    EXPECT_EQ(hooked->running.load(), 0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(, EngineCancel, ::testing::Values(Sink::kHost, Sink::kWrite),
+                         [](const auto& tp) {
+                           return std::string(tp.param == Sink::kHost ? "Host" : "Write");
+                         });
+
+TEST(Engine, ProgressIsMonotonicBoundedAndExactAtTheEnd) {
+  auto model = make_model(51, 40, 3, 100000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, std::nullopt, *backend);
+  ASSERT_TRUE(plan.ok());
+  for (Sink sink : {Sink::kHost, Sink::kWrite}) {
+    auto slab = allocate(*plan, sink, nullptr);
+    LoadOptions options;
+    options.reader_threads = 8;
+    options.chunk_bytes = 1 * kKiB;  // thousands of items: reports are coalesced
+    std::atomic<bool> cancel{false};
+    Outcome run = load(*plan, *slab, options, cancel);
+    ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+    EXPECT_GT(run.stats.work_items, 1000u);
+    expect_progress_sane(run, plan->bytes_to_read);
+    EXPECT_GE(run.progress.size(), 2u);
+    EXPECT_EQ(run.stats.reader_threads, 8u);
+  }
+}
+
+TEST(Engine, DefaultsUseAFewThreadsAndNoStagingForHostSlabs) {
+  auto model = make_model(61, 6, 1, 1000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, std::nullopt, *backend);
+  ASSERT_TRUE(plan.ok());
+  auto slab = allocate(*plan, Sink::kHost, nullptr);
+  LoadStats stats;
+  LoadOptions options;
+  options.stats = &stats;
+  std::atomic<bool> cancel{false};
+  auto r = load_into_slab(*plan, *slab, nullptr, cancel, options);
+  ASSERT_TRUE(r.ok()) << r.error().to_string();
+  EXPECT_GE(stats.reader_threads, 1u);
+  EXPECT_LE(stats.reader_threads, 16u);
+  EXPECT_EQ(stats.staging_buffers, 0u);
+  EXPECT_FALSE(stats.direct_io);  // auto: off for now
+  EXPECT_EQ(stats.direct_reads, 0u);
+  EXPECT_GT(stats.seconds, 0.0);
+  EXPECT_STREQ(direct_io_name(DirectIo::kAuto), "auto");
+}
+
+}  // namespace
+}  // namespace companion::loader
