@@ -50,6 +50,10 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--runtime-dir", serve.runtime_dir, "Local registry directory");
   serve_cmd->add_option("--socket", serve.socket_path, "Socket path (default: in the registry)");
   serve_cmd->add_option("--hf-cache", serve.hf_cache, "Hugging Face hub cache directory");
+  serve_cmd
+      ->add_option("--direct-io", serve.direct_io,
+                   "O_DIRECT checkpoint reads, for cold starts: auto (= off), on, off")
+      ->capture_default_str();
   serve_cmd->add_option("--load-threads", serve.load_threads, "Models loading at once")
       ->capture_default_str();
   serve_cmd->add_option("--preload", serve.preload, "Model to load at start (repeatable)");

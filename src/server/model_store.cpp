@@ -293,7 +293,9 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
     }
     notify(s);
   };
-  auto loaded = loader::load_into_slab(*plan, **slab, progress, *cancel);
+  loader::LoadOptions load_options;
+  load_options.direct_io = config_.direct_io;
+  auto loaded = loader::load_into_slab(*plan, **slab, progress, *cancel, load_options);
   if (!loaded.ok()) {
     if (loaded.error().code == StatusCode::kCancelled) return;  // unload already published
     return fail(loaded.error());

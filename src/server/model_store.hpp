@@ -15,6 +15,7 @@
 
 #include "checkpoint/source.hpp"
 #include "companion/types.hpp"
+#include "loader/loader.hpp"
 #include "memory/backend.hpp"
 #include "protocol/messages.hpp"
 
@@ -24,6 +25,7 @@ struct StoreConfig {
   std::vector<std::string> model_roots;  // canonical; the only places checkpoints are read from
   std::string hf_cache;                  // Hugging Face hub cache (also readable)
   size_t load_threads = 2;               // models loading at the same time
+  loader::DirectIo direct_io = loader::DirectIo::kAuto;  // O_DIRECT reads (cold starts)
 };
 
 // A spec after the server has checked and resolved it.

@@ -511,6 +511,14 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
     log::warn("some model roots do not exist and are ignored");
   config.hf_cache = options.hf_cache.empty() ? checkpoint::hf_hub_cache_dir() : options.hf_cache;
   config.load_threads = options.load_threads;
+  if (options.direct_io == "on") {
+    config.direct_io = loader::DirectIo::kOn;
+  } else if (options.direct_io == "off") {
+    config.direct_io = loader::DirectIo::kOff;
+  } else if (options.direct_io != "auto") {
+    return make_error(StatusCode::kInvalidArgument,
+                      "--direct-io takes auto, on or off, not '" + options.direct_io + "'");
+  }
 
   auto server = std::make_unique<ServerImpl>(options, id, std::move(loop), std::move(listen_fd),
                                              std::move(registration));
