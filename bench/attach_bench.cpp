@@ -23,10 +23,10 @@ double median(std::vector<double> v) {
 }
 
 // The attach path taken apart with the client's internals: where the time goes.
-Result<std::string> time_phases(const ConnectOptions& options, const ModelSpec& spec,
-                                int iterations, const ServerIdentity& server) {
-  COMPANION_ASSIGN_OR_RETURN(std::string socket, client::discover_socket(options));
-  COMPANION_ASSIGN_OR_RETURN(auto conn, client::Connection::open(socket, "attach_bench"));
+Result<std::string> time_phases(const ModelSpec& spec, int iterations,
+                                const ServerIdentity& server) {
+  COMPANION_ASSIGN_OR_RETURN(auto conn,
+                             client::Connection::open(server.socket_path, "attach_bench"));
   COMPANION_ASSIGN_OR_RETURN(int ordinal, client::local_ordinal_for(server));
   std::vector<double> rpc, get, import, unmap, release;
   for (int i = 0; i < iterations; ++i) {
@@ -128,7 +128,7 @@ int main(int argc, char** argv) {
       ms.front(), ms.back(), ready->backend.c_str());
   if (breakdown) {
     std::fflush(stdout);
-    auto phases = time_phases(options, spec, iterations, (*client)->server());
+    auto phases = time_phases(spec, iterations, (*client)->server());
     if (!phases.ok()) return fail(phases.error());
     std::printf("%s\n", phases->c_str());
   }

@@ -24,6 +24,12 @@ struct ConnectOptions {
   std::string device = "host";
   std::string socket_path;  // connect here directly instead of discovering
   std::string runtime_dir;  // local registry directory ("" = default)
+  // Where to look for servers: "" ($COMPANION_REGISTRY, else local), "local", or
+  // "etcd://host:port[,host:port]". From etcd only instances on this host are considered; until
+  // etcd is first reached the local registry stands in, and when it goes away the instances
+  // last seen remain candidates.
+  std::string registry;
+  std::string instance_id;  // use only this instance ("" = choose among the live ones)
   std::string client_name = "companion-client";
   // How long to keep looking for a live server before giving up (kUnavailable).
   double discovery_timeout_s = 0.0;
@@ -72,12 +78,23 @@ class StatusStream {
   virtual Result<ModelStatus> next(double timeout_s) = 0;
 };
 
+// The live server instances options designate (namespace, device, this host), oldest first,
+// waiting up to options.discovery_timeout_s for one. kUnavailable when there is none.
+Result<std::vector<ServerIdentity>> discover_instances(const ConnectOptions& options);
+
+// A client of every live instance serving one device. Requests about a model go to the first
+// instance that holds it (loaded, else loading), otherwise to the next instance in round robin;
+// other requests go to the instance used last. When an instance's connection dies the request
+// fails over to the next live instance; models already mapped stay valid.
 class Client {
  public:
   static Result<std::unique_ptr<Client>> connect(const ConnectOptions& options);
   virtual ~Client() = default;
 
+  // The instance used last.
   virtual const ServerIdentity& server() const noexcept = 0;
+  // The live instances this client chooses among now (the one socket for options.socket_path).
+  virtual Result<std::vector<ServerIdentity>> instances() = 0;
 
   virtual Result<ModelStatus> status(const ModelSpec& spec) = 0;
   virtual Result<std::vector<ModelStatus>> list() = 0;

@@ -76,6 +76,10 @@ typedef struct companion_connect_options {
   const char* runtime_dir;    /* local registry directory; NULL = default */
   const char* client_name;    /* shown in server logs; NULL = "companion-c" */
   double discovery_timeout_s; /* how long to wait for a live server; default 0 */
+  /* Where to look for servers: NULL or "" = $COMPANION_REGISTRY, else the local registry;
+   * "local"; or "etcd://host:port[,host:port]" (instances on this host only). */
+  const char* registry;
+  const char* instance_id; /* use only this server instance; NULL = choose among live ones */
 } companion_connect_options;
 
 typedef struct companion_model_spec {
@@ -135,6 +139,10 @@ COMPANION_API companion_status companion_client_status(companion_client* client,
                                                        char** json);
 COMPANION_API companion_status companion_client_list(companion_client* client, char** json);
 COMPANION_API companion_status companion_client_health(companion_client* client, char** json);
+/** The live instances the client chooses among (a JSON array of server identities). Requests
+ * about a model go to the instance holding it, else round robin; a lost instance fails over to
+ * the next live one. */
+COMPANION_API companion_status companion_client_instances(companion_client* client, char** json);
 
 /** Starts a load (wait = 0) or waits for it (wait != 0, up to timeout_s; negative = no limit).
  * *json (may be NULL) receives the model's status. */

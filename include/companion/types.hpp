@@ -118,6 +118,9 @@ struct HealthInfo {
   uint32_t leases = 0;
   uint64_t slab_bytes = 0;
   ServerIdentity server;
+  std::string registry = "local";  // "local" or the etcd URL the server announces itself in
+  bool registered = true;          // etcd: the record is in etcd under a live lease
+  std::string registry_error;      // etcd: why it is not, while it is not
 };
 
 // Protocol version spoken by this build. Majors must match; minors may differ.

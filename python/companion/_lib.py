@@ -44,6 +44,8 @@ class ConnectOptions(ctypes.Structure):
         ("runtime_dir", c_char_p),
         ("client_name", c_char_p),
         ("discovery_timeout_s", c_double),
+        ("registry", c_char_p),
+        ("instance_id", c_char_p),
     ]
 
 
@@ -95,6 +97,7 @@ _PROTOTYPES = {
     "companion_client_status": (_status, [c_void_p, _P(ModelSpecC), _P(c_void_p)]),
     "companion_client_list": (_status, [c_void_p, _P(c_void_p)]),
     "companion_client_health": (_status, [c_void_p, _P(c_void_p)]),
+    "companion_client_instances": (_status, [c_void_p, _P(c_void_p)]),
     "companion_client_load": (_status, [c_void_p, _P(ModelSpecC), c_int, c_double,
                                         _P(c_void_p)]),
     "companion_client_unload": (_status, [c_void_p, _P(ModelSpecC), c_char_p, c_int,

@@ -202,14 +202,22 @@ class Client:
     # ---- information ------------------------------------------------------------------------
 
     def server_info(self) -> Dict[str, Any]:
-        """The server's identity: instance_id, namespace, component, device, gpu_uuid,
-        pci_bus_id, device_ordinal, backends, default_backend, pid, version, socket_path..."""
+        """The identity of the instance used last: instance_id, namespace, component, device,
+        gpu_uuid, pci_bus_id, device_ordinal, backends, default_backend, pid, version,
+        socket_path..."""
         return self._json_call(_lib.load_library().companion_client_server_info)
 
     def health(self) -> Dict[str, Any]:
         """state ("serving"), uptime_ms, models_loaded, models_total, clients, leases,
-        slab_bytes and server (the identity)."""
+        slab_bytes, server (the identity), registry ("local" or the etcd URL), registered and
+        registry_error (etcd: whether the record is in etcd now, and why not)."""
         return self._json_call(_lib.load_library().companion_client_health)
+
+    def instances(self) -> List[Dict[str, Any]]:
+        """The live server instances this client chooses among (their identities). Requests
+        about a model go to the instance that holds it, else round robin; when an instance is
+        lost, requests fail over to the next one and mapped models stay valid."""
+        return self._json_call(_lib.load_library().companion_client_instances) or []
 
     def list(self) -> List[ModelStatus]:
         """Every model the server holds."""
@@ -319,7 +327,8 @@ class Client:
 def connect(namespace: str = "companion", device: DeviceLike = "host",
             socket_path: Optional[Union[str, "os.PathLike[str]"]] = None,
             runtime_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
-            discovery_timeout: float = 0.0, client_name: Optional[str] = None) -> Client:
+            discovery_timeout: float = 0.0, client_name: Optional[str] = None,
+            registry: Optional[str] = None, instance_id: Optional[str] = None) -> Client:
     """Connects to the Companion server of ``device`` in ``namespace``.
 
     - ``device``: "host" (default), a GPU ordinal as this process sees it (int or "0"), a GPU
@@ -328,6 +337,9 @@ def connect(namespace: str = "companion", device: DeviceLike = "host",
     - ``runtime_dir``: the local registry directory (default: $COMPANION_RUNTIME_DIR, else
       $XDG_RUNTIME_DIR/companion, else /tmp/companion-<uid>).
     - ``discovery_timeout``: keep looking for a live server this many seconds.
+    - ``registry``: where servers are found: "local", or "etcd://host:port[,host:port]"
+      (default: $COMPANION_REGISTRY, else local). From etcd, instances on this host only.
+    - ``instance_id``: use only this server instance.
 
     Raises Unavailable when no live server is found, DeviceMismatch when this process cannot
     see the server's GPU.
@@ -339,9 +351,11 @@ def connect(namespace: str = "companion", device: DeviceLike = "host",
     keep = [_lib.encode(namespace), _lib.encode(dev),
             _lib.encode(os.fspath(socket_path)) if socket_path is not None else None,
             _lib.encode(os.fspath(runtime_dir)) if runtime_dir is not None else None,
-            _lib.encode(client_name or f"companion-python[{os.getpid()}]")]
+            _lib.encode(client_name or f"companion-python[{os.getpid()}]"),
+            _lib.encode(registry) if registry else None,
+            _lib.encode(instance_id) if instance_id else None]
     options.ns, options.device, options.socket_path, options.runtime_dir, \
-        options.client_name = keep
+        options.client_name, options.registry, options.instance_id = keep
     options.discovery_timeout_s = float(discovery_timeout)
     out = ctypes.c_void_p()
     _lib.check(lib.companion_client_connect(ctypes.byref(options), ctypes.byref(out)))

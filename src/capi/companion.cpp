@@ -178,6 +178,8 @@ Result<companion::ConnectOptions> to_connect_options(const companion_connect_opt
   if (COMPANION_STRING(o, socket_path)) options.socket_path = o->socket_path;
   if (COMPANION_STRING(o, runtime_dir)) options.runtime_dir = o->runtime_dir;
   if (COMPANION_STRING(o, client_name)) options.client_name = o->client_name;
+  if (COMPANION_STRING(o, registry)) options.registry = o->registry;
+  if (COMPANION_STRING(o, instance_id)) options.instance_id = o->instance_id;
   if (COMPANION_FITS(o, discovery_timeout_s)) {
     double t = o->discovery_timeout_s;
     if (std::isnan(t))
@@ -257,6 +259,8 @@ void companion_connect_options_init(companion_connect_options* options) {
   options->runtime_dir = nullptr;
   options->client_name = "companion-c";
   options->discovery_timeout_s = 0.0;
+  options->registry = nullptr;
+  options->instance_id = nullptr;
 }
 
 void companion_model_spec_init(companion_model_spec* spec) {
@@ -338,6 +342,20 @@ companion_status companion_client_health(companion_client* client, char** json) 
     auto h = client->client->health();
     if (!h.ok()) return fail(h.error());
     put_json(companion::client::to_json(*h), json);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_client_instances(companion_client* client, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (client == nullptr) return invalid("client is NULL");
+    if (json == nullptr) return invalid("json (the out pointer) is NULL");
+    auto list = client->client->instances();
+    if (!list.ok()) return fail(list.error());
+    nlohmann::json out = nlohmann::json::array();
+    for (const auto& s : *list) out.push_back(companion::client::to_json(s));
+    put_json(out, json);
     return COMPANION_OK;
   });
 }

@@ -150,7 +150,53 @@ int run_list(const CommonArgs& args) {
   return run_status(args, ModelArgs{}, false);
 }
 
-int run_health(const CommonArgs& args) {
+namespace {
+
+int run_health_all(const CommonArgs& args) {
+  auto instances = discover_instances(args.connect);
+  if (!instances.ok()) return fail(args, instances.error());
+  bool all_serving = true;
+  nlohmann::json out = nlohmann::json::array();
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& record : *instances) {
+    ConnectOptions direct = args.connect;
+    direct.socket_path = record.socket_path;
+    auto client = Client::connect(direct);
+    auto h = client.ok() ? (*client)->health() : Result<HealthInfo>(client.error());
+    bool serving = h.ok() && h->state == "serving";
+    all_serving = all_serving && serving;
+    if (args.json) {
+      nlohmann::json entry{{"instance_id", record.instance_id},
+                           {"socket_path", record.socket_path},
+                           {"serving", serving}};
+      if (h.ok())
+        entry["health"] = to_json(*h);
+      else
+        entry.update(to_json(h.error()));
+      out.push_back(std::move(entry));
+      continue;
+    }
+    rows.push_back(
+        {record.instance_id, std::to_string(record.pid),
+         h.ok() ? h->state : std::string("unreachable"),
+         h.ok() ? std::to_string(h->models_loaded) + "/" + std::to_string(h->models_total) : "-",
+         h.ok() ? std::to_string(h->uptime_ms / 1000) + " s" : "-",
+         h.ok() ? (h->registry == "local" ? "local"
+                   : h->registered        ? "etcd, registered"
+                                          : "etcd, NOT registered")
+                : h.error().message});
+  }
+  if (args.json)
+    std::cout << out.dump(2) << std::endl;
+  else
+    std::cout << render_table({"INSTANCE", "PID", "STATE", "MODELS", "UPTIME", "REGISTRY"}, rows);
+  return all_serving ? 0 : 1;
+}
+
+}  // namespace
+
+int run_health(const CommonArgs& args, bool all) {
+  if (all) return run_health_all(args);
   auto client = Client::connect(args.connect);
   if (!client.ok()) return fail(args, client.error());
   auto h = (*client)->health();

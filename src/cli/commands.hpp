@@ -43,7 +43,8 @@ int run_status(const CommonArgs& args, const ModelArgs& model, bool follow);
 int run_load(const CommonArgs& args, const ModelArgs& model, bool wait);
 int run_unload(const CommonArgs& args, const ModelArgs& model, bool force);
 int run_list(const CommonArgs& args);
-int run_health(const CommonArgs& args);
+// all: every live instance of the device, one line each; exit 0 when all of them serve.
+int run_health(const CommonArgs& args, bool all);
 int run_devices(bool json);
 int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOptions& options);
 

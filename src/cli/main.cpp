@@ -20,6 +20,11 @@ int main(int argc, char** argv) {
         ->capture_default_str();
     cmd->add_option("--socket", common.connect.socket_path, "Connect to this socket directly");
     cmd->add_option("--runtime-dir", common.connect.runtime_dir, "Local registry directory");
+    cmd->add_option("--registry", common.connect.registry,
+                    "Where to look for servers: local or etcd://host:port[,host:port] "
+                    "(default $COMPANION_REGISTRY, else local)");
+    cmd->add_option("--instance", common.connect.instance_id,
+                    "Use only this server instance (default: choose among live ones)");
     cmd->add_option("--wait-server", common.connect.discovery_timeout_s,
                     "Seconds to wait for a server to appear");
     cmd->add_flag("--json", common.json, "JSON output for scripts");
@@ -48,6 +53,13 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--model-root", serve.model_roots,
                         "Directory the server may read checkpoints from (repeatable)");
   serve_cmd->add_option("--runtime-dir", serve.runtime_dir, "Local registry directory");
+  serve_cmd->add_option("--registry", serve.registry,
+                        "Also announce in etcd: etcd://host:port[,host:port] "
+                        "(default $COMPANION_REGISTRY, else local only)");
+  serve_cmd
+      ->add_option("--registry-ttl", serve.registry_ttl_s,
+                   "etcd lease TTL in seconds: a dead instance leaves etcd within it")
+      ->capture_default_str();
   serve_cmd->add_option("--socket", serve.socket_path, "Socket path (default: in the registry)");
   serve_cmd->add_option("--hf-cache", serve.hf_cache, "Hugging Face hub cache directory");
   serve_cmd
@@ -80,8 +92,11 @@ int main(int argc, char** argv) {
 
   auto* ls_cmd = app.add_subcommand("ls", "List the server's models");
   add_common(ls_cmd);
+  bool health_all = false;
   auto* health_cmd = app.add_subcommand("health", "Check the server (exit code 0 when serving)");
   add_common(health_cmd);
+  health_cmd->add_flag("--all", health_all,
+                       "Every live instance of the device (exit 0 when all serve)");
 
   cli::AttachOptions attach;
   auto* attach_cmd =
@@ -116,7 +131,7 @@ int main(int argc, char** argv) {
   if (*load_cmd) return cli::run_load(common, model, !no_wait);
   if (*unload_cmd) return cli::run_unload(common, model, force);
   if (*ls_cmd) return cli::run_list(common);
-  if (*health_cmd) return cli::run_health(common);
+  if (*health_cmd) return cli::run_health(common, health_all);
   if (*devices_cmd) return cli::run_devices(devices_json);
   if (*attach_cmd) {
     auto spec = cli::make_spec(model);

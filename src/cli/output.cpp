@@ -57,6 +57,9 @@ std::string render_health(const HealthInfo& h) {
       {"clients",
        std::to_string(h.clients) + " connected, " + std::to_string(h.leases) + " leases"},
       {"socket", s.socket_path},
+      {"registry", h.registry + (h.registry == "local" ? ""
+                                 : h.registered        ? " (registered)"
+                                                : " (not registered: " + h.registry_error + ")")},
       {"version", s.version}};
   return render_table({"FIELD", "VALUE"}, rows);
 }

@@ -1,9 +1,18 @@
+#include <atomic>
 #include <chrono>
+#include <map>
 #include <mutex>
+#include <optional>
+#include <random>
+#include <set>
+#include <thread>
 
 #include "client/connection.hpp"
 #include "client/discovery.hpp"
+#include "client/instances.hpp"
 #include "client/mapped_model_impl.hpp"
+#include "common/log.hpp"
+#include "common/util.hpp"
 #include "companion/client.hpp"
 
 namespace companion {
@@ -52,41 +61,78 @@ class StatusStreamImpl final : public StatusStream {
   uint64_t subscription_;
 };
 
+// A live instance this client talks to.
+struct Instance {
+  std::shared_ptr<const ServerIdentity> server;  // as its hello reported it
+  std::shared_ptr<Connection> connection;
+  int ordinal = -1;  // local CUDA ordinal of its GPU; -1 for host
+};
+
+// The instance's connection broke or it cannot be reached: another instance may serve.
+bool instance_lost(const Error& e) {
+  return e.code == StatusCode::kConnectionClosed || e.code == StatusCode::kUnavailable;
+}
+
 class ClientImpl final : public Client {
  public:
-  ClientImpl(ConnectOptions options, std::string socket_path, std::shared_ptr<Connection> c,
-             int ordinal)
-      : options_(std::move(options)),
-        socket_path_(std::move(socket_path)),
-        connection_(std::move(c)),
-        ordinal_(ordinal) {}
+  ClientImpl(ConnectOptions options, std::unique_ptr<InstanceSource> source)
+      : options_(std::move(options)), source_(std::move(source)) {
+    std::random_device seed;
+    round_robin_ = seed();  // independent clients spread over the instances
+  }
 
-  const ServerIdentity& server() const noexcept override { return connection_->server(); }
+  // Connects to a first instance, waiting up to discovery_timeout_s for one to be reachable.
+  Result<void> start() {
+    auto deadline = Clock::now() + std::chrono::milliseconds(
+                                       static_cast<int64_t>(options_.discovery_timeout_s * 1000));
+    for (;;) {
+      auto first = choose(nullptr, {});
+      if (first.ok()) {
+        make_current(*first);
+        return ok_result();
+      }
+      if (!instance_lost(first.error()) || Clock::now() >= deadline)
+        return std::move(first).error();
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+  const ServerIdentity& server() const noexcept override { return *current_server_.load(); }
+
+  Result<std::vector<ServerIdentity>> instances() override {
+    if (!source_) return std::vector<ServerIdentity>{*current_server_.load()};
+    return source_->list();
+  }
 
   Result<ModelStatus> status(const ModelSpec& spec) override {
-    COMPANION_ASSIGN_OR_RETURN(auto stream, subscribe(spec));
-    return stream->next(10.0);
+    return with_failover(&spec, [&](Instance& i) { return query_status(i, spec); });
   }
 
   Result<std::vector<ModelStatus>> list() override {
-    COMPANION_ASSIGN_OR_RETURN(
-        auto r, expect<protocol::ListReply>(connection_->call(protocol::List{}, kRequestMs)));
-    return std::move(r.models);
+    return with_failover(nullptr, [&](Instance& i) -> Result<std::vector<ModelStatus>> {
+      COMPANION_ASSIGN_OR_RETURN(
+          auto r, expect<protocol::ListReply>(i.connection->call(protocol::List{}, kRequestMs)));
+      return std::move(r.models);
+    });
   }
 
   Result<HealthInfo> health() override {
-    COMPANION_ASSIGN_OR_RETURN(
-        auto r, expect<protocol::HealthReply>(connection_->call(protocol::Health{}, kRequestMs)));
-    return std::move(r.info);
+    return with_failover(nullptr, [&](Instance& i) -> Result<HealthInfo> {
+      COMPANION_ASSIGN_OR_RETURN(auto r, expect<protocol::HealthReply>(
+                                             i.connection->call(protocol::Health{}, kRequestMs)));
+      return std::move(r.info);
+    });
   }
 
   Result<ModelStatus> load(const ModelSpec& spec, bool wait,
                            const std::function<void(const ModelStatus&)>& on_progress,
                            double timeout_s) override {
     if (!wait) {
-      COMPANION_ASSIGN_OR_RETURN(auto r, expect<protocol::LoadReply>(connection_->call(
-                                             protocol::Load{spec, false}, kRequestMs)));
-      return r.model;
+      return with_failover(&spec, [&](Instance& i) -> Result<ModelStatus> {
+        COMPANION_ASSIGN_OR_RETURN(auto r, expect<protocol::LoadReply>(i.connection->call(
+                                               protocol::Load{spec, false}, kRequestMs)));
+        return r.model;
+      });
     }
     return load_and_wait(spec, kRequestMs / 1000.0, timeout_s, on_progress);
   }
@@ -95,18 +141,14 @@ class ClientImpl final : public Client {
     protocol::Unload u;
     u.spec = spec;
     u.force = force;
-    COMPANION_ASSIGN_OR_RETURN(
-        auto r, expect<protocol::UnloadReply>(connection_->call(std::move(u), kRequestMs)));
-    return r.model;
+    return with_failover(&spec, [&](Instance& i) { return call_unload(i, u); });
   }
 
   Result<ModelStatus> unload_key(const std::string& key, bool force) override {
     protocol::Unload u;
     u.key = key;
     u.force = force;
-    COMPANION_ASSIGN_OR_RETURN(
-        auto r, expect<protocol::UnloadReply>(connection_->call(std::move(u), kRequestMs)));
-    return r.model;
+    return with_failover(nullptr, [&](Instance& i) { return call_unload(i, u); });
   }
 
   Result<ModelStatus> wait_for_model_ready(const ModelSpec& spec, double initial_timeout_s,
@@ -116,51 +158,247 @@ class ClientImpl final : public Client {
 
   Result<std::shared_ptr<MappedModel>> get_model_parameters(const ModelSpec& spec,
                                                             double timeout_s) override {
-    std::vector<UniqueFd> fds;
-    COMPANION_ASSIGN_OR_RETURN(auto params,
-                               expect<protocol::Parameters>(connection_->call(
-                                   protocol::GetParameters{spec, true}, to_ms(timeout_s), &fds)));
-    return map_parameters(connection_, std::move(params), std::move(fds), ordinal_);
+    Deadline deadline(timeout_s);
+    return with_failover(&spec, [&](Instance& i) -> Result<std::shared_ptr<MappedModel>> {
+      std::vector<UniqueFd> fds;
+      COMPANION_ASSIGN_OR_RETURN(
+          auto params, expect<protocol::Parameters>(i.connection->call(
+                           protocol::GetParameters{spec, true}, deadline.remaining_ms(), &fds)));
+      return map_parameters(i.connection, std::move(params), std::move(fds), i.ordinal);
+    });
   }
 
   Result<std::unique_ptr<StatusStream>> subscribe(const ModelSpec& spec) override {
-    return open_stream(protocol::StatusSubscribe{spec, false});
+    return with_failover(&spec, [&](Instance& i) {
+      return open_stream(i, protocol::StatusSubscribe{spec, false});
+    });
   }
   Result<std::unique_ptr<StatusStream>> subscribe_all() override {
-    return open_stream(protocol::StatusSubscribe{{}, true});
+    return with_failover(nullptr, [&](Instance& i) {
+      return open_stream(i, protocol::StatusSubscribe{{}, true});
+    });
+  }
+
+  // Connects to a server at socket_path directly (no registry, no failover).
+  Result<void> start_direct(const std::string& socket_path) {
+    COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(socket_path));
+    std::lock_guard<std::mutex> lock(mutex_);
+    direct_ = i;
+    make_current_locked(i);
+    return ok_result();
   }
 
  private:
   static constexpr int kRequestMs = 30000;
 
-  Result<std::unique_ptr<StatusStream>> open_stream(protocol::StatusSubscribe request) {
-    COMPANION_ASSIGN_OR_RETURN(auto c, Connection::open(socket_path_, options_.client_name));
+  // An overall time limit across failovers (negative seconds: none).
+  class Deadline {
+   public:
+    explicit Deadline(double seconds)
+        : unlimited_(seconds < 0),
+          at_(Clock::now() + std::chrono::milliseconds(unlimited_ ? 0 : to_ms(seconds))) {}
+    int remaining_ms() const {
+      if (unlimited_) return -1;
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(at_ - Clock::now()).count();
+      return left < 0 ? 0 : static_cast<int>(left);
+    }
+    double remaining_s() const { return unlimited_ ? -1.0 : remaining_ms() / 1000.0; }
+
+   private:
+    bool unlimited_;
+    Clock::time_point at_;
+  };
+
+  Result<Instance> connect_instance(const std::string& socket_path) {
+    COMPANION_ASSIGN_OR_RETURN(auto c, Connection::open(socket_path, options_.client_name));
+    COMPANION_ASSIGN_OR_RETURN(int ordinal, local_ordinal_for(c->server()));
+    Instance i;
+    i.server = std::make_shared<const ServerIdentity>(c->server());
+    i.connection = std::move(c);
+    i.ordinal = ordinal;
+    return i;
+  }
+
+  // The pooled connection to the instance, or a new one.
+  Result<Instance> instance_for(const ServerIdentity& record) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = pool_.find(record.socket_path);
+      // A restarted instance on the same socket is another instance.
+      if (it != pool_.end() && it->second.server->instance_id == record.instance_id)
+        return it->second;
+    }
+    COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(record.socket_path));
+    std::lock_guard<std::mutex> lock(mutex_);
+    pool_[record.socket_path] = i;
+    return i;
+  }
+
+  void forget(const Instance& i) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = pool_.find(i.server->socket_path);
+    if (it != pool_.end() && it->second.connection == i.connection) pool_.erase(it);
+  }
+
+  void make_current(const Instance& i) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    make_current_locked(i);
+  }
+  void make_current_locked(const Instance& i) {
+    current_ = i.server->socket_path;
+    identities_.push_back(i.server);  // server() hands out references: keep every one alive
+    current_server_.store(identities_.back().get());
+  }
+
+  // One model's status from one instance: subscribe (the first event is the current status),
+  // then unsubscribe without waiting.
+  Result<ModelStatus> query_status(Instance& i, const ModelSpec& spec) {
+    COMPANION_ASSIGN_OR_RETURN(
+        Message m, i.connection->call(protocol::StatusSubscribe{spec, false}, kRequestMs));
+    auto* event = std::get_if<protocol::StatusEvent>(&m.body);
+    if (event == nullptr)
+      return make_error(StatusCode::kProtocolError,
+                        std::string("unexpected reply ") + protocol::body_name(m.body));
+    (void)i.connection->send(protocol::StatusUnsubscribe{m.request_id});
+    return event->model;
+  }
+
+  // The instance for a request: for a model, the first live instance that holds it (loaded,
+  // else loading), otherwise the next one in round robin; without a model, the one used last.
+  // Instances in `failed` broke during this request and are passed over.
+  Result<Instance> choose(const ModelSpec* spec, const std::set<std::string>& failed) {
+    if (direct_) {
+      if (failed.count(direct_->server->socket_path) != 0)
+        return make_error(StatusCode::kUnavailable,
+                          "the server at " + options_.socket_path + " went away");
+      return *direct_;
+    }
+    std::vector<ServerIdentity> candidates;
+    for (auto& r : source_->list())
+      if (failed.count(r.socket_path) == 0) candidates.push_back(std::move(r));
+    std::string last_error;
+    std::set<std::string> unreachable;
+    if (spec != nullptr && candidates.size() > 1) {
+      std::optional<Instance> loading;
+      for (const auto& r : candidates) {
+        auto i = instance_for(r);
+        if (!i.ok()) {
+          unreachable.insert(r.socket_path);
+          last_error = i.error().message;
+          continue;
+        }
+        auto s = query_status(*i, *spec);
+        if (!s.ok()) {
+          if (instance_lost(s.error())) {
+            forget(*i);
+            unreachable.insert(r.socket_path);
+            last_error = s.error().message;
+          }
+          continue;  // e.g. outside this instance's model roots: it does not hold it
+        }
+        if (s->state == ModelState::kLoaded) return *i;
+        if (s->state == ModelState::kLoading && !loading) loading = *i;
+      }
+      if (loading) return *loading;
+    }
+    if (spec == nullptr) {
+      std::string current;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        current = current_;
+      }
+      for (const auto& r : candidates) {
+        if (r.socket_path != current || unreachable.count(r.socket_path) != 0) continue;
+        auto i = instance_for(r);
+        if (i.ok()) return i;
+        unreachable.insert(r.socket_path);
+        last_error = i.error().message;
+      }
+    }
+    for (size_t n = 0; n < candidates.size(); ++n) {
+      uint64_t turn;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        turn = round_robin_++;
+      }
+      const auto& r = candidates[turn % candidates.size()];
+      if (unreachable.count(r.socket_path) != 0) continue;
+      auto i = instance_for(r);
+      if (i.ok()) return i;
+      unreachable.insert(r.socket_path);
+      last_error = i.error().message;
+    }
+    return make_error(StatusCode::kUnavailable, "no live companion server for " +
+                                                    source_->describe() +
+                                                    (last_error.empty() ? "" : ": " + last_error));
+  }
+
+  // Runs request on the chosen instance; when that instance is lost, on the next live one.
+  template <typename F>
+  auto with_failover(const ModelSpec* spec, F&& request)
+      -> decltype(request(std::declval<Instance&>())) {
+    std::set<std::string> failed;
+    std::optional<Error> lost;
+    for (;;) {
+      auto i = choose(spec, failed);
+      if (!i.ok()) {
+        if (!lost) return std::move(i).error();
+        return Error{lost->code, lost->message + "; no other instance to fail over to (" +
+                                     i.error().message + ")"};
+      }
+      auto r = request(*i);
+      if (r.ok() || !instance_lost(r.error())) {
+        make_current(*i);
+        return r;
+      }
+      log::warn("companion instance " + i->server->instance_id + " lost (" + r.error().message +
+                "); failing over");
+      forget(*i);
+      failed.insert(i->server->socket_path);
+      lost = r.error();
+    }
+  }
+
+  Result<ModelStatus> call_unload(Instance& i, const protocol::Unload& u) {
+    COMPANION_ASSIGN_OR_RETURN(auto r,
+                               expect<protocol::UnloadReply>(i.connection->call(u, kRequestMs)));
+    return r.model;
+  }
+
+  Result<std::unique_ptr<StatusStream>> open_stream(Instance& i,
+                                                    protocol::StatusSubscribe request) {
+    COMPANION_ASSIGN_OR_RETURN(auto c,
+                               Connection::open(i.server->socket_path, options_.client_name));
     COMPANION_ASSIGN_OR_RETURN(uint64_t id, c->send(std::move(request)));
     return std::unique_ptr<StatusStream>(std::make_unique<StatusStreamImpl>(c, id));
   }
 
-  // Subscribes, starts the load, then follows the model's status until it is loaded.
   Result<ModelStatus> load_and_wait(const ModelSpec& spec, double initial_timeout_s,
                                     double loading_timeout_s,
                                     const std::function<void(const ModelStatus&)>& on_progress) {
-    COMPANION_ASSIGN_OR_RETURN(auto stream, subscribe(spec));
+    Deadline loading(loading_timeout_s);
+    return with_failover(&spec, [&](Instance& i) {
+      return load_and_wait_on(i, spec, initial_timeout_s, loading, on_progress);
+    });
+  }
+
+  // Subscribes, starts the load, then follows the model's status until it is loaded.
+  Result<ModelStatus> load_and_wait_on(Instance& i, const ModelSpec& spec, double initial_timeout_s,
+                                       const Deadline& deadline,
+                                       const std::function<void(const ModelStatus&)>& on_progress) {
+    COMPANION_ASSIGN_OR_RETURN(auto stream, open_stream(i, protocol::StatusSubscribe{spec, false}));
     COMPANION_ASSIGN_OR_RETURN(
-        auto started, expect<protocol::LoadReply>(connection_->call(protocol::Load{spec, false},
-                                                                    to_ms(initial_timeout_s))));
+        auto started, expect<protocol::LoadReply>(i.connection->call(protocol::Load{spec, false},
+                                                                     to_ms(initial_timeout_s))));
     ModelStatus s = started.model;
     if (on_progress) on_progress(s);
     if (s.state == ModelState::kLoaded) return s;
-    auto deadline = std::chrono::steady_clock::now() +
-                    std::chrono::milliseconds(to_ms(loading_timeout_s < 0 ? 0 : loading_timeout_s));
     for (;;) {
-      double left = -1;
-      if (loading_timeout_s >= 0) {
-        left = std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
-        if (left <= 0)
-          return make_error(StatusCode::kTimeout,
-                            "model still " + std::string(model_state_name(s.state)) + " after " +
-                                std::to_string(loading_timeout_s) + " s");
-      }
+      double left = deadline.remaining_s();
+      if (left == 0)
+        return make_error(StatusCode::kTimeout, "model still " +
+                                                    std::string(model_state_name(s.state)) +
+                                                    " when the loading timeout ran out");
       auto next = stream->next(left);
       if (!next.ok()) {
         if (next.error().code == StatusCode::kTimeout) continue;
@@ -177,21 +415,38 @@ class ClientImpl final : public Client {
   }
 
   ConnectOptions options_;
-  std::string socket_path_;
-  std::shared_ptr<Connection> connection_;
-  int ordinal_;
+  std::unique_ptr<InstanceSource> source_;  // null when connected to a socket directly
+  std::optional<Instance> direct_;
+  std::mutex mutex_;
+  std::map<std::string, Instance> pool_;  // by socket path
+  std::string current_;                   // socket path of the instance used last
+  std::vector<std::shared_ptr<const ServerIdentity>> identities_;
+  std::atomic<const ServerIdentity*> current_server_{nullptr};
+  uint64_t round_robin_ = 0;
 };
 
 }  // namespace
 }  // namespace client
 
+Result<std::vector<ServerIdentity>> discover_instances(const ConnectOptions& options) {
+  COMPANION_ASSIGN_OR_RETURN(auto source, client::InstanceSource::open(options));
+  auto records = source->wait_for_any(options.discovery_timeout_s);
+  if (records.empty())
+    return make_error(StatusCode::kUnavailable,
+                      "no live companion server for " + source->describe());
+  return records;
+}
+
 Result<std::unique_ptr<Client>> Client::connect(const ConnectOptions& options) {
-  COMPANION_ASSIGN_OR_RETURN(std::string socket, client::discover_socket(options));
-  COMPANION_ASSIGN_OR_RETURN(auto connection,
-                             client::Connection::open(socket, options.client_name));
-  COMPANION_ASSIGN_OR_RETURN(int ordinal, client::local_ordinal_for(connection->server()));
-  return std::unique_ptr<Client>(
-      std::make_unique<client::ClientImpl>(options, socket, std::move(connection), ordinal));
+  if (!options.socket_path.empty()) {
+    auto client = std::make_unique<client::ClientImpl>(options, nullptr);
+    COMPANION_TRY(client->start_direct(options.socket_path));
+    return std::unique_ptr<Client>(std::move(client));
+  }
+  COMPANION_ASSIGN_OR_RETURN(auto source, client::InstanceSource::open(options));
+  auto client = std::make_unique<client::ClientImpl>(options, std::move(source));
+  COMPANION_TRY(client->start());
+  return std::unique_ptr<Client>(std::move(client));
 }
 
 }  // namespace companion

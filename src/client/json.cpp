@@ -45,7 +45,10 @@ nlohmann::json to_json(const HealthInfo& h) {
           {"clients", h.clients},
           {"leases", h.leases},
           {"slab_bytes", h.slab_bytes},
-          {"server", to_json(h.server)}};
+          {"server", to_json(h.server)},
+          {"registry", h.registry},
+          {"registered", h.registered},
+          {"registry_error", h.registry_error}};
 }
 
 nlohmann::json to_json(const Error& e) {

@@ -122,7 +122,8 @@ struct Encoder {
     return finish(
         b, id, wire::Body::HealthReply,
         wire::CreateHealthReply(b, str(b, h.state), h.uptime_ms, h.models_loaded, h.models_total,
-                                h.clients, h.leases, h.slab_bytes, put_identity(b, h.server)));
+                                h.clients, h.leases, h.slab_bytes, put_identity(b, h.server),
+                                str(b, h.registry), h.registered, str(b, h.registry_error)));
   }
   std::vector<uint8_t> operator()(const ErrorReply& m) {
     return finish(
@@ -452,6 +453,13 @@ Result<Message> decode(std::vector<uint8_t> payload) {
       v.info.leases = h->leases();
       v.info.slab_bytes = h->slab_bytes();
       COMPANION_ASSIGN_OR_RETURN(v.info.server, get_identity(h->server()));
+      if (h->registry() != nullptr) {  // absent from servers of protocol 1.0
+        COMPANION_ASSIGN_OR_RETURN(v.info.registry,
+                                   get_str(h->registry(), kMaxStringBytes, "registry"));
+      }
+      v.info.registered = h->registered();
+      COMPANION_ASSIGN_OR_RETURN(v.info.registry_error,
+                                 get_str(h->registry_error(), kMaxStringBytes, "registry_error"));
       out.body = std::move(v);
       break;
     }

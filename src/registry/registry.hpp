@@ -1,5 +1,7 @@
 // Discovery: where servers announce themselves and clients find them.
 // The local registry (the embedded default) keeps one record per instance in a runtime directory.
+// A server always registers there (it owns its socket and proves liveness with a lock); with etcd
+// it also announces itself in etcd (etcd_registry.hpp), where clients then look.
 #pragma once
 
 #include <memory>
@@ -15,6 +17,16 @@ namespace companion::registry {
 
 // $COMPANION_RUNTIME_DIR, else $XDG_RUNTIME_DIR/companion, else /tmp/companion-<uid>.
 std::string default_runtime_dir();
+
+// Which registry servers announce themselves in and clients look in.
+struct RegistryChoice {
+  std::string url = "local";                // "local" or the etcd URL as given
+  std::vector<std::string> etcd_endpoints;  // http://host:port each; empty for local
+  bool is_etcd() const noexcept { return !etcd_endpoints.empty(); }
+};
+// configured: "" (then $COMPANION_REGISTRY, else local), "local", or
+// "etcd://host:port[,host:port...]". kInvalidArgument for anything else.
+Result<RegistryChoice> choose_registry(const std::string& configured);
 
 // Instance ids become file names: [0-9a-zA-Z_-]{1,64}.
 bool is_valid_instance_id(std::string_view id) noexcept;

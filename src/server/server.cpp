@@ -17,6 +17,7 @@
 #include "memory/host_backend.hpp"
 #include "protocol/frame.hpp"
 #include "protocol/messages.hpp"
+#include "registry/etcd_registry.hpp"
 #include "registry/registry.hpp"
 #include "server/model_store.hpp"
 #include "transport/event_loop.hpp"
@@ -113,12 +114,15 @@ class ServerImpl final : public Server {
  public:
   ServerImpl(ServerOptions options, ServerIdentity identity,
              std::unique_ptr<transport::EventLoop> loop, UniqueFd listen_fd,
-             std::unique_ptr<registry::Registration> registration)
+             std::unique_ptr<registry::Registration> registration, std::string registry_url,
+             std::unique_ptr<registry::EtcdAnnouncer> announcer)
       : options_(std::move(options)),
         identity_(std::move(identity)),
         loop_(std::move(loop)),
         listen_fd_(std::move(listen_fd)),
         registration_(std::move(registration)),
+        registry_url_(std::move(registry_url)),
+        announcer_(std::move(announcer)),
         started_(Clock::now()) {}
 
   ~ServerImpl() override {
@@ -141,6 +145,7 @@ class ServerImpl final : public Server {
     std::vector<uint64_t> ids;
     for (auto& [id, c] : connections_) ids.push_back(id);
     for (uint64_t id : ids) destroy(id);
+    announcer_.reset();  // leaves etcd first: clients there stop choosing this instance
     registration_.reset();
     log::info("stopped");
     return ok_result();
@@ -473,6 +478,12 @@ class ServerImpl final : public Server {
     h.leases = store_->total_leases();
     h.slab_bytes = store_->slab_bytes();
     h.server = identity_;
+    h.registry = registry_url_;
+    if (announcer_) {
+      auto state = announcer_->state();
+      h.registered = state.registered;
+      h.registry_error = state.last_error;
+    }
     return h;
   }
 
@@ -481,6 +492,8 @@ class ServerImpl final : public Server {
   std::unique_ptr<transport::EventLoop> loop_;
   UniqueFd listen_fd_;
   std::unique_ptr<registry::Registration> registration_;
+  std::string registry_url_;
+  std::unique_ptr<registry::EtcdAnnouncer> announcer_;
   std::unique_ptr<ModelStore> store_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
   std::multimap<std::string, Waiter> waiters_;
@@ -494,6 +507,10 @@ class ServerImpl final : public Server {
 Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   if (options.ns.empty() || options.ns.find('/') != std::string::npos)
     return make_error(StatusCode::kInvalidArgument, "namespace must be non-empty without '/'");
+  COMPANION_ASSIGN_OR_RETURN(registry::RegistryChoice registry_choice,
+                             registry::choose_registry(options.registry));
+  if (options.registry_ttl_s < 1 || options.registry_ttl_s > 3600)
+    return make_error(StatusCode::kInvalidArgument, "registry TTL must be 1..3600 s");
   COMPANION_ASSIGN_OR_RETURN(DeviceSetup setup, setup_device(options));
   registry::LocalRegistry registry(options.runtime_dir.empty() ? registry::default_runtime_dir()
                                                                : options.runtime_dir);
@@ -504,6 +521,15 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   COMPANION_ASSIGN_OR_RETURN(UniqueFd listen_fd, transport::listen_unix(id.socket_path));
   COMPANION_ASSIGN_OR_RETURN(auto loop, transport::EventLoop::create());
   COMPANION_ASSIGN_OR_RETURN(auto registration, registry.register_instance(id));
+  std::unique_ptr<registry::EtcdAnnouncer> announcer;
+  if (registry_choice.is_etcd()) {
+    announcer = std::make_unique<registry::EtcdAnnouncer>(
+        registry_choice.etcd_endpoints, registration->record(), options.registry_ttl_s);
+    // Clients started right after us should find us; an absent etcd only delays the record.
+    if (!announcer->wait_registered(std::chrono::milliseconds(1500)))
+      log::warn("not registered in " + registry_choice.url + " yet (" +
+                announcer->state().last_error + "); serving local clients meanwhile");
+  }
 
   StoreConfig config;
   config.model_roots = checkpoint::canonical_roots(options.model_roots);
@@ -521,7 +547,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   }
 
   auto server = std::make_unique<ServerImpl>(options, id, std::move(loop), std::move(listen_fd),
-                                             std::move(registration));
+                                             std::move(registration), registry_choice.url,
+                                             std::move(announcer));
   ServerImpl* raw = server.get();
   server->attach_store(std::make_unique<ModelStore>(
       std::move(setup.backend), std::move(config),

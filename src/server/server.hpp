@@ -17,6 +17,10 @@ struct ServerOptions {
   std::string backend;           // "" = the device's default (host | cuda-vmm), or cuda-ipc
   std::vector<std::string> model_roots;
   std::string runtime_dir;  // "" = registry default
+  // Where else to announce this instance: "" ($COMPANION_REGISTRY, else local only), "local",
+  // or "etcd://host:port[,host:port]". The local registry always holds the instance's record.
+  std::string registry;
+  int registry_ttl_s = 3;  // etcd lease TTL: a dead instance disappears from etcd within it
   std::string socket_path;  // "" = <runtime_dir>/<instance>.sock
   std::string hf_cache;     // "" = the usual HF environment rules
   size_t load_threads = 2;

@@ -89,3 +89,113 @@ def wait_until(predicate, timeout=10.0, interval=0.05):
             return value
         time.sleep(interval)
     return predicate()
+
+
+SESSION_CLIENT = BUILD / "tests" / "tools" / "companion-session-client"
+ETCD = os.environ.get("COMPANION_ETCD", "/usr/bin/etcd")
+
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Etcd:
+    """A real etcd (Debian's etcd-server) on loopback ports of its own, with its data in
+    data_dir. stop() and start() restart it on the same ports, with or without its data."""
+
+    def __init__(self, data_dir, start=True):
+        self.data_dir = pathlib.Path(data_dir)
+        self.client_port = free_port()
+        self.peer_port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.client_port}"
+        self.url = f"etcd://127.0.0.1:{self.client_port}"
+        self.proc = None
+        self.log_path = self.data_dir.parent / f"etcd-{self.client_port}.log"
+        self.log = None
+        if start:
+            self.start()
+
+    def start(self, fresh=False):
+        import shutil
+        if fresh:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen(
+            [ETCD, "--name", "test", "--data-dir", str(self.data_dir),
+             "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"test={peer}", "--log-level", "warn"],
+            stdout=self.log, stderr=self.log)
+        if not wait_until(self.healthy, timeout=20, interval=0.1):
+            self.proc.kill()
+            raise RuntimeError(f"etcd did not start:\n{self.log_path.read_text()[-3000:]}")
+
+    def healthy(self):
+        try:
+            self.request("/v3/kv/range", {"key": _b64("/health-probe")}, timeout=1)
+            return True
+        except OSError:
+            return False
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout=20)
+        if self.log:
+            self.log.close()
+
+    def request(self, path, body, timeout=5):
+        import urllib.request
+        req = urllib.request.Request(self.endpoint + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return json.loads(r.read())
+
+    def records(self, prefix="/services/"):
+        """{key: (value, lease)} of every key under prefix."""
+        import base64
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        reply = self.request("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+        return {base64.b64decode(kv["key"]).decode():
+                (base64.b64decode(kv.get("value", "")).decode(), int(kv.get("lease", 0)))
+                for kv in reply.get("kvs", [])}
+
+    def put(self, key, value):
+        self.request("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+
+
+def _b64(text):
+    import base64
+    return base64.b64encode(text.encode()).decode()
+
+
+class SessionClient:
+    """companion-session-client: one long-lived Client, one command at a time."""
+
+    def __init__(self, *args):
+        self.proc = subprocess.Popen([str(SESSION_CLIENT), *map(str, args)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.hello = json.loads(self.proc.stdout.readline())
+
+    def __call__(self, command):
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"session client died on {command!r} ({self.proc.wait()})")
+        return json.loads(line)
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            try:
+                return self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                raise AssertionError("session client did not quit")
+        return self.proc.returncode

@@ -3,8 +3,8 @@
 # - the exported (defined, dynamic) symbols are exactly the COMPANION_API functions of
 #   companion.h: any extra or missing symbol fails;
 # - its SONAME is libcompanion.so.0;
-# - it needs no shared library beyond libc, libstdc++, libm, libgcc_s, libdl (and the
-#   sanitizer runtimes in sanitizer builds).
+# - it needs no shared library beyond libc, libstdc++, libm, libgcc_s, libdl, libcurl (the etcd
+#   registry's HTTP client) and the sanitizer runtimes in sanitizer builds. CUDA is dlopen'ed.
 # Usage: check_symbols.sh LIBCOMPANION_SO COMPANION_H   (NM, OBJDUMP may name the tools)
 set -eu
 lib=$1
@@ -54,7 +54,7 @@ if [ "$soname" != "libcompanion.so.0" ]; then
   status=1
 fi
 "$objdump" -p "$lib" | awk '$1 == "NEEDED" { print $2 }' >"$tmp/needed"
-unexpected=$(grep -Ev '^(libc|libstdc\+\+|libm|libgcc_s|libdl|libpthread|ld-linux-x86-64|ld-linux-aarch64|libasan|libubsan|liblsan|libtsan)\.so(\.[0-9]+)*$' "$tmp/needed" || true)
+unexpected=$(grep -Ev '^(libc|libstdc\+\+|libm|libgcc_s|libdl|libpthread|libcurl|ld-linux-x86-64|ld-linux-aarch64|libasan|libubsan|liblsan|libtsan)\.so(\.[0-9]+)*$' "$tmp/needed" || true)
 if [ -n "$unexpected" ]; then
   echo "unexpected shared library dependencies:" >&2
   echo "$unexpected" | sed 's/^/  /' >&2

@@ -1,0 +1,42 @@
+// The server instances a client may use: live, in its namespace, serving its device, on this
+// host, as the configured registry lists them.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "companion/client.hpp"
+#include "companion/result.hpp"
+#include "registry/etcd_registry.hpp"
+#include "registry/registry.hpp"
+
+namespace companion::client {
+
+class InstanceSource {
+ public:
+  // Resolves the device (GPU UUID) and, for etcd, reads the namespace once and starts watching.
+  static Result<std::unique_ptr<InstanceSource>> open(const ConnectOptions& options);
+
+  // The candidates now, oldest first. With etcd: the watched records (the last seen ones while
+  // etcd is away), or the local registry's until etcd was reached once.
+  std::vector<ServerIdentity> list() const;
+  // As list(), waiting up to timeout_s for a candidate to appear.
+  std::vector<ServerIdentity> wait_for_any(double timeout_s) const;
+  // "registry etcd://... namespace 'x' device host", for messages.
+  std::string describe() const;
+
+ private:
+  InstanceSource(const ConnectOptions& options, registry::RegistryChoice choice);
+  bool accepts(const ServerIdentity& record) const;
+
+  ConnectOptions options_;
+  registry::RegistryChoice choice_;
+  std::string component_;  // model_server_host for the host; any GPU component otherwise
+  std::string gpu_uuid_;
+  std::string hostname_;
+  registry::LocalRegistry local_;
+  std::unique_ptr<registry::EtcdDirectory> etcd_;
+};
+
+}  // namespace companion::client
