@@ -397,6 +397,8 @@ TEST(CapiStatic, InitFillsDefaults) {
   EXPECT_EQ(o.runtime_dir, nullptr);
   EXPECT_STREQ(o.client_name, "companion-c");
   EXPECT_EQ(o.discovery_timeout_s, 0.0);
+  EXPECT_EQ(o.registry, nullptr);
+  EXPECT_EQ(o.instance_id, nullptr);
 
   companion_model_spec s;
   std::memset(&s, 0xAB, sizeof(s));
@@ -544,6 +546,38 @@ TEST_F(CapiTest, ConnectsByDiscoveryAndReportsServerInfo) {
   EXPECT_EQ(j["component"], "model_server_host");
   EXPECT_EQ(j["device_ordinal"], -1);
   EXPECT_EQ(j["version"], companion_version());
+
+  ASSERT_EQ(companion_client_instances(client.get(), &text), COMPANION_OK) << last_error();
+  json instances = take_json(text);
+  ASSERT_TRUE(instances.is_array());
+  ASSERT_EQ(instances.size(), 1u);
+  EXPECT_EQ(instances[0]["instance_id"], server_->instance);
+  EXPECT_EQ(companion_client_instances(nullptr, &text), COMPANION_INVALID_ARGUMENT);
+}
+
+TEST_F(CapiTest, RegistryAndInstanceOptions) {
+  companion_connect_options o;
+  companion_connect_options_init(&o);
+  o.runtime_dir = runtime_dir_.c_str();
+  o.registry = "local";
+  o.instance_id = server_->instance.c_str();
+  companion_client* raw = nullptr;
+  ASSERT_EQ(companion_client_connect(&o, &raw), COMPANION_OK) << last_error();
+  companion_client_close(raw);
+
+  o.instance_id = "0123456789abcdef";  // no such instance
+  EXPECT_EQ(companion_client_connect(&o, &raw), COMPANION_UNAVAILABLE);
+  EXPECT_NE(last_error().find("0123456789abcdef"), std::string::npos) << last_error();
+
+  o.instance_id = nullptr;
+  o.registry = "zookeeper://h:1";
+  EXPECT_EQ(companion_client_connect(&o, &raw), COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("etcd://host:port"), std::string::npos) << last_error();
+
+  // A struct from before these members existed: they are not read.
+  o.struct_size = offsetof(companion_connect_options, registry);
+  ASSERT_EQ(companion_client_connect(&o, &raw), COMPANION_OK) << last_error();
+  companion_client_close(raw);
 }
 
 TEST_F(CapiTest, ConnectsBySocketPathAndReportsHealthAndList) {

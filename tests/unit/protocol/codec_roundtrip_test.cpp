@@ -330,6 +330,15 @@ TEST(CodecRoundTrip, HealthAndHealthReply) {
   r.info.slab_bytes = 1ull << 40;
   r.info.server = identity();
   expect_health_eq(round_trip(23, r).info, r.info);
+  EXPECT_EQ(round_trip(23, r).info.registry, "local");
+  EXPECT_TRUE(round_trip(23, r).info.registered);
+  r.info.registry = "etcd://10.0.0.1:2379,10.0.0.2:2379";
+  r.info.registered = false;
+  r.info.registry_error = "etcd at http://10.0.0.1:2379: Couldn't connect to server";
+  HealthInfo out = round_trip(23, r).info;
+  EXPECT_EQ(out.registry, r.info.registry);
+  EXPECT_FALSE(out.registered);
+  EXPECT_EQ(out.registry_error, r.info.registry_error);
 }
 
 TEST(CodecRoundTrip, ErrorReply) {
