@@ -63,15 +63,28 @@ class StatusStreamImpl final : public StatusStream {
 
 // A live instance this client talks to.
 struct Instance {
+  std::string key;  // the socket path its record names: identifies it in the pool
   std::shared_ptr<const ServerIdentity> server;  // as its hello reported it
   std::shared_ptr<Connection> connection;
   int ordinal = -1;  // local CUDA ordinal of its GPU; -1 for host
 };
 
-// The instance's connection broke or it cannot be reached: another instance may serve.
-bool instance_lost(const Error& e) {
-  return e.code == StatusCode::kConnectionClosed || e.code == StatusCode::kUnavailable;
+// A request failed because its instance went away (its connection is closed), not because the
+// instance answered with an error: only then may another instance take over.
+bool instance_lost(const Instance& i, const Error& e) {
+  bool transport = e.code == StatusCode::kConnectionClosed || e.code == StatusCode::kUnavailable ||
+                   e.code == StatusCode::kIoError;
+  return transport && !i.connection->alive();
 }
+
+// Failing to connect at all: the instance is not there (refused, socket gone).
+bool unreachable(const Error& e) {
+  return e.code == StatusCode::kUnavailable || e.code == StatusCode::kConnectionClosed ||
+         e.code == StatusCode::kIoError;
+}
+
+// How long a model-aware probe waits for one instance before passing it over.
+constexpr int kProbeMs = 2000;
 
 class ClientImpl final : public Client {
  public:
@@ -91,8 +104,7 @@ class ClientImpl final : public Client {
         make_current(*first);
         return ok_result();
       }
-      if (!instance_lost(first.error()) || Clock::now() >= deadline)
-        return std::move(first).error();
+      if (!unreachable(first.error()) || Clock::now() >= deadline) return std::move(first).error();
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   }
@@ -105,7 +117,7 @@ class ClientImpl final : public Client {
   }
 
   Result<ModelStatus> status(const ModelSpec& spec) override {
-    return with_failover(&spec, [&](Instance& i) { return query_status(i, spec); });
+    return with_failover(&spec, [&](Instance& i) { return query_status(i, spec, kRequestMs); });
   }
 
   Result<std::vector<ModelStatus>> list() override {
@@ -141,14 +153,17 @@ class ClientImpl final : public Client {
     protocol::Unload u;
     u.spec = spec;
     u.force = force;
-    return with_failover(&spec, [&](Instance& i) { return call_unload(i, u); });
+    // Never repeated elsewhere: it would unload another instance's copy.
+    return with_failover(
+        &spec, [&](Instance& i) { return call_unload(i, u); }, false);
   }
 
   Result<ModelStatus> unload_key(const std::string& key, bool force) override {
     protocol::Unload u;
     u.key = key;
     u.force = force;
-    return with_failover(nullptr, [&](Instance& i) { return call_unload(i, u); });
+    return with_failover(
+        nullptr, [&](Instance& i) { return call_unload(i, u); }, false);
   }
 
   Result<ModelStatus> wait_for_model_ready(const ModelSpec& spec, double initial_timeout_s,
@@ -188,6 +203,18 @@ class ClientImpl final : public Client {
     return ok_result();
   }
 
+  // The direct instance; a new connection if the server went away (it may have restarted).
+  Result<Instance> direct_instance() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (direct_->connection->alive()) return *direct_;
+    }
+    COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(options_.socket_path));
+    std::lock_guard<std::mutex> lock(mutex_);
+    direct_ = i;
+    return i;
+  }
+
  private:
   static constexpr int kRequestMs = 30000;
 
@@ -213,6 +240,7 @@ class ClientImpl final : public Client {
     COMPANION_ASSIGN_OR_RETURN(auto c, Connection::open(socket_path, options_.client_name));
     COMPANION_ASSIGN_OR_RETURN(int ordinal, local_ordinal_for(c->server()));
     Instance i;
+    i.key = socket_path;
     i.server = std::make_shared<const ServerIdentity>(c->server());
     i.connection = std::move(c);
     i.ordinal = ordinal;
@@ -236,7 +264,7 @@ class ClientImpl final : public Client {
 
   void forget(const Instance& i) {
     std::lock_guard<std::mutex> lock(mutex_);
-    auto it = pool_.find(i.server->socket_path);
+    auto it = pool_.find(i.key);
     if (it != pool_.end() && it->second.connection == i.connection) pool_.erase(it);
   }
 
@@ -245,16 +273,19 @@ class ClientImpl final : public Client {
     make_current_locked(i);
   }
   void make_current_locked(const Instance& i) {
-    current_ = i.server->socket_path;
-    identities_.push_back(i.server);  // server() hands out references: keep every one alive
-    current_server_.store(identities_.back().get());
+    current_ = i.key;
+    // server() hands out references: every identity it returned stays alive (one per connection
+    // made, so the set grows only with reconnections).
+    identities_.insert(i.server);
+    current_server_.store(i.server.get());
   }
 
   // One model's status from one instance: subscribe (the first event is the current status),
   // then unsubscribe without waiting.
-  Result<ModelStatus> query_status(Instance& i, const ModelSpec& spec) {
+  // (A subscription whose first event times out is ended by the connection when it comes.)
+  Result<ModelStatus> query_status(Instance& i, const ModelSpec& spec, int timeout_ms) {
     COMPANION_ASSIGN_OR_RETURN(
-        Message m, i.connection->call(protocol::StatusSubscribe{spec, false}, kRequestMs));
+        Message m, i.connection->call(protocol::StatusSubscribe{spec, false}, timeout_ms));
     auto* event = std::get_if<protocol::StatusEvent>(&m.body);
     if (event == nullptr)
       return make_error(StatusCode::kProtocolError,
@@ -268,10 +299,10 @@ class ClientImpl final : public Client {
   // Instances in `failed` broke during this request and are passed over.
   Result<Instance> choose(const ModelSpec* spec, const std::set<std::string>& failed) {
     if (direct_) {
-      if (failed.count(direct_->server->socket_path) != 0)
+      if (failed.count(options_.socket_path) != 0)
         return make_error(StatusCode::kUnavailable,
                           "the server at " + options_.socket_path + " went away");
-      return *direct_;
+      return direct_instance();
     }
     std::vector<ServerIdentity> candidates;
     for (auto& r : source_->list())
@@ -287,9 +318,9 @@ class ClientImpl final : public Client {
           last_error = i.error().message;
           continue;
         }
-        auto s = query_status(*i, *spec);
+        auto s = query_status(*i, *spec, kProbeMs);
         if (!s.ok()) {
-          if (instance_lost(s.error())) {
+          if (instance_lost(*i, s.error())) {
             forget(*i);
             unreachable.insert(r.socket_path);
             last_error = s.error().message;
@@ -315,13 +346,13 @@ class ClientImpl final : public Client {
         last_error = i.error().message;
       }
     }
+    uint64_t turn;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      turn = round_robin_++;
+    }
     for (size_t n = 0; n < candidates.size(); ++n) {
-      uint64_t turn;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        turn = round_robin_++;
-      }
-      const auto& r = candidates[turn % candidates.size()];
+      const auto& r = candidates[(turn + n) % candidates.size()];
       if (unreachable.count(r.socket_path) != 0) continue;
       auto i = instance_for(r);
       if (i.ok()) return i;
@@ -333,9 +364,10 @@ class ClientImpl final : public Client {
                                                     (last_error.empty() ? "" : ": " + last_error));
   }
 
-  // Runs request on the chosen instance; when that instance is lost, on the next live one.
+  // Runs request on the chosen instance; when that instance is lost, on the next live one
+  // (unless the request must not be repeated).
   template <typename F>
-  auto with_failover(const ModelSpec* spec, F&& request)
+  auto with_failover(const ModelSpec* spec, F&& request, bool repeatable = true)
       -> decltype(request(std::declval<Instance&>())) {
     std::set<std::string> failed;
     std::optional<Error> lost;
@@ -347,14 +379,15 @@ class ClientImpl final : public Client {
                                      i.error().message + ")"};
       }
       auto r = request(*i);
-      if (r.ok() || !instance_lost(r.error())) {
+      if (r.ok() || !instance_lost(*i, r.error())) {
         make_current(*i);
         return r;
       }
+      forget(*i);
+      if (!repeatable) return r;
       log::warn("companion instance " + i->server->instance_id + " lost (" + r.error().message +
                 "); failing over");
-      forget(*i);
-      failed.insert(i->server->socket_path);
+      failed.insert(i->key);
       lost = r.error();
     }
   }
@@ -367,8 +400,7 @@ class ClientImpl final : public Client {
 
   Result<std::unique_ptr<StatusStream>> open_stream(Instance& i,
                                                     protocol::StatusSubscribe request) {
-    COMPANION_ASSIGN_OR_RETURN(auto c,
-                               Connection::open(i.server->socket_path, options_.client_name));
+    COMPANION_ASSIGN_OR_RETURN(auto c, Connection::open(i.key, options_.client_name));
     COMPANION_ASSIGN_OR_RETURN(uint64_t id, c->send(std::move(request)));
     return std::unique_ptr<StatusStream>(std::make_unique<StatusStreamImpl>(c, id));
   }
@@ -420,7 +452,7 @@ class ClientImpl final : public Client {
   std::mutex mutex_;
   std::map<std::string, Instance> pool_;  // by socket path
   std::string current_;                   // socket path of the instance used last
-  std::vector<std::shared_ptr<const ServerIdentity>> identities_;
+  std::set<std::shared_ptr<const ServerIdentity>> identities_;
   std::atomic<const ServerIdentity*> current_server_{nullptr};
   uint64_t round_robin_ = 0;
 };

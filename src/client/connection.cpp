@@ -1,5 +1,6 @@
 #include "client/connection.hpp"
 
+#include <poll.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -59,7 +60,17 @@ void Connection::discard_late(const protocol::Message& m) {
     // The lease is ours though nobody waits for it any more: give it back.
     auto id = send_locked(protocol::Release{p->lease_id});
     if (id.ok()) abandoned_.insert(*id);
+  } else if (std::holds_alternative<protocol::StatusEvent>(m.body)) {
+    // A subscription nobody reads any more: end it, or its events would keep coming.
+    auto id = send_locked(protocol::StatusUnsubscribe{m.request_id});
+    if (id.ok()) abandoned_.insert(*id);
   }
+}
+
+bool Connection::alive() const noexcept {
+  pollfd p{fd_.get(), POLLRDHUP, 0};
+  if (::poll(&p, 1, 0) < 0) return true;  // cannot tell: let the next request find out
+  return (p.revents & (POLLRDHUP | POLLHUP | POLLERR | POLLNVAL)) == 0;
 }
 
 Result<protocol::Message> Connection::call(protocol::Body request, int timeout_ms,

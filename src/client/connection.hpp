@@ -30,6 +30,8 @@ class Connection {
   Result<uint64_t> send(protocol::Body request);
   // Next message of any id (for streams).
   Result<protocol::Message> receive(int timeout_ms);
+  // False once the server has closed its end (it died or dropped us); never blocks.
+  bool alive() const noexcept;
 
  private:
   Connection(UniqueFd fd) : fd_(std::move(fd)) {}

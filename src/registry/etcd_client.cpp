@@ -184,6 +184,9 @@ Result<int64_t> EtcdClient::keepalive(int64_t lease) {
   COMPANION_ASSIGN_OR_RETURN(
       std::string body, post("/v3/lease/keepalive", json{{"ID", std::to_string(lease)}}.dump()));
   COMPANION_ASSIGN_OR_RETURN(json j, parse_object(body, endpoint()));
+  if (auto e = j.find("error"); e != j.end())
+    return make_error(StatusCode::kUnavailable,
+                      "etcd at " + endpoint() + " refused the keepalive: " + e->dump());
   // A single reply wrapped in "result"; a lease etcd does not know comes back without a TTL.
   const json& result = j.contains("result") ? j["result"] : j;
   if (!result.is_object()) return int64_t{0};
@@ -264,31 +267,48 @@ struct WatchStream {
     }
     auto r = j.find("result");
     if (r == j.end() || !r->is_object()) return;
-    if (r->value("canceled", false)) {
+    auto flag = [&](const char* name) {
+      auto it = r->find(name);
+      return it != r->end() && it->is_boolean() && it->get<bool>();
+    };
+    if (flag("canceled")) {
       cancelled = true;
       error = "etcd cancelled the watch (compact revision " +
               std::to_string(as_int64(*r, "compact_revision")) + ")";
       return;
     }
-    if (r->value("created", false) && *on_created) (*on_created)();
+    if (flag("created") && *on_created) (*on_created)();
     auto events = r->find("events");
     if (events == r->end() || !events->is_array()) return;
     std::vector<EtcdEvent> out;
     for (const auto& e : *events) {
       if (!e.is_object() || !e.contains("kv")) continue;
       EtcdEvent event;
-      event.deleted = e.value("type", std::string{}) == "DELETE";
+      auto type = e.find("type");
+      event.deleted = type != e.end() && type->is_string() && type->get<std::string>() == "DELETE";
+      if (!e["kv"].is_object()) continue;
       event.kv = key_value_from(e["kv"]);
       out.push_back(std::move(event));
     }
-    int64_t revision = as_int64(r->value("header", json::object()), "revision");
+    auto header = r->find("header");
+    int64_t revision =
+        header != r->end() && header->is_object() ? as_int64(*header, "revision") : 0;
     if (!out.empty()) (*on_events)(out, revision);
   }
 };
 
+// No exception may unwind through libcurl: one ends the transfer (returning a short count)
+// with the reason kept.
 size_t feed_watch(char* data, size_t size, size_t count, void* user) {
-  static_cast<WatchStream*>(user)->feed(data, size * count);
-  return size * count;
+  auto* stream = static_cast<WatchStream*>(user);
+  try {
+    stream->feed(data, size * count);
+    return size * count;
+  } catch (const std::exception& e) {
+    stream->cancelled = true;
+    stream->error = std::string("etcd watch: ") + e.what();
+    return 0;
+  }
 }
 
 }  // namespace

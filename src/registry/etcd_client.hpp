@@ -37,8 +37,9 @@ Result<std::vector<std::string>> parse_etcd_endpoints(std::string_view url);
 // The end of the key range holding every key that starts with prefix (etcd's range_end).
 std::string prefix_range_end(std::string_view prefix);
 
-// Blocking requests, each bounded by timeout_ms. A request that cannot reach an endpoint moves
-// on to the next one. Failures to reach etcd are kUnavailable; one thread at a time.
+// Blocking requests. Each attempt is bounded by timeout_ms; a request that cannot reach an
+// endpoint moves on to the next one, so a request takes at most endpoints × timeout_ms. Failures
+// to reach etcd are kUnavailable. One thread at a time.
 class EtcdClient {
  public:
   explicit EtcdClient(std::vector<std::string> endpoints, int timeout_ms = 1500);

@@ -100,11 +100,17 @@ Result<void> EtcdAnnouncer::step(EtcdClient& etcd) {
 }
 
 void EtcdAnnouncer::run() {
-  // Every request must finish well within the TTL, or a slow etcd would let the lease lapse.
+  // Renewals every TTL/3, counted from the start of the previous one; each request is bounded so
+  // that a step (up to three requests, each possibly trying every endpoint) fits in the interval.
   const auto interval = std::chrono::milliseconds(ttl_s_ * 1000 / 3);
-  EtcdClient etcd(endpoints_, static_cast<int>(std::max<int64_t>(interval.count(), 200)));
+  const int64_t requests = 3 * static_cast<int64_t>(endpoints_.size());
+  const auto request_timeout = std::clamp<int64_t>(interval.count() / requests, 100, 2000);
+  // After a failure, try again sooner: the lease may be close to lapsing.
+  const auto retry = std::min(interval, std::chrono::milliseconds(500));
+  EtcdClient etcd(endpoints_, static_cast<int>(request_timeout));
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
+    auto started = std::chrono::steady_clock::now();
     lock.unlock();
     auto r = step(etcd);
     lock.lock();
@@ -116,7 +122,7 @@ void EtcdAnnouncer::run() {
         log::warn("etcd registry unreachable (" + r.error().message +
                   "); serving local clients and retrying");
     }
-    changed_.wait_for(lock, interval, [&] { return stopping_; });
+    changed_.wait_until(lock, started + (r.ok() ? interval : retry), [&] { return stopping_; });
   }
 }
 
@@ -215,31 +221,32 @@ void EtcdDirectory::run(int64_t next_revision) {
       lock.unlock();
       auto revision = resync(etcd);
       lock.lock();
+      if (stopping_) break;
       if (!revision.ok()) {
         changed_.wait_for(lock, std::chrono::milliseconds(500), [&] { return stopping_; });
         continue;
       }
       next_revision = *revision + 1;
     }
+    // Created under the lock and checked against stopping_ there, so the destructor either sees
+    // this watch (and stops it) or this thread sees stopping_.
     auto watch = std::make_shared<EtcdWatch>(endpoint_, prefix_, next_revision);
     watch_ = watch;
     lock.unlock();
-    auto r = watch->run(
-        [&](const std::vector<EtcdEvent>& events, int64_t revision) {
-          apply(events);
-          next_revision = revision + 1;
-        },
-        [&] {
-          std::lock_guard<std::mutex> created(mutex_);
-          live_ = true;
-        });
+    auto r = watch->run([&](const std::vector<EtcdEvent>& events, int64_t) { apply(events); },
+                        [&] {
+                          std::lock_guard<std::mutex> created(mutex_);
+                          live_ = true;
+                          changed_.notify_all();
+                        });
     lock.lock();
     watch_.reset();
     live_ = false;
     if (stopping_) break;
     last_error_ = r.ok() ? "watch ended" : r.error().message;
     log::debug("etcd watch ended: " + last_error_);
-    // List again before watching again: events missed meanwhile are not replayed once compacted.
+    // List again before watching again: etcd may have lost its data (revisions start over) or
+    // compacted the revisions missed meanwhile.
     next_revision = 0;
     changed_.wait_for(lock, std::chrono::milliseconds(250), [&] { return stopping_; });
   }

@@ -76,8 +76,8 @@ class EtcdDirectory {
     std::string last_error;
   };
 
-  // Reads the records once (bounded by timeout_ms; a failure is remembered, not returned), then
-  // starts watching.
+  // Reads the records once (each endpoint tried for up to timeout_ms; a failure is remembered,
+  // not returned), then starts watching.
   EtcdDirectory(std::vector<std::string> endpoints, std::string ns, int timeout_ms = 1500);
   ~EtcdDirectory();
   EtcdDirectory(const EtcdDirectory&) = delete;

@@ -114,15 +114,13 @@ class ServerImpl final : public Server {
  public:
   ServerImpl(ServerOptions options, ServerIdentity identity,
              std::unique_ptr<transport::EventLoop> loop, UniqueFd listen_fd,
-             std::unique_ptr<registry::Registration> registration, std::string registry_url,
-             std::unique_ptr<registry::EtcdAnnouncer> announcer)
+             std::unique_ptr<registry::Registration> registration, std::string registry_url)
       : options_(std::move(options)),
         identity_(std::move(identity)),
         loop_(std::move(loop)),
         listen_fd_(std::move(listen_fd)),
         registration_(std::move(registration)),
         registry_url_(std::move(registry_url)),
-        announcer_(std::move(announcer)),
         started_(Clock::now()) {}
 
   ~ServerImpl() override {
@@ -130,6 +128,9 @@ class ServerImpl final : public Server {
   }
 
   void attach_store(std::unique_ptr<ModelStore> store) { store_ = std::move(store); }
+  void attach_announcer(std::unique_ptr<registry::EtcdAnnouncer> announcer) {
+    announcer_ = std::move(announcer);
+  }
   ModelStore& store() { return *store_; }
   transport::EventLoop& loop() { return *loop_; }
 
@@ -521,15 +522,6 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   COMPANION_ASSIGN_OR_RETURN(UniqueFd listen_fd, transport::listen_unix(id.socket_path));
   COMPANION_ASSIGN_OR_RETURN(auto loop, transport::EventLoop::create());
   COMPANION_ASSIGN_OR_RETURN(auto registration, registry.register_instance(id));
-  std::unique_ptr<registry::EtcdAnnouncer> announcer;
-  if (registry_choice.is_etcd()) {
-    announcer = std::make_unique<registry::EtcdAnnouncer>(
-        registry_choice.etcd_endpoints, registration->record(), options.registry_ttl_s);
-    // Clients started right after us should find us; an absent etcd only delays the record.
-    if (!announcer->wait_registered(std::chrono::milliseconds(1500)))
-      log::warn("not registered in " + registry_choice.url + " yet (" +
-                announcer->state().last_error + "); serving local clients meanwhile");
-  }
 
   StoreConfig config;
   config.model_roots = checkpoint::canonical_roots(options.model_roots);
@@ -547,8 +539,7 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   }
 
   auto server = std::make_unique<ServerImpl>(options, id, std::move(loop), std::move(listen_fd),
-                                             std::move(registration), registry_choice.url,
-                                             std::move(announcer));
+                                             std::move(registration), registry_choice.url);
   ServerImpl* raw = server.get();
   server->attach_store(std::make_unique<ModelStore>(
       std::move(setup.backend), std::move(config),
@@ -558,6 +549,16 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
     spec.source = source;
     COMPANION_ASSIGN_OR_RETURN(ResolvedModel model, raw->store().resolve(spec));
     raw->store().ensure_loading(model);
+  }
+  // Announced last, once everything that can refuse to start has passed.
+  if (registry_choice.is_etcd()) {
+    auto announcer = std::make_unique<registry::EtcdAnnouncer>(
+        registry_choice.etcd_endpoints, raw->identity(), options.registry_ttl_s);
+    // Clients started right after us should find us; an absent etcd only delays the record.
+    if (!announcer->wait_registered(std::chrono::milliseconds(1500)))
+      log::warn("not registered in " + registry_choice.url + " yet (" +
+                announcer->state().last_error + "); serving local clients meanwhile");
+    raw->attach_announcer(std::move(announcer));
   }
   return std::unique_ptr<Server>(std::move(server));
 }

@@ -42,9 +42,10 @@ class Server:
         return self.proc.pid
 
     def command(self, *args):
-        """A `companion` client command line aimed at this server."""
+        """A `companion` client command line aimed at this server (this instance, even when
+        others share its runtime directory)."""
         return [str(COMPANION), *args[:1], "--namespace", self.namespace, "--device", self.device,
-                "--runtime-dir", str(self.runtime_dir), *args[1:]]
+                "--runtime-dir", str(self.runtime_dir), "--instance", self.instance, *args[1:]]
 
     def cli(self, *args, check=True, timeout=60, env=None):
         """Runs a `companion` client command against this server; returns CompletedProcess."""
