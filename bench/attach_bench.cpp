@@ -79,6 +79,8 @@ int main(int argc, char** argv) {
   app.add_option("--device", options.device)->capture_default_str();
   app.add_option("--namespace", options.ns)->capture_default_str();
   app.add_option("--runtime-dir", options.runtime_dir);
+  app.add_option("--registry", options.registry, "local or etcd://host:port");
+  app.add_option("--instance", options.instance_id, "Only this instance (no model-aware probes)");
   app.add_option("--model", model)->required();
   app.add_option("--iterations", iterations)->capture_default_str();
   app.add_option("--warmup", warmup)->capture_default_str();
@@ -123,9 +125,10 @@ int main(int argc, char** argv) {
   std::printf(
       "{\"tensors\": %zu, \"segments\": %zu, \"mapped_bytes\": %llu, \"iterations\": %d, "
       "\"p50_ms\": %.4f, \"p99_ms\": %.4f, \"min_ms\": %.4f, \"max_ms\": %.4f, "
-      "\"backend\": \"%s\"}\n",
+      "\"backend\": \"%s\", \"instances\": %zu}\n",
       tensors, segments, static_cast<unsigned long long>(bytes), iterations, pct(0.50), pct(0.99),
-      ms.front(), ms.back(), ready->backend.c_str());
+      ms.front(), ms.back(), ready->backend.c_str(),
+      (*client)->instances().ok() ? (*client)->instances()->size() : size_t{0});
   if (breakdown) {
     std::fflush(stdout);
     auto phases = time_phases(spec, iterations, (*client)->server());

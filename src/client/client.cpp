@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <map>
@@ -85,6 +86,19 @@ bool unreachable(const Error& e) {
 
 // How long a model-aware probe waits for one instance before passing it over.
 constexpr int kProbeMs = 2000;
+
+// A spec as the client sees it (the server's key also resolves paths), to remember where a
+// model was found.
+std::string spec_identity(const ModelSpec& s) {
+  std::string id = s.source;
+  for (const std::string* field : {&s.revision, &s.shard_rules, &s.tag}) {
+    id += '\0';
+    id += *field;
+  }
+  id += '\0' + std::string(s.dtype ? dtype_name(*s.dtype) : "stored") + '\0' +
+        std::to_string(s.tp_rank) + '/' + std::to_string(s.tp_size);
+  return id;
+}
 
 class ClientImpl final : public Client {
  public:
@@ -268,6 +282,12 @@ class ClientImpl final : public Client {
     if (it != pool_.end() && it->second.connection == i.connection) pool_.erase(it);
   }
 
+  void remember_holder(const ModelSpec& spec, const Instance& i) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (holders_.size() >= 1024) holders_.clear();  // a hint, not a record: bound it simply
+    holders_[spec_identity(spec)] = i.key;
+  }
+
   void make_current(const Instance& i) {
     std::lock_guard<std::mutex> lock(mutex_);
     make_current_locked(i);
@@ -310,6 +330,22 @@ class ClientImpl final : public Client {
     std::string last_error;
     std::set<std::string> unreachable;
     if (spec != nullptr && candidates.size() > 1) {
+      std::string holder;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = holders_.find(spec_identity(*spec));
+        if (it != holders_.end()) holder = it->second;
+      }
+      // The instance that served this model to this client last, still connected: it holds the
+      // model (the client may well hold a lease on it), no probe needed.
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        auto it = pool_.find(holder);
+        bool candidate =
+            std::any_of(candidates.begin(), candidates.end(),
+                        [&](const ServerIdentity& r) { return r.socket_path == holder; });
+        if (candidate && it != pool_.end() && it->second.connection->alive()) return it->second;
+      }
       std::optional<Instance> loading;
       for (const auto& r : candidates) {
         auto i = instance_for(r);
@@ -381,6 +417,7 @@ class ClientImpl final : public Client {
       auto r = request(*i);
       if (r.ok() || !instance_lost(*i, r.error())) {
         make_current(*i);
+        if (r.ok() && spec != nullptr) remember_holder(*spec, *i);
         return r;
       }
       forget(*i);
@@ -450,8 +487,9 @@ class ClientImpl final : public Client {
   std::unique_ptr<InstanceSource> source_;  // null when connected to a socket directly
   std::optional<Instance> direct_;
   std::mutex mutex_;
-  std::map<std::string, Instance> pool_;  // by socket path
-  std::string current_;                   // socket path of the instance used last
+  std::map<std::string, Instance> pool_;        // by socket path
+  std::string current_;                         // socket path of the instance used last
+  std::map<std::string, std::string> holders_;  // spec → socket path of the instance that served it
   std::set<std::shared_ptr<const ServerIdentity>> identities_;
   std::atomic<const ServerIdentity*> current_server_{nullptr};
   uint64_t round_robin_ = 0;

@@ -40,19 +40,25 @@ bool InstanceSource::accepts(const ServerIdentity& r) const {
   return r.hostname == hostname_;
 }
 
+std::vector<ServerIdentity> InstanceSource::local_records() const {
+  constexpr auto kReuse = std::chrono::milliseconds(200);
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  auto now = std::chrono::steady_clock::now();
+  if (now - local_cache_at_ >= kReuse || local_cache_.empty()) {
+    auto local = local_.list(options_.ns);
+    local_cache_ = local.ok() ? std::move(*local) : std::vector<ServerIdentity>{};
+    local_cache_at_ = now;
+  }
+  return local_cache_;
+}
+
 std::vector<ServerIdentity> InstanceSource::list() const {
   std::vector<ServerIdentity> records;
   if (etcd_) {
     auto snapshot = etcd_->snapshot();
-    if (snapshot.synced) {
-      records = std::move(snapshot.records);
-    } else {
-      auto local = local_.list(options_.ns);
-      if (local.ok()) records = std::move(*local);
-    }
+    records = snapshot.synced ? std::move(snapshot.records) : local_records();
   } else {
-    auto local = local_.list(options_.ns, component_);
-    if (local.ok()) records = std::move(*local);
+    records = local_records();
   }
   std::vector<ServerIdentity> out;
   for (auto& r : records)

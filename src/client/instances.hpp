@@ -2,7 +2,9 @@
 // host, as the configured registry lists them.
 #pragma once
 
+#include <chrono>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -35,8 +37,15 @@ class InstanceSource {
   std::string component_;  // model_server_host for the host; any GPU component otherwise
   std::string gpu_uuid_;
   std::string hostname_;
+  std::vector<ServerIdentity> local_records() const;
+
   registry::LocalRegistry local_;
   std::unique_ptr<registry::EtcdDirectory> etcd_;
+  // The local registry's listing (a directory scan and a lock probe per record) is reused for a
+  // moment: requests come faster than instances change, and a dead one is noticed on connect.
+  mutable std::mutex cache_mutex_;
+  mutable std::vector<ServerIdentity> local_cache_;
+  mutable std::chrono::steady_clock::time_point local_cache_at_{};
 };
 
 }  // namespace companion::client
