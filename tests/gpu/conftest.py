@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "integration"))
 from checkpoints import write_opt_like  # noqa: E402
-from harness import COMPANION, Server  # noqa: E402
+from harness import COMPANION, Server, etcd  # noqa: E402,F401 (etcd: a fixture)
 
 
 def visible_gpus():

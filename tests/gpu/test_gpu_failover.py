@@ -1,24 +1,13 @@
 """Two instances on one GPU announced in a real etcd: clients are sent to the instance that holds
 the model, and when it is killed they fail over to the other one, while the weights they mapped
 from the dead instance stay valid on the GPU (checksums computed by the GPU on the mappings)."""
-import os
-import pathlib
 import signal
 import time
 
 import pytest
 
 from checkpoints import tensor_wsums
-from harness import ETCD, Etcd, Server, SessionClient, wait_until
-
-
-@pytest.fixture
-def etcd(tmp_path):
-    if not os.access(ETCD, os.X_OK):
-        pytest.skip(f"no etcd at {ETCD} (set COMPANION_ETCD)")
-    e = Etcd(tmp_path / "etcd-data")
-    yield e
-    e.stop(signal.SIGKILL)
+from harness import Server, SessionClient, wait_until
 
 
 @pytest.mark.parametrize("backend", ["cuda-vmm", "cuda-ipc"])

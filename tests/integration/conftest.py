@@ -3,7 +3,7 @@ safetensors files."""
 import pytest
 
 from checkpoints import write_opt_like
-from harness import COMPANION, Server
+from harness import COMPANION, Server, etcd  # noqa: F401 (etcd: a fixture)
 
 
 def pytest_configure(config):

@@ -7,6 +7,8 @@ import subprocess
 import time
 import uuid
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 BUILD = pathlib.Path(os.environ.get("COMPANION_BUILD_DIR", REPO / "build"))
 COMPANION = BUILD / "src" / "cli" / "companion"
@@ -167,6 +169,16 @@ class Etcd:
 
     def put(self, key, value):
         self.request("/v3/kv/put", {"key": _b64(key), "value": _b64(value)})
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    """A real etcd for one test (conftests import this fixture); skips where etcd is missing."""
+    if not os.access(ETCD, os.X_OK):
+        pytest.skip(f"no etcd at {ETCD} (Debian's etcd-server; or set COMPANION_ETCD)")
+    e = Etcd(tmp_path / "etcd-data")
+    yield e
+    e.stop(signal.SIGKILL)
 
 
 def _b64(text):

@@ -15,13 +15,6 @@ TTL = 2  # seconds: short, so lease expiry is quick to observe
 
 
 @pytest.fixture
-def etcd(tmp_path):
-    e = Etcd(tmp_path / "etcd-data")
-    yield e
-    e.stop(signal.SIGKILL)
-
-
-@pytest.fixture
 def servers(runtime_dir, model_root, etcd):
     """Starts servers announcing themselves in the test's etcd; stops them at the end."""
     started = []

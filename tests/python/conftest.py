@@ -13,7 +13,7 @@ sys.path.insert(0, str(TESTS / "integration"))
 sys.path.insert(0, str(REPO / "python"))
 
 from checkpoints import write_opt_like  # noqa: E402
-from harness import BUILD, COMPANION, Server  # noqa: E402
+from harness import BUILD, COMPANION, Server, etcd  # noqa: E402,F401 (etcd: a fixture)
 
 LIBRARY = pathlib.Path(os.path.abspath(os.environ.get("COMPANION_LIBRARY") or
                                        BUILD / "src" / "capi" / "libcompanion.so"))

@@ -6,14 +6,7 @@ import zlib
 import pytest
 
 import companion
-from harness import Etcd, Server, wait_until
-
-
-@pytest.fixture
-def etcd(tmp_path):
-    e = Etcd(tmp_path / "etcd-data")
-    yield e
-    e.stop(signal.SIGKILL)
+from harness import Server, wait_until
 
 
 @pytest.fixture
