@@ -188,13 +188,26 @@ class ClientImpl final : public Client {
   Result<std::shared_ptr<MappedModel>> get_model_parameters(const ModelSpec& spec,
                                                             double timeout_s) override {
     Deadline deadline(timeout_s);
-    return with_failover(&spec, [&](Instance& i) -> Result<std::shared_ptr<MappedModel>> {
+    auto fetch = [&](Instance& i, bool only_if_held) -> Result<std::shared_ptr<MappedModel>> {
       std::vector<UniqueFd> fds;
-      COMPANION_ASSIGN_OR_RETURN(
-          auto params, expect<protocol::Parameters>(i.connection->call(
-                           protocol::GetParameters{spec, true}, deadline.remaining_ms(), &fds)));
+      protocol::GetParameters request{spec, true, only_if_held};
+      COMPANION_ASSIGN_OR_RETURN(auto params, expect<protocol::Parameters>(i.connection->call(
+                                                  request, deadline.remaining_ms(), &fds)));
       return map_parameters(i.connection, std::move(params), std::move(fds), i.ordinal);
-    });
+    };
+    // The hot path (an engine asking again): the instance that served this model last, asked to
+    // answer only if it still holds it, so no probe is needed and no second copy is loaded.
+    if (auto hint = last_holder(spec)) {
+      auto r = fetch(*hint, true);
+      if (r.ok()) {
+        make_current(*hint);
+        return r;
+      }
+      if (r.error().code != StatusCode::kNotReady && !instance_lost(*hint, r.error())) return r;
+      if (instance_lost(*hint, r.error())) forget(*hint);
+      forget_holder(spec);
+    }
+    return with_failover(&spec, [&](Instance& i) { return fetch(i, false); });
   }
 
   Result<std::unique_ptr<StatusStream>> subscribe(const ModelSpec& spec) override {
@@ -282,6 +295,23 @@ class ClientImpl final : public Client {
     if (it != pool_.end() && it->second.connection == i.connection) pool_.erase(it);
   }
 
+  // The instance that served spec last, if its connection is still alive (direct clients have
+  // only one instance: no hint needed).
+  std::optional<Instance> last_holder(const ModelSpec& spec) {
+    if (direct_) return std::nullopt;
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto holder = holders_.find(spec_identity(spec));
+    if (holder == holders_.end()) return std::nullopt;
+    auto it = pool_.find(holder->second);
+    if (it == pool_.end() || !it->second.connection->alive()) return std::nullopt;
+    return it->second;
+  }
+
+  void forget_holder(const ModelSpec& spec) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    holders_.erase(spec_identity(spec));
+  }
+
   void remember_holder(const ModelSpec& spec, const Instance& i) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (holders_.size() >= 1024) holders_.clear();  // a hint, not a record: bound it simply
@@ -336,16 +366,10 @@ class ClientImpl final : public Client {
         auto it = holders_.find(spec_identity(*spec));
         if (it != holders_.end()) holder = it->second;
       }
-      // The instance that served this model to this client last, still connected: it holds the
-      // model (the client may well hold a lease on it), no probe needed.
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        auto it = pool_.find(holder);
-        bool candidate =
-            std::any_of(candidates.begin(), candidates.end(),
-                        [&](const ServerIdentity& r) { return r.socket_path == holder; });
-        if (candidate && it != pool_.end() && it->second.connection->alive()) return it->second;
-      }
+      // The instance that served this model to this client last is asked first: usually the
+      // only probe needed.
+      std::stable_partition(candidates.begin(), candidates.end(),
+                            [&](const ServerIdentity& r) { return r.socket_path == holder; });
       std::optional<Instance> loading;
       for (const auto& r : candidates) {
         auto i = instance_for(r);

@@ -68,7 +68,7 @@ struct Encoder {
   }
   std::vector<uint8_t> operator()(const GetParameters& m) {
     return finish(b, id, wire::Body::GetParameters,
-                  wire::CreateGetParameters(b, put_spec(b, m.spec), m.wait));
+                  wire::CreateGetParameters(b, put_spec(b, m.spec), m.wait, m.only_if_held));
   }
   std::vector<uint8_t> operator()(const Parameters&) {
     // Parameters are encoded from owning tensors with encode_parameters().
@@ -357,6 +357,7 @@ Result<Message> decode(std::vector<uint8_t> payload) {
       GetParameters v;
       COMPANION_ASSIGN_OR_RETURN(v.spec, get_spec(g->spec()));
       v.wait = g->wait();
+      v.only_if_held = g->only_if_held();
       out.body = std::move(v);
       break;
     }

@@ -31,6 +31,7 @@ struct HelloReply {
 struct GetParameters {
   ModelSpec spec;
   bool wait = true;
+  bool only_if_held = false;  // NOT_READY rather than a new load when not held here
 };
 
 struct SegmentInfo {

@@ -293,6 +293,12 @@ class ServerImpl final : public Server {
   void on_get(Connection& c, uint64_t rid, const protocol::GetParameters& m) {
     auto model = store_->resolve(m.spec);
     if (!model.ok()) return reply_error(c, rid, model.error());
+    if (m.only_if_held) {
+      ModelState state = store_->status(model->key).state;
+      if (state != ModelState::kLoaded && state != ModelState::kLoading)
+        return reply_error(
+            c, rid, make_error(StatusCode::kNotReady, "this instance does not hold the model"));
+    }
     ModelStatus s = store_->ensure_loading(*model);
     if (s.state == ModelState::kLoaded) return grant(c, rid, model->key);
     if (!m.wait)

@@ -241,6 +241,29 @@ def test_model_aware_choice_then_round_robin(registry, etcd, servers, runtime_di
         assert client.close() == 0
 
 
+def test_client_follows_a_model_that_moved_instead_of_loading_it_again(servers, runtime_dir,
+                                                                       model_root):
+    a = servers(registry="local")
+    b = servers(registry="local")
+    model = str(model_root / "opt-small")
+    b.cli("load", model)
+    client = SessionClient("--registry", "local", "--runtime-dir", runtime_dir)
+    try:
+        assert client(f"attach {model}")["instance"] == b.instance
+        client("release 0")
+        # The model moves: b drops it, a loads it. The client served by b before must not make
+        # b load it again.
+        b.cli("unload", model, "--force")
+        a.cli("load", model)
+        got = client(f"attach {model}")
+        assert got["ok"] and got["instance"] == a.instance, got
+        assert b.cli_json("ls")[0] == [] or all(m["state"] != "loaded"
+                                                for m in b.cli_json("ls")[0])
+        assert b.log_text().count(" info: loaded ") == 1, "b loaded the model a second time"
+    finally:
+        assert client.close() == 0
+
+
 def test_failover_while_clients_attach(etcd, servers, empty_dir, model_root):
     a = servers()
     b = servers()

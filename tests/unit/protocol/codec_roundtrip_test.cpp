@@ -214,10 +214,13 @@ TEST(CodecRoundTrip, GetParametersWithAndWithoutDtype) {
   for (const ModelSpec& spec :
        {spec_with_dtype(), spec_without_dtype(), spec_with_default_dtype()}) {
     for (bool wait : {true, false}) {
-      GetParameters g{spec, wait};
-      GetParameters out = round_trip(11, g);
-      expect_spec_eq(out.spec, spec);
-      EXPECT_EQ(out.wait, wait);
+      for (bool only_if_held : {false, true}) {
+        GetParameters g{spec, wait, only_if_held};
+        GetParameters out = round_trip(11, g);
+        expect_spec_eq(out.spec, spec);
+        EXPECT_EQ(out.wait, wait);
+        EXPECT_EQ(out.only_if_held, only_if_held);
+      }
     }
   }
   // Every dtype survives as a ModelSpec conversion target.
