@@ -119,6 +119,7 @@ int main(int argc, char** argv) {
     if (i >= warmup) ms.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count());
   }
   std::sort(ms.begin(), ms.end());
+  auto instances = (*client)->instances();
   auto pct = [&](double p) {
     return ms[std::min(ms.size() - 1, static_cast<size_t>(p * ms.size()))];
   };
@@ -128,7 +129,7 @@ int main(int argc, char** argv) {
       "\"backend\": \"%s\", \"instances\": %zu}\n",
       tensors, segments, static_cast<unsigned long long>(bytes), iterations, pct(0.50), pct(0.99),
       ms.front(), ms.back(), ready->backend.c_str(),
-      (*client)->instances().ok() ? (*client)->instances()->size() : size_t{0});
+      instances.ok() ? instances->size() : size_t{0});
   if (breakdown) {
     std::fflush(stdout);
     auto phases = time_phases(spec, iterations, (*client)->server());

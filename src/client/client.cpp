@@ -70,18 +70,16 @@ struct Instance {
   int ordinal = -1;  // local CUDA ordinal of its GPU; -1 for host
 };
 
+// The codes a failed connect or a broken connection gives (refused, socket gone, peer closed).
+bool transport_error(const Error& e) {
+  return e.code == StatusCode::kUnavailable || e.code == StatusCode::kConnectionClosed ||
+         e.code == StatusCode::kIoError;
+}
+
 // A request failed because its instance went away (its connection is closed), not because the
 // instance answered with an error: only then may another instance take over.
 bool instance_lost(const Instance& i, const Error& e) {
-  bool transport = e.code == StatusCode::kConnectionClosed || e.code == StatusCode::kUnavailable ||
-                   e.code == StatusCode::kIoError;
-  return transport && !i.connection->alive();
-}
-
-// Failing to connect at all: the instance is not there (refused, socket gone).
-bool unreachable(const Error& e) {
-  return e.code == StatusCode::kUnavailable || e.code == StatusCode::kConnectionClosed ||
-         e.code == StatusCode::kIoError;
+  return transport_error(e) && !i.connection->alive();
 }
 
 // How long a model-aware probe waits for one instance before passing it over.
@@ -118,7 +116,8 @@ class ClientImpl final : public Client {
         make_current(*first);
         return ok_result();
       }
-      if (!unreachable(first.error()) || Clock::now() >= deadline) return std::move(first).error();
+      if (!transport_error(first.error()) || Clock::now() >= deadline)
+        return std::move(first).error();
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
     }
   }
@@ -299,12 +298,18 @@ class ClientImpl final : public Client {
   // only one instance: no hint needed).
   std::optional<Instance> last_holder(const ModelSpec& spec) {
     if (direct_) return std::nullopt;
+    std::string holder = holder_key(spec);
     std::lock_guard<std::mutex> lock(mutex_);
-    auto holder = holders_.find(spec_identity(spec));
-    if (holder == holders_.end()) return std::nullopt;
-    auto it = pool_.find(holder->second);
+    auto it = pool_.find(holder);
     if (it == pool_.end() || !it->second.connection->alive()) return std::nullopt;
     return it->second;
+  }
+
+  // The socket path of the instance that served spec last ("" when none did).
+  std::string holder_key(const ModelSpec& spec) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = holders_.find(spec_identity(spec));
+    return it == holders_.end() ? std::string() : it->second;
   }
 
   void forget_holder(const ModelSpec& spec) {
@@ -360,14 +365,9 @@ class ClientImpl final : public Client {
     std::string last_error;
     std::set<std::string> unreachable;
     if (spec != nullptr && candidates.size() > 1) {
-      std::string holder;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        auto it = holders_.find(spec_identity(*spec));
-        if (it != holders_.end()) holder = it->second;
-      }
       // The instance that served this model to this client last is asked first: usually the
       // only probe needed.
+      std::string holder = holder_key(*spec);
       std::stable_partition(candidates.begin(), candidates.end(),
                             [&](const ServerIdentity& r) { return r.socket_path == holder; });
       std::optional<Instance> loading;

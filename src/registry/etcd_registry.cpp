@@ -53,13 +53,19 @@ bool EtcdAnnouncer::wait_registered(std::chrono::milliseconds timeout) const {
   return changed_.wait_for(lock, timeout, [&] { return state_.registered; });
 }
 
+void EtcdAnnouncer::mark_registered(bool wrote_record) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (wrote_record) ++state_.registrations;
+  state_.registered = true;
+  state_.last_error.clear();
+  changed_.notify_all();
+}
+
 Result<void> EtcdAnnouncer::step(EtcdClient& etcd) {
   int64_t lease = 0;
-  bool registered = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     lease = state_.lease_id;
-    registered = state_.registered;
   }
   if (lease != 0) {
     COMPANION_ASSIGN_OR_RETURN(int64_t ttl, etcd.keepalive(lease));
@@ -67,11 +73,7 @@ Result<void> EtcdAnnouncer::step(EtcdClient& etcd) {
       // The lease lives; the record must too (deleted by hand, or written over meanwhile).
       COMPANION_ASSIGN_OR_RETURN(auto current, etcd.get(key_));
       if (current && current->value == value_ && current->lease == lease) {
-        if (registered) return ok_result();
-        std::lock_guard<std::mutex> lock(mutex_);
-        state_.registered = true;
-        state_.last_error.clear();
-        changed_.notify_all();
+        mark_registered(false);
         return ok_result();
       }
       log::info("etcd record " + key_ + " went missing; writing it again");
@@ -89,13 +91,9 @@ Result<void> EtcdAnnouncer::step(EtcdClient& etcd) {
     state_.lease_id = lease;
   }
   COMPANION_TRY(etcd.put(key_, value_, lease));
-  std::lock_guard<std::mutex> lock(mutex_);
-  state_.registered = true;
-  state_.last_error.clear();
-  ++state_.registrations;
+  mark_registered(true);
   log::info("registered in etcd at " + etcd.endpoint() + " as " + key_ + " (lease " +
             std::to_string(lease) + ", TTL " + std::to_string(ttl_s_) + " s)");
-  changed_.notify_all();
   return ok_result();
 }
 

@@ -51,6 +51,8 @@ class EtcdAnnouncer {
   void run();
   // One step: register (new lease + put) or renew (keepalive, re-put if the key went missing).
   Result<void> step(EtcdClient& etcd);
+  // The record is in etcd under a live lease; wrote_record: this step (re)wrote it.
+  void mark_registered(bool wrote_record);
 
   std::vector<std::string> endpoints_;
   ServerIdentity record_;

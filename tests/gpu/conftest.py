@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "integration"))
 from checkpoints import write_opt_like  # noqa: E402
-from harness import COMPANION, Server, etcd  # noqa: E402,F401 (etcd: a fixture)
+from harness import COMPANION, Server, etcd, runtime_dir  # noqa: E402,F401 (fixtures)
 
 
 def visible_gpus():
@@ -31,13 +31,6 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def gpu():
     return GPUS[0]
-
-
-@pytest.fixture
-def runtime_dir(tmp_path):
-    d = tmp_path / "runtime"
-    d.mkdir(mode=0o700)
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -3,19 +3,12 @@ safetensors files."""
 import pytest
 
 from checkpoints import write_opt_like
-from harness import COMPANION, Server, etcd  # noqa: F401 (etcd: a fixture)
+from harness import COMPANION, Server, etcd, runtime_dir  # noqa: F401 (fixtures)
 
 
 def pytest_configure(config):
     if not COMPANION.exists():
         raise pytest.UsageError(f"{COMPANION} is missing: build first (scripts/setup.sh)")
-
-
-@pytest.fixture
-def runtime_dir(tmp_path):
-    d = tmp_path / "runtime"
-    d.mkdir(mode=0o700)
-    return d
 
 
 @pytest.fixture(scope="session")

@@ -172,6 +172,14 @@ class Etcd:
 
 
 @pytest.fixture
+def runtime_dir(tmp_path):
+    """A local registry directory of the test's own (conftests import this fixture)."""
+    d = tmp_path / "runtime"
+    d.mkdir(mode=0o700)
+    return d
+
+
+@pytest.fixture
 def etcd(tmp_path):
     """A real etcd for one test (conftests import this fixture); skips where etcd is missing."""
     if not os.access(ETCD, os.X_OK):

@@ -13,7 +13,7 @@ sys.path.insert(0, str(TESTS / "integration"))
 sys.path.insert(0, str(REPO / "python"))
 
 from checkpoints import write_opt_like  # noqa: E402
-from harness import BUILD, COMPANION, Server, etcd  # noqa: E402,F401 (etcd: a fixture)
+from harness import BUILD, COMPANION, Server, etcd, runtime_dir  # noqa: E402,F401 (fixtures)
 
 LIBRARY = pathlib.Path(os.path.abspath(os.environ.get("COMPANION_LIBRARY") or
                                        BUILD / "src" / "capi" / "libcompanion.so"))
@@ -26,13 +26,6 @@ def pytest_configure(config):
         raise pytest.UsageError(
             f"{', '.join(map(str, missing))} missing: build first (cmake --build "
             f"{BUILD}; COMPANION_BUILD_DIR names the build directory)")
-
-
-@pytest.fixture
-def runtime_dir(tmp_path):
-    d = tmp_path / "runtime"
-    d.mkdir(mode=0o700)
-    return d
 
 
 @pytest.fixture(scope="session")
