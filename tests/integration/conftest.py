@@ -3,7 +3,7 @@ safetensors files."""
 import pytest
 
 from checkpoints import write_opt_like
-from harness import COMPANION, Server, etcd, runtime_dir  # noqa: F401 (fixtures)
+from harness import COMPANION, Server, etcd, other_user, runtime_dir, shared_tmp  # noqa: F401 (fixtures)
 
 
 def pytest_configure(config):

@@ -189,6 +189,54 @@ def etcd(tmp_path):
     e.stop(signal.SIGKILL)
 
 
+OTHER_USER = "companion-test-other"
+
+
+class OtherUser:
+    """A second local account, for tests of who may connect. run() starts a command as it."""
+
+    def __init__(self, name):
+        import pwd
+        entry = pwd.getpwnam(name)
+        self.name, self.uid, self.gid = name, entry.pw_uid, entry.pw_gid
+
+    def command(self, args):
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
+                "--reset-env", "--", *[str(a) for a in args]]
+
+    def run(self, args, timeout=60, env=None, **kwargs):
+        return subprocess.run(self.command(args), capture_output=True, text=True,
+                              timeout=timeout, env=env, **kwargs)
+
+    def popen(self, args, **kwargs):
+        return subprocess.Popen(self.command(args), **kwargs)
+
+
+@pytest.fixture(scope="session")
+def other_user():
+    """A second local user (created once as root; the tests need root to switch to it)."""
+    import pwd
+    if os.geteuid() != 0:
+        pytest.skip("tests of a second local user run as root")
+    try:
+        pwd.getpwnam(OTHER_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        OTHER_USER], check=True, capture_output=True)
+    return OtherUser(OTHER_USER)
+
+
+@pytest.fixture
+def shared_tmp(tmp_path):
+    """A directory that a second user can reach (pytest's own tmp_path is 0700 root)."""
+    import shutil
+    import tempfile
+    d = pathlib.Path(tempfile.mkdtemp(prefix="companion-shared-", dir="/tmp"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def _b64(text):
     import base64
     return base64.b64encode(text.encode()).decode()

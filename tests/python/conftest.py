@@ -13,7 +13,7 @@ sys.path.insert(0, str(TESTS / "integration"))
 sys.path.insert(0, str(REPO / "python"))
 
 from checkpoints import write_opt_like  # noqa: E402
-from harness import BUILD, COMPANION, Server, etcd, runtime_dir  # noqa: E402,F401 (fixtures)
+from harness import BUILD, COMPANION, Server, etcd, other_user, runtime_dir, shared_tmp  # noqa: E402,F401,E501
 
 LIBRARY = pathlib.Path(os.path.abspath(os.environ.get("COMPANION_LIBRARY") or
                                        BUILD / "src" / "capi" / "libcompanion.so"))
