@@ -22,6 +22,7 @@
   X(CANCELLED, Cancelled, 15, "cancelled")                             \
   X(CUDA_ERROR, CudaError, 16, "CUDA error")                           \
   X(CONNECTION_CLOSED, ConnectionClosed, 17, "connection closed")      \
-  X(INTERNAL, Internal, 18, "internal error")
+  X(INTERNAL, Internal, 18, "internal error")                          \
+  X(LIMIT_EXCEEDED, LimitExceeded, 19, "limit exceeded")
 
 #endif /* COMPANION_STATUS_CODES_H */

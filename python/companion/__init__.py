@@ -23,7 +23,7 @@ from .dynamo_compat import (AsyncModelClient, ModelClient, RebuildInfo, create_m
                             create_model_client_sync)
 from .errors import (STATUS_CODES, BadCheckpoint, Cancelled, ConnectionClosed, CudaError,
                      DeviceMismatch, Error, Internal, InvalidArgument, IoError, LibraryNotFound,
-                     ModelInUse, NotFound, NotPermitted, NotReady, OutOfMemory, ProtocolError,
+                     LimitExceeded, ModelInUse, NotFound, NotPermitted, NotReady, OutOfMemory, ProtocolError,
                      Timeout, Unavailable, UnknownDtype, VersionMismatch)
 from .model import MappedModel, Tensor
 
@@ -38,5 +38,5 @@ __all__ = [
     "Error", "LibraryNotFound", "InvalidArgument", "NotFound", "BadCheckpoint", "UnknownDtype",
     "NotPermitted", "OutOfMemory", "DeviceMismatch", "VersionMismatch", "ProtocolError",
     "IoError", "Timeout", "Unavailable", "NotReady", "ModelInUse", "Cancelled", "CudaError",
-    "ConnectionClosed", "Internal",
+    "ConnectionClosed", "Internal", "LimitExceeded",
 ]

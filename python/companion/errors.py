@@ -38,6 +38,7 @@ STATUS_CODES: Tuple[StatusCodeInfo, ...] = (
     StatusCodeInfo("CUDA_ERROR", "CudaError", 16, "CUDA error"),
     StatusCodeInfo("CONNECTION_CLOSED", "ConnectionClosed", 17, "connection closed"),
     StatusCodeInfo("INTERNAL", "Internal", 18, "internal error"),
+    StatusCodeInfo("LIMIT_EXCEEDED", "LimitExceeded", 19, "limit exceeded"),
 )
 
 _BY_VALUE: Dict[int, StatusCodeInfo] = {c.value: c for c in STATUS_CODES}
@@ -142,6 +143,7 @@ Cancelled: Type[Error] = ERROR_CLASSES[15]
 CudaError: Type[Error] = ERROR_CLASSES[16]
 ConnectionClosed: Type[Error] = ERROR_CLASSES[17]
 Internal: Type[Error] = ERROR_CLASSES[18]
+LimitExceeded: Type[Error] = ERROR_CLASSES[19]
 
 
 def error_for_code(code: int, message: Optional[str] = None) -> Error:
