@@ -33,9 +33,16 @@ if ! .venv/bin/python -c "import safetensors, numpy, torch, pytest" 2>/dev/null;
   .venv/bin/python -m pip install -q --disable-pip-version-check safetensors
 fi
 
+# ccache, where installed, makes rebuilds in other checkouts of the tree cheap.
+launcher=()
+if command -v ccache >/dev/null; then
+  export CCACHE_BASEDIR="$PWD" CCACHE_NOHASHDIR=1
+  launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
+fi
+
 build() {  # build DIR [cmake args...]
   local dir=$1; shift
-  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" \
     -DCOMPANION_PYTHON="$PWD/.venv/bin/python" "$@" >/dev/null
   cmake --build "$dir" -j "$(nproc)"
 }
