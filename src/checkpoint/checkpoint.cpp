@@ -1,6 +1,7 @@
 // Opening checkpoints: a single .safetensors file, a sharded directory with an index, or a
 // directory of .safetensors files.
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -14,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/checkpoint.hpp"
+#include "checkpoint/open_beneath.hpp"
 #include "checkpoint/source.hpp"
 #include "checkpoint/strict_json.hpp"
 #include "common/util.hpp"
@@ -60,63 +62,81 @@ Result<std::string> absolute_path(const std::string& path) {
   return cleaned.empty() ? std::string("/") : cleaned;
 }
 
-Result<void> check_allowed(const std::string& path, const std::vector<std::string>& allowed_roots) {
-  COMPANION_ASSIGN_OR_RETURN(std::string real, real_path(path));
-  if (!is_under_roots(real, allowed_roots)) {
-    std::string message = path;
-    if (real != path) message += " (really " + real + ")";
-    return make_error(StatusCode::kNotPermitted,
-                      message + " is outside the directories this server may read");
-  }
-  return ok_result();
-}
-
-bool is_regular_file(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
-}
-
 // A weight_map value must name a file in the index's own directory.
 bool is_plain_file_name(const std::string& name) {
   return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
          name.find('\0') == std::string::npos;
 }
 
-Result<std::vector<std::string>> list_safetensors_files(const std::string& dir) {
-  DIR* d = ::opendir(dir.c_str());
-  if (d == nullptr) return errno_error(StatusCode::kIoError, "open directory " + dir, errno);
-  std::vector<std::string> names;
-  std::string broken;
-  while (struct dirent* ent = ::readdir(d)) {
-    std::string name = ent->d_name;
-    if (!ends_with(name, kSafetensorsSuffix)) continue;
-    // Followed: Hugging Face snapshots are symlinks into blobs/.
-    struct stat st {};
-    if (::stat((dir + "/" + name).c_str(), &st) != 0) {
-      // A dangling link is a missing shard (an interrupted download), not something to skip.
-      if (broken.empty()) broken = name;
-      continue;
-    }
-    if (S_ISREG(st.st_mode)) names.push_back(std::move(name));
-  }
-  ::closedir(d);
-  if (!broken.empty())
-    return bad(dir + "/" + broken +
-               " cannot be read (a dangling symlink? an incomplete download?)");
-  std::sort(names.begin(), names.end());
-  return names;
+Error not_regular(const std::string& path) {
+  count_refusal(Refusal::kNotRegular);
+  return bad(path + " is not a regular file");
 }
 
-// The tensors of `files` (paths as found), in file order then data order.
-Result<Checkpoint> assemble(std::string location, const std::vector<std::string>& files,
-                            const std::vector<std::string>& allowed_roots,
+Error too_many_files(const std::string& where, size_t count, size_t limit) {
+  count_refusal(Refusal::kFiles);
+  return make_error(StatusCode::kLimitExceeded,
+                    where + " has " + std::to_string(count) +
+                        " .safetensors files, over this server's limit of " +
+                        std::to_string(limit) + " (--max-checkpoint-files)");
+}
+
+// The .safetensors files of directory `dir` (open as `dir_file`), listed through its descriptor
+// and each opened beneath the roots, in name order. Directories with the suffix are skipped.
+Result<std::vector<OpenedFile>> open_listed_files(const OpenedFile& dir_file,
+                                                  const std::string& dir,
+                                                  const std::vector<std::string>& allowed_roots,
+                                                  const CheckpointLimits& limits) {
+  // A description of its own (fdopendir reads with it and closedir closes it), of this very
+  // directory: "." is looked up in it, not a path.
+  int listing_fd = ::openat(dir_file.fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (listing_fd < 0) return errno_error(StatusCode::kIoError, "open directory " + dir, errno);
+  DIR* d = ::fdopendir(listing_fd);
+  if (d == nullptr) {
+    int err = errno;
+    ::close(listing_fd);
+    return errno_error(StatusCode::kIoError, "open directory " + dir, err);
+  }
+  std::vector<std::string> names;
+  while (struct dirent* ent = ::readdir(d)) {
+    std::string name = ent->d_name;
+    if (ends_with(name, kSafetensorsSuffix)) names.push_back(std::move(name));
+  }
+  ::closedir(d);
+  if (names.size() > limits.max_files) return too_many_files(dir, names.size(), limits.max_files);
+  std::sort(names.begin(), names.end());
+
+  std::vector<OpenedFile> files;
+  for (const std::string& name : names) {
+    std::string path = dir + "/" + name;
+    auto file = open_under_roots(path, allowed_roots);
+    if (!file.ok()) {
+      // A dangling link is a missing shard (an interrupted download), not something to skip.
+      if (file.error().code == StatusCode::kNotFound)
+        return bad(path + " cannot be read (a dangling symlink? an incomplete download?)");
+      return std::move(file).error();
+    }
+    if (S_ISDIR(file->st.st_mode)) continue;
+    if (!S_ISREG(file->st.st_mode)) return not_regular(path);
+    files.push_back(std::move(file).value());
+  }
+  return files;
+}
+
+// The tensors of `files`, in file order then data order.
+Result<Checkpoint> assemble(std::string location, std::string directory,
+                            std::vector<OpenedFile> files, const CheckpointLimits& limits,
                             const std::unordered_map<std::string, std::string>* weight_map) {
   Checkpoint checkpoint;
   checkpoint.location = std::move(location);
+  checkpoint.directory = std::move(directory);
   std::unordered_map<std::string, uint32_t> owner;  // tensor name -> file index
-  for (const std::string& path : files) {
-    COMPANION_TRY(check_allowed(path, allowed_roots));
-    COMPANION_ASSIGN_OR_RETURN(SafetensorsFile file, read_safetensors_file(path));
+  for (OpenedFile& opened : files) {
+    const std::string path = opened.path;
+    size_t tensors_left =
+        limits.max_tensors - std::min(limits.max_tensors, checkpoint.tensors.size());
+    COMPANION_ASSIGN_OR_RETURN(SafetensorsFile file,
+                               read_safetensors_header(opened, limits, tensors_left));
     auto file_index = static_cast<uint32_t>(checkpoint.files.size());
     std::string file_name = path.substr(path.rfind('/') + 1);
     for (TensorEntry& tensor : file.tensors) {
@@ -135,6 +155,7 @@ Result<Checkpoint> assemble(std::string location, const std::vector<std::string>
       checkpoint.tensors.push_back(std::move(tensor));
     }
     checkpoint.files.push_back(path);
+    checkpoint.fds.push_back(std::make_shared<const UniqueFd>(std::move(opened.fd)));
   }
   if (weight_map) {
     for (const auto& [name, file_name] : *weight_map) {
@@ -146,11 +167,11 @@ Result<Checkpoint> assemble(std::string location, const std::vector<std::string>
   return checkpoint;
 }
 
-Result<Checkpoint> open_indexed(const std::string& dir,
-                                const std::vector<std::string>& allowed_roots) {
-  std::string index_path = dir + "/" + kIndexName;
-  COMPANION_TRY(check_allowed(index_path, allowed_roots));
-  COMPANION_ASSIGN_OR_RETURN(std::string text, read_small_file(index_path, kMaxIndexBytes));
+Result<Checkpoint> open_indexed(const std::string& dir, const OpenedFile& index_file,
+                                const std::vector<std::string>& allowed_roots,
+                                const CheckpointLimits& limits) {
+  const std::string& index_path = index_file.path;
+  COMPANION_ASSIGN_OR_RETURN(std::string text, read_opened_file(index_file, kMaxIndexBytes));
   COMPANION_ASSIGN_OR_RETURN(json index, parse_json_strict(text, index_path));
   if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
     return bad(index_path + ": \"weight_map\" object missing");
@@ -165,44 +186,85 @@ Result<Checkpoint> open_indexed(const std::string& dir,
     if (!is_plain_file_name(file_name))
       return bad(index_path + ": weight_map maps '" + name + "' to \"" + file_name +
                  "\", which is not a plain file name in the same directory");
-    if (file_names.insert(file_name).second && !is_regular_file(dir + "/" + file_name))
-      return bad(index_path + ": weight_map maps '" + name + "' to missing file " + dir + "/" +
-                 file_name);
+    file_names.insert(file_name);
     weight_map.emplace(name, file_name);
   }
   if (file_names.empty()) return bad(index_path + ": weight_map is empty");
 
-  std::vector<std::string> files;
-  for (const std::string& file_name : file_names) files.push_back(dir + "/" + file_name);
-  return assemble(dir, files, allowed_roots, &weight_map);
+  if (file_names.size() > limits.max_files)
+    return too_many_files(index_path, file_names.size(), limits.max_files);
+  std::vector<OpenedFile> files;
+  for (const std::string& file_name : file_names) {
+    std::string path = dir + "/" + file_name;
+    auto file = open_under_roots(path, allowed_roots);
+    if (!file.ok() && file.error().code == StatusCode::kNotFound) {
+      auto mapped = std::find_if(weight_map.begin(), weight_map.end(),
+                                 [&](const auto& entry) { return entry.second == file_name; });
+      return bad(index_path + ": weight_map maps '" + mapped->first + "' to missing file " + path);
+    }
+    if (!file.ok()) return std::move(file).error();
+    if (!S_ISREG(file->st.st_mode)) return not_regular(path);
+    files.push_back(std::move(file).value());
+  }
+  return assemble(dir, dir, std::move(files), limits, &weight_map);
 }
 
 }  // namespace
 
+Result<void> check_limits(const CheckpointLimits& limits) {
+  auto out_of_range = [](const char* flag, uint64_t value, uint64_t most) {
+    return make_error(StatusCode::kInvalidArgument,
+                      std::string(flag) + " " + std::to_string(value) + " is not between 1 and " +
+                          std::to_string(most));
+  };
+  if (limits.max_header_bytes == 0 || limits.max_header_bytes > kMaxHeaderBytes)
+    return out_of_range("--max-header-bytes", limits.max_header_bytes, kMaxHeaderBytes);
+  if (limits.max_tensors == 0 || limits.max_tensors > protocol::kMaxTensors)
+    return out_of_range("--max-tensors", limits.max_tensors, protocol::kMaxTensors);
+  constexpr size_t kMostFiles = 1u << 20;
+  if (limits.max_files == 0 || limits.max_files > kMostFiles)
+    return out_of_range("--max-checkpoint-files", limits.max_files, kMostFiles);
+  return ok_result();
+}
+
 Result<Checkpoint> open_checkpoint(const std::string& path,
-                                   const std::vector<std::string>& allowed_roots) {
+                                   const std::vector<std::string>& allowed_roots,
+                                   const CheckpointLimits& limits) {
   COMPANION_ASSIGN_OR_RETURN(std::string location, absolute_path(path));
-  struct stat st {};
-  if (::stat(location.c_str(), &st) != 0) {
-    int err = errno;
-    if (err == ENOENT || err == ENOTDIR)
-      return make_error(StatusCode::kNotFound, path + " does not exist");
-    return errno_error(StatusCode::kIoError, "stat " + path, err);
+  // Refused before anything is listed or read: the answer says nothing about what lies outside.
+  COMPANION_ASSIGN_OR_RETURN(OpenedFile top, open_under_roots(location, allowed_roots));
+  if (S_ISREG(top.st.st_mode)) {
+    std::string directory = location.substr(0, std::max<size_t>(1, location.rfind('/')));
+    std::vector<OpenedFile> files;
+    files.push_back(std::move(top));
+    return assemble(location, std::move(directory), std::move(files), limits, nullptr);
   }
-  if (S_ISREG(st.st_mode)) return assemble(location, {location}, allowed_roots, nullptr);
-  if (!S_ISDIR(st.st_mode)) return bad(path + " is neither a .safetensors file nor a directory");
+  if (!S_ISDIR(top.st.st_mode)) {
+    count_refusal(Refusal::kNotRegular);
+    return bad(path + " is neither a .safetensors file nor a directory");
+  }
 
-  // Refuse before listing anything: the listing would tell what lies outside the roots.
-  COMPANION_TRY(check_allowed(location, allowed_roots));
-  std::string index_path = location + "/" + kIndexName;
-  if (::access(index_path.c_str(), F_OK) == 0) return open_indexed(location, allowed_roots);
+  auto index = open_under_roots(location + "/" + kIndexName, allowed_roots);
+  if (index.ok()) return open_indexed(location, *index, allowed_roots, limits);
+  if (index.error().code != StatusCode::kNotFound) return std::move(index).error();
 
-  COMPANION_ASSIGN_OR_RETURN(std::vector<std::string> names, list_safetensors_files(location));
-  if (names.empty())
+  COMPANION_ASSIGN_OR_RETURN(std::vector<OpenedFile> files,
+                             open_listed_files(top, location, allowed_roots, limits));
+  if (files.empty())
     return make_error(StatusCode::kNotFound, "no safetensors files in " + location);
-  std::vector<std::string> files;
-  for (const std::string& name : names) files.push_back(location + "/" + name);
-  return assemble(location, files, allowed_roots, nullptr);
+  return assemble(location, location, std::move(files), limits, nullptr);
+}
+
+Result<std::optional<std::string>> read_checkpoint_side_file(
+    const Checkpoint& checkpoint, const std::string& name,
+    const std::vector<std::string>& allowed_roots, uint64_t max_bytes) {
+  auto file = open_under_roots(checkpoint.directory + "/" + name, allowed_roots);
+  if (!file.ok()) {
+    if (file.error().code == StatusCode::kNotFound) return std::optional<std::string>();
+    return std::move(file).error();
+  }
+  COMPANION_ASSIGN_OR_RETURN(std::string text, read_opened_file(*file, max_bytes));
+  return std::optional<std::string>(std::move(text));
 }
 
 }  // namespace companion::checkpoint

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <exception>
 #include <limits>
 #include <string>
 
@@ -129,6 +130,49 @@ Result<std::map<std::string, std::string>> parse_metadata(const json& value) {
   return metadata;
 }
 
+// Counts the tensors of a header (keys of the top-level object but "__metadata__") without
+// building anything, stopping as soon as there are more than `cap`: a header of millions of
+// tiny entries is refused after reading a fraction of it, before the strict parse and the
+// document it would build. Syntax errors are left to the full parse.
+class TensorCounter {
+ public:
+  explicit TensorCounter(size_t cap) : cap_(cap) {}
+
+  bool null() { return true; }
+  bool boolean(bool) { return true; }
+  bool number_integer(json::number_integer_t) { return true; }
+  bool number_unsigned(json::number_unsigned_t) { return true; }
+  bool number_float(json::number_float_t, const json::string_t&) { return true; }
+  bool string(json::string_t&) { return true; }
+  bool binary(json::binary_t&) { return true; }
+  bool start_object(size_t) { return ++depth_, true; }
+  bool end_object() { return --depth_, true; }
+  bool start_array(size_t) { return ++depth_, true; }
+  bool end_array() { return --depth_, true; }
+  bool key(json::string_t& key) {
+    if (depth_ != 1 || key == "__metadata__") return true;
+    return ++count_ <= cap_;
+  }
+  bool parse_error(size_t, const std::string&, const nlohmann::detail::exception&) { return false; }
+
+  bool over_cap() const { return count_ > cap_; }
+
+ private:
+  size_t cap_;
+  size_t count_ = 0;
+  size_t depth_ = 0;
+};
+
+bool has_more_tensors_than(std::string_view header_json, size_t cap) {
+  TensorCounter counter(cap);
+  try {
+    json::sax_parse(header_json.begin(), header_json.end(), &counter);
+  } catch (const std::exception&) {
+    // Limits of the parser itself: the strict parse reports them.
+  }
+  return counter.over_cap();
+}
+
 // Reads exactly `size` bytes at `offset`, retrying short reads.
 Result<void> pread_exact(int fd, void* buf, size_t size, uint64_t offset, const std::string& path) {
   auto* out = static_cast<char*>(buf);
@@ -196,17 +240,16 @@ Result<SafetensorsFile> parse_safetensors_header(std::string_view header_json,
   return file;
 }
 
-Result<SafetensorsFile> read_safetensors_file(const std::string& path) {
-  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd) {
-    int err = errno;
-    return errno_error(err == ENOENT ? StatusCode::kNotFound : StatusCode::kIoError, "open " + path,
-                       err);
+Result<SafetensorsFile> read_safetensors_header(const OpenedFile& opened,
+                                                const CheckpointLimits& limits,
+                                                size_t max_tensors) {
+  const std::string& path = opened.path;
+  const UniqueFd& fd = opened.fd;
+  if (!S_ISREG(opened.st.st_mode)) {
+    count_refusal(Refusal::kNotRegular);
+    return bad(path + ": not a regular file");
   }
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return errno_error(StatusCode::kIoError, "stat " + path, errno);
-  if (!S_ISREG(st.st_mode)) return bad(path + ": not a regular file");
-  auto file_size = static_cast<uint64_t>(st.st_size);
+  auto file_size = static_cast<uint64_t>(opened.st.st_size);
   if (file_size < kLengthPrefixBytes)
     return bad(path + ": file is " + std::to_string(file_size) +
                " bytes, too short for the 8-byte header length");
@@ -218,6 +261,13 @@ Result<SafetensorsFile> read_safetensors_file(const std::string& path) {
   if (header_bytes > kMaxHeaderBytes)
     return bad(path + ": header length " + std::to_string(header_bytes) + " is over the limit of " +
                std::to_string(kMaxHeaderBytes) + " bytes");
+  if (header_bytes > limits.max_header_bytes) {
+    count_refusal(Refusal::kHeaderBytes);
+    return make_error(StatusCode::kLimitExceeded,
+                      path + ": header length " + std::to_string(header_bytes) +
+                          " is over this server's limit of " +
+                          std::to_string(limits.max_header_bytes) + " bytes (--max-header-bytes)");
+  }
   if (header_bytes > file_size - kLengthPrefixBytes)
     return bad(path + ": header length " + std::to_string(header_bytes) +
                " runs past the end of the " + std::to_string(file_size) +
@@ -225,6 +275,13 @@ Result<SafetensorsFile> read_safetensors_file(const std::string& path) {
 
   std::string header(static_cast<size_t>(header_bytes), '\0');
   COMPANION_TRY(pread_exact(fd.get(), header.data(), header.size(), kLengthPrefixBytes, path));
+  if (has_more_tensors_than(header, max_tensors)) {
+    count_refusal(Refusal::kTensors);
+    return make_error(StatusCode::kLimitExceeded,
+                      path + ": more tensors than this server's limit of " +
+                          std::to_string(limits.max_tensors) +
+                          " for one checkpoint (--max-tensors)");
+  }
   auto parsed = parse_safetensors_header(header, file_size - kLengthPrefixBytes - header_bytes);
   if (!parsed.ok()) {
     Error error = std::move(parsed).error();
@@ -234,6 +291,21 @@ Result<SafetensorsFile> read_safetensors_file(const std::string& path) {
   SafetensorsFile file = std::move(parsed).value();
   file.path = path;
   return file;
+}
+
+Result<SafetensorsFile> read_safetensors_file(const std::string& path) {
+  OpenedFile opened;
+  opened.path = path;
+  opened.fd.reset(::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY));
+  if (!opened.fd) {
+    int err = errno;
+    return errno_error(err == ENOENT ? StatusCode::kNotFound : StatusCode::kIoError, "open " + path,
+                       err);
+  }
+  if (::fstat(opened.fd.get(), &opened.st) != 0)
+    return errno_error(StatusCode::kIoError, "stat " + path, errno);
+  CheckpointLimits limits;
+  return read_safetensors_header(opened, limits, limits.max_tensors);
 }
 
 }  // namespace companion::checkpoint

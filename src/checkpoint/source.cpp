@@ -1,6 +1,7 @@
 // Resolving model sources to local paths: absolute paths and the Hugging Face hub cache.
 #include "checkpoint/source.hpp"
 
+#include <fcntl.h>
 #include <pwd.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -10,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/open_beneath.hpp"
 #include "common/util.hpp"
 
 namespace companion::checkpoint {
@@ -35,11 +37,6 @@ std::string home_dir() {
 bool is_directory(const std::string& path) {
   struct stat st {};
   return ::stat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode);
-}
-
-bool is_regular_file(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
 std::string trim(const std::string& s) {
@@ -89,8 +86,14 @@ Result<ResolvedSource> resolve_hf_id(const std::string& repo, const std::string&
 
   std::string commit;
   std::string ref_path = repo_dir + "/refs/" + revision;
-  if (is_regular_file(ref_path)) {
-    COMPANION_ASSIGN_OR_RETURN(std::string ref, read_small_file(ref_path, 4096));
+  // Opened without blocking and checked on the descriptor: a FIFO planted as a ref must not stall
+  // the caller, nor one swapped in after a check by path.
+  OpenedFile ref_file;
+  ref_file.path = ref_path;
+  ref_file.fd.reset(::open(ref_path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY));
+  if (ref_file.fd && ::fstat(ref_file.fd.get(), &ref_file.st) == 0 &&
+      S_ISREG(ref_file.st.st_mode)) {
+    COMPANION_ASSIGN_OR_RETURN(std::string ref, read_opened_file(ref_file, 4096));
     commit = trim(ref);
     if (commit.empty() || commit.find('/') != std::string::npos || commit == "." ||
         commit.find("..") != std::string::npos)
@@ -158,6 +161,16 @@ Result<ResolvedSource> resolve_source(const ModelSpec& spec, const std::string& 
                     "model source \"" + source +
                         "\" is neither an absolute path nor a Hugging Face id (org/name); relative "
                         "paths are refused because the server's working directory is not yours");
+}
+
+Result<ResolvedSource> resolve_source(const ModelSpec& spec, const std::string& hf_cache,
+                                      const std::vector<std::string>& roots) {
+  if (!spec.source.empty() && spec.source[0] == '/') {
+    ResolvedSource resolved;
+    COMPANION_ASSIGN_OR_RETURN(resolved.path, real_path_under_roots(spec.source, roots));
+    return resolved;
+  }
+  return resolve_source(spec, hf_cache);
 }
 
 std::vector<std::string> canonical_roots(const std::vector<std::string>& roots) {

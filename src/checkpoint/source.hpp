@@ -27,6 +27,11 @@ struct ResolvedSource {
 // revision that is itself a snapshot name is used directly. Relative paths are refused
 // (kInvalidArgument): the server's working directory means nothing to a client.
 Result<ResolvedSource> resolve_source(const ModelSpec& spec, const std::string& hf_cache);
+// The same for a server that reads only under `roots` (canonical): an absolute path outside every
+// root is kNotPermitted whether or not it exists (real_path_under_roots), so that the answer says
+// nothing about files the caller may not read.
+Result<ResolvedSource> resolve_source(const ModelSpec& spec, const std::string& hf_cache,
+                                      const std::vector<std::string>& roots);
 
 // realpath(3): absolute, symlinks resolved. Missing -> kNotFound naming the path, EACCES ->
 // kNotPermitted, anything else kIoError.

@@ -142,10 +142,10 @@ TEST_F(OpenCheckpoint, FilesOutsideTheRootsAreRefused) {
   std::filesystem::create_directories(outside / "no-models");
   expect_error(open_checkpoint(outside / "no-models", roots_), StatusCode::kNotPermitted,
                {outside / "no-models"});
-  // A symlink inside the root leading out.
+  // A symlink inside the root leading out (where to is not told: see open_beneath_test).
   symlink_or_fail(outside / "m/model.safetensors", root_ / "link/model.safetensors");
   expect_error(open("link/model.safetensors"), StatusCode::kNotPermitted,
-               {root_ / "link/model.safetensors", outside / "m/model.safetensors"});
+               {root_ / "link/model.safetensors"});
   expect_error(open("link"), StatusCode::kNotPermitted, {root_ / "link/model.safetensors"});
   // A symlinked directory inside the root leading out.
   symlink_or_fail(outside / "m", root_ / "dirlink");
