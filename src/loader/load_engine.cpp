@@ -119,8 +119,8 @@ struct FreeDeleter {
 
 struct OpenFile {
   std::string path;
-  UniqueFd fd;         // buffered
-  UniqueFd direct_fd;  // O_DIRECT, when asked for and the file system takes it
+  checkpoint::SharedFd fd;  // buffered: the checkpoint's own descriptor
+  UniqueFd direct_fd;       // O_DIRECT, when asked for and the file system takes it
   std::atomic<bool> direct_ok{false};
 };
 
@@ -208,6 +208,8 @@ class Engine {
   }
 
  private:
+  // Files are read through the descriptors the checkpoint opened, never reopened by path: what was
+  // checked to lie under the model roots is what is read.
   Result<void> open_files(LoadStats& stats) {
     bool want_direct = options_.direct_io == DirectIo::kOn;
     bool all_direct = want_direct;
@@ -215,10 +217,14 @@ class Engine {
     for (size_t i = 0; i < plan_.files.size(); ++i) {
       OpenFile& f = files_[i];
       f.path = plan_.files[i];
-      f.fd.reset(::open(f.path.c_str(), O_RDONLY | O_CLOEXEC));
-      if (!f.fd) return errno_error(StatusCode::kIoError, "open " + f.path, errno);
+      if (i < plan_.file_fds.size()) f.fd = plan_.file_fds[i];
+      if (!f.fd || !f.fd->valid())
+        return make_error(StatusCode::kInternal, "no open descriptor for " + f.path);
       if (want_direct) {
-        f.direct_fd.reset(::open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT));
+        // O_DIRECT needs a description of its own (F_SETFL would change the buffered reads too):
+        // the same open file, reopened through its descriptor, not through its path.
+        std::string self = "/proc/self/fd/" + std::to_string(f.fd->get());
+        f.direct_fd.reset(::open(self.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT));
         if (!f.direct_fd) {
           log::debug("O_DIRECT refused for " + f.path + " (" + std::strerror(errno) +
                      "): reading it through the page cache");
@@ -385,7 +391,7 @@ class Engine {
     while (bytes > 0) {
       if (stop_.load(std::memory_order_relaxed)) return stopped();
       buffered_reads_.fetch_add(1, std::memory_order_relaxed);
-      ssize_t n = source_->pread(f.fd.get(), out, bytes, offset);
+      ssize_t n = source_->pread(f.fd->get(), out, bytes, offset);
       if (n < 0) {
         if (errno == EINTR) continue;
         return errno_error(StatusCode::kIoError, "read " + f.path, errno);

@@ -36,7 +36,9 @@ struct TensorCopy {
 };
 
 struct LoadPlan {
-  std::vector<std::string> files;
+  std::vector<std::string> files;  // for messages
+  // The files as the checkpoint opened them (Checkpoint::fds): the only way they are read.
+  std::vector<checkpoint::SharedFd> file_fds;
   std::vector<TensorCopy> tensors;
   std::vector<uint64_t> segment_sizes;
   uint64_t bytes_to_read = 0;  // sum of extents' bytes; progress counts these

@@ -306,6 +306,7 @@ LoadPlan row_shard_plan(const checkpoint::Checkpoint& ckpt, uint32_t tp, uint32_
                         std::optional<DType> cast, const memory::Backend& backend) {
   LoadPlan plan;
   plan.files = ckpt.files;
+  plan.file_fds = ckpt.fds;
   std::vector<uint64_t> sizes;
   for (const auto& t : ckpt.tensors) {
     TensorCopy copy;
