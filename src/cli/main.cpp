@@ -69,6 +69,18 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--load-threads", serve.load_threads, "Models loading at once")
       ->capture_default_str();
   serve_cmd->add_option("--preload", serve.preload, "Model to load at start (repeatable)");
+  serve_cmd
+      ->add_option("--max-header-bytes", serve.checkpoint_limits.max_header_bytes,
+                   "Largest safetensors header (JSON bytes) read; at most 100 MiB")
+      ->capture_default_str();
+  serve_cmd
+      ->add_option("--max-tensors", serve.checkpoint_limits.max_tensors,
+                   "Most tensors in one checkpoint, counted before its headers are parsed")
+      ->capture_default_str();
+  serve_cmd
+      ->add_option("--max-checkpoint-files", serve.checkpoint_limits.max_files,
+                   "Most .safetensors files in one checkpoint (each is held open while loading)")
+      ->capture_default_str();
   serve_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
       ->capture_default_str();
 

@@ -40,30 +40,11 @@ uint64_t next_generation() {
 }
 // The config.json of a checkpoint directory (for a .safetensors file, the one beside it), which
 // names the architecture for shard presets. nullopt when there is none; like the checkpoint's
-// files it must lie under the roots.
-Result<std::optional<std::string>> read_model_config(const std::string& source_path,
+// files it is opened beneath the roots and must be a regular file.
+Result<std::optional<std::string>> read_model_config(const checkpoint::Checkpoint& ckpt,
                                                      const std::vector<std::string>& roots) {
-  namespace fs = std::filesystem;
   constexpr uint64_t kMaxConfigBytes = 16ull << 20;
-  std::error_code ec;
-  fs::path dir = fs::is_directory(source_path, ec) ? fs::path(source_path)
-                                                   : fs::path(source_path).parent_path();
-  std::string path = (dir / "config.json").string();
-  if (!fs::exists(path, ec)) return std::optional<std::string>();
-  COMPANION_ASSIGN_OR_RETURN(std::string real, checkpoint::real_path(path));
-  if (!checkpoint::is_under_roots(real, roots))
-    return make_error(StatusCode::kNotPermitted, path + " leads outside the server's model roots");
-  if (!fs::is_regular_file(real, ec))
-    return make_error(StatusCode::kBadCheckpoint, path + " is not a regular file");
-  uint64_t size = fs::file_size(real, ec);
-  if (ec) return make_error(StatusCode::kIoError, "stat " + path + ": " + ec.message());
-  if (size > kMaxConfigBytes)
-    return make_error(StatusCode::kBadCheckpoint, path + " is larger than 16 MiB");
-  std::ifstream in(real, std::ios::binary);
-  if (!in.is_open()) return make_error(StatusCode::kIoError, "open " + path);
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) return make_error(StatusCode::kIoError, "read " + path);
-  return std::optional<std::string>(std::move(text));
+  return checkpoint::read_checkpoint_side_file(ckpt, "config.json", roots, kMaxConfigBytes);
 }
 
 }  // namespace
@@ -159,11 +140,11 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
 
 Result<ResolvedModel> ModelStore::resolve(const ModelSpec& spec) const {
   COMPANION_TRY(spec.validate());
-  COMPANION_ASSIGN_OR_RETURN(checkpoint::ResolvedSource source,
-                             checkpoint::resolve_source(spec, config_.hf_cache));
   std::vector<std::string> roots = config_.model_roots;
   roots.push_back(config_.hf_cache);
   roots = checkpoint::canonical_roots(roots);
+  COMPANION_ASSIGN_OR_RETURN(checkpoint::ResolvedSource source,
+                             checkpoint::resolve_source(spec, config_.hf_cache, roots));
   if (!checkpoint::is_under_roots(source.path, roots))
     return make_error(StatusCode::kNotPermitted,
                       source.path + " is outside the server's model roots");
@@ -254,19 +235,21 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
 
   std::vector<std::string> roots = config_.model_roots;
   roots.push_back(config_.hf_cache);
-  auto ckpt = checkpoint::open_checkpoint(model.source.path, checkpoint::canonical_roots(roots));
+  roots = checkpoint::canonical_roots(roots);
+  // Every file is opened here, once, beneath the roots; the loader reads these descriptors.
+  auto ckpt = checkpoint::open_checkpoint(model.source.path, roots, config_.checkpoint_limits);
   if (!ckpt.ok()) return fail(ckpt.error());
   if (ckpt->tensors.size() > protocol::kMaxTensors)
-    return fail(make_error(StatusCode::kInvalidArgument,
-                           "checkpoint has " + std::to_string(ckpt->tensors.size()) +
-                               " tensors; one model may have at most " +
-                               std::to_string(protocol::kMaxTensors)));
+    return fail(make_error(StatusCode::kLimitExceeded, "checkpoint has " +
+                                                           std::to_string(ckpt->tensors.size()) +
+                                                           " tensors; one model may have at most " +
+                                                           std::to_string(protocol::kMaxTensors)));
   loader::ShardOptions shard;
   shard.tp_size = model.spec.tp_size;
   shard.tp_rank = model.spec.tp_rank;
   if (shard.tp_size > 1) {
     shard.rules = model.spec.shard_rules;
-    auto config = read_model_config(model.source.path, checkpoint::canonical_roots(roots));
+    auto config = read_model_config(*ckpt, roots);
     if (!config.ok()) return fail(config.error());
     shard.config_json = std::move(config).value();
   }

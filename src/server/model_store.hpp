@@ -26,6 +26,7 @@ struct StoreConfig {
   std::string hf_cache;                  // Hugging Face hub cache (also readable)
   size_t load_threads = 2;               // models loading at the same time
   loader::DirectIo direct_io = loader::DirectIo::kAuto;  // O_DIRECT reads (cold starts)
+  checkpoint::CheckpointLimits checkpoint_limits;        // header bytes, tensors, files
 };
 
 // A spec after the server has checked and resolved it.

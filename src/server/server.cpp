@@ -535,6 +535,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
     log::warn("some model roots do not exist and are ignored");
   config.hf_cache = options.hf_cache.empty() ? checkpoint::hf_hub_cache_dir() : options.hf_cache;
   config.load_threads = options.load_threads;
+  COMPANION_TRY(checkpoint::check_limits(options.checkpoint_limits));
+  config.checkpoint_limits = options.checkpoint_limits;
   if (options.direct_io == "on") {
     config.direct_io = loader::DirectIo::kOn;
   } else if (options.direct_io == "off") {

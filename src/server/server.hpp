@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "checkpoint/checkpoint.hpp"
 #include "companion/result.hpp"
 #include "companion/types.hpp"
 
@@ -26,6 +27,8 @@ struct ServerOptions {
   size_t load_threads = 2;
   std::string direct_io = "auto";    // O_DIRECT checkpoint reads: auto (= off today), on, off
   std::vector<std::string> preload;  // model sources to load at start
+  // --max-header-bytes, --max-tensors, --max-checkpoint-files: what one checkpoint may cost.
+  checkpoint::CheckpointLimits checkpoint_limits;
 };
 
 class Server {
