@@ -23,6 +23,7 @@ constexpr int kReadFlags = O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY;
 constexpr int kRaceRetries = 8;
 
 std::atomic<uint64_t> g_refusals[5];
+std::atomic<bool> g_use_openat2{true};
 
 Error outside(const std::string& path) {
   count_refusal(Refusal::kOutsideRoots);
@@ -63,6 +64,10 @@ long openat2_beneath(int dir_fd, const std::string& relative, int flags) {
   struct open_how how {};
   how.flags = static_cast<uint64_t>(flags);
   how.resolve = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS;
+  if (!g_use_openat2.load(std::memory_order_relaxed)) {
+    errno = ENOSYS;
+    return -1;
+  }
   for (int attempt = 0;; ++attempt) {
     long fd = ::syscall(SYS_openat2, dir_fd, relative.c_str(), &how, sizeof(how));
     if (fd >= 0 || errno != EAGAIN || attempt == kRaceRetries) return fd;
@@ -157,6 +162,10 @@ RefusalCounts refusal_counts() {
   counts.tensors = get(Refusal::kTensors);
   counts.files = get(Refusal::kFiles);
   return counts;
+}
+
+void use_openat2_for_testing(bool enabled) {
+  g_use_openat2.store(enabled, std::memory_order_relaxed);
 }
 
 std::string descriptor_path(int fd) {

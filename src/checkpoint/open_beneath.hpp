@@ -44,6 +44,9 @@ Result<std::string> real_path_under_roots(const std::string& path,
 // (a FIFO, a device, a directory) or a larger file is kBadCheckpoint naming `path`.
 Result<std::string> read_opened_file(const OpenedFile& file, uint64_t max_bytes);
 
+// Tests: false makes every open take the fallback path, as on kernels without openat2.
+void use_openat2_for_testing(bool enabled);
+
 // Where descriptor `fd` really is (readlink of /proc/self/fd/N); "" when that cannot be told.
 std::string descriptor_path(int fd);
 

@@ -285,6 +285,38 @@ TEST_F(OpenBeneath, TheFileCountIsCheckedBeforeFilesAreOpened) {
                {"model.safetensors.index.json", "--max-checkpoint-files"});
 }
 
+// Kernels without openat2 (before 5.6, or seccomp filters that refuse it): the O_PATH descriptor
+// is checked for where it really is before that descriptor is reopened.
+class OpenWithoutOpenat2 : public OpenBeneath {
+ protected:
+  void SetUp() override { use_openat2_for_testing(false); }
+  void TearDown() override { use_openat2_for_testing(true); }
+};
+
+TEST_F(OpenWithoutOpenat2, TheSameFilesAreOpenedAndRefused) {
+  put("hub/blobs/aa", file_with({"a"}));
+  make_symlink("../blobs/aa", root_ / "hub/snap/model.safetensors");
+  auto snapshot = open("hub/snap");
+  ASSERT_TRUE(snapshot.ok()) << snapshot.error().to_string();
+  EXPECT_EQ(descriptor_path(snapshot->fds.at(0)->get()), root_ / "hub/blobs/aa");
+
+  TempDir outside;
+  testing::write_file(outside / "secret", file_with({"a"}));
+  make_symlink(outside / "secret", root_ / "out/model.safetensors");
+  expect_error(open("out"), StatusCode::kNotPermitted, {root_ / "out/model.safetensors"});
+  expect_error(open_checkpoint(outside / "secret", roots_), StatusCode::kNotPermitted,
+               {outside / "secret"});
+  expect_error(open_checkpoint(outside / "absent", roots_), StatusCode::kNotPermitted,
+               {outside / "absent"});
+  auto other_root = open_checkpoint(root_ / "out", {root_.path(), outside.path()});
+  EXPECT_TRUE(other_root.ok()) << other_root.error().to_string();
+
+  put("s/a.safetensors", file_with({"w"}));
+  make_fifo(root_ / "s/model.safetensors.index.json");
+  auto fifo = without_hanging(root_ / "s/model.safetensors.index.json", [&] { return open("s"); });
+  expect_error(fifo, kBad, {root_ / "s/model.safetensors.index.json", "not a regular file"});
+}
+
 TEST(CheckpointLimits, OutOfRangeValuesAreRefused) {
   EXPECT_TRUE(check_limits(CheckpointLimits{}).ok());
   CheckpointLimits limits;
