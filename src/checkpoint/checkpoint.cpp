@@ -172,6 +172,15 @@ Result<Checkpoint> open_indexed(const std::string& dir, const OpenedFile& index_
                                 const CheckpointLimits& limits) {
   const std::string& index_path = index_file.path;
   COMPANION_ASSIGN_OR_RETURN(std::string text, read_opened_file(index_file, kMaxIndexBytes));
+  // Each entry names a tensor: more than the tensor limit cannot load, and are refused before the
+  // index is parsed into a document.
+  if (has_more_entries_than(text, limits.max_tensors, "weight_map", "")) {
+    count_refusal(Refusal::kTensors);
+    return make_error(StatusCode::kLimitExceeded,
+                      index_path + ": weight_map has more tensors than this server's limit of " +
+                          std::to_string(limits.max_tensors) +
+                          " for one checkpoint (--max-tensors)");
+  }
   COMPANION_ASSIGN_OR_RETURN(json index, parse_json_strict(text, index_path));
   if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
     return bad(index_path + ": \"weight_map\" object missing");

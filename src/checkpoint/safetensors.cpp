@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <exception>
 #include <limits>
 #include <string>
 
@@ -130,49 +129,6 @@ Result<std::map<std::string, std::string>> parse_metadata(const json& value) {
   return metadata;
 }
 
-// Counts the tensors of a header (keys of the top-level object but "__metadata__") without
-// building anything, stopping as soon as there are more than `cap`: a header of millions of
-// tiny entries is refused after reading a fraction of it, before the strict parse and the
-// document it would build. Syntax errors are left to the full parse.
-class TensorCounter {
- public:
-  explicit TensorCounter(size_t cap) : cap_(cap) {}
-
-  bool null() { return true; }
-  bool boolean(bool) { return true; }
-  bool number_integer(json::number_integer_t) { return true; }
-  bool number_unsigned(json::number_unsigned_t) { return true; }
-  bool number_float(json::number_float_t, const json::string_t&) { return true; }
-  bool string(json::string_t&) { return true; }
-  bool binary(json::binary_t&) { return true; }
-  bool start_object(size_t) { return ++depth_, true; }
-  bool end_object() { return --depth_, true; }
-  bool start_array(size_t) { return ++depth_, true; }
-  bool end_array() { return --depth_, true; }
-  bool key(json::string_t& key) {
-    if (depth_ != 1 || key == "__metadata__") return true;
-    return ++count_ <= cap_;
-  }
-  bool parse_error(size_t, const std::string&, const nlohmann::detail::exception&) { return false; }
-
-  bool over_cap() const { return count_ > cap_; }
-
- private:
-  size_t cap_;
-  size_t count_ = 0;
-  size_t depth_ = 0;
-};
-
-bool has_more_tensors_than(std::string_view header_json, size_t cap) {
-  TensorCounter counter(cap);
-  try {
-    json::sax_parse(header_json.begin(), header_json.end(), &counter);
-  } catch (const std::exception&) {
-    // Limits of the parser itself: the strict parse reports them.
-  }
-  return counter.over_cap();
-}
-
 // Reads exactly `size` bytes at `offset`, retrying short reads.
 Result<void> pread_exact(int fd, void* buf, size_t size, uint64_t offset, const std::string& path) {
   auto* out = static_cast<char*>(buf);
@@ -275,7 +231,9 @@ Result<SafetensorsFile> read_safetensors_header(const OpenedFile& opened,
 
   std::string header(static_cast<size_t>(header_bytes), '\0');
   COMPANION_TRY(pread_exact(fd.get(), header.data(), header.size(), kLengthPrefixBytes, path));
-  if (has_more_tensors_than(header, max_tensors)) {
+  // Counted without building anything, stopping past the limit: a header of millions of tiny
+  // entries is refused after reading a fraction of it, before the strict parse and its document.
+  if (has_more_entries_than(header, max_tensors, "", "__metadata__")) {
     count_refusal(Refusal::kTensors);
     return make_error(StatusCode::kLimitExceeded,
                       path + ": more tensors than this server's limit of " +

@@ -65,7 +65,72 @@ class StrictChecker {
   std::string problem_;
 };
 
+// Counts the keys of one object (see has_more_entries_than) and stops past the cap.
+class EntryCounter {
+ public:
+  EntryCounter(size_t cap, std::string_view within, std::string_view except)
+      : cap_(cap), within_(within), except_(except) {}
+
+  bool null() { return true; }
+  bool boolean(bool) { return true; }
+  bool number_integer(json::number_integer_t) { return true; }
+  bool number_unsigned(json::number_unsigned_t) { return true; }
+  bool number_float(json::number_float_t, const json::string_t&) { return true; }
+  bool string(json::string_t&) { return true; }
+  bool binary(json::binary_t&) { return true; }
+  bool start_object(size_t) { return open(); }
+  bool end_object() { return close(); }
+  bool start_array(size_t) { return open(); }
+  bool end_array() { return close(); }
+
+  bool key(json::string_t& key) {
+    if (depth_ == 1) top_key_ = key;
+    size_t counted_depth = within_.empty() ? 1 : 2;
+    if (depth_ != counted_depth || !in_counted_) return true;
+    if (depth_ == 1 && key == except_) return true;
+    return ++count_ <= cap_;
+  }
+  bool parse_error(size_t, const std::string&, const nlohmann::detail::exception&) { return false; }
+
+  bool over_cap() const { return count_ > cap_; }
+
+ private:
+  bool open() {
+    ++depth_;
+    in_counted_ = counted_scope();
+    return true;
+  }
+  bool close() {
+    --depth_;
+    in_counted_ = counted_scope();
+    return true;
+  }
+  // Arrays open scopes too but hold no keys, so only objects are ever counted in.
+  bool counted_scope() const {
+    return within_.empty() ? depth_ == 1 : depth_ == 2 && top_key_ == within_;
+  }
+
+  size_t cap_;
+  std::string_view within_;
+  std::string_view except_;
+  size_t count_ = 0;
+  size_t depth_ = 0;
+  bool in_counted_ = false;
+  std::string top_key_;
+};
+
 }  // namespace
+
+bool has_more_entries_than(std::string_view text, size_t cap, std::string_view within,
+                           std::string_view except) {
+  EntryCounter counter(cap, within, except);
+  try {
+    json::sax_parse(text.begin(), text.end(), &counter);
+  } catch (const std::exception&) {
+    // Limits of the parser itself: the full parse reports them.
+  }
+  return counter.over_cap();
+}
 
 Result<nlohmann::json> parse_json_strict(std::string_view text, const std::string& what) {
   try {

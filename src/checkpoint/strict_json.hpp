@@ -18,4 +18,11 @@ inline constexpr size_t kMaxJsonDepth = 64;
 // kBadCheckpoint with `what` ("header", "index file x") in the message.
 Result<nlohmann::json> parse_json_strict(std::string_view text, const std::string& what);
 
+// True if the top-level object of `text` (or, when `within` is not empty, the object under its
+// top-level key `within`) has more than `cap` keys, not counting a top-level key `except`.
+// Lexes only as far as needed and builds nothing, so that an input of millions of entries is
+// refused at a small cost. Syntax errors count as false: the full parse reports them.
+bool has_more_entries_than(std::string_view text, size_t cap, std::string_view within,
+                           std::string_view except);
+
 }  // namespace companion::checkpoint

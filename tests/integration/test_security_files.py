@@ -241,6 +241,12 @@ def test_a_header_of_millions_of_tensors_is_refused_before_it_is_parsed(tmp_path
         assert code == "LIMIT_EXCEEDED" and "--max-tensors" in message, message
         write_many_tensor_header(root / "fewer" / "model.safetensors", 1000)
         assert server.cli_json("load", str(root / "fewer"))[1] == 0
+        # An index naming more tensors than the limit is refused before it is parsed.
+        write_filled(root / "indexed" / "a.safetensors", INSIDE_BYTE)
+        (root / "indexed" / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {f"t{i}": "a.safetensors" for i in range(1001)}}))
+        code, message = error_of(server, "load", str(root / "indexed"))
+        assert code == "LIMIT_EXCEEDED" and "--max-tensors" in message, message
     finally:
         code = server.stop()
     assert code == 0, server.log_text()

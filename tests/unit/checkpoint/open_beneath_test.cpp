@@ -19,6 +19,7 @@
 #include "checkpoint/checkpoint.hpp"
 #include "checkpoint/open_beneath.hpp"
 #include "checkpoint/source.hpp"
+#include "checkpoint/strict_json.hpp"
 #include "test_support.hpp"
 
 namespace companion::checkpoint {
@@ -266,6 +267,35 @@ TEST_F(OpenBeneath, TheTensorCountIsCheckedBeforeTheHeaderIsParsed) {
   put("m/c.safetensors", file_with({"c0"}));
   expect_error(open("m", limits), StatusCode::kLimitExceeded,
                {root_ / "m/c.safetensors", "--max-tensors"});
+}
+
+TEST_F(OpenBeneath, TheIndexEntriesAreCountedBeforeTheIndexIsParsed) {
+  CheckpointLimits limits;
+  limits.max_tensors = 10;
+  put("s/a.safetensors", file_with({"w"}));
+  std::string weight_map = R"("w":"a.safetensors")";
+  for (int i = 0; i < 10; ++i) weight_map += ",\"t" + std::to_string(i) + R"(":"a.safetensors")";
+  // The eleventh entry is enough: what follows is not even JSON.
+  put("s/model.safetensors.index.json",
+      R"({"metadata":{"a":1,"b":2,"c":3},"weight_map":{)" + weight_map + ", not JSON");
+  uint64_t before = refusal_counts().tensors;
+  expect_error(open("s", limits), StatusCode::kLimitExceeded,
+               {"model.safetensors.index.json", "10", "--max-tensors"});
+  EXPECT_EQ(refusal_counts().tensors, before + 1);
+}
+
+TEST(EntryCounting, CountsTheKeysOfOneObjectOnly) {
+  const std::string header = R"({"a":{"x":1,"y":[{"z":2}]},"__metadata__":{"k":"v"},"b":3})";
+  EXPECT_FALSE(has_more_entries_than(header, 2, "", "__metadata__"));
+  EXPECT_TRUE(has_more_entries_than(header, 1, "", "__metadata__"));
+  EXPECT_TRUE(has_more_entries_than(header, 2, "", ""));
+  const std::string index =
+      R"({"metadata":{"k":1,"l":2,"m":3},"weight_map":{"a":"f","b":{"n":{"o":1}},"c":"f"},"z":{}})";
+  EXPECT_FALSE(has_more_entries_than(index, 3, "weight_map", ""));
+  EXPECT_TRUE(has_more_entries_than(index, 2, "weight_map", ""));
+  EXPECT_FALSE(has_more_entries_than("[1,2,3]", 0, "", ""));
+  EXPECT_FALSE(has_more_entries_than(R"({"a":1,)", 5, "", ""));  // errors: the parse reports them
+  EXPECT_TRUE(has_more_entries_than(R"({"a":1,"b":2, oops)", 1, "", ""));
 }
 
 TEST_F(OpenBeneath, TheFileCountIsCheckedBeforeFilesAreOpened) {
