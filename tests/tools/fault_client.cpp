@@ -41,10 +41,10 @@ namespace {
 using json = nlohmann::json;
 using protocol::Message;
 
-constexpr const char* kModes[] = {"garbage",         "bad-magic",         "bad-flags",
-                                  "oversized",       "truncated",         "no-hello",
-                                  "bad-version",     "malformed-body",    "with-fds",
-                                  "die-mid-request", "die-holding-lease", "slow-reader"};
+constexpr const char* kModes[] = {
+    "garbage",           "bad-magic",   "bad-flags",         "oversized",   "truncated",
+    "no-hello",          "bad-version", "malformed-body",    "with-fds",    "die-mid-request",
+    "die-holding-lease", "slow-reader", "unread-parameters", "first-answer"};
 
 struct Options {
   std::string socket;
@@ -105,7 +105,9 @@ Options parse(int argc, char** argv) {
   bool known = false;
   for (const char* m : kModes) known = known || o.mode == m;
   if (!known) usage(o.mode.empty() ? "--mode is required" : "unknown mode '" + o.mode + "'");
-  if ((o.mode == "die-mid-request" || o.mode == "die-holding-lease") && o.model.empty())
+  if ((o.mode == "die-mid-request" || o.mode == "die-holding-lease" ||
+       o.mode == "unread-parameters") &&
+      o.model.empty())
     usage("--mode " + o.mode + " needs --model");
   return o;
 }
@@ -343,6 +345,41 @@ int run(const Options& o) {
     out["pid"] = ::getpid();
     print(out);
     die_by_sigkill();  // the descriptors and the lease die with the process
+  } else if (o.mode == "first-answer") {
+    // Sends nothing: what does the server say to a connection it does not take?
+    report_answer(fd, reader, timeout_s, out);
+  } else if (o.mode == "unread-parameters") {
+    // Asks for the model's parameters again and again and reads none of the replies (each
+    // carries descriptors), until the server stops taking requests for 2 s; then holds on for
+    // --seconds so that the test can look at the server meanwhile.
+    int tiny = 4096;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &tiny, sizeof(tiny));
+    greet(fd, reader, timeout_s, out);
+    (void)transport::set_nonblocking(fd);
+    ModelSpec spec;
+    spec.source = o.model;
+    size_t sent = 0;
+    bool stalled = false;
+    for (uint64_t rid = 2; rid < 20002 && !stalled; ++rid) {
+      protocol::OutgoingFrame frame(
+          protocol::encode(Message{rid, protocol::GetParameters{spec, true}}), {});
+      for (;;) {
+        auto done = frame.write_some(fd);
+        if (!done.ok()) fail(out, "sending: " + done.error().to_string());
+        if (*done) break;
+        pollfd p{fd, POLLOUT, 0};
+        if (::poll(&p, 1, 2000) != 1) {
+          stalled = true;
+          break;
+        }
+      }
+      if (!stalled) ++sent;
+    }
+    out["sent"] = sent;
+    out["stalled"] = stalled;
+    print(out);
+    std::this_thread::sleep_for(std::chrono::duration<double>(o.seconds));
+    return 0;
   } else if (o.mode == "slow-reader") {
     int tiny = 4096;  // make the server's queue grow instead of our buffer
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &tiny, sizeof(tiny));
