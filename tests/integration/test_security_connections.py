@@ -200,6 +200,15 @@ def test_idle_connections_are_closed(runtime_dir, model_root):
         assert health(server)["refused"]["idle_timeout"] >= 1
 
 
+def test_connections_holding_leases_are_not_idle(runtime_dir, model_root):
+    with running(runtime_dir, [model_root], extra=["--idle-timeout", "0.3"]) as server:
+        model = str(model_root / "opt-small")
+        server.cli("load", model)
+        # Holds a lease (and nothing else) for several idle timeouts, then checks the mapping.
+        server.cli("attach", model, "--hold", "1.5", "--reverify", timeout=60)
+        assert health(server)["refused"]["idle_timeout"] == 0
+
+
 def run_here(args):
     return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=30)
 
