@@ -44,7 +44,8 @@ Result<UniqueFd> listen_unix(const std::string& path, const SocketAccess& access
   if (access.group != static_cast<gid_t>(-1) &&
       ::lchown(path.c_str(), static_cast<uid_t>(-1), access.group) != 0)
     return errno_error(StatusCode::kIoError, "set the group of " + path, errno);
-  if (::chmod(path.c_str(), access.mode) != 0)
+  // Never through a symlink planted in its place (that would change the mode of its target).
+  if (::fchmodat(AT_FDCWD, path.c_str(), access.mode, AT_SYMLINK_NOFOLLOW) != 0)
     return errno_error(StatusCode::kIoError, "set the mode of " + path, errno);
   struct stat st {};
   if (::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode) ||
