@@ -879,10 +879,23 @@ Result<void> check_limits(const ConnectionLimits& l) {
   return ok_result();
 }
 
+// Descriptors are what connections and queued replies cost: take the hard limit the system
+// grants (often 1024 soft against far more hard) so that --max-connections can be reached.
+void raise_descriptor_limit() {
+  rlimit nofile{};
+  if (::getrlimit(RLIMIT_NOFILE, &nofile) != 0 || nofile.rlim_cur >= nofile.rlim_max) return;
+  rlim_t wanted = std::min<rlim_t>(nofile.rlim_max, 1u << 16);
+  if (wanted <= nofile.rlim_cur) return;
+  nofile.rlim_cur = wanted;
+  if (::setrlimit(RLIMIT_NOFILE, &nofile) != 0)
+    log::warn(std::string("cannot raise the descriptor limit: ") + std::strerror(errno));
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   COMPANION_TRY(check_limits(options.connections));
+  raise_descriptor_limit();
   if (options.ns.empty() || options.ns.find('/') != std::string::npos)
     return make_error(StatusCode::kInvalidArgument, "namespace must be non-empty without '/'");
   COMPANION_ASSIGN_OR_RETURN(registry::RegistryChoice registry_choice,
