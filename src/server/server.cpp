@@ -645,8 +645,9 @@ class ServerImpl final : public Server {
 
   // Answers with the error, then closes: the stream can no longer be trusted.
   void fail_connection(Connection& c, uint64_t rid, const Error& e) {
-    log::warn("closing connection " + std::to_string(c.id) + " (pid " + std::to_string(c.peer.pid) +
-              "): " + e.to_string());
+    // Rate-limited: a hostile peer may open connections only to be thrown out.
+    warn_limited("closing", "closing connection " + std::to_string(c.id) + " (pid " +
+                                std::to_string(c.peer.pid) + "): " + e.to_string());
     reply_error(c, rid, e);
     c.closing = true;
     c.closing_since = Clock::now();
