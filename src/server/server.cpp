@@ -689,8 +689,20 @@ class ServerImpl final : public Server {
       return;
     }
     // A client that does not read its replies is not read from until it does.
+    bool was_paused = c.paused;
     c.paused = c.out.size() >= limits_.max_queued_replies || c.queued_fds >= limits_.max_queued_fds;
     update_interest(c);
+    // Requests that arrived while it was paused may be waiting whole in its buffer, with nothing
+    // more to come from the socket to wake the connection up.
+    if (was_paused && !c.paused && c.reader.buffered_bytes() > 0) {
+      uint64_t cid = c.id;
+      loop_->post([this, cid] {
+        auto it = connections_.find(cid);
+        if (it == connections_.end() || it->second->paused) return;
+        process_buffered(*it->second);
+        reap(cid);
+      });
+    }
   }
 
   void forget_fds(Connection& c, size_t count) {

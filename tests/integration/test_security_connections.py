@@ -141,6 +141,16 @@ def test_unread_parameter_replies_stay_under_the_caps(runtime_dir, model_root, c
         assert wait_until(lambda: fd_count(server.pid) <= before, timeout=10)
 
 
+def test_a_client_that_catches_up_gets_every_reply(runtime_dir, model_root):
+    """Backpressure pauses a connection; reading its replies resumes it, nothing is lost."""
+    with running(runtime_dir, [model_root], extra=["--max-queued-replies", "4"]) as server:
+        r = run_here([FAULT_CLIENT, "--socket", server.socket, "--mode", "pipelined",
+                      "--timeout", "20"])
+        report = json.loads(r.stdout)
+        assert report["answered"] == report["requests"], report
+        assert report["sent_before_reading"] < report["requests"], report  # it was paused
+
+
 def test_partial_frames_have_a_server_wide_budget(runtime_dir, model_root):
     """30 connections each sending 64 MiB - 1 bytes of a 64 MiB frame."""
     with running(runtime_dir, [model_root]) as server:

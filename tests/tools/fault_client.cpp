@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -42,9 +43,9 @@ using json = nlohmann::json;
 using protocol::Message;
 
 constexpr const char* kModes[] = {
-    "garbage",           "bad-magic",   "bad-flags",         "oversized",   "truncated",
-    "no-hello",          "bad-version", "malformed-body",    "with-fds",    "die-mid-request",
-    "die-holding-lease", "slow-reader", "unread-parameters", "first-answer"};
+    "garbage",           "bad-magic",   "bad-flags",         "oversized",    "truncated",
+    "no-hello",          "bad-version", "malformed-body",    "with-fds",     "die-mid-request",
+    "die-holding-lease", "slow-reader", "unread-parameters", "first-answer", "pipelined"};
 
 struct Options {
   std::string socket;
@@ -345,6 +346,48 @@ int run(const Options& o) {
     out["pid"] = ::getpid();
     print(out);
     die_by_sigkill();  // the descriptors and the lease die with the process
+  } else if (o.mode == "pipelined") {
+    // Sends 2,000 health requests as fast as the server takes them without reading, then reads
+    // and sends the rest: every request must still be answered once the client catches up.
+    greet(fd, reader, timeout_s, out);
+    (void)transport::set_nonblocking(fd);
+    constexpr uint64_t kRequests = 2000;
+    std::deque<protocol::OutgoingFrame> pending;
+    for (uint64_t rid = 2; rid < 2 + kRequests; ++rid)
+      pending.emplace_back(protocol::encode(Message{rid, protocol::Health{}}),
+                           std::vector<UniqueFd>{});
+    auto write_what_fits = [&] {
+      while (!pending.empty()) {
+        auto done = pending.front().write_some(fd);
+        if (!done.ok()) fail(out, "sending: " + done.error().to_string());
+        if (!*done) return;
+        pending.pop_front();
+      }
+    };
+    write_what_fits();
+    out["sent_before_reading"] = kRequests - pending.size();
+    uint64_t answered = 0;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    while (answered < kRequests && std::chrono::steady_clock::now() < deadline) {
+      write_what_fits();
+      pollfd p{fd, static_cast<short>(POLLIN | (pending.empty() ? 0 : POLLOUT)), 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      if (p.revents & POLLIN) {
+        auto n = reader.read_some(fd);
+        if (!n.ok() && n.error().code != StatusCode::kUnavailable)
+          fail(out, "reading: " + n.error().to_string());
+        if (n.ok() && *n == 0) break;
+        for (;;) {
+          auto frame = reader.next();
+          if (!frame.ok()) fail(out, "reading: " + frame.error().to_string());
+          if (!*frame) break;
+          auto m = protocol::decode(std::move((*frame)->payload));
+          if (m.ok() && std::holds_alternative<protocol::HealthReply>(m->body)) ++answered;
+        }
+      }
+    }
+    out["requests"] = kRequests;
+    out["answered"] = answered;
   } else if (o.mode == "first-answer") {
     // Sends nothing: what does the server say to a connection it does not take?
     report_answer(fd, reader, timeout_s, out);
