@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -121,6 +122,9 @@ struct HealthInfo {
   std::string registry = "local";  // "local" or the etcd URL the server announces itself in
   bool registered = true;          // etcd: the record is in etcd under a live lease
   std::string registry_error;      // etcd: why it is not, while it is not
+  // Requests and connections refused by a limit or the peer policy since start, by reason
+  // ("descriptors", "connections", "peer_not_permitted", ...).
+  std::map<std::string, uint64_t> refused;
 };
 
 // Protocol version spoken by this build. Majors must match; minors may differ.

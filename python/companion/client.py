@@ -210,7 +210,8 @@ class Client:
     def health(self) -> Dict[str, Any]:
         """state ("serving"), uptime_ms, models_loaded, models_total, clients, leases,
         slab_bytes, server (the identity), registry ("local" or the etcd URL), registered and
-        registry_error (etcd: whether the record is in etcd now, and why not)."""
+        registry_error (etcd: whether the record is in etcd now, and why not), refused (requests
+        and connections refused by a limit or the peer policy since start, by reason)."""
         return self._json_call(_lib.load_library().companion_client_health)
 
     def instances(self) -> List[Dict[str, Any]]:

@@ -7,6 +7,10 @@
 #include "companion/client.hpp"
 #include "server/server.hpp"
 
+namespace CLI {
+class App;
+}
+
 namespace companion::cli {
 
 struct ModelArgs {
@@ -36,6 +40,9 @@ struct AttachOptions {
 
 // A spec from command-line arguments (local paths made absolute).
 Result<ModelSpec> make_spec(const ModelArgs& model);
+
+// `companion serve`'s flags for who may connect and what one client may hold.
+void add_connection_flags(CLI::App* serve, server::ConnectionLimits& limits);
 
 // Each returns the process exit code.
 int run_serve(const server::ServerOptions& options, const std::string& log_level);

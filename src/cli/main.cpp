@@ -81,6 +81,7 @@ int main(int argc, char** argv) {
       ->add_option("--max-checkpoint-files", serve.checkpoint_limits.max_files,
                    "Most .safetensors files in one checkpoint (each is held open while loading)")
       ->capture_default_str();
+  cli::add_connection_flags(serve_cmd, serve.connections);
   serve_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
       ->capture_default_str();
 

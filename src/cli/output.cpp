@@ -61,6 +61,10 @@ std::string render_health(const HealthInfo& h) {
                                  : h.registered        ? " (registered)"
                                                 : " (not registered: " + h.registry_error + ")")},
       {"version", s.version}};
+  std::string refused;
+  for (const auto& [reason, count] : h.refused)
+    if (count > 0) refused += (refused.empty() ? "" : ", ") + reason + " " + std::to_string(count);
+  if (!refused.empty()) rows.push_back({"refused", refused});
   return render_table({"FIELD", "VALUE"}, rows);
 }
 

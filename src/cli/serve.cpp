@@ -1,4 +1,5 @@
 // `companion serve`: runs a server until SIGINT or SIGTERM.
+#include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
 #include <thread>
@@ -7,6 +8,47 @@
 #include "common/log.hpp"
 
 namespace companion::cli {
+
+void add_connection_flags(CLI::App* serve, server::ConnectionLimits& limits) {
+  serve->add_option("--max-connections", limits.max_connections, "Clients connected at once")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-connections-per-uid", limits.max_connections_per_uid,
+                   "Connections of one local user at once")
+      ->capture_default_str();
+  serve
+      ->add_option("--idle-timeout", limits.idle_timeout_s,
+                   "Seconds before a connection without requests, leases or subscriptions is "
+                   "closed (0: never)")
+      ->capture_default_str();
+  serve
+      ->add_option("--frame-timeout", limits.frame_timeout_s,
+                   "Seconds a started request frame has to arrive whole")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-pending-frame-bytes", limits.max_pending_frame_bytes,
+                   "Bytes of incomplete request frames, all clients together")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-queued-replies", limits.max_queued_replies,
+                   "Unread replies after which a client is not read from until it catches up")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-queued-fds", limits.max_queued_fds,
+                   "Descriptors in one client's unread replies")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-queued-fds-total", limits.max_queued_fds_total,
+                   "Descriptors in unread replies, all clients together")
+      ->capture_default_str();
+  serve->add_option("--socket-group", limits.socket_group,
+                    "Group (name or gid) whose members may connect; the socket becomes 0660 "
+                    "(default 0600)");
+  serve->add_option("--allow-uid", limits.allow_uids,
+                    "Also allow this uid to connect (repeatable; the server's uid and root are)");
+  serve->add_option("--allow-gid", limits.allow_gids,
+                    "Also allow members of this gid to connect (repeatable)");
+}
 
 int run_serve(const server::ServerOptions& options, const std::string& log_level) {
   if (!log::set_level(log_level)) {

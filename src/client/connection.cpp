@@ -67,6 +67,15 @@ void Connection::discard_late(const protocol::Message& m) {
   }
 }
 
+std::optional<Error> Connection::connection_refusal() {
+  auto frame = receive_frame_locked(0);
+  if (!frame.ok()) return std::nullopt;
+  auto m = protocol::decode(std::move(frame->payload));
+  if (!m.ok() || m->request_id != 0) return std::nullopt;
+  if (auto* e = std::get_if<protocol::ErrorReply>(&m->body)) return e->error;
+  return std::nullopt;
+}
+
 bool Connection::alive() const noexcept {
   pollfd p{fd_.get(), POLLRDHUP, 0};
   if (::poll(&p, 1, 0) < 0) return true;  // cannot tell: let the next request find out
@@ -77,7 +86,14 @@ Result<protocol::Message> Connection::call(protocol::Body request, int timeout_m
                                            std::vector<UniqueFd>* fds) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
-  COMPANION_ASSIGN_OR_RETURN(uint64_t id, send_locked(std::move(request)));
+  auto sent = send_locked(std::move(request));
+  if (!sent.ok()) {
+    // A server that refused the connection has said why before closing: report that instead.
+    if (sent.error().code == StatusCode::kConnectionClosed)
+      if (auto refusal = connection_refusal(); refusal) return *refusal;
+    return std::move(sent).error();
+  }
+  uint64_t id = *sent;
   for (;;) {
     auto frame = receive_frame_locked(remaining_ms(deadline, timeout_ms));
     if (!frame.ok()) {
@@ -85,6 +101,9 @@ Result<protocol::Message> Connection::call(protocol::Body request, int timeout_m
       return std::move(frame).error();
     }
     COMPANION_ASSIGN_OR_RETURN(protocol::Message m, protocol::decode(std::move(frame->payload)));
+    // Request id 0 answers no request: the server ends the connection, saying why.
+    if (auto* e = std::get_if<protocol::ErrorReply>(&m.body); e && m.request_id == 0)
+      return e->error;
     if (m.request_id != id) {
       discard_late(m);
       continue;  // a stale reply or a stream event nobody reads here

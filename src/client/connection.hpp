@@ -3,6 +3,7 @@
 
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -37,6 +38,8 @@ class Connection {
   Connection(UniqueFd fd) : fd_(std::move(fd)) {}
   Result<uint64_t> send_locked(protocol::Body request);
   Result<protocol::Frame> receive_frame_locked(int timeout_ms);
+  // The error a refusing server sent before closing, if it is already here.
+  std::optional<Error> connection_refusal();
   // Replies to requests we gave up on; a late lease is released at once.
   void discard_late(const protocol::Message& m);
 

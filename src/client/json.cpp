@@ -48,7 +48,8 @@ nlohmann::json to_json(const HealthInfo& h) {
           {"server", to_json(h.server)},
           {"registry", h.registry},
           {"registered", h.registered},
-          {"registry_error", h.registry_error}};
+          {"registry_error", h.registry_error},
+          {"refused", h.refused}};
 }
 
 nlohmann::json to_json(const Error& e) {

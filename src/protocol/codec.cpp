@@ -119,11 +119,14 @@ struct Encoder {
   }
   std::vector<uint8_t> operator()(const HealthReply& m) {
     const HealthInfo& h = m.info;
-    return finish(
-        b, id, wire::Body::HealthReply,
-        wire::CreateHealthReply(b, str(b, h.state), h.uptime_ms, h.models_loaded, h.models_total,
-                                h.clients, h.leases, h.slab_bytes, put_identity(b, h.server),
-                                str(b, h.registry), h.registered, str(b, h.registry_error)));
+    std::vector<fb::Offset<wire::Count>> refused;
+    for (const auto& [name, value] : h.refused)
+      refused.push_back(wire::CreateCount(b, str(b, name), value));
+    return finish(b, id, wire::Body::HealthReply,
+                  wire::CreateHealthReply(
+                      b, str(b, h.state), h.uptime_ms, h.models_loaded, h.models_total, h.clients,
+                      h.leases, h.slab_bytes, put_identity(b, h.server), str(b, h.registry),
+                      h.registered, str(b, h.registry_error), b.CreateVector(refused)));
   }
   std::vector<uint8_t> operator()(const ErrorReply& m) {
     return finish(
@@ -461,6 +464,16 @@ Result<Message> decode(std::vector<uint8_t> payload) {
       v.info.registered = h->registered();
       COMPANION_ASSIGN_OR_RETURN(v.info.registry_error,
                                  get_str(h->registry_error(), kMaxStringBytes, "registry_error"));
+      if (h->refused() != nullptr) {  // absent from older servers
+        if (h->refused()->size() > kMaxCounters)
+          return make_error(StatusCode::kProtocolError, "HealthReply has too many counters");
+        for (const auto* count : *h->refused()) {
+          if (count == nullptr) return make_error(StatusCode::kProtocolError, "null counter");
+          COMPANION_ASSIGN_OR_RETURN(std::string name,
+                                     get_str(count->name(), kMaxNameBytes, "counter name"));
+          v.info.refused[std::move(name)] = count->value();
+        }
+      }
       out.body = std::move(v);
       break;
     }

@@ -46,6 +46,11 @@ ssize_t send_once(int socket_fd, const uint8_t* data, size_t size, std::span<con
   return ::sendmsg(socket_fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
 }
 
+// One recvmsg reads at most this much; it lives on the stack, not in every connection.
+constexpr size_t kReadChunkBytes = 64 * 1024;
+// A reader keeps at most this much buffer once its frames are consumed.
+constexpr size_t kKeptBufferBytes = 64 * 1024;
+
 }  // namespace
 
 std::vector<uint8_t> encode_frame_header(uint32_t size, uint16_t fd_count) {
@@ -57,21 +62,35 @@ std::vector<uint8_t> encode_frame_header(uint32_t size, uint16_t fd_count) {
   return h;
 }
 
-Result<size_t> FrameReader::read_some(int socket_fd) {
-  // Compact before growing: consumed bytes are never needed again.
-  if (consumed_ > 0 && consumed_ == buffer_.size()) {
+void FrameReader::compact() {
+  if (consumed_ == 0) return;
+  if (consumed_ == buffer_.size()) {
     base_ += consumed_;
-    buffer_.clear();
     consumed_ = 0;
-  } else if (consumed_ > (1u << 20)) {
+    // A large frame's buffer is not kept for an idle connection.
+    if (buffer_.capacity() > kKeptBufferBytes)
+      std::vector<uint8_t>().swap(buffer_);
+    else
+      buffer_.clear();
+  } else if (consumed_ > kKeptBufferBytes) {
     buffer_.erase(buffer_.begin(), buffer_.begin() + static_cast<std::ptrdiff_t>(consumed_));
     base_ += consumed_;
     consumed_ = 0;
   }
-  constexpr size_t kChunk = 256 * 1024;
-  size_t old = buffer_.size();
-  buffer_.resize(old + kChunk);
-  iovec iov{buffer_.data() + old, kChunk};
+}
+
+size_t FrameReader::pending_frame_bytes() const noexcept {
+  size_t available = buffer_.size() - consumed_;
+  if (available < kFrameHeaderBytes) return available;
+  size_t whole = kFrameHeaderBytes + get_u32(buffer_.data() + consumed_ + 4);
+  return whole > available ? whole : available;
+}
+
+Result<size_t> FrameReader::read_some(int socket_fd) {
+  compact();
+  // Bytes land on the stack first and are appended: the buffer only ever holds what arrived.
+  alignas(16) uint8_t chunk[kReadChunkBytes];
+  iovec iov{chunk, sizeof(chunk)};
   msghdr msg{};
   msg.msg_iov = &iov;
   msg.msg_iovlen = 1;
@@ -84,14 +103,12 @@ Result<size_t> FrameReader::read_some(int socket_fd) {
   } while (n < 0 && errno == EINTR);
   if (n < 0) {
     int err = errno;
-    buffer_.resize(old);
     if (err == EAGAIN || err == EWOULDBLOCK)
       return make_error(StatusCode::kUnavailable, "no data yet");
     if (err == ECONNRESET) return make_error(StatusCode::kConnectionClosed, "connection reset");
     return errno_error(StatusCode::kIoError, "recvmsg", err);
   }
-  buffer_.resize(old + static_cast<size_t>(n));
-  std::vector<UniqueFd> received;
+  std::vector<UniqueFd> received;  // closed on return unless queued
   for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
       size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
@@ -102,6 +119,16 @@ Result<size_t> FrameReader::read_some(int socket_fd) {
       }
     }
   }
+  if (fd_policy_ == FdPolicy::kRefuse && (!received.empty() || (msg.msg_flags & MSG_CTRUNC)))
+    return make_error(StatusCode::kProtocolError, "requests must not carry file descriptors");
+  size_t old = buffer_.size();
+  // Once the frame's header is known, room for the whole frame at once: no copies while it grows,
+  // and pages are only touched as bytes arrive.
+  size_t pending = pending_frame_bytes();
+  if (pending > buffer_.size() - consumed_ && pending <= kFrameHeaderBytes + kMaxPayloadBytes &&
+      buffer_.capacity() < consumed_ + pending + static_cast<size_t>(n))
+    buffer_.reserve(consumed_ + pending + static_cast<size_t>(n));
+  buffer_.insert(buffer_.end(), chunk, chunk + n);
   add_batch(base_ + old, base_ + old + static_cast<uint64_t>(n), std::move(received));
   // No frame carries more than this; a peer piling up descriptors (e.g. a few per byte of a huge
   // frame) is cut off before it can exhaust ours.
@@ -168,6 +195,7 @@ Result<std::optional<Frame>> FrameReader::next() {
   }
   f.payload.assign(h + kFrameHeaderBytes, h + kFrameHeaderBytes + size);
   consumed_ += kFrameHeaderBytes + size;
+  compact();
   return std::optional<Frame>(std::move(f));
 }
 

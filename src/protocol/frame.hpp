@@ -21,11 +21,21 @@ struct Frame {
 // Header bytes for a payload of `size` bytes carrying `fd_count` descriptors.
 std::vector<uint8_t> encode_frame_header(uint32_t size, uint16_t fd_count);
 
+// What a reader does with descriptors that arrive on its socket.
+enum class FdPolicy {
+  kAccept,  // queue them for the frame that announces them (clients: replies carry memory)
+  kRefuse,  // close them at once and fail the read (servers: requests never carry any)
+};
+
 // Reassembles frames from a socket. Owns descriptors received but not yet claimed by a frame.
+// Its buffer starts empty and grows with what arrives (at most one frame plus one read), so an
+// idle or barely started connection costs almost nothing.
 class FrameReader {
  public:
+  explicit FrameReader(FdPolicy fd_policy = FdPolicy::kAccept) : fd_policy_(fd_policy) {}
   // Reads what is available (one recvmsg). Returns bytes read; 0 means the peer closed.
-  // A would-block read returns kUnavailable. Received descriptors are queued.
+  // A would-block read returns kUnavailable. Received descriptors are queued, or with
+  // FdPolicy::kRefuse closed and the read fails with kProtocolError.
   Result<size_t> read_some(int socket_fd);
   // The next complete frame, if any. Malformed headers (bad magic, oversized payload, too many
   // fds, reserved flags set, fds missing) are kProtocolError; the connection is then unusable.
@@ -33,6 +43,11 @@ class FrameReader {
   // Feeds bytes and descriptors directly (tests).
   void feed(std::span<const uint8_t> bytes, std::vector<UniqueFd> fds = {});
   size_t buffered_bytes() const noexcept { return buffer_.size() - consumed_; }
+  // Bytes the incomplete frame at the front will need: its whole size once its header has
+  // arrived (what the peer announced), else what is buffered. 0 when nothing is pending.
+  size_t pending_frame_bytes() const noexcept;
+  // Bytes allocated for the buffer (tests: an idle reader holds no large buffer).
+  size_t buffer_capacity() const noexcept { return buffer_.capacity(); }
 
  private:
   // Descriptors from one recvmsg, which covered stream bytes [begin, end). The kernel ends a
@@ -43,7 +58,9 @@ class FrameReader {
     std::vector<UniqueFd> fds;
   };
   void add_batch(uint64_t begin, uint64_t end, std::vector<UniqueFd> fds);
+  void compact();
 
+  FdPolicy fd_policy_;
   std::vector<uint8_t> buffer_;
   size_t consumed_ = 0;
   uint64_t base_ = 0;  // stream offset of buffer_[0]
@@ -59,6 +76,8 @@ class OutgoingFrame {
   // (a full socket returns Ok(false)); a dead peer is kConnectionClosed.
   Result<bool> write_some(int socket_fd);
   size_t payload_bytes() const noexcept { return payload_bytes_; }
+  // Descriptors this process still holds for it (0 once its first bytes are sent).
+  size_t held_fds() const noexcept { return fds_.size(); }
 
  private:
   size_t payload_bytes_ = 0;

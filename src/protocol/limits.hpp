@@ -18,5 +18,6 @@ inline constexpr size_t kMaxNameBytes = 4096;
 inline constexpr size_t kMaxStringBytes = 8192;
 inline constexpr size_t kMaxModels = 100'000;
 inline constexpr size_t kMaxVerifierDepth = 16;
+inline constexpr size_t kMaxCounters = 1024;  // named counters in one HealthReply
 
 }  // namespace companion::protocol

@@ -1,13 +1,19 @@
 #include "server/server.hpp"
 
+#include <fcntl.h>
+#include <grp.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <deque>
 #include <map>
+#include <optional>
+#include <set>
 #include <unordered_map>
 
 #include "checkpoint/source.hpp"
@@ -16,6 +22,7 @@
 #include "memory/cuda_backend.hpp"
 #include "memory/host_backend.hpp"
 #include "protocol/frame.hpp"
+#include "protocol/limits.hpp"
 #include "protocol/messages.hpp"
 #include "registry/etcd_registry.hpp"
 #include "registry/registry.hpp"
@@ -48,15 +55,38 @@ struct Connection {
   UniqueFd fd;
   transport::EventLoop::Token token = 0;
   transport::PeerCredentials peer;
-  protocol::FrameReader reader;
+  // Requests never carry descriptors: any that arrive are closed at once.
+  protocol::FrameReader reader{protocol::FdPolicy::kRefuse};
   std::deque<protocol::OutgoingFrame> out;
   size_t queued_bytes = 0;
-  bool writing = false;  // EPOLLOUT armed
+  size_t queued_fds = 0;     // descriptors in `out` still held by this process
+  size_t pending_claim = 0;  // this connection's share of the pending-frame budget
+  size_t parked = 0;         // requests waiting for a load
+  uint32_t interest = 0;     // the epoll events asked for now
+  bool writing = false;      // EPOLLOUT armed
+  bool paused = false;       // not read from until the client reads its replies
+  std::optional<Clock::time_point> partial_since;  // when the incomplete frame began
+  Clock::time_point closing_since;                 // when `closing` was set
+  Clock::time_point last_active = Clock::now();
   bool greeted = false;
   bool closing = false;  // close once the queue drains
   bool dead = false;     // close now
   std::map<uint64_t, Lease> leases;
   std::map<uint64_t, Subscription> subscriptions;
+};
+
+// Refusal reasons, as counted in health (all present, zero or not).
+constexpr const char* kRefusalReasons[] = {
+    "connections",            // --max-connections
+    "connections_per_uid",    // --max-connections-per-uid
+    "peer_not_permitted",     // the peer's uid/gid is not allowed
+    "descriptors",            // a request carried file descriptors
+    "descriptors_exhausted",  // accept() hit the process's or the system's descriptor limit
+    "pending_frame_bytes",    // --max-pending-frame-bytes
+    "frame_timeout",          // --frame-timeout
+    "idle_timeout",           // --idle-timeout (closed quietly)
+    "queued_fds",             // --max-queued-fds / --max-queued-fds-total
+    "queued_bytes",           // a client not reading its replies past the byte cap
 };
 
 // A request parked until its model finishes loading.
@@ -116,12 +146,30 @@ class ServerImpl final : public Server {
              std::unique_ptr<transport::EventLoop> loop, UniqueFd listen_fd,
              std::unique_ptr<registry::Registration> registration, std::string registry_url)
       : options_(std::move(options)),
+        limits_(options_.connections),
         identity_(std::move(identity)),
         loop_(std::move(loop)),
         listen_fd_(std::move(listen_fd)),
         registration_(std::move(registration)),
         registry_url_(std::move(registry_url)),
-        started_(Clock::now()) {}
+        started_(Clock::now()) {
+    for (const char* reason : kRefusalReasons) refused_[reason] = 0;
+    // Descriptors queued in replies never take more than half of what this process may open.
+    rlimit nofile{};
+    if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY)
+      queued_fds_cap_ = std::min<size_t>(limits_.max_queued_fds_total, nofile.rlim_cur / 2);
+    else
+      queued_fds_cap_ = limits_.max_queued_fds_total;
+  }
+
+  // The peer policy: this uid, root, and whatever the options allow.
+  void allow_peers(gid_t socket_group) {
+    allowed_uids_.insert(::geteuid());
+    allowed_uids_.insert(0);
+    allowed_uids_.insert(limits_.allow_uids.begin(), limits_.allow_uids.end());
+    allowed_gids_.insert(limits_.allow_gids.begin(), limits_.allow_gids.end());
+    if (socket_group != static_cast<gid_t>(-1)) allowed_gids_.insert(socket_group);
+  }
 
   ~ServerImpl() override {
     store_.reset();  // joins loaders before the loop they post to goes away
@@ -138,7 +186,14 @@ class ServerImpl final : public Server {
   void stop() override { loop_->stop(); }
 
   Result<void> run() override {
-    COMPANION_TRY(loop_->add(listen_fd_.get(), EPOLLIN, [this](uint32_t) { accept_all(); }));
+    // Kept open so that, with the descriptor table full, one can be freed to accept and refuse.
+    reserve_fd_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    COMPANION_ASSIGN_OR_RETURN(
+        listen_token_, loop_->add(listen_fd_.get(), EPOLLIN, [this](uint32_t) { accept_all(); }));
+    COMPANION_ASSIGN_OR_RETURN(accept_timer_,
+                               transport::Timer::create(*loop_, [this] { resume_accepting(); }));
+    COMPANION_ASSIGN_OR_RETURN(sweep_timer_, transport::Timer::create(*loop_, [this] { sweep(); }));
+    COMPANION_TRY(sweep_timer_->arm(sweep_period(), sweep_period()));
     log::info("serving " + identity_.ns + "/" + identity_.component + " instance " +
               identity_.instance_id + " on " + identity_.socket_path + " (" +
               identity_.default_backend + ")");
@@ -146,6 +201,8 @@ class ServerImpl final : public Server {
     std::vector<uint64_t> ids;
     for (auto& [id, c] : connections_) ids.push_back(id);
     for (uint64_t id : ids) destroy(id);
+    sweep_timer_.reset();
+    accept_timer_.reset();
     announcer_.reset();  // leaves etcd first: clients there stop choosing this instance
     registration_.reset();
     log::info("stopped");
@@ -182,6 +239,7 @@ class ServerImpl final : public Server {
       for (const Waiter& w : ready) {
         auto c = connections_.find(w.connection);
         if (c == connections_.end()) continue;
+        --c->second->parked;
         complete_wait(*c->second, w, s);
       }
     }
@@ -195,26 +253,133 @@ class ServerImpl final : public Server {
     for (;;) {
       int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
       if (fd < 0) {
-        if (errno == EINTR) continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK)
-          log::warn(std::string("accept: ") + std::strerror(errno));
-        return;
+        int err = errno;
+        if (err == EINTR || err == ECONNABORTED) continue;
+        if (err == EAGAIN || err == EWOULDBLOCK) return;
+        return accept_exhausted(err);
       }
-      auto c = std::make_unique<Connection>();
-      c->id = next_connection_++;
-      c->fd.reset(fd);
-      if (auto peer = transport::peer_credentials(fd); peer.ok()) c->peer = *peer;
-      uint64_t cid = c->id;
-      auto token = loop_->add(fd, EPOLLIN | EPOLLRDHUP,
-                              [this, cid](uint32_t events) { on_event(cid, events); });
-      if (!token.ok()) {
-        log::warn("cannot watch a new connection: " + token.error().to_string());
-        continue;
-      }
-      c->token = *token;
-      log::debug("connection " + std::to_string(cid) + " from pid " + std::to_string(c->peer.pid));
-      connections_[cid] = std::move(c);
+      admit(UniqueFd(fd));
     }
+  }
+
+  // Out of descriptors (or kernel memory): free the reserve to accept and refuse one pending
+  // client, then stop accepting for a moment instead of spinning on a listen socket that stays
+  // readable.
+  void accept_exhausted(int err) {
+    count_refusal("descriptors_exhausted");
+    warn_limited("accept", std::string("accept: ") + std::strerror(err) +
+                               "; refusing new connections for a moment");
+    if (err == EMFILE || err == ENFILE) {
+      reserve_fd_.reset();
+      UniqueFd pending(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+      if (pending)
+        refuse(std::move(pending),
+               make_error(StatusCode::kLimitExceeded, "the server is out of file descriptors"));
+      reserve_fd_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    }
+    if (loop_->modify(listen_token_, 0).ok()) {
+      auto armed = accept_timer_->arm(kAcceptBackoff);
+      if (!armed.ok()) (void)loop_->modify(listen_token_, EPOLLIN);
+    }
+  }
+
+  void resume_accepting() {
+    if (!reserve_fd_) reserve_fd_.reset(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    (void)loop_->modify(listen_token_, EPOLLIN);
+  }
+
+  bool peer_allowed(int fd, const transport::PeerCredentials& peer) const {
+    if (allowed_uids_.count(peer.uid) || allowed_gids_.count(peer.gid)) return true;
+    if (allowed_gids_.empty()) return false;
+    auto groups = transport::peer_groups(fd);
+    if (!groups.ok()) return false;
+    for (gid_t g : *groups)
+      if (allowed_gids_.count(g)) return true;
+    return false;
+  }
+
+  void admit(UniqueFd fd) {
+    auto peer = transport::peer_credentials(fd.get());
+    if (!peer.ok()) return;  // gone already
+    if (!peer_allowed(fd.get(), *peer)) {
+      count_refusal("peer_not_permitted");
+      warn_limited("peer", "refused a connection from uid " + std::to_string(peer->uid) + " (pid " +
+                               std::to_string(peer->pid) +
+                               "): not allowed (--allow-uid, --allow-gid, --socket-group)");
+      return refuse(std::move(fd), make_error(StatusCode::kNotPermitted,
+                                              "uid " + std::to_string(peer->uid) +
+                                                  " may not use this companion server"));
+    }
+    if (connections_.size() >= limits_.max_connections) {
+      count_refusal("connections");
+      warn_limited("connections", "refused a connection: " + std::to_string(connections_.size()) +
+                                      " clients connected (--max-connections)");
+      return refuse(std::move(fd),
+                    make_error(StatusCode::kLimitExceeded,
+                               "the server has " + std::to_string(limits_.max_connections) +
+                                   " connections already (--max-connections)"));
+    }
+    size_t& of_uid = connections_per_uid_[peer->uid];
+    if (of_uid >= limits_.max_connections_per_uid) {
+      count_refusal("connections_per_uid");
+      warn_limited("connections_per_uid",
+                   "refused a connection from uid " + std::to_string(peer->uid) + ": it has " +
+                       std::to_string(of_uid) + " (--max-connections-per-uid)");
+      return refuse(std::move(fd),
+                    make_error(StatusCode::kLimitExceeded,
+                               "uid " + std::to_string(peer->uid) + " has " +
+                                   std::to_string(limits_.max_connections_per_uid) +
+                                   " connections already (--max-connections-per-uid)"));
+    }
+    auto c = std::make_unique<Connection>();
+    c->id = next_connection_++;
+    c->peer = *peer;
+    uint64_t cid = c->id;
+    c->interest = EPOLLIN | EPOLLRDHUP;
+    auto token =
+        loop_->add(fd.get(), c->interest, [this, cid](uint32_t events) { on_event(cid, events); });
+    if (!token.ok()) {
+      log::warn("cannot watch a new connection: " + token.error().to_string());
+      return;
+    }
+    c->fd = std::move(fd);
+    c->token = *token;
+    ++of_uid;
+    log::debug("connection " + std::to_string(cid) + " from pid " + std::to_string(c->peer.pid) +
+               " uid " + std::to_string(c->peer.uid));
+    connections_[cid] = std::move(c);
+  }
+
+  // Tells a connection it is not served, then closes it. Best effort: one small frame into an
+  // empty socket buffer never blocks.
+  void refuse(UniqueFd fd, const Error& e) {
+    protocol::OutgoingFrame frame(protocol::encode(Message{0, protocol::ErrorReply{e}}), {});
+    (void)frame.write_some(fd.get());
+    // What the client sent already is read and dropped (descriptors with it: no control buffer),
+    // so the close does not reset the connection before the client reads the refusal.
+    uint8_t sink[4096];
+    for (int i = 0; i < 16 && ::recv(fd.get(), sink, sizeof(sink), MSG_DONTWAIT) > 0; ++i) {
+    }
+    ::shutdown(fd.get(), SHUT_RDWR);
+  }
+
+  void count_refusal(const char* reason) { ++refused_[reason]; }
+
+  // At most one line per kind every few seconds, however fast the cause repeats.
+  void warn_limited(const std::string& kind, const std::string& message) {
+    auto& limit = log_limits_[kind];
+    auto now = Clock::now();
+    if (limit.logged && now - limit.last < kLogInterval) {
+      ++limit.suppressed;
+      return;
+    }
+    std::string more = limit.suppressed == 0 ? ""
+                                             : " (and " + std::to_string(limit.suppressed) +
+                                                   " more like it since the last such line)";
+    limit.logged = true;
+    limit.last = now;
+    limit.suppressed = 0;
+    log::warn(message + more);
   }
 
   void on_event(uint64_t cid, uint32_t events) {
@@ -222,29 +387,75 @@ class ServerImpl final : public Server {
     if (it == connections_.end()) return;
     Connection& c = *it->second;
     if (events & EPOLLOUT) flush(c);
-    if (!c.dead && (events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))) read_all(c);
+    if (!c.dead && c.paused && (events & (EPOLLHUP | EPOLLERR))) c.dead = true;  // gone for good
+    if (!c.dead && !c.paused) {
+      if (events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))
+        read_all(c);
+      else
+        process_buffered(c);  // frames left while it was paused
+    }
     reap(cid);
   }
 
   void read_all(Connection& c) {
-    for (int round = 0; round < 64 && !c.dead && !c.closing; ++round) {
+    for (int round = 0; round < 64 && !c.dead && !c.closing && !c.paused; ++round) {
       auto n = c.reader.read_some(c.fd.get());
       if (!n.ok()) {
-        if (n.error().code != StatusCode::kUnavailable) c.dead = true;
+        if (n.error().code == StatusCode::kUnavailable) return;
+        if (n.error().code == StatusCode::kProtocolError) {
+          if (n.error().message.find("descriptors") != std::string::npos)
+            count_refusal("descriptors");
+          return fail_connection(c, 0, n.error());
+        }
+        c.dead = true;
         return;
       }
       if (*n == 0) {  // peer closed; nothing it sent after this matters
         c.dead = true;
         return;
       }
-      for (;;) {
-        auto frame = c.reader.next();
-        if (!frame.ok()) return fail_connection(c, 0, frame.error());
-        if (!*frame) break;
-        handle_frame(c, std::move(**frame));
-        if (c.dead || c.closing) return;
-      }
+      process_buffered(c);
     }
+  }
+
+  // Handles the complete frames buffered, then accounts for the incomplete one.
+  void process_buffered(Connection& c) {
+    while (!c.dead && !c.closing && !c.paused) {
+      auto frame = c.reader.next();
+      if (!frame.ok()) return fail_connection(c, 0, frame.error());
+      if (!*frame) break;
+      c.last_active = Clock::now();
+      c.partial_since.reset();  // the deadline is per frame
+      handle_frame(c, std::move(**frame));
+    }
+    if (c.dead || c.closing) return;
+    if (c.reader.buffered_bytes() == 0 || c.paused)
+      c.partial_since.reset();
+    else if (!c.partial_since)
+      c.partial_since = Clock::now();
+    // The frame in progress counts at the size its header announced.
+    size_t claim = c.reader.pending_frame_bytes();
+    if (claim > c.pending_claim &&
+        pending_frame_bytes_ - c.pending_claim + claim > limits_.max_pending_frame_bytes) {
+      count_refusal("pending_frame_bytes");
+      warn_limited("pending_frame_bytes",
+                   "dropping connection " + std::to_string(c.id) + " (pid " +
+                       std::to_string(c.peer.pid) + "): its " + std::to_string(claim) +
+                       "-byte frame would pass the server's " +
+                       std::to_string(limits_.max_pending_frame_bytes) +
+                       " bytes of incomplete frames (--max-pending-frame-bytes)");
+      return fail_connection(
+          c, 0,
+          make_error(StatusCode::kLimitExceeded,
+                     "the server holds too many incomplete frames; this one of " +
+                         std::to_string(claim) + " bytes is refused (--max-pending-frame-bytes)"));
+    }
+    set_pending_claim(c, claim);
+  }
+
+  void set_pending_claim(Connection& c, size_t claim) {
+    pending_frame_bytes_ = pending_frame_bytes_ - c.pending_claim + claim;
+    c.pending_claim = claim;
   }
 
   void handle_frame(Connection& c, protocol::Frame frame) {
@@ -307,6 +518,7 @@ class ServerImpl final : public Server {
           make_error(StatusCode::kNotReady, "model is loading (" + std::to_string(s.bytes_done) +
                                                 "/" + std::to_string(s.bytes_total) + " bytes)"));
     waiters_.emplace(model->key, Waiter{c.id, rid, true, s.seq});
+    ++c.parked;
   }
 
   void on_load(Connection& c, uint64_t rid, const protocol::Load& m) {
@@ -316,6 +528,7 @@ class ServerImpl final : public Server {
     if (s.state == ModelState::kLoaded || !m.wait)
       return send(c, Message{rid, protocol::LoadReply{s}});
     waiters_.emplace(model->key, Waiter{c.id, rid, false, s.seq});
+    ++c.parked;
   }
 
   void on_unload(Connection& c, uint64_t rid, const protocol::Unload& m) {
@@ -381,6 +594,28 @@ class ServerImpl final : public Server {
   void grant(Connection& c, uint64_t rid, const std::string& key) {
     auto g = store_->acquire(key);
     if (!g.ok()) return reply_error(c, rid, g.error());
+    size_t fd_count = 0;
+    for (const auto& e : g->exports) fd_count += e.fd.valid() ? 1 : 0;
+    // Descriptors wait in the queue until the client reads them: bounded per client and in all.
+    if (fd_count > 0 && (c.queued_fds + fd_count > limits_.max_queued_fds ||
+                         queued_fds_ + fd_count > queued_fds_cap_)) {
+      store_->release(key, g->generation);
+      count_refusal("queued_fds");
+      bool own = c.queued_fds + fd_count > limits_.max_queued_fds;
+      warn_limited("queued_fds", "refused parameters to connection " + std::to_string(c.id) +
+                                     (own ? ": it has not read " + std::to_string(c.queued_fds) +
+                                                " descriptors (--max-queued-fds)"
+                                          : ": " + std::to_string(queued_fds_) +
+                                                " descriptors are queued for all clients "
+                                                "(--max-queued-fds-total)"));
+      return reply_error(
+          c, rid,
+          make_error(StatusCode::kLimitExceeded,
+                     own ? "this connection has " + std::to_string(c.queued_fds) +
+                               " descriptors it has not read (--max-queued-fds)"
+                         : "the server has too many descriptors queued for its clients "
+                           "(--max-queued-fds-total)"));
+    }
     uint64_t lease_id = next_lease_++;
     std::vector<protocol::SegmentInfo> segments;
     std::vector<UniqueFd> fds;
@@ -410,18 +645,23 @@ class ServerImpl final : public Server {
 
   // Answers with the error, then closes: the stream can no longer be trusted.
   void fail_connection(Connection& c, uint64_t rid, const Error& e) {
-    log::warn("closing connection " + std::to_string(c.id) + " (pid " + std::to_string(c.peer.pid) +
-              "): " + e.to_string());
+    // Rate-limited: a hostile peer may open connections only to be thrown out.
+    warn_limited("closing", "closing connection " + std::to_string(c.id) + " (pid " +
+                                std::to_string(c.peer.pid) + "): " + e.to_string());
     reply_error(c, rid, e);
     c.closing = true;
+    c.closing_since = Clock::now();
     flush(c);
   }
 
   void enqueue(Connection& c, std::vector<uint8_t> payload, std::vector<UniqueFd> fds) {
     if (c.dead) return;
     c.queued_bytes += payload.size();
+    c.queued_fds += fds.size();
+    queued_fds_ += fds.size();
     c.out.emplace_back(std::move(payload), std::move(fds));
     if (c.queued_bytes > kMaxQueuedBytes) {
+      count_refusal("queued_bytes");
       log::warn("connection " + std::to_string(c.id) + " is not reading its replies; dropping it");
       c.dead = true;
       return;
@@ -431,22 +671,51 @@ class ServerImpl final : public Server {
 
   void flush(Connection& c) {
     while (!c.out.empty()) {
-      auto done = c.out.front().write_some(c.fd.get());
+      protocol::OutgoingFrame& front = c.out.front();
+      size_t held = front.held_fds();
+      auto done = front.write_some(c.fd.get());
+      forget_fds(c, held - front.held_fds());  // the kernel holds those now
       if (!done.ok()) {
         c.dead = true;
         return;
       }
       if (!*done) break;
-      c.queued_bytes -= c.out.front().payload_bytes();
+      c.queued_bytes -= front.payload_bytes();
       c.out.pop_front();
+      c.last_active = Clock::now();
     }
-    bool want = !c.out.empty();
-    if (want != c.writing) {
-      c.writing = want;
-      auto r = loop_->modify(c.token, EPOLLIN | EPOLLRDHUP | (want ? EPOLLOUT : 0u));
-      if (!r.ok()) c.dead = true;
+    if (c.out.empty() && c.closing) {
+      c.dead = true;
+      return;
     }
-    if (c.out.empty() && c.closing) c.dead = true;
+    // A client that does not read its replies is not read from until it does.
+    bool was_paused = c.paused;
+    c.paused = c.out.size() >= limits_.max_queued_replies || c.queued_fds >= limits_.max_queued_fds;
+    update_interest(c);
+    // Requests that arrived while it was paused may be waiting whole in its buffer, with nothing
+    // more to come from the socket to wake the connection up.
+    if (was_paused && !c.paused && c.reader.buffered_bytes() > 0) {
+      uint64_t cid = c.id;
+      loop_->post([this, cid] {
+        auto it = connections_.find(cid);
+        if (it == connections_.end() || it->second->paused) return;
+        process_buffered(*it->second);
+        reap(cid);
+      });
+    }
+  }
+
+  void forget_fds(Connection& c, size_t count) {
+    c.queued_fds -= count;
+    queued_fds_ -= count;
+  }
+
+  void update_interest(Connection& c) {
+    c.writing = !c.out.empty();
+    uint32_t want = (c.paused ? 0u : EPOLLIN | EPOLLRDHUP) | (c.writing ? EPOLLOUT : 0u);
+    if (want == c.interest) return;
+    c.interest = want;
+    if (!loop_->modify(c.token, want).ok()) c.dead = true;
   }
 
   void reap(uint64_t cid) {
@@ -459,6 +728,11 @@ class ServerImpl final : public Server {
     if (it == connections_.end()) return;
     Connection& c = *it->second;
     for (auto& [lid, lease] : c.leases) store_->release(lease.key, lease.generation);
+    for (const auto& frame : c.out) forget_fds(c, frame.held_fds());
+    set_pending_claim(c, 0);
+    auto of_uid = connections_per_uid_.find(c.peer.uid);
+    if (of_uid != connections_per_uid_.end() && --of_uid->second == 0)
+      connections_per_uid_.erase(of_uid);
     for (auto w = waiters_.begin(); w != waiters_.end();) {
       if (w->second.connection == cid)
         w = waiters_.erase(w);
@@ -468,6 +742,59 @@ class ServerImpl final : public Server {
     loop_->remove(c.token);
     log::debug("connection " + std::to_string(cid) + " closed");
     connections_.erase(it);
+  }
+
+  // ---- deadlines ------------------------------------------------------------------------------
+
+  std::chrono::nanoseconds sweep_period() const {
+    double shortest = limits_.frame_timeout_s;
+    if (limits_.idle_timeout_s > 0) shortest = std::min(shortest, limits_.idle_timeout_s);
+    double period = std::clamp(shortest / 4, 0.02, 1.0);
+    return std::chrono::nanoseconds(static_cast<int64_t>(period * 1e9));
+  }
+
+  // Drops connections whose frame is overdue and closes idle ones.
+  void sweep() {
+    auto now = Clock::now();
+    auto seconds = [](double s) {
+      return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+    };
+    std::vector<uint64_t> touched;
+    for (auto& [cid, cp] : connections_) {
+      Connection& c = *cp;
+      if (c.dead) continue;
+      if (c.closing) {  // its last reply is not read either: give up on it
+        if (now - c.closing_since > seconds(limits_.frame_timeout_s)) {
+          c.dead = true;
+          touched.push_back(cid);
+        }
+        continue;
+      }
+      if (c.partial_since && now - *c.partial_since > seconds(limits_.frame_timeout_s)) {
+        count_refusal("frame_timeout");
+        warn_limited("frame_timeout", "dropping connection " + std::to_string(cid) + " (pid " +
+                                          std::to_string(c.peer.pid) +
+                                          "): its request frame is not complete after " +
+                                          std::to_string(limits_.frame_timeout_s) +
+                                          " s (--frame-timeout)");
+        fail_connection(c, 0,
+                        make_error(StatusCode::kLimitExceeded,
+                                   "request frame not completed in time (--frame-timeout)"));
+        touched.push_back(cid);
+        continue;
+      }
+      bool idle = c.leases.empty() && c.subscriptions.empty() && c.parked == 0 && c.out.empty() &&
+                  c.reader.buffered_bytes() == 0;
+      if (limits_.idle_timeout_s > 0 && idle &&
+          now - c.last_active > seconds(limits_.idle_timeout_s)) {
+        // Quietly: a client finds the connection closed and opens another when it needs one.
+        count_refusal("idle_timeout");
+        log::debug("closing idle connection " + std::to_string(cid));
+        c.dead = true;
+        touched.push_back(cid);
+      }
+    }
+    for (uint64_t cid : touched) reap(cid);
   }
 
   // ---- views ----------------------------------------------------------------------------------
@@ -482,6 +809,7 @@ class ServerImpl final : public Server {
       if (s.state == ModelState::kLoaded) h.models_loaded++;
     }
     h.clients = static_cast<uint32_t>(connections_.size());
+    h.refused = refused_;
     h.leases = store_->total_leases();
     h.slab_bytes = store_->slab_bytes();
     h.server = identity_;
@@ -494,7 +822,16 @@ class ServerImpl final : public Server {
     return h;
   }
 
+  struct LogLimit {
+    bool logged = false;
+    Clock::time_point last;
+    uint64_t suppressed = 0;
+  };
+  static constexpr auto kAcceptBackoff = std::chrono::milliseconds(100);
+  static constexpr auto kLogInterval = std::chrono::seconds(10);
+
   ServerOptions options_;
+  ConnectionLimits limits_;
   ServerIdentity identity_;
   std::unique_ptr<transport::EventLoop> loop_;
   UniqueFd listen_fd_;
@@ -503,6 +840,18 @@ class ServerImpl final : public Server {
   std::unique_ptr<registry::EtcdAnnouncer> announcer_;
   std::unique_ptr<ModelStore> store_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
+  std::unordered_map<uid_t, size_t> connections_per_uid_;
+  std::set<uid_t> allowed_uids_;
+  std::set<gid_t> allowed_gids_;
+  std::map<std::string, uint64_t> refused_;
+  std::map<std::string, LogLimit> log_limits_;
+  size_t pending_frame_bytes_ = 0;  // claims of incomplete frames, all connections
+  size_t queued_fds_ = 0;           // descriptors in unsent replies, all connections
+  size_t queued_fds_cap_ = 0;
+  UniqueFd reserve_fd_;
+  transport::EventLoop::Token listen_token_ = 0;
+  std::unique_ptr<transport::Timer> accept_timer_;
+  std::unique_ptr<transport::Timer> sweep_timer_;
   std::multimap<std::string, Waiter> waiters_;
   uint64_t next_connection_ = 1;
   uint64_t next_lease_ = 1;
@@ -511,7 +860,55 @@ class ServerImpl final : public Server {
 
 }  // namespace
 
+namespace {
+
+// "" is no group (-1); else a group name or a numeric gid.
+Result<gid_t> resolve_group(const std::string& name) {
+  if (name.empty()) return static_cast<gid_t>(-1);
+  if (name.find_first_not_of("0123456789") == std::string::npos && name.size() <= 9)
+    return static_cast<gid_t>(std::stoul(name));
+  std::vector<char> buffer(16384);
+  group entry{};
+  group* found = nullptr;
+  int err = ::getgrnam_r(name.c_str(), &entry, buffer.data(), buffer.size(), &found);
+  if (err != 0) return errno_error(StatusCode::kInvalidArgument, "look up group " + name, err);
+  if (found == nullptr)
+    return make_error(StatusCode::kInvalidArgument, "--socket-group: no group named " + name);
+  return found->gr_gid;
+}
+
+Result<void> check_limits(const ConnectionLimits& l) {
+  auto positive = [](double v) { return v > 0 && v < 1e7; };
+  if (l.max_connections == 0 || l.max_connections_per_uid == 0)
+    return make_error(StatusCode::kInvalidArgument, "connection limits must be at least 1");
+  if (!positive(l.frame_timeout_s))
+    return make_error(StatusCode::kInvalidArgument, "--frame-timeout must be > 0 seconds");
+  if (l.idle_timeout_s < 0 || l.idle_timeout_s >= 1e7)
+    return make_error(StatusCode::kInvalidArgument, "--idle-timeout must be >= 0 seconds");
+  if (l.max_queued_replies == 0)
+    return make_error(StatusCode::kInvalidArgument, "--max-queued-replies must be at least 1");
+  if (l.max_pending_frame_bytes < protocol::kFrameHeaderBytes + 4096)
+    return make_error(StatusCode::kInvalidArgument, "--max-pending-frame-bytes is too small");
+  return ok_result();
+}
+
+// Descriptors are what connections and queued replies cost: take the hard limit the system
+// grants (often 1024 soft against far more hard) so that --max-connections can be reached.
+void raise_descriptor_limit() {
+  rlimit nofile{};
+  if (::getrlimit(RLIMIT_NOFILE, &nofile) != 0 || nofile.rlim_cur >= nofile.rlim_max) return;
+  rlim_t wanted = std::min<rlim_t>(nofile.rlim_max, 1u << 16);
+  if (wanted <= nofile.rlim_cur) return;
+  nofile.rlim_cur = wanted;
+  if (::setrlimit(RLIMIT_NOFILE, &nofile) != 0)
+    log::warn(std::string("cannot raise the descriptor limit: ") + std::strerror(errno));
+}
+
+}  // namespace
+
 Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
+  COMPANION_TRY(check_limits(options.connections));
+  raise_descriptor_limit();
   if (options.ns.empty() || options.ns.find('/') != std::string::npos)
     return make_error(StatusCode::kInvalidArgument, "namespace must be non-empty without '/'");
   COMPANION_ASSIGN_OR_RETURN(registry::RegistryChoice registry_choice,
@@ -525,7 +922,13 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   ServerIdentity& id = setup.identity;
   id.socket_path =
       options.socket_path.empty() ? registry.socket_path_for(id.instance_id) : options.socket_path;
-  COMPANION_ASSIGN_OR_RETURN(UniqueFd listen_fd, transport::listen_unix(id.socket_path));
+  COMPANION_ASSIGN_OR_RETURN(gid_t socket_group, resolve_group(options.connections.socket_group));
+  transport::SocketAccess access;
+  if (socket_group != static_cast<gid_t>(-1)) {
+    access.mode = 0660;
+    access.group = socket_group;
+  }
+  COMPANION_ASSIGN_OR_RETURN(UniqueFd listen_fd, transport::listen_unix(id.socket_path, access));
   COMPANION_ASSIGN_OR_RETURN(auto loop, transport::EventLoop::create());
   COMPANION_ASSIGN_OR_RETURN(auto registration, registry.register_instance(id));
 
@@ -549,6 +952,7 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   auto server = std::make_unique<ServerImpl>(options, id, std::move(loop), std::move(listen_fd),
                                              std::move(registration), registry_choice.url);
   ServerImpl* raw = server.get();
+  raw->allow_peers(socket_group);
   server->attach_store(std::make_unique<ModelStore>(
       std::move(setup.backend), std::move(config),
       [raw](const ModelStatus& s) { raw->loop().post([raw, s] { raw->on_model_status(s); }); }));

@@ -2,6 +2,9 @@
 // on a single event-loop thread, loads models on worker threads, registers itself for discovery.
 #pragma once
 
+#include <sys/types.h>
+
+#include <cstddef>
 #include <memory>
 #include <string>
 #include <vector>
@@ -11,6 +14,35 @@
 #include "companion/types.hpp"
 
 namespace companion::server {
+
+// Who may connect, and what one client may hold. Each limit has a `companion serve` flag; a
+// refusal is typed (LIMIT_EXCEEDED, or NOT_PERMITTED for the peer policy) and counted in health.
+struct ConnectionLimits {
+  size_t max_connections = 1024;         // --max-connections: all clients together
+  size_t max_connections_per_uid = 256;  // --max-connections-per-uid: one local user
+  // --idle-timeout: a connection without requests, leases, subscriptions or waits for this long
+  // is closed (clients reconnect on their next request). 0: never.
+  double idle_timeout_s = 300;
+  double frame_timeout_s = 10;  // --frame-timeout: a started request frame must complete in it
+  // --max-pending-frame-bytes: bytes of incomplete request frames, all connections together (a
+  // frame counts at the size its header announces).
+  size_t max_pending_frame_bytes = 256u << 20;
+  // --max-queued-replies: a connection with this many replies it has not read is not read from
+  // until it catches up (backpressure).
+  size_t max_queued_replies = 256;
+  // --max-queued-fds: descriptors in one connection's unread replies; a reply that would pass it
+  // is refused (the connection is not read from while at it). One reply carries up to 250.
+  size_t max_queued_fds = 1024;
+  // --max-queued-fds-total: the same, all connections together (at most half the server's
+  // RLIMIT_NOFILE is used, whatever this says).
+  size_t max_queued_fds_total = 8192;
+  // --socket-group: the socket becomes 0660 with this group (a name or a gid), whose members may
+  // then connect; "" keeps it 0600.
+  std::string socket_group;
+  // Peers allowed besides the server's own uid and root (SO_PEERCRED): --allow-uid, --allow-gid.
+  std::vector<uid_t> allow_uids;
+  std::vector<gid_t> allow_gids;
+};
 
 struct ServerOptions {
   std::string device = "host";   // "host", a GPU ordinal, UUID or PCI bus id
@@ -29,6 +61,7 @@ struct ServerOptions {
   std::vector<std::string> preload;  // model sources to load at start
   // --max-header-bytes, --max-tensors, --max-checkpoint-files: what one checkpoint may cost.
   checkpoint::CheckpointLimits checkpoint_limits;
+  ConnectionLimits connections;
 };
 
 class Server {

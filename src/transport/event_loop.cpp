@@ -2,6 +2,8 @@
 
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/timerfd.h>
+#include <unistd.h>
 
 #include <cerrno>
 
@@ -104,6 +106,45 @@ void EventLoop::run() {
       (*handler)(events[i].events);
     }
   }
+}
+
+Result<std::unique_ptr<Timer>> Timer::create(EventLoop& loop, std::function<void()> fire) {
+  UniqueFd fd(::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
+  if (!fd) return errno_error(StatusCode::kIoError, "timerfd_create", errno);
+  std::unique_ptr<Timer> timer(new Timer(loop, std::move(fd)));
+  timer->fire_ = std::move(fire);
+  Timer* raw = timer.get();
+  COMPANION_ASSIGN_OR_RETURN(timer->token_, loop.add(raw->fd_.get(), EPOLLIN, [raw](uint32_t) {
+    uint64_t expirations = 0;
+    if (::read(raw->fd_.get(), &expirations, sizeof(expirations)) != sizeof(expirations)) return;
+    raw->fire_();
+  }));
+  return timer;
+}
+
+Timer::~Timer() {
+  loop_.remove(token_);
+}
+
+Result<void> Timer::arm(std::chrono::nanoseconds delay, std::chrono::nanoseconds interval) {
+  auto to_timespec = [](std::chrono::nanoseconds d) {
+    timespec t{};
+    t.tv_sec = static_cast<time_t>(d.count() / 1'000'000'000);
+    t.tv_nsec = static_cast<long>(d.count() % 1'000'000'000);
+    return t;
+  };
+  itimerspec spec{};
+  // A zero it_value would disarm: the shortest real delay instead.
+  spec.it_value = to_timespec(delay.count() > 0 ? delay : std::chrono::nanoseconds(1));
+  spec.it_interval = to_timespec(interval);
+  if (::timerfd_settime(fd_.get(), 0, &spec, nullptr) != 0)
+    return errno_error(StatusCode::kIoError, "timerfd_settime", errno);
+  return ok_result();
+}
+
+void Timer::disarm() {
+  itimerspec spec{};
+  ::timerfd_settime(fd_.get(), 0, &spec, nullptr);
 }
 
 }  // namespace companion::transport

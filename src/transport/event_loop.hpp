@@ -2,6 +2,7 @@
 // runs on the loop's thread.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -50,6 +51,27 @@ class EventLoop {
   std::mutex posted_mutex_;
   std::vector<std::function<void()>> posted_;
   bool stopping_ = false;
+};
+
+// A timerfd watched by a loop: runs `fire` on the loop thread when it expires. Loop thread only;
+// must not outlive its loop.
+class Timer {
+ public:
+  static Result<std::unique_ptr<Timer>> create(EventLoop& loop, std::function<void()> fire);
+  ~Timer();
+  Timer(const Timer&) = delete;
+  Timer& operator=(const Timer&) = delete;
+
+  // Fires once after `delay`, then every `interval` (zero: only once). Re-arming replaces.
+  Result<void> arm(std::chrono::nanoseconds delay, std::chrono::nanoseconds interval = {});
+  void disarm();
+
+ private:
+  Timer(EventLoop& loop, UniqueFd fd) : loop_(loop), fd_(std::move(fd)) {}
+  EventLoop& loop_;
+  UniqueFd fd_;
+  EventLoop::Token token_ = 0;
+  std::function<void()> fire_;
 };
 
 }  // namespace companion::transport

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -31,7 +32,7 @@ Result<void> set_nonblocking(int fd) {
   return ok_result();
 }
 
-Result<UniqueFd> listen_unix(const std::string& path, int backlog) {
+Result<UniqueFd> listen_unix(const std::string& path, const SocketAccess& access, int backlog) {
   COMPANION_ASSIGN_OR_RETURN(sockaddr_un addr, make_address(path));
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (!fd) return errno_error(StatusCode::kIoError, "socket", errno);
@@ -39,6 +40,17 @@ Result<UniqueFd> listen_unix(const std::string& path, int backlog) {
     return errno_error(StatusCode::kIoError, "remove old socket " + path, errno);
   if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0)
     return errno_error(StatusCode::kIoError, "bind " + path, errno);
+  // The file's mode followed the umask; until listen() nobody can connect, so fix it now.
+  if (access.group != static_cast<gid_t>(-1) &&
+      ::lchown(path.c_str(), static_cast<uid_t>(-1), access.group) != 0)
+    return errno_error(StatusCode::kIoError, "set the group of " + path, errno);
+  // Never through a symlink planted in its place (that would change the mode of its target).
+  if (::fchmodat(AT_FDCWD, path.c_str(), access.mode, AT_SYMLINK_NOFOLLOW) != 0)
+    return errno_error(StatusCode::kIoError, "set the mode of " + path, errno);
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0 || !S_ISSOCK(st.st_mode) ||
+      (st.st_mode & 07777) != access.mode)
+    return make_error(StatusCode::kIoError, path + " changed under us after bind");
   if (::listen(fd.get(), backlog) != 0)
     return errno_error(StatusCode::kIoError, "listen " + path, errno);
   return fd;
@@ -67,6 +79,20 @@ Result<PeerCredentials> peer_credentials(int fd) {
   if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
     return errno_error(StatusCode::kIoError, "SO_PEERCRED", errno);
   return PeerCredentials{cred.pid, cred.uid, cred.gid};
+}
+
+Result<std::vector<gid_t>> peer_groups(int fd) {
+  std::vector<gid_t> groups(64);
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    socklen_t len = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &len) == 0) {
+      groups.resize(len / sizeof(gid_t));
+      return groups;
+    }
+    if (errno != ERANGE) return errno_error(StatusCode::kIoError, "SO_PEERGROUPS", errno);
+    groups.resize(len / sizeof(gid_t) + 1);  // len now says how much is needed
+  }
+  return make_error(StatusCode::kIoError, "SO_PEERGROUPS: the group list keeps growing");
 }
 
 }  // namespace companion::transport

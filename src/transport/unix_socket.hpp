@@ -5,14 +5,23 @@
 #include <sys/types.h>
 
 #include <string>
+#include <vector>
 
 #include "common/unique_fd.hpp"
 #include "companion/result.hpp"
 
 namespace companion::transport {
 
+// Who may open the socket file: its mode and group are set after bind() and before listen(), so
+// nobody connects through the umask's mode in between.
+struct SocketAccess {
+  mode_t mode = 0600;
+  gid_t group = static_cast<gid_t>(-1);  // -1: the creator's
+};
+
 // Binds and listens on `path` (non-blocking, close-on-exec). An existing file at path is replaced.
-Result<UniqueFd> listen_unix(const std::string& path, int backlog = 128);
+Result<UniqueFd> listen_unix(const std::string& path, const SocketAccess& access = {},
+                             int backlog = 128);
 // Connects to `path` (blocking socket, close-on-exec). kUnavailable when nobody listens.
 Result<UniqueFd> connect_unix(const std::string& path);
 Result<void> set_nonblocking(int fd);
@@ -23,5 +32,7 @@ struct PeerCredentials {
   gid_t gid = 0;
 };
 Result<PeerCredentials> peer_credentials(int fd);
+// The peer's supplementary groups when it connected (SO_PEERGROUPS).
+Result<std::vector<gid_t>> peer_groups(int fd);
 
 }  // namespace companion::transport

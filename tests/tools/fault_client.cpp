@@ -19,6 +19,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -41,10 +42,10 @@ namespace {
 using json = nlohmann::json;
 using protocol::Message;
 
-constexpr const char* kModes[] = {"garbage",         "bad-magic",         "bad-flags",
-                                  "oversized",       "truncated",         "no-hello",
-                                  "bad-version",     "malformed-body",    "with-fds",
-                                  "die-mid-request", "die-holding-lease", "slow-reader"};
+constexpr const char* kModes[] = {
+    "garbage",           "bad-magic",   "bad-flags",         "oversized",    "truncated",
+    "no-hello",          "bad-version", "malformed-body",    "with-fds",     "die-mid-request",
+    "die-holding-lease", "slow-reader", "unread-parameters", "first-answer", "pipelined"};
 
 struct Options {
   std::string socket;
@@ -105,7 +106,9 @@ Options parse(int argc, char** argv) {
   bool known = false;
   for (const char* m : kModes) known = known || o.mode == m;
   if (!known) usage(o.mode.empty() ? "--mode is required" : "unknown mode '" + o.mode + "'");
-  if ((o.mode == "die-mid-request" || o.mode == "die-holding-lease") && o.model.empty())
+  if ((o.mode == "die-mid-request" || o.mode == "die-holding-lease" ||
+       o.mode == "unread-parameters") &&
+      o.model.empty())
     usage("--mode " + o.mode + " needs --model");
   return o;
 }
@@ -343,6 +346,83 @@ int run(const Options& o) {
     out["pid"] = ::getpid();
     print(out);
     die_by_sigkill();  // the descriptors and the lease die with the process
+  } else if (o.mode == "pipelined") {
+    // Sends 2,000 health requests as fast as the server takes them without reading, then reads
+    // and sends the rest: every request must still be answered once the client catches up.
+    greet(fd, reader, timeout_s, out);
+    (void)transport::set_nonblocking(fd);
+    constexpr uint64_t kRequests = 2000;
+    std::deque<protocol::OutgoingFrame> pending;
+    for (uint64_t rid = 2; rid < 2 + kRequests; ++rid)
+      pending.emplace_back(protocol::encode(Message{rid, protocol::Health{}}),
+                           std::vector<UniqueFd>{});
+    auto write_what_fits = [&] {
+      while (!pending.empty()) {
+        auto done = pending.front().write_some(fd);
+        if (!done.ok()) fail(out, "sending: " + done.error().to_string());
+        if (!*done) return;
+        pending.pop_front();
+      }
+    };
+    write_what_fits();
+    out["sent_before_reading"] = kRequests - pending.size();
+    uint64_t answered = 0;
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+    while (answered < kRequests && std::chrono::steady_clock::now() < deadline) {
+      write_what_fits();
+      pollfd p{fd, static_cast<short>(POLLIN | (pending.empty() ? 0 : POLLOUT)), 0};
+      if (::poll(&p, 1, 100) <= 0) continue;
+      if (p.revents & POLLIN) {
+        auto n = reader.read_some(fd);
+        if (!n.ok() && n.error().code != StatusCode::kUnavailable)
+          fail(out, "reading: " + n.error().to_string());
+        if (n.ok() && *n == 0) break;
+        for (;;) {
+          auto frame = reader.next();
+          if (!frame.ok()) fail(out, "reading: " + frame.error().to_string());
+          if (!*frame) break;
+          auto m = protocol::decode(std::move((*frame)->payload));
+          if (m.ok() && std::holds_alternative<protocol::HealthReply>(m->body)) ++answered;
+        }
+      }
+    }
+    out["requests"] = kRequests;
+    out["answered"] = answered;
+  } else if (o.mode == "first-answer") {
+    // Sends nothing: what does the server say to a connection it does not take?
+    report_answer(fd, reader, timeout_s, out);
+  } else if (o.mode == "unread-parameters") {
+    // Asks for the model's parameters again and again and reads none of the replies (each
+    // carries descriptors), until the server stops taking requests for 2 s; then holds on for
+    // --seconds so that the test can look at the server meanwhile.
+    int tiny = 4096;
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &tiny, sizeof(tiny));
+    greet(fd, reader, timeout_s, out);
+    (void)transport::set_nonblocking(fd);
+    ModelSpec spec;
+    spec.source = o.model;
+    size_t sent = 0;
+    bool stalled = false;
+    for (uint64_t rid = 2; rid < 20002 && !stalled; ++rid) {
+      protocol::OutgoingFrame frame(
+          protocol::encode(Message{rid, protocol::GetParameters{spec, true}}), {});
+      for (;;) {
+        auto done = frame.write_some(fd);
+        if (!done.ok()) fail(out, "sending: " + done.error().to_string());
+        if (*done) break;
+        pollfd p{fd, POLLOUT, 0};
+        if (::poll(&p, 1, 2000) != 1) {
+          stalled = true;
+          break;
+        }
+      }
+      if (!stalled) ++sent;
+    }
+    out["sent"] = sent;
+    out["stalled"] = stalled;
+    print(out);
+    std::this_thread::sleep_for(std::chrono::duration<double>(o.seconds));
+    return 0;
   } else if (o.mode == "slow-reader") {
     int tiny = 4096;  // make the server's queue grow instead of our buffer
     ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &tiny, sizeof(tiny));

@@ -342,6 +342,9 @@ TEST(CodecRoundTrip, HealthAndHealthReply) {
   EXPECT_EQ(out.registry, r.info.registry);
   EXPECT_FALSE(out.registered);
   EXPECT_EQ(out.registry_error, r.info.registry_error);
+  EXPECT_TRUE(out.refused.empty());
+  r.info.refused = {{"connections", 0}, {"descriptors", 7}, {"peer_not_permitted", 1ull << 40}};
+  EXPECT_EQ(round_trip(23, r).info.refused, r.info.refused);
 }
 
 TEST(CodecRoundTrip, ErrorReply) {
