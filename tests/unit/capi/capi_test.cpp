@@ -376,7 +376,7 @@ TEST(CapiStatic, StatusStringForEveryCode) {
   texts.insert(companion_status_string(COMPANION_##cname));
   COMPANION_STATUS_CODES(COMPANION_CHECK)
 #undef COMPANION_CHECK
-  EXPECT_EQ(texts.size(), 19u);
+  EXPECT_EQ(texts.size(), 20u);
   EXPECT_STREQ(companion_status_string(COMPANION_NOT_FOUND), "model not found");
 }
 
