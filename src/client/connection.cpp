@@ -21,8 +21,24 @@ int remaining_ms(std::chrono::steady_clock::time_point deadline, int timeout_ms)
 }  // namespace
 
 Result<std::shared_ptr<Connection>> Connection::open(const std::string& socket_path,
-                                                     const std::string& client_name) {
-  COMPANION_ASSIGN_OR_RETURN(UniqueFd fd, transport::connect_unix(socket_path));
+                                                     const std::string& client_name,
+                                                     int connect_timeout_ms,
+                                                     const std::optional<ExpectedPeer>& expected) {
+  COMPANION_ASSIGN_OR_RETURN(UniqueFd fd, transport::connect_unix(socket_path, connect_timeout_ms));
+  if (expected) {
+    // The socket file's owner was checked before connecting; the process behind it is checked
+    // here, so a socket swapped in meanwhile, or a record naming someone else's pid, is refused.
+    COMPANION_ASSIGN_OR_RETURN(transport::PeerCredentials peer,
+                               transport::peer_credentials(fd.get()));
+    bool pid_matches = !expected->pid || peer.pid == 0 || peer.pid == *expected->pid;
+    if (peer.uid != expected->uid || !pid_matches) {
+      std::string claim = expected->claimed_by + " claims uid " + std::to_string(expected->uid);
+      if (expected->pid) claim += " pid " + std::to_string(*expected->pid);
+      return make_error(StatusCode::kNotPermitted,
+                        claim + " but the socket " + socket_path + " is served by pid " +
+                            std::to_string(peer.pid) + " uid " + std::to_string(peer.uid));
+    }
+  }
   std::shared_ptr<Connection> c(new Connection(std::move(fd)));
   protocol::Hello hello;
   hello.client_name = client_name;

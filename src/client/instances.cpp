@@ -3,21 +3,28 @@
 #include <chrono>
 #include <thread>
 
+#include "common/log.hpp"
 #include "common/util.hpp"
 #include "memory/cuda_backend.hpp"
 
 namespace companion::client {
 
-InstanceSource::InstanceSource(const ConnectOptions& options, registry::RegistryChoice choice)
+InstanceSource::InstanceSource(const ConnectOptions& options, registry::RegistryChoice choice,
+                               registry::TrustPolicy trust)
     : options_(options),
       choice_(std::move(choice)),
       hostname_(hostname()),
-      local_(options.runtime_dir.empty() ? registry::default_runtime_dir() : options.runtime_dir) {}
+      trust_(trust),
+      local_(options.runtime_dir.empty() ? registry::default_runtime_dir() : options.runtime_dir,
+             std::move(trust)) {}
 
 Result<std::unique_ptr<InstanceSource>> InstanceSource::open(const ConnectOptions& options) {
   COMPANION_ASSIGN_OR_RETURN(registry::RegistryChoice choice,
                              registry::choose_registry(options.registry));
-  std::unique_ptr<InstanceSource> source(new InstanceSource(options, std::move(choice)));
+  COMPANION_ASSIGN_OR_RETURN(registry::TrustPolicy trust,
+                             registry::TrustPolicy::from_environment(options.trusted_uids));
+  std::unique_ptr<InstanceSource> source(
+      new InstanceSource(options, std::move(choice), std::move(trust)));
   if (options.device == "host") {
     source->component_ = "model_server_host";
   } else {
@@ -26,8 +33,8 @@ Result<std::unique_ptr<InstanceSource>> InstanceSource::open(const ConnectOption
     source->gpu_uuid_ = gpu.uuid;
   }
   if (source->choice_.is_etcd())
-    source->etcd_ =
-        std::make_unique<registry::EtcdDirectory>(source->choice_.etcd_endpoints, options.ns);
+    source->etcd_ = std::make_unique<registry::EtcdDirectory>(
+        source->choice_.etcd_endpoints, options.ns, 1500, source->choice_.etcd_security);
   return source;
 }
 
@@ -48,6 +55,12 @@ std::vector<ServerIdentity> InstanceSource::local_records() const {
     auto local = local_.list(options_.ns);
     local_cache_ = local.ok() ? std::move(*local) : std::vector<ServerIdentity>{};
     local_cache_at_ = now;
+    std::string refusal =
+        !local.ok() && local.error().code == StatusCode::kNotPermitted ? local.error().message : "";
+    // Said once (per reason), not at every listing.
+    if (!refusal.empty() && refusal != local_refusal_)
+      log::warn("ignoring the records of " + refusal);
+    local_refusal_ = std::move(refusal);
   }
   return local_cache_;
 }
@@ -78,6 +91,10 @@ std::vector<ServerIdentity> InstanceSource::wait_for_any(double timeout_s) const
 
 std::string InstanceSource::describe() const {
   std::string where = choice_.is_etcd() ? choice_.url : "local registry " + local_.runtime_dir();
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    if (!local_refusal_.empty()) where += "; its records are ignored: " + local_refusal_;
+  }
   if (etcd_) {
     auto snapshot = etcd_->snapshot();
     if (!snapshot.synced)
