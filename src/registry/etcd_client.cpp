@@ -249,6 +249,11 @@ Result<std::string> EtcdClient::post_once(std::string_view path, const std::stri
       if (tls_refused(rc, detail)) {
         last_code = StatusCode::kNotPermitted;
         last_error += " (TLS: check the CA, client certificate and key)";
+      } else if (endpoint.rfind("https://", 0) == 0 &&
+                 (rc == CURLE_SEND_ERROR || rc == CURLE_RECV_ERROR)) {
+        // Under TLS 1.3 etcd refuses a missing or unknown client certificate after the
+        // handshake: the first read or write fails, with whatever error the race gives.
+        last_error += " (TLS: if it persists, check the client certificate and key)";
       }
       current_ = (current_ + 1) % endpoints_.size();
       continue;
