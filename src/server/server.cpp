@@ -514,9 +514,9 @@ class ServerImpl final : public Server {
 Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   if (options.ns.empty() || options.ns.find('/') != std::string::npos)
     return make_error(StatusCode::kInvalidArgument, "namespace must be non-empty without '/'");
-  COMPANION_ASSIGN_OR_RETURN(registry::RegistryChoice registry_choice,
-                             registry::choose_registry(options.registry,
-                                                       options.registry_security));
+  COMPANION_ASSIGN_OR_RETURN(
+      registry::RegistryChoice registry_choice,
+      registry::choose_registry(options.registry, options.registry_security));
   if (options.registry_ttl_s < 1 || options.registry_ttl_s > 3600)
     return make_error(StatusCode::kInvalidArgument, "registry TTL must be 1..3600 s");
   COMPANION_ASSIGN_OR_RETURN(DeviceSetup setup, setup_device(options));
