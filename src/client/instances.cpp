@@ -3,7 +3,6 @@
 #include <chrono>
 #include <thread>
 
-#include "common/log.hpp"
 #include "common/util.hpp"
 #include "memory/cuda_backend.hpp"
 
@@ -55,12 +54,9 @@ std::vector<ServerIdentity> InstanceSource::local_records() const {
     auto local = local_.list(options_.ns);
     local_cache_ = local.ok() ? std::move(*local) : std::vector<ServerIdentity>{};
     local_cache_at_ = now;
-    std::string refusal =
+    // Said once, where no instance is found (describe()), rather than at every listing.
+    local_refusal_ =
         !local.ok() && local.error().code == StatusCode::kNotPermitted ? local.error().message : "";
-    // Said once (per reason), not at every listing.
-    if (!refusal.empty() && refusal != local_refusal_)
-      log::warn("ignoring the records of " + refusal);
-    local_refusal_ = std::move(refusal);
   }
   return local_cache_;
 }
