@@ -376,6 +376,7 @@ class ClientImpl final : public Client {
     for (auto& r : source_->list())
       if (failed.count(r.socket_path) == 0) candidates.push_back(std::move(r));
     std::string last_error;
+    bool refused = false;  // a candidate's server is not who its record says (NOT_PERMITTED)
     std::set<std::string> unreachable;
     if (spec != nullptr && candidates.size() > 1) {
       // The instance that served this model to this client last is asked first: usually the
@@ -389,6 +390,7 @@ class ClientImpl final : public Client {
         if (!i.ok()) {
           unreachable.insert(r.socket_path);
           last_error = i.error().message;
+          refused = refused || i.error().code == StatusCode::kNotPermitted;
           continue;
         }
         auto s = query_status(*i, *spec, kProbeMs);
@@ -417,6 +419,7 @@ class ClientImpl final : public Client {
         if (i.ok()) return i;
         unreachable.insert(r.socket_path);
         last_error = i.error().message;
+        refused = refused || i.error().code == StatusCode::kNotPermitted;
       }
     }
     uint64_t turn;
@@ -431,10 +434,11 @@ class ClientImpl final : public Client {
       if (i.ok()) return i;
       unreachable.insert(r.socket_path);
       last_error = i.error().message;
+      refused = refused || i.error().code == StatusCode::kNotPermitted;
     }
-    return make_error(StatusCode::kUnavailable, "no live companion server for " +
-                                                    source_->describe() +
-                                                    (last_error.empty() ? "" : ": " + last_error));
+    return make_error(refused ? StatusCode::kNotPermitted : StatusCode::kUnavailable,
+                      "no live companion server for " + source_->describe() +
+                          (last_error.empty() ? "" : ": " + last_error));
   }
 
   // Runs request on the chosen instance; when that instance is lost, on the next live one

@@ -22,8 +22,9 @@ namespace companion::client {
 // SO_PEERCRED before anything is sent.
 struct ExpectedPeer {
   uid_t uid = 0;
-  // The pid the record names (none for a socket given directly). A peer pid of 0 means the
-  // server lives in a pid namespace this process cannot see: only the uid is checked then.
+  // The pid the record names (none for a socket given directly). A server in another pid
+  // namespace (a peer pid of 0: one this process cannot see; or /proc says so) has its own view
+  // of its pid: only the uid is checked then.
   std::optional<pid_t> pid;
   std::string claimed_by;  // "record <path>", for messages
 };

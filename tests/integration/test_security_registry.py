@@ -228,6 +228,7 @@ def test_record_whose_pid_is_not_the_servers_is_refused(server):
     with hold_lock(d, "impostor"):
         r, _ = run_cli("health", "--runtime-dir", d, "--instance", "impostor")
     assert r.returncode != 0
+    assert "not permitted" in r.stderr, r.stderr
     assert f"claims uid 0 pid {os.getpid()}" in r.stderr, r.stderr
     assert f"served by pid {server.pid} uid 0" in r.stderr, r.stderr
     # The real record still works.
@@ -394,3 +395,35 @@ def test_etcd_with_user_and_password(etcd, runtime_dir, model_root, tmp_path):
     finally:
         s.stop()
         refused.stop()
+
+
+def children(pid):
+    return [int(c) for c in pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_server_in_another_pid_namespace_is_checked_by_uid(runtime_dir, model_root):
+    """A server in a container sees its own pid and writes it in its record: the client sees
+    another. The pid cannot be compared then; the uid still is."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare")
+    # A shell is the namespace's init (pid 1, which ignores SIGTERM), the server its child.
+    proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", "-c",
+                             '"$@" & wait', "sh", str(COMPANION), "serve", "--device", "host",
+                             "--runtime-dir", str(runtime_dir), "--model-root", str(model_root)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "companion serving" in line, line
+        instance = line.split(" instance ")[1].split()[0]
+        (shell,) = children(proc.pid)
+        (server_pid,) = children(shell)
+        record_pid = json.loads((runtime_dir / f"{instance}.json").read_text())["pid"]
+        assert record_pid != server_pid  # its own view
+        r, _ = run_cli("health", "--runtime-dir", runtime_dir, "--instance", instance)
+        assert r.returncode == 0, r.stderr
+        os.kill(server_pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()  # --kill-child: the namespace goes with it
+            proc.wait()
