@@ -33,6 +33,13 @@ struct ConnectOptions {
   std::string client_name = "companion-client";
   // How long to keep looking for a live server before giving up (kUnavailable).
   double discovery_timeout_s = 0.0;
+  // How long a connect may wait for a server to accept it (kTimeout after): a server that is
+  // stuck, or a socket that never accepts, costs at most this per instance.
+  double connect_timeout_s = 5.0;
+  // Owners, besides this process's uid and root, whose runtime directory, records and sockets
+  // this client trusts (added to the uids in $COMPANION_TRUST_UID). A server owned by anyone
+  // else is never used.
+  std::vector<uint32_t> trusted_uids;
 };
 
 // One tensor of a mapped model. `data` is a host pointer (host backend) or a device pointer

@@ -27,6 +27,12 @@ int main(int argc, char** argv) {
                     "Use only this server instance (default: choose among live ones)");
     cmd->add_option("--wait-server", common.connect.discovery_timeout_s,
                     "Seconds to wait for a server to appear");
+    cmd->add_option("--connect-timeout", common.connect.connect_timeout_s,
+                    "Seconds a server may take to accept a connection")
+        ->capture_default_str();
+    cmd->add_option("--trust-uid", common.connect.trusted_uids,
+                    "Also trust servers, records and runtime directories of this uid "
+                    "(repeatable; besides this user, root and $COMPANION_TRUST_UID)");
     cmd->add_flag("--json", common.json, "JSON output for scripts");
   };
   auto add_model = [&](CLI::App* cmd, bool required) {
@@ -60,6 +66,18 @@ int main(int argc, char** argv) {
       ->add_option("--registry-ttl", serve.registry_ttl_s,
                    "etcd lease TTL in seconds: a dead instance leaves etcd within it")
       ->capture_default_str();
+  serve_cmd->add_option("--registry-ca", serve.registry_security.ca_file,
+                        "CA file (PEM) that signs etcd's certificate, for etcds:// "
+                        "(default $COMPANION_REGISTRY_CA)");
+  serve_cmd->add_option("--registry-cert", serve.registry_security.cert_file,
+                        "Client certificate (PEM) for etcd (default $COMPANION_REGISTRY_CERT)");
+  serve_cmd->add_option("--registry-key", serve.registry_security.key_file,
+                        "Its private key (PEM) (default $COMPANION_REGISTRY_KEY)");
+  serve_cmd->add_option("--registry-user", serve.registry_security.user,
+                        "etcd user (default $COMPANION_REGISTRY_USER)");
+  serve_cmd->add_option("--registry-password-file", serve.registry_security.password_file,
+                        "File holding the etcd user's password "
+                        "(default $COMPANION_REGISTRY_PASSWORD_FILE)");
   serve_cmd->add_option("--socket", serve.socket_path, "Socket path (default: in the registry)");
   serve_cmd->add_option("--hf-cache", serve.hf_cache, "Hugging Face hub cache directory");
   serve_cmd

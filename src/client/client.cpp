@@ -100,8 +100,9 @@ std::string spec_identity(const ModelSpec& s) {
 
 class ClientImpl final : public Client {
  public:
-  ClientImpl(ConnectOptions options, std::unique_ptr<InstanceSource> source)
-      : options_(std::move(options)), source_(std::move(source)) {
+  ClientImpl(ConnectOptions options, std::unique_ptr<InstanceSource> source,
+             registry::TrustPolicy trust)
+      : options_(std::move(options)), source_(std::move(source)), trust_(std::move(trust)) {
     std::random_device seed;
     round_robin_ = seed();  // independent clients spread over the instances
   }
@@ -222,7 +223,7 @@ class ClientImpl final : public Client {
 
   // Connects to a server at socket_path directly (no registry, no failover).
   Result<void> start_direct(const std::string& socket_path) {
-    COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(socket_path));
+    COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(socket_path, nullptr));
     std::lock_guard<std::mutex> lock(mutex_);
     direct_ = i;
     make_current_locked(i);
@@ -235,7 +236,7 @@ class ClientImpl final : public Client {
       std::lock_guard<std::mutex> lock(mutex_);
       if (direct_->connection->alive()) return *direct_;
     }
-    COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(options_.socket_path));
+    COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(options_.socket_path, nullptr));
     std::lock_guard<std::mutex> lock(mutex_);
     direct_ = i;
     return i;
@@ -262,8 +263,20 @@ class ClientImpl final : public Client {
     Clock::time_point at_;
   };
 
-  Result<Instance> connect_instance(const std::string& socket_path) {
-    COMPANION_ASSIGN_OR_RETURN(auto c, Connection::open(socket_path, options_.client_name));
+  // Connects to a server whose socket must belong to a trusted owner and be served by that
+  // owner's process, and by the pid its record names (record: null for a socket given directly).
+  Result<Instance> connect_instance(const std::string& socket_path, const ServerIdentity* record) {
+    COMPANION_ASSIGN_OR_RETURN(uid_t owner, registry::trusted_socket_owner(socket_path, trust_));
+    ExpectedPeer expected;
+    expected.uid = owner;
+    expected.claimed_by = "socket " + socket_path;
+    if (record != nullptr) {
+      expected.pid = static_cast<pid_t>(record->pid);
+      expected.claimed_by = "the record of instance " + record->instance_id;
+    }
+    COMPANION_ASSIGN_OR_RETURN(auto c,
+                               Connection::open(socket_path, options_.client_name,
+                                                to_ms(options_.connect_timeout_s), expected));
     COMPANION_ASSIGN_OR_RETURN(int ordinal, local_ordinal_for(c->server()));
     Instance i;
     i.key = socket_path;
@@ -282,7 +295,7 @@ class ClientImpl final : public Client {
       if (it != pool_.end() && it->second.server->instance_id == record.instance_id)
         return it->second;
     }
-    COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(record.socket_path));
+    COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(record.socket_path, &record));
     std::lock_guard<std::mutex> lock(mutex_);
     pool_[record.socket_path] = i;
     return i;
@@ -363,6 +376,7 @@ class ClientImpl final : public Client {
     for (auto& r : source_->list())
       if (failed.count(r.socket_path) == 0) candidates.push_back(std::move(r));
     std::string last_error;
+    bool refused = false;  // a candidate's server is not who its record says (NOT_PERMITTED)
     std::set<std::string> unreachable;
     if (spec != nullptr && candidates.size() > 1) {
       // The instance that served this model to this client last is asked first: usually the
@@ -376,6 +390,7 @@ class ClientImpl final : public Client {
         if (!i.ok()) {
           unreachable.insert(r.socket_path);
           last_error = i.error().message;
+          refused = refused || i.error().code == StatusCode::kNotPermitted;
           continue;
         }
         auto s = query_status(*i, *spec, kProbeMs);
@@ -404,6 +419,7 @@ class ClientImpl final : public Client {
         if (i.ok()) return i;
         unreachable.insert(r.socket_path);
         last_error = i.error().message;
+        refused = refused || i.error().code == StatusCode::kNotPermitted;
       }
     }
     uint64_t turn;
@@ -418,10 +434,11 @@ class ClientImpl final : public Client {
       if (i.ok()) return i;
       unreachable.insert(r.socket_path);
       last_error = i.error().message;
+      refused = refused || i.error().code == StatusCode::kNotPermitted;
     }
-    return make_error(StatusCode::kUnavailable, "no live companion server for " +
-                                                    source_->describe() +
-                                                    (last_error.empty() ? "" : ": " + last_error));
+    return make_error(refused ? StatusCode::kNotPermitted : StatusCode::kUnavailable,
+                      "no live companion server for " + source_->describe() +
+                          (last_error.empty() ? "" : ": " + last_error));
   }
 
   // Runs request on the chosen instance; when that instance is lost, on the next live one
@@ -509,6 +526,7 @@ class ClientImpl final : public Client {
 
   ConnectOptions options_;
   std::unique_ptr<InstanceSource> source_;  // null when connected to a socket directly
+  registry::TrustPolicy trust_;
   std::optional<Instance> direct_;
   std::mutex mutex_;
   std::map<std::string, Instance> pool_;        // by socket path
@@ -533,12 +551,15 @@ Result<std::vector<ServerIdentity>> discover_instances(const ConnectOptions& opt
 
 Result<std::unique_ptr<Client>> Client::connect(const ConnectOptions& options) {
   if (!options.socket_path.empty()) {
-    auto client = std::make_unique<client::ClientImpl>(options, nullptr);
+    COMPANION_ASSIGN_OR_RETURN(registry::TrustPolicy trust,
+                               registry::TrustPolicy::from_environment(options.trusted_uids));
+    auto client = std::make_unique<client::ClientImpl>(options, nullptr, std::move(trust));
     COMPANION_TRY(client->start_direct(options.socket_path));
     return std::unique_ptr<Client>(std::move(client));
   }
   COMPANION_ASSIGN_OR_RETURN(auto source, client::InstanceSource::open(options));
-  auto client = std::make_unique<client::ClientImpl>(options, std::move(source));
+  registry::TrustPolicy trust = source->trust();
+  auto client = std::make_unique<client::ClientImpl>(options, std::move(source), std::move(trust));
   COMPANION_TRY(client->start());
   return std::unique_ptr<Client>(std::move(client));
 }

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <string>
 
 #include "transport/unix_socket.hpp"
 
@@ -18,11 +19,43 @@ int remaining_ms(std::chrono::steady_clock::time_point deadline, int timeout_ms)
   return left < 0 ? 0 : static_cast<int>(left);
 }
 
+std::string pid_namespace_of(const std::string& proc_entry) {
+  char target[128];
+  ssize_t n = ::readlink((proc_entry + "/ns/pid").c_str(), target, sizeof(target) - 1);
+  return n > 0 ? std::string(target, static_cast<size_t>(n)) : std::string();
+}
+
+// True when pid (as this process sees it) is known to live in another pid namespace (a server in
+// a container): the pid its record names is then its own view, not comparable with ours. False
+// when that cannot be read (another user's process): the pids must then match.
+bool in_another_pid_namespace(pid_t pid) {
+  std::string ours = pid_namespace_of("/proc/self");
+  std::string theirs = pid_namespace_of("/proc/" + std::to_string(pid));
+  return !ours.empty() && !theirs.empty() && ours != theirs;
+}
+
 }  // namespace
 
 Result<std::shared_ptr<Connection>> Connection::open(const std::string& socket_path,
-                                                     const std::string& client_name) {
-  COMPANION_ASSIGN_OR_RETURN(UniqueFd fd, transport::connect_unix(socket_path));
+                                                     const std::string& client_name,
+                                                     int connect_timeout_ms,
+                                                     const std::optional<ExpectedPeer>& expected) {
+  COMPANION_ASSIGN_OR_RETURN(UniqueFd fd, transport::connect_unix(socket_path, connect_timeout_ms));
+  if (expected) {
+    // The socket file's owner was checked before connecting; the process behind it is checked
+    // here, so a socket swapped in meanwhile, or a record naming someone else's pid, is refused.
+    COMPANION_ASSIGN_OR_RETURN(transport::PeerCredentials peer,
+                               transport::peer_credentials(fd.get()));
+    bool pid_matches = !expected->pid || peer.pid == 0 || peer.pid == *expected->pid ||
+                       in_another_pid_namespace(peer.pid);
+    if (peer.uid != expected->uid || !pid_matches) {
+      std::string claim = expected->claimed_by + " claims uid " + std::to_string(expected->uid);
+      if (expected->pid) claim += " pid " + std::to_string(*expected->pid);
+      return make_error(StatusCode::kNotPermitted,
+                        claim + " but the socket " + socket_path + " is served by pid " +
+                            std::to_string(peer.pid) + " uid " + std::to_string(peer.uid));
+    }
+  }
   std::shared_ptr<Connection> c(new Connection(std::move(fd)));
   protocol::Hello hello;
   hello.client_name = client_name;

@@ -1,6 +1,8 @@
 // A client's connection to a server: blocking request/reply over the framed protocol.
 #pragma once
 
+#include <sys/types.h>
+
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -12,14 +14,30 @@
 #include "companion/result.hpp"
 #include "protocol/frame.hpp"
 #include "protocol/messages.hpp"
+#include "transport/unix_socket.hpp"
 
 namespace companion::client {
 
+// Who must be serving the socket a client connects to, checked against the server's
+// SO_PEERCRED before anything is sent.
+struct ExpectedPeer {
+  uid_t uid = 0;
+  // The pid the record names (none for a socket given directly). A server in another pid
+  // namespace (a peer pid of 0: one this process cannot see; or /proc says so) has its own view
+  // of its pid: only the uid is checked then.
+  std::optional<pid_t> pid;
+  std::string claimed_by;  // "record <path>", for messages
+};
+
 class Connection {
  public:
-  // Connects to the socket and exchanges hello.
-  static Result<std::shared_ptr<Connection>> open(const std::string& socket_path,
-                                                  const std::string& client_name);
+  // Connects to the socket (waiting at most connect_timeout_ms to be accepted), checks the
+  // server's peer credentials against `expected` (kNotPermitted on a mismatch) and exchanges
+  // hello (at most 10 s).
+  static Result<std::shared_ptr<Connection>> open(
+      const std::string& socket_path, const std::string& client_name,
+      int connect_timeout_ms = transport::kDefaultConnectTimeoutMs,
+      const std::optional<ExpectedPeer>& expected = std::nullopt);
 
   const ServerIdentity& server() const noexcept { return server_; }
 

@@ -8,16 +8,22 @@
 
 namespace companion::client {
 
-InstanceSource::InstanceSource(const ConnectOptions& options, registry::RegistryChoice choice)
+InstanceSource::InstanceSource(const ConnectOptions& options, registry::RegistryChoice choice,
+                               registry::TrustPolicy trust)
     : options_(options),
       choice_(std::move(choice)),
       hostname_(hostname()),
-      local_(options.runtime_dir.empty() ? registry::default_runtime_dir() : options.runtime_dir) {}
+      trust_(trust),
+      local_(options.runtime_dir.empty() ? registry::default_runtime_dir() : options.runtime_dir,
+             std::move(trust)) {}
 
 Result<std::unique_ptr<InstanceSource>> InstanceSource::open(const ConnectOptions& options) {
   COMPANION_ASSIGN_OR_RETURN(registry::RegistryChoice choice,
                              registry::choose_registry(options.registry));
-  std::unique_ptr<InstanceSource> source(new InstanceSource(options, std::move(choice)));
+  COMPANION_ASSIGN_OR_RETURN(registry::TrustPolicy trust,
+                             registry::TrustPolicy::from_environment(options.trusted_uids));
+  std::unique_ptr<InstanceSource> source(
+      new InstanceSource(options, std::move(choice), std::move(trust)));
   if (options.device == "host") {
     source->component_ = "model_server_host";
   } else {
@@ -26,8 +32,8 @@ Result<std::unique_ptr<InstanceSource>> InstanceSource::open(const ConnectOption
     source->gpu_uuid_ = gpu.uuid;
   }
   if (source->choice_.is_etcd())
-    source->etcd_ =
-        std::make_unique<registry::EtcdDirectory>(source->choice_.etcd_endpoints, options.ns);
+    source->etcd_ = std::make_unique<registry::EtcdDirectory>(
+        source->choice_.etcd_endpoints, options.ns, 1500, source->choice_.etcd_security);
   return source;
 }
 
@@ -48,6 +54,9 @@ std::vector<ServerIdentity> InstanceSource::local_records() const {
     auto local = local_.list(options_.ns);
     local_cache_ = local.ok() ? std::move(*local) : std::vector<ServerIdentity>{};
     local_cache_at_ = now;
+    // Said once, where no instance is found (describe()), rather than at every listing.
+    local_refusal_ =
+        !local.ok() && local.error().code == StatusCode::kNotPermitted ? local.error().message : "";
   }
   return local_cache_;
 }
@@ -78,6 +87,10 @@ std::vector<ServerIdentity> InstanceSource::wait_for_any(double timeout_s) const
 
 std::string InstanceSource::describe() const {
   std::string where = choice_.is_etcd() ? choice_.url : "local registry " + local_.runtime_dir();
+  {
+    std::lock_guard<std::mutex> lock(cache_mutex_);
+    if (!local_refusal_.empty()) where += "; its records are ignored: " + local_refusal_;
+  }
   if (etcd_) {
     auto snapshot = etcd_->snapshot();
     if (!snapshot.synced)

@@ -27,9 +27,12 @@ class InstanceSource {
   std::vector<ServerIdentity> wait_for_any(double timeout_s) const;
   // "registry etcd://... namespace 'x' device host", for messages.
   std::string describe() const;
+  // The owners whose records and sockets this client trusts.
+  const registry::TrustPolicy& trust() const noexcept { return trust_; }
 
  private:
-  InstanceSource(const ConnectOptions& options, registry::RegistryChoice choice);
+  InstanceSource(const ConnectOptions& options, registry::RegistryChoice choice,
+                 registry::TrustPolicy trust);
   bool accepts(const ServerIdentity& record) const;
 
   ConnectOptions options_;
@@ -39,12 +42,14 @@ class InstanceSource {
   std::string hostname_;
   std::vector<ServerIdentity> local_records() const;
 
+  registry::TrustPolicy trust_;
   registry::LocalRegistry local_;
   std::unique_ptr<registry::EtcdDirectory> etcd_;
   // The local registry's listing (a directory scan and a lock probe per record) is reused for a
   // moment: requests come faster than instances change, and a dead one is noticed on connect.
   mutable std::mutex cache_mutex_;
   mutable std::vector<ServerIdentity> local_cache_;
+  mutable std::string local_refusal_;  // why the local registry was refused ("" if it was not)
   mutable std::chrono::steady_clock::time_point local_cache_at_{};
 };
 

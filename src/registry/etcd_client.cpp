@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/base64.hpp"
+#include "common/util.hpp"
 
 namespace companion::registry {
 namespace {
@@ -62,6 +63,39 @@ std::string error_text(const std::string& body) {
   return body.substr(0, 200);
 }
 
+// TLS settings for one transfer: the CA that signs etcd's certificate and our client certificate.
+// Peer and host verification stay on (libcurl's defaults).
+void apply_tls(CURL* curl, const EtcdSecurity& security) {
+  if (!security.ca_file.empty()) curl_easy_setopt(curl, CURLOPT_CAINFO, security.ca_file.c_str());
+  if (!security.cert_file.empty())
+    curl_easy_setopt(curl, CURLOPT_SSLCERT, security.cert_file.c_str());
+  if (!security.key_file.empty()) curl_easy_setopt(curl, CURLOPT_SSLKEY, security.key_file.c_str());
+}
+
+// A transfer that failed on TLS: the handshake, a certificate (ours, theirs, a CA file), or
+// etcd refusing us for want of one. Not worth trying again as it is.
+bool tls_refused(CURLcode rc, const char* detail) {
+  switch (rc) {
+    case CURLE_SSL_CONNECT_ERROR:
+    case CURLE_PEER_FAILED_VERIFICATION:
+    case CURLE_SSL_CERTPROBLEM:
+    case CURLE_SSL_CIPHER:
+    case CURLE_SSL_CACERT_BADFILE:
+    case CURLE_SSL_ISSUER_ERROR:
+    case CURLE_SSL_ENGINE_NOTFOUND:
+    case CURLE_SSL_ENGINE_SETFAILED:
+      return true;
+    default:
+      // TLS 1.3 reports a missing client certificate at the first read, as an alert.
+      return rc == CURLE_RECV_ERROR &&
+             std::string_view(detail).find("certificate") != std::string_view::npos;
+  }
+}
+
+std::string curl_failure(CURLcode rc, const char* detail) {
+  return *detail != '\0' ? std::string(detail) : std::string(curl_easy_strerror(rc));
+}
+
 Result<json> parse_object(const std::string& body, const std::string& endpoint) {
   json j = json::parse(body, nullptr, false);
   if (!j.is_object())
@@ -74,11 +108,22 @@ Result<json> parse_object(const std::string& body, const std::string& endpoint) 
 }  // namespace
 
 Result<std::vector<std::string>> parse_etcd_endpoints(std::string_view url) {
-  constexpr std::string_view kScheme = "etcd://";
-  if (url.substr(0, kScheme.size()) != kScheme)
+  // etcd:// is plain HTTP; etcds:// (or https://) is TLS.
+  std::string_view rest;
+  std::string scheme;
+  for (auto [prefix, http_scheme] : {std::pair<std::string_view, const char*>{"etcd://", "http://"},
+                                     {"etcds://", "https://"},
+                                     {"https://", "https://"}}) {
+    if (url.substr(0, prefix.size()) == prefix) {
+      rest = url.substr(prefix.size());
+      scheme = http_scheme;
+      break;
+    }
+  }
+  if (scheme.empty())
     return make_error(StatusCode::kInvalidArgument,
-                      "registry '" + std::string(url) + "' is not etcd://host:port[,host:port]");
-  std::string_view rest = url.substr(kScheme.size());
+                      "registry '" + std::string(url) +
+                          "' is not etcd://host:port[,host:port] (or etcds://, https:// for TLS)");
   std::vector<std::string> endpoints;
   for (bool more = !rest.empty(); more;) {
     size_t comma = rest.find(',');
@@ -101,10 +146,10 @@ Result<std::vector<std::string>> parse_etcd_endpoints(std::string_view url) {
     if (!valid || port <= 0 || port > 65535)
       return make_error(StatusCode::kInvalidArgument,
                         "etcd endpoint '" + std::string(hostport) + "' is not host:port");
-    endpoints.push_back("http://" + std::string(hostport));
+    endpoints.push_back(scheme + std::string(hostport));
   }
   if (endpoints.empty())
-    return make_error(StatusCode::kInvalidArgument, "etcd:// names no endpoint");
+    return make_error(StatusCode::kInvalidArgument, std::string(url) + " names no endpoint");
   return endpoints;
 }
 
@@ -121,8 +166,8 @@ std::string prefix_range_end(std::string_view prefix) {
   return std::string(1, '\0');  // every key
 }
 
-EtcdClient::EtcdClient(std::vector<std::string> endpoints, int timeout_ms)
-    : endpoints_(std::move(endpoints)), timeout_ms_(timeout_ms) {
+EtcdClient::EtcdClient(std::vector<std::string> endpoints, int timeout_ms, EtcdSecurity security)
+    : endpoints_(std::move(endpoints)), timeout_ms_(timeout_ms), security_(std::move(security)) {
   if (endpoints_.empty()) endpoints_.push_back("http://127.0.0.1:2379");
   ensure_curl_initialised();
   curl_ = curl_easy_init();
@@ -133,40 +178,102 @@ EtcdClient::~EtcdClient() {
 }
 
 Result<std::string> EtcdClient::post(std::string_view path, const std::string& body) {
+  if (security_.user.empty()) return post_once(path, body, false);
+  if (token_.empty()) COMPANION_TRY(authenticate());
+  auto reply = post_once(path, body, true);
+  if (reply.ok() || !token_refused_) return reply;
+  // Tokens expire (etcd's --auth-token-ttl) or die with a restart: authenticate again, once.
+  token_.clear();
+  COMPANION_TRY(authenticate());
+  return post_once(path, body, true);
+}
+
+Result<void> EtcdClient::authenticate() {
+  auto password = read_small_file(security_.password_file, 4096);
+  if (!password.ok())
+    return make_error(StatusCode::kInvalidArgument,
+                      "etcd password file: " + password.error().message);
+  std::string secret = password->substr(0, password->find_first_of("\r\n"));
+  auto reply = post_once("/v3/auth/authenticate",
+                         json{{"name", security_.user}, {"password", secret}}.dump(), false);
+  if (!reply.ok()) {
+    if (reply.error().code == StatusCode::kUnavailable) return std::move(reply).error();
+    return make_error(StatusCode::kNotPermitted,
+                      "etcd refused user '" + security_.user + "': " + reply.error().message);
+  }
+  json j = json::parse(*reply, nullptr, false);
+  auto token = j.is_object() ? j.find("token") : j.end();
+  if (!j.is_object() || token == j.end() || !token->is_string() ||
+      token->get<std::string>().empty())
+    return make_error(StatusCode::kNotPermitted,
+                      "etcd at " + endpoint() + " gave user '" + security_.user + "' no token");
+  token_ = token->get<std::string>();
+  return ok_result();
+}
+
+Result<std::string> EtcdClient::post_once(std::string_view path, const std::string& body,
+                                          bool with_token) {
   auto* curl = static_cast<CURL*>(curl_);
   if (curl == nullptr) return make_error(StatusCode::kInternal, "curl_easy_init failed");
+  token_refused_ = false;
   std::string last_error;
+  StatusCode last_code = StatusCode::kUnavailable;
   for (size_t attempt = 0; attempt < endpoints_.size(); ++attempt) {
     const std::string& endpoint = endpoints_[current_];
     std::string url = endpoint + std::string(path);
     std::string reply;
+    char detail[CURL_ERROR_SIZE] = {0};
+    curl_slist* headers = curl_slist_append(nullptr, "Content-Type: application/json");
+    if (with_token && !token_.empty())
+      headers = curl_slist_append(headers, ("Authorization: " + token_).c_str());
     curl_easy_reset(curl);
     curl_easy_setopt(curl, CURLOPT_URL, url.c_str());
+    curl_easy_setopt(curl, CURLOPT_HTTPHEADER, headers);
     curl_easy_setopt(curl, CURLOPT_COPYPOSTFIELDS, body.c_str());
     curl_easy_setopt(curl, CURLOPT_WRITEFUNCTION, append_to_string);
     curl_easy_setopt(curl, CURLOPT_WRITEDATA, &reply);
+    curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, detail);
     curl_easy_setopt(curl, CURLOPT_TIMEOUT_MS, static_cast<long>(timeout_ms_));
     curl_easy_setopt(curl, CURLOPT_CONNECTTIMEOUT_MS, static_cast<long>(timeout_ms_));
     curl_easy_setopt(curl, CURLOPT_NOSIGNAL, 1L);
     curl_easy_setopt(curl, CURLOPT_NOPROXY, "*");  // etcd is reached directly, never via a proxy
+    apply_tls(curl, security_);
     CURLcode rc = curl_easy_perform(curl);
+    long http = 0;
+    if (rc == CURLE_OK) curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &http);
+    curl_easy_setopt(curl, CURLOPT_HTTPHEADER, nullptr);
+    curl_easy_setopt(curl, CURLOPT_ERRORBUFFER, nullptr);
+    curl_slist_free_all(headers);
     if (rc != CURLE_OK) {
-      last_error = "etcd at " + endpoint + ": " + curl_easy_strerror(rc);
+      last_error = "etcd at " + endpoint + ": " + curl_failure(rc, detail);
+      if (tls_refused(rc, detail)) {
+        last_code = StatusCode::kNotPermitted;
+        last_error += " (TLS: check the CA, client certificate and key)";
+      } else if (endpoint.rfind("https://", 0) == 0 &&
+                 (rc == CURLE_SEND_ERROR || rc == CURLE_RECV_ERROR)) {
+        // Under TLS 1.3 etcd refuses a missing or unknown client certificate after the
+        // handshake: the first read or write fails, with whatever error the race gives.
+        last_error += " (TLS: if it persists, check the client certificate and key)";
+      }
       current_ = (current_ + 1) % endpoints_.size();
       continue;
     }
-    long http = 0;
-    curl_easy_getinfo(curl, CURLINFO_RESPONSE_CODE, &http);
     if (http == 200) return reply;
     std::string message = "etcd at " + endpoint + std::string(path) + ": HTTP " +
                           std::to_string(http) + ": " + error_text(reply);
     if (http == 404) return make_error(StatusCode::kNotFound, message);
+    if (http == 401 || http == 403 || message.find("auth token") != std::string::npos ||
+        message.find("user name is empty") != std::string::npos) {
+      token_refused_ = http == 401 || message.find("auth token") != std::string::npos;
+      return make_error(StatusCode::kNotPermitted, message);
+    }
     if (http >= 400 && http < 500) return make_error(StatusCode::kInvalidArgument, message);
     // 5xx: this member cannot serve (no leader, shutting down); another one may.
     last_error = message;
+    last_code = StatusCode::kUnavailable;
     current_ = (current_ + 1) % endpoints_.size();
   }
-  return make_error(StatusCode::kUnavailable, last_error);
+  return make_error(last_code, last_error);
 }
 
 Result<int64_t> EtcdClient::grant(int64_t ttl_s) {
@@ -313,8 +420,13 @@ size_t feed_watch(char* data, size_t size, size_t count, void* user) {
 
 }  // namespace
 
-EtcdWatch::EtcdWatch(std::string endpoint, std::string prefix, int64_t start_revision)
-    : endpoint_(std::move(endpoint)), prefix_(std::move(prefix)), start_revision_(start_revision) {
+EtcdWatch::EtcdWatch(std::string endpoint, std::string prefix, int64_t start_revision,
+                     EtcdSecurity security, std::string token)
+    : endpoint_(std::move(endpoint)),
+      prefix_(std::move(prefix)),
+      start_revision_(start_revision),
+      security_(std::move(security)),
+      token_(std::move(token)) {
   ensure_curl_initialised();
   multi_ = curl_multi_init();
 }
@@ -343,6 +455,10 @@ Result<void> EtcdWatch::run(const Callback& on_events, const std::function<void(
   WatchStream stream;
   stream.on_events = &on_events;
   stream.on_created = &on_created;
+  curl_slist* headers = curl_slist_append(nullptr, "Content-Type: application/json");
+  if (!token_.empty()) headers = curl_slist_append(headers, ("Authorization: " + token_).c_str());
+  curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
+  apply_tls(easy, security_);
   curl_easy_setopt(easy, CURLOPT_URL, url.c_str());
   curl_easy_setopt(easy, CURLOPT_POSTFIELDS, body.c_str());
   curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, feed_watch);
@@ -375,6 +491,7 @@ Result<void> EtcdWatch::run(const Callback& on_events, const std::function<void(
   curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &http);
   curl_multi_remove_handle(multi, easy);
   curl_easy_cleanup(easy);
+  curl_slist_free_all(headers);
   if (stop_.load()) return ok_result();
   if (stream.cancelled) return make_error(StatusCode::kCancelled, stream.error);
   std::string why = done != CURLE_OK ? curl_easy_strerror(done)

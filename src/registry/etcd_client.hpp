@@ -15,6 +15,19 @@
 
 namespace companion::registry {
 
+// How to reach etcd securely: TLS (https:// endpoints, from etcds://) with an optional CA file
+// and client certificate, and user/password authentication through the gateway. Paths only: the
+// password is read from a file, never passed on a command line.
+struct EtcdSecurity {
+  std::string ca_file;        // PEM bundle that signs etcd's certificate ("" = system CAs)
+  std::string cert_file;      // client certificate (PEM), for --client-cert-auth
+  std::string key_file;       // its private key (PEM)
+  std::string user;           // etcd user ("" = no authentication)
+  std::string password_file;  // the user's password, first line of this file
+  bool any() const noexcept {
+    return !ca_file.empty() || !cert_file.empty() || !key_file.empty() || !user.empty();
+  }
+};
 struct EtcdKeyValue {
   std::string key;
   std::string value;
@@ -32,17 +45,21 @@ struct EtcdEvent {
   EtcdKeyValue kv;  // key only, for deletions
 };
 
-// "etcd://host:port[,host:port...]" → {"http://host:port", ...}. kInvalidArgument otherwise.
+// "etcd://host:port[,host:port...]" → {"http://host:port", ...}; "etcds://..." and "https://..."
+// → {"https://host:port", ...}. kInvalidArgument otherwise.
 Result<std::vector<std::string>> parse_etcd_endpoints(std::string_view url);
 // The end of the key range holding every key that starts with prefix (etcd's range_end).
 std::string prefix_range_end(std::string_view prefix);
 
 // Blocking requests. Each attempt is bounded by timeout_ms; a request that cannot reach an
 // endpoint moves on to the next one, so a request takes at most endpoints × timeout_ms. Failures
-// to reach etcd are kUnavailable. One thread at a time.
+// to reach etcd are kUnavailable; a TLS handshake or certificate that fails, or authentication
+// that etcd refuses, is kNotPermitted. With a user, the client authenticates on its first
+// request and again whenever etcd refuses its token. One thread at a time.
 class EtcdClient {
  public:
-  explicit EtcdClient(std::vector<std::string> endpoints, int timeout_ms = 1500);
+  explicit EtcdClient(std::vector<std::string> endpoints, int timeout_ms = 1500,
+                      EtcdSecurity security = {});
   ~EtcdClient();
   EtcdClient(const EtcdClient&) = delete;
   EtcdClient& operator=(const EtcdClient&) = delete;
@@ -63,14 +80,22 @@ class EtcdClient {
 
   // The endpoint that answered last (or the first).
   const std::string& endpoint() const noexcept { return endpoints_[current_]; }
+  // The authentication token in use ("" without a user, or before the first request).
+  const std::string& token() const noexcept { return token_; }
+  const EtcdSecurity& security() const noexcept { return security_; }
 
  private:
   Result<std::string> post(std::string_view path, const std::string& body);
+  Result<std::string> post_once(std::string_view path, const std::string& body, bool with_token);
+  Result<void> authenticate();
 
   std::vector<std::string> endpoints_;
   size_t current_ = 0;
   int timeout_ms_;
-  void* curl_ = nullptr;  // one easy handle, so the connection is reused between requests
+  EtcdSecurity security_;
+  std::string token_;
+  bool token_refused_ = false;  // the last request failed because etcd refused our token
+  void* curl_ = nullptr;        // one easy handle, so the connection is reused between requests
 };
 
 // A watch on every key under a prefix, on one endpoint. run() blocks on the calling thread;
@@ -79,8 +104,9 @@ class EtcdWatch {
  public:
   using Callback = std::function<void(const std::vector<EtcdEvent>& events, int64_t revision)>;
 
-  // start_revision 0 = from now on.
-  EtcdWatch(std::string endpoint, std::string prefix, int64_t start_revision);
+  // start_revision 0 = from now on. token: the Authorization header (from EtcdClient::token()).
+  EtcdWatch(std::string endpoint, std::string prefix, int64_t start_revision,
+            EtcdSecurity security = {}, std::string token = {});
   ~EtcdWatch();
   EtcdWatch(const EtcdWatch&) = delete;
   EtcdWatch& operator=(const EtcdWatch&) = delete;
@@ -95,6 +121,8 @@ class EtcdWatch {
   std::string endpoint_;
   std::string prefix_;
   int64_t start_revision_;
+  EtcdSecurity security_;
+  std::string token_;
   std::atomic<bool> stop_{false};
   void* multi_ = nullptr;
 };

@@ -15,10 +15,24 @@ std::string etcd_key_for(const ServerIdentity& record) {
   return etcd_namespace_prefix(record.ns) + record.component + "/" + record.instance_id;
 }
 
+Result<ServerIdentity> record_from_etcd(const EtcdKeyValue& kv) {
+  constexpr size_t kMaxRecordBytes = 64 * 1024;
+  if (kv.value.size() > kMaxRecordBytes)
+    return make_error(StatusCode::kInvalidArgument, "record is larger than 64 KiB");
+  COMPANION_ASSIGN_OR_RETURN(ServerIdentity record, record_from_json(kv.value));
+  // A record filed under another instance's key would shadow or impersonate it.
+  if (etcd_key_for(record) != kv.key)
+    return make_error(StatusCode::kInvalidArgument,
+                      "record names " + etcd_key_for(record) + ", not its key");
+  return record;
+}
+
 // ---- announcer ---------------------------------------------------------------------------------
 
-EtcdAnnouncer::EtcdAnnouncer(std::vector<std::string> endpoints, ServerIdentity record, int ttl_s)
+EtcdAnnouncer::EtcdAnnouncer(std::vector<std::string> endpoints, ServerIdentity record, int ttl_s,
+                             EtcdSecurity security)
     : endpoints_(std::move(endpoints)),
+      security_(std::move(security)),
       record_(std::move(record)),
       key_(etcd_key_for(record_)),
       value_(record_to_json(record_)),
@@ -36,7 +50,7 @@ EtcdAnnouncer::~EtcdAnnouncer() {
   thread_.join();
   if (state_.lease_id != 0) {
     // Revoking deletes the key now instead of a TTL later; if etcd is away the lease lapses.
-    EtcdClient etcd(endpoints_, 500);
+    EtcdClient etcd(endpoints_, 500, security_);
     auto r = etcd.revoke(state_.lease_id);
     if (!r.ok())
       log::warn("leaving etcd: " + r.error().message + " (the record lapses with its lease)");
@@ -105,7 +119,7 @@ void EtcdAnnouncer::run() {
   const auto request_timeout = std::clamp<int64_t>(interval.count() / requests, 100, 2000);
   // After a failure, try again sooner: the lease may be close to lapsing.
   const auto retry = std::min(interval, std::chrono::milliseconds(500));
-  EtcdClient etcd(endpoints_, static_cast<int>(request_timeout));
+  EtcdClient etcd(endpoints_, static_cast<int>(request_timeout), security_);
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
     auto started = std::chrono::steady_clock::now();
@@ -126,11 +140,13 @@ void EtcdAnnouncer::run() {
 
 // ---- directory ---------------------------------------------------------------------------------
 
-EtcdDirectory::EtcdDirectory(std::vector<std::string> endpoints, std::string ns, int timeout_ms)
+EtcdDirectory::EtcdDirectory(std::vector<std::string> endpoints, std::string ns, int timeout_ms,
+                             EtcdSecurity security)
     : endpoints_(std::move(endpoints)),
       prefix_(etcd_namespace_prefix(ns)),
-      timeout_ms_(timeout_ms) {
-  EtcdClient etcd(endpoints_, timeout_ms_);
+      timeout_ms_(timeout_ms),
+      security_(std::move(security)) {
+  EtcdClient etcd(endpoints_, timeout_ms_, security_);
   auto revision = resync(etcd);
   thread_ = std::thread([this, next = revision.ok() ? *revision + 1 : 0] { run(next); });
 }
@@ -182,7 +198,7 @@ Result<int64_t> EtcdDirectory::resync(EtcdClient& etcd) {
   }
   records_.clear();
   for (const auto& kv : range->kvs) {
-    auto record = record_from_json(kv.value);
+    auto record = record_from_etcd(kv);
     if (record.ok())
       records_[kv.key] = std::move(*record);
     else
@@ -202,7 +218,7 @@ void EtcdDirectory::apply(const std::vector<EtcdEvent>& events) {
       records_.erase(e.kv.key);
       continue;
     }
-    auto record = record_from_json(e.kv.value);
+    auto record = record_from_etcd(e.kv);
     if (record.ok())
       records_[e.kv.key] = std::move(*record);
     else
@@ -212,7 +228,9 @@ void EtcdDirectory::apply(const std::vector<EtcdEvent>& events) {
 }
 
 void EtcdDirectory::run(int64_t next_revision) {
-  EtcdClient etcd(endpoints_, timeout_ms_);
+  EtcdClient etcd(endpoints_, timeout_ms_, security_);
+  // The watch needs this client's token: list again first to authenticate.
+  if (!security_.user.empty()) next_revision = 0;
   std::unique_lock<std::mutex> lock(mutex_);
   while (!stopping_) {
     if (next_revision == 0) {
@@ -228,7 +246,8 @@ void EtcdDirectory::run(int64_t next_revision) {
     }
     // Created under the lock and checked against stopping_ there, so the destructor either sees
     // this watch (and stops it) or this thread sees stopping_.
-    auto watch = std::make_shared<EtcdWatch>(endpoint_, prefix_, next_revision);
+    auto watch =
+        std::make_shared<EtcdWatch>(endpoint_, prefix_, next_revision, security_, etcd.token());
     watch_ = watch;
     lock.unlock();
     auto r = watch->run([&](const std::vector<EtcdEvent>& events, int64_t) { apply(events); },

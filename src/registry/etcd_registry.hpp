@@ -38,7 +38,8 @@ struct AnnouncerState {
 // new one and writes the record again. Destruction revokes the lease, removing the key at once.
 class EtcdAnnouncer {
  public:
-  EtcdAnnouncer(std::vector<std::string> endpoints, ServerIdentity record, int ttl_s);
+  EtcdAnnouncer(std::vector<std::string> endpoints, ServerIdentity record, int ttl_s,
+                EtcdSecurity security = {});
   ~EtcdAnnouncer();
   EtcdAnnouncer(const EtcdAnnouncer&) = delete;
   EtcdAnnouncer& operator=(const EtcdAnnouncer&) = delete;
@@ -55,6 +56,7 @@ class EtcdAnnouncer {
   void mark_registered(bool wrote_record);
 
   std::vector<std::string> endpoints_;
+  EtcdSecurity security_;
   ServerIdentity record_;
   std::string key_;
   std::string value_;
@@ -66,9 +68,15 @@ class EtcdAnnouncer {
   std::thread thread_;
 };
 
-// A client's view of one namespace in etcd: every record under /services/<ns>/, read once at
-// open and kept current by a watch on a thread of its own. When etcd goes away the records last
-// seen stay; when it returns they are read again and the watch resumes.
+// The record stored under an etcd key, validated before use: at most 64 KiB, the full schema
+// (record_from_json) and a key that is the record's own (etcd_key_for). kInvalidArgument
+// otherwise.
+Result<ServerIdentity> record_from_etcd(const EtcdKeyValue& kv);
+
+// A client's view of one namespace in etcd: every valid record under /services/<ns>/
+// (record_from_etcd), read once at open and kept current by a watch on a thread of its own. When
+// etcd goes away the records last seen stay; when it returns they are read again and the watch
+// resumes.
 class EtcdDirectory {
  public:
   struct Snapshot {
@@ -80,7 +88,8 @@ class EtcdDirectory {
 
   // Reads the records once (each endpoint tried for up to timeout_ms; a failure is remembered,
   // not returned), then starts watching.
-  EtcdDirectory(std::vector<std::string> endpoints, std::string ns, int timeout_ms = 1500);
+  EtcdDirectory(std::vector<std::string> endpoints, std::string ns, int timeout_ms = 1500,
+                EtcdSecurity security = {});
   ~EtcdDirectory();
   EtcdDirectory(const EtcdDirectory&) = delete;
   EtcdDirectory& operator=(const EtcdDirectory&) = delete;
@@ -98,6 +107,7 @@ class EtcdDirectory {
   std::vector<std::string> endpoints_;
   std::string prefix_;
   int timeout_ms_;
+  EtcdSecurity security_;
   mutable std::mutex mutex_;
   mutable std::condition_variable changed_;
   std::map<std::string, ServerIdentity> records_;  // by key

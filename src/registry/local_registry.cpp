@@ -15,13 +15,17 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <thread>
 #include <utility>
 #include <vector>
 
+#include "common/log.hpp"
 #include "common/util.hpp"
 #include "registry/registry.hpp"
 
@@ -60,19 +64,27 @@ int64_t mtime_ms(const struct stat& st) {
   return static_cast<int64_t>(st.st_mtim.tv_sec) * 1000 + st.st_mtim.tv_nsec / 1'000'000;
 }
 
-// Whether `dir` exists, and if it does, that it is a directory this user owns (a symlink is
-// accepted only if the link itself and its target are this user's).
-Result<bool> check_dir(const std::string& dir) {
+std::string mode_text(mode_t mode) {
+  char text[8];
+  std::snprintf(text, sizeof(text), "%04o", static_cast<unsigned>(mode & 07777));
+  return text;
+}
+
+// Whether `dir` exists, and if it does, that it is a directory of a trusted owner that others
+// cannot write to (a symlink is accepted only if the link itself and its target are trusted).
+// In a directory others can write, anyone could plant records and sockets, or remove ours.
+Result<bool> check_dir(const std::string& dir, const TrustPolicy& trust) {
   struct stat st {};
   if (::lstat(dir.c_str(), &st) != 0) {
     if (errno == ENOENT) return false;
     return errno_error(StatusCode::kIoError, "stat " + dir, errno);
   }
-  const uid_t uid = ::getuid();
   if (S_ISLNK(st.st_mode)) {
-    if (st.st_uid != uid)
+    if (!trust.allows(st.st_uid))
       return make_error(StatusCode::kNotPermitted,
-                        "runtime directory " + dir + " is a symlink owned by another user");
+                        "runtime directory " + dir + " is a symlink owned by uid " +
+                            std::to_string(st.st_uid) + ", not a trusted owner (" +
+                            trust.describe() + ")");
     if (::stat(dir.c_str(), &st) != 0) {
       if (errno == ENOENT) return false;
       return errno_error(StatusCode::kIoError, "stat " + dir, errno);
@@ -81,23 +93,95 @@ Result<bool> check_dir(const std::string& dir) {
   if (!S_ISDIR(st.st_mode))
     return make_error(StatusCode::kNotPermitted,
                       "runtime directory " + dir + " exists and is not a directory");
-  if (st.st_uid != uid)
-    return make_error(StatusCode::kNotPermitted, "runtime directory " + dir + " is owned by uid " +
-                                                     std::to_string(st.st_uid) + ", not " +
-                                                     std::to_string(uid));
+  const std::string what = "runtime directory " + dir + " (owner uid " + std::to_string(st.st_uid) +
+                           ", mode " + mode_text(st.st_mode) + ")";
+  if (!trust.allows(st.st_uid))
+    return make_error(StatusCode::kNotPermitted,
+                      what + " belongs to a user this process does not trust (" + trust.describe() +
+                          "): use a directory of your own (--runtime-dir), or list its owner in "
+                          "COMPANION_TRUST_UID");
+  if ((st.st_mode & S_IWOTH) != 0)
+    return make_error(StatusCode::kNotPermitted,
+                      what +
+                          " is writable by every user, who could plant records and sockets "
+                          "there: make it 0770 or tighter (chmod o-w " +
+                          dir + ") or use another --runtime-dir");
   return true;
 }
 
-Result<void> make_dirs(const std::string& dir) {
+Result<void> make_dirs(const std::string& dir, std::optional<gid_t> group) {
   // Parents first (mode 0700 too), tolerating ones that exist.
   for (size_t pos = dir.find('/', 1); pos != std::string::npos; pos = dir.find('/', pos + 1)) {
     std::string parent = dir.substr(0, pos);
     if (::mkdir(parent.c_str(), 0700) != 0 && errno != EEXIST)
       return errno_error(StatusCode::kIoError, "mkdir " + parent, errno);
   }
-  if (::mkdir(dir.c_str(), 0700) != 0 && errno != EEXIST)
+  if (::mkdir(dir.c_str(), 0700) != 0) {
+    if (errno == EEXIST) return ok_result();  // someone else's: check_dir judges it
     return errno_error(StatusCode::kIoError, "mkdir " + dir, errno);
+  }
+  // Ours: group first, then the mode, set explicitly since mkdir's follows the umask. Until then
+  // it is 0700 at most, so nobody else enters it meanwhile.
+  UniqueFd fd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!fd) return errno_error(StatusCode::kIoError, "open " + dir, errno);
+  if (group && ::fchown(fd.get(), static_cast<uid_t>(-1), *group) != 0)
+    return errno_error(StatusCode::kIoError, "chgrp " + std::to_string(*group) + " " + dir, errno);
+  if (::fchmod(fd.get(), 0770) != 0)
+    return errno_error(StatusCode::kIoError, "chmod " + dir, errno);
   return ok_result();
+}
+
+// Opens a record or lock file of the runtime directory without ever blocking or following a
+// link: a FIFO opened for reading would wait for a writer for ever. Returns the descriptor and
+// its stat; kNotPermitted when it is not a regular file or its owner is not trusted.
+Result<std::pair<UniqueFd, struct stat>> open_registry_file(const std::string& path, int flags,
+                                                            const TrustPolicy& trust) {
+  UniqueFd fd(::open(path.c_str(), flags | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0644));
+  if (!fd) {
+    int err = errno;
+    if (err == ELOOP) return make_error(StatusCode::kNotPermitted, path + " is a symlink");
+    return errno_error(err == ENOENT ? StatusCode::kNotFound : StatusCode::kIoError, "open " + path,
+                       err);
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return errno_error(StatusCode::kIoError, "stat " + path, errno);
+  if (!S_ISREG(st.st_mode))
+    return make_error(StatusCode::kNotPermitted, path + " is not a regular file");
+  if (!trust.allows(st.st_uid))
+    return make_error(StatusCode::kNotPermitted,
+                      path + " belongs to uid " + std::to_string(st.st_uid) +
+                          ", not a trusted owner (" + trust.describe() + ")");
+  return std::pair<UniqueFd, struct stat>(std::move(fd), st);
+}
+
+// The record's text and its owner; kInvalidArgument when it is too large.
+Result<std::pair<std::string, uid_t>> read_record(const std::string& path,
+                                                  const TrustPolicy& trust) {
+  COMPANION_ASSIGN_OR_RETURN(auto opened, open_registry_file(path, O_RDONLY, trust));
+  auto& [fd, st] = opened;
+  if (st.st_size > static_cast<off_t>(kMaxRecordBytes))
+    return make_error(StatusCode::kInvalidArgument, path + " is larger than 64 KiB");
+  std::string text(static_cast<size_t>(st.st_size), '\0');
+  size_t done = 0;
+  while (done < text.size()) {
+    ssize_t n = ::read(fd.get(), text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno_error(StatusCode::kIoError, "read " + path, errno);
+    if (n == 0) break;
+    done += static_cast<size_t>(n);
+  }
+  text.resize(done);
+  return std::pair<std::string, uid_t>(std::move(text), st.st_uid);
+}
+
+// Says once per path and reason why a record is skipped: listings repeat several times a second.
+void report_skipped(const std::string& path, const std::string& why) {
+  static std::mutex mutex;
+  static std::set<std::string> reported;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (reported.size() > 1024) return;  // bounded: a flood of planted files says no more
+  if (reported.insert(path + '\n' + why).second)
+    log::warn("ignoring registry record " + path + ": " + why);
 }
 
 class LocalRegistration final : public Registration {
@@ -128,17 +212,23 @@ class LocalRegistration final : public Registration {
   UniqueFd lock_;
 };
 
-enum class Liveness { kAlive, kDead };
+enum class Liveness { kAlive, kDead, kUntrusted };
 
 // Decides whether the instance `id` is alive without blocking. If its lock can be taken the
 // instance is dead and its files are removed (json, sock, then lock while holding it). A missing
 // lock file means dead too: it is created just to hold it while cleaning, so a server
 // re-registering the same id meanwhile is never disturbed. When liveness cannot be determined
-// (unexpected errors), the instance is reported alive and nothing is removed.
-Liveness check_and_reap(const LocalRegistry& reg, const std::string& id) {
+// (unexpected errors), the instance is reported alive and nothing is removed. A lock file that
+// is not a regular file of a trusted owner is kUntrusted: its record is skipped, nothing removed.
+Liveness check_and_reap(const LocalRegistry& reg, const std::string& id, const TrustPolicy& trust) {
   const std::string lock_path = reg.lock_path_for(id);
-  UniqueFd fd(::open(lock_path.c_str(), O_RDONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644));
-  if (!fd) return Liveness::kAlive;
+  auto opened = open_registry_file(lock_path, O_RDONLY | O_CREAT, trust);
+  if (!opened.ok()) {
+    // Not a regular file of a trusted owner: not ours to judge or remove.
+    if (opened.error().code == StatusCode::kNotPermitted) return Liveness::kUntrusted;
+    return Liveness::kAlive;
+  }
+  UniqueFd fd = std::move(opened->first);
   if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) return Liveness::kAlive;  // held: alive
   // Another cleaner may have removed this inode (and a new instance created a new one) between
   // our open and flock: then those files are not ours to touch, and this record is gone anyway.
@@ -163,15 +253,24 @@ std::string default_runtime_dir() {
   return "/tmp/companion-" + std::to_string(::getuid());
 }
 
-LocalRegistry::LocalRegistry(std::string runtime_dir) : dir_(std::move(runtime_dir)) {}
+LocalRegistry::LocalRegistry(std::string runtime_dir)
+    : LocalRegistry(std::move(runtime_dir), [] {
+        auto trust = TrustPolicy::from_environment();
+        if (trust.ok()) return std::move(trust).value();
+        log::warn(trust.error().message + "; trusting only this user and root");
+        return TrustPolicy();
+      }()) {}
+
+LocalRegistry::LocalRegistry(std::string runtime_dir, TrustPolicy trust)
+    : dir_(std::move(runtime_dir)), trust_(std::move(trust)) {}
 
 Result<void> LocalRegistry::ensure_dir() const {
   if (dir_.empty()) return make_error(StatusCode::kInvalidArgument, "runtime directory is empty");
-  COMPANION_ASSIGN_OR_RETURN(bool exists, check_dir(dir_));
+  COMPANION_ASSIGN_OR_RETURN(bool exists, check_dir(dir_, trust_));
   if (exists) return ok_result();
-  COMPANION_TRY(make_dirs(dir_));
+  COMPANION_TRY(make_dirs(dir_, dir_group_));
   // Re-check: it may have been created concurrently, by someone else.
-  COMPANION_ASSIGN_OR_RETURN(exists, check_dir(dir_));
+  COMPANION_ASSIGN_OR_RETURN(exists, check_dir(dir_, trust_));
   if (!exists)
     return make_error(StatusCode::kIoError, "runtime directory " + dir_ + " vanished after mkdir");
   return ok_result();
@@ -197,6 +296,13 @@ Result<std::unique_ptr<Registration>> LocalRegistry::register_instance(
         "instance id '" + record.instance_id + "' is not 1 to 64 characters of [0-9a-zA-Z_-]");
   ServerIdentity rec = record;
   if (rec.socket_path.empty()) rec.socket_path = socket_path_for(rec.instance_id);
+  if (rec.socket_path.front() != '/') {
+    // Records name absolute paths: clients run in other directories.
+    char cwd[4096];
+    if (::getcwd(cwd, sizeof(cwd)) == nullptr)
+      return errno_error(StatusCode::kIoError, "getcwd", errno);
+    rec.socket_path = join(cwd, rec.socket_path);
+  }
   if (rec.hostname.empty()) rec.hostname = hostname();
   if (rec.pid == 0) rec.pid = static_cast<int64_t>(::getpid());
   if (rec.started_at_ms == 0) rec.started_at_ms = unix_time_ms();
@@ -211,8 +317,9 @@ Result<std::unique_ptr<Registration>> LocalRegistry::register_instance(
       std::this_thread::sleep_for(delay);
       delay *= 2;
     }
-    UniqueFd fd(::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644));
-    if (!fd) return errno_error(StatusCode::kIoError, "open " + lock_path, errno);
+    COMPANION_ASSIGN_OR_RETURN(auto opened,
+                               open_registry_file(lock_path, O_RDWR | O_CREAT, trust_));
+    UniqueFd fd = std::move(opened.first);
     if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
       int err = errno;
       if (err != EWOULDBLOCK) return errno_error(StatusCode::kIoError, "flock " + lock_path, err);
@@ -241,7 +348,7 @@ Result<std::vector<ServerIdentity>> LocalRegistry::list(const std::string& ns,
                                                         const std::string& component) const {
   std::vector<ServerIdentity> out;
   if (dir_.empty()) return make_error(StatusCode::kInvalidArgument, "runtime directory is empty");
-  COMPANION_ASSIGN_OR_RETURN(bool exists, check_dir(dir_));
+  COMPANION_ASSIGN_OR_RETURN(bool exists, check_dir(dir_, trust_));
   if (!exists) return out;
 
   std::vector<std::string> ids;
@@ -264,23 +371,44 @@ Result<std::vector<ServerIdentity>> LocalRegistry::list(const std::string& ns,
 
   for (const std::string& id : ids) {
     const std::string json_path = record_path_for(id);
-    auto text = read_small_file(json_path, kMaxRecordBytes);
+    auto text = read_record(json_path, trust_);
+    if (!text.ok() && text.error().code == StatusCode::kNotPermitted) {
+      // Planted by someone we do not trust, or not a file: never read, never removed.
+      report_skipped(json_path, text.error().message);
+      continue;
+    }
     if (!text.ok() && text.error().code != StatusCode::kInvalidArgument) continue;  // gone
     Result<ServerIdentity> parsed =
-        text.ok() ? record_from_json(*text) : Result<ServerIdentity>(std::move(text).error());
+        text.ok() ? record_from_json(text->first) : Result<ServerIdentity>(std::move(text).error());
     if (parsed.ok() && parsed->instance_id != id)
       parsed = make_error(StatusCode::kInvalidArgument, "record id does not match its file name");
     if (!parsed.ok()) {
       // Unreadable: skip it; once it is old and nobody holds its lock, remove it.
       struct stat st {};
-      if (::stat(json_path.c_str(), &st) == 0 &&
+      if (::lstat(json_path.c_str(), &st) == 0 && S_ISREG(st.st_mode) &&
           unix_time_ms() - mtime_ms(st) > kCorruptRecordGraceMs)
-        (void)check_and_reap(*this, id);
+        (void)check_and_reap(*this, id, trust_);
       continue;
     }
     // Liveness is checked for every record, not only matching ones, so dead ones of any
     // namespace are cleaned up.
-    if (check_and_reap(*this, id) != Liveness::kAlive) continue;
+    Liveness liveness = check_and_reap(*this, id, trust_);
+    if (liveness == Liveness::kUntrusted)
+      report_skipped(json_path, "its lock file " + lock_path_for(id) +
+                                    " is not a regular file of a trusted owner");
+    if (liveness != Liveness::kAlive) continue;
+    // The socket must be the record owner's: a record cannot vouch for someone else's server.
+    auto socket_owner = trusted_socket_owner(parsed->socket_path, trust_);
+    if (!socket_owner.ok() && socket_owner.error().code != StatusCode::kUnavailable) {
+      report_skipped(json_path, socket_owner.error().message);
+      continue;
+    }
+    if (socket_owner.ok() && *socket_owner != text->second) {
+      report_skipped(json_path, "its socket " + parsed->socket_path + " belongs to uid " +
+                                    std::to_string(*socket_owner) + ", the record to uid " +
+                                    std::to_string(text->second));
+      continue;
+    }
     if (!ns.empty() && parsed->ns != ns) continue;
     if (!component.empty() && parsed->component != component) continue;
     out.push_back(std::move(parsed).value());

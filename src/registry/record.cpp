@@ -115,6 +115,15 @@ Result<void> validate_record(const ServerIdentity& record) {
   COMPANION_TRY(check_name("component", record.component));
   if (record.socket_path.empty())
     return make_error(StatusCode::kInvalidArgument, "socket path is empty");
+  if (record.socket_path.front() != '/')
+    return make_error(StatusCode::kInvalidArgument,
+                      "socket path '" + record.socket_path + "' is not absolute");
+  if (record.socket_path.size() > kMaxSocketPathBytes)
+    return make_error(
+        StatusCode::kInvalidArgument,
+        "socket path is longer than " + std::to_string(kMaxSocketPathBytes) + " bytes");
+  if (record.socket_path.find('\0') != std::string::npos)
+    return make_error(StatusCode::kInvalidArgument, "socket path contains a NUL byte");
   if (record.pid < 0) return make_error(StatusCode::kInvalidArgument, "pid is negative");
   return ok_result();
 }

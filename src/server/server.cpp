@@ -911,8 +911,9 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   raise_descriptor_limit();
   if (options.ns.empty() || options.ns.find('/') != std::string::npos)
     return make_error(StatusCode::kInvalidArgument, "namespace must be non-empty without '/'");
-  COMPANION_ASSIGN_OR_RETURN(registry::RegistryChoice registry_choice,
-                             registry::choose_registry(options.registry));
+  COMPANION_ASSIGN_OR_RETURN(
+      registry::RegistryChoice registry_choice,
+      registry::choose_registry(options.registry, options.registry_security));
   if (options.registry_ttl_s < 1 || options.registry_ttl_s > 3600)
     return make_error(StatusCode::kInvalidArgument, "registry TTL must be 1..3600 s");
   COMPANION_ASSIGN_OR_RETURN(DeviceSetup setup, setup_device(options));
@@ -965,7 +966,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   // Announced last, once everything that can refuse to start has passed.
   if (registry_choice.is_etcd()) {
     auto announcer = std::make_unique<registry::EtcdAnnouncer>(
-        registry_choice.etcd_endpoints, raw->identity(), options.registry_ttl_s);
+        registry_choice.etcd_endpoints, raw->identity(), options.registry_ttl_s,
+        registry_choice.etcd_security);
     // Clients started right after us should find us; an absent etcd only delays the record.
     if (!announcer->wait_registered(std::chrono::milliseconds(1500)))
       log::warn("not registered in " + registry_choice.url + " yet (" +

@@ -12,6 +12,7 @@
 #include "checkpoint/checkpoint.hpp"
 #include "companion/result.hpp"
 #include "companion/types.hpp"
+#include "registry/etcd_client.hpp"
 
 namespace companion::server {
 
@@ -53,6 +54,9 @@ struct ServerOptions {
   // Where else to announce this instance: "" ($COMPANION_REGISTRY, else local only), "local",
   // or "etcd://host:port[,host:port]". The local registry always holds the instance's record.
   std::string registry;
+  // etcd TLS (CA, client certificate and key) and user/password-file authentication; empty
+  // fields come from $COMPANION_REGISTRY_CA, _CERT, _KEY, _USER, _PASSWORD_FILE.
+  registry::EtcdSecurity registry_security;
   int registry_ttl_s = 3;   // etcd lease TTL: a dead instance disappears from etcd within it
   std::string socket_path;  // "" = <runtime_dir>/<instance>.sock
   std::string hf_cache;     // "" = the usual HF environment rules

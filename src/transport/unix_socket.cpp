@@ -3,10 +3,13 @@
 #include <fcntl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 
 namespace companion::transport {
@@ -56,20 +59,58 @@ Result<UniqueFd> listen_unix(const std::string& path, const SocketAccess& access
   return fd;
 }
 
-Result<UniqueFd> connect_unix(const std::string& path) {
+namespace {
+
+Result<void> set_send_timeout(int fd, int timeout_ms) {
+  timeval tv{};
+  if (timeout_ms > 0) {
+    tv.tv_sec = timeout_ms / 1000;
+    tv.tv_usec = (timeout_ms % 1000) * 1000;
+  }
+  if (::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) != 0)
+    return errno_error(StatusCode::kIoError, "SO_SNDTIMEO", errno);
+  return ok_result();
+}
+
+}  // namespace
+
+Result<UniqueFd> connect_unix(const std::string& path, int timeout_ms) {
   COMPANION_ASSIGN_OR_RETURN(sockaddr_un addr, make_address(path));
   UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
   if (!fd) return errno_error(StatusCode::kIoError, "socket", errno);
-  int r;
-  do {
+  // A Unix socket's connect waits while the listener's backlog is full, for as long as the send
+  // timeout allows (and fails with EAGAIN after it). A non-blocking connect would fail at once
+  // instead, and poll() cannot wait for room in a backlog: the send timeout is the bounded wait.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  int r = -1;
+  int err = 0;
+  for (;;) {
+    int wait = 0;
+    if (timeout_ms >= 0) {
+      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+                      deadline - std::chrono::steady_clock::now())
+                      .count();
+      wait = static_cast<int>(std::max<int64_t>(left, 1));
+    }
+    COMPANION_TRY(set_send_timeout(fd.get(), wait));
     r = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
-  } while (r != 0 && errno == EINTR);
-  if (r != 0) {
-    int err = errno;
+    err = r == 0 ? 0 : errno;
+    if (err != EINTR) break;
+    if (timeout_ms >= 0 && std::chrono::steady_clock::now() >= deadline) {
+      err = EAGAIN;
+      break;
+    }
+  }
+  if (err != 0) {
+    if (err == EAGAIN || err == EWOULDBLOCK || err == EINPROGRESS)
+      return make_error(StatusCode::kTimeout, "connect " + path + ": not accepted within " +
+                                                  std::to_string(timeout_ms) +
+                                                  " ms (the server is stuck or overloaded)");
     if (err == ENOENT || err == ECONNREFUSED)
       return errno_error(StatusCode::kUnavailable, "connect " + path, err);
     return errno_error(StatusCode::kIoError, "connect " + path, err);
   }
+  COMPANION_TRY(set_send_timeout(fd.get(), 0));  // sends block as before
   return fd;
 }
 

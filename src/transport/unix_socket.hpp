@@ -22,8 +22,12 @@ struct SocketAccess {
 // Binds and listens on `path` (non-blocking, close-on-exec). An existing file at path is replaced.
 Result<UniqueFd> listen_unix(const std::string& path, const SocketAccess& access = {},
                              int backlog = 128);
-// Connects to `path` (blocking socket, close-on-exec). kUnavailable when nobody listens.
-Result<UniqueFd> connect_unix(const std::string& path);
+// How long connect_unix waits by default for a server to accept: a listener whose backlog is full
+// (stopped, or never accepting) would otherwise hold the caller for ever.
+constexpr int kDefaultConnectTimeoutMs = 5000;
+// Connects to `path` and returns a blocking, close-on-exec socket. kUnavailable when nobody
+// listens; kTimeout when the connection is not accepted within timeout_ms (< 0: no limit).
+Result<UniqueFd> connect_unix(const std::string& path, int timeout_ms = kDefaultConnectTimeoutMs);
 Result<void> set_nonblocking(int fd);
 
 struct PeerCredentials {

@@ -93,7 +93,13 @@ class EtcdProcess {
       ::_exit(127);
     }
     EtcdClient probe({endpoint()}, 500);
-    ready_ = eventually([&] { return probe.range_prefix("/probe").ok(); }, milliseconds(20000));
+    // Any answer will do: with authentication enabled, etcd answers by refusing.
+    ready_ = eventually(
+        [&] {
+          auto r = probe.range_prefix("/probe");
+          return r.ok() || r.error().code != StatusCode::kUnavailable;
+        },
+        milliseconds(20000));
   }
 
   void stop(int sig = SIGTERM) {
@@ -104,6 +110,7 @@ class EtcdProcess {
   }
 
   bool ready() const { return ready_; }
+  const std::string& dir() const { return dir_; }
 
  private:
   int client_port_;
@@ -411,6 +418,66 @@ TEST(EtcdDirectoryOffline, NeverSyncedUntilEtcdAnswers) {
   EXPECT_TRUE(snap.records.empty());
   EXPECT_FALSE(snap.last_error.empty());
   EXPECT_LT(Clock::now() - t0, milliseconds(2000));
+}
+
+}  // namespace
+}  // namespace companion::registry
+
+namespace companion::registry {
+namespace {
+
+// Enables authentication with user root, whose password is the first line of password_file
+// (given to etcdctl on stdin: never on a command line).
+bool enable_root_auth(const std::string& endpoint, const std::string& password_file) {
+  const std::string ctl = "etcdctl --endpoints=" + endpoint + " ";
+  for (const std::string& command :
+       {ctl + "user add root --interactive=false < " + password_file, ctl + "role add root",
+        ctl + "user grant-role root root", ctl + "auth enable"}) {
+    if (std::system((command + " > /dev/null 2>&1").c_str()) != 0) return false;
+  }
+  return true;
+}
+
+TEST_F(EtcdTest, AuthenticatesAndAuthenticatesAgainWhenItsTokenIsRefused) {
+  if (::access("/usr/bin/etcdctl", X_OK) != 0) GTEST_SKIP() << "etcd-client is not installed";
+  const std::string password = etcd_->dir() + "/password";
+  const std::string wrong = etcd_->dir() + "/wrong";
+  ASSERT_TRUE(write_file_atomic(password, "unit-secret\n", 0600).ok());
+  ASSERT_TRUE(write_file_atomic(wrong, "not-it\n", 0600).ok());
+  ASSERT_TRUE(enable_root_auth(etcd_->endpoint(), password));
+
+  EtcdSecurity security;
+  security.user = "root";
+  security.password_file = password;
+  EtcdClient etcd({etcd_->endpoint()}, 1500, security);
+  ASSERT_TRUE(etcd.put("/auth/a", "1").ok());
+  const std::string first_token = etcd.token();
+  EXPECT_FALSE(first_token.empty());
+
+  // etcd's simple tokens live in its memory: after a restart the old one is refused, and the
+  // client authenticates again by itself.
+  etcd_->stop();
+  etcd_->start();
+  ASSERT_TRUE(etcd_->ready());
+  auto got = etcd.get("/auth/a");
+  ASSERT_TRUE(got.ok()) << got.error().message;
+  ASSERT_TRUE(got->has_value());
+  EXPECT_EQ((*got)->value, "1");
+  EXPECT_NE(etcd.token(), first_token);
+
+  // A wrong password, and no user at all: refused, typed.
+  EtcdSecurity bad = security;
+  bad.password_file = wrong;
+  EtcdClient refused({etcd_->endpoint()}, 1500, bad);
+  auto r = refused.get("/auth/a");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kNotPermitted);
+  EXPECT_NE(r.error().message.find("etcd refused user 'root'"), std::string::npos)
+      << r.error().message;
+  EtcdClient anonymous({etcd_->endpoint()});
+  auto a = anonymous.get("/auth/a");
+  ASSERT_FALSE(a.ok());
+  EXPECT_EQ(a.error().code, StatusCode::kNotPermitted) << a.error().message;
 }
 
 }  // namespace

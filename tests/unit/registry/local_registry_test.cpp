@@ -5,7 +5,9 @@
 #include <signal.h>
 #include <sys/file.h>
 #include <sys/prctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -14,6 +16,7 @@
 #include <chrono>
 #include <climits>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <memory>
@@ -101,6 +104,17 @@ std::vector<std::string> ids_of(const std::vector<ServerIdentity>& records) {
   return out;
 }
 
+// A Unix socket bound at path (what a server would listen on).
+UniqueFd bind_socket(const std::string& path) {
+  UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (!fd || path.size() >= sizeof(addr.sun_path)) return UniqueFd();
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) return UniqueFd();
+  return fd;
+}
+
 // A forked process that registers `record` through the API (and creates its socket file), then
 // waits to be killed. Killed with SIGKILL and reaped on destruction.
 class ChildHolder {
@@ -121,8 +135,8 @@ class ChildHolder {
       auto registration = reg.register_instance(record);
       char status = 'E';
       if (registration.ok()) {
-        UniqueFd sock(::open(reg.socket_path_for(record.instance_id).c_str(),
-                             O_WRONLY | O_CREAT | O_CLOEXEC, 0600));
+        static UniqueFd sock;
+        sock = bind_socket(reg.socket_path_for(record.instance_id));
         status = sock ? 'R' : 'S';
         // Keep the registration alive: the process never returns from here.
         static std::unique_ptr<Registration> keep;
@@ -334,10 +348,11 @@ TEST_F(LocalRegistryTest, RejectsInvalidRecords) {
   EXPECT_TRUE(dir_entries(tmp_.path()).empty());
 }
 
-TEST_F(LocalRegistryTest, CreatesDirectoryWithMode0700) {
+TEST_F(LocalRegistryTest, CreatesDirectoryWithMode0770WhateverTheUmask) {
   const std::string dir = path("a/b/runtime");
   LocalRegistry reg(dir);
-  auto listed = reg.list();  // a missing directory lists nothing, and is not created
+  const mode_t old_umask = ::umask(0);  // the mode must not follow it (it gave 0700 before)
+  auto listed = reg.list();             // a missing directory lists nothing, and is not created
   ASSERT_TRUE(listed.ok()) << listed.error().to_string();
   EXPECT_TRUE(listed->empty());
   EXPECT_FALSE(exists(dir));
@@ -347,8 +362,134 @@ TEST_F(LocalRegistryTest, CreatesDirectoryWithMode0700) {
   struct stat st {};
   ASSERT_EQ(::stat(dir.c_str(), &st), 0);
   EXPECT_TRUE(S_ISDIR(st.st_mode));
-  EXPECT_EQ(st.st_mode & 0777, 0700u);
+  ::umask(old_umask);
+  EXPECT_EQ(st.st_mode & 07777, 0770u);
   EXPECT_TRUE(reg.ensure_dir().ok());
+}
+
+TEST_F(LocalRegistryTest, CreatedDirectoryGetsTheGivenGroup) {
+  if (::getuid() != 0) GTEST_SKIP() << "changing a directory's group to any group needs root";
+  const std::string dir = path("grouped");
+  LocalRegistry reg(dir);
+  reg.set_dir_group(65534);
+  ASSERT_TRUE(reg.ensure_dir().ok());
+  struct stat st {};
+  ASSERT_EQ(::stat(dir.c_str(), &st), 0);
+  EXPECT_EQ(st.st_gid, 65534u);
+  EXPECT_EQ(st.st_mode & 07777, 0770u);
+}
+
+TEST_F(LocalRegistryTest, RefusesDirectoryWritableByOthers) {
+  const std::string dir = path("open");
+  ASSERT_EQ(::mkdir(dir.c_str(), 0700), 0);
+  ASSERT_EQ(::chmod(dir.c_str(), 01777), 0);  // like /tmp: sticky or not, anyone may plant files
+  LocalRegistry reg(dir);
+  auto ensured = reg.ensure_dir();
+  ASSERT_FALSE(ensured.ok());
+  EXPECT_EQ(ensured.error().code, StatusCode::kNotPermitted);
+  // The message names the directory, its owner and mode, and what to do.
+  EXPECT_NE(ensured.error().message.find(dir), std::string::npos) << ensured.error().message;
+  EXPECT_NE(ensured.error().message.find("mode 1777"), std::string::npos);
+  EXPECT_NE(ensured.error().message.find("owner uid " + std::to_string(::getuid())),
+            std::string::npos);
+  EXPECT_NE(ensured.error().message.find("chmod o-w"), std::string::npos);
+  auto listed = reg.list();
+  ASSERT_FALSE(listed.ok());
+  EXPECT_EQ(listed.error().code, StatusCode::kNotPermitted);
+  EXPECT_FALSE(reg.register_instance(make_record("x")).ok());
+}
+
+TEST_F(LocalRegistryTest, FifoRecordAndFifoLockNeverBlockAListing) {
+  // A FIFO opened for reading waits for a writer: the listing must skip these, not wait.
+  ChildHolder alive(tmp_.path(), make_record("alive"));
+  ASSERT_TRUE(alive.ready());
+  ASSERT_EQ(::mkfifo(path("fifo.json").c_str(), 0644), 0);
+  ServerIdentity fifolock = make_record("fifolock");
+  fifolock.socket_path = path("fifolock.sock");
+  ASSERT_TRUE(write_file_atomic(path("fifolock.json"), record_to_json(fifolock)).ok());
+  ASSERT_EQ(::mkfifo(path("fifolock.lock").c_str(), 0644), 0);
+  auto started = std::chrono::steady_clock::now();
+  auto listed = reg_.list();
+  EXPECT_LT(std::chrono::steady_clock::now() - started, std::chrono::seconds(2));
+  ASSERT_TRUE(listed.ok()) << listed.error().to_string();
+  EXPECT_EQ(ids_of(*listed), (std::vector<std::string>{"alive"}));
+  // Skipped, not removed: they are not the registry's to judge.
+  EXPECT_TRUE(exists(path("fifo.json")));
+  EXPECT_TRUE(exists(path("fifolock.lock")));
+}
+
+TEST_F(LocalRegistryTest, SymlinkedRecordIsSkipped) {
+  ASSERT_TRUE(write_file_atomic(path("elsewhere"), record_to_json(make_record("linked"))).ok());
+  ASSERT_EQ(::symlink(path("elsewhere").c_str(), path("linked.json").c_str()), 0);
+  auto listed = reg_.list();
+  ASSERT_TRUE(listed.ok()) << listed.error().to_string();
+  EXPECT_TRUE(listed->empty());
+}
+
+TEST_F(LocalRegistryTest, RecordsOfUntrustedOwnersAreSkippedAndKept) {
+  if (::getuid() != 0) GTEST_SKIP() << "files of another owner are made as root";
+  ChildHolder alive(tmp_.path(), make_record("alive"));
+  ASSERT_TRUE(alive.ready());
+  // Another user's live record; and one of ours whose socket belongs to another user. Their
+  // locks are held (here: a lock on another open file description conflicts like a server's).
+  std::vector<UniqueFd> held;
+  for (const char* id : {"foreign", "foreignsock"}) {
+    ServerIdentity record = make_record(id);
+    record.socket_path = path(std::string(id) + ".sock");
+    ASSERT_TRUE(write_file_atomic(path(std::string(id) + ".json"), record_to_json(record)).ok());
+    held.emplace_back(
+        ::open(path(std::string(id) + ".lock").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+    ASSERT_TRUE(held.back());
+    ASSERT_EQ(::flock(held.back().get(), LOCK_EX), 0);
+  }
+  UniqueFd foreign_socket = bind_socket(path("foreignsock.sock"));
+  ASSERT_TRUE(foreign_socket);
+  UniqueFd own_socket = bind_socket(path("foreign.sock"));
+  ASSERT_TRUE(own_socket);
+  for (const char* file : {"foreign.json", "foreign.sock", "foreignsock.sock"})
+    ASSERT_EQ(::chown(path(file).c_str(), 65534, 65534), 0);
+  auto listed = reg_.list();
+  ASSERT_TRUE(listed.ok()) << listed.error().to_string();
+  EXPECT_EQ(ids_of(*listed), (std::vector<std::string>{"alive"}));
+  EXPECT_TRUE(exists(path("foreign.json")));
+
+  // Once that user is trusted, its record is listed; a socket that is not the record owner's
+  // is still refused.
+  ::setenv("COMPANION_TRUST_UID", "65534", 1);
+  auto trust = TrustPolicy::from_environment();
+  ::unsetenv("COMPANION_TRUST_UID");
+  ASSERT_TRUE(trust.ok());
+  EXPECT_TRUE(trust->allows(65534));
+  LocalRegistry trusting(tmp_.path(), *trust);
+  auto all = trusting.list();
+  ASSERT_TRUE(all.ok());
+  auto ids = ids_of(*all);
+  std::sort(ids.begin(), ids.end());
+  EXPECT_EQ(ids, (std::vector<std::string>{"alive", "foreign"}));
+}
+
+TEST(RegistryTrust, PolicyFromEnvironment) {
+  ::setenv("COMPANION_TRUST_UID", "12,34", 1);
+  auto trust = TrustPolicy::from_environment({56});
+  EXPECT_TRUE(trust.ok());
+  if (trust.ok()) {
+    EXPECT_TRUE(trust->allows(12));
+    EXPECT_TRUE(trust->allows(34));
+    EXPECT_TRUE(trust->allows(56));
+    EXPECT_TRUE(trust->allows(0));
+    EXPECT_TRUE(trust->allows(::getuid()));
+    EXPECT_FALSE(trust->allows(78));
+  }
+  for (const char* bad : {"x", "1,,2", "-1", "99999999999"}) {
+    ::setenv("COMPANION_TRUST_UID", bad, 1);
+    auto refused = TrustPolicy::from_environment();
+    EXPECT_FALSE(refused.ok()) << bad;
+    if (!refused.ok()) {
+      EXPECT_EQ(refused.error().code, StatusCode::kInvalidArgument);
+    }
+  }
+  ::unsetenv("COMPANION_TRUST_UID");
+  EXPECT_FALSE(TrustPolicy().allows(78));
 }
 
 TEST_F(LocalRegistryTest, RefusesDirectoryOfAnotherUser) {

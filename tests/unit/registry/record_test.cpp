@@ -7,6 +7,7 @@
 #include <optional>
 #include <string>
 
+#include "registry/etcd_registry.hpp"
 #include "registry/registry.hpp"
 
 namespace companion::registry {
@@ -187,6 +188,61 @@ TEST(RegistryRecord, ValidateRecord) {
   r = full_record();
   r.instance_id = "x y";
   EXPECT_EQ(validate_record(r).error().code, StatusCode::kInvalidArgument);
+  // Socket paths: absolute, at most what sockaddr_un holds, no NUL.
+  r = full_record();
+  r.socket_path = "relative.sock";
+  EXPECT_EQ(validate_record(r).error().code, StatusCode::kInvalidArgument);
+  r.socket_path = "/" + std::string(kMaxSocketPathBytes, 'a');
+  EXPECT_EQ(validate_record(r).error().code, StatusCode::kInvalidArgument);
+  r.socket_path = "/" + std::string(kMaxSocketPathBytes - 1, 'a');
+  EXPECT_TRUE(validate_record(r).ok());
+  r.socket_path = std::string("/a\0b", 4);
+  EXPECT_EQ(validate_record(r).error().code, StatusCode::kInvalidArgument);
+}
+
+TEST(RegistryRecord, EtcdRecordMustMatchItsKey) {
+  const ServerIdentity r = full_record();
+  EtcdKeyValue kv{etcd_key_for(r), record_to_json(r), 1, 0};
+  auto ok = record_from_etcd(kv);
+  ASSERT_TRUE(ok.ok()) << ok.error().to_string();
+  EXPECT_EQ(ok->instance_id, r.instance_id);
+  // Filed under another instance's key (it would shadow that instance), or another namespace's.
+  for (const std::string& key : {etcd_namespace_prefix(r.ns) + r.component + "/other",
+                                 std::string("/services/x/") + r.component + "/" + r.instance_id}) {
+    kv.key = key;
+    auto refused = record_from_etcd(kv);
+    ASSERT_FALSE(refused.ok()) << key;
+    EXPECT_EQ(refused.error().code, StatusCode::kInvalidArgument);
+  }
+  // Oversized, or not a record.
+  kv.key = etcd_key_for(r);
+  kv.value = std::string(64 * 1024 + 1, ' ');
+  EXPECT_FALSE(record_from_etcd(kv).ok());
+  kv.value = "[]";
+  EXPECT_FALSE(record_from_etcd(kv).ok());
+}
+
+TEST(RegistryChoice, EtcdSchemesAndSecurity) {
+  auto plain = choose_registry("etcd://127.0.0.1:2379,h:1");
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(plain->etcd_endpoints,
+            (std::vector<std::string>{"http://127.0.0.1:2379", "http://h:1"}));
+  for (const char* tls : {"etcds://127.0.0.1:2379", "https://127.0.0.1:2379"}) {
+    auto r = choose_registry(tls);
+    ASSERT_TRUE(r.ok()) << tls;
+    EXPECT_EQ(r->etcd_endpoints, (std::vector<std::string>{"https://127.0.0.1:2379"}));
+  }
+  EtcdSecurity cert_only;
+  cert_only.cert_file = "/c.pem";
+  EXPECT_EQ(choose_registry("etcds://h:1", cert_only).error().code, StatusCode::kInvalidArgument);
+  EtcdSecurity user_only;
+  user_only.user = "root";
+  EXPECT_EQ(choose_registry("etcd://h:1", user_only).error().code, StatusCode::kInvalidArgument);
+  ::setenv("COMPANION_REGISTRY_CA", "/from-env.pem", 1);
+  auto from_env = choose_registry("etcds://h:1");
+  ::unsetenv("COMPANION_REGISTRY_CA");
+  ASSERT_TRUE(from_env.ok());
+  EXPECT_EQ(from_env->etcd_security.ca_file, "/from-env.pem");
 }
 
 // Sets or unsets an environment variable for a scope, restoring it afterwards.
