@@ -919,11 +919,13 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   COMPANION_ASSIGN_OR_RETURN(DeviceSetup setup, setup_device(options));
   registry::LocalRegistry registry(options.runtime_dir.empty() ? registry::default_runtime_dir()
                                                                : options.runtime_dir);
+  COMPANION_ASSIGN_OR_RETURN(gid_t socket_group, resolve_group(options.connections.socket_group));
+  // The group that may reach the socket must reach the directory holding it and its record.
+  if (socket_group != static_cast<gid_t>(-1)) registry.set_dir_group(socket_group);
   COMPANION_TRY(registry.ensure_dir());
   ServerIdentity& id = setup.identity;
   id.socket_path =
       options.socket_path.empty() ? registry.socket_path_for(id.instance_id) : options.socket_path;
-  COMPANION_ASSIGN_OR_RETURN(gid_t socket_group, resolve_group(options.connections.socket_group));
   transport::SocketAccess access;
   if (socket_group != static_cast<gid_t>(-1)) {
     access.mode = 0660;
