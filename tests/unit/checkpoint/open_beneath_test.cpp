@@ -96,6 +96,8 @@ TEST_F(OpenBeneath, TheCheckpointHoldsOneOpenDescriptorPerFile) {
   EXPECT_EQ(descriptor_path(checkpoint->fds[1]->get()), root_ / "hub/blobs/bb");
   // Descriptors never leak into children.
   EXPECT_TRUE(::fcntl(checkpoint->fds[0]->get(), F_GETFD) & FD_CLOEXEC);
+  // Opened without blocking; read as any file.
+  EXPECT_FALSE(::fcntl(checkpoint->fds[0]->get(), F_GETFL) & O_NONBLOCK);
 
   put("single/model.safetensors", file_with({"w"}));
   auto single = open("single/model.safetensors");
