@@ -73,11 +73,10 @@ Error not_regular(const std::string& path) {
   return bad(path + " is not a regular file");
 }
 
-Error too_many_files(const std::string& where, size_t count, size_t limit) {
+Error too_many_files(const std::string& where, const std::string& count, size_t limit) {
   count_refusal(Refusal::kFiles);
   return make_error(StatusCode::kLimitExceeded,
-                    where + " has " + std::to_string(count) +
-                        " .safetensors files, over this server's limit of " +
+                    where + " has " + count + " .safetensors files, over this server's limit of " +
                         std::to_string(limit) + " (--max-checkpoint-files)");
 }
 
@@ -98,12 +97,15 @@ Result<std::vector<OpenedFile>> open_listed_files(const OpenedFile& dir_file,
     return errno_error(StatusCode::kIoError, "open directory " + dir, err);
   }
   std::vector<std::string> names;
+  // Stops at the first name past the limit: a directory of millions of names costs no memory.
   while (struct dirent* ent = ::readdir(d)) {
     std::string name = ent->d_name;
     if (ends_with(name, kSafetensorsSuffix)) names.push_back(std::move(name));
+    if (names.size() > limits.max_files) break;
   }
   ::closedir(d);
-  if (names.size() > limits.max_files) return too_many_files(dir, names.size(), limits.max_files);
+  if (names.size() > limits.max_files)
+    return too_many_files(dir, "more than " + std::to_string(limits.max_files), limits.max_files);
   std::sort(names.begin(), names.end());
 
   std::vector<OpenedFile> files;
@@ -201,7 +203,7 @@ Result<Checkpoint> open_indexed(const std::string& dir, const OpenedFile& index_
   if (file_names.empty()) return bad(index_path + ": weight_map is empty");
 
   if (file_names.size() > limits.max_files)
-    return too_many_files(index_path, file_names.size(), limits.max_files);
+    return too_many_files(index_path, std::to_string(file_names.size()), limits.max_files);
   std::vector<OpenedFile> files;
   for (const std::string& file_name : file_names) {
     std::string path = dir + "/" + file_name;

@@ -104,6 +104,13 @@ Result<OpenedFile> finish_open(UniqueFd fd, const std::string& shown) {
   out.fd = std::move(fd);
   if (::fstat(out.fd.get(), &out.st) != 0)
     return errno_error(StatusCode::kIoError, "stat " + shown, errno);
+  // O_NONBLOCK was for the open (a FIFO must not wait for a writer); a regular file's reads do
+  // not need it, and some file systems (FUSE) would pass it on.
+  if (S_ISREG(out.st.st_mode)) {
+    int flags = ::fcntl(out.fd.get(), F_GETFL);
+    if (flags < 0 || ::fcntl(out.fd.get(), F_SETFL, flags & ~O_NONBLOCK) != 0)
+      return errno_error(StatusCode::kIoError, "fcntl " + shown, errno);
+  }
   return out;
 }
 

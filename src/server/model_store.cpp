@@ -240,10 +240,10 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
   auto ckpt = checkpoint::open_checkpoint(model.source.path, roots, config_.checkpoint_limits);
   if (!ckpt.ok()) return fail(ckpt.error());
   if (ckpt->tensors.size() > protocol::kMaxTensors)
-    return fail(make_error(StatusCode::kLimitExceeded, "checkpoint has " +
-                                                           std::to_string(ckpt->tensors.size()) +
-                                                           " tensors; one model may have at most " +
-                                                           std::to_string(protocol::kMaxTensors)));
+    return fail(make_error(StatusCode::kInvalidArgument,
+                           "checkpoint has " + std::to_string(ckpt->tensors.size()) +
+                               " tensors; one model may have at most " +
+                               std::to_string(protocol::kMaxTensors)));
   loader::ShardOptions shard;
   shard.tp_size = model.spec.tp_size;
   shard.tp_rank = model.spec.tp_rank;

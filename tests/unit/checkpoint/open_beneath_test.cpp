@@ -96,6 +96,8 @@ TEST_F(OpenBeneath, TheCheckpointHoldsOneOpenDescriptorPerFile) {
   EXPECT_EQ(descriptor_path(checkpoint->fds[1]->get()), root_ / "hub/blobs/bb");
   // Descriptors never leak into children.
   EXPECT_TRUE(::fcntl(checkpoint->fds[0]->get(), F_GETFD) & FD_CLOEXEC);
+  // Opened without blocking; read as any file.
+  EXPECT_FALSE(::fcntl(checkpoint->fds[0]->get(), F_GETFL) & O_NONBLOCK);
 
   put("single/model.safetensors", file_with({"w"}));
   auto single = open("single/model.safetensors");
@@ -307,7 +309,7 @@ TEST_F(OpenBeneath, TheFileCountIsCheckedBeforeFilesAreOpened) {
   put("m/c.safetensors", file_with({"c"}));
   uint64_t before = refusal_counts().files;
   expect_error(open("m", limits), StatusCode::kLimitExceeded,
-               {root_ / "m", "3", "--max-checkpoint-files"});
+               {root_ / "m", "more than 2", "--max-checkpoint-files"});
   EXPECT_EQ(refusal_counts().files, before + 1);
   put("m/model.safetensors.index.json",
       R"({"weight_map":{"a":"a.safetensors","b":"b.safetensors","c":"c.safetensors"}})");
