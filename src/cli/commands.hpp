@@ -7,6 +7,10 @@
 #include "companion/client.hpp"
 #include "server/server.hpp"
 
+namespace CLI {
+class App;
+}
+
 namespace companion::cli {
 
 struct ModelArgs {
@@ -33,6 +37,9 @@ struct AttachOptions {
   double hold_s = 0;       // keep the mapping this long before exiting
   size_t show = 8;         // tensors listed in the table
 };
+
+// The `serve` options that limit what the store holds.
+void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve);
 
 // A spec from command-line arguments (local paths made absolute).
 Result<ModelSpec> make_spec(const ModelArgs& model);

@@ -69,6 +69,7 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--load-threads", serve.load_threads, "Models loading at once")
       ->capture_default_str();
   serve_cmd->add_option("--preload", serve.preload, "Model to load at start (repeatable)");
+  cli::add_store_limit_options(*serve_cmd, serve);
   serve_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
       ->capture_default_str();
 

@@ -1,4 +1,5 @@
 // `companion serve`: runs a server until SIGINT or SIGTERM.
+#include <CLI/CLI.hpp>
 #include <csignal>
 #include <cstdio>
 #include <thread>
@@ -7,6 +8,25 @@
 #include "common/log.hpp"
 
 namespace companion::cli {
+
+void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve) {
+  serve_cmd.add_option("--max-models", serve.max_models, "Models held at once, loaded or loading")
+      ->capture_default_str();
+  serve_cmd
+      .add_option("--max-variants-per-source", serve.max_variants_per_source,
+                  "Variants (dtype, shard, tag) held of one checkpoint")
+      ->capture_default_str();
+  serve_cmd
+      .add_option("--max-error-entries", serve.max_error_entries,
+                  "Failed loads listed at most (the oldest are dropped)")
+      ->capture_default_str();
+  serve_cmd.add_option("--error-ttl", serve.error_ttl_s, "Seconds a failed load stays listed")
+      ->capture_default_str();
+  serve_cmd
+      .add_option("--memory-reserve", serve.memory_reserve,
+                  "Device memory loads must leave free: bytes (1GiB, 512MiB) or a share (10%)")
+      ->capture_default_str();
+}
 
 int run_serve(const server::ServerOptions& options, const std::string& log_level) {
   if (!log::set_level(log_level)) {

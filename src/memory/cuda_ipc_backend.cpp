@@ -152,6 +152,11 @@ class IpcBackend final : public Backend {
     return std::unique_ptr<Slab>(std::move(slab));
   }
 
+  Result<MemoryAvailability> available_bytes() const override {
+    COMPANION_ASSIGN_OR_RETURN(auto info, cuda::device_memory_info(ordinal_));
+    return MemoryAvailability{info.first, info.second};
+  }
+
  private:
   const cuda::DriverApi* api_;
   int ordinal_;
