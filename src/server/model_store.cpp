@@ -126,7 +126,9 @@ Result<void> parse_memory_reserve(const std::string& text, StoreConfig& config) 
   if (digits == 0 || digits > 20) return bad();
   double number = 0;
   try {
-    number = std::stod(text.substr(0, digits));
+    size_t used = 0;
+    number = std::stod(text.substr(0, digits), &used);
+    if (used != digits) return bad();  // "1.5.3"
   } catch (...) {
     return bad();
   }

@@ -130,6 +130,12 @@ def test_model_count_is_bounded(serve, store_models):
         client.load(companion.ModelSpec(str(root / "other")), timeout=30)
         with pytest.raises(errors.LimitExceeded, match="--max-models 2"):
             client.load(companion.ModelSpec(str(root / "tiny"), tag="third"), timeout=30)
+        # Asking for the tensors (which loads first) is refused the same way, at once.
+        with pytest.raises(errors.LimitExceeded, match="--max-models 2"):
+            client.get_model_parameters(companion.ModelSpec(str(root / "tiny"), tag="third"))
+        # Models already held are still served.
+        with client.get_model_parameters(companion.ModelSpec(str(root / "tiny"))) as model:
+            assert len(model) == 1
     code, out, _ = run_bytes(server, "load", str(root / "tiny"), "--tag", "fourth", "--json")
     assert code == 1 and json.loads(out)["error"]["code"] == "LIMIT_EXCEEDED"
     assert len(ls_json(server)) == 2
