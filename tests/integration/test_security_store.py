@@ -230,6 +230,8 @@ def test_escapes_and_invalid_utf8_from_files_print_safely(serve, store_models):
     failed = [m for m in listed if m["state"] == "error"][0]
     assert "\ufffd" in failed["error"]["message"]  # the byte that is not UTF-8, replaced
     assert "pwned" in failed["error"]["message"]
+    with client_of(server) as client:  # the C ABI's JSON, through the Python package
+        assert len(client.list()) == 2
     code, out, err = run_bytes(server, "status", os.fsencode(esc_dir).decode("utf-8"))
     assert code == 0, err
     assert_printable(out)
