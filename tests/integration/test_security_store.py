@@ -235,3 +235,35 @@ def test_escapes_and_invalid_utf8_from_files_print_safely(serve, store_models):
     code, out, err = run_bytes(server, "status", os.fsencode(esc_dir).decode("utf-8"))
     assert code == 0, err
     assert_printable(out)
+
+
+def test_stuck_load_does_not_block_unload_or_shutdown(runtime_dir, tmp_path):
+    # A FIFO as the index: opening it blocks until a writer comes, which none does. (Where the
+    # checkpoint's files are refused unless regular, the load fails at once instead; unload and
+    # shutdown must be prompt either way.)
+    root = tmp_path / "models"
+    stuck = root / "stuck"
+    stuck.mkdir(parents=True)
+    os.mkfifo(stuck / "model.safetensors.index.json")
+    write_tiny(root / "tiny")
+    server = Server(runtime_dir, [root], extra=["--load-threads", "1"])
+    try:
+        with client_of(server) as client:
+            client.load(companion.ModelSpec(str(stuck)), wait=False)
+            time.sleep(0.3)  # let the worker reach the open (a fast refusal is fine too)
+            start = time.monotonic()
+            code, out, err = run_bytes(server, "unload", str(stuck), "--force", "--json")
+            assert time.monotonic() - start < 5, (out, err)
+            assert code in (0, 1), (out, err)  # unloaded, or already failed and gone
+    finally:
+        start = time.monotonic()
+        server.proc.send_signal(15)
+        try:
+            code = server.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+            code = "hung"
+        elapsed = time.monotonic() - start
+    assert code == 0, f"server exit {code} after {elapsed:.1f} s:\n{server.log_text()}"
+    assert elapsed < 12
