@@ -26,6 +26,10 @@ void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve) 
       .add_option("--memory-reserve", serve.memory_reserve,
                   "Device memory loads must leave free: bytes (1GiB, 512MiB) or a share (10%)")
       ->capture_default_str();
+  serve_cmd
+      .add_option("--shutdown-timeout", serve.shutdown_timeout_s,
+                  "Seconds stopping waits for loads (a load stuck longer is left behind)")
+      ->capture_default_str();
 }
 
 int run_serve(const server::ServerOptions& options, const std::string& log_level) {

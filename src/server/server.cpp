@@ -552,6 +552,10 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
     return make_error(StatusCode::kInvalidArgument, "--error-ttl must be a positive number of s");
   config.error_ttl = std::chrono::milliseconds(static_cast<int64_t>(options.error_ttl_s * 1000));
   COMPANION_TRY(parse_memory_reserve(options.memory_reserve, config));
+  if (!(options.shutdown_timeout_s >= 0 && options.shutdown_timeout_s <= 3600))
+    return make_error(StatusCode::kInvalidArgument, "--shutdown-timeout must be 0..3600 s");
+  config.shutdown_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_timeout_s * 1000));
   COMPANION_TRY(config.validate());
 
   auto server = std::make_unique<ServerImpl>(options, id, std::move(loop), std::move(listen_fd),

@@ -34,6 +34,8 @@ struct ServerOptions {
   // --memory-reserve: device memory no load may take, in bytes ("1GiB", "512MiB", "4096") or as
   // a share of the device ("10%").
   std::string memory_reserve = "1GiB";
+  // --shutdown-timeout: how long stopping waits for loads; one stuck longer is left behind.
+  double shutdown_timeout_s = 5;
 };
 
 class Server {
