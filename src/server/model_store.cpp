@@ -522,19 +522,31 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
   uint64_t slab_bytes = 0;
   for (uint64_t size : plan->segment_sizes) slab_bytes += size;
   if (auto admitted = admit(slab_bytes, model); !admitted.ok()) return fail(admitted.error());
-  // Returns the admission when this load ends, however it ends; not once the store is gone.
+  // The bytes of this load that the device does not show as taken yet. They shrink as the
+  // memory becomes resident (at allocation on GPUs, as it is written on the host), so that a
+  // load is never counted twice; what is left goes when the load ends, however it ends, but not
+  // once the store is gone.
   struct Admission {
     ModelStore* store;
     WorkerPool* pool;
-    uint64_t bytes;
+    uint64_t outstanding;
+    void settle_locked(uint64_t now_outstanding) {
+      if (now_outstanding >= outstanding) return;
+      store->admitted_bytes_ -= std::min(outstanding - now_outstanding, store->admitted_bytes_);
+      outstanding = now_outstanding;
+    }
     ~Admission() {
       if (pool->stopping) return;
       std::lock_guard<std::mutex> lock(store->mutex_);
-      store->admitted_bytes_ -= std::min(bytes, store->admitted_bytes_);
+      settle_locked(0);
     }
   } admission{this, pool.get(), slab_bytes};
   auto slab = backend_->allocate(plan->segment_sizes, short_id(model.key));
   if (!slab.ok()) return fail(slab.error());
+  if (backend_->allocation_is_resident()) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    admission.settle_locked(0);
+  }
   publish([&](Entry& e) { e.bytes_total = plan->bytes_to_read; });
 
   auto progress = [&](uint64_t done, uint64_t total) {
@@ -544,6 +556,10 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
       std::lock_guard<std::mutex> lock(mutex_);
       if (entry->generation != generation) return;
       entry->bytes_done = done;
+      if (total > 0 && done <= total)
+        admission.settle_locked(static_cast<uint64_t>(static_cast<double>(slab_bytes) *
+                                                      static_cast<double>(total - done) /
+                                                      static_cast<double>(total)));
       auto now = Clock::now();
       // Status streams get at most ~10 progress events a second per model.
       if (done != total && now - entry->last_progress < std::chrono::milliseconds(100)) return;

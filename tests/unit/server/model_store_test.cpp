@@ -943,6 +943,26 @@ TEST_F(ModelStoreTest, ConcurrentLoadsAreNeverOverCommitted) {
   EXPECT_TRUE(wait_until([&] { return store->admitted_bytes() == 0; }));
 }
 
+TEST_F(ModelStoreTest, MemoryTakenAtAllocationIsNotCountedTwice) {
+  // GPU backends take the memory at allocate(): from then on the device's free memory shows it,
+  // and the load in flight must no longer be counted on top.
+  uint64_t page = testing::page_size();
+  counters->available_bytes = static_cast<int64_t>(150 * page);
+  counters->allocation_is_resident = true;
+  BlockingReadSource reads;
+  make_store(2, [&](StoreConfig& c) {
+    c.memory_reserve_bytes = 0;
+    c.read_source = &reads;
+  });
+  ResolvedModel a = resolve(write_model(
+      "a", {random_tensor("w", DType::kF32, {static_cast<int64_t>(page / 4), 100}, 1)}));
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ASSERT_TRUE(reads.wait_blocked());  // allocated, reading
+  EXPECT_EQ(store->admitted_bytes(), 0u);
+  reads.release();
+  EXPECT_EQ(wait_final(a.key).state, ModelState::kLoaded);
+}
+
 // ---- a load stuck in a read: unload and shutdown do not wait for it --------------------------
 
 TEST_F(ModelStoreTest, ForcedUnloadOfAStuckLoadAnswersAtOnceAndFreesLater) {

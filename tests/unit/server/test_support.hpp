@@ -52,6 +52,7 @@ struct BackendCounters {
   // `total_bytes`.
   std::atomic<int64_t> available_bytes{-1};
   std::atomic<uint64_t> total_bytes{64ull << 30};
+  std::atomic<bool> allocation_is_resident{false};  // as GPU backends: taken at allocate()
 };
 
 class CountingSlab final : public memory::Slab {
@@ -99,6 +100,9 @@ class CountingBackend final : public memory::Backend {
     COMPANION_ASSIGN_OR_RETURN(auto slab, inner_->allocate(sizes, label));
     return std::unique_ptr<memory::Slab>(
         std::make_unique<CountingSlab>(std::move(slab), counters_));
+  }
+  bool allocation_is_resident() const noexcept override {
+    return counters_->allocation_is_resident.load();
   }
   Result<memory::MemoryAvailability> available_bytes() const override {
     int64_t available = counters_->available_bytes.load();
