@@ -50,9 +50,9 @@ bool write_refused(const MappedModel& m) {
 int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOptions& opts) {
   auto fail = [&](const Error& e) {
     if (args.json)
-      std::cout << to_json(e).dump() << std::endl;
+      std::cout << json_text(to_json(e)) << std::endl;
     else
-      std::fprintf(stderr, "companion attach: %s\n", e.to_string().c_str());
+      std::fprintf(stderr, "companion attach: %s\n", printable_text(e.to_string()).c_str());
     return 1;
   };
   auto t0 = std::chrono::steady_clock::now();
@@ -121,7 +121,7 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
       ++i;
     }
     if (opts.try_write && !m.tensors().empty()) j["write_refused"] = write_refused(m);
-    std::cout << j.dump() << std::endl;
+    std::cout << json_text(j) << std::endl;
   } else {
     const ModelStatus& s = m.status();
     uint64_t tensor_bytes = 0;

@@ -6,15 +6,16 @@
 
 #include "cli/commands.hpp"
 #include "cli/output.hpp"
+#include "common/util.hpp"
 
 namespace companion::cli {
 namespace {
 
 int fail(const CommonArgs& args, const Error& e) {
   if (args.json)
-    std::cout << to_json(e).dump() << std::endl;
+    std::cout << json_text(to_json(e)) << std::endl;
   else
-    std::fprintf(stderr, "companion: %s\n", e.to_string().c_str());
+    std::fprintf(stderr, "companion: %s\n", printable_text(e.to_string()).c_str());
   return 1;
 }
 
@@ -54,7 +55,7 @@ int run_status(const CommonArgs& args, const ModelArgs& model, bool follow) {
       if (args.json) {
         nlohmann::json j = nlohmann::json::array();
         for (const auto& s : *models) j.push_back(to_json(s));
-        std::cout << j.dump(2) << std::endl;
+        std::cout << json_text(j, 2) << std::endl;
       } else {
         std::cout << render_models(*models);
       }
@@ -65,7 +66,7 @@ int run_status(const CommonArgs& args, const ModelArgs& model, bool follow) {
     auto s = (*client)->status(*spec);
     if (!s.ok()) return fail(args, s.error());
     if (args.json)
-      std::cout << to_json(*s).dump(2) << std::endl;
+      std::cout << json_text(to_json(*s), 2) << std::endl;
     else
       std::cout << render_models({*s});
     return 0;
@@ -83,10 +84,11 @@ int run_status(const CommonArgs& args, const ModelArgs& model, bool follow) {
     auto s = (*stream)->next(-1);
     if (!s.ok()) return fail(args, s.error());
     if (args.json) {
-      std::cout << to_json(*s).dump() << std::endl;
+      std::cout << json_text(to_json(*s)) << std::endl;
     } else {
       std::cout << s->id << "  " << model_state_name(s->state) << "  " << render_progress(*s)
-                << "  " << s->source << (s->message.empty() ? "" : "  " + s->message) << std::endl;
+                << "  " << printable_text(s->source)
+                << (s->message.empty() ? "" : "  " + printable_text(s->message)) << std::endl;
     }
   }
 }
@@ -117,7 +119,7 @@ int run_load(const CommonArgs& args, const ModelArgs& model, bool wait) {
   if (bar) std::fprintf(stderr, "\n");
   if (!s.ok()) return fail(args, s.error());
   if (args.json)
-    std::cout << to_json(*s).dump(2) << std::endl;
+    std::cout << json_text(to_json(*s), 2) << std::endl;
   else
     std::cout << render_models({*s});
   return 0;
@@ -140,9 +142,9 @@ int run_unload(const CommonArgs& args, const ModelArgs& model, bool force) {
   }
   if (!s.ok()) return fail(args, s.error());
   if (args.json)
-    std::cout << to_json(*s).dump(2) << std::endl;
+    std::cout << json_text(to_json(*s), 2) << std::endl;
   else
-    std::cout << "unloaded " << s->id << "  " << s->key << std::endl;
+    std::cout << "unloaded " << s->id << "  " << printable_text(s->key) << std::endl;
   return 0;
 }
 
@@ -187,7 +189,7 @@ int run_health_all(const CommonArgs& args) {
                 : h.error().message});
   }
   if (args.json)
-    std::cout << out.dump(2) << std::endl;
+    std::cout << json_text(out, 2) << std::endl;
   else
     std::cout << render_table({"INSTANCE", "PID", "STATE", "MODELS", "UPTIME", "REGISTRY"}, rows);
   return all_serving ? 0 : 1;
@@ -202,7 +204,7 @@ int run_health(const CommonArgs& args, bool all) {
   auto h = (*client)->health();
   if (!h.ok()) return fail(args, h.error());
   if (args.json)
-    std::cout << to_json(*h).dump(2) << std::endl;
+    std::cout << json_text(to_json(*h), 2) << std::endl;
   else
     std::cout << render_health(*h);
   return h->state == "serving" ? 0 : 1;

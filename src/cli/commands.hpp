@@ -38,6 +38,9 @@ struct AttachOptions {
   size_t show = 8;         // tensors listed in the table
 };
 
+// The `serve` options that limit what the store holds.
+void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve);
+
 // A spec from command-line arguments (local paths made absolute).
 Result<ModelSpec> make_spec(const ModelArgs& model);
 

@@ -13,7 +13,7 @@ int run_devices(bool json) {
   auto gpus = memory::list_gpus();
   if (!gpus.ok()) {
     if (json)
-      std::cout << to_json(gpus.error()).dump() << std::endl;
+      std::cout << json_text(to_json(gpus.error())) << std::endl;
     else
       std::fprintf(stderr, "companion devices: %s\n", gpus.error().to_string().c_str());
     return 1;
@@ -26,7 +26,7 @@ int run_devices(bool json) {
                    {"pci_bus_id", g.pci_bus_id},
                    {"name", g.name},
                    {"total_memory", g.total_memory}});
-    std::cout << j.dump(2) << std::endl;
+    std::cout << json_text(j, 2) << std::endl;
     return 0;
   }
   std::vector<std::vector<std::string>> rows;

@@ -100,6 +100,7 @@ int main(int argc, char** argv) {
                    "Most .safetensors files in one checkpoint (each is held open while loading)")
       ->capture_default_str();
   cli::add_connection_flags(serve_cmd, serve.connections);
+  cli::add_store_limit_options(*serve_cmd, serve);
   serve_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
       ->capture_default_str();
 

@@ -13,7 +13,11 @@ namespace companion::cli {
 // The JSON documents live in the client library (shared with the C ABI).
 using client::to_json;
 
-// A fixed-width table: header row, then rows; columns sized to their widest cell.
+// JSON text that never throws: bytes that are not UTF-8 (names from checkpoint headers, paths)
+// become U+FFFD instead of aborting with nlohmann's type_error.316.
+std::string json_text(const nlohmann::json& j, int indent = -1);
+// A fixed-width table (cells made printable, see printable_text): header row, then rows; columns
+// sized to their widest cell.
 std::string render_table(const std::vector<std::string>& header,
                          const std::vector<std::vector<std::string>>& rows);
 std::string render_models(const std::vector<ModelStatus>& models);

@@ -50,6 +50,29 @@ void add_connection_flags(CLI::App* serve, server::ConnectionLimits& limits) {
                     "Also allow members of this gid to connect (repeatable)");
 }
 
+void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve) {
+  serve_cmd.add_option("--max-models", serve.max_models, "Models held at once, loaded or loading")
+      ->capture_default_str();
+  serve_cmd
+      .add_option("--max-variants-per-source", serve.max_variants_per_source,
+                  "Variants (dtype, shard, tag) held of one checkpoint")
+      ->capture_default_str();
+  serve_cmd
+      .add_option("--max-error-entries", serve.max_error_entries,
+                  "Failed loads listed at most (the oldest are dropped)")
+      ->capture_default_str();
+  serve_cmd.add_option("--error-ttl", serve.error_ttl_s, "Seconds a failed load stays listed")
+      ->capture_default_str();
+  serve_cmd
+      .add_option("--memory-reserve", serve.memory_reserve,
+                  "Device memory loads must leave free: bytes (1GiB, 512MiB) or a share (10%)")
+      ->capture_default_str();
+  serve_cmd
+      .add_option("--shutdown-timeout", serve.shutdown_timeout_s,
+                  "Seconds stopping waits for loads (a load stuck longer is left behind)")
+      ->capture_default_str();
+}
+
 int run_serve(const server::ServerOptions& options, const std::string& log_level) {
   if (!log::set_level(log_level)) {
     std::fprintf(stderr, "unknown log level '%s'\n", log_level.c_str());

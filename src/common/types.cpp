@@ -3,7 +3,9 @@
 #include <string>
 #include <string_view>
 
+#include "common/util.hpp"
 #include "companion/types.hpp"
+#include "protocol/limits.hpp"
 
 namespace companion {
 namespace {
@@ -133,19 +135,38 @@ bool dtype_is_float_convertible(DType d) noexcept {
 }
 
 Result<void> ModelSpec::validate() const {
+  // The bounds keep every key made from a spec within the wire's string limit (limits.hpp); the
+  // UTF-8 rule keeps every JSON and terminal rendering of it valid.
+  auto too_long = [](const char* what, size_t size, size_t max) {
+    return make_error(StatusCode::kInvalidArgument, std::string(what) + " is " +
+                                                        std::to_string(size) + " bytes; at most " +
+                                                        std::to_string(max) + " are allowed");
+  };
   if (source.empty()) return make_error(StatusCode::kInvalidArgument, "model source is empty");
-  if (source.size() > 4096)
-    return make_error(StatusCode::kInvalidArgument, "model source too long");
+  if (source.size() > protocol::kMaxSourceBytes)
+    return too_long("model source", source.size(), protocol::kMaxSourceBytes);
   if (source.find('\0') != std::string::npos || revision.find('\0') != std::string::npos)
     return make_error(StatusCode::kInvalidArgument, "model source contains a NUL byte");
-  if (revision.size() > 256) return make_error(StatusCode::kInvalidArgument, "revision too long");
-  if (tag.size() > 1024) return make_error(StatusCode::kInvalidArgument, "tag too long");
+  if (revision.size() > protocol::kMaxRevisionBytes)
+    return too_long("revision", revision.size(), protocol::kMaxRevisionBytes);
+  if (tag.size() > protocol::kMaxTagBytes)
+    return too_long("tag", tag.size(), protocol::kMaxTagBytes);
+  if (tag.find('\0') != std::string::npos)
+    return make_error(StatusCode::kInvalidArgument, "tag contains a NUL byte");
+  if (!is_valid_utf8(source))
+    return make_error(StatusCode::kInvalidArgument, "model source is not valid UTF-8");
+  if (!is_valid_utf8(revision))
+    return make_error(StatusCode::kInvalidArgument, "revision is not valid UTF-8");
+  if (!is_valid_utf8(tag))
+    return make_error(StatusCode::kInvalidArgument, "tag is not valid UTF-8");
+  if (!is_valid_utf8(shard_rules))
+    return make_error(StatusCode::kInvalidArgument, "shard rules are not valid UTF-8");
   if (tp_size == 0 || tp_rank >= tp_size)
     return make_error(
         StatusCode::kInvalidArgument,
         "tp_rank " + std::to_string(tp_rank) + " is not below tp_size " + std::to_string(tp_size));
-  if (shard_rules.size() > 8192)
-    return make_error(StatusCode::kInvalidArgument, "shard rules too long");
+  if (shard_rules.size() > protocol::kMaxShardRulesBytes)
+    return too_long("shard rules", shard_rules.size(), protocol::kMaxShardRulesBytes);
   if (std::string problem = shard_rules_problem(shard_rules); !problem.empty())
     return make_error(StatusCode::kInvalidArgument, problem);
   if (dtype && !dtype_is_float_convertible(*dtype))

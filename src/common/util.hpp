@@ -27,4 +27,15 @@ Result<std::string> read_small_file(const std::string& path, size_t max_bytes = 
 // Writes via a temporary file and rename, so readers never see a partial file.
 Result<void> write_file_atomic(const std::string& path, std::string_view content, int mode = 0644);
 
+// Length of the well-formed UTF-8 sequence at the start of text (1..4), or 0 when it is not one
+// (overlong forms, surrogates and code points past U+10FFFF are not well-formed).
+size_t utf8_sequence_length(std::string_view text) noexcept;
+bool is_valid_utf8(std::string_view text) noexcept;
+// The longest prefix of text of at most max_bytes that does not cut a UTF-8 sequence.
+std::string_view utf8_prefix(std::string_view text, size_t max_bytes) noexcept;
+// Text safe to print on a terminal: control characters (C0, DEL, C1) become escapes (\n, \t,
+// \x1b, \u009b) and bytes that are not UTF-8 become U+FFFD, so names from files and peers can
+// neither move the cursor nor break the output's encoding.
+std::string printable_text(std::string_view text);
+
 }  // namespace companion

@@ -55,6 +55,12 @@ class Slab {
   virtual Result<std::vector<SegmentExport>> export_segments() = 0;
 };
 
+// What a device could still give to a new slab, and its size.
+struct MemoryAvailability {
+  uint64_t available = 0;
+  uint64_t total = 0;
+};
+
 // Allocates slabs on one device.
 class Backend {
  public:
@@ -68,6 +74,16 @@ class Backend {
   // Out of memory gives kOutOfMemory.
   virtual Result<std::unique_ptr<Slab>> allocate(const std::vector<uint64_t>& segment_sizes,
                                                  const std::string& label) = 0;
+  // Memory the device has free now (host: MemAvailable, or the room left under the process's
+  // cgroup limit where lower; GPU: cuMemGetInfo's free). The server admits loads against it.
+  // kUnavailable where the backend cannot tell: loads are then admitted unchecked.
+  // True when allocate() takes the device memory at once (GPU backends), so that
+  // available_bytes() shows it from then on; false when pages are taken as they are written
+  // (host memfds).
+  virtual bool allocation_is_resident() const noexcept { return false; }
+  virtual Result<MemoryAvailability> available_bytes() const {
+    return make_error(StatusCode::kUnavailable, name() + " does not report free memory");
+  }
 };
 
 // A segment mapped into a client process. Unmapped on destruction.

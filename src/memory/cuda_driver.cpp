@@ -575,6 +575,15 @@ std::string describe_allocation(std::string_view backend, std::string_view label
   return out;
 }
 
+Result<std::pair<uint64_t, uint64_t>> device_memory_info(int ordinal) {
+  COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal));
+  size_t free_bytes = 0;
+  size_t total_bytes = 0;
+  COMPANION_TRY(COMPANION_CU(*api, cuMemGetInfo, &free_bytes, &total_bytes));
+  return std::pair<uint64_t, uint64_t>(free_bytes, total_bytes);
+}
+
 Result<void> copy_to_device(int ordinal, uint64_t device_dst, const void* src, uint64_t bytes) {
   if (bytes == 0) return ok_result();
   COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());

@@ -12,6 +12,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "companion/result.hpp"
@@ -288,6 +289,8 @@ Result<void> check_write(std::string_view label, bool sealed, size_t segment, si
 // device's context current.
 std::string describe_allocation(std::string_view backend, std::string_view label, int ordinal,
                                 size_t segment, const std::vector<uint64_t>& sizes);
+// cuMemGetInfo in the device's primary context: (free, total) bytes.
+Result<std::pair<uint64_t, uint64_t>> device_memory_info(int ordinal);
 // Synchronous host-to-device copy in the device's primary context (cuMemcpyHtoD): when it returns,
 // src may be reused.
 Result<void> copy_to_device(int ordinal, uint64_t device_dst, const void* src, uint64_t bytes);

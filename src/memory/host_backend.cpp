@@ -8,8 +8,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
+#include <limits>
+#include <optional>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -104,6 +109,78 @@ class HostSlab final : public Slab {
   bool sealed_ = false;
 };
 
+// "MemAvailable:   123456 kB" → bytes of the named field of /proc/meminfo (or a memory.stat-like
+// "name value" file when kb is false).
+std::optional<uint64_t> read_field(const std::string& path, const std::string& name, bool kb) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string key;
+    uint64_t value = 0;
+    if (!(fields >> key >> value)) continue;
+    if (!key.empty() && key.back() == ':') key.pop_back();
+    if (key == name) return kb ? value * 1024 : value;
+  }
+  return std::nullopt;
+}
+
+std::optional<uint64_t> read_number(const std::string& path) {
+  std::ifstream in(path);
+  std::string text;
+  if (!(in >> text) || text == "max") return std::nullopt;
+  try {
+    return static_cast<uint64_t>(std::stoull(text));
+  } catch (...) {
+    return std::nullopt;
+  }
+}
+
+// The tightest cgroup memory limit on the way from this process's cgroup to the root, as (room
+// left, limit): v2 memory.max, or v1 memory.limit_in_bytes. Page cache is reclaimable and counts
+// as room; memfd pages (shmem) do not.
+std::optional<MemoryAvailability> cgroup_room() {
+  struct Layout {
+    std::string mount, limit, usage;
+  };
+  std::ifstream self("/proc/self/cgroup");
+  std::string line;
+  std::optional<MemoryAvailability> tightest;
+  while (std::getline(self, line)) {
+    // "0::/path" (v2) or "4:memory:/path" (v1; the controller list may hold others).
+    size_t first = line.find(':');
+    size_t second = first == std::string::npos ? first : line.find(':', first + 1);
+    if (second == std::string::npos) continue;
+    std::string controllers = line.substr(first + 1, second - first - 1);
+    std::string path = line.substr(second + 1);
+    Layout layout;
+    if (line.rfind("0::", 0) == 0) {
+      layout = {"/sys/fs/cgroup", "memory.max", "memory.current"};
+    } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
+      layout = {"/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes"};
+    } else {
+      continue;
+    }
+    if (path.empty() || path[0] != '/') continue;
+    for (int depth = 0; depth < 64; ++depth) {
+      std::string dir = layout.mount + (path == "/" ? std::string() : path);
+      auto limit = read_number(dir + "/" + layout.limit);
+      auto current = read_number(dir + "/" + layout.usage);
+      if (limit && current && *limit < (1ull << 60)) {
+        uint64_t reclaimable = read_field(dir + "/memory.stat", "active_file", false).value_or(0) +
+                               read_field(dir + "/memory.stat", "inactive_file", false).value_or(0);
+        uint64_t used = *current > reclaimable ? *current - reclaimable : 0;
+        uint64_t room = *limit > used ? *limit - used : 0;
+        if (!tightest || room < tightest->available) tightest = MemoryAvailability{room, *limit};
+      }
+      if (path == "/") break;
+      size_t slash = path.rfind('/');
+      path = slash == 0 ? "/" : path.substr(0, slash);
+    }
+  }
+  return tightest;
+}
+
 class HostBackend final : public Backend {
  public:
   std::string name() const override { return "host"; }
@@ -119,6 +196,19 @@ class HostBackend final : public Backend {
       COMPANION_TRY(slab->add(sizes[i], label, i));
     }
     return std::unique_ptr<Slab>(std::move(slab));
+  }
+
+  Result<MemoryAvailability> available_bytes() const override {
+    auto available = read_field("/proc/meminfo", "MemAvailable", true);
+    auto total = read_field("/proc/meminfo", "MemTotal", true);
+    if (!available || !total)
+      return make_error(StatusCode::kUnavailable, "no MemAvailable in /proc/meminfo");
+    MemoryAvailability out{*available, *total};
+    if (auto cgroup = cgroup_room()) {
+      out.available = std::min(out.available, cgroup->available);
+      out.total = std::min(out.total, cgroup->total);
+    }
+    return out;
   }
 };
 

@@ -17,6 +17,30 @@ inline constexpr size_t kMaxRank = 16;
 inline constexpr size_t kMaxNameBytes = 4096;
 inline constexpr size_t kMaxStringBytes = 8192;
 inline constexpr size_t kMaxModels = 100'000;
+
+// What a ModelSpec may carry (ModelSpec::validate). Chosen so that the canonical key built from
+// them ("source=<path>;dtype=..;tp=a/b;rules=<escaped>;tag=<tag>", rules escaped up to 3x) always
+// fits kMaxStringBytes: the server never emits a key its own clients refuse.
+inline constexpr size_t kMaxSourceBytes = 4096;  // PATH_MAX: resolved paths are no longer
+inline constexpr size_t kMaxRevisionBytes = 256;
+inline constexpr size_t kMaxTagBytes = 1024;
+inline constexpr size_t kMaxShardRulesBytes = 960;
+inline constexpr size_t kMaxKeyFixedBytes =
+    96;  // "source=", ";dtype=F8_E4M3", ";tp=<u32>/<u32>", ...
+static_assert(kMaxKeyFixedBytes + kMaxSourceBytes + 3 * kMaxShardRulesBytes + kMaxTagBytes <=
+              kMaxStringBytes);
+// Error text in a model's status is cut to this (file and tensor names can be long).
+inline constexpr size_t kMaxStatusMessageBytes = 1024;
+// One ModelStatus on the wire: key, source and message at their bounds, short id and backend
+// name, eight numbers, FlatBuffers' offsets and padding.
+inline constexpr size_t kMaxModelStatusWireBytes = 16 << 10;
+static_assert(kMaxStringBytes + kMaxSourceBytes + kMaxStatusMessageBytes + 1024 <=
+              kMaxModelStatusWireBytes);
+// Entries a list reply may carry: by construction far below kMaxPayloadBytes. The server's
+// --max-models plus --max-error-entries must not exceed it.
+inline constexpr size_t kMaxListedModels =
+    (kMaxPayloadBytes - (64 << 10)) / kMaxModelStatusWireBytes;
+static_assert(kMaxListedModels <= kMaxModels);
 inline constexpr size_t kMaxVerifierDepth = 16;
 inline constexpr size_t kMaxCounters = 1024;  // named counters in one HealthReply
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <functional>
@@ -27,6 +28,25 @@ struct StoreConfig {
   size_t load_threads = 2;               // models loading at the same time
   loader::DirectIo direct_io = loader::DirectIo::kAuto;  // O_DIRECT reads (cold starts)
   checkpoint::CheckpointLimits checkpoint_limits;        // header bytes, tensors, files
+
+  // Limits; a load past one is refused with kLimitExceeded and counted (refusal_counts()).
+  // max_models + max_error_entries is at most protocol::kMaxListedModels, so that a list reply
+  // always fits one frame (validate()).
+  size_t max_models = 1024;             // models held, loaded or loading
+  size_t max_variants_per_source = 64;  // distinct keys (dtype, shard, tag) of one source path
+  size_t max_error_entries = 256;       // failed loads kept for `ls`; the oldest go first
+  std::chrono::milliseconds error_ttl{std::chrono::minutes(5)};  // failed loads kept this long
+  // Memory admission: a load needs its slab's bytes within what the device has available, less
+  // this reserve (the larger of the two) and less what loads in flight were admitted.
+  uint64_t memory_reserve_bytes = 1ull << 30;
+  double memory_reserve_fraction = 0.0;  // of the device's total memory, 0..1
+  // How long destruction waits for loads to stop; a worker stuck longer (a read that never
+  // returns) is abandoned, see ~ModelStore.
+  std::chrono::milliseconds shutdown_timeout{std::chrono::seconds(5)};
+  loader::ReadSource* read_source = nullptr;  // test hook: nullptr reads with pread(2)
+
+  // kInvalidArgument when a limit is zero or out of range.
+  Result<void> validate() const;
 };
 
 // A spec after the server has checked and resolved it.
@@ -52,7 +72,12 @@ class ModelStore {
   using Listener = std::function<void(const ModelStatus&)>;
 
   ModelStore(std::unique_ptr<memory::Backend> backend, StoreConfig config, Listener listener);
-  ~ModelStore();  // cancels loads and joins the workers
+  // Cancels loads and waits for the workers, at most config.shutdown_timeout. A worker still
+  // inside a load then (a read that never returns) is detached: after the cancel it touches
+  // nothing of the store again (run_load checks the cancel flag after every step that can block,
+  // and the worker loop checks the abandon flag it shares), so it is safe to let it finish or to
+  // let the process exit under it.
+  ~ModelStore();
 
   const memory::Backend& backend() const { return *backend_; }
 
@@ -62,8 +87,10 @@ class ModelStore {
   ModelStatus status(const std::string& key) const;
   std::vector<ModelStatus> list() const;
   // Starts a load unless the model is loaded or loading (one load however many ask). An errored
-  // or unloaded model is loaded again. Returns the status after the call.
-  ModelStatus ensure_loading(const ResolvedModel& model);
+  // or unloaded model is loaded again. Returns the status after the call; kLimitExceeded when a
+  // new load would pass max_models or max_variants_per_source, kInvalidArgument for a key longer
+  // than the wire allows.
+  Result<ModelStatus> ensure_loading(const ResolvedModel& model);
   // For a loaded model: counts a lease and exports its segments.
   Result<LeaseGrant> acquire(const std::string& key);
   void release(const std::string& key, uint64_t generation);
@@ -72,12 +99,24 @@ class ModelStore {
   Result<ModelStatus> unload(const std::string& key_or_id, bool force);
   uint64_t slab_bytes() const;
   uint32_t total_leases() const;
+  // Bytes admitted to loads in flight (their slabs, allocated or about to be).
+  uint64_t admitted_bytes() const;
+  // How often each limit refused or dropped something, by the name of its `serve` flag:
+  // max-models, max-variants-per-source, memory (admission), key-length, max-error-entries
+  // (failed loads dropped), error-ttl (failed loads expired).
+  std::map<std::string, uint64_t> refusal_counts() const;
 
  private:
   struct Entry;
+  struct WorkerPool;
   ModelStatus snapshot(const Entry& e) const;
   void run_load(std::shared_ptr<Entry> entry, uint64_t generation);
-  void worker_loop();
+  void worker_loop(std::shared_ptr<WorkerPool> pool, size_t index);
+  // Drops failed loads past error_ttl, then the oldest past max_error_entries; their kUnloaded
+  // statuses go to `gone` for the listener.
+  void trim_errors_locked(std::vector<ModelStatus>& gone);
+  // Reserves `bytes` for a load against the backend's available memory; kOutOfMemory when short.
+  Result<void> admit(uint64_t bytes, const ResolvedModel& model);
   void notify(const ModelStatus& status);
   Entry* find_locked(const std::string& key_or_id);
 
@@ -91,6 +130,9 @@ class ModelStore {
   std::deque<std::function<void()>> jobs_;
   std::condition_variable jobs_cv_;
   bool stopping_ = false;
+  uint64_t admitted_bytes_ = 0;
+  std::map<std::string, uint64_t> refusals_;
+  std::shared_ptr<WorkerPool> pool_;
   std::vector<std::thread> workers_;
 };
 
@@ -98,5 +140,8 @@ class ModelStore {
 // one copy.
 std::string canonical_key(const ModelSpec& spec, const checkpoint::ResolvedSource& source);
 std::string short_id(const std::string& key);
+// --memory-reserve: "1GiB", "512MiB", "64KiB", "4096" (bytes) or "10%" (of the device) into
+// config's memory_reserve_bytes / memory_reserve_fraction (the other one set to 0).
+Result<void> parse_memory_reserve(const std::string& text, StoreConfig& config);
 
 }  // namespace companion::server

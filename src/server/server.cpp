@@ -16,6 +16,7 @@
 #include <set>
 #include <unordered_map>
 
+#include "checkpoint/checkpoint.hpp"
 #include "checkpoint/source.hpp"
 #include "common/log.hpp"
 #include "common/util.hpp"
@@ -510,24 +511,26 @@ class ServerImpl final : public Server {
         return reply_error(
             c, rid, make_error(StatusCode::kNotReady, "this instance does not hold the model"));
     }
-    ModelStatus s = store_->ensure_loading(*model);
-    if (s.state == ModelState::kLoaded) return grant(c, rid, model->key);
+    auto s = store_->ensure_loading(*model);
+    if (!s.ok()) return reply_error(c, rid, s.error());
+    if (s->state == ModelState::kLoaded) return grant(c, rid, model->key);
     if (!m.wait)
       return reply_error(
           c, rid,
-          make_error(StatusCode::kNotReady, "model is loading (" + std::to_string(s.bytes_done) +
-                                                "/" + std::to_string(s.bytes_total) + " bytes)"));
-    waiters_.emplace(model->key, Waiter{c.id, rid, true, s.seq});
+          make_error(StatusCode::kNotReady, "model is loading (" + std::to_string(s->bytes_done) +
+                                                "/" + std::to_string(s->bytes_total) + " bytes)"));
+    waiters_.emplace(model->key, Waiter{c.id, rid, true, s->seq});
     ++c.parked;
   }
 
   void on_load(Connection& c, uint64_t rid, const protocol::Load& m) {
     auto model = store_->resolve(m.spec);
     if (!model.ok()) return reply_error(c, rid, model.error());
-    ModelStatus s = store_->ensure_loading(*model);
-    if (s.state == ModelState::kLoaded || !m.wait)
-      return send(c, Message{rid, protocol::LoadReply{s}});
-    waiters_.emplace(model->key, Waiter{c.id, rid, false, s.seq});
+    auto s = store_->ensure_loading(*model);
+    if (!s.ok()) return reply_error(c, rid, s.error());
+    if (s->state == ModelState::kLoaded || !m.wait)
+      return send(c, Message{rid, protocol::LoadReply{*s}});
+    waiters_.emplace(model->key, Waiter{c.id, rid, false, s->seq});
     ++c.parked;
   }
 
@@ -809,7 +812,16 @@ class ServerImpl final : public Server {
       if (s.state == ModelState::kLoaded) h.models_loaded++;
     }
     h.clients = static_cast<uint32_t>(connections_.size());
+    // One map for every refusal: the connection's, the store's (load limits, memory) and the
+    // checkpoint reader's (files outside the roots, non-regular files, header limits).
     h.refused = refused_;
+    for (const auto& [reason, count] : store_->refusal_counts()) h.refused[reason] += count;
+    auto files = checkpoint::refusal_counts();
+    h.refused["outside_roots"] += files.outside_roots;
+    h.refused["not_regular_file"] += files.not_regular;
+    h.refused["header_bytes"] += files.header_bytes;
+    h.refused["tensors"] += files.tensors;
+    h.refused["checkpoint_files"] += files.files;
     h.leases = store_->total_leases();
     h.slab_bytes = store_->slab_bytes();
     h.server = identity_;
@@ -951,6 +963,18 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
     return make_error(StatusCode::kInvalidArgument,
                       "--direct-io takes auto, on or off, not '" + options.direct_io + "'");
   }
+  config.max_models = options.max_models;
+  config.max_variants_per_source = options.max_variants_per_source;
+  config.max_error_entries = options.max_error_entries;
+  if (!(options.error_ttl_s > 0 && options.error_ttl_s < 1e9))
+    return make_error(StatusCode::kInvalidArgument, "--error-ttl must be a positive number of s");
+  config.error_ttl = std::chrono::milliseconds(static_cast<int64_t>(options.error_ttl_s * 1000));
+  COMPANION_TRY(parse_memory_reserve(options.memory_reserve, config));
+  if (!(options.shutdown_timeout_s >= 0 && options.shutdown_timeout_s <= 3600))
+    return make_error(StatusCode::kInvalidArgument, "--shutdown-timeout must be 0..3600 s");
+  config.shutdown_timeout =
+      std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_timeout_s * 1000));
+  COMPANION_TRY(config.validate());
 
   auto server = std::make_unique<ServerImpl>(options, id, std::move(loop), std::move(listen_fd),
                                              std::move(registration), registry_choice.url);
@@ -963,7 +987,7 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
     ModelSpec spec;
     spec.source = source;
     COMPANION_ASSIGN_OR_RETURN(ResolvedModel model, raw->store().resolve(spec));
-    raw->store().ensure_loading(model);
+    COMPANION_TRY(raw->store().ensure_loading(model));
   }
   // Announced last, once everything that can refuse to start has passed.
   if (registry_choice.is_etcd()) {

@@ -66,6 +66,16 @@ struct ServerOptions {
   // --max-header-bytes, --max-tensors, --max-checkpoint-files: what one checkpoint may cost.
   checkpoint::CheckpointLimits checkpoint_limits;
   ConnectionLimits connections;
+  // Store limits (StoreConfig documents each): a load past one is refused and counted.
+  size_t max_models = 1024;             // --max-models: loaded + loading
+  size_t max_variants_per_source = 64;  // --max-variants-per-source
+  size_t max_error_entries = 256;       // --max-error-entries: failed loads kept
+  double error_ttl_s = 300;             // --error-ttl: how long a failed load is kept
+  // --memory-reserve: device memory no load may take, in bytes ("1GiB", "512MiB", "4096") or as
+  // a share of the device ("10%").
+  std::string memory_reserve = "1GiB";
+  // --shutdown-timeout: how long stopping waits for loads; one stuck longer is left behind.
+  double shutdown_timeout_s = 5;
 };
 
 class Server {

@@ -20,6 +20,8 @@
 
 #include "checkpoint/dtype_convert.hpp"
 #include "common/log.hpp"
+#include "loader/loader.hpp"
+#include "protocol/limits.hpp"
 #include "server/model_store.hpp"
 #include "test_support.hpp"
 
@@ -93,11 +95,14 @@ class ModelStoreTest : public ::testing::Test {
  protected:
   void SetUp() override { log::set_level(log::Level::kOff); }
 
-  ModelStore& make_store(size_t threads = 2) {
+  ModelStore& make_store(size_t threads = 2,
+                         const std::function<void(StoreConfig&)>& tweak = nullptr) {
     StoreConfig config;
     config.model_roots = {root.path()};
     config.hf_cache = root / "hf";
     config.load_threads = threads;
+    if (tweak) tweak(config);
+    EXPECT_TRUE(config.validate().ok());
     store = std::make_unique<ModelStore>(std::make_unique<CountingBackend>(counters), config,
                                          recorder.listener());
     return *store;
@@ -212,7 +217,7 @@ TEST_F(ModelStoreTest, LoadsAModel) {
   std::string path = write_model("m", small_tensors(1));
   ResolvedModel model = resolve(path);
   EXPECT_EQ(store->status(model.key).state, ModelState::kReady);
-  ModelStatus started = store->ensure_loading(model);
+  ModelStatus started = *store->ensure_loading(model);
   EXPECT_EQ(started.state, ModelState::kLoading);
   EXPECT_EQ(started.key, model.key);
   EXPECT_EQ(started.id, short_id(model.key));
@@ -238,7 +243,7 @@ TEST_F(ModelStoreTest, LoadsAModel) {
   EXPECT_EQ(listed[0].state, ModelState::kLoaded);
 
   // Asking again changes nothing.
-  ModelStatus again = store->ensure_loading(model);
+  ModelStatus again = *store->ensure_loading(model);
   EXPECT_EQ(again.state, ModelState::kLoaded);
   EXPECT_EQ(counters->allocations.load(), 1);
 
@@ -268,8 +273,8 @@ TEST_F(ModelStoreTest, CastModelHoldsConvertedTensors) {
   ResolvedModel bf16 = resolve(path, DType::kBF16);
   ResolvedModel stored = resolve(path);
   ASSERT_NE(bf16.key, stored.key);
-  store->ensure_loading(bf16);
-  store->ensure_loading(stored);
+  ASSERT_TRUE(store->ensure_loading(bf16).ok());
+  ASSERT_TRUE(store->ensure_loading(stored).ok());
   ASSERT_EQ(wait_final(bf16.key).state, ModelState::kLoaded);
   ASSERT_EQ(wait_final(stored.key).state, ModelState::kLoaded);
   EXPECT_EQ(counters->allocations.load(), 2);
@@ -292,7 +297,7 @@ TEST_F(ModelStoreTest, SixteenThreadsLoadOnce) {
   for (int i = 0; i < 16; ++i) {
     threads.emplace_back([&, i] {
       start.arrive_and_wait();
-      returned[static_cast<size_t>(i)] = store->ensure_loading(model);
+      returned[static_cast<size_t>(i)] = *store->ensure_loading(model);
     });
   }
   for (auto& t : threads) t.join();
@@ -323,7 +328,7 @@ TEST_F(ModelStoreTest, SeveralModelsLoadTogether) {
   }
   resolved.push_back(resolve(paths[0], DType::kF16));
   resolved.push_back(resolve(paths[0], std::nullopt, "tagged"));
-  for (const auto& m : resolved) store->ensure_loading(m);
+  for (const auto& m : resolved) ASSERT_TRUE(store->ensure_loading(m).ok());
   for (const auto& m : resolved) ASSERT_EQ(wait_final(m.key).state, ModelState::kLoaded) << m.key;
   EXPECT_EQ(counters->allocations.load(), 7);
   EXPECT_EQ(store->list().size(), 7u);
@@ -346,7 +351,7 @@ TEST_F(ModelStoreTest, ListenerSeesLoadingThenLoaded) {
   make_store();
   std::string path = write_model("m", many_tensors(60, 3));
   ResolvedModel model = resolve(path);
-  ModelStatus started = store->ensure_loading(model);
+  ModelStatus started = *store->ensure_loading(model);
   ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
   ASSERT_TRUE(recorder.wait_for(
       model.key, [](const ModelStatus& s) { return s.state == ModelState::kLoaded; }));
@@ -400,7 +405,7 @@ TEST_F(ModelStoreTest, BadCheckpointIsAnErrorAndARetryAfterTheFixLoads) {
   std::string header = R"({"w":{"dtype":"F32","shape":[100],"data_offsets":[0,400]}})";
   testing::write_file(file, testing::le64(header.size()) + header + std::string(40, '\0'));
   ResolvedModel model = resolve(dir);
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   ModelStatus s = wait_final(model.key);
   ASSERT_EQ(s.state, ModelState::kError);
   EXPECT_EQ(s.error_code, StatusCode::kBadCheckpoint);
@@ -417,7 +422,7 @@ TEST_F(ModelStoreTest, BadCheckpointIsAnErrorAndARetryAfterTheFixLoads) {
 
   // Fixed on disk: asking again loads it.
   write_model("bad", small_tensors(5));
-  ModelStatus retry = store->ensure_loading(model);
+  ModelStatus retry = *store->ensure_loading(model);
   EXPECT_EQ(retry.state, ModelState::kLoading);
   EXPECT_EQ(retry.error_code, StatusCode::kOk);
   EXPECT_TRUE(retry.message.empty());
@@ -436,7 +441,7 @@ TEST_F(ModelStoreTest, UnknownDtypeCheckpointIsUnknownDtype) {
   testing::write_file(dir + "/model.safetensors",
                       testing::le64(header.size()) + header + std::string(4, '\0'));
   ResolvedModel model = resolve(dir);
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   ModelStatus s = wait_final(model.key);
   ASSERT_EQ(s.state, ModelState::kError);
   EXPECT_EQ(s.error_code, StatusCode::kUnknownDtype) << s.message;
@@ -452,7 +457,7 @@ TEST_F(ModelStoreTest, ShardOutsideTheRootsFailsTheLoad) {
   std::filesystem::create_directories(dir);
   std::filesystem::create_symlink(outside / "x.safetensors", dir + "/model.safetensors");
   ResolvedModel model = resolve(dir);  // the directory itself is inside
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   ModelStatus s = wait_final(model.key);
   ASSERT_EQ(s.state, ModelState::kError);
   EXPECT_EQ(s.error_code, StatusCode::kNotPermitted) << s.message;
@@ -469,7 +474,7 @@ TEST_F(ModelStoreTest, AcquireNeedsALoadedModel) {
 
   std::string path = write_model("m", many_tensors(20, 1));
   ResolvedModel model = resolve(path);
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   auto loading = store->acquire(model.key);
   ASSERT_FALSE(loading.ok());
   EXPECT_EQ(loading.error().code, StatusCode::kNotReady);
@@ -483,7 +488,7 @@ TEST_F(ModelStoreTest, LeasesAreCounted) {
   make_store();
   std::string path = write_model("m", small_tensors(1));
   ResolvedModel model = resolve(path);
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
 
   auto a = store->acquire(model.key);
@@ -516,7 +521,7 @@ TEST_F(ModelStoreTest, UnloadWithLeasesNeedsForceAndLeasesKeepTheMemory) {
   make_store();
   std::string path = write_model("m", small_tensors(2));
   ResolvedModel model = resolve(path);
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
   auto grant = store->acquire(model.key);
   ASSERT_TRUE(grant.ok());
@@ -558,13 +563,13 @@ TEST_F(ModelStoreTest, StaleReleaseDoesNotDropALeaseOfTheNextLoad) {
   make_store();
   std::string path = write_model("m", small_tensors(3));
   ResolvedModel model = resolve(path);
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
   auto old_lease = store->acquire(model.key);
   ASSERT_TRUE(old_lease.ok());
   ASSERT_TRUE(store->unload(model.key, true).ok());
 
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
   auto new_lease = store->acquire(model.key);
   ASSERT_TRUE(new_lease.ok());
@@ -589,8 +594,8 @@ TEST_F(ModelStoreTest, UnloadUnknownIsNotFoundAndShortIdsWork) {
   std::string path = write_model("m", small_tensors(4));
   ResolvedModel model = resolve(path);
   ResolvedModel other = resolve(path, DType::kBF16);
-  store->ensure_loading(model);
-  store->ensure_loading(other);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_TRUE(store->ensure_loading(other).ok());
   ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
   ASSERT_EQ(wait_final(other.key).state, ModelState::kLoaded);
   auto by_id = store->unload(short_id(model.key), false);
@@ -610,7 +615,7 @@ TEST_F(ModelStoreTest, UnloadDuringALoadCancelsIt) {
   make_store();
   std::string path = write_model("m", many_tensors(100, 9));
   ResolvedModel model = resolve(path);
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   ASSERT_TRUE(wait_until([&] { return counters->writes.load() >= 3; }));
   EXPECT_EQ(store->status(model.key).state, ModelState::kLoading);
 
@@ -634,7 +639,7 @@ TEST_F(ModelStoreTest, UnloadDuringALoadCancelsIt) {
 
   // Asking again afterwards loads it, fully.
   counters->write_delay_ms = 0;
-  ModelStatus again = store->ensure_loading(model);
+  ModelStatus again = *store->ensure_loading(model);
   EXPECT_EQ(again.state, ModelState::kLoading);
   EXPECT_GT(again.seq, ordered.back().seq);
   ModelStatus s = wait_final(model.key);
@@ -654,9 +659,9 @@ TEST_F(ModelStoreTest, UnloadOfAQueuedLoadNeverStartsIt) {
   std::string queued = write_model("queued", small_tensors(2));
   ResolvedModel busy_model = resolve(busy);
   ResolvedModel queued_model = resolve(queued);
-  store->ensure_loading(busy_model);
+  ASSERT_TRUE(store->ensure_loading(busy_model).ok());
   ASSERT_TRUE(wait_until([&] { return counters->writes.load() >= 1; }));
-  store->ensure_loading(queued_model);
+  ASSERT_TRUE(store->ensure_loading(queued_model).ok());
   ASSERT_TRUE(store->unload(queued_model.key, false).ok());
   ASSERT_TRUE(store->unload(busy_model.key, false).ok());
   ASSERT_TRUE(wait_until([&] { return counters->live_slabs.load() == 0; }, 2s));
@@ -672,9 +677,9 @@ TEST_F(ModelStoreTest, DestroyingTheStoreDuringALoadIsPrompt) {
   std::string a = write_model("a", many_tensors(200, 1));
   std::string b = write_model("b", many_tensors(200, 2));
   std::string c = write_model("c", many_tensors(200, 3));
-  store->ensure_loading(resolve(a));
-  store->ensure_loading(resolve(b));
-  store->ensure_loading(resolve(c));  // queued behind the two workers
+  ASSERT_TRUE(store->ensure_loading(resolve(a)).ok());
+  ASSERT_TRUE(store->ensure_loading(resolve(b)).ok());
+  ASSERT_TRUE(store->ensure_loading(resolve(c)).ok());  // queued behind the two workers
   ASSERT_TRUE(wait_until([&] { return counters->writes.load() >= 4; }));
   auto start = std::chrono::steady_clock::now();
   store.reset();
@@ -695,12 +700,307 @@ TEST_F(ModelStoreTest, ErroredModelCanBeUnloaded) {
   std::string dir = root / "bad";
   testing::write_file(dir + "/model.safetensors", "garbage");
   ResolvedModel model = resolve(dir);
-  store->ensure_loading(model);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
   ASSERT_EQ(wait_final(model.key).state, ModelState::kError);
   auto r = store->unload(model.key, false);
   ASSERT_TRUE(r.ok()) << r.error().to_string();
   EXPECT_EQ(r->state, ModelState::kUnloaded);
   EXPECT_TRUE(store->list().empty());
+}
+
+// ---- limits: models held, variants of one source, failed loads, key length ----------------
+
+TEST_F(ModelStoreTest, LoadsPastMaxModelsAreRefusedAndCounted) {
+  make_store(2, [](StoreConfig& c) { c.max_models = 3; });
+  std::vector<ResolvedModel> held;
+  for (int i = 0; i < 4; ++i)
+    held.push_back(resolve(write_model("m" + std::to_string(i), small_tensors(40 + i))));
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(store->ensure_loading(held[i]).ok());
+  auto refused = store->ensure_loading(held[3]);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code, StatusCode::kLimitExceeded);
+  EXPECT_NE(refused.error().message.find("--max-models 3"), std::string::npos)
+      << refused.error().message;
+  EXPECT_EQ(store->refusal_counts()["models"], 1u);
+  EXPECT_EQ(store->status(held[3].key).state, ModelState::kReady);  // nothing kept of it
+  // Asking again for a held one is no new load.
+  ASSERT_TRUE(store->ensure_loading(held[0]).ok());
+  ASSERT_TRUE(store->unload(held[0].key, false).ok());
+  ASSERT_TRUE(store->ensure_loading(held[3]).ok());
+  EXPECT_EQ(wait_final(held[3].key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->list().size(), 3u);
+}
+
+TEST_F(ModelStoreTest, TagFloodOfOneSourceIsBoundedByMaxVariants) {
+  make_store(2, [](StoreConfig& c) { c.max_variants_per_source = 8; });
+  std::string path = write_model("m", small_tensors(7));
+  int accepted = 0;
+  int refused = 0;
+  for (int i = 0; i < 300; ++i) {
+    auto r = store->ensure_loading(resolve(path, std::nullopt, "tag" + std::to_string(i)));
+    if (r.ok()) {
+      ++accepted;
+    } else {
+      EXPECT_EQ(r.error().code, StatusCode::kLimitExceeded);
+      EXPECT_NE(r.error().message.find("--max-variants-per-source 8"), std::string::npos);
+      ++refused;
+    }
+  }
+  EXPECT_EQ(accepted, 8);
+  EXPECT_EQ(refused, 292);
+  EXPECT_EQ(store->refusal_counts()["variants_per_source"], 292u);
+  EXPECT_EQ(store->list().size(), 8u);
+  EXPECT_LE(counters->allocations.load(), 8);
+  // Other sources are not affected.
+  auto other =
+      store->ensure_loading(resolve(write_model("other", small_tensors(8)), std::nullopt, "tag0"));
+  EXPECT_TRUE(other.ok());
+}
+
+TEST_F(ModelStoreTest, FailedLoadsAreBoundedOldestFirst) {
+  make_store(2, [](StoreConfig& c) { c.max_error_entries = 3; });
+  std::string dir = root / "bad";
+  testing::write_file(dir + "/model.safetensors", "garbage");
+  std::vector<std::string> keys;
+  for (int i = 0; i < 6; ++i) {
+    ResolvedModel model = resolve(dir, std::nullopt, "t" + std::to_string(i));
+    ASSERT_TRUE(store->ensure_loading(model).ok());
+    ASSERT_EQ(wait_final(model.key).state, ModelState::kError);
+    keys.push_back(model.key);
+  }
+  auto listed = store->list();
+  EXPECT_LE(listed.size(), 3u);
+  EXPECT_EQ(store->refusal_counts()["error_entries"], 3u);
+  // The newest are kept, the oldest dropped (and listeners told).
+  EXPECT_EQ(store->status(keys.back()).state, ModelState::kError);
+  EXPECT_EQ(store->status(keys.front()).state, ModelState::kReady);
+  EXPECT_EQ(recorder.by_seq(keys.front()).back().state, ModelState::kUnloaded);
+}
+
+TEST_F(ModelStoreTest, FailedLoadsExpire) {
+  make_store(2, [](StoreConfig& c) { c.error_ttl = 200ms; });
+  std::string dir = root / "bad";
+  testing::write_file(dir + "/model.safetensors", "garbage");
+  std::vector<std::string> keys;
+  for (int i = 0; i < 2; ++i) {
+    ResolvedModel model = resolve(dir, std::nullopt, "t" + std::to_string(i));
+    ASSERT_TRUE(store->ensure_loading(model).ok());
+    ASSERT_EQ(wait_final(model.key).state, ModelState::kError);
+    keys.push_back(model.key);
+  }
+  // After the TTL nothing is listed, and the next load drops them for good.
+  ASSERT_TRUE(wait_until([&] { return store->list().empty(); }, 5s));
+  ASSERT_TRUE(store->ensure_loading(resolve(write_model("good", small_tensors(3)))).ok());
+  EXPECT_EQ(store->refusal_counts()["errors_expired"], 2u);
+  EXPECT_EQ(store->status(keys.back()).state, ModelState::kReady);
+}
+
+TEST_F(ModelStoreTest, ErrorMessagesInStatusAreBounded) {
+  make_store();
+  // A tensor name near the 4 KiB name limit makes for a long error.
+  std::string name(4000, 'n');
+  std::string dir = root / "long";
+  std::string file = safetensors_file({random_tensor(name, DType::kF32, {4}, 1)});
+  testing::write_file(dir + "/model.safetensors", file.substr(0, file.size() - 4));  // truncated
+  ResolvedModel model = resolve(dir);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ModelStatus s = wait_final(model.key);
+  ASSERT_EQ(s.state, ModelState::kError);
+  EXPECT_LE(s.message.size(), protocol::kMaxStatusMessageBytes);
+}
+
+TEST_F(ModelStoreTest, SpecsWhoseKeysWouldPassTheWireLimitAreRefused) {
+  make_store();
+  std::string path = write_model("m", small_tensors(1));
+  ModelSpec spec;
+  spec.source = path;
+  spec.tag = std::string(9000, 't');
+  auto r = store->resolve(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument);
+  // Shard rules that escape to three times their size.
+  spec.tag.clear();
+  spec.tp_size = 2;
+  spec.shard_rules = std::string(3000, '%') + "=column";
+  r = store->resolve(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument);
+  // At the bounds, every key fits the wire.
+  spec.shard_rules = std::string(protocol::kMaxShardRulesBytes - 7, '%') + "=column";
+  spec.tag = std::string(protocol::kMaxTagBytes, 't');
+  spec.tp_size = 4000000000u;
+  spec.tp_rank = 3999999999u;
+  ASSERT_TRUE(spec.validate().ok()) << spec.validate().error().to_string();
+  std::string long_source = "/" + std::string(protocol::kMaxSourceBytes - 1, 's');
+  EXPECT_LE(canonical_key(spec, {long_source, "", ""}).size(), protocol::kMaxStringBytes);
+  // A key longer than the wire allows is never held, however it was made.
+  ResolvedModel forged = resolve(path);
+  forged.key += ";tag=" + std::string(protocol::kMaxStringBytes, 'x');
+  auto refused = store->ensure_loading(forged);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code, StatusCode::kInvalidArgument);
+  EXPECT_TRUE(store->list().empty());
+}
+
+TEST_F(ModelStoreTest, TagsAndSourcesMustBeUtf8) {
+  make_store();
+  std::string path = write_model("m", small_tensors(1));
+  ModelSpec spec;
+  spec.source = path;
+  spec.tag = "bad\xff\xfe";
+  auto r = store->resolve(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument);
+  EXPECT_NE(r.error().message.find("UTF-8"), std::string::npos);
+  spec.tag = "caf\xc3\xa9";  // valid
+  EXPECT_TRUE(store->resolve(spec).ok());
+  spec.source = path + "\xc0\xaf";  // overlong '/'
+  r = store->resolve(spec);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument);
+}
+
+// ---- memory admission ------------------------------------------------------------------------
+
+// Blocks every read until released (or 10 s, so that a broken store cannot hang the test).
+class BlockingReadSource final : public loader::ReadSource {
+ public:
+  ssize_t pread(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    {
+      std::unique_lock<std::mutex> lock(mutex_);
+      ++blocked_;
+      cv_.notify_all();
+      cv_.wait_for(lock, 10s, [this] { return released_; });
+      --blocked_;
+    }
+    return ::pread(fd, dst, bytes, static_cast<off_t>(offset));
+  }
+  bool wait_blocked(std::chrono::milliseconds timeout = 10s) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    return cv_.wait_for(lock, timeout, [this] { return blocked_ > 0; });
+  }
+  void release() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int blocked_ = 0;
+  bool released_ = false;
+};
+
+TEST_F(ModelStoreTest, LoadsPastAvailableMemoryAreRefusedWithTheNumbers) {
+  uint64_t page = testing::page_size();
+  counters->available_bytes = static_cast<int64_t>(64 * page);
+  make_store(2, [](StoreConfig& c) { c.memory_reserve_bytes = 0; });
+  // 100 pages of F32: more than the 64 available.
+  std::string big = write_model(
+      "big", {random_tensor("w", DType::kF32, {static_cast<int64_t>(page / 4), 100}, 1)});
+  ResolvedModel model = resolve(big);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ModelStatus s = wait_final(model.key);
+  ASSERT_EQ(s.state, ModelState::kError);
+  EXPECT_EQ(s.error_code, StatusCode::kOutOfMemory);
+  EXPECT_NE(s.message.find("needs"), std::string::npos) << s.message;
+  EXPECT_NE(s.message.find("available"), std::string::npos) << s.message;
+  EXPECT_EQ(counters->allocations.load(), 0);  // refused before allocating
+  EXPECT_EQ(store->refusal_counts()["memory"], 1u);
+  // A model that fits loads; the reserve counts against it.
+  std::string small = write_model(
+      "small", {random_tensor("w", DType::kF32, {static_cast<int64_t>(page / 4), 8}, 2)});
+  ASSERT_TRUE(store->ensure_loading(resolve(small)).ok());
+  EXPECT_EQ(wait_final(resolve(small).key).state, ModelState::kLoaded);
+  EXPECT_TRUE(wait_until([&] { return store->admitted_bytes() == 0; }));
+}
+
+TEST_F(ModelStoreTest, ConcurrentLoadsAreNeverOverCommitted) {
+  uint64_t page = testing::page_size();
+  counters->available_bytes = static_cast<int64_t>(150 * page);
+  BlockingReadSource reads;
+  make_store(2, [&](StoreConfig& c) {
+    c.memory_reserve_bytes = 0;
+    c.read_source = &reads;
+  });
+  auto tensor = [&](uint32_t seed) {
+    return std::vector<TensorData>{
+        random_tensor("w", DType::kF32, {static_cast<int64_t>(page / 4), 100}, seed)};
+  };
+  ResolvedModel a = resolve(write_model("a", tensor(1)));
+  ResolvedModel b = resolve(write_model("b", tensor(2)));
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ASSERT_TRUE(reads.wait_blocked());  // a is admitted (100 pages) and reading
+  EXPECT_GE(store->admitted_bytes(), 100 * page);
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  ModelStatus sb = wait_final(b.key);
+  ASSERT_EQ(sb.state, ModelState::kError);
+  EXPECT_EQ(sb.error_code, StatusCode::kOutOfMemory);
+  EXPECT_NE(sb.message.find("admitted to loads in flight"), std::string::npos) << sb.message;
+  reads.release();
+  EXPECT_EQ(wait_final(a.key).state, ModelState::kLoaded);
+  EXPECT_TRUE(wait_until([&] { return store->admitted_bytes() == 0; }));
+}
+
+TEST_F(ModelStoreTest, MemoryTakenAtAllocationIsNotCountedTwice) {
+  // GPU backends take the memory at allocate(): from then on the device's free memory shows it,
+  // and the load in flight must no longer be counted on top.
+  uint64_t page = testing::page_size();
+  counters->available_bytes = static_cast<int64_t>(150 * page);
+  counters->allocation_is_resident = true;
+  BlockingReadSource reads;
+  make_store(2, [&](StoreConfig& c) {
+    c.memory_reserve_bytes = 0;
+    c.read_source = &reads;
+  });
+  ResolvedModel a = resolve(write_model(
+      "a", {random_tensor("w", DType::kF32, {static_cast<int64_t>(page / 4), 100}, 1)}));
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ASSERT_TRUE(reads.wait_blocked());  // allocated, reading
+  EXPECT_EQ(store->admitted_bytes(), 0u);
+  reads.release();
+  EXPECT_EQ(wait_final(a.key).state, ModelState::kLoaded);
+}
+
+// ---- a load stuck in a read: unload and shutdown do not wait for it --------------------------
+
+TEST_F(ModelStoreTest, ForcedUnloadOfAStuckLoadAnswersAtOnceAndFreesLater) {
+  auto reads = std::make_shared<BlockingReadSource>();
+  make_store(1, [&](StoreConfig& c) { c.read_source = reads.get(); });
+  ResolvedModel model = resolve(write_model("m", many_tensors(8, 1)));
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_TRUE(reads->wait_blocked());
+  auto start = std::chrono::steady_clock::now();
+  auto unloaded = store->unload(model.key, true);
+  ASSERT_TRUE(unloaded.ok()) << unloaded.error().to_string();
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 500ms);
+  EXPECT_TRUE(store->list().empty());
+  EXPECT_EQ(counters->live_slabs.load(), 1);  // the worker still holds it
+  reads->release();
+  ASSERT_TRUE(wait_until([&] { return counters->live_slabs.load() == 0; }, 5s));
+  EXPECT_TRUE(wait_until([&] { return store->admitted_bytes() == 0; }, 5s));
+}
+
+TEST_F(ModelStoreTest, ShutdownAbandonsAStuckLoadWithinItsTimeout) {
+  // Outlives the store: the abandoned worker still reads through it.
+  auto reads = std::make_shared<BlockingReadSource>();
+  make_store(2, [&](StoreConfig& c) {
+    c.read_source = reads.get();
+    c.shutdown_timeout = 300ms;
+  });
+  ResolvedModel model = resolve(write_model("m", many_tensors(8, 1)));
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_TRUE(reads->wait_blocked());
+  auto start = std::chrono::steady_clock::now();
+  store.reset();
+  auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_LT(took, 3s) << std::chrono::duration<double>(took).count() << " s";
+  EXPECT_GE(took, 250ms);
+  // The abandoned worker finishes once its read returns, touching nothing of the store (ASan
+  // builds would see it), and drops its slab.
+  reads->release();
+  EXPECT_TRUE(wait_until([&] { return counters->live_slabs.load() == 0; }, 5s));
 }
 
 }  // namespace

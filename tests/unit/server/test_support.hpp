@@ -48,6 +48,11 @@ struct BackendCounters {
   std::atomic<int> writes{0};
   std::atomic<int> write_delay_ms{0};     // each write() sleeps this long
   std::atomic<bool> hide_address{false};  // new slabs have no host address: write() is used
+  // What available_bytes() reports: -1 = unknown (kUnavailable), else these bytes free of
+  // `total_bytes`.
+  std::atomic<int64_t> available_bytes{-1};
+  std::atomic<uint64_t> total_bytes{64ull << 30};
+  std::atomic<bool> allocation_is_resident{false};  // as GPU backends: taken at allocate()
 };
 
 class CountingSlab final : public memory::Slab {
@@ -95,6 +100,15 @@ class CountingBackend final : public memory::Backend {
     COMPANION_ASSIGN_OR_RETURN(auto slab, inner_->allocate(sizes, label));
     return std::unique_ptr<memory::Slab>(
         std::make_unique<CountingSlab>(std::move(slab), counters_));
+  }
+  bool allocation_is_resident() const noexcept override {
+    return counters_->allocation_is_resident.load();
+  }
+  Result<memory::MemoryAvailability> available_bytes() const override {
+    int64_t available = counters_->available_bytes.load();
+    if (available < 0) return make_error(StatusCode::kUnavailable, "not told");
+    return memory::MemoryAvailability{static_cast<uint64_t>(available),
+                                      counters_->total_bytes.load()};
   }
 
  private:

@@ -1,0 +1,93 @@
+// The store's limit settings (--memory-reserve, the list bound), the host's free-memory query,
+// and the text helpers that keep what the server and CLI print valid.
+#include <string>
+
+#include <gtest/gtest.h>
+
+#include "common/util.hpp"
+#include "memory/host_backend.hpp"
+#include "protocol/limits.hpp"
+#include "server/model_store.hpp"
+
+namespace companion::server {
+namespace {
+
+TEST(StoreLimits, MemoryReserveTakesBytesOrAShare) {
+  StoreConfig c;
+  ASSERT_TRUE(parse_memory_reserve("10%", c).ok());
+  EXPECT_DOUBLE_EQ(c.memory_reserve_fraction, 0.10);
+  EXPECT_EQ(c.memory_reserve_bytes, 0u);
+  ASSERT_TRUE(parse_memory_reserve("1GiB", c).ok());
+  EXPECT_EQ(c.memory_reserve_bytes, 1ull << 30);
+  EXPECT_EQ(c.memory_reserve_fraction, 0.0);
+  ASSERT_TRUE(parse_memory_reserve("512MiB", c).ok());
+  EXPECT_EQ(c.memory_reserve_bytes, 512ull << 20);
+  ASSERT_TRUE(parse_memory_reserve("4096", c).ok());
+  EXPECT_EQ(c.memory_reserve_bytes, 4096u);
+  ASSERT_TRUE(parse_memory_reserve("0", c).ok());
+  EXPECT_EQ(c.memory_reserve_bytes, 0u);
+  for (const char* bad :
+       {"", "abc", "100%", "10 %", "1GB", "-1", "1e30", "1.5.3GiB", "99999999999TiB"}) {
+    SCOPED_TRACE(bad);
+    auto r = parse_memory_reserve(bad, c);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument);
+  }
+}
+
+TEST(StoreLimits, ListOfEveryEntryAlwaysFitsOneFrame) {
+  // Every entry at its largest, and as many as the limits allow, fit kMaxPayloadBytes.
+  static_assert(protocol::kMaxListedModels * protocol::kMaxModelStatusWireBytes <
+                protocol::kMaxPayloadBytes);
+  StoreConfig c;
+  EXPECT_TRUE(c.validate().ok());
+  c.max_models = protocol::kMaxListedModels - c.max_error_entries;
+  EXPECT_TRUE(c.validate().ok());
+  c.max_models += 1;
+  auto r = c.validate();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument);
+  StoreConfig zero;
+  zero.max_variants_per_source = 0;
+  EXPECT_FALSE(zero.validate().ok());
+}
+
+TEST(StoreLimits, HostReportsAvailableMemory) {
+  auto backend = memory::make_host_backend();
+  auto m = backend->available_bytes();
+  ASSERT_TRUE(m.ok()) << m.error().to_string();
+  EXPECT_GT(m->available, 0u);
+  EXPECT_GT(m->total, 0u);
+  EXPECT_LE(m->available, m->total);
+}
+
+TEST(OutputText, Utf8IsCheckedStrictly) {
+  EXPECT_TRUE(is_valid_utf8(""));
+  EXPECT_TRUE(is_valid_utf8("plain"));
+  EXPECT_TRUE(is_valid_utf8("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"));
+  EXPECT_FALSE(is_valid_utf8("\xff"));
+  EXPECT_FALSE(is_valid_utf8("\xc0\xaf"));          // overlong '/'
+  EXPECT_FALSE(is_valid_utf8("\xed\xa0\x80"));      // surrogate
+  EXPECT_FALSE(is_valid_utf8("\xf4\x90\x80\x80"));  // past U+10FFFF
+  EXPECT_FALSE(is_valid_utf8("\xe2\x82"));          // cut short
+}
+
+TEST(OutputText, PrefixNeverCutsASequence) {
+  std::string euro = "\xe2\x82\xac";
+  EXPECT_EQ(utf8_prefix("ab" + euro, 4), "ab");
+  EXPECT_EQ(utf8_prefix("ab" + euro, 5), "ab" + euro);
+  EXPECT_EQ(utf8_prefix("abc", 10), "abc");
+}
+
+TEST(OutputText, PrintableTextEscapesControlsAndReplacesBadBytes) {
+  EXPECT_EQ(printable_text("ok caf\xc3\xa9"), "ok caf\xc3\xa9");
+  EXPECT_EQ(printable_text("\x1b[2Jx\x07"), "\\x1b[2Jx\\x07");
+  EXPECT_EQ(printable_text("a\nb\tc\r"), "a\\nb\\tc\\r");
+  EXPECT_EQ(printable_text("del\x7f"), "del\\x7f");
+  EXPECT_EQ(printable_text("csi\xc2\x9b"), "csi\\u009b");  // C1 control
+  EXPECT_EQ(printable_text("bad\xff!"), "bad\xef\xbf\xbd!");
+  EXPECT_TRUE(is_valid_utf8(printable_text("\xfe\xff\xc0\xaf\xed\xa0\x80")));
+}
+
+}  // namespace
+}  // namespace companion::server
