@@ -72,7 +72,9 @@ def test_a_symlink_swapped_during_loads_never_serves_outside_bytes(tmp_path, run
     link = model / "model.safetensors"
     link.symlink_to("../inside.safetensors")
 
-    server = Server(runtime_dir, [root])
+    # Every attach loads a variant of its own: allow more than the race can make in its time.
+    server = Server(runtime_dir, [root], extra=["--max-variants-per-source", "2000",
+                                                "--max-models", "3000"])
     flipper = subprocess.Popen([sys.executable, "-c", FLIPPER, str(link), "../inside.safetensors",
                                 str(outside / "secret.safetensors"), "60"])
     served = leaked = refused = 0
