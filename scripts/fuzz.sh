@@ -31,7 +31,7 @@ done
 work=build-fuzz/fuzz-work
 parallel=2  # two targets at a time: one per core on the CI machine
 
-# A unit that runs longer than this, or a process above this much memory, is a finding.
+# An input that runs longer than -timeout seconds, or a process above -rss_limit_mb, is a finding.
 fuzz_one() {  # fuzz_one TARGET: runs it, output in $work/TARGET/log
   local t=$1 dir=$work/$1
   rm -rf "$dir"
@@ -40,13 +40,17 @@ fuzz_one() {  # fuzz_one TARGET: runs it, output in $work/TARGET/log
               -print_final_stats=1 -artifact_prefix="$dir/artifacts/")
   [[ -f tests/fuzz/corpus/$t.dict ]] && args+=(-dict="tests/fuzz/corpus/$t.dict")
   # New units are written to the first corpus directory only: the scratch one.
+  # libFuzzer stops itself at -max_total_time; the outer timeout only bounds a run that cannot.
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=0 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    timeout --signal=KILL $((seconds + 120)) \
     build-fuzz/tests/fuzz/fuzz_"$t" "${args[@]}" "$dir/corpus" "tests/fuzz/corpus/$t" \
     >"$dir/log" 2>&1
 }
 
 declare -A pid_of=() status_of=()
 running=()
+# Interrupted: stop the targets still running (each runs in a subshell of this script).
+trap 'for p in "${running[@]}"; do pkill -P "$p"; done 2>/dev/null; exit 130' INT TERM
 for t in "${targets[@]}"; do
   while ((${#running[@]} >= parallel)); do
     wait -n "${running[@]}" || true
