@@ -2,6 +2,8 @@
 # Installs what Companion needs on Debian 12 (as root, or with sudo) and builds it.
 #   scripts/setup.sh            Release build in build/
 #   scripts/setup.sh --asan     also an AddressSanitizer + UBSan build in build-asan/
+#   scripts/setup.sh --fuzz     also the libFuzzer targets (clang, ASan + UBSan) in build-fuzz/
+# The options combine (--asan --fuzz).
 # Safe to run again: installs only what is missing, rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,8 +13,17 @@ PACKAGES=(
   libflatbuffers-dev flatbuffers-compiler nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev
   python3 python3-venv python3-pip python3-numpy python3-pytest python3-torch
-  etcd-server etcd-client clang-format
+  etcd-server etcd-client clang-format clang libclang-rt-14-dev
 )
+
+asan=0 fuzz=0
+for arg in "$@"; do
+  case "$arg" in
+    --asan) asan=1 ;;
+    --fuzz) fuzz=1 ;;
+    *) echo "setup: unknown option $arg (options: --asan, --fuzz)" >&2; exit 2 ;;
+  esac
+done
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -48,6 +59,11 @@ build() {  # build DIR [cmake args...]
 }
 
 build build
-if [[ "${1:-}" == "--asan" ]]; then
+if ((asan)); then
   build build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCOMPANION_SANITIZE=address,undefined
+fi
+if ((fuzz)); then
+  # libFuzzer comes with clang; this tree holds only the parsers' libraries and tests/fuzz.
+  build build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \
+    -DCMAKE_CXX_COMPILER=clang++ -DCOMPANION_FUZZ=ON
 fi

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: unit and integration tests on the Release build, then again under
-# AddressSanitizer + UndefinedBehaviorSanitizer, then the Python package's tests. GPU tests
-# skip themselves without a GPU (scripts/gpu-test.sh runs them on a GPU machine).
+# AddressSanitizer + UndefinedBehaviorSanitizer, then the Python package's tests, then each fuzz
+# target for 60 s (scripts/fuzz.sh). GPU tests skip themselves without a GPU
+# (scripts/gpu-test.sh runs them on a GPU machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --asan
@@ -18,4 +19,7 @@ done
 # build of the library would need the sanitizer runtime preloaded into Python).
 echo "== Python package tests"
 COMPANION_BUILD_DIR=build .venv/bin/python -m pytest -q -p no:cacheprovider tests/python || status=1
+# Coverage-guided fuzzing of the parsers under ASan + UBSan, a bounded time per target.
+echo "== fuzzing"
+scripts/fuzz.sh --time 60 || status=1
 exit $status

@@ -78,11 +78,18 @@ Result<TensorEntry> parse_tensor(const std::string& name, const json& value, uin
     return bad(quoted(name) + ": rank " + std::to_string(shape.size()) + " is over the limit of " +
                std::to_string(kMaxRank));
   bool has_zero_dim = false;
+  // Even an empty tensor is described by int64 strides, products of its other dimensions.
+  uint64_t nonzero_elements = 1;
   for (const json& dim_value : shape) {
     COMPANION_ASSIGN_OR_RETURN(uint64_t dim, parse_unsigned(name, "shape", dim_value));
     if (dim > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
       return bad(quoted(name) + ": dimension " + std::to_string(dim) + " is too large");
     has_zero_dim = has_zero_dim || dim == 0;
+    if (dim != 0) {
+      if (nonzero_elements > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()) / dim)
+        return bad(quoted(name) + ": shape " + shape.dump() + " overflows 64-bit element counts");
+      nonzero_elements *= dim;
+    }
     entry.shape.push_back(static_cast<int64_t>(dim));
   }
 

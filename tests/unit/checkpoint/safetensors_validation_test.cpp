@@ -118,6 +118,15 @@ TEST(SafetensorsHeader, RejectsBadShapes) {
                {"'w'", "too large"});
 }
 
+TEST(SafetensorsHeader, RejectsEmptyTensorsWhoseStridesOverflow) {
+  // No bytes, but the server describes every tensor with int64 strides: here 2^32 * 2^32.
+  expect_error(parse(R"({"w":)" + entry("F32", "[0,4294967296,4294967296]", "[0,0]") + "}"), kBad,
+               {"'w'", "overflow"});
+  auto fits = parse(R"({"w":)" + entry("F32", "[4294967296,0,2147483647]", "[0,0]") + "}");
+  ASSERT_TRUE(fits.ok()) << fits.error().to_string();
+  EXPECT_EQ(fits->tensors[0].nbytes, 0u);
+}
+
 TEST(SafetensorsHeader, RejectsBadOffsets) {
   expect_error(parse(R"({"w":)" + entry("F32", "[1]", "[0,4.0]") + "}"), kBad,
                {"'w'", "data_offsets"});

@@ -1,0 +1,42 @@
+// checkpoint::parse_index_json on any text. What it accepts maps non-empty tensor names to plain
+// file names, and lists exactly those files, sorted and once each.
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <set>
+#include <string>
+#include <string_view>
+
+#include "checkpoint/index_json.hpp"
+
+namespace {
+
+using namespace companion;
+
+void check(bool condition) {
+  if (!condition) std::abort();
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  std::string_view text(reinterpret_cast<const char*>(data), size);
+  auto index = checkpoint::parse_index_json(text, "index");
+  if (!index.ok()) {
+    check(index.error().code == StatusCode::kBadCheckpoint);
+    check(index.error().message.rfind("index", 0) == 0);
+    return 0;
+  }
+  check(!index->weight_map.empty() && !index->files.empty());
+  check(std::is_sorted(index->files.begin(), index->files.end()));
+  check(std::adjacent_find(index->files.begin(), index->files.end()) == index->files.end());
+  std::set<std::string> named;
+  for (const auto& [tensor, file] : index->weight_map) {
+    check(!tensor.empty());
+    check(!file.empty() && file != "." && file != "..");
+    check(file.find('/') == std::string::npos && file.find('\0') == std::string::npos);
+    named.insert(file);
+  }
+  check(std::equal(named.begin(), named.end(), index->files.begin(), index->files.end()));
+  return 0;
+}

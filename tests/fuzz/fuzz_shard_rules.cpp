@@ -1,0 +1,41 @@
+// loader::parse_shard_rules on any text. It accepts exactly what ModelSpec::validate accepts (the
+// client checks with one, the server parses with the other), and format_shard_rules writes what
+// parses back to the same rules.
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <string_view>
+
+#include "companion/types.hpp"
+#include "loader/shard_plan.hpp"
+
+namespace {
+
+using namespace companion;
+
+void check(bool condition) {
+  if (!condition) std::abort();
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  std::string_view text(reinterpret_cast<const char*>(data), size);
+  auto rules = loader::parse_shard_rules(text);
+  if (!rules.ok()) check(rules.error().code == StatusCode::kInvalidArgument);
+  ModelSpec spec;
+  spec.source = "model";
+  spec.shard_rules = std::string(text);
+  if (text.size() <= 8192) check(spec.validate().ok() == rules.ok());
+  if (!rules.ok()) return 0;
+  for (const auto& rule : *rules) {
+    check(!rule.pattern.empty());
+    check(rule.split.packed >= 1 && rule.split.packed <= loader::kMaxPackedParts);
+    check(rule.split.dim < checkpoint::kMaxRank);
+  }
+  std::string written = loader::format_shard_rules(*rules);
+  auto again = loader::parse_shard_rules(written);
+  check(again.ok());
+  check(*again == *rules);
+  return 0;
+}

@@ -1,0 +1,193 @@
+// Writes the binary seed inputs of the frame_reader and message_decoder targets (one encoded
+// message of each type, and frame streams built from them) into corpus/:
+//   build-fuzz/tests/fuzz/fuzz_make_seeds tests/fuzz/corpus
+// The text targets' seeds are written by hand.
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "protocol/frame.hpp"
+#include "protocol/limits.hpp"
+#include "protocol/messages.hpp"
+
+namespace {
+
+using namespace companion;
+using namespace companion::protocol;
+using Bytes = std::vector<uint8_t>;
+
+bool write_file(const std::string& path, const Bytes& bytes) {
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) return false;
+  bool ok = std::fwrite(bytes.data(), 1, bytes.size(), f) == bytes.size();
+  return std::fclose(f) == 0 && ok;
+}
+
+ModelSpec spec() {
+  ModelSpec s;
+  s.source = "/models/llama";
+  s.revision = "main";
+  s.dtype = DType::kBF16;
+  s.tp_size = 2;
+  s.tp_rank = 1;
+  s.tag = "a";
+  s.shard_rules = "*.q_proj.weight=column;*.o_proj.weight=row";
+  return s;
+}
+
+ModelStatus status(ModelState state) {
+  ModelStatus s;
+  s.key = "/models/llama dtype=BF16";
+  s.id = "3f2a";
+  s.source = "/models/llama";
+  s.state = state;
+  s.bytes_done = 48;
+  s.bytes_total = 96;
+  if (state == ModelState::kError) {
+    s.error_code = StatusCode::kBadCheckpoint;
+    s.message = "header is not valid JSON";
+  }
+  s.tensors = 3;
+  s.leases = 1;
+  s.backend = "host";
+  s.slab_bytes = 4096;
+  s.seq = 7;
+  return s;
+}
+
+ServerIdentity identity() {
+  ServerIdentity id;
+  id.instance_id = "host-1";
+  id.ns = "companion";
+  id.component = "model_server_host";
+  id.hostname = "node";
+  id.pid = 1234;
+  id.device = "host";
+  id.backends = {"host"};
+  id.default_backend = "host";
+  id.started_at_ms = 1700000000000;
+  id.version = "0.1.0";
+  id.socket_path = "/run/companion/host.sock";
+  return id;
+}
+
+std::vector<std::pair<std::string, Bytes>> messages() {
+  std::vector<std::pair<std::string, Bytes>> out;
+  auto add = [&](const std::string& name, Body body) {
+    out.emplace_back(name, encode(Message{static_cast<uint64_t>(out.size() + 1), std::move(body)}));
+  };
+  add("hello", Hello{kProtocolMajor, kProtocolMinor, "engine", 42});
+  add("hello_reply", HelloReply{kProtocolMajor, kProtocolMinor, identity()});
+  add("get_parameters", GetParameters{spec(), true, false});
+  add("release", Release{9});
+  add("released", Released{9});
+  add("status_subscribe_all", StatusSubscribe{{}, true});
+  add("status_subscribe", StatusSubscribe{spec(), false});
+  add("status_event", StatusEvent{status(ModelState::kLoading)});
+  add("status_unsubscribe", StatusUnsubscribe{3});
+  add("load", Load{spec(), true});
+  add("load_reply", LoadReply{status(ModelState::kError)});
+  add("unload_key", Unload{{}, "3f2a", true});
+  add("unload_spec", Unload{spec(), "", false});
+  add("unload_reply", UnloadReply{status(ModelState::kUnloaded)});
+  add("list", List{});
+  add("list_reply", ListReply{{status(ModelState::kLoaded), status(ModelState::kReady)}});
+  add("health", Health{});
+  HealthInfo health;
+  health.state = "serving";
+  health.server = identity();
+  add("health_reply", HealthReply{health});
+  add("error_reply", ErrorReply{Error{StatusCode::kNotFound, "no such model"}});
+  add("done", Done{});
+
+  std::vector<SegmentInfo> segments(2);
+  segments[0] = SegmentInfo{memory::SegmentKind::kHostMemfd, 4096, 0, {}};
+  segments[1] = SegmentInfo{memory::SegmentKind::kCudaIpcHandle, 1024, -1, {}};
+  segments[1].ipc_handle.fill(0xab);
+  std::vector<TensorInfo> tensors = {
+      {"model.embed_tokens.weight", DType::kBF16, {4, 8}, {8, 1}, 0, 0, 64},
+      {"model.norm.weight", DType::kF32, {8}, {1}, 0, 64, 32},
+      {"lm_head.scale", DType::kF32, {}, {}, 1, 0, 4},
+  };
+  out.emplace_back("parameters",
+                   encode_parameters(99, 5, status(ModelState::kLoaded), segments, tensors));
+  return out;
+}
+
+// Inverse of FuzzedDataProvider as fuzz_frame_reader uses it: pieces come from the front, and
+// each piece's size (3 bytes) and descriptor count (1 byte) from the back, last byte first.
+Bytes frame_input(const std::vector<std::pair<Bytes, uint8_t>>& pieces) {
+  Bytes front, back;
+  for (const auto& [bytes, fds] : pieces) {
+    size_t n = bytes.size();
+    back.push_back(static_cast<uint8_t>(n >> 16));
+    back.push_back(static_cast<uint8_t>(n >> 8));
+    back.push_back(static_cast<uint8_t>(n));
+    back.push_back(fds);
+    front.insert(front.end(), bytes.begin(), bytes.end());
+  }
+  front.insert(front.end(), back.rbegin(), back.rend());
+  return front;
+}
+
+Bytes frame(const Bytes& payload, uint16_t fds = 0) {
+  Bytes out = encode_frame_header(static_cast<uint32_t>(payload.size()), fds);
+  out.insert(out.end(), payload.begin(), payload.end());
+  return out;
+}
+
+Bytes slice(const Bytes& b, size_t from, size_t to) {
+  return Bytes(b.begin() + static_cast<std::ptrdiff_t>(from),
+               b.begin() + static_cast<std::ptrdiff_t>(std::min(to, b.size())));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: %s CORPUS_DIR (tests/fuzz/corpus)\n", argv[0]);
+    return 2;
+  }
+  std::string root = argv[1];
+  auto all = messages();
+  bool ok = true;
+  for (const auto& [name, payload] : all)
+    ok = write_file(root + "/message_decoder/" + name, payload) && ok;
+
+  const Bytes& hello = all[0].second;
+  const Bytes& list = all[14].second;
+  const Bytes& params = all.back().second;
+  std::string dir = root + "/frame_reader/";
+  ok = write_file(dir + "one_frame", frame_input({{frame(hello), 0}})) && ok;
+  Bytes two = frame(hello);
+  Bytes second = frame(list);
+  two.insert(two.end(), second.begin(), second.end());
+  ok = write_file(dir + "two_frames_split", frame_input({{slice(two, 0, 5), 0},
+                                                         {slice(two, 5, 13), 0},
+                                                         {slice(two, 13, 40), 0},
+                                                         {slice(two, 40, two.size()), 0}})) &&
+       ok;
+  Bytes with_fds = frame(params, 2);
+  ok = write_file(dir + "descriptors", frame_input({{slice(with_fds, 0, 1), 2},
+                                                    {slice(with_fds, 1, 200), 0},
+                                                    {slice(with_fds, 200, with_fds.size()), 0}})) &&
+       ok;
+  ok = write_file(dir + "descriptors_mid_frame",
+                  frame_input({{slice(with_fds, 0, 30), 1}, {slice(with_fds, 30, 60), 1}})) &&
+       ok;
+  ok = write_file(dir + "descriptors_unannounced", frame_input({{frame(hello), 3}})) && ok;
+  ok = write_file(dir + "empty_payload", frame_input({{frame({}), 0}, {frame({}), 0}})) && ok;
+  Bytes bad_magic = frame(hello);
+  bad_magic[0] ^= 0xff;
+  ok = write_file(dir + "bad_magic", frame_input({{bad_magic, 0}})) && ok;
+  ok = write_file(dir + "oversized",
+                  frame_input({{encode_frame_header(kMaxPayloadBytes + 1, 0), 0}})) &&
+       ok;
+  ok = write_file(dir + "too_many_fds",
+                  frame_input({{encode_frame_header(0, kMaxFdsPerFrame + 1), 1}})) &&
+       ok;
+  if (!ok) std::fprintf(stderr, "could not write every seed under %s\n", root.c_str());
+  return ok ? 0 : 1;
+}
