@@ -8,13 +8,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <climits>
-#include <set>
 #include <string>
 #include <unordered_map>
 
-#include <nlohmann/json.hpp>
-
 #include "checkpoint/checkpoint.hpp"
+#include "checkpoint/index_json.hpp"
 #include "checkpoint/open_beneath.hpp"
 #include "checkpoint/source.hpp"
 #include "checkpoint/strict_json.hpp"
@@ -22,8 +20,6 @@
 
 namespace companion::checkpoint {
 namespace {
-
-using json = nlohmann::json;
 
 constexpr const char* kIndexName = "model.safetensors.index.json";
 constexpr const char* kSafetensorsSuffix = ".safetensors";
@@ -60,12 +56,6 @@ Result<std::string> absolute_path(const std::string& path) {
     pos = next + 1;
   }
   return cleaned.empty() ? std::string("/") : cleaned;
-}
-
-// A weight_map value must name a file in the index's own directory.
-bool is_plain_file_name(const std::string& name) {
-  return !name.empty() && name != "." && name != ".." && name.find('/') == std::string::npos &&
-         name.find('\0') == std::string::npos;
 }
 
 Error not_regular(const std::string& path) {
@@ -183,24 +173,9 @@ Result<Checkpoint> open_indexed(const std::string& dir, const OpenedFile& index_
                           std::to_string(limits.max_tensors) +
                           " for one checkpoint (--max-tensors)");
   }
-  COMPANION_ASSIGN_OR_RETURN(json index, parse_json_strict(text, index_path));
-  if (!index.is_object() || !index.contains("weight_map") || !index["weight_map"].is_object())
-    return bad(index_path + ": \"weight_map\" object missing");
-
-  std::unordered_map<std::string, std::string> weight_map;
-  std::set<std::string> file_names;  // sorted: shard names sort in shard order
-  for (const auto& [name, value] : index["weight_map"].items()) {
-    if (name.empty()) return bad(index_path + ": weight_map has an empty tensor name");
-    if (!value.is_string())
-      return bad(index_path + ": weight_map entry for '" + name + "' must be a file name string");
-    const auto& file_name = value.get_ref<const std::string&>();
-    if (!is_plain_file_name(file_name))
-      return bad(index_path + ": weight_map maps '" + name + "' to \"" + file_name +
-                 "\", which is not a plain file name in the same directory");
-    file_names.insert(file_name);
-    weight_map.emplace(name, file_name);
-  }
-  if (file_names.empty()) return bad(index_path + ": weight_map is empty");
+  COMPANION_ASSIGN_OR_RETURN(IndexMap index, parse_index_json(text, index_path));
+  const auto& weight_map = index.weight_map;
+  const auto& file_names = index.files;  // sorted: shard names sort in shard order
 
   if (file_names.size() > limits.max_files)
     return too_many_files(index_path, std::to_string(file_names.size()), limits.max_files);
