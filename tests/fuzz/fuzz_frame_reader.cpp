@@ -11,6 +11,7 @@
 
 #include <fuzzer/FuzzedDataProvider.h>
 
+#include "fuzz_check.hpp"
 #include "protocol/frame.hpp"
 #include "protocol/limits.hpp"
 
@@ -21,9 +22,7 @@ using companion::protocol::Frame;
 using companion::protocol::FrameReader;
 namespace limits = companion::protocol;
 
-void check(bool condition) {
-  if (!condition) std::abort();
-}
+using companion::fuzz::check;
 
 }  // namespace
 

@@ -8,14 +8,13 @@
 #include <string_view>
 
 #include "checkpoint/index_json.hpp"
+#include "fuzz_check.hpp"
 
 namespace {
 
 using namespace companion;
 
-void check(bool condition) {
-  if (!condition) std::abort();
-}
+using fuzz::check;
 
 }  // namespace
 

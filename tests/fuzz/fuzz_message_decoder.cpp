@@ -5,15 +5,14 @@
 #include <variant>
 #include <vector>
 
+#include "fuzz_check.hpp"
 #include "protocol/messages.hpp"
 
 namespace {
 
 using namespace companion::protocol;
 
-void check(bool condition) {
-  if (!condition) std::abort();
-}
+using companion::fuzz::check;
 
 std::vector<uint8_t> encode_any(const Message& message) {
   const auto* p = std::get_if<Parameters>(&message.body);

@@ -4,15 +4,14 @@
 #include <cstdlib>
 #include <string>
 
+#include "fuzz_check.hpp"
 #include "registry/registry.hpp"
 
 namespace {
 
 using namespace companion;
 
-void check(bool condition) {
-  if (!condition) std::abort();
-}
+using fuzz::check;
 
 }  // namespace
 

@@ -10,14 +10,13 @@
 #include <string_view>
 
 #include "checkpoint/checkpoint.hpp"
+#include "fuzz_check.hpp"
 
 namespace {
 
 using namespace companion;
 
-void check(bool condition) {
-  if (!condition) std::abort();
-}
+using fuzz::check;
 
 }  // namespace
 

@@ -7,15 +7,14 @@
 #include <string_view>
 
 #include "companion/types.hpp"
+#include "fuzz_check.hpp"
 #include "loader/shard_plan.hpp"
 
 namespace {
 
 using namespace companion;
 
-void check(bool condition) {
-  if (!condition) std::abort();
-}
+using fuzz::check;
 
 }  // namespace
 

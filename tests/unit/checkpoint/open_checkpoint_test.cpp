@@ -18,18 +18,7 @@ using testing::TempDir;
 
 constexpr StatusCode kBad = StatusCode::kBadCheckpoint;
 
-// A one-tensor-per-name file of U8 tensors, 4 bytes each.
-std::string file_with(const std::vector<std::string>& names) {
-  std::string header = "{";
-  uint64_t offset = 0;
-  for (const std::string& name : names) {
-    if (header.size() > 1) header += ",";
-    header += "\"" + name + R"(":{"dtype":"U8","shape":[4],"data_offsets":[)" +
-              std::to_string(offset) + "," + std::to_string(offset + 4) + "]}";
-    offset += 4;
-  }
-  return testing::safetensors_bytes(header + "}", offset);
-}
+using testing::file_with;
 
 void symlink_or_fail(const std::string& target, const std::string& link) {
   std::filesystem::create_directories(std::filesystem::path(link).parent_path());

@@ -14,6 +14,7 @@
 #include <initializer_list>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -40,6 +41,19 @@ inline std::string safetensors_bytes(const std::string& header, size_t data_byte
   std::string data(data_bytes, '\0');
   for (size_t i = 0; i < data_bytes; ++i) data[i] = static_cast<char>(i % 251);
   return le64(header.size()) + header + data;
+}
+
+// A .safetensors file of one U8 tensor of 4 bytes per name, in the order given.
+inline std::string file_with(const std::vector<std::string>& names) {
+  std::string header = "{";
+  uint64_t offset = 0;
+  for (const std::string& name : names) {
+    if (header.size() > 1) header += ",";
+    header += "\"" + name + R"(":{"dtype":"U8","shape":[4],"data_offsets":[)" +
+              std::to_string(offset) + "," + std::to_string(offset + 4) + "]}";
+    offset += 4;
+  }
+  return safetensors_bytes(header + "}", offset);
 }
 
 // Asserts `result` failed with `code` and that its message contains every one of `parts`.
