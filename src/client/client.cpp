@@ -291,8 +291,10 @@ class ClientImpl final : public Client {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto it = pool_.find(record.socket_path);
-      // A restarted instance on the same socket is another instance.
-      if (it != pool_.end() && it->second.server->instance_id == record.instance_id)
+      // A restarted instance on the same socket is another instance; a connection the server
+      // closed (idle, --idle-timeout) is replaced by a new one.
+      if (it != pool_.end() && it->second.server->instance_id == record.instance_id &&
+          it->second.connection->alive())
         return it->second;
     }
     COMPANION_ASSIGN_OR_RETURN(Instance i, connect_instance(record.socket_path, &record));
@@ -447,6 +449,7 @@ class ClientImpl final : public Client {
   auto with_failover(const ModelSpec* spec, F&& request, bool repeatable = true)
       -> decltype(request(std::declval<Instance&>())) {
     std::set<std::string> failed;
+    std::set<std::string> reconnected;
     std::optional<Error> lost;
     for (;;) {
       auto i = choose(spec, failed);
@@ -463,10 +466,14 @@ class ClientImpl final : public Client {
       }
       forget(*i);
       if (!repeatable) return r;
+      // The server may have closed just this connection (an idle one, as the request went out):
+      // one new connection to the same instance first. A dead instance refuses it, and the
+      // choice moves on.
+      lost = r.error();
+      if (reconnected.insert(i->key).second) continue;
       log::warn("companion instance " + i->server->instance_id + " lost (" + r.error().message +
                 "); failing over");
       failed.insert(i->key);
-      lost = r.error();
     }
   }
 

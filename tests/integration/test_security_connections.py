@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness import COMPANION, FAULT_CLIENT, Server, wait_until
+from harness import COMPANION, FAULT_CLIENT, Server, SessionClient, wait_until
 
 FRAME_MAGIC = 0x314D5043
 MIB = 1 << 20
@@ -213,6 +213,22 @@ def test_idle_connections_are_closed(runtime_dir, model_root):
         finally:
             s.close()
         assert health(server)["refused"]["idle_timeout"] >= 1
+
+
+def test_long_lived_clients_reconnect_after_an_idle_close(runtime_dir, model_root):
+    with running(runtime_dir, [model_root], extra=["--idle-timeout", "0.3"]) as server:
+        model = str(model_root / "opt-small")
+        client = SessionClient("--runtime-dir", runtime_dir)
+        try:
+            assert client(f"load {model}")["ok"]
+            for _ in range(3):
+                time.sleep(0.8)  # the server closes the pooled connection meanwhile
+                out = client(f"status {model}")
+                assert out["ok"] and out["state"] == "loaded", out
+            assert client(f"attach {model}")["ok"]
+        finally:
+            assert client.close() == 0
+        assert health(server)["refused"]["idle_timeout"] >= 3
 
 
 def test_connections_holding_leases_are_not_idle(runtime_dir, model_root):

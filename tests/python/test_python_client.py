@@ -1,5 +1,6 @@
 """companion.connect / Client: information, load and unload, leases, status streams."""
 import threading
+import time
 
 import pytest
 
@@ -182,3 +183,18 @@ def test_close_while_a_call_is_in_flight(client, model_root):
     assert outcome == ["timeout"]
     with pytest.raises(companion.InvalidArgument, match="closed"):
         stream.next(timeout=0)
+
+
+def test_a_client_outlives_idle_closes_of_its_connection(tmp_path, model_root):
+    rt = tmp_path / "rt"
+    rt.mkdir(mode=0o700)
+    s = Server(rt, [model_root], extra=["--idle-timeout", "0.3"])
+    try:
+        with companion.connect(runtime_dir=rt) as c:
+            c.load(str(model_root / "opt-f32"))
+            for _ in range(3):
+                time.sleep(0.8)  # the server closes the idle connection meanwhile
+                assert [m.state for m in c.list()] == [companion.ModelState.LOADED]
+            assert c.health()["refused"]["idle_timeout"] >= 3
+    finally:
+        assert s.stop() == 0, s.log_text()
