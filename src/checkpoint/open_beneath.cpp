@@ -183,6 +183,17 @@ std::string descriptor_path(int fd) {
   return std::string(buf, static_cast<size_t>(n));
 }
 
+// The root directory as a descriptor, only if it is still where the canonical root names it: a
+// parent renamed or a symlink put in the root's place since start would otherwise move the root.
+// An invalid descriptor sends the caller to the checked fallback, which refuses such a move.
+namespace {
+UniqueFd open_root(const std::string& root) {
+  UniqueFd fd(::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (fd && descriptor_path(fd.get()) != root) fd.reset();
+  return fd;
+}
+}  // namespace
+
 Result<OpenedFile> open_under_roots(const std::string& path,
                                     const std::vector<std::string>& roots) {
   if (path.empty() || path[0] != '/')
@@ -193,7 +204,7 @@ Result<OpenedFile> open_under_roots(const std::string& path,
     COMPANION_ASSIGN_OR_RETURN(location, real_location_under_roots(location, path, roots));
     root = holding_root(location, roots);
   }
-  UniqueFd root_fd(::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  UniqueFd root_fd = open_root(root);
   if (!root_fd) return open_checked(location, path, roots, false);  // a root that is a file
   long fd = openat2_beneath(root_fd.get(), relative_to(location, root), kReadFlags);
   if (fd >= 0) return finish_open(UniqueFd(static_cast<int>(fd)), path);
@@ -211,7 +222,7 @@ Result<std::string> real_path_under_roots(const std::string& path,
   std::string location = clean_absolute(path);
   std::string root = holding_root(location, roots);
   if (root.empty()) return real_location_under_roots(location, path, roots);
-  UniqueFd root_fd(::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  UniqueFd root_fd = open_root(root);
   long fd = -1;
   int err = ENOSYS;
   if (root_fd) {

@@ -90,15 +90,21 @@ Result<ResolvedSource> resolve_hf_id(const std::string& repo, const std::string&
   // the caller, nor one swapped in after a check by path.
   OpenedFile ref_file;
   ref_file.path = ref_path;
-  ref_file.fd.reset(::open(ref_path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY));
+  // A ref is a plain file written by the hub client, never a link: a symlink planted as a ref
+  // would make the server read (and quote) a file of someone else's choosing.
+  ref_file.fd.reset(
+      ::open(ref_path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOCTTY | O_NOFOLLOW));
   if (ref_file.fd && ::fstat(ref_file.fd.get(), &ref_file.st) == 0 &&
       S_ISREG(ref_file.st.st_mode)) {
     COMPANION_ASSIGN_OR_RETURN(std::string ref, read_opened_file(ref_file, 4096));
     commit = trim(ref);
-    if (commit.empty() || commit.find('/') != std::string::npos || commit == "." ||
-        commit.find("..") != std::string::npos)
-      return make_error(StatusCode::kBadCheckpoint,
-                        ref_path + " does not hold a commit hash: \"" + commit + "\"");
+    // A commit hash is a short run of letters and digits; what else the file holds is not
+    // repeated back (it could be anything the file's writer chose).
+    bool plain = !commit.empty() && commit.size() <= 128;
+    for (char c : commit)
+      plain = plain && ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'));
+    if (!plain)
+      return make_error(StatusCode::kBadCheckpoint, ref_path + " does not hold a commit hash");
     if (!is_directory(repo_dir + "/snapshots/" + commit)) return not_cached();
   } else if (is_directory(repo_dir + "/snapshots/" + revision)) {
     commit = revision;

@@ -41,6 +41,18 @@ void add_connection_flags(CLI::App* serve, server::ConnectionLimits& limits) {
       ->add_option("--max-queued-fds-total", limits.max_queued_fds_total,
                    "Descriptors in unread replies, all clients together")
       ->capture_default_str();
+  serve
+      ->add_option("--max-queued-bytes", limits.max_queued_bytes,
+                   "Bytes of one client's unread replies (it is not read from at this)")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-queued-bytes-total", limits.max_queued_bytes_total,
+                   "Bytes of unread replies, all clients together")
+      ->capture_default_str();
+  serve
+      ->add_option("--max-leases-per-connection", limits.max_leases_per_connection,
+                   "Leases one connection may hold")
+      ->capture_default_str();
   serve->add_option("--socket-group", limits.socket_group,
                     "Group (name or gid) whose members may connect; the socket becomes 0660 "
                     "(default 0600)");

@@ -126,7 +126,9 @@ Result<void> make_dirs(const std::string& dir, std::optional<gid_t> group) {
   if (!fd) return errno_error(StatusCode::kIoError, "open " + dir, errno);
   if (group && ::fchown(fd.get(), static_cast<uid_t>(-1), *group) != 0)
     return errno_error(StatusCode::kIoError, "chgrp " + std::to_string(*group) + " " + dir, errno);
-  if (::fchmod(fd.get(), 0770) != 0)
+  // Sticky: members of the group may add their own files but not rename or remove the server's
+  // record and socket (which would hide it from every client).
+  if (::fchmod(fd.get(), 01770) != 0)
     return errno_error(StatusCode::kIoError, "chmod " + dir, errno);
   return ok_result();
 }

@@ -161,6 +161,12 @@ ModelStore::ModelStore(std::unique_ptr<memory::Backend> backend, StoreConfig con
       config_(std::move(config)),
       listener_(std::move(listener)),
       pool_(std::make_shared<WorkerPool>()) {
+  // Resolved once: a root whose path is changed later (a parent renamed, a symlink put in its
+  // place) keeps meaning the directory it was at start, and a root missing at start (an HF cache
+  // made later by whoever can write its parent) is never a root.
+  std::vector<std::string> roots = config_.model_roots;
+  roots.push_back(config_.hf_cache);
+  roots_ = checkpoint::canonical_roots(roots);
   size_t threads = config_.load_threads == 0 ? 1 : config_.load_threads;
   pool_->busy.assign(threads, false);
   for (size_t i = 0; i < threads; ++i)
@@ -250,9 +256,7 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
 
 Result<ResolvedModel> ModelStore::resolve(const ModelSpec& spec) const {
   COMPANION_TRY(spec.validate());
-  std::vector<std::string> roots = config_.model_roots;
-  roots.push_back(config_.hf_cache);
-  roots = checkpoint::canonical_roots(roots);
+  const std::vector<std::string>& roots = roots_;
   COMPANION_ASSIGN_OR_RETURN(checkpoint::ResolvedSource source,
                              checkpoint::resolve_source(spec, config_.hf_cache, roots));
   if (!checkpoint::is_under_roots(source.path, roots))
@@ -475,9 +479,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
     for (const auto& s : gone) notify(s);
   };
 
-  std::vector<std::string> roots = config_.model_roots;
-  roots.push_back(config_.hf_cache);
-  roots = checkpoint::canonical_roots(roots);
+  const std::vector<std::string>& roots = roots_;
   // Every file is opened here, once, beneath the roots; the loader reads these descriptors.
   auto ckpt = checkpoint::open_checkpoint(model.source.path, roots, config_.checkpoint_limits);
   if (!ckpt.ok()) return fail(ckpt.error());

@@ -122,6 +122,7 @@ class ModelStore {
 
   std::unique_ptr<memory::Backend> backend_;
   StoreConfig config_;
+  std::vector<std::string> roots_;  // canonical model roots and HF cache, as they were at start
   Listener listener_;
 
   mutable std::mutex mutex_;

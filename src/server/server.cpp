@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <malloc.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -35,9 +36,6 @@ namespace companion::server {
 namespace {
 
 using protocol::Message;
-
-// A connection whose unsent replies pile up past this is too slow to keep (a stuck subscriber).
-constexpr size_t kMaxQueuedBytes = 256u << 20;
 
 struct Connection {
   struct Lease {
@@ -87,7 +85,9 @@ constexpr const char* kRefusalReasons[] = {
     "frame_timeout",          // --frame-timeout
     "idle_timeout",           // --idle-timeout (closed quietly)
     "queued_fds",             // --max-queued-fds / --max-queued-fds-total
-    "queued_bytes",           // a client not reading its replies past the byte cap
+    "queued_bytes",           // --max-queued-bytes: a client not reading its replies
+    "queued_bytes_total",     // --max-queued-bytes-total
+    "leases",                 // --max-leases-per-connection
 };
 
 // A request parked until its model finishes loading.
@@ -595,6 +595,14 @@ class ServerImpl final : public Server {
   }
 
   void grant(Connection& c, uint64_t rid, const std::string& key) {
+    if (c.leases.size() >= limits_.max_leases_per_connection) {
+      count_refusal("leases");
+      return reply_error(c, rid,
+                         make_error(StatusCode::kLimitExceeded,
+                                    "this connection holds " + std::to_string(c.leases.size()) +
+                                        " leases already (--max-leases-per-connection); release "
+                                        "some first"));
+    }
     auto g = store_->acquire(key);
     if (!g.ok()) return reply_error(c, rid, g.error());
     size_t fd_count = 0;
@@ -663,9 +671,18 @@ class ServerImpl final : public Server {
     c.queued_fds += fds.size();
     queued_fds_ += fds.size();
     c.out.emplace_back(std::move(payload), std::move(fds));
-    if (c.queued_bytes > kMaxQueuedBytes) {
-      count_refusal("queued_bytes");
-      log::warn("connection " + std::to_string(c.id) + " is not reading its replies; dropping it");
+    queued_bytes_ += c.out.back().payload_bytes();
+    // One whole frame past the connection's cap: it is being sent what it did not ask for
+    // (status events) and does not read. Past the server's cap: any connection that has unread
+    // replies and is sent more.
+    bool own = c.queued_bytes > limits_.max_queued_bytes + protocol::kMaxPayloadBytes;
+    bool all = queued_bytes_ > limits_.max_queued_bytes_total && c.out.size() > 1;
+    if (own || all) {
+      count_refusal(own ? "queued_bytes" : "queued_bytes_total");
+      warn_limited("queued_bytes", "connection " + std::to_string(c.id) +
+                                       " is not reading its replies; dropping it (" +
+                                       (own ? "--max-queued-bytes" : "--max-queued-bytes-total") +
+                                       ")");
       c.dead = true;
       return;
     }
@@ -684,6 +701,7 @@ class ServerImpl final : public Server {
       }
       if (!*done) break;
       c.queued_bytes -= front.payload_bytes();
+      queued_bytes_ -= front.payload_bytes();
       c.out.pop_front();
       c.last_active = Clock::now();
     }
@@ -693,7 +711,8 @@ class ServerImpl final : public Server {
     }
     // A client that does not read its replies is not read from until it does.
     bool was_paused = c.paused;
-    c.paused = c.out.size() >= limits_.max_queued_replies || c.queued_fds >= limits_.max_queued_fds;
+    c.paused = c.out.size() >= limits_.max_queued_replies ||
+               c.queued_fds >= limits_.max_queued_fds || c.queued_bytes >= limits_.max_queued_bytes;
     update_interest(c);
     // Requests that arrived while it was paused may be waiting whole in its buffer, with nothing
     // more to come from the socket to wake the connection up.
@@ -732,6 +751,8 @@ class ServerImpl final : public Server {
     Connection& c = *it->second;
     for (auto& [lid, lease] : c.leases) store_->release(lease.key, lease.generation);
     for (const auto& frame : c.out) forget_fds(c, frame.held_fds());
+    queued_bytes_ -= c.queued_bytes;
+    bool large = c.queued_bytes > (16u << 20);
     set_pending_claim(c, 0);
     auto of_uid = connections_per_uid_.find(c.peer.uid);
     if (of_uid != connections_per_uid_.end() && --of_uid->second == 0)
@@ -745,6 +766,8 @@ class ServerImpl final : public Server {
     loop_->remove(c.token);
     log::debug("connection " + std::to_string(cid) + " closed");
     connections_.erase(it);
+    // Hand the memory of a large unread queue back to the system, not only to malloc.
+    if (large) ::malloc_trim(0);
   }
 
   // ---- deadlines ------------------------------------------------------------------------------
@@ -859,6 +882,7 @@ class ServerImpl final : public Server {
   std::map<std::string, LogLimit> log_limits_;
   size_t pending_frame_bytes_ = 0;  // claims of incomplete frames, all connections
   size_t queued_fds_ = 0;           // descriptors in unsent replies, all connections
+  size_t queued_bytes_ = 0;         // bytes of unsent replies, all connections
   size_t queued_fds_cap_ = 0;
   UniqueFd reserve_fd_;
   transport::EventLoop::Token listen_token_ = 0;
@@ -901,6 +925,13 @@ Result<void> check_limits(const ConnectionLimits& l) {
     return make_error(StatusCode::kInvalidArgument, "--max-queued-replies must be at least 1");
   if (l.max_pending_frame_bytes < protocol::kFrameHeaderBytes + 4096)
     return make_error(StatusCode::kInvalidArgument, "--max-pending-frame-bytes is too small");
+  if (l.max_queued_bytes < (1u << 20) || l.max_queued_bytes_total < l.max_queued_bytes)
+    return make_error(StatusCode::kInvalidArgument,
+                      "--max-queued-bytes must be at least 1 MiB and at most "
+                      "--max-queued-bytes-total");
+  if (l.max_leases_per_connection == 0)
+    return make_error(StatusCode::kInvalidArgument,
+                      "--max-leases-per-connection must be at least 1");
   return ok_result();
 }
 
@@ -952,6 +983,9 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   if (config.model_roots.size() != options.model_roots.size())
     log::warn("some model roots do not exist and are ignored");
   config.hf_cache = options.hf_cache.empty() ? checkpoint::hf_hub_cache_dir() : options.hf_cache;
+  if (checkpoint::canonical_roots({config.hf_cache}).empty())
+    log::info("Hugging Face cache " + config.hf_cache +
+              " does not exist: models are served by path only until a restart");
   config.load_threads = options.load_threads;
   COMPANION_TRY(checkpoint::check_limits(options.checkpoint_limits));
   config.checkpoint_limits = options.checkpoint_limits;

@@ -37,6 +37,15 @@ struct ConnectionLimits {
   // --max-queued-fds-total: the same, all connections together (at most half the server's
   // RLIMIT_NOFILE is used, whatever this says).
   size_t max_queued_fds_total = 8192;
+  // --max-queued-bytes: bytes of one connection's unread replies; at it the connection is not
+  // read from, and one whose queue passes it by more than a whole frame (status events keep
+  // coming) is dropped.
+  size_t max_queued_bytes = 64u << 20;
+  // --max-queued-bytes-total: the same, all connections together; past it a connection with
+  // unread replies that is sent another is dropped.
+  size_t max_queued_bytes_total = 1u << 30;
+  // --max-leases-per-connection: leases one connection may hold at once.
+  size_t max_leases_per_connection = 4096;
   // --socket-group: the socket becomes 0660 with this group (a name or a gid), whose members may
   // then connect; "" keeps it 0600.
   std::string socket_group;

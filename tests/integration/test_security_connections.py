@@ -141,6 +141,52 @@ def test_unread_parameter_replies_stay_under_the_caps(runtime_dir, model_root, c
         assert wait_until(lambda: fd_count(server.pid) <= before, timeout=10)
 
 
+def unread_parameters(server, model):
+    """A client asking for parameters again and again without reading; its report once the
+    server stops taking its requests."""
+    client = subprocess.Popen([str(FAULT_CLIENT), "--socket", server.socket, "--mode",
+                               "unread-parameters", "--model", model, "--seconds", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return client, json.loads(client.stdout.readline())
+
+
+def test_unread_reply_bytes_pause_the_connection(runtime_dir, model_root):
+    """Only the byte cap applies here: the server stops reading a client whose unread replies
+    reach --max-queued-bytes, so the memory it holds for it stays near that."""
+    no_count_caps = ["--max-queued-replies", "1000000", "--max-queued-fds", "1000000",
+                     "--max-queued-fds-total", "1000000", "--max-leases-per-connection",
+                     "1000000", "--max-queued-bytes", str(MIB)]
+    with running(runtime_dir, [model_root], extra=no_count_caps) as server:
+        model = str(model_root / "opt-small")
+        server.cli("load", model)
+        rss_before = server.rss_kb()
+        client, report = unread_parameters(server, model)
+        try:
+            assert report["stalled"], report
+            grown_kib = server.rss_kb() - rss_before
+            assert grown_kib < 16 * 1024, (grown_kib, report)
+        finally:
+            client.kill()
+            client.wait()
+
+
+def test_leases_per_connection_are_bounded(runtime_dir, model_root):
+    with running(runtime_dir, [model_root],
+                 extra=["--max-leases-per-connection", "50", "--max-queued-replies", "1000000",
+                        "--max-queued-fds", "1000000"]) as server:
+        model = str(model_root / "opt-small")
+        server.cli("load", model)
+        client, report = unread_parameters(server, model)
+        try:
+            h = health(server)
+            assert h["leases"] == 50, (h, report)
+            assert h["refused"]["leases"] >= 1, h
+        finally:
+            client.kill()
+            client.wait()
+        assert wait_until(lambda: health(server)["leases"] == 0, timeout=10)
+
+
 def test_a_client_that_catches_up_gets_every_reply(runtime_dir, model_root):
     """Backpressure pauses a connection; reading its replies resumes it, nothing is lost."""
     with running(runtime_dir, [model_root], extra=["--max-queued-replies", "4"]) as server:

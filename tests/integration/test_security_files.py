@@ -247,3 +247,46 @@ def test_a_header_of_millions_of_tensors_is_refused_before_it_is_parsed(tmp_path
     finally:
         code = server.stop()
     assert code == 0, server.log_text()
+
+
+def test_roots_keep_meaning_what_they_were_at_start(tmp_path, runtime_dir):
+    """Whoever can write a root's parent cannot move the root after the server started: not by
+    putting a symlink in its place, nor by creating a Hugging Face cache that was missing."""
+    parent = tmp_path / "parent"
+    root = parent / "models"
+    write_filled(root / "good" / "model.safetensors", INSIDE_BYTE)
+    outside = tmp_path / "outside"
+    write_filled(outside / "secret" / "model.safetensors", OUTSIDE_BYTE)
+    write_filled(outside / "hub" / "secret" / "model.safetensors", OUTSIDE_BYTE)
+    missing_cache = parent / "hf"
+    server = Server(runtime_dir, [root], extra=["--hf-cache", str(missing_cache)])
+    try:
+        assert server.cli_json("load", str(root / "good"))[1] == 0
+        # The root's path now leads elsewhere, and the HF cache appears, pointing outside.
+        (parent / "models").rename(parent / "models.orig")
+        (parent / "models").symlink_to(outside)
+        missing_cache.symlink_to(outside / "hub")
+        for probe in (root / "secret", missing_cache / "secret", outside / "secret"):
+            code, message = error_of(server, "load", str(probe))
+            assert code == "NOT_PERMITTED", (probe, code, message)
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_text()
+
+
+def test_hf_refs_are_not_followed_out_of_the_cache(tmp_path, runtime_dir):
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--leak"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "snapshots").mkdir()
+    secret = tmp_path / "credentials"
+    secret.write_text("API_TOKEN=sk-live-1234/abcd\n")
+    (repo / "refs" / "main").symlink_to(secret)
+    server = Server(runtime_dir, [], extra=["--hf-cache", str(cache)])
+    try:
+        code, message = error_of(server, "load", "acme/leak")
+        assert code in ("NOT_FOUND", "BAD_CHECKPOINT"), (code, message)
+        assert "sk-live" not in message and "API_TOKEN" not in message, message
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_text()

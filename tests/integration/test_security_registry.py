@@ -120,7 +120,7 @@ def test_world_writable_runtime_dir_is_refused_by_server_and_ignored_by_clients(
         s.stop()
 
 
-def test_runtime_dir_is_0770_whatever_the_umask(tmp_path, model_root):
+def test_runtime_dir_is_1770_whatever_the_umask(tmp_path, model_root):
     fresh = tmp_path / "made-by-server"
     old = os.umask(0)
     try:
@@ -128,9 +128,24 @@ def test_runtime_dir_is_0770_whatever_the_umask(tmp_path, model_root):
     finally:
         os.umask(old)
     try:
-        assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o770
+        assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o1770
     finally:
         s.stop()
+
+
+def test_group_members_cannot_hide_the_server(shared_tmp, model_root, other_user):
+    """With --socket-group the group may enter the runtime directory, but its sticky bit keeps
+    members from renaming or removing the server's record and socket."""
+    fresh = shared_tmp / "rt"
+    s = Server(fresh, [model_root], extra=["--socket-group", str(other_user.gid)])
+    try:
+        record = fresh / f"{s.instance}.json"
+        for victim in (record, pathlib.Path(s.socket)):
+            r = other_user.run(["mv", victim, str(victim) + ".moved"])
+            assert r.returncode != 0 and victim.exists(), (victim, r.stderr)
+        assert s.cli("health").returncode == 0
+    finally:
+        assert s.stop() == 0, s.log_text()
 
 
 # ---- finding 10: records and servers planted by another user ---------------------------------

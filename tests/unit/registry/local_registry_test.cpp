@@ -348,7 +348,7 @@ TEST_F(LocalRegistryTest, RejectsInvalidRecords) {
   EXPECT_TRUE(dir_entries(tmp_.path()).empty());
 }
 
-TEST_F(LocalRegistryTest, CreatesDirectoryWithMode0770WhateverTheUmask) {
+TEST_F(LocalRegistryTest, CreatesDirectoryWithMode1770WhateverTheUmask) {
   const std::string dir = path("a/b/runtime");
   LocalRegistry reg(dir);
   const mode_t old_umask = ::umask(0);  // the mode must not follow it (it gave 0700 before)
@@ -363,7 +363,7 @@ TEST_F(LocalRegistryTest, CreatesDirectoryWithMode0770WhateverTheUmask) {
   ASSERT_EQ(::stat(dir.c_str(), &st), 0);
   EXPECT_TRUE(S_ISDIR(st.st_mode));
   ::umask(old_umask);
-  EXPECT_EQ(st.st_mode & 07777, 0770u);
+  EXPECT_EQ(st.st_mode & 07777, 01770u);
   EXPECT_TRUE(reg.ensure_dir().ok());
 }
 
@@ -376,7 +376,7 @@ TEST_F(LocalRegistryTest, CreatedDirectoryGetsTheGivenGroup) {
   struct stat st {};
   ASSERT_EQ(::stat(dir.c_str(), &st), 0);
   EXPECT_EQ(st.st_gid, 65534u);
-  EXPECT_EQ(st.st_mode & 07777, 0770u);
+  EXPECT_EQ(st.st_mode & 07777, 01770u);
 }
 
 TEST_F(LocalRegistryTest, RefusesDirectoryWritableByOthers) {
