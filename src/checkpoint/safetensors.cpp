@@ -247,6 +247,10 @@ Result<SafetensorsFile> read_safetensors_header(const OpenedFile& opened,
                           std::to_string(limits.max_tensors) +
                           " for one checkpoint (--max-tensors)");
   }
+  // Every array of a header is a shape (at most kMaxRank numbers) or a pair of data offsets.
+  if (has_array_longer_than(header, kMaxRank))
+    return bad(path + ": an array in the header has more than " + std::to_string(kMaxRank) +
+               " elements (a shape's rank is at most " + std::to_string(kMaxRank) + ")");
   auto parsed = parse_safetensors_header(header, file_size - kLengthPrefixBytes - header_bytes);
   if (!parsed.ok()) {
     Error error = std::move(parsed).error();

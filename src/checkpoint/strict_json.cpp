@@ -119,7 +119,63 @@ class EntryCounter {
   std::string top_key_;
 };
 
+// Counts the elements of every open array and stops at the first past the cap.
+class ArrayLengthChecker {
+ public:
+  explicit ArrayLengthChecker(size_t cap) : cap_(cap) {}
+
+  bool null() { return element(); }
+  bool boolean(bool) { return element(); }
+  bool number_integer(json::number_integer_t) { return element(); }
+  bool number_unsigned(json::number_unsigned_t) { return element(); }
+  bool number_float(json::number_float_t, const json::string_t&) { return element(); }
+  bool string(json::string_t&) { return element(); }
+  bool binary(json::binary_t&) { return element(); }
+  bool start_object(size_t) {
+    if (!element()) return false;
+    scopes_.push_back(kObject);
+    return true;
+  }
+  bool end_object() { return close(); }
+  bool start_array(size_t) {
+    if (!element()) return false;
+    scopes_.push_back(0);
+    return true;
+  }
+  bool end_array() { return close(); }
+  bool key(json::string_t&) { return true; }
+  bool parse_error(size_t, const std::string&, const nlohmann::detail::exception&) { return false; }
+
+  bool over_cap() const { return over_; }
+
+ private:
+  static constexpr size_t kObject = static_cast<size_t>(-1);
+  bool element() {
+    if (scopes_.empty() || scopes_.back() == kObject) return true;
+    over_ = ++scopes_.back() > cap_;
+    return !over_;
+  }
+  bool close() {
+    if (!scopes_.empty()) scopes_.pop_back();
+    return true;
+  }
+
+  size_t cap_;
+  bool over_ = false;
+  std::vector<size_t> scopes_;  // elements so far of each open array; kObject for objects
+};
+
 }  // namespace
+
+bool has_array_longer_than(std::string_view text, size_t cap) {
+  ArrayLengthChecker checker(cap);
+  try {
+    json::sax_parse(text.begin(), text.end(), &checker);
+  } catch (const std::exception&) {
+    // Limits of the parser itself: the full parse reports them.
+  }
+  return checker.over_cap();
+}
 
 bool has_more_entries_than(std::string_view text, size_t cap, std::string_view within,
                            std::string_view except) {

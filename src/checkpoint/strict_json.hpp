@@ -25,4 +25,9 @@ Result<nlohmann::json> parse_json_strict(std::string_view text, const std::strin
 bool has_more_entries_than(std::string_view text, size_t cap, std::string_view within,
                            std::string_view except);
 
+// True if any array in `text` has more than `cap` elements, found the same way (lexing only,
+// stopping at the first one): a safetensors header whose one shape lists millions of numbers is
+// refused before a document of them is built.
+bool has_array_longer_than(std::string_view text, size_t cap);
+
 }  // namespace companion::checkpoint

@@ -8,6 +8,8 @@
 #include <ctime>
 #include <mutex>
 
+#include "common/util.hpp"
+
 namespace companion::log {
 namespace {
 std::atomic<Level> g_level{Level::kWarn};
@@ -61,9 +63,12 @@ void write(Level l, const std::string& message) {
   gmtime_r(&secs, &tm);
   char stamp[32];
   std::strftime(stamp, sizeof(stamp), "%H:%M:%S", &tm);
+  // Messages carry tags, paths and names from peers and files: one line each, escaped, so that
+  // nobody can forge a log line or send the operator's terminal escape sequences.
+  std::string text = printable_text(message);
   std::lock_guard<std::mutex> lock(g_mutex);
   std::fprintf(stderr, "%s.%03d companion[%d] %s: %s\n", stamp, static_cast<int>(ms % 1000),
-               static_cast<int>(::getpid()), level_tag(l), message.c_str());
+               static_cast<int>(::getpid()), level_tag(l), text.c_str());
 }
 
 }  // namespace companion::log

@@ -290,3 +290,27 @@ def test_hf_refs_are_not_followed_out_of_the_cache(tmp_path, runtime_dir):
     finally:
         code = server.stop()
     assert code == 0, server.log_text()
+
+
+def test_a_shape_of_millions_of_numbers_is_refused_before_it_is_parsed(tmp_path, runtime_dir):
+    root = tmp_path / "models"
+    dims = ",".join(["1"] * 10_000_000)  # 20 MB of one shape; a rank is at most 16
+    header = ('{"t":{"dtype":"U8","shape":[' + dims + '],"data_offsets":[0,1]}}').encode()
+    path = root / "wide" / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
+    server = Server(runtime_dir, [root])
+    try:
+        before_kb = peak_rss_kb(server.pid)
+        start = time.monotonic()
+        code, message = error_of(server, "load", str(root / "wide"), timeout=60)
+        elapsed = time.monotonic() - start
+        grown_mb = (peak_rss_kb(server.pid) - before_kb) / 1024
+        print(f"a 10M-number shape ({len(header) >> 20} MiB header): refused in {elapsed:.2f} s, "
+              f"peak RSS +{grown_mb:.0f} MB")
+        assert code == "BAD_CHECKPOINT" and "more than 16 elements" in message, (code, message)
+        # The header itself is read (20 MB); no document of its numbers is built.
+        assert grown_mb < 100, grown_mb
+    finally:
+        code = server.stop()
+    assert code == 0, server.log_text()

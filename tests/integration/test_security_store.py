@@ -235,6 +235,9 @@ def test_escapes_and_invalid_utf8_from_files_print_safely(serve, store_models):
     code, out, err = run_bytes(server, "status", os.fsencode(esc_dir).decode("utf-8"))
     assert code == 0, err
     assert_printable(out)
+    # The server's own log names those paths too: escaped, one line per message.
+    log = pathlib.Path(server.log_path).read_bytes()
+    assert b"\x1b" not in log and b"\\x1b[2J" in log, log[-2000:]
 
 
 def test_stuck_load_does_not_block_unload_or_shutdown(runtime_dir, tmp_path):
