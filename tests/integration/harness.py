@@ -13,6 +13,9 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 BUILD = pathlib.Path(os.environ.get("COMPANION_BUILD_DIR", REPO / "build"))
 COMPANION = BUILD / "src" / "cli" / "companion"
 FAULT_CLIENT = BUILD / "tests" / "tools" / "companion-fault-client"
+# The Python package loads libcompanion.so into the interpreter, which is not built with the
+# sanitizers: tests that use the package take the Release build's library whatever BUILD is.
+PYTHON_LIBRARY = REPO / "build" / "src" / "capi" / "libcompanion.so"
 
 
 class Server:

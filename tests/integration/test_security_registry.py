@@ -17,7 +17,7 @@ import time
 import pytest
 
 from checkpoints import write_opt_like
-from harness import BUILD, COMPANION, ETCD, REPO, Server, free_port, wait_until
+from harness import COMPANION, ETCD, PYTHON_LIBRARY, REPO, Server, free_port, wait_until
 
 # Every client command here must end well within this: a hang is a failure, not a slow pass.
 BOUNDED_S = 20
@@ -225,7 +225,7 @@ def test_clients_refuse_a_server_planted_by_another_user(planted):
               "except companion.Error as e:\n"
               "    print('REFUSED', e)\n")
     env = dict(os.environ, PYTHONPATH=str(REPO / "python"),
-               COMPANION_LIBRARY=str(BUILD / "src" / "capi" / "libcompanion.so"))
+               COMPANION_LIBRARY=str(PYTHON_LIBRARY))
     py = subprocess.run([sys.executable, "-c", script, str(runtime), str(model)], env=env,
                         capture_output=True, text=True, timeout=BOUNDED_S)
     assert "REFUSED" in py.stdout and "ATTACHED" not in py.stdout, py.stdout + py.stderr

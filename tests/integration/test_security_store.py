@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from harness import BUILD, Server
+from harness import PYTHON_LIBRARY, Server
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "python"))
-os.environ.setdefault("COMPANION_LIBRARY", str(BUILD / "src" / "capi" / "libcompanion.so"))
+os.environ.setdefault("COMPANION_LIBRARY", str(PYTHON_LIBRARY))
 import companion  # noqa: E402
 from companion import errors  # noqa: E402
 
