@@ -240,15 +240,16 @@ Result<SafetensorsFile> read_safetensors_header(const OpenedFile& opened,
   COMPANION_TRY(pread_exact(fd.get(), header.data(), header.size(), kLengthPrefixBytes, path));
   // Counted without building anything, stopping past the limit: a header of millions of tiny
   // entries is refused after reading a fraction of it, before the strict parse and its document.
-  if (has_more_entries_than(header, max_tensors, "", "__metadata__")) {
+  // Every array of a header is a shape (at most kMaxRank numbers) or a pair of data offsets.
+  JsonCounts counts = measure_json(header, max_tensors, "", "__metadata__", kMaxRank);
+  if (counts.too_many_entries) {
     count_refusal(Refusal::kTensors);
     return make_error(StatusCode::kLimitExceeded,
                       path + ": more tensors than this server's limit of " +
                           std::to_string(limits.max_tensors) +
                           " for one checkpoint (--max-tensors)");
   }
-  // Every array of a header is a shape (at most kMaxRank numbers) or a pair of data offsets.
-  if (has_array_longer_than(header, kMaxRank))
+  if (counts.array_too_long)
     return bad(path + ": an array in the header has more than " + std::to_string(kMaxRank) +
                " elements (a shape's rank is at most " + std::to_string(kMaxRank) + ")");
   auto parsed = parse_safetensors_header(header, file_size - kLengthPrefixBytes - header_bytes);

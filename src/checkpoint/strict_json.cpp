@@ -65,64 +65,12 @@ class StrictChecker {
   std::string problem_;
 };
 
-// Counts the keys of one object (see has_more_entries_than) and stops past the cap.
-class EntryCounter {
+// One lexing pass (see measure_json): counts the keys of one object and the elements of every
+// array, and stops at the first count past its cap.
+class JsonMeasure {
  public:
-  EntryCounter(size_t cap, std::string_view within, std::string_view except)
-      : cap_(cap), within_(within), except_(except) {}
-
-  bool null() { return true; }
-  bool boolean(bool) { return true; }
-  bool number_integer(json::number_integer_t) { return true; }
-  bool number_unsigned(json::number_unsigned_t) { return true; }
-  bool number_float(json::number_float_t, const json::string_t&) { return true; }
-  bool string(json::string_t&) { return true; }
-  bool binary(json::binary_t&) { return true; }
-  bool start_object(size_t) { return open(); }
-  bool end_object() { return close(); }
-  bool start_array(size_t) { return open(); }
-  bool end_array() { return close(); }
-
-  bool key(json::string_t& key) {
-    if (depth_ == 1) top_key_ = key;
-    size_t counted_depth = within_.empty() ? 1 : 2;
-    if (depth_ != counted_depth || !in_counted_) return true;
-    if (depth_ == 1 && key == except_) return true;
-    return ++count_ <= cap_;
-  }
-  bool parse_error(size_t, const std::string&, const nlohmann::detail::exception&) { return false; }
-
-  bool over_cap() const { return count_ > cap_; }
-
- private:
-  bool open() {
-    ++depth_;
-    in_counted_ = counted_scope();
-    return true;
-  }
-  bool close() {
-    --depth_;
-    in_counted_ = counted_scope();
-    return true;
-  }
-  // Arrays open scopes too but hold no keys, so only objects are ever counted in.
-  bool counted_scope() const {
-    return within_.empty() ? depth_ == 1 : depth_ == 2 && top_key_ == within_;
-  }
-
-  size_t cap_;
-  std::string_view within_;
-  std::string_view except_;
-  size_t count_ = 0;
-  size_t depth_ = 0;
-  bool in_counted_ = false;
-  std::string top_key_;
-};
-
-// Counts the elements of every open array and stops at the first past the cap.
-class ArrayLengthChecker {
- public:
-  explicit ArrayLengthChecker(size_t cap) : cap_(cap) {}
+  JsonMeasure(size_t cap, std::string_view within, std::string_view except, size_t max_array)
+      : cap_(cap), max_array_(max_array), within_(within), except_(except) {}
 
   bool null() { return element(); }
   bool boolean(bool) { return element(); }
@@ -131,61 +79,74 @@ class ArrayLengthChecker {
   bool number_float(json::number_float_t, const json::string_t&) { return element(); }
   bool string(json::string_t&) { return element(); }
   bool binary(json::binary_t&) { return element(); }
-  bool start_object(size_t) {
-    if (!element()) return false;
-    scopes_.push_back(kObject);
-    return true;
-  }
+  bool start_object(size_t) { return open(kObject); }
   bool end_object() { return close(); }
-  bool start_array(size_t) {
-    if (!element()) return false;
-    scopes_.push_back(0);
-    return true;
-  }
+  bool start_array(size_t) { return open(0); }
   bool end_array() { return close(); }
-  bool key(json::string_t&) { return true; }
+
+  bool key(json::string_t& key) {
+    if (scopes_.size() == 1) top_key_ = key;
+    if (!in_counted_) return true;
+    if (scopes_.size() == 1 && key == except_) return true;
+    counts_.too_many_entries = ++entries_ > cap_;
+    return !counts_.too_many_entries;
+  }
   bool parse_error(size_t, const std::string&, const nlohmann::detail::exception&) { return false; }
 
-  bool over_cap() const { return over_; }
+  const JsonCounts& counts() const { return counts_; }
 
  private:
   static constexpr size_t kObject = static_cast<size_t>(-1);
+
+  // A value inside an array counts as one of its elements.
   bool element() {
     if (scopes_.empty() || scopes_.back() == kObject) return true;
-    over_ = ++scopes_.back() > cap_;
-    return !over_;
+    counts_.array_too_long = ++scopes_.back() > max_array_;
+    return !counts_.array_too_long;
+  }
+  bool open(size_t scope) {
+    if (!element()) return false;
+    scopes_.push_back(scope);
+    in_counted_ = counted_scope();
+    return true;
   }
   bool close() {
     if (!scopes_.empty()) scopes_.pop_back();
+    in_counted_ = counted_scope();
     return true;
+  }
+  // Arrays open scopes too but hold no keys, so only objects are ever counted in.
+  bool counted_scope() const {
+    return within_.empty() ? scopes_.size() == 1 : scopes_.size() == 2 && top_key_ == within_;
   }
 
   size_t cap_;
-  bool over_ = false;
+  size_t max_array_;
+  std::string_view within_;
+  std::string_view except_;
+  size_t entries_ = 0;
+  bool in_counted_ = false;
+  std::string top_key_;
   std::vector<size_t> scopes_;  // elements so far of each open array; kObject for objects
+  JsonCounts counts_;
 };
 
 }  // namespace
 
-bool has_array_longer_than(std::string_view text, size_t cap) {
-  ArrayLengthChecker checker(cap);
+JsonCounts measure_json(std::string_view text, size_t cap, std::string_view within,
+                        std::string_view except, size_t max_array_elements) {
+  JsonMeasure measure(cap, within, except, max_array_elements);
   try {
-    json::sax_parse(text.begin(), text.end(), &checker);
+    json::sax_parse(text.begin(), text.end(), &measure);
   } catch (const std::exception&) {
     // Limits of the parser itself: the full parse reports them.
   }
-  return checker.over_cap();
+  return measure.counts();
 }
 
 bool has_more_entries_than(std::string_view text, size_t cap, std::string_view within,
                            std::string_view except) {
-  EntryCounter counter(cap, within, except);
-  try {
-    json::sax_parse(text.begin(), text.end(), &counter);
-  } catch (const std::exception&) {
-    // Limits of the parser itself: the full parse reports them.
-  }
-  return counter.over_cap();
+  return measure_json(text, cap, within, except, static_cast<size_t>(-1)).too_many_entries;
 }
 
 Result<nlohmann::json> parse_json_strict(std::string_view text, const std::string& what) {

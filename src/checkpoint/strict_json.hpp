@@ -25,9 +25,14 @@ Result<nlohmann::json> parse_json_strict(std::string_view text, const std::strin
 bool has_more_entries_than(std::string_view text, size_t cap, std::string_view within,
                            std::string_view except);
 
-// True if any array in `text` has more than `cap` elements, found the same way (lexing only,
-// stopping at the first one): a safetensors header whose one shape lists millions of numbers is
-// refused before a document of them is built.
-bool has_array_longer_than(std::string_view text, size_t cap);
+// What has_more_entries_than counts, and whether any array has more than `max_array_elements`
+// elements, in the same single pass (it stops at the first count past its cap): a safetensors
+// header is measured once before it is parsed.
+struct JsonCounts {
+  bool too_many_entries = false;
+  bool array_too_long = false;
+};
+JsonCounts measure_json(std::string_view text, size_t cap, std::string_view within,
+                        std::string_view except, size_t max_array_elements);
 
 }  // namespace companion::checkpoint
