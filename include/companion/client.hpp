@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -77,6 +78,58 @@ class MappedModel {
   std::unique_ptr<Impl> impl_;
 };
 
+// One entry of a table to publish.
+struct TensorDecl {
+  std::string name;
+  DType dtype = DType::kU8;
+  std::vector<int64_t> shape;
+  std::string alias_of;  // "" or an earlier entry whose bytes this one shares (tied weights)
+};
+
+// A declared tensor of a publication: writable until commit.
+struct WritableTensor {
+  std::string_view name;
+  DType dtype = DType::kU8;
+  std::span<const int64_t> shape;
+  std::span<const int64_t> strides;  // in elements
+  void* data = nullptr;              // host or device pointer, as the server's backend
+  uint64_t nbytes = 0;
+  bool on_device = false;
+  int device_ordinal = -1;
+};
+
+// A writer's hold on a key, on a connection of its own (the key's writer lock). Destruction
+// before commit() aborts: the server frees the slab.
+class Publication {
+ public:
+  virtual ~Publication() = default;
+  virtual const std::string& key() const noexcept = 0;
+  // The generation this publication becomes when committed (known once declared).
+  virtual uint64_t generation() const noexcept = 0;
+  // Allocates the slab for the table on the server and maps it writable here. Once.
+  virtual Result<void> declare(std::span<const TensorDecl> table) = 0;
+  virtual std::span<const WritableTensor> tensors() const noexcept = 0;
+  virtual const WritableTensor* find(std::string_view name) const noexcept = 0;
+  // Finishes writing (synchronises device work of this process's context), drops write access,
+  // and has the server digest and seal the slab and make it the key's newest generation. The
+  // returned model is the same mapping, now read-only, holding a lease of that generation.
+  virtual Result<std::shared_ptr<MappedModel>> commit() = 0;
+  // Gives the key up without committing (also what destruction does).
+  virtual void abort() = 0;
+};
+
+// How attach() finds a model.
+struct AttachOptions {
+  uint64_t generation = 0;                 // 0 = the newest committed
+  std::optional<Fingerprint> fingerprint;  // checked against the generation's when set
+  bool or_source = false;  // no model published under the key: treat it as a checkpoint source
+  bool wait = true;        // wait for a first generation being published (or a load)
+  double timeout_s = -1;
+};
+
+// Claim modes (see companion_claim_mode in companion.h).
+enum class ClaimMode : uint8_t { kNow = 0, kWait = 1, kIfUnpublished = 2 };
+
 // Status updates of one model (or of all), on a connection of its own.
 class StatusStream {
  public:
@@ -126,6 +179,34 @@ class Client {
 
   virtual Result<std::unique_ptr<StatusStream>> subscribe(const ModelSpec& spec) = 0;
   virtual Result<std::unique_ptr<StatusStream>> subscribe_all() = 0;
+  // One published key's status (generations included).
+  virtual Result<std::unique_ptr<StatusStream>> subscribe_key(const std::string& key) = 0;
+
+  // ---- publishing (see Publication) ----
+  // Claims `key` for writing its next generation. With kIfUnpublished, returns nullptr when a
+  // generation is committed whose fingerprint matches (kFingerprintMismatch when it does not),
+  // and waits while another writer publishes the first one.
+  virtual Result<std::unique_ptr<Publication>> claim(const std::string& key,
+                                                     const Fingerprint& fingerprint,
+                                                     ClaimMode mode, double timeout_s = -1) = 0;
+  // claim(kNow) + declare: the usual way to publish.
+  virtual Result<std::unique_ptr<Publication>> publish(const std::string& key,
+                                                       std::span<const TensorDecl> table,
+                                                       const Fingerprint& fingerprint) = 0;
+  // Maps a published model read-only (a generation, fingerprint checked), as get_model_parameters.
+  virtual Result<std::shared_ptr<MappedModel>> attach(const std::string& key,
+                                                      const AttachOptions& options) = 0;
+  // Exactly one of many concurrent callers builds: the first claims the key, declares
+  // declare()'s table, runs fill() on the writable tensors and commits; the others wait for the
+  // commit and attach (or take over when the builder dies). Fingerprint checked either way.
+  virtual Result<std::shared_ptr<MappedModel>> attach_or_publish(
+      const std::string& key, const Fingerprint& fingerprint,
+      const std::function<Result<std::vector<TensorDecl>>()>& declare,
+      const std::function<Result<void>(Publication&)>& fill, double timeout_s = -1) = 0;
+  // A loaded model whose files changed (size, mtime, inode) is loaded again as a new generation;
+  // force reloads even unchanged files. Waits for the load; returns the final status.
+  virtual Result<ModelStatus> reload(const std::string& key_or_id, bool force,
+                                     double timeout_s = -1) = 0;
 };
 
 }  // namespace companion

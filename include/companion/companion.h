@@ -67,6 +67,7 @@ typedef enum companion_device_type {
 typedef struct companion_client companion_client;
 typedef struct companion_model companion_model;
 typedef struct companion_status_stream companion_status_stream;
+typedef struct companion_publication companion_publication;
 
 typedef struct companion_connect_options {
   uint32_t struct_size;
@@ -105,6 +106,47 @@ typedef struct companion_tensor {
   int32_t device_type; /* companion_device_type */
   int32_t device_id;   /* local CUDA ordinal, 0 for CPU */
 } companion_tensor;
+
+/** One entry of a table to publish. */
+typedef struct companion_tensor_decl {
+  const char* name;     /* NUL-terminated, unique in the table */
+  int32_t dtype;        /* companion_dtype */
+  int32_t ndim;         /* 0..8 */
+  const int64_t* shape; /* ndim entries, each >= 0 */
+  /* NULL, or the name of an earlier entry this one shares its bytes with (tied weights): same
+   * dtype and shape, no bytes of its own. */
+  const char* alias_of;
+} companion_tensor_decl;
+
+/** How companion_client_attach finds a model. */
+typedef struct companion_attach_options {
+  uint32_t struct_size;
+  /* Generation to pin; 0 (default) = the newest committed one. */
+  uint64_t generation;
+  /* NULL = not checked; else a JSON object of strings that must equal the committed
+   * generation's fingerprint (COMPANION_FINGERPRINT_MISMATCH names the differing fields). */
+  const char* fingerprint_json;
+  /* Non-zero: when no model is published under the key, treat it as a checkpoint source (as
+   * companion_model_spec.source) instead of answering COMPANION_NOT_FOUND. Default 0. */
+  int32_t or_source;
+  /* Non-zero (default): wait while a writer is publishing the key's first generation (or the
+   * checkpoint loads); 0 = COMPANION_NOT_READY at once. */
+  int32_t wait;
+  double timeout_s; /* negative (default) = no limit */
+} companion_attach_options;
+
+/** companion_publish_claim's modes. */
+typedef enum companion_claim_mode {
+  /* Claim the key to publish its next generation; COMPANION_MODEL_IN_USE when another writer
+   * holds it. */
+  COMPANION_CLAIM_NOW = 0,
+  /* As CLAIM_NOW, but wait (timeout_s) for another writer to finish first. */
+  COMPANION_CLAIM_WAIT = 1,
+  /* attach_or_publish: when a generation is committed, claim nothing (the fingerprint must
+   * match: else COMPANION_FINGERPRINT_MISMATCH); while another writer publishes the first one,
+   * wait for its commit, or for it to fail and this caller to take over. */
+  COMPANION_CLAIM_IF_UNPUBLISHED = 2
+} companion_claim_mode;
 
 /** ---- errors and version ------------------------------------------------------------------- */
 
@@ -177,14 +219,64 @@ COMPANION_API companion_status companion_model_find(const companion_model* model
 /** The model's status and mapping facts (lease id, segments, bytes) as JSON. */
 COMPANION_API companion_status companion_model_info(const companion_model* model, char** json);
 
+/** ---- publishing ---------------------------------------------------------------------------- */
+/* A writer publishes its own tensors under a key (any string) and a fingerprint (JSON object of
+ * strings: engine, version, dtype, ranks...). The publication holds a connection of its own, and
+ * that connection is the key's writer lock: closing the publication, or the process dying, before
+ * commit aborts and frees the memory. Flow: claim -> declare (the server allocates one slab and
+ * maps it writable into this process) -> write the tensors -> commit (the server digests and seals
+ * it; new attaches get this generation). */
+
+/** Claims `key` for writing. *publication is NULL (and COMPANION_OK returned) only in mode
+ * COMPANION_CLAIM_IF_UNPUBLISHED when a generation is committed: attach it instead. */
+COMPANION_API companion_status companion_publish_claim(companion_client* client, const char* key,
+                                                       const char* fingerprint_json,
+                                                       int32_t mode, double timeout_s,
+                                                       companion_publication** publication);
+/** Declares the table; the server allocates its slab. Once per publication. */
+COMPANION_API companion_status companion_publication_declare(companion_publication* publication,
+                                                             const companion_tensor_decl* tensors,
+                                                             size_t count);
+COMPANION_API size_t companion_publication_tensor_count(const companion_publication* publication);
+/** A declared tensor; `data` is writable (cast away const) until commit. Host or device memory
+ * (device_type), as the server's backend. */
+COMPANION_API companion_status companion_publication_tensor(
+    const companion_publication* publication, size_t index, companion_tensor* tensor);
+/** Key, generation, segments and bytes as JSON. */
+COMPANION_API companion_status companion_publication_info(
+    const companion_publication* publication, char** json);
+/** Ends writing (device work must be finished: the library synchronises its own context first),
+ * then the server digests and seals the slab and makes it the key's newest generation. The
+ * publication's mapping stays, read-only, as *model (a lease of the committed generation, also
+ * valid after companion_publication_close); model may be NULL to drop it. */
+COMPANION_API companion_status companion_publication_commit(companion_publication* publication,
+                                                            companion_model** model);
+/** Aborts if not committed (the server frees the slab) and frees the handle. */
+COMPANION_API void companion_publication_close(companion_publication* publication);
+
+COMPANION_API void companion_attach_options_init(companion_attach_options* options);
+/** Maps a published model (or, with or_source, a checkpoint) read-only, checking the fingerprint
+ * when asked. */
+COMPANION_API companion_status companion_client_attach(companion_client* client, const char* key,
+                                                       const companion_attach_options* options,
+                                                       companion_model** model);
+/** Loads a new generation of a loaded model whose files changed (size, mtime, inode), or of any
+ * loaded model with force; readers of the old one keep it. JSON status when done. */
+COMPANION_API companion_status companion_client_reload(companion_client* client,
+                                                       const char* key_or_id, int32_t force,
+                                                       double timeout_s, char** json);
+
 /** ---- status streams ----------------------------------------------------------------------- */
 
 /** Subscribes to one model's status (spec) or to every model's (spec == NULL). The current state
- * comes first, then every change. */
+ * comes first, then every change. companion_client_subscribe_key: one published key's. */
 COMPANION_API companion_status companion_client_subscribe(companion_client* client,
                                                           const companion_model_spec* spec,
                                                           companion_status_stream** stream);
 /** The next status as JSON; COMPANION_TIMEOUT after timeout_s (negative = wait forever). */
+COMPANION_API companion_status companion_client_subscribe_key(companion_client* client,
+                                                              const char* key,
+                                                              companion_status_stream** stream);
 COMPANION_API companion_status companion_status_stream_next(companion_status_stream* stream,
                                                             double timeout_s, char** json);
 COMPANION_API void companion_status_stream_close(companion_status_stream* stream);

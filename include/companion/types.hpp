@@ -71,6 +71,22 @@ enum class ModelState : uint8_t {
 };
 const char* model_state_name(ModelState state) noexcept;
 
+// What a published model must match to be attached: engine and version, GPU architecture, dtype,
+// quantization, parallel ranks... (field -> value).
+using Fingerprint = std::map<std::string, std::string>;
+
+// One generation of a model: each publish (or reload) of a key makes a new one; readers keep the
+// one they attached until they release it.
+struct GenerationInfo {
+  uint64_t number = 0;  // 1, 2, ... per key
+  uint32_t leases = 0;
+  uint64_t slab_bytes = 0;
+  std::vector<std::string> digests;  // per segment, "wsum64:<16 hex>" (published models)
+  Fingerprint fingerprint;           // published models
+  int64_t created_at_ms = 0;         // unix epoch milliseconds
+  bool current = false;              // what new attaches get
+};
+
 struct ModelStatus {
   std::string key;     // canonical form of the resolved spec
   std::string id;      // short stable hash of key, for humans and the CLI
@@ -85,6 +101,10 @@ struct ModelStatus {
   std::string backend;      // memory backend holding it
   uint64_t slab_bytes = 0;  // device/host bytes held
   uint64_t seq = 0;         // order of changes on the server: larger is newer
+  bool published = false;   // written by a client (key is the publisher's), not loaded
+  uint64_t generation = 0;  // the current generation's number (0: none committed yet)
+  Fingerprint fingerprint;  // the current generation's (published models)
+  std::vector<GenerationInfo> generations;  // live ones, oldest first
 
   double progress() const noexcept {
     return bytes_total == 0 ? (state == ModelState::kLoaded ? 1.0 : 0.0)
@@ -129,7 +149,7 @@ struct HealthInfo {
 
 // Protocol version spoken by this build. Majors must match; minors may differ.
 inline constexpr uint16_t kProtocolMajor = 1;
-inline constexpr uint16_t kProtocolMinor = 0;
+inline constexpr uint16_t kProtocolMinor = 1;  // 1: publishing, generations, reload
 const char* software_version() noexcept;
 
 }  // namespace companion

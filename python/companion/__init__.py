@@ -22,7 +22,7 @@ from .client import Client, StatusStream, connect
 from .dynamo_compat import (AsyncModelClient, ModelClient, RebuildInfo, create_model_client,
                             create_model_client_sync)
 from .errors import (STATUS_CODES, BadCheckpoint, Cancelled, ConnectionClosed, CudaError,
-                     DeviceMismatch, Error, Internal, InvalidArgument, IoError, LibraryNotFound,
+                     DeviceMismatch, Error, FingerprintMismatch, Internal, InvalidArgument, IoError, LibraryNotFound,
                      LimitExceeded, ModelInUse, NotFound, NotPermitted, NotReady, OutOfMemory, ProtocolError,
                      Timeout, Unavailable, UnknownDtype, VersionMismatch)
 from .model import MappedModel, Tensor
@@ -38,5 +38,5 @@ __all__ = [
     "Error", "LibraryNotFound", "InvalidArgument", "NotFound", "BadCheckpoint", "UnknownDtype",
     "NotPermitted", "OutOfMemory", "DeviceMismatch", "VersionMismatch", "ProtocolError",
     "IoError", "Timeout", "Unavailable", "NotReady", "ModelInUse", "Cancelled", "CudaError",
-    "ConnectionClosed", "Internal", "LimitExceeded",
+    "ConnectionClosed", "Internal", "LimitExceeded", "FingerprintMismatch",
 ]

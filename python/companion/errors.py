@@ -39,6 +39,7 @@ STATUS_CODES: Tuple[StatusCodeInfo, ...] = (
     StatusCodeInfo("CONNECTION_CLOSED", "ConnectionClosed", 17, "connection closed"),
     StatusCodeInfo("INTERNAL", "Internal", 18, "internal error"),
     StatusCodeInfo("LIMIT_EXCEEDED", "LimitExceeded", 19, "limit exceeded"),
+    StatusCodeInfo("FINGERPRINT_MISMATCH", "FingerprintMismatch", 20, "fingerprint mismatch"),
 )
 
 _BY_VALUE: Dict[int, StatusCodeInfo] = {c.value: c for c in STATUS_CODES}
@@ -144,6 +145,7 @@ CudaError: Type[Error] = ERROR_CLASSES[16]
 ConnectionClosed: Type[Error] = ERROR_CLASSES[17]
 Internal: Type[Error] = ERROR_CLASSES[18]
 LimitExceeded: Type[Error] = ERROR_CLASSES[19]
+FingerprintMismatch: Type[Error] = ERROR_CLASSES[20]
 
 
 def error_for_code(code: int, message: Optional[str] = None) -> Error:

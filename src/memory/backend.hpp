@@ -50,9 +50,17 @@ class Slab {
   // Copies host bytes into the slab. Synchronous: when it returns, src may be reused.
   virtual Result<void> write(size_t segment, uint64_t offset, const void* src, uint64_t bytes) = 0;
   // Ends writing: seals the memory so that clients can only read it. Exports need it done.
+  // Host: kModelInUse while any process still has a writable mapping of it (a publisher that did
+  // not drop its mapping), and the slab stays unsealed.
   virtual Result<void> seal() = 0;
   // New handles for one client (fds are dup'ed: the caller owns and closes them).
   virtual Result<std::vector<SegmentExport>> export_segments() = 0;
+  // Handles for the one writer of a published slab, before seal(): the writer maps them with
+  // import_segment(..., Access::kReadWrite). kInvalidArgument once sealed.
+  virtual Result<std::vector<SegmentExport>> export_writable() = 0;
+  // The digest of one segment's bytes as they are now: wsum64 (common/checksum.hpp) of the whole
+  // segment, computed where the memory is (the CPU for host, the GPU for device memory).
+  virtual Result<uint64_t> digest(size_t segment) = 0;
 };
 
 // What a device could still give to a new slab, and its size.
@@ -94,7 +102,17 @@ class MappedSegment {
   virtual const void* address() const noexcept = 0;
   virtual uint64_t size() const noexcept = 0;
   virtual bool on_device() const noexcept = 0;
+  // True while the mapping is writable (imported with Access::kReadWrite, before
+  // make_read_only()).
+  virtual bool writable() const noexcept = 0;
+  // Drops write access in place: the address stays valid and reads see the same bytes (host:
+  // the pages are mapped again read-only over the same range; cuda-vmm: cuMemSetAccess to
+  // read-only). cuda-ipc cannot: legacy IPC mappings stay writable (kOk, writable() stays true).
+  virtual Result<void> make_read_only() = 0;
 };
+
+// How a client maps a segment: readers read-only; the writer of a publication read-write.
+enum class Access : uint8_t { kReadOnly, kReadWrite };
 
 // Where a client maps device memory: the local ordinal of the server's GPU (the client resolves
 // it by UUID), or -1 for host memory.
@@ -102,8 +120,9 @@ struct ImportTarget {
   int device_ordinal = -1;
 };
 
-// Maps one received segment read-only. Takes ownership of export_.fd.
+// Maps one received segment (read-only unless access says otherwise). Takes ownership of the fd.
 Result<std::unique_ptr<MappedSegment>> import_segment(SegmentExport segment,
-                                                      const ImportTarget& target);
+                                                      const ImportTarget& target,
+                                                      Access access = Access::kReadOnly);
 
 }  // namespace companion::memory
