@@ -159,11 +159,11 @@ struct Reload {
   bool force = false;
 };
 
-using Body = std::variant<Hello, HelloReply, GetParameters, Parameters, Release, Released,
-                          StatusSubscribe, StatusEvent, StatusUnsubscribe, Load, LoadReply, Unload,
-                          UnloadReply, List, ListReply, Health, HealthReply, ErrorReply, Done,
-                          PublishClaim, PublishClaimed, PublishDeclare, PublishCommit,
-                          PublishCommitted, PublishAbort, Reload>;
+using Body =
+    std::variant<Hello, HelloReply, GetParameters, Parameters, Release, Released, StatusSubscribe,
+                 StatusEvent, StatusUnsubscribe, Load, LoadReply, Unload, UnloadReply, List,
+                 ListReply, Health, HealthReply, ErrorReply, Done, PublishClaim, PublishClaimed,
+                 PublishDeclare, PublishCommit, PublishCommitted, PublishAbort, Reload>;
 
 struct Message {
   uint64_t request_id = 0;

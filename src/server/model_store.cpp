@@ -244,10 +244,10 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
   if (e.state == ModelState::kError) {
     s.error_code = e.error.code;
     s.message = e.error.message;
-  } else if (e.reload_error.code != StatusCode::kOk) {
+  } else if (e.reload_error) {
     // Still serving the generation it had; the reload that would replace it failed.
-    s.error_code = e.reload_error.code;
-    s.message = "reload failed: " + e.reload_error.message;
+    s.error_code = e.reload_error->code;
+    s.message = "reload failed: " + e.reload_error->message;
   } else if (e.reloading) {
     s.message = "reloading";
   } else if (!e.reload_note.empty()) {
@@ -458,11 +458,10 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what) {
       if (e->writer && e->writer->slab) resident += e->writer->slab->total_bytes();
     }
     return make_error(StatusCode::kOutOfMemory,
-                      what + " needs " + format_bytes(bytes) + "; " +
-                          backend_->name() + " has " + format_bytes(device->available) +
-                          " available of " + format_bytes(device->total) + ", less " +
-                          format_bytes(reserve) + " reserve (--memory-reserve) and " +
-                          format_bytes(admitted_bytes_) +
+                      what + " needs " + format_bytes(bytes) + "; " + backend_->name() + " has " +
+                          format_bytes(device->available) + " available of " +
+                          format_bytes(device->total) + ", less " + format_bytes(reserve) +
+                          " reserve (--memory-reserve) and " + format_bytes(admitted_bytes_) +
                           " admitted to loads in flight: " + format_bytes(room) +
                           " left (models resident: " + format_bytes(resident) + ")");
   }
@@ -655,7 +654,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     e.state = ModelState::kLoaded;
     e.bytes_done = e.bytes_total;
     e.reloading = false;
-    e.reload_error = Error{};
+    e.reload_error.reset();
     e.reload_note.clear();
     Generation g;
     g.number = e.next_number++;
@@ -719,8 +718,8 @@ std::string fingerprint_difference(const Fingerprint& have, const Fingerprint& w
     if (it == have.end())
       add(name, "published nothing, asked '" + printable_text(value) + "'");
     else if (it->second != value)
-      add(name, "published '" + printable_text(it->second) + "', asked '" +
-                    printable_text(value) + "'");
+      add(name,
+          "published '" + printable_text(it->second) + "', asked '" + printable_text(value) + "'");
   }
   for (const auto& [name, value] : have)
     if (!want.count(name)) add(name, "published '" + printable_text(value) + "', asked nothing");
@@ -732,10 +731,10 @@ std::string fingerprint_difference(const Fingerprint& have, const Fingerprint& w
 Result<void> check_fingerprint(const std::string& key, uint64_t number, const Fingerprint& have,
                                const Fingerprint& want) {
   if (have == want) return ok_result();
-  return make_error(StatusCode::kFingerprintMismatch,
-                    "'" + printable_text(key) + "' generation " + std::to_string(number) +
-                        " was published with another fingerprint: " +
-                        fingerprint_difference(have, want));
+  return make_error(
+      StatusCode::kFingerprintMismatch,
+      "'" + printable_text(key) + "' generation " + std::to_string(number) +
+          " was published with another fingerprint: " + fingerprint_difference(have, want));
 }
 
 Result<LeaseGrant> ModelStore::acquire_published(const std::string& key, uint64_t generation,
@@ -756,8 +755,8 @@ Result<LeaseGrant> ModelStore::acquire_published(const std::string& key, uint64_
     if (g == e.generations.end())
       return make_error(StatusCode::kNotFound,
                         "'" + printable_text(key) + "' has no generation " +
-                            std::to_string(generation) + " (live: " +
-                            std::to_string(e.generations.front().number) + ".." +
+                            std::to_string(generation) +
+                            " (live: " + std::to_string(e.generations.front().number) + ".." +
                             std::to_string(e.generations.back().number) + ")");
     index = static_cast<size_t>(g - e.generations.begin());
   }

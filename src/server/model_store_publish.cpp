@@ -92,8 +92,8 @@ Result<ClaimOutcome> ModelStore::claim(const std::string& key, const Fingerprint
         return out;
       }
       if (e.writer) {
-        out.kind = e.writer->owner == writer ? ClaimOutcome::Kind::kClaimed
-                                             : ClaimOutcome::Kind::kBusy;
+        out.kind =
+            e.writer->owner == writer ? ClaimOutcome::Kind::kClaimed : ClaimOutcome::Kind::kBusy;
         out.status = snapshot(e);
         return out;
       }
@@ -103,8 +103,7 @@ Result<ClaimOutcome> ModelStore::claim(const std::string& key, const Fingerprint
         std::string leased;
         for (const auto& g : e.generations)
           if (&g != e.current())
-            leased += " " + std::to_string(g.number) + " (" + std::to_string(g.leases) +
-                      " leases)";
+            leased += " " + std::to_string(g.number) + " (" + std::to_string(g.leases) + " leases)";
         return make_error(StatusCode::kLimitExceeded,
                           "'" + printable_text(key) + "' has " +
                               std::to_string(e.generations.size()) +
@@ -355,8 +354,8 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
   }
   if (committed) {
     double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-    log::info("committed '" + printable_text(key) + "' generation " +
-              std::to_string(s.generation) + " (digest and seal " + std::to_string(ms) + " ms)");
+    log::info("committed '" + printable_text(key) + "' generation " + std::to_string(s.generation) +
+              " (digest and seal " + std::to_string(ms) + " ms)");
     notify(s);
   }
   done(std::move(grant));
@@ -405,9 +404,8 @@ Result<ModelStatus> ModelStore::reload(const std::string& key_or_id, bool force)
       return invalid("'" + printable_text(found->publish_key) +
                      "' is published: its writer makes new generations by publishing again");
     if (found->state != ModelState::kLoaded || found->generations.empty())
-      return make_error(StatusCode::kNotReady,
-                        "only a loaded model can be reloaded; this one is " +
-                            std::string(model_state_name(found->state)));
+      return make_error(StatusCode::kNotReady, "only a loaded model can be reloaded; this one is " +
+                                                   std::string(model_state_name(found->state)));
     std::shared_ptr<Entry> entry = entries_.at(found->model.key);
     if (!entry->reloading) {
       drop_unleased_locked(*entry);
@@ -420,7 +418,7 @@ Result<ModelStatus> ModelStore::reload(const std::string& key_or_id, bool force)
                               "); readers still hold older ones");
       }
       entry->reloading = true;
-      entry->reload_error = Error{};
+      entry->reload_error.reset();
       entry->reload_note.clear();
       uint64_t generation = entry->generation;
       jobs_.push_back(

@@ -545,8 +545,8 @@ class ServerImpl final : public Server {
             return reply_error(c, rid,
                                make_error(StatusCode::kNotReady,
                                           "'" + printable_text(m.key) + "' is being published"));
-          Waiter w{c.id, rid, Waiter::Kind::kPublished, now.seq, m.key, m.generation,
-                   m.fingerprint};
+          Waiter w{c.id,         rid,          Waiter::Kind::kPublished, now.seq, m.key,
+                   m.generation, m.fingerprint};
           waiters_.emplace(store_key, std::move(w));
           ++c.parked;
           return;
@@ -653,14 +653,13 @@ class ServerImpl final : public Server {
       if (s.state == ModelState::kLoaded && s.error_code != StatusCode::kOk)
         return reply_error(c, w.request_id, Error{s.error_code, s.message});
       if (s.state == ModelState::kUnloaded)
-        return reply_error(c, w.request_id,
-                           make_error(StatusCode::kCancelled,
-                                      "the model was unloaded while reloading"));
+        return reply_error(
+            c, w.request_id,
+            make_error(StatusCode::kCancelled, "the model was unloaded while reloading"));
       return send(c, Message{w.request_id, protocol::LoadReply{s}});
     }
     if (s.state == ModelState::kLoaded) {
-      if (w.kind == Waiter::Kind::kLease)
-        return grant(c, w.request_id, store_->acquire(s.key));
+      if (w.kind == Waiter::Kind::kLease) return grant(c, w.request_id, store_->acquire(s.key));
       if (w.kind == Waiter::Kind::kPublished)
         return grant(c, w.request_id,
                      store_->acquire_published(w.key, w.generation, w.fingerprint));
@@ -669,10 +668,10 @@ class ServerImpl final : public Server {
     if (s.state == ModelState::kError)
       return reply_error(c, w.request_id, Error{s.error_code, s.message});
     if (w.kind == Waiter::Kind::kPublished)
-      return reply_error(c, w.request_id,
-                         make_error(StatusCode::kNotFound,
-                                    "the writer of '" + printable_text(w.key) +
-                                        "' went away before committing a generation"));
+      return reply_error(
+          c, w.request_id,
+          make_error(StatusCode::kNotFound, "the writer of '" + printable_text(w.key) +
+                                                "' went away before committing a generation"));
     reply_error(c, w.request_id,
                 make_error(StatusCode::kCancelled, "the model was unloaded while loading"));
   }
@@ -761,8 +760,7 @@ class ServerImpl final : public Server {
     });
   }
 
-  void on_committed(uint64_t cid, uint64_t rid, const std::string& key,
-                    Result<LeaseGrant> result) {
+  void on_committed(uint64_t cid, uint64_t rid, const std::string& key, Result<LeaseGrant> result) {
     auto it = connections_.find(cid);
     if (it == connections_.end()) {  // the writer went away meanwhile: its lease goes too
       if (result.ok()) store_->release(result->key, result->generation);
@@ -1036,8 +1034,7 @@ class ServerImpl final : public Server {
         continue;
       }
       bool idle = c.leases.empty() && c.subscriptions.empty() && c.parked == 0 && c.out.empty() &&
-                  c.publishing.empty() &&
-                  c.reader.buffered_bytes() == 0;
+                  c.publishing.empty() && c.reader.buffered_bytes() == 0;
       if (limits_.idle_timeout_s > 0 && idle &&
           now - c.last_active > seconds(limits_.idle_timeout_s)) {
         // Quietly: a client finds the connection closed and opens another when it needs one.

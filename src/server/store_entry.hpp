@@ -3,9 +3,9 @@
 
 #include <atomic>
 #include <condition_variable>
-#include <mutex>
 #include <deque>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -60,13 +60,11 @@ struct ModelStore::Entry {
   // Loaded models: a reload in progress (the current generation keeps serving), and how the
   // last one ended (error code kOk: fine, or unchanged files).
   bool reloading = false;
-  Error reload_error;
+  std::optional<Error> reload_error;
   std::string reload_note;
 
   Generation* current() { return generations.empty() ? nullptr : &generations.back(); }
-  const Generation* current() const {
-    return generations.empty() ? nullptr : &generations.back();
-  }
+  const Generation* current() const { return generations.empty() ? nullptr : &generations.back(); }
 };
 
 // What the store's workers share with its destructor, kept alive by the workers themselves so
