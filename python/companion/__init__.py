@@ -17,7 +17,7 @@ from __future__ import annotations
 from . import errors
 from ._lib import library_path, load_library
 from ._lib import version as library_version
-from ._types import DTYPES, DType, ModelSpec, ModelState, ModelStatus
+from ._types import DTYPES, DType, GenerationInfo, ModelSpec, ModelState, ModelStatus
 from .client import Client, StatusStream, connect
 from .dynamo_compat import (AsyncModelClient, ModelClient, RebuildInfo, create_model_client,
                             create_model_client_sync)
@@ -26,12 +26,13 @@ from .errors import (STATUS_CODES, BadCheckpoint, Cancelled, ConnectionClosed, C
                      LimitExceeded, ModelInUse, NotFound, NotPermitted, NotReady, OutOfMemory, ProtocolError,
                      Timeout, Unavailable, UnknownDtype, VersionMismatch)
 from .model import MappedModel, Tensor
+from .publish import Publication, WritableTensor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "connect", "Client", "StatusStream", "ModelSpec", "ModelStatus", "ModelState",
-    "MappedModel", "Tensor", "DType", "DTYPES", "library_path", "load_library",
+    "MappedModel", "Tensor", "Publication", "WritableTensor", "GenerationInfo", "DType", "DTYPES", "library_path", "load_library",
     "library_version", "errors", "STATUS_CODES",
     "create_model_client", "create_model_client_sync", "ModelClient", "AsyncModelClient",
     "RebuildInfo",
