@@ -32,7 +32,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "connect", "Client", "StatusStream", "ModelSpec", "ModelStatus", "ModelState",
-    "MappedModel", "Tensor", "Publication", "WritableTensor", "GenerationInfo", "DType", "DTYPES", "library_path", "load_library",
+    "MappedModel", "Tensor", "Publication", "WritableTensor", "GenerationInfo", "DType",
+    "DTYPES", "library_path", "load_library",
     "library_version", "errors", "STATUS_CODES",
     "create_model_client", "create_model_client_sync", "ModelClient", "AsyncModelClient",
     "RebuildInfo",

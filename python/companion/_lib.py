@@ -301,4 +301,5 @@ def status_string(code: int) -> str:
 
 
 __all__ = ["load_library", "library_path", "check", "take_json", "take_string", "Error",
-           "ConnectOptions", "ModelSpecC", "TensorC", "TensorDeclC", "AttachOptionsC", "function", "version", "status_string"]
+           "ConnectOptions", "ModelSpecC", "TensorC", "TensorDeclC", "AttachOptionsC", "function",
+           "has_function", "version", "status_string"]

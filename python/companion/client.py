@@ -249,8 +249,8 @@ class Client:
 
     def unload(self, spec_or_key: Union[SpecLike, str], force: bool = False) -> ModelStatus:
         """Unloads a model, named by a ModelSpec, a source, a key ("source=...;dtype=...", or a
-        published key) or a short id (12 hex digits, as ``list()`` shows). Raises ModelInUse while clients hold
-        leases, unless ``force`` (clients keep their mappings)."""
+        published key) or a short id (12 hex digits, as ``list()`` shows). Raises ModelInUse
+        while clients hold leases, unless ``force`` (clients keep their mappings)."""
         lib = _lib.load_library()
         if isinstance(spec_or_key, str) and (_SHORT_ID.fullmatch(spec_or_key)
                                              or spec_or_key.startswith("source=")):
@@ -262,7 +262,7 @@ class Client:
                 return ModelStatus.from_json(self._json_call(
                     lib.companion_client_unload, None, spec_or_key.encode("utf-8"),
                     1 if force else 0))
-            except NotFound:
+            except (NotFound, InvalidArgument):
                 pass
         s = _SpecBuffer(ModelSpec.of(spec_or_key))  # type: ignore[arg-type]
         return ModelStatus.from_json(self._json_call(

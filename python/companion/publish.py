@@ -24,7 +24,7 @@ import collections.abc
 import ctypes
 import sys
 import threading
-from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from . import _lib
 from ._types import DTYPES, DType, fingerprint_json

@@ -4,7 +4,6 @@ concurrent attach_or_publish, and generations (a reader keeps its generation whi
 published; pinning; freeing)."""
 import gc
 import json
-import os
 import signal
 import time
 
@@ -25,6 +24,14 @@ def _model_named(client, key):
         if status.key == key:
             return status
     return None
+
+
+def _unload_when_free(client, key):
+    """Unloads a published key once every lease of it is returned (releases are asynchronous)."""
+    gc.collect()
+    assert wait_until(lambda: all(g.leases == 0 for g in _model_named(client, key).generations)
+                      and _model_named(client, key).leases == 0), _model_named(client, key)
+    return client.unload(key)
 
 
 def _slab(client):
@@ -123,7 +130,7 @@ def test_model_status_reads_generations():
     assert not old.published and old.generation == 0 and old.generations == ()
 
 
-# ---- with the server ------------------------------------------------------------------------------
+# ---- with the server --------------------------------------------------------------------------
 
 def test_publish_then_attach_in_another_process(server, client):
     key = "tests/publish-attach"
@@ -168,8 +175,7 @@ def test_publish_then_attach_in_another_process(server, client):
         client.unload(key)
     model.release()
     del model
-    gc.collect()
-    assert client.unload(key).state == "unloaded"
+    assert _unload_when_free(client, key).state == "unloaded"
     assert _model_named(client, key) is None
     assert _settle_slab(client, baseline) == baseline
 
@@ -206,8 +212,7 @@ def test_fingerprint_mismatch_names_the_fields(server, client):
     """)
     assert r.stdout.startswith("mismatch FINGERPRINT_MISMATCH") and "dtype" in r.stdout
     del model, same
-    gc.collect()
-    client.unload(key)
+    _unload_when_free(client, key)
 
 
 def test_begin_publish_meta_specs_abort_and_commit(client):
@@ -275,9 +280,7 @@ def test_begin_publish_meta_specs_abort_and_commit(client):
     assert w.sum().item() == sum(range(32))
     assert wait_until(lambda: _model_named(client, key).generations[0].leases == 1)  # w's
     del w
-    gc.collect()
-    assert wait_until(lambda: _model_named(client, key).generations[0].leases == 0)
-    client.unload(key)
+    _unload_when_free(client, key)
     assert _settle_slab(client, baseline) == baseline
 
 
@@ -293,8 +296,7 @@ def test_numpy_only_publication(client):
     assert not model["a"].numpy().flags.writeable
     assert np.array_equal(model["b"].numpy(), np.eye(2))
     del model, pub, raw
-    gc.collect()
-    client.unload(key)
+    _unload_when_free(client, key)
 
 
 WRITER = """
@@ -369,7 +371,7 @@ def test_writer_killed_mid_publish(server, client, tmp_path):
     status = _model_named(client, key)
     assert status.generation == generation and len(status.generations) == 1
     assert _settle_slab(client, baseline + status.slab_bytes) == baseline + status.slab_bytes
-    client.unload(key)
+    _unload_when_free(client, key)
     assert _settle_slab(client, baseline) == baseline
 
 
@@ -399,7 +401,7 @@ def test_concurrent_attach_or_publish_builds_once(server, client, tmp_path):
     assert {r.split()[1] for r in results} == {"1"}
     status = _model_named(client, key)
     assert status.generation == 1 and len(status.generations) == 1
-    client.unload(key)
+    _unload_when_free(client, key)
 
 
 READER = """
@@ -460,8 +462,7 @@ def test_generation_swap(server, client):
     reader.stdin.close()
     assert reader.wait(timeout=30) == 0
     del gen2, fresh
-    gc.collect()
-    client.unload(key)
+    _unload_when_free(client, key)
 
 
 def test_status_stream_of_a_key(client):
@@ -478,6 +479,5 @@ def test_status_stream_of_a_key(client):
     with pytest.raises(TypeError):
         client.status_stream("x", key=key)
     del model
-    gc.collect()
-    client.unload(key)
+    _unload_when_free(client, key)
 

@@ -21,6 +21,13 @@ def _model_named(client, key):
     return None
 
 
+def _unload_when_free(client, key):
+    """Unloads a published key once every lease of it is returned (releases are asynchronous)."""
+    gc.collect()
+    assert wait_until(lambda: _model_named(client, key).leases == 0), _model_named(client, key)
+    return client.unload(key)
+
+
 class Tied(torch.nn.Module):
     def __init__(self, device=None, tie=True):
         super().__init__()
@@ -84,8 +91,7 @@ def test_tied_weights_are_published_once_and_restored_tied(client):
     del mapped, meta, loose, result
     gc.collect()
     for key in ("tests/tied", "tests/untied"):
-        wait_until(lambda: _model_named(client, key).leases == 0)
-        client.unload(key)
+        _unload_when_free(client, key)
 
 
 def test_attach_module_is_strict(client):
@@ -110,9 +116,7 @@ def test_attach_module_is_strict(client):
     with pytest.raises(RuntimeError, match="dtype mismatch for proj.weight"):
         attach_module(wrong, mapped)
     del mapped, target, wrong
-    gc.collect()
-    wait_until(lambda: _model_named(client, "tests/strict").leases == 0)
-    client.unload("tests/strict")
+    _unload_when_free(client, "tests/strict")
 
 
 def test_module_state_and_publish_of_a_state_dict(client):
@@ -127,9 +131,7 @@ def test_module_state_and_publish_of_a_state_dict(client):
     assert mapped["layers.0.attn.qkv.weight"].dtype == companion.DType.I8
     assert torch.equal(mapped["layers.1.up.scale"].torch(), module.layers[1].up.scale)
     del mapped
-    gc.collect()
-    wait_until(lambda: _model_named(client, "tests/state-dict").leases == 0)
-    client.unload("tests/state-dict")
+    _unload_when_free(client, "tests/state-dict")
 
 
 PUBLISHER = """
@@ -188,9 +190,7 @@ def test_engine_shaped_model_runs_bit_identical_in_another_process(server, clien
         publisher.stdin.close()
         publisher.wait(timeout=30)
     del engine, mapped, qkv
-    gc.collect()
-    wait_until(lambda: _model_named(client, key).leases == 0)
-    client.unload(key)
+    _unload_when_free(client, key)
 
 
 def test_attach_or_publish_a_module(client):
@@ -215,6 +215,4 @@ def test_attach_or_publish_a_module(client):
         assert torch.equal(first(ids), second(ids))
         assert torch.equal(first(ids), build_engine(seed=5)(ids))
     del first, second, mapped, again
-    gc.collect()
-    wait_until(lambda: _model_named(client, key).leases == 0)
-    client.unload(key)
+    _unload_when_free(client, key)
