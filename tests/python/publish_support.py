@@ -14,20 +14,20 @@ HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 
-def child_prelude(runtime_dir):
+def child_prelude(runtime_dir, device="host"):
     """Python source that a child starts with: the package, this module and a client."""
     return textwrap.dedent(f"""
         import os, sys, time, json
         sys.path.insert(0, {str(REPO / 'python')!r})
         sys.path.insert(0, {str(HERE)!r})
         import companion
-        client = companion.connect(runtime_dir={str(runtime_dir)!r})
+        client = companion.connect(device={device!r}, runtime_dir={str(runtime_dir)!r})
     """)
 
 
-def run_child(runtime_dir, body, timeout=60, check=True):
+def run_child(runtime_dir, body, timeout=60, check=True, device="host"):
     """Runs prelude + body in a fresh interpreter; returns CompletedProcess (text)."""
-    script = child_prelude(runtime_dir) + textwrap.dedent(body)
+    script = child_prelude(runtime_dir, device) + textwrap.dedent(body)
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                        timeout=timeout, env=dict(os.environ))
     if check and r.returncode != 0:
@@ -35,9 +35,9 @@ def run_child(runtime_dir, body, timeout=60, check=True):
     return r
 
 
-def start_child(runtime_dir, body):
+def start_child(runtime_dir, body, device="host"):
     """Starts prelude + body with stdin/stdout pipes (line-buffered text)."""
-    script = child_prelude(runtime_dir) + textwrap.dedent(body)
+    script = child_prelude(runtime_dir, device) + textwrap.dedent(body)
     return subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
                             env=dict(os.environ))
@@ -123,12 +123,12 @@ def engine_classes():
             d = self.hidden // self.heads
             q, k, v = self.qkv(x).split(self.hidden, dim=-1)
             q, k, v = (t.view(batch, length, self.heads, d).transpose(1, 2) for t in (q, k, v))
-            pos = torch.arange(length, dtype=torch.float32)
+            pos = torch.arange(length, dtype=torch.float32, device=x.device)
             freqs = torch.outer(pos, inv_freq)
             cos, sin = freqs.cos(), freqs.sin()
             q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             scores = (q @ k.transpose(-1, -2)) / (d ** 0.5)
-            mask = torch.ones(length, length, dtype=torch.bool).triu(1)
+            mask = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
             scores = scores.masked_fill(mask, float("-inf"))
             out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(batch, length, self.hidden)
             return self.o(out)
