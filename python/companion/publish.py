@@ -221,13 +221,16 @@ def module_tensors(module: Any) -> List[Tuple[str, Any]]:
 
 def collect_sources(tensors: Any) -> List[Tuple[str, Any]]:
     """(name, value) pairs of what publish() takes: a mapping name -> tensor (a state dict, also
-    ``state_dict(keep_vars=True)``), a MappedModel, or a torch module (all parameters and
-    buffers)."""
+    ``state_dict(keep_vars=True)``), a MappedModel, a list of (name, tensor) pairs, or a torch
+    module (all parameters and buffers)."""
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(tensors, torch.nn.Module):
         return module_tensors(tensors)
     if isinstance(tensors, collections.abc.Mapping):
         return list(tensors.items())
+    if isinstance(tensors, (list, tuple)) and all(isinstance(p, tuple) and len(p) == 2
+                                                  for p in tensors):
+        return list(tensors)
     raise TypeError(f"publish takes a dict of tensors, a state dict or a torch module, not "
                     f"{type(tensors).__name__}")
 

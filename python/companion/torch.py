@@ -216,7 +216,7 @@ def publish_module(client: Any, key: str, module: "_torch.nn.Module",
     process restores the module with :func:`attach_module`."""
     if not isinstance(module, _torch.nn.Module):
         raise TypeError(f"module must be a torch.nn.Module, not {type(module).__name__}")
-    return client.publish(key, module_tensors(module), fingerprint=fingerprint)
+    return client.publish(key, module, fingerprint=fingerprint)
 
 
 def attach_or_publish_module(client: Any, key: str, fingerprint: Optional[Mapping[str, str]],
