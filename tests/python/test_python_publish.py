@@ -14,7 +14,7 @@ import torch
 import companion
 from companion.publish import plan_table
 from harness import wait_until
-from publish_support import digest_of, digests, read_line, run_child, start_child
+from publish_support import REPO, digest_of, digests, read_line, run_child, start_child
 
 FP = {"engine": "test-engine", "version": "1.2", "dtype": "mixed", "tp": "1/1"}
 
@@ -81,6 +81,18 @@ def test_fingerprints_are_dicts_of_strings(client):
         client.get_model_parameters("some-key", 2.5)
     with pytest.raises(TypeError, match="apply to keys"):
         client.get_model_parameters(companion.ModelSpec("/x"), generation=1)
+
+
+def test_every_c_function_has_a_prototype():
+    import re
+
+    from companion import _lib
+
+    header = (REPO / "include" / "companion" / "companion.h").read_text()
+    declared = set(re.findall(r"COMPANION_API[^;]*?\b(companion_\w+)\s*\(", header))
+    known = set(_lib._PROTOTYPES) | set(_lib._OPTIONAL_PROTOTYPES)
+    assert declared - known == set()
+    assert {"companion_publish_claim", "companion_client_attach"} <= declared
 
 
 def test_table_planning_declares_tied_tensors_once():
