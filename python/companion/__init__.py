@@ -8,7 +8,16 @@ the library nor torch nor numpy; the first call that needs the library loads it 
     with companion.connect(device=0) as client:
         weights = client.state_dict("/models/opt-125m")   # {name: torch.Tensor}, zero-copy
 
-See :func:`connect`, :class:`Client`, :class:`MappedModel`, :class:`Tensor`,
+A process can also publish its own tensors (engine-shaped: fused, quantized, sharded) under a key
+for others to attach, one writer building for many readers:
+
+    with companion.connect() as client:
+        mapped = client.attach_or_publish("llama-8b/int8/tp0", {"engine": "mine", "tp": "0/2"},
+                                          build=lambda: build_and_quantize())
+        companion.torch.attach_module(meta_model, mapped)
+
+See :func:`connect`, :class:`Client`, :class:`MappedModel`, :class:`Tensor`, :class:`Publication`,
+:func:`companion.torch.publish_module`, :func:`companion.torch.attach_module`,
 :func:`companion.torch.load_into_module` and the seed-compatible
 :func:`create_model_client` (``companion.dynamo_compat``).
 """
