@@ -187,8 +187,8 @@ class Client {
   // generation is committed whose fingerprint matches (kFingerprintMismatch when it does not),
   // and waits while another writer publishes the first one.
   virtual Result<std::unique_ptr<Publication>> claim(const std::string& key,
-                                                     const Fingerprint& fingerprint,
-                                                     ClaimMode mode, double timeout_s = -1) = 0;
+                                                     const Fingerprint& fingerprint, ClaimMode mode,
+                                                     double timeout_s = -1) = 0;
   // claim(kNow) + declare: the usual way to publish.
   virtual Result<std::unique_ptr<Publication>> publish(const std::string& key,
                                                        std::span<const TensorDecl> table,

@@ -58,6 +58,11 @@ struct companion_status_stream {
   std::unique_ptr<companion::StatusStream> stream;
 };
 
+struct companion_publication {
+  std::unique_ptr<companion::Publication> publication;
+  std::vector<companion_tensor> tensors;  // built at declare; data pointers writable
+};
+
 namespace {
 
 using companion::Error;
@@ -220,6 +225,32 @@ companion_tensor to_c(const companion::TensorView& v) {
   t.device_type = v.on_device ? COMPANION_DEVICE_CUDA : COMPANION_DEVICE_CPU;
   t.device_id = v.on_device && v.device_ordinal > 0 ? v.device_ordinal : 0;
   return t;
+}
+
+// A fingerprint from its JSON text: an object of strings (NULL: none, as an empty object).
+Result<companion::Fingerprint> to_fingerprint(const char* json) {
+  companion::Fingerprint out;
+  if (json == nullptr) return out;
+  auto bad = [](const std::string& why) {
+    return companion::make_error(StatusCode::kInvalidArgument, "fingerprint_json: " + why);
+  };
+  nlohmann::json j = nlohmann::json::parse(json, nullptr, false);
+  if (j.is_discarded()) return bad("not valid JSON");
+  if (!j.is_object()) return bad("must be a JSON object of strings");
+  for (const auto& [name, value] : j.items()) {
+    if (!value.is_string()) return bad("the value of '" + name + "' is not a string");
+    out[name] = value.get<std::string>();
+  }
+  return out;
+}
+
+companion_model* wrap_model(std::shared_ptr<companion::MappedModel> mapped) {
+  auto handle = std::make_unique<companion_model>();
+  handle->model = std::move(mapped);
+  auto views = handle->model->tensors();
+  handle->tensors.reserve(views.size());
+  for (const auto& v : views) handle->tensors.push_back(to_c(v));
+  return handle.release();
 }
 
 }  // namespace
@@ -430,12 +461,7 @@ companion_status companion_client_get_model_parameters(companion_client* client,
     if (!timeout.ok()) return fail(timeout.error());
     auto mapped = client->client->get_model_parameters(*s, *timeout);
     if (!mapped.ok()) return fail(mapped.error());
-    auto handle = std::make_unique<companion_model>();
-    handle->model = std::move(*mapped);
-    auto views = handle->model->tensors();
-    handle->tensors.reserve(views.size());
-    for (const auto& v : views) handle->tensors.push_back(to_c(v));
-    *model = handle.release();
+    *model = wrap_model(std::move(*mapped));
     return COMPANION_OK;
   });
 }
@@ -529,4 +555,202 @@ companion_status companion_status_stream_next(companion_status_stream* stream, d
 
 void companion_status_stream_close(companion_status_stream* stream) {
   quietly([&] { delete stream; });
+}
+
+companion_status companion_client_subscribe_key(companion_client* client, const char* key,
+                                                companion_status_stream** stream) {
+  return guarded([&]() -> companion_status {
+    clear_out(stream);
+    if (client == nullptr) return invalid("client is NULL");
+    if (key == nullptr) return invalid("key is NULL");
+    if (stream == nullptr) return invalid("stream (the out pointer) is NULL");
+    auto s = client->client->subscribe_key(key);
+    if (!s.ok()) return fail(s.error());
+    *stream = new companion_status_stream{std::move(*s)};
+    return COMPANION_OK;
+  });
+}
+
+// ---- publishing ----------------------------------------------------------------------------
+
+companion_status companion_publish_claim(companion_client* client, const char* key,
+                                         const char* fingerprint_json, int32_t mode,
+                                         double timeout_s, companion_publication** publication) {
+  return guarded([&]() -> companion_status {
+    clear_out(publication);
+    if (client == nullptr) return invalid("client is NULL");
+    if (key == nullptr) return invalid("key is NULL");
+    if (publication == nullptr) return invalid("publication (the out pointer) is NULL");
+    if (mode < COMPANION_CLAIM_NOW || mode > COMPANION_CLAIM_IF_UNPUBLISHED)
+      return invalid("mode is not a companion_claim_mode");
+    auto fingerprint = to_fingerprint(fingerprint_json);
+    if (!fingerprint.ok()) return fail(fingerprint.error());
+    auto timeout = to_timeout(timeout_s, "timeout_s");
+    if (!timeout.ok()) return fail(timeout.error());
+    auto claimed =
+        client->client->claim(key, *fingerprint, static_cast<companion::ClaimMode>(mode), *timeout);
+    if (!claimed.ok()) return fail(claimed.error());
+    if (*claimed) *publication = new companion_publication{std::move(*claimed), {}};
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_publication_declare(companion_publication* publication,
+                                               const companion_tensor_decl* tensors, size_t count) {
+  return guarded([&]() -> companion_status {
+    if (publication == nullptr) return invalid("publication is NULL");
+    if (tensors == nullptr && count > 0) return invalid("tensors is NULL");
+    std::vector<companion::TensorDecl> table;
+    table.reserve(count);
+    for (size_t i = 0; i < count; ++i) {
+      const companion_tensor_decl& d = tensors[i];
+      if (d.name == nullptr)
+        return invalid(("tensors[" + std::to_string(i) + "].name is NULL").c_str());
+      if (d.dtype < 0 || d.dtype >= companion::kDTypeCount)
+        return invalid(
+            ("tensors[" + std::to_string(i) + "].dtype is not a companion_dtype").c_str());
+      if (d.ndim < 0 || d.ndim > 16 || (d.ndim > 0 && d.shape == nullptr))
+        return invalid(("tensors[" + std::to_string(i) + "] has no valid shape").c_str());
+      companion::TensorDecl decl;
+      decl.name = d.name;
+      decl.dtype = static_cast<companion::DType>(d.dtype);
+      decl.shape.assign(d.shape, d.shape + d.ndim);
+      for (int64_t dim : decl.shape)
+        if (dim < 0)
+          return invalid(("tensors[" + std::to_string(i) + "] has a negative dimension").c_str());
+      if (d.alias_of != nullptr) decl.alias_of = d.alias_of;
+      table.push_back(std::move(decl));
+    }
+    auto declared = publication->publication->declare(table);
+    if (!declared.ok()) return fail(declared.error());
+    publication->tensors.clear();
+    for (const auto& w : publication->publication->tensors()) {
+      companion::TensorView v;
+      v.name = w.name;
+      v.dtype = w.dtype;
+      v.shape = w.shape;
+      v.strides = w.strides;
+      v.data = w.data;
+      v.nbytes = w.nbytes;
+      v.on_device = w.on_device;
+      v.device_ordinal = w.device_ordinal;
+      publication->tensors.push_back(to_c(v));
+    }
+    return COMPANION_OK;
+  });
+}
+
+size_t companion_publication_tensor_count(const companion_publication* publication) {
+  return publication == nullptr ? 0 : publication->tensors.size();
+}
+
+companion_status companion_publication_tensor(const companion_publication* publication,
+                                              size_t index, companion_tensor* tensor) {
+  return guarded([&]() -> companion_status {
+    if (publication == nullptr) return invalid("publication is NULL");
+    if (tensor == nullptr) return invalid("tensor (the out pointer) is NULL");
+    if (index >= publication->tensors.size())
+      return invalid(("tensor index " + std::to_string(index) +
+                      " is out of range (the publication has " +
+                      std::to_string(publication->tensors.size()) + " tensors)")
+                         .c_str());
+    *tensor = publication->tensors[index];
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_publication_info(const companion_publication* publication, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (publication == nullptr) return invalid("publication is NULL");
+    if (json == nullptr) return invalid("json (the out pointer) is NULL");
+    const companion::Publication& p = *publication->publication;
+    uint64_t bytes = 0;
+    for (const auto& t : publication->tensors) bytes += t.nbytes;
+    put_json({{"key", p.key()},
+              {"generation", p.generation()},
+              {"tensors", publication->tensors.size()},
+              {"tensor_bytes", bytes},
+              {"declared", !publication->tensors.empty()}},
+             json);
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_publication_commit(companion_publication* publication,
+                                              companion_model** model) {
+  return guarded([&]() -> companion_status {
+    clear_out(model);
+    if (publication == nullptr) return invalid("publication is NULL");
+    auto committed = publication->publication->commit();
+    if (!committed.ok()) return fail(committed.error());
+    publication->tensors.clear();
+    if (model != nullptr) *model = wrap_model(std::move(*committed));
+    return COMPANION_OK;
+  });
+}
+
+void companion_publication_close(companion_publication* publication) {
+  quietly([&] { delete publication; });
+}
+
+void companion_attach_options_init(companion_attach_options* options) {
+  if (options == nullptr) return;
+  std::memset(static_cast<void*>(options), 0, sizeof(*options));
+  options->struct_size = sizeof(*options);
+  options->generation = 0;
+  options->fingerprint_json = nullptr;
+  options->or_source = 0;
+  options->wait = 1;
+  options->timeout_s = -1.0;
+}
+
+companion_status companion_client_attach(companion_client* client, const char* key,
+                                         const companion_attach_options* options,
+                                         companion_model** model) {
+  return guarded([&]() -> companion_status {
+    clear_out(model);
+    if (client == nullptr) return invalid("client is NULL");
+    if (key == nullptr) return invalid("key is NULL");
+    if (model == nullptr) return invalid("model (the out pointer) is NULL");
+    companion::AttachOptions o;
+    if (options != nullptr) {
+      if (options->struct_size == 0)
+        return invalid(
+            "options->struct_size is 0: initialise the options with "
+            "companion_attach_options_init()");
+      if (COMPANION_FITS(options, generation)) o.generation = options->generation;
+      if (COMPANION_FITS(options, fingerprint_json) && options->fingerprint_json != nullptr) {
+        auto fingerprint = to_fingerprint(options->fingerprint_json);
+        if (!fingerprint.ok()) return fail(fingerprint.error());
+        o.fingerprint = std::move(*fingerprint);
+      }
+      if (COMPANION_FITS(options, or_source)) o.or_source = options->or_source != 0;
+      if (COMPANION_FITS(options, wait)) o.wait = options->wait != 0;
+      if (COMPANION_FITS(options, timeout_s)) {
+        auto timeout = to_timeout(options->timeout_s, "options->timeout_s");
+        if (!timeout.ok()) return fail(timeout.error());
+        o.timeout_s = *timeout;
+      }
+    }
+    auto mapped = client->client->attach(key, o);
+    if (!mapped.ok()) return fail(mapped.error());
+    *model = wrap_model(std::move(*mapped));
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_client_reload(companion_client* client, const char* key_or_id,
+                                         int32_t force, double timeout_s, char** json) {
+  return guarded([&]() -> companion_status {
+    clear_out(json);
+    if (client == nullptr) return invalid("client is NULL");
+    if (key_or_id == nullptr || key_or_id[0] == '\0') return invalid("key_or_id is NULL or empty");
+    auto timeout = to_timeout(timeout_s, "timeout_s");
+    if (!timeout.ok()) return fail(timeout.error());
+    auto status = client->client->reload(key_or_id, force != 0, *timeout);
+    if (!status.ok()) return fail(status.error());
+    put_json(companion::client::to_json(*status), json);
+    return COMPANION_OK;
+  });
 }

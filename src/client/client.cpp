@@ -12,6 +12,7 @@
 #include "client/discovery.hpp"
 #include "client/instances.hpp"
 #include "client/mapped_model_impl.hpp"
+#include "client/publication.hpp"
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "companion/client.hpp"
@@ -219,6 +220,100 @@ class ClientImpl final : public Client {
     return with_failover(nullptr, [&](Instance& i) {
       return open_stream(i, protocol::StatusSubscribe{{}, true});
     });
+  }
+
+  Result<std::unique_ptr<StatusStream>> subscribe_key(const std::string& key) override {
+    COMPANION_TRY(protocol::validate_publish_key(key));
+    return with_failover(nullptr, [&](Instance& i) {
+      protocol::StatusSubscribe request;
+      request.key = key;
+      return open_stream(i, std::move(request));
+    });
+  }
+
+  // ---- publishing ----
+  // Published models live on the instance used last (a client publishes and attaches through
+  // one instance; several instances on one device each hold their own publications).
+
+  Result<std::unique_ptr<Publication>> claim(const std::string& key, const Fingerprint& fingerprint,
+                                             ClaimMode mode, double timeout_s) override {
+    return with_failover(nullptr, [&](Instance& i) -> Result<std::unique_ptr<Publication>> {
+      // A connection of its own: it is the key's writer lock until commit or abort.
+      COMPANION_ASSIGN_OR_RETURN(Instance own, connect_instance(i.key, i.server.get()));
+      return claim_publication(own.connection, own.ordinal, key, fingerprint, mode,
+                               to_ms(timeout_s));
+    });
+  }
+
+  Result<std::unique_ptr<Publication>> publish(const std::string& key,
+                                               std::span<const TensorDecl> table,
+                                               const Fingerprint& fingerprint) override {
+    COMPANION_ASSIGN_OR_RETURN(auto publication,
+                               claim(key, fingerprint, ClaimMode::kNow, kRequestMs / 1000.0));
+    if (!publication) return make_error(StatusCode::kInternal, "claim gave no publication");
+    COMPANION_TRY(publication->declare(table));
+    return publication;
+  }
+
+  Result<std::shared_ptr<MappedModel>> attach(const std::string& key,
+                                              const AttachOptions& options) override {
+    if (!options.or_source) COMPANION_TRY(protocol::validate_publish_key(key));
+    if (options.fingerprint) COMPANION_TRY(protocol::validate_fingerprint(*options.fingerprint));
+    Deadline deadline(options.timeout_s);
+    return with_failover(nullptr, [&](Instance& i) -> Result<std::shared_ptr<MappedModel>> {
+      COMPANION_TRY(require_publishing(i.connection->server(), i.connection->server_minor()));
+      protocol::GetParameters request;
+      request.key = key;
+      request.wait = options.wait;
+      request.generation = options.generation;
+      request.fingerprint = options.fingerprint;
+      request.or_source = options.or_source;
+      if (options.or_source) request.spec.source = key;
+      std::vector<UniqueFd> fds;
+      COMPANION_ASSIGN_OR_RETURN(
+          auto params, expect<protocol::Parameters>(
+                           i.connection->call(std::move(request), deadline.remaining_ms(), &fds)));
+      return map_parameters(i.connection, std::move(params), std::move(fds), i.ordinal);
+    });
+  }
+
+  Result<std::shared_ptr<MappedModel>> attach_or_publish(
+      const std::string& key, const Fingerprint& fingerprint,
+      const std::function<Result<std::vector<TensorDecl>>()>& declare,
+      const std::function<Result<void>(Publication&)>& fill, double timeout_s) override {
+    Deadline deadline(timeout_s);
+    // Each round blocks on the server (a claim waits for the writer before it); a round repeats
+    // only when the model it was told of went away before it could attach.
+    for (int round = 0;; ++round) {
+      COMPANION_ASSIGN_OR_RETURN(
+          auto publication,
+          claim(key, fingerprint, ClaimMode::kIfUnpublished, deadline.remaining_s()));
+      if (publication) {
+        COMPANION_ASSIGN_OR_RETURN(std::vector<TensorDecl> table, declare());
+        COMPANION_TRY(publication->declare(table));
+        COMPANION_TRY(fill(*publication));
+        return publication->commit();
+      }
+      AttachOptions options;
+      options.fingerprint = fingerprint;
+      options.timeout_s = deadline.remaining_s();
+      auto model = attach(key, options);
+      if (model.ok() || model.error().code != StatusCode::kNotFound || round >= 3) return model;
+    }
+  }
+
+  Result<ModelStatus> reload(const std::string& key_or_id, bool force, double timeout_s) override {
+    Deadline deadline(timeout_s);
+    return with_failover(
+        nullptr,
+        [&](Instance& i) -> Result<ModelStatus> {
+          COMPANION_TRY(require_publishing(i.connection->server(), i.connection->server_minor()));
+          COMPANION_ASSIGN_OR_RETURN(
+              auto r, expect<protocol::LoadReply>(i.connection->call(
+                          protocol::Reload{key_or_id, force}, deadline.remaining_ms())));
+          return r.model;
+        },
+        false);
   }
 
   // Connects to a server at socket_path directly (no registry, no failover).

@@ -68,6 +68,7 @@ Result<std::shared_ptr<Connection>> Connection::open(const std::string& socket_p
                       "server speaks protocol " + std::to_string(h->major) + ", this client " +
                           std::to_string(kProtocolMajor));
   c->server_ = h->server;
+  c->server_minor_ = h->minor;
   return c;
 }
 

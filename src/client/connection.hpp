@@ -40,6 +40,8 @@ class Connection {
       const std::optional<ExpectedPeer>& expected = std::nullopt);
 
   const ServerIdentity& server() const noexcept { return server_; }
+  // The protocol minor version the server spoke in hello (1: publishing, generations).
+  uint16_t server_minor() const noexcept { return server_minor_; }
 
   // Sends a request and waits (timeout_ms < 0: forever) for the reply with its id. An ErrorReply
   // becomes its Error. Descriptors that came with the reply are moved to *fds.
@@ -67,6 +69,7 @@ class Connection {
   uint64_t next_id_ = 1;
   std::set<uint64_t> abandoned_;
   ServerIdentity server_;
+  uint16_t server_minor_ = 0;
 };
 
 }  // namespace companion::client

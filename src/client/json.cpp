@@ -16,7 +16,25 @@ nlohmann::json to_json(const ModelStatus& s) {
                       {"slab_bytes", s.slab_bytes}};
   if (s.state == ModelState::kError) {
     j["error"] = {{"code", status_code_name(s.error_code)}, {"message", s.message}};
+  } else if (s.error_code != StatusCode::kOk) {
+    // Still serving its current generation; the reload that would have replaced it failed.
+    j["reload_error"] = {{"code", status_code_name(s.error_code)}, {"message", s.message}};
+  } else if (!s.message.empty()) {
+    j["message"] = s.message;
   }
+  j["published"] = s.published;
+  j["generation"] = s.generation;
+  j["fingerprint"] = s.fingerprint;
+  nlohmann::json generations = nlohmann::json::array();
+  for (const auto& g : s.generations)
+    generations.push_back({{"generation", g.number},
+                           {"leases", g.leases},
+                           {"slab_bytes", g.slab_bytes},
+                           {"digests", g.digests},
+                           {"fingerprint", g.fingerprint},
+                           {"created_at_ms", g.created_at_ms},
+                           {"current", g.current}});
+  j["generations"] = std::move(generations);
   return j;
 }
 

@@ -31,9 +31,12 @@ Result<GpuIdentity> resolve_gpu(const std::string& device);
 Result<std::unique_ptr<Backend>> make_cuda_vmm_backend(int ordinal);
 Result<std::unique_ptr<Backend>> make_cuda_ipc_backend(int ordinal);
 
-// Client side: map a received segment read-only on the local ordinal.
+// Client side: map a received segment read-only on the local ordinal (cuda-vmm: read-write with
+// Access::kReadWrite, for the writer of a published slab; legacy IPC mappings are always
+// read-write).
 Result<std::unique_ptr<MappedSegment>> import_cuda_vmm_segment(UniqueFd fd, uint64_t size,
-                                                               int ordinal);
+                                                               int ordinal,
+                                                               Access access = Access::kReadOnly);
 Result<std::unique_ptr<MappedSegment>> import_cuda_ipc_segment(
     const std::array<uint8_t, kIpcHandleBytes>& handle, uint64_t size, int ordinal);
 

@@ -110,6 +110,7 @@ inline constexpr unsigned int kMemHostAllocPortable = 1;  // CU_MEMHOSTALLOC_POR
 inline constexpr unsigned int kStreamNonBlocking = 1;     // CU_STREAM_NON_BLOCKING
 
 // ---- device attributes -----------------------------------------------------------------------
+inline constexpr CUdeviceAttribute kDevAttrMultiprocessorCount = 16;  // ..._MULTIPROCESSOR_COUNT
 inline constexpr CUdeviceAttribute kDevAttrPciBusId = 33;     // CU_DEVICE_ATTRIBUTE_PCI_BUS_ID
 inline constexpr CUdeviceAttribute kDevAttrPciDeviceId = 34;  // ..._PCI_DEVICE_ID
 inline constexpr CUdeviceAttribute kDevAttrUnifiedAddressing = 41;  // ..._UNIFIED_ADDRESSING

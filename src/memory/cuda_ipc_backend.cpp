@@ -13,6 +13,7 @@
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "memory/cuda_backend.hpp"
+#include "memory/cuda_checksum.hpp"
 #include "memory/cuda_driver.hpp"
 #include "memory/cuda_slab.hpp"
 
@@ -90,16 +91,7 @@ class IpcSlab final : public CudaSlab {
     auto r = cuda::synchronize_device(ordinal_);
     if (!r.ok())
       return cuda::with_context(std::move(r).error(), "cuda-ipc: sealing slab '" + label_ + "'");
-    // The handles never change: take them once, not on every attach.
-    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
-    for (const auto& segment : segments_) {
-      cu::CUipcMemHandle handle{};
-      auto h = COMPANION_CU(*api_, cuIpcGetMemHandle, &handle, segment.ptr);
-      if (!h.ok())
-        return cuda::with_context(std::move(h).error(),
-                                  "cuda-ipc: exporting slab '" + label_ + "'");
-      handles_.push_back(handle);
-    }
+    COMPANION_TRY(take_handles());
     sealed_ = true;
     return ok_result();
   }
@@ -108,6 +100,56 @@ class IpcSlab final : public CudaSlab {
     if (!sealed_) {
       return make_error(StatusCode::kNotReady, "cuda-ipc: slab '" + label_ + "' is not sealed yet");
     }
+    return make_exports();
+  }
+
+  // The same handles as readers get: legacy IPC mappings are read-write anyway.
+  Result<std::vector<SegmentExport>> export_writable() override {
+    if (sealed_) {
+      return make_error(
+          StatusCode::kInvalidArgument,
+          "cuda-ipc: slab '" + label_ + "' is sealed: it cannot be exported writable");
+    }
+    COMPANION_TRY(take_handles());
+    return make_exports();
+  }
+
+  // On the GPU, in the server's context, over the server's own allocation.
+  Result<uint64_t> digest(size_t segment) override {
+    if (segment >= segments_.size()) {
+      return make_error(StatusCode::kInvalidArgument,
+                        "cuda-ipc: segment " + std::to_string(segment) + " out of range");
+    }
+    std::lock_guard lock(checksum_mutex_);
+    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
+    if (!checksum_) {
+      COMPANION_ASSIGN_OR_RETURN(checksum_, DeviceChecksum::create(ordinal_));
+    }
+    auto sum = checksum_->run(segments_[segment].ptr, segments_[segment].size);
+    if (!sum.ok()) {
+      return cuda::with_context(std::move(sum).error(),
+                                "cuda-ipc: digest of slab '" + label_ + "'");
+    }
+    return sum;
+  }
+
+ private:
+  // The handles never change: take them once, not on every attach.
+  Result<void> take_handles() {
+    if (handles_.size() == segments_.size()) return ok_result();
+    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
+    for (size_t i = handles_.size(); i < segments_.size(); ++i) {
+      cu::CUipcMemHandle handle{};
+      auto h = COMPANION_CU(*api_, cuIpcGetMemHandle, &handle, segments_[i].ptr);
+      if (!h.ok())
+        return cuda::with_context(std::move(h).error(),
+                                  "cuda-ipc: exporting slab '" + label_ + "'");
+      handles_.push_back(handle);
+    }
+    return ok_result();
+  }
+
+  std::vector<SegmentExport> make_exports() const {
     std::vector<SegmentExport> exports;
     exports.reserve(segments_.size());
     for (size_t i = 0; i < segments_.size(); ++i) {
@@ -120,13 +162,14 @@ class IpcSlab final : public CudaSlab {
     return exports;
   }
 
- private:
   const cuda::DriverApi* api_;
   int ordinal_;
   std::string label_;
   std::vector<IpcSegment> segments_;
-  std::vector<cu::CUipcMemHandle> handles_;  // taken at seal()
+  std::vector<cu::CUipcMemHandle> handles_;  // taken at seal() or export_writable()
   bool sealed_ = false;
+  std::mutex checksum_mutex_;                 // digest(): one kernel and result buffer
+  std::unique_ptr<DeviceChecksum> checksum_;  // made by the first digest()
 };
 
 class IpcBackend final : public Backend {
@@ -209,6 +252,10 @@ class IpcImport final : public MappedSegment {
   }
   uint64_t size() const noexcept override { return size_; }
   bool on_device() const noexcept override { return true; }
+  // Legacy IPC mappings cannot be made read-only: they stay writable, and make_read_only() is a
+  // no-op that succeeds (writable() stays true). Readers of cuda-ipc slabs are trusted.
+  bool writable() const noexcept override { return true; }
+  Result<void> make_read_only() override { return ok_result(); }
 
  private:
   const cuda::DriverApi* api_;

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -13,6 +14,7 @@
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "memory/cuda_backend.hpp"
+#include "memory/cuda_checksum.hpp"
 #include "memory/cuda_driver.hpp"
 #include "memory/cuda_slab.hpp"
 
@@ -141,12 +143,56 @@ class VmmSlab final : public CudaSlab {
     auto r = cuda::synchronize_device(ordinal_);
     if (!r.ok())
       return cuda::with_context(std::move(r).error(), "cuda-vmm: sealing slab '" + label_ + "'");
-    // Export each segment once: every client gets a dup of the same fd (cheap) instead of a new
-    // cuMemExportToShareableHandle call on the attach path.
+    COMPANION_TRY(export_once());
+    sealed_ = true;
+    return ok_result();
+  }
+
+  Result<std::vector<SegmentExport>> export_writable() override {
+    if (sealed_) {
+      return make_error(
+          StatusCode::kInvalidArgument,
+          "cuda-vmm: slab '" + label_ + "' is sealed: it cannot be exported writable");
+    }
+    COMPANION_TRY(export_once());
+    return dup_exports();
+  }
+
+  // On the GPU, in the server's context, over the server's own (read-write) mapping.
+  Result<uint64_t> digest(size_t segment) override {
+    if (segment >= segments_.size()) {
+      return make_error(StatusCode::kInvalidArgument,
+                        "cuda-vmm: segment " + std::to_string(segment) + " out of range");
+    }
+    std::lock_guard lock(checksum_mutex_);
     COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
-    for (const auto& segment : segments_) {
+    if (!checksum_) {
+      COMPANION_ASSIGN_OR_RETURN(checksum_, DeviceChecksum::create(ordinal_));
+    }
+    auto sum = checksum_->run(segments_[segment].va, segments_[segment].size);
+    if (!sum.ok()) {
+      return cuda::with_context(std::move(sum).error(),
+                                "cuda-vmm: digest of slab '" + label_ + "'");
+    }
+    return sum;
+  }
+
+  Result<std::vector<SegmentExport>> export_segments() override {
+    if (!sealed_) {
+      return make_error(StatusCode::kNotReady, "cuda-vmm: slab '" + label_ + "' is not sealed yet");
+    }
+    return dup_exports();
+  }
+
+ private:
+  // Exports each segment once: every client (and the writer) gets a dup of the same fd (cheap)
+  // instead of a new cuMemExportToShareableHandle call on the attach path.
+  Result<void> export_once() {
+    if (exported_.size() == segments_.size()) return ok_result();
+    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
+    for (size_t i = exported_.size(); i < segments_.size(); ++i) {
       int fd = -1;
-      auto e = COMPANION_CU(*api_, cuMemExportToShareableHandle, &fd, segment.handle,
+      auto e = COMPANION_CU(*api_, cuMemExportToShareableHandle, &fd, segments_[i].handle,
                             cu::kMemHandleTypePosixFileDescriptor, 0);
       if (!e.ok())
         return cuda::with_context(std::move(e).error(),
@@ -155,14 +201,10 @@ class VmmSlab final : public CudaSlab {
       if (int flags = ::fcntl(fd, F_GETFD); flags >= 0) ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
       exported_.emplace_back(fd);
     }
-    sealed_ = true;
     return ok_result();
   }
 
-  Result<std::vector<SegmentExport>> export_segments() override {
-    if (!sealed_) {
-      return make_error(StatusCode::kNotReady, "cuda-vmm: slab '" + label_ + "' is not sealed yet");
-    }
+  Result<std::vector<SegmentExport>> dup_exports() {
     std::vector<SegmentExport> exports;
     exports.reserve(segments_.size());
     for (size_t i = 0; i < segments_.size(); ++i) {
@@ -177,13 +219,14 @@ class VmmSlab final : public CudaSlab {
     return exports;
   }
 
- private:
   const cuda::DriverApi* api_;
   int ordinal_;
   std::string label_;
   std::vector<VmmMapping> segments_;
-  std::vector<UniqueFd> exported_;  // one shareable fd per segment, made at seal()
+  std::vector<UniqueFd> exported_;  // one shareable fd per segment, made at seal() or before
   bool sealed_ = false;
+  std::mutex checksum_mutex_;                 // digest(): one kernel and result buffer
+  std::unique_ptr<DeviceChecksum> checksum_;  // made by the first digest()
 };
 
 class VmmBackend final : public Backend {
@@ -226,7 +269,8 @@ class VmmBackend final : public Backend {
 // A client's read-only mapping of an imported segment.
 class VmmImport final : public MappedSegment {
  public:
-  VmmImport(const cuda::DriverApi* api, int ordinal, uint64_t size) : api_(api), ordinal_(ordinal) {
+  VmmImport(const cuda::DriverApi* api, int ordinal, uint64_t size, bool writable)
+      : api_(api), ordinal_(ordinal), writable_(writable) {
     mapping_.size = size;
   }
   ~VmmImport() override {
@@ -244,10 +288,27 @@ class VmmImport final : public MappedSegment {
   }
   uint64_t size() const noexcept override { return mapping_.size; }
   bool on_device() const noexcept override { return true; }
+  bool writable() const noexcept override { return writable_; }
+
+  // The same mapping, read-only from now on (writes through it fault).
+  Result<void> make_read_only() override {
+    if (!writable_) return ok_result();
+    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
+    // Writes queued through the mapping land before the access changes.
+    COMPANION_TRY(COMPANION_CU(*api_, cuCtxSynchronize));
+    const cu::CUmemAccessDesc desc = access(ordinal_, cu::kMemAccessFlagsProtRead);
+    auto r = COMPANION_CU(*api_, cuMemSetAccess, mapping_.va, mapping_.size, &desc, 1);
+    if (!r.ok()) {
+      return cuda::with_context(std::move(r).error(), "cuda-vmm: making a mapping read-only");
+    }
+    writable_ = false;
+    return ok_result();
+  }
 
  private:
   const cuda::DriverApi* api_;
   int ordinal_;
+  bool writable_;
   VmmMapping mapping_;
 };
 
@@ -277,7 +338,7 @@ Result<std::unique_ptr<Backend>> make_cuda_vmm_backend(int ordinal) {
 }
 
 Result<std::unique_ptr<MappedSegment>> import_cuda_vmm_segment(UniqueFd fd, uint64_t size,
-                                                               int ordinal) {
+                                                               int ordinal, Access access) {
   COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
   COMPANION_TRY(cuda::check_ordinal(*api, ordinal));
   if (!fd) return make_error(StatusCode::kInvalidArgument, "cuda-vmm: import without an fd");
@@ -289,7 +350,8 @@ Result<std::unique_ptr<MappedSegment>> import_cuda_vmm_segment(UniqueFd fd, uint
                           " is not a multiple of GPU " + std::to_string(ordinal) +
                           "'s granularity " + std::to_string(granularity));
   }
-  auto segment = std::make_unique<VmmImport>(api, ordinal, size);
+  const bool writable = access == Access::kReadWrite;
+  auto segment = std::make_unique<VmmImport>(api, ordinal, size, writable);
   VmmMapping& mapping = segment->mapping();
   cu::CUmemGenericAllocationHandle handle = 0;
   auto r = COMPANION_CU(*api, cuMemImportFromShareableHandle, &handle,
@@ -298,7 +360,8 @@ Result<std::unique_ptr<MappedSegment>> import_cuda_vmm_segment(UniqueFd fd, uint
   fd.reset();  // the allocation handle keeps the memory alive; the fd is no longer needed
   if (r.ok()) {
     mapping.handle = handle;
-    r = mapping.map(*api, ordinal, granularity, cu::kMemAccessFlagsProtRead);
+    r = mapping.map(*api, ordinal, granularity,
+                    writable ? cu::kMemAccessFlagsProtReadWrite : cu::kMemAccessFlagsProtRead);
   }
   if (!r.ok()) {
     return cuda::with_context(std::move(r).error(), "cuda-vmm: importing a " + format_bytes(size) +

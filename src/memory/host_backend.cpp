@@ -1,5 +1,7 @@
 // Host backend: each segment is a memfd. The server maps it read-write while loading, then unmaps
-// and seals it (no writes, no resizes), so clients can only ever map it read-only.
+// and seals it (no writes, no resizes), so clients can only ever map it read-only. A published
+// slab is written by one client instead (export_writable), which must drop its writable mapping
+// (make_read_only or unmap) before the seal can succeed.
 #include "memory/host_backend.hpp"
 
 #include <fcntl.h>
@@ -18,10 +20,24 @@
 #include <string>
 #include <vector>
 
+#include "memory/host_checksum.hpp"
+
 namespace companion::memory {
 namespace {
 
 constexpr unsigned int kSeals = F_SEAL_WRITE | F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL;
+// Set at allocation: a writer client may fill the memfd but never resize it under the server.
+constexpr unsigned int kSizeSeals = F_SEAL_GROW | F_SEAL_SHRINK;
+
+// A new read-only open of the file behind fd (through /proc/self/fd). A MAP_SHARED mapping of a
+// read-only open is not a writable mapping: it neither blocks F_SEAL_WRITE nor can be mprotect'ed
+// to writable, unlike a PROT_READ mapping of the read-write memfd fd.
+Result<UniqueFd> reopen_read_only(int fd) {
+  const std::string path = "/proc/self/fd/" + std::to_string(fd);
+  UniqueFd ro(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!ro) return errno_error(StatusCode::kInternal, "reopen memfd read-only", errno);
+  return ro;
+}
 
 uint64_t page_size() {
   return static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
@@ -43,6 +59,8 @@ class HostSlab final : public Slab {
     if (!fd) return errno_error(StatusCode::kOutOfMemory, "memfd_create", errno);
     if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0)
       return errno_error(StatusCode::kOutOfMemory, "size memfd to " + std::to_string(size), errno);
+    if (::fcntl(fd.get(), F_ADD_SEALS, kSizeSeals) != 0)
+      return errno_error(StatusCode::kInternal, "seal memfd size", errno);
     void* p = nullptr;
     if (size > 0) {
       p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
@@ -58,11 +76,13 @@ class HostSlab final : public Slab {
     return i < segments_.size() ? segments_[i].size : 0;
   }
   void* host_address(size_t i) noexcept override {
-    return i < segments_.size() ? segments_[i].writable : nullptr;
+    if (i >= segments_.size() || sealed_) return nullptr;
+    (void)map_writable(segments_[i]);  // again after a seal() that failed
+    return segments_[i].writable;
   }
 
   Result<void> write(size_t i, uint64_t offset, const void* src, uint64_t bytes) override {
-    if (i >= segments_.size() || segments_[i].writable == nullptr)
+    if (i >= segments_.size() || sealed_ || !map_writable(segments_[i]).ok())
       return make_error(StatusCode::kInternal, "write to a sealed or missing host segment");
     if (offset > segments_[i].size || bytes > segments_[i].size - offset)
       return make_error(StatusCode::kInternal, "write past the end of a host segment");
@@ -72,11 +92,25 @@ class HostSlab final : public Slab {
 
   Result<void> seal() override {
     if (sealed_) return ok_result();
-    // F_SEAL_WRITE is refused while writable shared mappings exist: unmap first.
+    // F_SEAL_WRITE is refused while writable shared mappings exist: this process's own go first.
+    // Another process's (a writer that kept its mapping) makes it fail with EBUSY: kModelInUse,
+    // and the slab stays unsealed so that seal() can be tried again. Segments sealed before the
+    // failing one stay sealed (seals cannot be removed); a retry skips them.
     unmap_all();
-    for (auto& s : segments_) {
-      if (::fcntl(s.fd.get(), F_ADD_SEALS, kSeals) != 0)
-        return errno_error(StatusCode::kInternal, "seal memfd", errno);
+    for (size_t i = 0; i < segments_.size(); ++i) {
+      const int fd = segments_[i].fd.get();
+      const int have = ::fcntl(fd, F_GET_SEALS);
+      if (have >= 0 && (static_cast<unsigned>(have) & kSeals) == kSeals) continue;
+      if (::fcntl(fd, F_ADD_SEALS, kSeals) != 0) {
+        const int err = errno;
+        if (err == EBUSY) {
+          return make_error(StatusCode::kModelInUse,
+                            "segment " + std::to_string(i) +
+                                " is still mapped writable by a process (the writer must drop "
+                                "its writable mapping before the seal)");
+        }
+        return errno_error(StatusCode::kInternal, "seal memfd", err);
+      }
     }
     sealed_ = true;
     return ok_result();
@@ -97,7 +131,50 @@ class HostSlab final : public Slab {
     return out;
   }
 
+  Result<std::vector<SegmentExport>> export_writable() override {
+    if (sealed_) {
+      return make_error(StatusCode::kInvalidArgument,
+                        "host slab is sealed: it cannot be exported writable");
+    }
+    std::vector<SegmentExport> out;
+    out.reserve(segments_.size());
+    for (const auto& s : segments_) {
+      SegmentExport e;
+      e.kind = SegmentKind::kHostMemfd;
+      e.size = s.size;
+      e.fd.reset(::fcntl(s.fd.get(), F_DUPFD_CLOEXEC, 0));
+      if (!e.fd) return errno_error(StatusCode::kInternal, "dup memfd", errno);
+      out.push_back(std::move(e));
+    }
+    return out;
+  }
+
+  Result<uint64_t> digest(size_t i) override {
+    if (i >= segments_.size()) {
+      return make_error(StatusCode::kInvalidArgument,
+                        "segment " + std::to_string(i) + " out of range");
+    }
+    const HostSegment& s = segments_[i];
+    if (s.size == 0) return host_wsum64(nullptr, 0);
+    if (s.writable != nullptr) return host_wsum64(s.writable, s.size);
+    // A private read-only mapping: no writable mapping appears (the seal is not disturbed) and
+    // it works on a write-sealed memfd too.
+    void* p = ::mmap(nullptr, s.size, PROT_READ, MAP_PRIVATE, s.fd.get(), 0);
+    if (p == MAP_FAILED) return errno_error(StatusCode::kIoError, "mmap memfd for digest", errno);
+    const uint64_t sum = host_wsum64(p, s.size);
+    ::munmap(p, s.size);
+    return sum;
+  }
+
  private:
+  static Result<void> map_writable(HostSegment& s) noexcept {
+    if (s.writable != nullptr || s.size == 0) return ok_result();
+    void* p = ::mmap(nullptr, s.size, PROT_READ | PROT_WRITE, MAP_SHARED, s.fd.get(), 0);
+    if (p == MAP_FAILED) return errno_error(StatusCode::kOutOfMemory, "mmap memfd", errno);
+    s.writable = p;
+    return ok_result();
+  }
+
   void unmap_all() {
     for (auto& s : segments_) {
       if (s.writable != nullptr) ::munmap(s.writable, s.size);
@@ -214,18 +291,56 @@ class HostBackend final : public Backend {
 
 class HostMapping final : public MappedSegment {
  public:
-  HostMapping(const void* p, uint64_t size) : p_(p), size_(size) {}
+  // fd: kept while the mapping is writable, to map the same pages read-only in its place.
+  HostMapping(const void* p, uint64_t size, UniqueFd fd = UniqueFd())
+      : p_(p), size_(size), fd_(std::move(fd)) {}
   ~HostMapping() override {
     if (p_ != nullptr) ::munmap(const_cast<void*>(p_), size_);
   }
   const void* address() const noexcept override { return p_; }
   uint64_t size() const noexcept override { return size_; }
   bool on_device() const noexcept override { return false; }
+  bool writable() const noexcept override { return fd_.valid(); }
+
+  Result<void> make_read_only() override {
+    if (!fd_) return ok_result();
+    if (p_ != nullptr) {
+      // Mapped from a read-only open of the memfd: the new mapping is not writable in the
+      // kernel's eyes (VM_MAYWRITE clear), so the server's F_SEAL_WRITE no longer sees it.
+      COMPANION_ASSIGN_OR_RETURN(UniqueFd ro, reopen_read_only(fd_.get()));
+      void* p =
+          ::mmap(const_cast<void*>(p_), size_, PROT_READ, MAP_SHARED | MAP_FIXED, ro.get(), 0);
+      if (p == MAP_FAILED) {
+        return errno_error(StatusCode::kIoError, "map the segment again read-only", errno);
+      }
+    }
+    fd_.reset();
+    return ok_result();
+  }
 
  private:
   const void* p_;
   uint64_t size_;
+  UniqueFd fd_;
 };
+
+// The writer's half: an unsealed memfd mapped read-write.
+Result<std::unique_ptr<MappedSegment>> import_writable_host_segment(UniqueFd fd, uint64_t size) {
+  int seals = ::fcntl(fd.get(), F_GET_SEALS);
+  if (seals < 0) return make_error(StatusCode::kProtocolError, "segment fd is not a memfd");
+  if ((static_cast<unsigned>(seals) & F_SEAL_WRITE) != 0)
+    return make_error(StatusCode::kInvalidArgument, "segment is sealed: it cannot be written");
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return errno_error(StatusCode::kIoError, "fstat segment", errno);
+  if (static_cast<uint64_t>(st.st_size) != size)
+    return make_error(StatusCode::kProtocolError, "segment size does not match its memfd");
+  if (size == 0) {
+    return std::unique_ptr<MappedSegment>(std::make_unique<HostMapping>(nullptr, 0, std::move(fd)));
+  }
+  void* p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
+  if (p == MAP_FAILED) return errno_error(StatusCode::kIoError, "mmap segment writable", errno);
+  return std::unique_ptr<MappedSegment>(std::make_unique<HostMapping>(p, size, std::move(fd)));
+}
 
 }  // namespace
 
@@ -233,7 +348,9 @@ std::unique_ptr<Backend> make_host_backend() {
   return std::make_unique<HostBackend>();
 }
 
-Result<std::unique_ptr<MappedSegment>> import_host_segment(UniqueFd fd, uint64_t size) {
+Result<std::unique_ptr<MappedSegment>> import_host_segment(UniqueFd fd, uint64_t size,
+                                                           Access access) {
+  if (access == Access::kReadWrite) return import_writable_host_segment(std::move(fd), size);
   // Refuse anything that is not a sealed memfd of the announced size: a client must never map
   // memory the server could still change under it.
   int seals = ::fcntl(fd.get(), F_GET_SEALS);

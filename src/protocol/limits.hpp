@@ -33,8 +33,19 @@ static_assert(kMaxKeyFixedBytes + kMaxSourceBytes + 3 * kMaxShardRulesBytes + kM
 inline constexpr size_t kMaxStatusMessageBytes = 1024;
 // One ModelStatus on the wire: key, source and message at their bounds, short id and backend
 // name, eight numbers, FlatBuffers' offsets and padding.
-inline constexpr size_t kMaxModelStatusWireBytes = 16 << 10;
-static_assert(kMaxStringBytes + kMaxSourceBytes + kMaxStatusMessageBytes + 1024 <=
+// Publishing (1.1): a published key, a fingerprint, the generations a status lists.
+inline constexpr size_t kMaxPublishKeyBytes = 1024;
+inline constexpr size_t kMaxFingerprintFields = 64;
+inline constexpr size_t kMaxFingerprintBytes = 2048;  // names and values together
+inline constexpr size_t kMaxGenerationsPerKey = 4;    // --max-generations is at most this
+inline constexpr size_t kMaxListedDigests = 32;       // per generation in a status
+// One generation in a status: its numbers, fingerprint and digests ("wsum64:" + 16 hex digits).
+inline constexpr size_t kMaxGenerationWireBytes =
+    kMaxFingerprintBytes + kMaxFingerprintFields * 16 + kMaxListedDigests * 40 + 256;
+inline constexpr size_t kMaxModelStatusWireBytes = 40 << 10;
+static_assert(kMaxStringBytes + kMaxSourceBytes + kMaxStatusMessageBytes + 1024 +
+                  kMaxFingerprintBytes + kMaxFingerprintFields * 16 +
+                  kMaxGenerationsPerKey * kMaxGenerationWireBytes <=
               kMaxModelStatusWireBytes);
 // Entries a list reply may carry: by construction far below kMaxPayloadBytes. The server's
 // --max-models plus --max-error-entries must not exceed it.

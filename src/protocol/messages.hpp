@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -32,6 +33,10 @@ struct GetParameters {
   ModelSpec spec;
   bool wait = true;
   bool only_if_held = false;  // NOT_READY rather than a new load when not held here
+  std::string key;            // a published model's key (spec ignored unless or_source)
+  uint64_t generation = 0;    // 0 = the newest committed
+  std::optional<Fingerprint> fingerprint;  // checked when set
+  bool or_source = false;  // nothing published under key: spec (source = key) instead
 };
 
 struct SegmentInfo {
@@ -70,6 +75,7 @@ struct Parameters {
   std::vector<SegmentInfo> segments;
   std::vector<TensorRef> tensors;
   std::shared_ptr<const std::vector<uint8_t>> payload;
+  bool writable = false;  // the writer's mapping of a publication
 };
 
 struct Release {
@@ -81,6 +87,7 @@ struct Released {
 struct StatusSubscribe {
   ModelSpec spec;
   bool all = false;
+  std::string key;  // a published model's key instead of spec
 };
 struct StatusEvent {
   ModelStatus model;
@@ -116,9 +123,47 @@ struct ErrorReply {
 };
 struct Done {};
 
-using Body = std::variant<Hello, HelloReply, GetParameters, Parameters, Release, Released,
-                          StatusSubscribe, StatusEvent, StatusUnsubscribe, Load, LoadReply, Unload,
-                          UnloadReply, List, ListReply, Health, HealthReply, ErrorReply, Done>;
+// ---- publishing (1.1) ----
+struct TensorDeclInfo {
+  std::string name;
+  DType dtype = DType::kU8;
+  std::vector<int64_t> shape;
+  std::string alias_of;
+};
+enum class ClaimMode : uint8_t { kNow = 0, kWait = 1, kIfUnpublished = 2 };
+struct PublishClaim {
+  std::string key;
+  Fingerprint fingerprint;
+  ClaimMode mode = ClaimMode::kNow;
+};
+struct PublishClaimed {
+  bool claimed = false;
+  ModelStatus model;
+};
+struct PublishDeclare {
+  std::string key;
+  std::vector<TensorDeclInfo> tensors;
+};
+struct PublishCommit {
+  std::string key;
+};
+struct PublishCommitted {
+  uint64_t lease_id = 0;
+  ModelStatus model;
+};
+struct PublishAbort {
+  std::string key;
+};
+struct Reload {
+  std::string key;
+  bool force = false;
+};
+
+using Body =
+    std::variant<Hello, HelloReply, GetParameters, Parameters, Release, Released, StatusSubscribe,
+                 StatusEvent, StatusUnsubscribe, Load, LoadReply, Unload, UnloadReply, List,
+                 ListReply, Health, HealthReply, ErrorReply, Done, PublishClaim, PublishClaimed,
+                 PublishDeclare, PublishCommit, PublishCommitted, PublishAbort, Reload>;
 
 struct Message {
   uint64_t request_id = 0;
@@ -130,7 +175,11 @@ std::vector<uint8_t> encode(const Message& message);
 std::vector<uint8_t> encode_parameters(uint64_t request_id, uint64_t lease_id,
                                        const ModelStatus& model,
                                        std::span<const SegmentInfo> segments,
-                                       std::span<const TensorInfo> tensors);
+                                       std::span<const TensorInfo> tensors, bool writable = false);
+
+// Checks a published key and a fingerprint against the limits (kInvalidArgument says which).
+Result<void> validate_publish_key(std::string_view key);
+Result<void> validate_fingerprint(const Fingerprint& fingerprint);
 
 // Verifies (FlatBuffers verifier, then limits and semantic checks) and decodes one payload.
 // Anything malformed is kProtocolError with a reason.

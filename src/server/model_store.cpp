@@ -1,4 +1,5 @@
 #include "server/model_store.hpp"
+#include "server/store_entry.hpp"
 
 #include <algorithm>
 #include <cctype>
@@ -7,6 +8,8 @@
 #include <fstream>
 #include <iterator>
 #include <optional>
+
+#include <sys/stat.h>
 
 #include "checkpoint/checkpoint.hpp"
 #include "common/log.hpp"
@@ -17,40 +20,7 @@
 
 namespace companion::server {
 
-struct ModelStore::Entry {
-  ResolvedModel model;
-  std::string id;
-  ModelState state = ModelState::kReady;
-  uint64_t bytes_done = 0;
-  uint64_t bytes_total = 0;
-  Error error;
-  std::shared_ptr<memory::Slab> slab;
-  std::shared_ptr<const std::vector<protocol::TensorInfo>> tensors;
-  uint32_t leases = 0;
-  uint64_t generation = 0;  // new for every load and unload: stale workers must not publish
-  std::shared_ptr<std::atomic<bool>> cancel;
-  Clock::time_point last_progress{};
-  Clock::time_point failed_at{};  // when state became kError: error entries expire
-};
-
-// What the store's workers share with its destructor, kept alive by the workers themselves so
-// that a worker abandoned at shutdown never reads freed memory.
-struct ModelStore::WorkerPool {
-  std::mutex mutex;
-  std::condition_variable idle_cv;
-  std::vector<bool> busy;  // per worker: inside a job
-  bool abandoned = false;  // the store is gone: a worker returning from a job touches nothing
-  std::atomic<bool> stopping{false};
-};
-
 namespace {
-// Generations come from one counter, not per entry: an unload erases the entry, and a new entry
-// for the same key must not reuse the numbers of the old one, or a lease of the old load would be
-// released against the new one.
-uint64_t next_generation() {
-  static std::atomic<uint64_t> counter{0};
-  return counter.fetch_add(1, std::memory_order_relaxed) + 1;
-}
 // The config.json of a checkpoint directory (for a .safetensors file, the one beside it), which
 // names the architecture for shard presets. nullopt when there is none; like the checkpoint's
 // files it is opened beneath the roots and must be a regular file.
@@ -88,6 +58,34 @@ std::string canonical_key(const ModelSpec& spec, const checkpoint::ResolvedSourc
   }
   if (!spec.tag.empty()) key += ";tag=" + spec.tag;
   return key;
+}
+
+// Generations come from one counter, not per entry: an unload erases the entry, and a new entry
+// for the same key must not reuse the numbers of the old one, or a lease of the old load would be
+// released against the new one.
+uint64_t next_generation() {
+  static std::atomic<uint64_t> counter{0};
+  return counter.fetch_add(1, std::memory_order_relaxed) + 1;
+}
+
+std::string published_store_key(const std::string& key) {
+  return "published=" + key;
+}
+
+// What identifies the files a load read: device, inode, size and modification time of each.
+static std::string file_identity(const checkpoint::Checkpoint& ckpt) {
+  std::string out;
+  for (const auto& fd : ckpt.fds) {
+    struct stat st {};
+    if (!fd || ::fstat(fd->get(), &st) != 0) {
+      out += "?;";
+      continue;
+    }
+    out += std::to_string(st.st_dev) + ":" + std::to_string(st.st_ino) + ":" +
+           std::to_string(st.st_size) + ":" + std::to_string(st.st_mtim.tv_sec) + "." +
+           std::to_string(st.st_mtim.tv_nsec) + ";";
+  }
+  return out;
 }
 
 std::string short_id(const std::string& key) {
@@ -236,20 +234,50 @@ void ModelStore::notify(const ModelStatus& status) {
 
 ModelStatus ModelStore::snapshot(const Entry& e) const {
   ModelStatus s;
-  s.key = e.model.key;
+  s.key = e.published ? e.publish_key : e.model.key;
   s.id = e.id;
-  s.source = e.model.spec.source;
+  s.source = e.published ? std::string() : e.model.spec.source;
+  s.published = e.published;
   s.state = e.state;
   s.bytes_done = e.bytes_done;
   s.bytes_total = e.bytes_total;
   if (e.state == ModelState::kError) {
     s.error_code = e.error.code;
     s.message = e.error.message;
+  } else if (e.reload_error) {
+    // Still serving the generation it had; the reload that would replace it failed.
+    s.error_code = e.reload_error->code;
+    s.message = "reload failed: " + e.reload_error->message;
+  } else if (e.reloading) {
+    s.message = "reloading";
+  } else if (!e.reload_note.empty()) {
+    s.message = e.reload_note;
+  } else if (e.writer) {
+    s.message = e.writer->committing ? "committing" : "being published";
   }
-  s.tensors = e.tensors ? static_cast<uint32_t>(e.tensors->size()) : 0;
-  s.leases = e.leases;
+  if (const Generation* g = e.current()) {
+    s.tensors = g->tensors ? static_cast<uint32_t>(g->tensors->size()) : 0;
+    s.generation = g->number;
+    s.fingerprint = g->fingerprint;
+  } else if (e.writer && e.writer->tensors) {
+    s.tensors = static_cast<uint32_t>(e.writer->tensors->size());
+  }
   s.backend = backend_->name();
-  s.slab_bytes = e.slab ? e.slab->total_bytes() : 0;
+  for (const Generation& g : e.generations) {
+    s.leases += g.leases;
+    uint64_t bytes = g.slab ? g.slab->total_bytes() : 0;
+    s.slab_bytes += bytes;
+    GenerationInfo info;
+    info.number = g.number;
+    info.leases = g.leases;
+    info.slab_bytes = bytes;
+    info.digests = g.digests;
+    info.fingerprint = g.fingerprint;
+    info.created_at_ms = g.created_at_ms;
+    info.current = &g == e.current();
+    s.generations.push_back(std::move(info));
+  }
+  if (e.writer && e.writer->slab) s.slab_bytes += e.writer->slab->total_bytes();
   s.seq = ++seq_;  // always under mutex_
   return s;
 }
@@ -274,6 +302,10 @@ ModelStatus ModelStore::status(const std::string& key) const {
   ModelStatus s;
   s.key = key;
   s.id = short_id(key);
+  if (key.rfind(published_store_key(""), 0) == 0) {  // a published key nobody holds
+    s.key = key.substr(published_store_key("").size());
+    s.published = true;
+  }
   s.state = ModelState::kReady;
   s.backend = backend_->name();
   s.seq = ++seq_;
@@ -395,7 +427,7 @@ Result<ModelStatus> ModelStore::ensure_loading(const ResolvedModel& model) {
     e.cancel = std::make_shared<std::atomic<bool>>(false);
     std::shared_ptr<Entry> entry = slot;
     uint64_t generation = e.generation;
-    jobs_.push_back([this, entry, generation] { run_load(entry, generation); });
+    jobs_.push_back([this, entry, generation] { run_load(entry, generation, false, false); });
     jobs_cv_.notify_one();
     result = snapshot(e);
   }
@@ -405,7 +437,7 @@ Result<ModelStatus> ModelStore::ensure_loading(const ResolvedModel& model) {
   return result;
 }
 
-Result<void> ModelStore::admit(uint64_t bytes, const ResolvedModel& model) {
+Result<void> ModelStore::admit(uint64_t bytes, const std::string& what) {
   auto device = backend_->available_bytes();
   std::lock_guard<std::mutex> lock(mutex_);
   if (!device.ok()) {  // the backend cannot tell: count the bytes, admit unchecked
@@ -420,14 +452,16 @@ Result<void> ModelStore::admit(uint64_t bytes, const ResolvedModel& model) {
   if (bytes > room) {
     refusals_["memory"]++;
     uint64_t resident = 0;
-    for (const auto& [key, e] : entries_)
-      if (e->slab) resident += e->slab->total_bytes();
+    for (const auto& [key, e] : entries_) {
+      for (const auto& g : e->generations)
+        if (g.slab) resident += g.slab->total_bytes();
+      if (e->writer && e->writer->slab) resident += e->writer->slab->total_bytes();
+    }
     return make_error(StatusCode::kOutOfMemory,
-                      model.spec.describe() + " needs " + format_bytes(bytes) + "; " +
-                          backend_->name() + " has " + format_bytes(device->available) +
-                          " available of " + format_bytes(device->total) + ", less " +
-                          format_bytes(reserve) + " reserve (--memory-reserve) and " +
-                          format_bytes(admitted_bytes_) +
+                      what + " needs " + format_bytes(bytes) + "; " + backend_->name() + " has " +
+                          format_bytes(device->available) + " available of " +
+                          format_bytes(device->total) + ", less " + format_bytes(reserve) +
+                          " reserve (--memory-reserve) and " + format_bytes(admitted_bytes_) +
                           " admitted to loads in flight: " + format_bytes(room) +
                           " left (models resident: " + format_bytes(resident) + ")");
   }
@@ -435,14 +469,17 @@ Result<void> ModelStore::admit(uint64_t bytes, const ResolvedModel& model) {
   return ok_result();
 }
 
-void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
+void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, bool reload,
+                          bool force) {
   std::shared_ptr<std::atomic<bool>> cancel;
   ResolvedModel model;
+  std::string old_files;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (entry->generation != generation) return;
     cancel = entry->cancel;
     model = entry->model;
+    if (reload && entry->current()) old_files = entry->current()->files;
   }
   // Taken while the store is certainly alive (the job started before any shutdown).
   std::shared_ptr<WorkerPool> pool = pool_;
@@ -456,24 +493,35 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
       std::lock_guard<std::mutex> lock(mutex_);
       if (entry->generation != generation) return;
       apply(*entry);
+      // A reload stays quiet until it ends: its model is loaded (and served) all along, and
+      // whoever waits for the reload waits for the next status.
+      if (reload && entry->reloading) return;
       s = snapshot(*entry);
     }
     notify(s);
   };
   auto fail = [&](const Error& error) {
     if (cancel->load()) return;
-    log::warn("load of " + model.spec.describe() + " failed: " + error.to_string());
+    log::warn((reload ? "reload of " : "load of ") + model.spec.describe() +
+              " failed: " + error.to_string());
     Error shown = error;
-    if (shown.message.size() > protocol::kMaxStatusMessageBytes)
+    if (shown.message.size() > protocol::kMaxStatusMessageBytes - 16)
       shown.message =
-          std::string(utf8_prefix(shown.message, protocol::kMaxStatusMessageBytes - 3)) + "...";
+          std::string(utf8_prefix(shown.message, protocol::kMaxStatusMessageBytes - 19)) + "...";
+    if (reload) {  // the current generation goes on serving
+      publish([&](Entry& e) {
+        e.reloading = false;
+        e.reload_error = shown;
+        e.bytes_done = e.bytes_total = 0;
+      });
+      return;
+    }
     std::vector<ModelStatus> gone;
     publish([&](Entry& e) {
       e.state = ModelState::kError;
       e.error = shown;
       e.failed_at = Clock::now();
-      e.slab.reset();
-      e.tensors.reset();
+      e.generations.clear();
       trim_errors_locked(gone);
     });
     for (const auto& s : gone) notify(s);
@@ -489,6 +537,15 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
                                " tensors; one model may have at most " +
                                std::to_string(protocol::kMaxTensors)));
   if (cancel->load()) return;  // opening can block; the store may be gone since
+  std::string files = file_identity(*ckpt);
+  if (reload && !force && files == old_files) {
+    publish([&](Entry& e) {
+      e.reloading = false;
+      e.reload_note = "unchanged: the files are those of generation " +
+                      std::to_string(e.current() ? e.current()->number : 0);
+    });
+    return;
+  }
   loader::ShardOptions shard;
   shard.tp_size = model.spec.tp_size;
   shard.tp_rank = model.spec.tp_rank;
@@ -506,7 +563,8 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
                            "model needs more segments than one reply carries"));
   uint64_t slab_bytes = 0;
   for (uint64_t size : plan->segment_sizes) slab_bytes += size;
-  if (auto admitted = admit(slab_bytes, model); !admitted.ok()) return fail(admitted.error());
+  if (auto admitted = admit(slab_bytes, model.spec.describe()); !admitted.ok())
+    return fail(admitted.error());
   // The bytes of this load that the device does not show as taken yet. They shrink as the
   // memory becomes resident (at allocation on GPUs, as it is written on the host), so that a
   // load is never counted twice; what is left goes when the load ends, however it ends, but not
@@ -532,7 +590,10 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
     std::lock_guard<std::mutex> lock(mutex_);
     admission.settle_locked(0);
   }
-  publish([&](Entry& e) { e.bytes_total = plan->bytes_to_read; });
+  publish([&](Entry& e) {
+    e.bytes_total = plan->bytes_to_read;
+    e.bytes_done = 0;
+  });
 
   auto progress = [&](uint64_t done, uint64_t total) {
     if (cancel->load()) return;
@@ -546,6 +607,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
                                                       static_cast<double>(total - done) /
                                                       static_cast<double>(total)));
       auto now = Clock::now();
+      if (reload) return;
       // Status streams get at most ~10 progress events a second per model.
       if (done != total && now - entry->last_progress < std::chrono::milliseconds(100)) return;
       entry->last_progress = now;
@@ -591,42 +653,154 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation) {
   publish([&](Entry& e) {
     e.state = ModelState::kLoaded;
     e.bytes_done = e.bytes_total;
-    e.slab = shared_slab;
-    e.tensors = table;
+    e.reloading = false;
+    e.reload_error.reset();
+    e.reload_note.clear();
+    Generation g;
+    g.number = e.next_number++;
+    g.token = next_generation();
+    g.slab = shared_slab;
+    g.tensors = table;
+    g.files = files;
+    g.created_at_ms = unix_time_ms();
+    e.generations.push_back(std::move(g));
+    drop_unleased_locked(e);
   });
 }
 
-Result<LeaseGrant> ModelStore::acquire(const std::string& key) {
-  LeaseGrant grant;
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    auto it = entries_.find(key);
-    if (it == entries_.end() || it->second->state != ModelState::kLoaded)
-      return make_error(StatusCode::kNotReady, "model is not loaded");
-    Entry& e = *it->second;
-    COMPANION_ASSIGN_OR_RETURN(grant.exports, e.slab->export_segments());
-    e.leases++;
-    grant.status = snapshot(e);
-    grant.slab = e.slab;
-    grant.tensors = e.tensors;
-    grant.generation = e.generation;
+void ModelStore::drop_unleased_locked(Entry& e) {
+  // Every generation but the current one lives only while leased.
+  for (size_t i = 0; i + 1 < e.generations.size();) {
+    if (e.generations[i].leases == 0)
+      e.generations.erase(e.generations.begin() + static_cast<std::ptrdiff_t>(i));
+    else
+      ++i;
   }
+}
+
+Result<LeaseGrant> ModelStore::lease_locked(Entry& e, size_t index) {
+  Generation& g = e.generations[index];
+  LeaseGrant grant;
+  COMPANION_ASSIGN_OR_RETURN(grant.exports, g.slab->export_segments());
+  g.leases++;
+  grant.key = e.published ? published_store_key(e.publish_key) : e.model.key;
+  grant.status = snapshot(e);
+  grant.status.generation = g.number;  // the one leased, which may be an older one
+  grant.status.fingerprint = g.fingerprint;
+  grant.slab = g.slab;
+  grant.tensors = g.tensors;
+  grant.generation = g.token;
   return grant;
+}
+
+Result<LeaseGrant> ModelStore::acquire(const std::string& key) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = entries_.find(key);
+  if (it == entries_.end() || it->second->state != ModelState::kLoaded ||
+      it->second->generations.empty())
+    return make_error(StatusCode::kNotReady, "model is not loaded");
+  Entry& e = *it->second;
+  return lease_locked(e, e.generations.size() - 1);
+}
+
+namespace {
+// "dtype: published 'bf16', asked 'fp16'; tp_rank: published '0', asked nothing"
+std::string fingerprint_difference(const Fingerprint& have, const Fingerprint& want) {
+  std::string out;
+  size_t shown = 0;
+  auto add = [&](const std::string& name, const std::string& text) {
+    if (++shown > 16) return;
+    if (!out.empty()) out += "; ";
+    out += printable_text(name) + ": " + text;
+  };
+  for (const auto& [name, value] : want) {
+    auto it = have.find(name);
+    if (it == have.end())
+      add(name, "published nothing, asked '" + printable_text(value) + "'");
+    else if (it->second != value)
+      add(name,
+          "published '" + printable_text(it->second) + "', asked '" + printable_text(value) + "'");
+  }
+  for (const auto& [name, value] : have)
+    if (!want.count(name)) add(name, "published '" + printable_text(value) + "', asked nothing");
+  if (shown > 16) out += "; and " + std::to_string(shown - 16) + " more";
+  return out;
+}
+}  // namespace
+
+Result<void> check_fingerprint(const std::string& key, uint64_t number, const Fingerprint& have,
+                               const Fingerprint& want) {
+  if (have == want) return ok_result();
+  return make_error(
+      StatusCode::kFingerprintMismatch,
+      "'" + printable_text(key) + "' generation " + std::to_string(number) +
+          " was published with another fingerprint: " + fingerprint_difference(have, want));
+}
+
+Result<LeaseGrant> ModelStore::acquire_published(const std::string& key, uint64_t generation,
+                                                 const std::optional<Fingerprint>& fingerprint) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = entries_.find(published_store_key(key));
+  if (it == entries_.end())
+    return make_error(StatusCode::kNotFound,
+                      "nothing is published under '" + printable_text(key) + "'");
+  Entry& e = *it->second;
+  if (e.generations.empty())
+    return make_error(StatusCode::kNotReady,
+                      "'" + printable_text(key) + "' is being published; no generation yet");
+  size_t index = e.generations.size() - 1;
+  if (generation != 0) {
+    auto g = std::find_if(e.generations.begin(), e.generations.end(),
+                          [&](const Generation& x) { return x.number == generation; });
+    if (g == e.generations.end())
+      return make_error(StatusCode::kNotFound,
+                        "'" + printable_text(key) + "' has no generation " +
+                            std::to_string(generation) +
+                            " (live: " + std::to_string(e.generations.front().number) + ".." +
+                            std::to_string(e.generations.back().number) + ")");
+    index = static_cast<size_t>(g - e.generations.begin());
+  }
+  if (fingerprint)
+    COMPANION_TRY(check_fingerprint(key, e.generations[index].number,
+                                    e.generations[index].fingerprint, *fingerprint));
+  return lease_locked(e, index);
 }
 
 void ModelStore::release(const std::string& key, uint64_t generation) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = entries_.find(key);
-  if (it == entries_.end() || it->second->generation != generation) return;
-  if (it->second->leases > 0) it->second->leases--;
+  if (it == entries_.end()) return;
+  Entry& e = *it->second;
+  for (auto& g : e.generations) {
+    if (g.token != generation) continue;
+    if (g.leases > 0) g.leases--;
+    break;
+  }
+  drop_unleased_locked(e);
 }
 
-ModelStore::Entry* ModelStore::find_locked(const std::string& key_or_id) {
+ModelStore::Entry* ModelStore::find_locked(const std::string& key_or_id) const {
   auto it = entries_.find(key_or_id);
   if (it != entries_.end()) return it->second.get();
-  for (auto& [key, e] : entries_)
+  it = entries_.find(published_store_key(key_or_id));
+  if (it != entries_.end()) return it->second.get();
+  for (const auto& [key, e] : entries_)
     if (e->id == key_or_id) return e.get();
   return nullptr;
+}
+
+std::string ModelStore::find_key(const std::string& key_or_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Entry* e = find_locked(key_or_id);
+  if (e == nullptr) return {};
+  return e->published ? published_store_key(e->publish_key) : e->model.key;
+}
+
+size_t ModelStore::held_locked() const {
+  size_t held = 0;
+  for (const auto& [key, e] : entries_)
+    if (e->state == ModelState::kLoading || e->state == ModelState::kLoaded) ++held;
+  return held;
 }
 
 Result<ModelStatus> ModelStore::unload(const std::string& key_or_id, bool force) {
@@ -636,21 +810,28 @@ Result<ModelStatus> ModelStore::unload(const std::string& key_or_id, bool force)
     Entry* e = find_locked(key_or_id);
     if (e == nullptr)
       return make_error(StatusCode::kNotFound, "no model " + key_or_id + " on this server");
-    if (e->state == ModelState::kLoaded && e->leases > 0 && !force)
+    uint32_t leases = 0;
+    for (const auto& g : e->generations) leases += g.leases;
+    if (leases > 0 && !force)
       return make_error(StatusCode::kModelInUse,
-                        std::to_string(e->leases) +
+                        std::to_string(leases) +
                             " client lease(s) hold the model; unload with force to drop it anyway "
                             "(clients keep their mappings)");
     if (e->cancel) e->cancel->store(true);
     e->generation = next_generation();
     e->state = ModelState::kUnloaded;
-    e->slab.reset();  // leases still holding it keep the memory alive
-    e->tensors.reset();
+    if (e->writer) {
+      admitted_bytes_ -= std::min(e->writer->admitted, admitted_bytes_);
+      e->writer.reset();  // its connection's commit finds nothing to commit
+    }
     s = snapshot(*e);
-    std::string key = e->model.key;  // e dies with the erase
-    entries_.erase(key);
+    e->generations.clear();  // leases still holding a slab keep that memory alive
+    s.generations.clear();
+    s.slab_bytes = 0;
+    std::string key = e->published ? published_store_key(e->publish_key) : e->model.key;
+    entries_.erase(key);  // e dies here
   }
-  log::info("unloaded " + s.key);
+  log::info("unloaded " + printable_text(s.key));
   notify(s);
   return s;
 }
@@ -658,8 +839,11 @@ Result<ModelStatus> ModelStore::unload(const std::string& key_or_id, bool force)
 uint64_t ModelStore::slab_bytes() const {
   std::lock_guard<std::mutex> lock(mutex_);
   uint64_t total = 0;
-  for (const auto& [key, e] : entries_)
-    if (e->slab) total += e->slab->total_bytes();
+  for (const auto& [key, e] : entries_) {
+    for (const auto& g : e->generations)
+      if (g.slab) total += g.slab->total_bytes();
+    if (e->writer && e->writer->slab) total += e->writer->slab->total_bytes();
+  }
   return total;
 }
 
@@ -676,7 +860,8 @@ std::map<std::string, uint64_t> ModelStore::refusal_counts() const {
 uint32_t ModelStore::total_leases() const {
   std::lock_guard<std::mutex> lock(mutex_);
   uint32_t total = 0;
-  for (const auto& [key, e] : entries_) total += e->leases;
+  for (const auto& [key, e] : entries_)
+    for (const auto& g : e->generations) total += g.leases;
   return total;
 }
 

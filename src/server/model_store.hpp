@@ -10,6 +10,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -44,6 +45,9 @@ struct StoreConfig {
   // returns) is abandoned, see ~ModelStore.
   std::chrono::milliseconds shutdown_timeout{std::chrono::seconds(5)};
   loader::ReadSource* read_source = nullptr;  // test hook: nullptr reads with pread(2)
+  // Generations of one key alive at once (the current one, older ones still leased, one being
+  // published or reloaded); a publish or reload past it is refused with kLimitExceeded.
+  size_t max_generations = 2;
 
   // kInvalidArgument when a limit is zero or out of range.
   Result<void> validate() const;
@@ -59,12 +63,31 @@ struct ResolvedModel {
 // What a lease hands out: exports for one client plus the model's table. Holding `slab` keeps
 // the memory alive even if the model is force-unloaded meanwhile.
 struct LeaseGrant {
+  std::string key;  // the store's key of the model (for release)
   ModelStatus status;
   std::shared_ptr<memory::Slab> slab;
   std::shared_ptr<const std::vector<protocol::TensorInfo>> tensors;
   std::vector<memory::SegmentExport> exports;
-  uint64_t generation = 0;  // which load of the key this lease pins
+  uint64_t generation = 0;  // which generation this lease pins (a token, not its number)
 };
+
+// A writer's slab of a publication: writable exports for it alone, and the table laid out in it.
+struct WriterGrant {
+  ModelStatus status;
+  std::shared_ptr<const std::vector<protocol::TensorInfo>> tensors;
+  std::vector<memory::SegmentExport> exports;
+  uint64_t generation = 0;  // the number it gets when committed
+};
+
+// What PublishClaim found.
+struct ClaimOutcome {
+  enum class Kind { kClaimed, kPublished, kBusy };
+  Kind kind = Kind::kBusy;
+  ModelStatus status;
+};
+
+// Published models live in the store under this key (loaded ones under "source=...").
+std::string published_store_key(const std::string& key);
 
 class ModelStore {
  public:
@@ -91,9 +114,40 @@ class ModelStore {
   // new load would pass max_models or max_variants_per_source, kInvalidArgument for a key longer
   // than the wire allows.
   Result<ModelStatus> ensure_loading(const ResolvedModel& model);
-  // For a loaded model: counts a lease and exports its segments.
+  // For a loaded model (or a published one by its store key): counts a lease of the current
+  // generation and exports its segments.
   Result<LeaseGrant> acquire(const std::string& key);
+  // A published model: generation 0 = the current one; a fingerprint, when given, must equal the
+  // generation's (kFingerprintMismatch lists the fields that differ). kNotFound when nothing is
+  // published under the key (or that generation is gone), kNotReady while only a first
+  // generation is being written.
+  Result<LeaseGrant> acquire_published(const std::string& key, uint64_t generation,
+                                       const std::optional<Fingerprint>& fingerprint);
   void release(const std::string& key, uint64_t generation);
+
+  // ---- publishing: `writer` identifies the connection that holds a key ----
+  // kNow/kWait: claims the key for its next generation unless another writer holds it (kBusy);
+  // kIfUnpublished: kPublished when a generation is committed (its fingerprint must match),
+  // else as kWait. kLimitExceeded past max_generations or max_models.
+  Result<ClaimOutcome> claim(const std::string& key, const Fingerprint& fingerprint,
+                             protocol::ClaimMode mode, uint64_t writer);
+  // Lays out and allocates the claimed key's slab (memory admitted first) and exports it
+  // writable for the writer.
+  Result<WriterGrant> declare(const std::string& key, uint64_t writer,
+                              const std::vector<protocol::TensorDeclInfo>& tensors);
+  // Digests and seals the slab on a worker thread, makes it the current generation and leases it
+  // to the writer; `done` runs on that thread with the outcome. A seal refused because a
+  // writable mapping is left fails the commit and keeps the publication open.
+  void commit(const std::string& key, uint64_t writer,
+              std::function<void(Result<LeaseGrant>)> done);
+  // Gives the key up (the slab, if any, is freed). False when `writer` held nothing of it.
+  bool abort(const std::string& key, uint64_t writer);
+  // Loads a new generation of a loaded model if its files changed (or force); returns the status
+  // at once (the load goes on in the background; its end is a status with a new generation, or
+  // with error_code set and the old generation still current).
+  Result<ModelStatus> reload(const std::string& key_or_id, bool force);
+  // The store key of a model named by key, id or published key; "" when none.
+  std::string find_key(const std::string& key_or_id) const;
   // key may be the full key or the short id. Loaded with leases and !force: kModelInUse.
   // Loading: the load is cancelled. Returns the final status (state kUnloaded).
   Result<ModelStatus> unload(const std::string& key_or_id, bool force);
@@ -110,15 +164,20 @@ class ModelStore {
   struct Entry;
   struct WorkerPool;
   ModelStatus snapshot(const Entry& e) const;
-  void run_load(std::shared_ptr<Entry> entry, uint64_t generation);
+  void run_load(std::shared_ptr<Entry> entry, uint64_t generation, bool reload, bool force);
+  void run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint64_t token,
+                  std::function<void(Result<LeaseGrant>)> done);
+  Result<LeaseGrant> lease_locked(Entry& e, size_t index);
+  void drop_unleased_locked(Entry& e);
   void worker_loop(std::shared_ptr<WorkerPool> pool, size_t index);
   // Drops failed loads past error_ttl, then the oldest past max_error_entries; their kUnloaded
   // statuses go to `gone` for the listener.
   void trim_errors_locked(std::vector<ModelStatus>& gone);
   // Reserves `bytes` for a load against the backend's available memory; kOutOfMemory when short.
-  Result<void> admit(uint64_t bytes, const ResolvedModel& model);
+  Result<void> admit(uint64_t bytes, const std::string& what);
   void notify(const ModelStatus& status);
-  Entry* find_locked(const std::string& key_or_id);
+  Entry* find_locked(const std::string& key_or_id) const;
+  size_t held_locked() const;
 
   std::unique_ptr<memory::Backend> backend_;
   StoreConfig config_;

@@ -72,6 +72,7 @@ struct Connection {
   bool dead = false;     // close now
   std::map<uint64_t, Lease> leases;
   std::map<uint64_t, Subscription> subscriptions;
+  std::set<std::string> publishing;  // published keys this connection holds as their writer
 };
 
 // Refusal reasons, as counted in health (all present, zero or not).
@@ -90,12 +91,24 @@ constexpr const char* kRefusalReasons[] = {
     "leases",                 // --max-leases-per-connection
 };
 
-// A request parked until its model finishes loading.
+// A request parked until its model finishes loading (or its first generation is committed).
 struct Waiter {
+  enum class Kind { kLease, kLoad, kReload, kPublished };
   uint64_t connection = 0;
   uint64_t request_id = 0;
-  bool wants_lease = false;  // GetParameters (true) or Load (false)
-  uint64_t after_seq = 0;    // only outcomes newer than the status it parked on count
+  Kind kind = Kind::kLease;
+  uint64_t after_seq = 0;  // only outcomes newer than the status it parked on count
+  // kPublished: what GetParameters asked for.
+  std::string key;
+  uint64_t generation = 0;
+  std::optional<Fingerprint> fingerprint;
+};
+
+// A PublishClaim parked while another connection writes the key.
+struct ClaimWaiter {
+  uint64_t connection = 0;
+  uint64_t request_id = 0;
+  protocol::PublishClaim claim;
 };
 
 struct DeviceSetup {
@@ -225,9 +238,13 @@ class ServerImpl final : public Server {
       }
       touched.push_back(cid);
     }
-    if (s.state == ModelState::kLoaded || s.state == ModelState::kError ||
-        s.state == ModelState::kUnloaded) {
-      auto range = waiters_.equal_range(s.key);
+    // A reload is over at its next status, whatever it is; a load at kLoaded, kError or
+    // kUnloaded.
+    bool settled = s.state == ModelState::kLoaded || s.state == ModelState::kError ||
+                   s.state == ModelState::kUnloaded;
+    if (settled) {
+      std::string store_key = s.published ? published_store_key(s.key) : s.key;
+      auto range = waiters_.equal_range(store_key);
       std::vector<Waiter> ready;
       for (auto w = range.first; w != range.second;) {
         if (w->second.after_seq < s.seq) {
@@ -240,6 +257,16 @@ class ServerImpl final : public Server {
       for (const Waiter& w : ready) {
         auto c = connections_.find(w.connection);
         if (c == connections_.end()) continue;
+        // The writer of a first generation went away, and another took the key over: wait on.
+        if (w.kind == Waiter::Kind::kPublished && s.state == ModelState::kUnloaded) {
+          ModelStatus now = store_->status(store_key);
+          if (now.state == ModelState::kLoading) {
+            Waiter again = w;
+            again.after_seq = now.seq;
+            waiters_.emplace(store_key, again);
+            continue;
+          }
+        }
         --c->second->parked;
         complete_wait(*c->second, w, s);
       }
@@ -482,6 +509,11 @@ class ServerImpl final : public Server {
       return send(c, Message{rid, protocol::ListReply{store_->list()}});
     if (std::holds_alternative<protocol::Health>(body))
       return send(c, Message{rid, protocol::HealthReply{health()}});
+    if (auto* m = std::get_if<protocol::PublishClaim>(&body)) return on_claim(c, rid, *m);
+    if (auto* m = std::get_if<protocol::PublishDeclare>(&body)) return on_declare(c, rid, *m);
+    if (auto* m = std::get_if<protocol::PublishCommit>(&body)) return on_commit(c, rid, *m);
+    if (auto* m = std::get_if<protocol::PublishAbort>(&body)) return on_abort(c, rid, *m);
+    if (auto* m = std::get_if<protocol::Reload>(&body)) return on_reload(c, rid, *m);
     reply_error(c, rid,
                 make_error(StatusCode::kProtocolError,
                            std::string(protocol::body_name(body)) + " is not a request"));
@@ -503,6 +535,30 @@ class ServerImpl final : public Server {
   }
 
   void on_get(Connection& c, uint64_t rid, const protocol::GetParameters& m) {
+    if (!m.key.empty()) {
+      std::string store_key = published_store_key(m.key);
+      ModelStatus now = store_->status(store_key);
+      bool held = now.state == ModelState::kLoaded || now.state == ModelState::kLoading;
+      if (held || !m.or_source) {
+        if (now.state == ModelState::kLoading) {  // only a first generation being written
+          if (!m.wait)
+            return reply_error(c, rid,
+                               make_error(StatusCode::kNotReady,
+                                          "'" + printable_text(m.key) + "' is being published"));
+          Waiter w{c.id,         rid,          Waiter::Kind::kPublished, now.seq, m.key,
+                   m.generation, m.fingerprint};
+          waiters_.emplace(store_key, std::move(w));
+          ++c.parked;
+          return;
+        }
+        return grant(c, rid, store_->acquire_published(m.key, m.generation, m.fingerprint));
+      }
+      // Nothing published under the key: it names a checkpoint.
+      protocol::GetParameters as_spec = m;
+      as_spec.key.clear();
+      if (as_spec.spec.source.empty()) as_spec.spec.source = m.key;
+      return on_get(c, rid, as_spec);
+    }
     auto model = store_->resolve(m.spec);
     if (!model.ok()) return reply_error(c, rid, model.error());
     if (m.only_if_held) {
@@ -513,13 +569,13 @@ class ServerImpl final : public Server {
     }
     auto s = store_->ensure_loading(*model);
     if (!s.ok()) return reply_error(c, rid, s.error());
-    if (s->state == ModelState::kLoaded) return grant(c, rid, model->key);
+    if (s->state == ModelState::kLoaded) return grant(c, rid, store_->acquire(model->key));
     if (!m.wait)
       return reply_error(
           c, rid,
           make_error(StatusCode::kNotReady, "model is loading (" + std::to_string(s->bytes_done) +
                                                 "/" + std::to_string(s->bytes_total) + " bytes)"));
-    waiters_.emplace(model->key, Waiter{c.id, rid, true, s->seq});
+    waiters_.emplace(model->key, Waiter{c.id, rid, Waiter::Kind::kLease, s->seq, {}, 0, {}});
     ++c.parked;
   }
 
@@ -530,7 +586,7 @@ class ServerImpl final : public Server {
     if (!s.ok()) return reply_error(c, rid, s.error());
     if (s->state == ModelState::kLoaded || !m.wait)
       return send(c, Message{rid, protocol::LoadReply{*s}});
-    waiters_.emplace(model->key, Waiter{c.id, rid, false, s->seq});
+    waiters_.emplace(model->key, Waiter{c.id, rid, Waiter::Kind::kLoad, s->seq, {}, 0, {}});
     ++c.parked;
   }
 
@@ -544,6 +600,11 @@ class ServerImpl final : public Server {
     auto s = store_->unload(key, m.force);
     if (!s.ok()) return reply_error(c, rid, s.error());
     send(c, Message{rid, protocol::UnloadReply{*s}});
+    if (s->published) {
+      // Its writer, if any, lost the key; whoever waited to claim it may now.
+      for (auto& [cid, other] : connections_) other->publishing.erase(s->key);
+      hand_over(s->key);
+    }
   }
 
   void on_release(Connection& c, uint64_t rid, const protocol::Release& m) {
@@ -561,7 +622,11 @@ class ServerImpl final : public Server {
   void on_subscribe(Connection& c, uint64_t rid, const protocol::StatusSubscribe& m) {
     Connection::Subscription sub;
     sub.all = m.all;
-    if (!m.all) {
+    if (!m.key.empty()) {
+      if (auto valid = protocol::validate_publish_key(m.key); !valid.ok())
+        return reply_error(c, rid, valid.error());
+      sub.key = published_store_key(m.key);
+    } else if (!m.all) {
       auto model = store_->resolve(m.spec);
       if (!model.ok()) return reply_error(c, rid, model.error());
       sub.key = model->key;
@@ -570,7 +635,7 @@ class ServerImpl final : public Server {
     std::vector<ModelStatus> current =
         sub.all ? store_->list() : std::vector<ModelStatus>{store_->status(sub.key)};
     for (auto& s : current)
-      if (s.source.empty()) s.source = m.spec.source;  // not held yet: name it as asked
+      if (s.source.empty() && !s.published) s.source = m.spec.source;  // not held yet
     for (const auto& s : current) {
       sub.last_seq[s.key] = s.seq;
       send(c, Message{rid, protocol::StatusEvent{s}});
@@ -584,18 +649,167 @@ class ServerImpl final : public Server {
   }
 
   void complete_wait(Connection& c, const Waiter& w, const ModelStatus& s) {
+    if (w.kind == Waiter::Kind::kReload) {
+      if (s.state == ModelState::kLoaded && s.error_code != StatusCode::kOk)
+        return reply_error(c, w.request_id, Error{s.error_code, s.message});
+      if (s.state == ModelState::kUnloaded)
+        return reply_error(
+            c, w.request_id,
+            make_error(StatusCode::kCancelled, "the model was unloaded while reloading"));
+      return send(c, Message{w.request_id, protocol::LoadReply{s}});
+    }
     if (s.state == ModelState::kLoaded) {
-      if (w.wants_lease) return grant(c, w.request_id, s.key);
+      if (w.kind == Waiter::Kind::kLease) return grant(c, w.request_id, store_->acquire(s.key));
+      if (w.kind == Waiter::Kind::kPublished)
+        return grant(c, w.request_id,
+                     store_->acquire_published(w.key, w.generation, w.fingerprint));
       return send(c, Message{w.request_id, protocol::LoadReply{s}});
     }
     if (s.state == ModelState::kError)
       return reply_error(c, w.request_id, Error{s.error_code, s.message});
+    if (w.kind == Waiter::Kind::kPublished)
+      return reply_error(
+          c, w.request_id,
+          make_error(StatusCode::kNotFound, "the writer of '" + printable_text(w.key) +
+                                                "' went away before committing a generation"));
     reply_error(c, w.request_id,
                 make_error(StatusCode::kCancelled, "the model was unloaded while loading"));
   }
 
-  void grant(Connection& c, uint64_t rid, const std::string& key) {
+  // ---- publishing -----------------------------------------------------------------------------
+
+  void on_claim(Connection& c, uint64_t rid, const protocol::PublishClaim& m) {
+    auto outcome = store_->claim(m.key, m.fingerprint, m.mode, c.id);
+    if (!outcome.ok()) return reply_error(c, rid, outcome.error());
+    switch (outcome->kind) {
+      case ClaimOutcome::Kind::kClaimed:
+        c.publishing.insert(m.key);
+        return send(c, Message{rid, protocol::PublishClaimed{true, outcome->status}});
+      case ClaimOutcome::Kind::kPublished:
+        return send(c, Message{rid, protocol::PublishClaimed{false, outcome->status}});
+      case ClaimOutcome::Kind::kBusy:
+        break;
+    }
+    if (m.mode == protocol::ClaimMode::kNow)
+      return reply_error(c, rid,
+                         make_error(StatusCode::kModelInUse,
+                                    "another client is publishing '" + printable_text(m.key) +
+                                        "'; claim it with wait to publish after it"));
+    claim_waiters_.emplace(m.key, ClaimWaiter{c.id, rid, m});
+    ++c.parked;
+  }
+
+  // The key's writer is gone (committed, aborted, disconnected, unloaded): parked claims are
+  // answered in order until one of them becomes the writer.
+  void hand_over(const std::string& key) {
+    auto range = claim_waiters_.equal_range(key);
+    for (auto it = range.first; it != range.second;) {
+      ClaimWaiter w = it->second;
+      auto conn = connections_.find(w.connection);
+      if (conn == connections_.end()) {
+        it = claim_waiters_.erase(it);
+        continue;
+      }
+      Connection& c = *conn->second;
+      auto outcome = store_->claim(w.claim.key, w.claim.fingerprint, w.claim.mode, c.id);
+      if (outcome.ok() && outcome->kind == ClaimOutcome::Kind::kBusy) return;
+      it = claim_waiters_.erase(it);
+      --c.parked;
+      if (!outcome.ok()) {
+        reply_error(c, w.request_id, outcome.error());
+        continue;
+      }
+      bool claimed = outcome->kind == ClaimOutcome::Kind::kClaimed;
+      if (claimed) c.publishing.insert(w.claim.key);
+      send(c, Message{w.request_id, protocol::PublishClaimed{claimed, outcome->status}});
+      if (claimed) return;
+    }
+  }
+
+  void on_declare(Connection& c, uint64_t rid, const protocol::PublishDeclare& m) {
+    auto g = store_->declare(m.key, c.id, m.tensors);
+    if (!g.ok()) return reply_error(c, rid, g.error());
+    std::vector<protocol::SegmentInfo> segments;
+    std::vector<UniqueFd> fds;
+    for (auto& e : g->exports) {
+      protocol::SegmentInfo info;
+      info.kind = e.kind;
+      info.size = e.size;
+      info.ipc_handle = e.ipc_handle;
+      if (e.fd.valid()) {
+        info.fd_index = static_cast<int32_t>(fds.size());
+        fds.push_back(std::move(e.fd));
+      }
+      segments.push_back(info);
+    }
+    ModelStatus status = g->status;
+    status.generation = g->generation;  // the number the writer's commit will get
+    enqueue(c, protocol::encode_parameters(rid, 0, status, segments, *g->tensors, true),
+            std::move(fds));
+  }
+
+  void on_commit(Connection& c, uint64_t rid, const protocol::PublishCommit& m) {
+    uint64_t cid = c.id;
+    std::string key = m.key;
+    ++c.parked;
+    // Digest and seal run on a worker; the outcome comes back to the loop.
+    store_->commit(key, cid, [this, cid, rid, key](Result<LeaseGrant> result) {
+      // Posted tasks are copyable functions; the grant (descriptors) is not.
+      auto held = std::make_shared<Result<LeaseGrant>>(std::move(result));
+      loop_->post([this, cid, rid, key, held] { on_committed(cid, rid, key, std::move(*held)); });
+    });
+  }
+
+  void on_committed(uint64_t cid, uint64_t rid, const std::string& key, Result<LeaseGrant> result) {
+    auto it = connections_.find(cid);
+    if (it == connections_.end()) {  // the writer went away meanwhile: its lease goes too
+      if (result.ok()) store_->release(result->key, result->generation);
+      hand_over(key);
+      return;
+    }
+    Connection& c = *it->second;
+    --c.parked;
+    if (!result.ok()) {
+      // A failed seal leaves the publication open (the writer may drop its mapping and retry);
+      // anything else has ended it.
+      if (store_->status(published_store_key(key)).state == ModelState::kUnloaded ||
+          result.error().code == StatusCode::kCancelled) {
+        c.publishing.erase(key);
+        hand_over(key);
+      }
+      return reply_error(c, rid, result.error());
+    }
+    c.publishing.erase(key);
+    uint64_t lease_id = next_lease_++;
+    c.leases[lease_id] = Connection::Lease{result->key, result->generation, result->slab};
+    send(c, Message{rid, protocol::PublishCommitted{lease_id, result->status}});
+    hand_over(key);
+    reap(cid);
+  }
+
+  void on_abort(Connection& c, uint64_t rid, const protocol::PublishAbort& m) {
+    if (!c.publishing.count(m.key) || !store_->abort(m.key, c.id))
+      return reply_error(c, rid,
+                         make_error(StatusCode::kInvalidArgument,
+                                    "this connection does not hold '" + printable_text(m.key) +
+                                        "' (or its commit is under way)"));
+    c.publishing.erase(m.key);
+    send(c, Message{rid, protocol::Done{}});
+    hand_over(m.key);
+  }
+
+  void on_reload(Connection& c, uint64_t rid, const protocol::Reload& m) {
+    std::string store_key = store_->find_key(m.key);
+    auto s = store_->reload(m.key, m.force);
+    if (!s.ok()) return reply_error(c, rid, s.error());
+    waiters_.emplace(store_key, Waiter{c.id, rid, Waiter::Kind::kReload, s->seq, {}, 0, {}});
+    ++c.parked;
+  }
+
+  void grant(Connection& c, uint64_t rid, Result<LeaseGrant> g) {
+    if (!g.ok()) return reply_error(c, rid, g.error());
     if (c.leases.size() >= limits_.max_leases_per_connection) {
+      store_->release(g->key, g->generation);
       count_refusal("leases");
       return reply_error(c, rid,
                          make_error(StatusCode::kLimitExceeded,
@@ -603,8 +817,7 @@ class ServerImpl final : public Server {
                                         " leases already (--max-leases-per-connection); release "
                                         "some first"));
     }
-    auto g = store_->acquire(key);
-    if (!g.ok()) return reply_error(c, rid, g.error());
+    const std::string& key = g->key;
     size_t fd_count = 0;
     for (const auto& e : g->exports) fd_count += e.fd.valid() ? 1 : 0;
     // Descriptors wait in the queue until the client reads them: bounded per client and in all.
@@ -750,6 +963,16 @@ class ServerImpl final : public Server {
     if (it == connections_.end()) return;
     Connection& c = *it->second;
     for (auto& [lid, lease] : c.leases) store_->release(lease.key, lease.generation);
+    // A writer that goes before committing aborts: its slab is freed, and the next in line
+    // may claim the key.
+    std::set<std::string> publishing = std::move(c.publishing);
+    for (const auto& key : publishing) store_->abort(key, cid);
+    for (auto w = claim_waiters_.begin(); w != claim_waiters_.end();) {
+      if (w->second.connection == cid)
+        w = claim_waiters_.erase(w);
+      else
+        ++w;
+    }
     for (const auto& frame : c.out) forget_fds(c, frame.held_fds());
     queued_bytes_ -= c.queued_bytes;
     bool large = c.queued_bytes > (16u << 20);
@@ -766,6 +989,7 @@ class ServerImpl final : public Server {
     loop_->remove(c.token);
     log::debug("connection " + std::to_string(cid) + " closed");
     connections_.erase(it);
+    for (const auto& key : publishing) hand_over(key);
     // Hand the memory of a large unread queue back to the system, not only to malloc.
     if (large) ::malloc_trim(0);
   }
@@ -810,7 +1034,7 @@ class ServerImpl final : public Server {
         continue;
       }
       bool idle = c.leases.empty() && c.subscriptions.empty() && c.parked == 0 && c.out.empty() &&
-                  c.reader.buffered_bytes() == 0;
+                  c.publishing.empty() && c.reader.buffered_bytes() == 0;
       if (limits_.idle_timeout_s > 0 && idle &&
           now - c.last_active > seconds(limits_.idle_timeout_s)) {
         // Quietly: a client finds the connection closed and opens another when it needs one.
@@ -889,6 +1113,7 @@ class ServerImpl final : public Server {
   std::unique_ptr<transport::Timer> accept_timer_;
   std::unique_ptr<transport::Timer> sweep_timer_;
   std::multimap<std::string, Waiter> waiters_;
+  std::multimap<std::string, ClaimWaiter> claim_waiters_;  // by published key, oldest first
   uint64_t next_connection_ = 1;
   uint64_t next_lease_ = 1;
   Clock::time_point started_;

@@ -11,6 +11,11 @@
 // client imports the segments, checksums them ON THE GPU with a hand-written PTX kernel, compares
 // with the parent's host-side checksum, and (cuda-vmm) checks that writing through its read-only
 // mapping is refused. The parent checks that the client's mapping costs no GPU memory.
+//
+// Then publishing, per backend: the digest of a 1 GiB segment is timed (INFO ... GB/s), a slab is
+// exported writable, filled (cuda-vmm: through a read-write import in this process, made
+// read-only afterwards), digested on the GPU and sealed. cuda-vmm runs last: it ends with a write
+// through the now read-only mapping, which must be refused, and exits right after the SUMMARY.
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -34,6 +39,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/checksum.hpp"
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "memory/backend.hpp"
@@ -701,6 +707,134 @@ void run_backend(const std::string& name, const GpuIdentity& gpu, GpuChecksum& k
   }
 }
 
+// ---- publishing: a writer fills a slab through its own writable mapping --------------------
+
+// Times slab.digest of one segment filled with cuMemsetD32(value): wsum64 of n equal words v is
+// v * n^2 (mod 2^64), so the result is checked too.
+void time_digest(const std::string& name, Backend& backend, int ordinal, uint64_t bytes) {
+  auto allocated = backend.allocate({align_up(bytes, backend.granularity())}, "selftest-digest");
+  if (!check_ok(allocated, name + ": allocate " + mib(bytes) + " for the digest timing")) return;
+  Slab& slab = **allocated;
+  const uint64_t size = slab.segment_size(0);
+  auto ptr = cuda_segment_device_pointer(slab, 0);
+  auto api = cuda::driver();
+  const uint32_t value = 0x9e3779b9u;
+  if (!ptr.ok() || !api.ok() || !cuda::make_current(ordinal).ok()) {
+    check(false, name + ": digest timing setup");
+    return;
+  }
+  auto set = COMPANION_CU(**api, cuMemsetD32, *ptr, value, size / 4);
+  if (set.ok()) set = COMPANION_CU(**api, cuCtxSynchronize);
+  if (!check_ok(set, name + ": fill " + mib(size) + " with cuMemsetD32")) return;
+  const uint64_t n = size / 4;
+  const uint64_t expected = uint64_t{value} * n * n;
+  auto first = slab.digest(0);  // loads the kernel
+  check(first.ok() && *first == expected, name + ": digest of " + mib(size) + " is v * n^2",
+        first.ok() ? hex64(*first) + " vs " + hex64(expected) : first.error().to_string());
+  double best = 1e9;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    auto sum = slab.digest(0);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (!sum.ok() || *sum != expected) {
+      check(false, name + ": repeated digest", sum.ok() ? hex64(*sum) : sum.error().to_string());
+      return;
+    }
+    best = std::min(best, s);
+  }
+  char line[200];
+  std::snprintf(line, sizeof(line), "%s: digest of %s takes %.3f ms (%.0f GB/s)", name.c_str(),
+                mib(size).c_str(), best * 1e3, static_cast<double>(size) / best / 1e9);
+  info(line);
+}
+
+// The writer of a published slab: export_writable, import read-write, write, make_read_only,
+// digest on the server's side. With fault_last (cuda-vmm), ends with a write through the
+// read-only mapping, which must be refused: a GPU fault leaves the context unusable, so the caller
+// runs nothing on the GPU afterwards.
+void run_publish(const std::string& name, const GpuIdentity& gpu, GpuChecksum& kernel,
+                 bool fault_last) {
+  std::printf("=== publishing with %s on GPU %d\n", name.c_str(), gpu.ordinal);
+  const bool vmm = name == "cuda-vmm";
+  const int ordinal = gpu.ordinal;
+  auto made = make_backend(name, ordinal);
+  if (!check_ok(made, name + ": backend created for publishing")) return;
+  Backend& backend = **made;
+  time_digest(name, backend, ordinal, uint64_t{1} << 30);
+
+  const uint64_t size = align_up(32 * kMiB, backend.granularity());
+  auto allocated = backend.allocate({size}, "selftest-publish-" + name);
+  if (!check_ok(allocated, name + ": allocate a slab to publish")) return;
+  Slab& slab = **allocated;
+  const auto words = make_pattern(vmm ? 0xabc : 0xdef, 0, size);
+  const uint64_t expected = host_checksum(words);
+  auto api = cuda::driver();
+  if (!api.ok()) return;
+
+  auto writable = slab.export_writable();
+  if (!check_ok(writable, name + ": export_writable before seal")) return;
+  check(writable->size() == 1 && (*writable)[0].size == size &&
+            (*writable)[0].kind == slab.kind() &&
+            (vmm ? (*writable)[0].fd.valid()
+                 : std::any_of((*writable)[0].ipc_handle.begin(), (*writable)[0].ipc_handle.end(),
+                               [](uint8_t b) { return b != 0; })),
+        name + ": writable export has the slab's kind, size and handle");
+
+  if (!vmm) {
+    // This process cannot open its own legacy IPC handle: write through the slab instead.
+    check_ok(slab.write(0, 0, words.data(), size), name + ": slab filled with write()");
+    auto sum = slab.digest(0);
+    check(sum.ok() && *sum == expected, name + ": digest matches the host wsum64",
+          sum.ok() ? hex64(*sum) + " vs " + hex64(expected) : sum.error().to_string());
+    check_ok(slab.seal(), name + ": seal");
+    check_fails(slab.export_writable(), StatusCode::kInvalidArgument,
+                name + ": export_writable after seal is refused");
+    auto after = slab.digest(0);
+    check(after.ok() && *after == expected, name + ": digest after seal",
+          after.ok() ? hex64(*after) : after.error().to_string());
+    return;
+  }
+
+  // cuda-vmm: this process maps its own export read-write, as a writer client would.
+  auto mapped =
+      import_segment(std::move((*writable)[0]), ImportTarget{ordinal}, Access::kReadWrite);
+  if (!check_ok(mapped, name + ": import_segment kReadWrite")) return;
+  MappedSegment& writer = **mapped;
+  check(writer.writable() && writer.on_device() && writer.size() == size,
+        name + ": writer mapping is writable, on the device, of the slab's size");
+  const auto ptr = static_cast<cu::CUdeviceptr>(reinterpret_cast<uintptr_t>(writer.address()));
+  (void)cuda::make_current(ordinal);
+  auto copied = COMPANION_CU(**api, cuMemcpyHtoD, ptr, words.data(), size);
+  check_ok(copied, name + ": cuMemcpyHtoD through the writer's mapping");
+  auto before = slab.digest(0);
+  check(before.ok() && *before == expected, name + ": digest sees the writer's bytes",
+        before.ok() ? hex64(*before) + " vs " + hex64(expected) : before.error().to_string());
+  auto through = kernel.run(ptr, size);
+  check(through.ok() && *through == expected, name + ": checksum through the writer's mapping");
+  const void* address = writer.address();
+  check_ok(writer.make_read_only(), name + ": make_read_only");
+  check(!writer.writable() && writer.address() == address,
+        name + ": the mapping stays at its address, no longer writable");
+  auto read_back = kernel.run(ptr, size);
+  check(read_back.ok() && *read_back == expected, name + ": read-only mapping reads the bytes",
+        read_back.ok() ? hex64(*read_back) : read_back.error().to_string());
+  check_ok(slab.seal(), name + ": seal");
+  check_fails(slab.export_writable(), StatusCode::kInvalidArgument,
+              name + ": export_writable after seal is refused");
+  auto sealed = slab.digest(0);
+  check(sealed.ok() && *sealed == expected, name + ": digest after seal matches the host wsum64",
+        sealed.ok() ? hex64(*sealed) + " vs " + hex64(expected) : sealed.error().to_string());
+  if (!fault_last) return;
+  // Last: a refused write may leave this process's context unusable.
+  auto attempt = kernel.try_write(ptr);
+  check(!attempt.ok(), name + ": write through the mapping after make_read_only is refused",
+        attempt.ok() ? "the write went through" : attempt.error().to_string());
+  std::printf("SUMMARY: %d passed, %d failed\n", g_passed, g_failed);
+  std::fflush(stdout);
+  // The context may be unusable now: skip the destructors' driver calls.
+  ::_exit(g_failed == 0 ? 0 : 1);
+}
+
 int parent_main(int argc, char** argv) {
   std::string device = "0";
   std::string which = "all";
@@ -817,11 +951,29 @@ int parent_main(int argc, char** argv) {
     check(sum.ok() && *sum == host_checksum(words),
           "checksum kernel matches the host on a known buffer",
           sum.ok() ? hex64(*sum) + " vs " + hex64(host_checksum(words)) : sum.error().to_string());
+    // Unaligned start (4-byte loads) and a length that is no multiple of 4 or 16.
+    const auto* host = reinterpret_cast<const uint8_t*>(words.data());
+    const uint64_t odd_bytes = words.size() * 4 - 4 - 7;
+    auto odd = r.ok() ? (*kernel)->run(buf + 4, odd_bytes) : Result<uint64_t>(r.error());
+    const uint64_t odd_expected = companion::wsum64(host + 4, odd_bytes);
+    check(odd.ok() && *odd == odd_expected,
+          "checksum kernel matches the host at a 4-byte aligned start and an odd length",
+          odd.ok() ? hex64(*odd) + " vs " + hex64(odd_expected) : odd.error().to_string());
+    auto aligned_odd = r.ok() ? (*kernel)->run(buf, odd_bytes) : Result<uint64_t>(r.error());
+    const uint64_t aligned_expected = companion::wsum64(host, odd_bytes);
+    check(aligned_odd.ok() && *aligned_odd == aligned_expected,
+          "checksum kernel matches the host at an aligned start and an odd length",
+          aligned_odd.ok() ? hex64(*aligned_odd) + " vs " + hex64(aligned_expected)
+                           : aligned_odd.error().to_string());
     if (buf != 0) (void)(*api)->cuMemFree(buf);
   }
 
   for (const std::string name : {"cuda-vmm", "cuda-ipc"}) {
     if (which == "all" || which == name) run_backend(name, gpu, **kernel);
+  }
+  // Publishing; cuda-vmm last, as it ends with a deliberate GPU fault (and exits).
+  for (const std::string name : {"cuda-ipc", "cuda-vmm"}) {
+    if (which == "all" || which == name) run_publish(name, gpu, **kernel, name == "cuda-vmm");
   }
 
   std::printf("SUMMARY: %d passed, %d failed\n", g_passed, g_failed);

@@ -376,7 +376,7 @@ TEST(CapiStatic, StatusStringForEveryCode) {
   texts.insert(companion_status_string(COMPANION_##cname));
   COMPANION_STATUS_CODES(COMPANION_CHECK)
 #undef COMPANION_CHECK
-  EXPECT_EQ(texts.size(), 20u);
+  EXPECT_EQ(texts.size(), 21u);
   EXPECT_STREQ(companion_status_string(COMPANION_NOT_FOUND), "model not found");
 }
 
@@ -635,7 +635,8 @@ TEST_F(CapiTest, LoadWithoutWaitThenWaitForReady) {
   for (const auto& [k, v] : status.items()) keys.insert(k);
   EXPECT_EQ(keys,
             (std::set<std::string>{"id", "key", "source", "state", "bytes_done", "bytes_total",
-                                   "progress", "tensors", "leases", "backend", "slab_bytes"}));
+                                   "progress", "tensors", "leases", "backend", "slab_bytes",
+                                   "published", "generation", "fingerprint", "generations"}));
 
   json entry = listed(client.get(), path);
   ASSERT_FALSE(entry.is_null());
@@ -1075,6 +1076,257 @@ TEST_F(CapiTest, StructSizeLimitsWhatIsRead) {
   ASSERT_EQ(companion_client_status(client.get(), &newer.spec, &text), COMPANION_OK)
       << last_error();
   EXPECT_EQ(take_json(text)["state"], "loaded");
+}
+
+// ---- publishing ----------------------------------------------------------------------------
+
+struct PublicationCloser {
+  void operator()(companion_publication* p) const { companion_publication_close(p); }
+};
+using PublicationPtr = std::unique_ptr<companion_publication, PublicationCloser>;
+
+class CapiPublishTest : public CapiTest {
+ protected:
+  // Claims `key` (mode NOW) and declares w (4x8 f32), b (8 f32) and w_tied (alias of w).
+  static PublicationPtr begin(companion_client* client, const std::string& key,
+                              const char* fingerprint) {
+    companion_publication* raw = nullptr;
+    companion_status s =
+        companion_publish_claim(client, key.c_str(), fingerprint, COMPANION_CLAIM_NOW, 10, &raw);
+    EXPECT_EQ(s, COMPANION_OK) << last_error();
+    PublicationPtr p(raw);
+    if (!p) return p;
+    static const int64_t w_shape[] = {4, 8};
+    static const int64_t b_shape[] = {8};
+    companion_tensor_decl table[] = {{"w", COMPANION_DTYPE_F32, 2, w_shape, nullptr},
+                                     {"b", COMPANION_DTYPE_F32, 1, b_shape, nullptr},
+                                     {"w_tied", COMPANION_DTYPE_F32, 2, w_shape, "w"}};
+    EXPECT_EQ(companion_publication_declare(p.get(), table, 3), COMPANION_OK) << last_error();
+    return p;
+  }
+
+  // Fills every declared tensor with value + its element index.
+  static void fill(companion_publication* p, float value) {
+    for (size_t i = 0; i < companion_publication_tensor_count(p); ++i) {
+      companion_tensor t{};
+      ASSERT_EQ(companion_publication_tensor(p, i, &t), COMPANION_OK) << last_error();
+      ASSERT_EQ(t.device_type, COMPANION_DEVICE_CPU);
+      auto* data = static_cast<float*>(const_cast<void*>(t.data));
+      for (size_t k = 0; k < t.nbytes / sizeof(float); ++k) data[k] = value + static_cast<float>(k);
+    }
+  }
+
+  static ModelPtr attach(companion_client* client, const std::string& key, const char* fingerprint,
+                         uint64_t generation, companion_status expected = COMPANION_OK) {
+    companion_attach_options options;
+    companion_attach_options_init(&options);
+    options.fingerprint_json = fingerprint;
+    options.generation = generation;
+    options.timeout_s = 10;
+    companion_model* raw = nullptr;
+    EXPECT_EQ(companion_client_attach(client, key.c_str(), &options, &raw), expected)
+        << last_error();
+    return ModelPtr(raw);
+  }
+
+  static float first(const companion_model* m, const char* name) {
+    companion_tensor t{};
+    EXPECT_EQ(companion_model_find(m, name, &t), COMPANION_OK) << last_error();
+    return t.data == nullptr ? -1.0f : *static_cast<const float*>(t.data);
+  }
+
+  static json entry(companion_client* client, const std::string& key) {
+    char* text = nullptr;
+    EXPECT_EQ(companion_client_list(client, &text), COMPANION_OK) << last_error();
+    for (const auto& m : take_json(text))
+      if (m["published"] == true && m["key"] == key) return m;
+    return json();
+  }
+
+  static uint64_t slab_bytes(companion_client* client) {
+    char* text = nullptr;
+    EXPECT_EQ(companion_client_health(client, &text), COMPANION_OK) << last_error();
+    return take_json(text)["slab_bytes"].get<uint64_t>();
+  }
+};
+
+TEST_F(CapiPublishTest, PublishedTensorsAreAttachedByAnotherClientWithTheirTies) {
+  auto writer = connect();
+  auto reader = connect();
+  const char* fp = R"({"engine":"test","dtype":"f32"})";
+  auto p = begin(writer.get(), "capi/basic", fp);
+  ASSERT_TRUE(p);
+  ASSERT_EQ(companion_publication_tensor_count(p.get()), 3u);
+  fill(p.get(), 1.0f);
+  companion_model* committed = nullptr;
+  ASSERT_EQ(companion_publication_commit(p.get(), &committed), COMPANION_OK) << last_error();
+  ModelPtr own(committed);
+  EXPECT_EQ(first(own.get(), "w"), 1.0f);  // the writer's mapping stays, read-only
+
+  auto m = attach(reader.get(), "capi/basic", fp, 0);
+  ASSERT_TRUE(m);
+  ASSERT_EQ(companion_model_tensor_count(m.get()), 3u);
+  companion_tensor w{}, tied{}, b{};
+  ASSERT_EQ(companion_model_find(m.get(), "w", &w), COMPANION_OK);
+  ASSERT_EQ(companion_model_find(m.get(), "w_tied", &tied), COMPANION_OK);
+  ASSERT_EQ(companion_model_find(m.get(), "b", &b), COMPANION_OK);
+  EXPECT_EQ(w.data, tied.data);  // one copy of tied weights
+  EXPECT_EQ(static_cast<const float*>(w.data)[31], 32.0f);
+  EXPECT_EQ(static_cast<const float*>(b.data)[7], 8.0f);
+
+  json e = entry(reader.get(), "capi/basic");
+  ASSERT_FALSE(e.is_null());
+  EXPECT_EQ(e["state"], "loaded");
+  EXPECT_EQ(e["generation"], 1);
+  EXPECT_EQ(e["fingerprint"]["engine"], "test");
+  ASSERT_EQ(e["generations"].size(), 1u);
+  EXPECT_EQ(e["generations"][0]["leases"], 2);  // the writer's and the reader's
+  ASSERT_FALSE(e["generations"][0]["digests"].empty());
+  EXPECT_EQ(e["generations"][0]["digests"][0].get<std::string>().rfind("wsum64:", 0), 0u);
+
+  // Attached without a fingerprint check, or by its short id through unload: both work.
+  auto unchecked = attach(reader.get(), "capi/basic", nullptr, 0);
+  EXPECT_TRUE(unchecked);
+  m.reset();
+  own.reset();
+  unchecked.reset();
+  char* text = nullptr;
+  ASSERT_EQ(companion_client_unload(reader.get(), nullptr, "capi/basic", 0, &text), COMPANION_OK)
+      << last_error();
+  EXPECT_EQ(take_json(text)["state"], "unloaded");
+  attach(reader.get(), "capi/basic", nullptr, 0, COMPANION_NOT_FOUND);
+}
+
+TEST_F(CapiPublishTest, AFingerprintMismatchNamesTheFields) {
+  auto client = connect();
+  auto p = begin(client.get(), "capi/fp", R"({"dtype":"bf16","tp":"0/2"})");
+  ASSERT_TRUE(p);
+  fill(p.get(), 0.0f);
+  ASSERT_EQ(companion_publication_commit(p.get(), nullptr), COMPANION_OK) << last_error();
+  auto m = attach(client.get(), "capi/fp", R"({"dtype":"fp16","tp":"0/2","extra":"x"})", 0,
+                  COMPANION_FINGERPRINT_MISMATCH);
+  EXPECT_FALSE(m);
+  std::string message = last_error();
+  EXPECT_NE(message.find("dtype: published 'bf16', asked 'fp16'"), std::string::npos) << message;
+  EXPECT_NE(message.find("extra"), std::string::npos) << message;
+  EXPECT_EQ(message.find("tp:"), std::string::npos) << message;  // equal fields are not listed
+  // attach-or-publish with the wrong fingerprint: the same typed error, nothing claimed.
+  companion_publication* raw = nullptr;
+  EXPECT_EQ(companion_publish_claim(client.get(), "capi/fp", R"({"dtype":"fp16"})",
+                                    COMPANION_CLAIM_IF_UNPUBLISHED, 5, &raw),
+            COMPANION_FINGERPRINT_MISMATCH);
+  EXPECT_EQ(raw, nullptr);
+  // With the right one it reports the committed generation instead of claiming.
+  EXPECT_EQ(companion_publish_claim(client.get(), "capi/fp", R"({"dtype":"bf16","tp":"0/2"})",
+                                    COMPANION_CLAIM_IF_UNPUBLISHED, 5, &raw),
+            COMPANION_OK)
+      << last_error();
+  EXPECT_EQ(raw, nullptr);
+  EXPECT_EQ(companion_publish_claim(client.get(), "capi/fp", "[1]", COMPANION_CLAIM_NOW, 5, &raw),
+            COMPANION_INVALID_ARGUMENT);
+}
+
+TEST_F(CapiPublishTest, OneWriterPerKeyAndAnAbortFreesItsSlab) {
+  auto a = connect();
+  auto b = connect();
+  uint64_t before = slab_bytes(a.get());
+  auto p = begin(a.get(), "capi/lock", nullptr);
+  ASSERT_TRUE(p);
+  EXPECT_GT(slab_bytes(a.get()), before);
+  companion_publication* raw = nullptr;
+  EXPECT_EQ(companion_publish_claim(b.get(), "capi/lock", nullptr, COMPANION_CLAIM_NOW, 5, &raw),
+            COMPANION_MODEL_IN_USE);
+  // Waiting attaches see nothing until a commit; a non-waiting one is told it is being written.
+  companion_attach_options options;
+  companion_attach_options_init(&options);
+  options.wait = 0;
+  companion_model* m = nullptr;
+  EXPECT_EQ(companion_client_attach(b.get(), "capi/lock", &options, &m), COMPANION_NOT_READY);
+  // Closing the publication aborts: the memory is back and the key is free.
+  p.reset();
+  EXPECT_EQ(slab_bytes(a.get()), before);
+  EXPECT_TRUE(entry(a.get(), "capi/lock").is_null());
+  auto again = begin(b.get(), "capi/lock", nullptr);
+  ASSERT_TRUE(again);
+}
+
+TEST_F(CapiPublishTest, ANewGenerationLeavesReadersOfTheOldOneUntouched) {
+  auto client = connect();
+  auto reader = connect();
+  auto p1 = begin(client.get(), "capi/gen", nullptr);
+  ASSERT_TRUE(p1);
+  fill(p1.get(), 100.0f);
+  ASSERT_EQ(companion_publication_commit(p1.get(), nullptr), COMPANION_OK) << last_error();
+  auto old = attach(reader.get(), "capi/gen", nullptr, 0);
+  ASSERT_TRUE(old);
+
+  auto p2 = begin(client.get(), "capi/gen", nullptr);
+  ASSERT_TRUE(p2);
+  fill(p2.get(), 200.0f);
+  EXPECT_EQ(first(old.get(), "w"), 100.0f);  // generation 1 serves while 2 is written
+  ASSERT_EQ(companion_publication_commit(p2.get(), nullptr), COMPANION_OK) << last_error();
+  auto fresh = attach(reader.get(), "capi/gen", nullptr, 0);
+  ASSERT_TRUE(fresh);
+  EXPECT_EQ(first(fresh.get(), "w"), 200.0f);
+  EXPECT_EQ(first(old.get(), "w"), 100.0f);
+  auto pinned = attach(reader.get(), "capi/gen", nullptr, 1);
+  ASSERT_TRUE(pinned);
+  EXPECT_EQ(first(pinned.get(), "w"), 100.0f);
+
+  json e = entry(client.get(), "capi/gen");
+  EXPECT_EQ(e["generation"], 2);
+  ASSERT_EQ(e["generations"].size(), 2u);
+  EXPECT_EQ(e["generations"][0]["generation"], 1);
+  EXPECT_EQ(e["generations"][0]["leases"], 2);
+  EXPECT_EQ(e["generations"][1]["current"], true);
+
+  // Two generations live (the default --max-generations): a third publication waits its turn.
+  companion_publication* raw = nullptr;
+  EXPECT_EQ(
+      companion_publish_claim(client.get(), "capi/gen", nullptr, COMPANION_CLAIM_NOW, 5, &raw),
+      COMPANION_LIMIT_EXCEEDED);
+  EXPECT_NE(last_error().find("--max-generations"), std::string::npos) << last_error();
+
+  old.reset();
+  pinned.reset();  // generation 1's last lease: it is freed
+  e = entry(client.get(), "capi/gen");
+  ASSERT_EQ(e["generations"].size(), 1u);
+  EXPECT_EQ(e["generations"][0]["generation"], 2);
+  attach(reader.get(), "capi/gen", nullptr, 1, COMPANION_NOT_FOUND);
+  auto p3 = begin(client.get(), "capi/gen", nullptr);  // room again
+  EXPECT_TRUE(p3);
+}
+
+TEST_F(CapiPublishTest, BadTablesAreRefusedWithReasons) {
+  auto client = connect();
+  companion_publication* raw = nullptr;
+  ASSERT_EQ(
+      companion_publish_claim(client.get(), "capi/bad", nullptr, COMPANION_CLAIM_NOW, 5, &raw),
+      COMPANION_OK)
+      << last_error();
+  PublicationPtr p(raw);
+  const int64_t shape[] = {2, 2};
+  const int64_t other[] = {4};
+  const int64_t negative[] = {-1};
+  companion_tensor_decl duplicate[] = {{"a", COMPANION_DTYPE_F32, 2, shape, nullptr},
+                                       {"a", COMPANION_DTYPE_F32, 2, shape, nullptr}};
+  EXPECT_EQ(companion_publication_declare(p.get(), duplicate, 2), COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("declared twice"), std::string::npos) << last_error();
+  companion_tensor_decl bad_alias[] = {{"a", COMPANION_DTYPE_F32, 2, shape, nullptr},
+                                       {"b", COMPANION_DTYPE_F32, 1, other, "a"}};
+  EXPECT_EQ(companion_publication_declare(p.get(), bad_alias, 2), COMPANION_INVALID_ARGUMENT);
+  companion_tensor_decl forward[] = {{"b", COMPANION_DTYPE_F32, 2, shape, "a"},
+                                     {"a", COMPANION_DTYPE_F32, 2, shape, nullptr}};
+  EXPECT_EQ(companion_publication_declare(p.get(), forward, 2), COMPANION_INVALID_ARGUMENT);
+  companion_tensor_decl neg[] = {{"n", COMPANION_DTYPE_F32, 1, negative, nullptr}};
+  EXPECT_EQ(companion_publication_declare(p.get(), neg, 1), COMPANION_INVALID_ARGUMENT);
+  // Commit before a table: refused, and the publication is still open.
+  EXPECT_EQ(companion_publication_commit(p.get(), nullptr), COMPANION_INVALID_ARGUMENT);
+  companion_tensor_decl good[] = {{"a", COMPANION_DTYPE_F32, 2, shape, nullptr}};
+  EXPECT_EQ(companion_publication_declare(p.get(), good, 1), COMPANION_OK) << last_error();
+  EXPECT_EQ(companion_publication_declare(p.get(), good, 1), COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(companion_publication_commit(p.get(), nullptr), COMPANION_OK) << last_error();
+  EXPECT_EQ(companion_publication_commit(p.get(), nullptr), COMPANION_INVALID_ARGUMENT);
 }
 
 }  // namespace

@@ -191,6 +191,10 @@ class HookedSlab final : public memory::Slab {
   Result<std::vector<memory::SegmentExport>> export_segments() override {
     return inner_->export_segments();
   }
+  Result<std::vector<memory::SegmentExport>> export_writable() override {
+    return inner_->export_writable();
+  }
+  Result<uint64_t> digest(size_t segment) override { return inner_->digest(segment); }
 
   std::atomic<int> writes{0};
   std::atomic<int> running{0};

@@ -99,24 +99,32 @@ std::vector<uint8_t> sample_parameters() {
 // One valid encoding of every message type.
 std::vector<std::vector<uint8_t>> samples() {
   std::vector<std::vector<uint8_t>> out;
-  std::vector<Body> bodies = {Hello{1, 0, "client", 42},
-                              HelloReply{1, 0, identity()},
-                              GetParameters{spec(), true},
-                              Release{7},
-                              Released{7},
-                              StatusSubscribe{spec(), false},
-                              StatusEvent{status()},
-                              StatusUnsubscribe{3},
-                              Load{spec(), true},
-                              LoadReply{status()},
-                              Unload{spec(), "key", true},
-                              UnloadReply{status()},
-                              List{},
-                              ListReply{{status(), status()}},
-                              Health{},
-                              HealthReply{HealthInfo{"serving", 1, 2, 3, 4, 5, 6, identity()}},
-                              ErrorReply{Error{StatusCode::kNotFound, "no such model"}},
-                              Done{}};
+  std::vector<Body> bodies = {
+      Hello{1, 0, "client", 42},
+      HelloReply{1, 0, identity()},
+      GetParameters{spec(), true},
+      Release{7},
+      Released{7},
+      StatusSubscribe{spec(), false},
+      StatusEvent{status()},
+      StatusUnsubscribe{3},
+      Load{spec(), true},
+      LoadReply{status()},
+      Unload{spec(), "key", true},
+      UnloadReply{status()},
+      List{},
+      ListReply{{status(), status()}},
+      Health{},
+      HealthReply{HealthInfo{"serving", 1, 2, 3, 4, 5, 6, identity()}},
+      ErrorReply{Error{StatusCode::kNotFound, "no such model"}},
+      Done{},
+      PublishClaim{"key", {{"engine", "x"}}, ClaimMode::kIfUnpublished},
+      PublishClaimed{false, status()},
+      PublishDeclare{"key", {{"a", DType::kF16, {4, 4}, ""}, {"b", DType::kF16, {4, 4}, "a"}}},
+      PublishCommit{"key"},
+      PublishCommitted{9, status()},
+      PublishAbort{"key"},
+      Reload{"key", false}};
   for (const Body& b : bodies) out.push_back(encode(Message{99, b}));
   out.push_back(sample_parameters());
   return out;

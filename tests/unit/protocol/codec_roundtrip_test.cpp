@@ -578,7 +578,14 @@ TEST(CodecRoundTrip, EveryBodyTypeIsCovered) {
                                Health{},
                                HealthReply{},
                                ErrorReply{Error{StatusCode::kNotFound, "x"}},
-                               Done{}};
+                               Done{},
+                               PublishClaim{"k", {{"engine", "vllm"}}, ClaimMode::kWait},
+                               PublishClaimed{true, status(1)},
+                               PublishDeclare{"k", {{"w", DType::kF32, {2, 3}, ""}}},
+                               PublishCommit{"k"},
+                               PublishCommitted{5, status(1)},
+                               PublishAbort{"k"},
+                               Reload{"k", true}};
   ASSERT_EQ(samples.size(), std::variant_size_v<Body>);
   std::set<size_t> seen;
   std::set<std::string> names;
@@ -597,6 +604,78 @@ TEST(CodecRoundTrip, EveryBodyTypeIsCovered) {
   }
   EXPECT_EQ(seen.size(), std::variant_size_v<Body>);
   EXPECT_EQ(names.size(), std::variant_size_v<Body>);  // body_name is distinct per type
+}
+
+// Publishing (protocol 1.1): claims, tables with aliases, generations and fingerprints in a status,
+// and the attach fields of GetParameters all survive the trip.
+TEST(CodecRoundTrip, PublishingFields) {
+  PublishDeclare declare{"engine/llama",
+                         {{"embed", DType::kBF16, {1000, 64}, ""},
+                          {"lm_head", DType::kBF16, {1000, 64}, "embed"},
+                          {"scalar", DType::kF32, {}, ""}}};
+  auto d = decode(encode(Message{3, declare}));
+  ASSERT_TRUE(d.ok()) << d.error().to_string();
+  const auto& got = std::get<PublishDeclare>(d->body);
+  EXPECT_EQ(got.key, "engine/llama");
+  ASSERT_EQ(got.tensors.size(), 3u);
+  EXPECT_EQ(got.tensors[1].alias_of, "embed");
+  EXPECT_EQ(got.tensors[1].shape, (std::vector<int64_t>{1000, 64}));
+  EXPECT_TRUE(got.tensors[2].shape.empty());
+
+  ModelStatus s = status(7);
+  s.published = true;
+  s.generation = 2;
+  s.fingerprint = {{"dtype", "bf16"}, {"tp", "0/2"}};
+  GenerationInfo g1{1, 3, 4096, {"wsum64:0000000000000001"}, {{"dtype", "fp16"}}, 100, false};
+  GenerationInfo g2{
+      2, 0, 4096, {"wsum64:00000000000000ff", "wsum64:0000000000000002"}, s.fingerprint, 200, true};
+  s.generations = {g1, g2};
+  auto e = decode(encode(Message{4, StatusEvent{s}}));
+  ASSERT_TRUE(e.ok()) << e.error().to_string();
+  const ModelStatus& r = std::get<StatusEvent>(e->body).model;
+  EXPECT_TRUE(r.published);
+  EXPECT_EQ(r.generation, 2u);
+  EXPECT_EQ(r.fingerprint, s.fingerprint);
+  ASSERT_EQ(r.generations.size(), 2u);
+  EXPECT_EQ(r.generations[0].leases, 3u);
+  EXPECT_EQ(r.generations[0].fingerprint.at("dtype"), "fp16");
+  EXPECT_EQ(r.generations[1].digests, g2.digests);
+  EXPECT_TRUE(r.generations[1].current);
+  EXPECT_EQ(r.generations[1].created_at_ms, 200);
+
+  GetParameters get;
+  get.key = "engine/llama";
+  get.generation = 1;
+  get.fingerprint = Fingerprint{};  // present and empty: checked against an empty fingerprint
+  get.or_source = true;
+  auto q = decode(encode(Message{5, get}));
+  ASSERT_TRUE(q.ok()) << q.error().to_string();
+  const auto& gq = std::get<GetParameters>(q->body);
+  EXPECT_EQ(gq.key, "engine/llama");
+  EXPECT_EQ(gq.generation, 1u);
+  ASSERT_TRUE(gq.fingerprint.has_value());
+  EXPECT_TRUE(gq.fingerprint->empty());
+  EXPECT_TRUE(gq.or_source);
+  GetParameters plain;
+  plain.key = "k";
+  auto p = decode(encode(Message{6, plain}));
+  ASSERT_TRUE(p.ok());
+  EXPECT_FALSE(std::get<GetParameters>(p->body).fingerprint.has_value());
+}
+
+TEST(CodecRoundTrip, PublishKeysAndFingerprintsAreBounded) {
+  EXPECT_TRUE(validate_publish_key("a").ok());
+  EXPECT_EQ(validate_publish_key("").error().code, StatusCode::kInvalidArgument);
+  EXPECT_EQ(validate_publish_key(std::string(kMaxPublishKeyBytes + 1, 'k')).error().code,
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(validate_publish_key("bad\xff").error().code, StatusCode::kInvalidArgument);
+  Fingerprint f;
+  for (size_t i = 0; i <= kMaxFingerprintFields; ++i) f["f" + std::to_string(i)] = "v";
+  EXPECT_EQ(validate_fingerprint(f).error().code, StatusCode::kInvalidArgument);
+  EXPECT_EQ(validate_fingerprint({{"big", std::string(kMaxFingerprintBytes, 'x')}}).error().code,
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(validate_fingerprint({{"", "v"}}).error().code, StatusCode::kInvalidArgument);
+  EXPECT_TRUE(validate_fingerprint({{"engine", "vllm 0.32"}}).ok());
 }
 
 }  // namespace

@@ -80,6 +80,10 @@ class CountingSlab final : public memory::Slab {
   Result<std::vector<memory::SegmentExport>> export_segments() override {
     return inner_->export_segments();
   }
+  Result<std::vector<memory::SegmentExport>> export_writable() override {
+    return inner_->export_writable();
+  }
+  Result<uint64_t> digest(size_t segment) override { return inner_->digest(segment); }
 
  private:
   std::unique_ptr<memory::Slab> inner_;

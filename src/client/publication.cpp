@@ -1,0 +1,200 @@
+// Publication: claim → declare (the server's slab mapped writable here) → fill → commit (write
+// access dropped in place, then the server digests and seals) or abort.
+#include "client/publication.hpp"
+
+#include <sys/stat.h>
+
+#include <unordered_map>
+
+#include "client/mapped_model_impl.hpp"
+#include "memory/cuda_driver.hpp"
+
+namespace companion::client {
+namespace {
+
+// A large slab takes a while to allocate on the server, and a commit digests every byte.
+constexpr int kDeclareMs = 300000;
+constexpr int kCommitMs = 600000;
+constexpr int kAbortMs = 5000;
+
+class PublicationImpl final : public Publication {
+ public:
+  PublicationImpl(std::shared_ptr<Connection> connection, int ordinal, std::string key,
+                  uint64_t next_generation)
+      : connection_(std::move(connection)),
+        ordinal_(ordinal),
+        key_(std::move(key)),
+        generation_(next_generation) {}
+
+  ~PublicationImpl() override { abort(); }
+
+  const std::string& key() const noexcept override { return key_; }
+  uint64_t generation() const noexcept override { return generation_; }
+
+  Result<void> declare(std::span<const TensorDecl> table) override {
+    if (!connection_)
+      return make_error(StatusCode::kInvalidArgument,
+                        "the publication of '" + key_ + "' is over (committed or aborted)");
+    if (declared_)
+      return make_error(StatusCode::kInvalidArgument, "the table of '" + key_ + "' is declared");
+    protocol::PublishDeclare request;
+    request.key = key_;
+    request.tensors.reserve(table.size());
+    for (const auto& t : table)
+      request.tensors.push_back(protocol::TensorDeclInfo{t.name, t.dtype, t.shape, t.alias_of});
+    std::vector<UniqueFd> fds;
+    auto reply = connection_->call(std::move(request), kDeclareMs, &fds);
+    if (!reply.ok()) return std::move(reply).error();
+    auto* params = std::get_if<protocol::Parameters>(&reply->body);
+    if (params == nullptr || !params->writable)
+      return make_error(StatusCode::kProtocolError,
+                        "the server did not answer with a writable slab");
+    generation_ = params->model.generation;
+    for (const auto& seg : params->segments) {
+      memory::SegmentExport e;
+      e.kind = seg.kind;
+      e.size = seg.size;
+      e.ipc_handle = seg.ipc_handle;
+      if (seg.fd_index >= 0) {
+        if (static_cast<size_t>(seg.fd_index) >= fds.size() || !fds[seg.fd_index].valid())
+          return make_error(StatusCode::kProtocolError, "segment descriptor missing");
+        e.fd = std::move(fds[seg.fd_index]);
+        struct stat st {};
+        inodes_.push_back(::fstat(e.fd.get(), &st) == 0 ? st.st_ino : 0);
+      }
+      auto mapped = memory::import_segment(std::move(e), memory::ImportTarget{ordinal_},
+                                           memory::Access::kReadWrite);
+      if (!mapped.ok()) return mapped.error();
+      segments_.push_back(std::move(*mapped));
+    }
+    views_.reserve(params->tensors.size());
+    for (const auto& t : params->tensors) {
+      const auto& seg = segments_[t.segment];
+      WritableTensor v;
+      v.name = t.name;
+      v.dtype = t.dtype;
+      v.shape = t.shape;
+      v.strides = t.strides;
+      v.data = static_cast<char*>(const_cast<void*>(seg->address())) + t.offset;
+      v.nbytes = t.nbytes;
+      v.on_device = seg->on_device();
+      v.device_ordinal = seg->on_device() ? ordinal_ : -1;
+      views_.push_back(v);
+    }
+    by_name_.reserve(views_.size());
+    for (size_t i = 0; i < views_.size(); ++i) by_name_.emplace(views_[i].name, i);
+    params_ = std::move(*params);  // owns the payload the views point into
+    declared_ = true;
+    return ok_result();
+  }
+
+  std::span<const WritableTensor> tensors() const noexcept override { return views_; }
+
+  const WritableTensor* find(std::string_view name) const noexcept override {
+    auto it = by_name_.find(name);
+    return it == by_name_.end() ? nullptr : &views_[it->second];
+  }
+
+  Result<std::shared_ptr<MappedModel>> commit() override {
+    if (!connection_)
+      return make_error(StatusCode::kInvalidArgument,
+                        "the publication of '" + key_ + "' is over (committed or aborted)");
+    if (!declared_)
+      return make_error(StatusCode::kInvalidArgument,
+                        "'" + key_ + "' has no table: declare it before committing");
+    // Device writes of this process must have landed before write access goes.
+    bool on_device = false;
+    for (const auto& s : segments_) on_device = on_device || s->on_device();
+    if (on_device) COMPANION_TRY(memory::cuda::synchronize_device(ordinal_));
+    for (auto& s : segments_) COMPANION_TRY(s->make_read_only());
+    auto reply = connection_->call(protocol::PublishCommit{key_}, kCommitMs);
+    if (!reply.ok()) return std::move(reply).error();
+    auto* committed = std::get_if<protocol::PublishCommitted>(&reply->body);
+    if (committed == nullptr)
+      return make_error(StatusCode::kProtocolError,
+                        std::string("unexpected reply ") + protocol::body_name(reply->body));
+    // The same mapping, read-only now, becomes a mapped model holding a lease of the generation.
+    auto impl = std::make_unique<MappedModel::Impl>();
+    impl->connection = connection_;
+    impl->lease_id = committed->lease_id;
+    impl->status = committed->model;
+    impl->params = std::move(params_);
+    impl->segments = std::move(segments_);
+    impl->inodes = std::move(inodes_);
+    impl->views.reserve(views_.size());
+    for (const auto& w : views_) {
+      TensorView v;
+      v.name = w.name;
+      v.dtype = w.dtype;
+      v.shape = w.shape;
+      v.strides = w.strides;
+      v.data = w.data;
+      v.nbytes = w.nbytes;
+      v.on_device = w.on_device;
+      v.device_ordinal = w.device_ordinal;
+      impl->views.push_back(v);
+    }
+    impl->by_name.reserve(impl->views.size());
+    for (size_t i = 0; i < impl->views.size(); ++i) impl->by_name.emplace(impl->views[i].name, i);
+    generation_ = committed->model.generation;
+    views_.clear();
+    by_name_.clear();
+    connection_.reset();  // the model holds it now
+    return std::make_shared<MappedModel>(std::move(impl));
+  }
+
+  void abort() override {
+    if (!connection_) return;
+    // Mappings first: the server frees the slab once the key is given up.
+    views_.clear();
+    by_name_.clear();
+    segments_.clear();
+    (void)connection_->call(protocol::PublishAbort{key_}, kAbortMs);
+    connection_.reset();  // closing it gives the key up even if the abort was not answered
+  }
+
+ private:
+  std::shared_ptr<Connection> connection_;
+  int ordinal_ = -1;
+  std::string key_;
+  uint64_t generation_ = 0;
+  bool declared_ = false;
+  protocol::Parameters params_;
+  std::vector<std::unique_ptr<memory::MappedSegment>> segments_;
+  std::vector<WritableTensor> views_;
+  std::unordered_map<std::string_view, size_t> by_name_;
+  std::vector<uint64_t> inodes_;
+};
+
+}  // namespace
+
+Result<void> require_publishing(const ServerIdentity& server, uint16_t server_minor) {
+  if (server_minor >= 1) return ok_result();
+  return make_error(StatusCode::kVersionMismatch,
+                    "the companion server " + server.instance_id + " (version " + server.version +
+                        ", protocol 1." + std::to_string(server_minor) +
+                        ") predates publishing (protocol 1.1)");
+}
+
+Result<std::unique_ptr<Publication>> claim_publication(std::shared_ptr<Connection> connection,
+                                                       int ordinal, const std::string& key,
+                                                       const Fingerprint& fingerprint,
+                                                       ClaimMode mode, int timeout_ms) {
+  COMPANION_TRY(require_publishing(connection->server(), connection->server_minor()));
+  COMPANION_TRY(protocol::validate_publish_key(key));
+  COMPANION_TRY(protocol::validate_fingerprint(fingerprint));
+  protocol::PublishClaim request{key, fingerprint, static_cast<protocol::ClaimMode>(mode)};
+  auto reply = connection->call(std::move(request), timeout_ms);
+  if (!reply.ok()) return std::move(reply).error();
+  auto* claimed = std::get_if<protocol::PublishClaimed>(&reply->body);
+  if (claimed == nullptr)
+    return make_error(StatusCode::kProtocolError,
+                      std::string("unexpected reply ") + protocol::body_name(reply->body));
+  if (!claimed->claimed) return std::unique_ptr<Publication>();
+  uint64_t next =
+      claimed->model.generations.empty() ? 1 : claimed->model.generations.back().number + 1;
+  return std::unique_ptr<Publication>(
+      std::make_unique<PublicationImpl>(std::move(connection), ordinal, key, next));
+}
+
+}  // namespace companion::client

@@ -1,0 +1,434 @@
+// Published models: a writer connection claims a key, declares its table (the store lays out and
+// allocates one slab and exports it writable to that writer alone), fills it, and commits (the
+// store digests and seals it on a worker and makes it the key's newest generation). Reloads of
+// loaded models make generations the same way from the files.
+#include <algorithm>
+#include <set>
+#include <unordered_set>
+
+#include "common/log.hpp"
+#include "common/util.hpp"
+#include "loader/layout.hpp"
+#include "protocol/limits.hpp"
+#include "server/model_store.hpp"
+#include "server/store_entry.hpp"
+
+namespace companion::server {
+namespace {
+
+Error invalid(const std::string& why) {
+  return make_error(StatusCode::kInvalidArgument, why);
+}
+
+// Checks a declared table: names valid and unique, shapes within bounds, aliases naming an
+// earlier tensor with its own bytes and the same dtype and shape. Returns each tensor's bytes
+// (0 for aliases).
+Result<std::vector<uint64_t>> check_table(const std::vector<protocol::TensorDeclInfo>& table) {
+  if (table.size() > protocol::kMaxTensors)
+    return invalid("a published model has at most " + std::to_string(protocol::kMaxTensors) +
+                   " tensors, not " + std::to_string(table.size()));
+  std::vector<uint64_t> bytes(table.size(), 0);
+  std::unordered_map<std::string_view, size_t> index;
+  index.reserve(table.size());
+  for (size_t i = 0; i < table.size(); ++i) {
+    const auto& t = table[i];
+    if (t.name.empty() || t.name.size() > protocol::kMaxNameBytes || !is_valid_utf8(t.name))
+      return invalid("tensor " + std::to_string(i) + " has no valid name (UTF-8, 1.." +
+                     std::to_string(protocol::kMaxNameBytes) + " bytes)");
+    if (!index.emplace(t.name, i).second)
+      return invalid("tensor '" + printable_text(t.name) + "' is declared twice");
+    if (t.shape.size() > protocol::kMaxRank)
+      return invalid("tensor '" + printable_text(t.name) + "' has rank " +
+                     std::to_string(t.shape.size()) + "; at most " +
+                     std::to_string(protocol::kMaxRank));
+    uint64_t elements = 1;
+    for (int64_t d : t.shape) {
+      if (d < 0) return invalid("tensor '" + printable_text(t.name) + "' has a negative dim");
+      if (d != 0 && elements > (uint64_t{1} << 56) / static_cast<uint64_t>(d))
+        return invalid("tensor '" + printable_text(t.name) + "' is too large");
+      elements *= static_cast<uint64_t>(d);
+    }
+    if (!t.alias_of.empty()) {
+      auto target = index.find(t.alias_of);
+      if (target == index.end() || target->second == i)
+        return invalid("tensor '" + printable_text(t.name) + "' aliases '" +
+                       printable_text(t.alias_of) + "', which is not declared before it");
+      const auto& of = table[target->second];
+      if (!of.alias_of.empty())
+        return invalid("tensor '" + printable_text(t.name) + "' aliases '" +
+                       printable_text(t.alias_of) + "', itself an alias; name the original");
+      if (of.dtype != t.dtype || of.shape != t.shape)
+        return invalid("tensor '" + printable_text(t.name) + "' aliases '" +
+                       printable_text(t.alias_of) + "' but differs in dtype or shape");
+      continue;
+    }
+    bytes[i] = elements * dtype_size(t.dtype);
+  }
+  return bytes;
+}
+
+std::string digest_text(uint64_t digest) {
+  return "wsum64:" + hex64(digest);
+}
+
+}  // namespace
+
+Result<ClaimOutcome> ModelStore::claim(const std::string& key, const Fingerprint& fingerprint,
+                                       protocol::ClaimMode mode, uint64_t writer) {
+  COMPANION_TRY(protocol::validate_publish_key(key));
+  COMPANION_TRY(protocol::validate_fingerprint(fingerprint));
+  ClaimOutcome out;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::string store_key = published_store_key(key);
+    auto it = entries_.find(store_key);
+    if (it != entries_.end() && it->second->published) {
+      Entry& e = *it->second;
+      if (mode == protocol::ClaimMode::kIfUnpublished && e.current() != nullptr) {
+        COMPANION_TRY(
+            check_fingerprint(key, e.current()->number, e.current()->fingerprint, fingerprint));
+        out.kind = ClaimOutcome::Kind::kPublished;
+        out.status = snapshot(e);
+        return out;
+      }
+      if (e.writer) {
+        out.kind =
+            e.writer->owner == writer ? ClaimOutcome::Kind::kClaimed : ClaimOutcome::Kind::kBusy;
+        out.status = snapshot(e);
+        return out;
+      }
+      drop_unleased_locked(e);
+      if (e.generations.size() + 1 > config_.max_generations) {
+        refusals_["generations"]++;
+        std::string leased;
+        for (const auto& g : e.generations)
+          if (&g != e.current())
+            leased += " " + std::to_string(g.number) + " (" + std::to_string(g.leases) + " leases)";
+        return make_error(StatusCode::kLimitExceeded,
+                          "'" + printable_text(key) + "' has " +
+                              std::to_string(e.generations.size()) +
+                              " live generations, its limit (--max-generations " +
+                              std::to_string(config_.max_generations) +
+                              "); readers still hold generation(s)" + leased);
+      }
+      e.writer = Writer{};
+      e.writer->owner = writer;
+      e.writer->fingerprint = fingerprint;
+      out.kind = ClaimOutcome::Kind::kClaimed;
+      out.status = snapshot(e);
+    } else {
+      size_t held = held_locked();
+      if (held >= config_.max_models) {
+        refusals_["models"]++;
+        return make_error(StatusCode::kLimitExceeded,
+                          "the server holds " + std::to_string(held) +
+                              " models (loaded, loading or published), its limit "
+                              "(--max-models " +
+                              std::to_string(config_.max_models) + "); unload one first");
+      }
+      auto entry = std::make_shared<Entry>();
+      entry->published = true;
+      entry->publish_key = key;
+      entry->model.key = store_key;
+      entry->id = short_id(store_key);
+      entry->state = ModelState::kLoading;
+      entry->generation = next_generation();
+      entry->writer = Writer{};
+      entry->writer->owner = writer;
+      entry->writer->fingerprint = fingerprint;
+      entries_[store_key] = entry;
+      out.kind = ClaimOutcome::Kind::kClaimed;
+      out.status = snapshot(*entry);
+    }
+  }
+  notify(out.status);
+  return out;
+}
+
+Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
+                                        const std::vector<protocol::TensorDeclInfo>& table) {
+  std::string store_key = published_store_key(key);
+  auto not_writer = [&] {
+    return make_error(StatusCode::kInvalidArgument,
+                      "this connection does not hold '" + printable_text(key) +
+                          "' (claim it first; a commit, abort or unload gives it up)");
+  };
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(store_key);
+    if (it == entries_.end() || !it->second->writer || it->second->writer->owner != writer)
+      return not_writer();
+    if (it->second->writer->slab)
+      return invalid("'" + printable_text(key) + "' is declared already; one table per claim");
+  }
+  COMPANION_ASSIGN_OR_RETURN(std::vector<uint64_t> bytes, check_table(table));
+  std::vector<uint64_t> sizes;
+  std::vector<size_t> owners;  // table index of each laid-out tensor
+  for (size_t i = 0; i < table.size(); ++i)
+    if (table[i].alias_of.empty()) {
+      sizes.push_back(bytes[i]);
+      owners.push_back(i);
+    }
+  if (sizes.empty()) {  // a slab needs one segment: an empty model still gets one page
+    sizes.push_back(0);
+    owners.push_back(table.size());
+  }
+  COMPANION_ASSIGN_OR_RETURN(
+      loader::SlabLayout layout,
+      loader::plan_layout(sizes, loader::kTensorAlignment, backend_->granularity(),
+                          backend_->max_segment_bytes()));
+  if (layout.segment_sizes.size() > protocol::kMaxSegments)
+    return invalid("the table needs more segments than one reply carries");
+  uint64_t slab_bytes = 0;
+  for (uint64_t size : layout.segment_sizes) slab_bytes += size;
+  COMPANION_TRY(admit(slab_bytes, "publication of '" + printable_text(key) + "'"));
+  uint64_t outstanding = slab_bytes;
+  auto settle = [&](uint64_t keep) {  // under mutex_
+    admitted_bytes_ -= std::min(outstanding - keep, admitted_bytes_);
+    outstanding = keep;
+  };
+  auto slab = backend_->allocate(layout.segment_sizes, short_id(store_key));
+  if (!slab.ok()) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    settle(0);
+    return slab.error();
+  }
+  auto exports = (*slab)->export_writable();
+  if (!exports.ok()) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    settle(0);
+    return exports.error();
+  }
+  auto tensors = std::make_shared<std::vector<protocol::TensorInfo>>();
+  tensors->resize(table.size());
+  std::unordered_map<std::string_view, size_t> by_name;
+  by_name.reserve(table.size());
+  for (size_t k = 0; k < owners.size(); ++k) {
+    size_t i = owners[k];
+    if (i == table.size()) continue;
+    (*tensors)[i].segment = layout.placements[k].segment;
+    (*tensors)[i].offset = layout.placements[k].offset;
+    (*tensors)[i].nbytes = bytes[i];
+  }
+  for (size_t i = 0; i < table.size(); ++i) {
+    protocol::TensorInfo& info = (*tensors)[i];
+    info.name = table[i].name;
+    info.dtype = table[i].dtype;
+    info.shape = table[i].shape;
+    info.strides.resize(info.shape.size());
+    int64_t stride = 1;
+    for (size_t d = info.shape.size(); d-- > 0;) {
+      info.strides[d] = stride;
+      stride *= info.shape[d];
+    }
+    by_name.emplace(info.name, i);
+    if (!table[i].alias_of.empty()) {
+      const protocol::TensorInfo& of = (*tensors)[by_name.at(table[i].alias_of)];
+      info.segment = of.segment;
+      info.offset = of.offset;
+      info.nbytes = of.nbytes;
+    }
+  }
+  WriterGrant grant;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(store_key);
+    // Aborted or unloaded while allocating: the slab goes with this function.
+    if (it == entries_.end() || !it->second->writer || it->second->writer->owner != writer ||
+        it->second->writer->slab) {
+      settle(0);
+      return make_error(StatusCode::kCancelled,
+                        "'" + printable_text(key) + "' was given up while its slab was allocated");
+    }
+    Entry& e = *it->second;
+    // GPU memory shows as taken from now on; host pages only as the writer fills them.
+    if (backend_->allocation_is_resident()) settle(0);
+    e.writer->slab = std::shared_ptr<memory::Slab>(std::move(*slab));
+    e.writer->tensors = tensors;
+    e.writer->token = next_generation();
+    e.writer->admitted = outstanding;
+    e.bytes_total = slab_bytes;
+    e.bytes_done = 0;
+    grant.status = snapshot(e);
+    grant.tensors = tensors;
+    grant.exports = std::move(*exports);
+    grant.generation = e.next_number;
+  }
+  log::info("publishing '" + printable_text(key) + "': " + std::to_string(table.size()) +
+            " tensors, " + format_bytes(slab_bytes));
+  notify(grant.status);
+  return grant;
+}
+
+void ModelStore::commit(const std::string& key, uint64_t writer,
+                        std::function<void(Result<LeaseGrant>)> done) {
+  std::shared_ptr<Entry> entry;
+  uint64_t token = 0;
+  ModelStatus s;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = entries_.find(published_store_key(key));
+    if (it == entries_.end() || !it->second->writer || it->second->writer->owner != writer)
+      return done(make_error(StatusCode::kInvalidArgument,
+                             "this connection does not hold '" + printable_text(key) + "'"));
+    Writer& w = *it->second->writer;
+    if (!w.slab)
+      return done(make_error(StatusCode::kInvalidArgument,
+                             "'" + printable_text(key) + "' has no table yet: declare it first"));
+    if (w.committing)
+      return done(make_error(StatusCode::kInvalidArgument,
+                             "'" + printable_text(key) + "' is being committed already"));
+    w.committing = true;
+    token = w.token;
+    entry = it->second;
+    s = snapshot(*entry);
+    jobs_.push_back([this, entry, writer, token, done = std::move(done)] {
+      run_commit(entry, writer, token, done);
+    });
+    jobs_cv_.notify_one();
+  }
+  notify(s);
+}
+
+void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint64_t token,
+                            std::function<void(Result<LeaseGrant>)> done) {
+  std::shared_ptr<WorkerPool> pool = pool_;
+  std::shared_ptr<memory::Slab> slab;
+  std::string key;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!entry->writer || entry->writer->token != token)
+      return done(make_error(StatusCode::kCancelled, "the publication was unloaded"));
+    slab = entry->writer->slab;
+    key = entry->publish_key;
+  }
+  auto start = Clock::now();
+  // Digests first: the writer has dropped write access, so the bytes no longer change.
+  std::vector<std::string> digests;
+  Result<void> outcome = ok_result();
+  for (size_t i = 0; i < slab->segment_count() && outcome.ok(); ++i) {
+    auto digest = slab->digest(i);
+    if (!digest.ok())
+      outcome = digest.error();
+    else
+      digests.push_back(digest_text(*digest));
+  }
+  if (pool->stopping) return;  // the store is going away: touch nothing more
+  if (outcome.ok()) outcome = slab->seal();
+  if (!outcome.ok()) {
+    ModelStatus s;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (entry->writer && entry->writer->token == token) entry->writer->committing = false;
+      s = snapshot(*entry);
+    }
+    log::warn("commit of '" + printable_text(key) + "' failed: " + outcome.error().to_string());
+    notify(s);
+    return done(outcome.error());
+  }
+  Result<LeaseGrant> grant = make_error(StatusCode::kCancelled, "the publication was unloaded");
+  ModelStatus s;
+  bool committed = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (entry->writer && entry->writer->token == token && entry->writer->owner == writer) {
+      Writer& w = *entry->writer;
+      admitted_bytes_ -= std::min(w.admitted, admitted_bytes_);
+      Generation g;
+      g.number = entry->next_number++;
+      g.token = token;
+      g.slab = w.slab;
+      g.tensors = w.tensors;
+      g.digests = std::move(digests);
+      g.fingerprint = w.fingerprint;
+      g.created_at_ms = unix_time_ms();
+      entry->generations.push_back(std::move(g));
+      entry->writer.reset();
+      entry->state = ModelState::kLoaded;
+      entry->bytes_done = entry->bytes_total;
+      drop_unleased_locked(*entry);
+      grant = lease_locked(*entry, entry->generations.size() - 1);
+      s = grant.ok() ? grant->status : snapshot(*entry);
+      committed = true;
+    }
+  }
+  if (committed) {
+    double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    log::info("committed '" + printable_text(key) + "' generation " + std::to_string(s.generation) +
+              " (digest and seal " + std::to_string(ms) + " ms)");
+    notify(s);
+  }
+  done(std::move(grant));
+}
+
+bool ModelStore::abort(const std::string& key, uint64_t writer) {
+  ModelStatus s;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::string store_key = published_store_key(key);
+    auto it = entries_.find(store_key);
+    if (it == entries_.end() || !it->second->writer || it->second->writer->owner != writer)
+      return false;
+    Entry& e = *it->second;
+    if (e.writer->committing) {
+      // The digest is under way: the commit goes on, and stands; the writer's lease then goes
+      // with its connection.
+      return false;
+    }
+    admitted_bytes_ -= std::min(e.writer->admitted, admitted_bytes_);
+    e.writer.reset();  // the slab is freed here unless a worker still holds it
+    e.bytes_done = e.bytes_total = 0;
+    if (e.generations.empty()) {
+      e.state = ModelState::kUnloaded;
+      e.generation = next_generation();
+      s = snapshot(e);
+      entries_.erase(it);
+    } else {
+      s = snapshot(e);
+    }
+  }
+  log::info("publication of '" + printable_text(key) + "' aborted");
+  notify(s);
+  return true;
+}
+
+Result<ModelStatus> ModelStore::reload(const std::string& key_or_id, bool force) {
+  ModelStatus s;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    Entry* found = find_locked(key_or_id);
+    if (found == nullptr)
+      return make_error(StatusCode::kNotFound,
+                        "no model " + printable_text(key_or_id) + " on this server");
+    if (found->published)
+      return invalid("'" + printable_text(found->publish_key) +
+                     "' is published: its writer makes new generations by publishing again");
+    if (found->state != ModelState::kLoaded || found->generations.empty())
+      return make_error(StatusCode::kNotReady, "only a loaded model can be reloaded; this one is " +
+                                                   std::string(model_state_name(found->state)));
+    std::shared_ptr<Entry> entry = entries_.at(found->model.key);
+    if (!entry->reloading) {
+      drop_unleased_locked(*entry);
+      if (entry->generations.size() + 1 > config_.max_generations) {
+        refusals_["generations"]++;
+        return make_error(StatusCode::kLimitExceeded,
+                          std::to_string(entry->generations.size()) +
+                              " generations of the model are live, its limit (--max-generations " +
+                              std::to_string(config_.max_generations) +
+                              "); readers still hold older ones");
+      }
+      entry->reloading = true;
+      entry->reload_error.reset();
+      entry->reload_note.clear();
+      uint64_t generation = entry->generation;
+      jobs_.push_back(
+          [this, entry, generation, force] { run_load(entry, generation, true, force); });
+      jobs_cv_.notify_one();
+    }
+    s = snapshot(*entry);
+  }
+  log::info("reloading " + printable_text(s.key));
+  return s;
+}
+
+}  // namespace companion::server
