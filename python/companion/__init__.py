@@ -8,7 +8,16 @@ the library nor torch nor numpy; the first call that needs the library loads it 
     with companion.connect(device=0) as client:
         weights = client.state_dict("/models/opt-125m")   # {name: torch.Tensor}, zero-copy
 
-See :func:`connect`, :class:`Client`, :class:`MappedModel`, :class:`Tensor`,
+A process can also publish its own tensors (engine-shaped: fused, quantized, sharded) under a key
+for others to attach, one writer building for many readers:
+
+    with companion.connect() as client:
+        mapped = client.attach_or_publish("llama-8b/int8/tp0", {"engine": "mine", "tp": "0/2"},
+                                          build=lambda: build_and_quantize())
+        companion.torch.attach_module(meta_model, mapped)
+
+See :func:`connect`, :class:`Client`, :class:`MappedModel`, :class:`Tensor`, :class:`Publication`,
+:func:`companion.torch.publish_module`, :func:`companion.torch.attach_module`,
 :func:`companion.torch.load_into_module` and the seed-compatible
 :func:`create_model_client` (``companion.dynamo_compat``).
 """
@@ -17,7 +26,7 @@ from __future__ import annotations
 from . import errors
 from ._lib import library_path, load_library
 from ._lib import version as library_version
-from ._types import DTYPES, DType, ModelSpec, ModelState, ModelStatus
+from ._types import DTYPES, DType, GenerationInfo, ModelSpec, ModelState, ModelStatus
 from .client import Client, StatusStream, connect
 from .dynamo_compat import (AsyncModelClient, ModelClient, RebuildInfo, create_model_client,
                             create_model_client_sync)
@@ -26,12 +35,14 @@ from .errors import (STATUS_CODES, BadCheckpoint, Cancelled, ConnectionClosed, C
                      LimitExceeded, ModelInUse, NotFound, NotPermitted, NotReady, OutOfMemory, ProtocolError,
                      Timeout, Unavailable, UnknownDtype, VersionMismatch)
 from .model import MappedModel, Tensor
+from .publish import Publication, WritableTensor
 
 __version__ = "0.1.0"
 
 __all__ = [
     "__version__", "connect", "Client", "StatusStream", "ModelSpec", "ModelStatus", "ModelState",
-    "MappedModel", "Tensor", "DType", "DTYPES", "library_path", "load_library",
+    "MappedModel", "Tensor", "Publication", "WritableTensor", "GenerationInfo", "DType",
+    "DTYPES", "library_path", "load_library",
     "library_version", "errors", "STATUS_CODES",
     "create_model_client", "create_model_client_sync", "ModelClient", "AsyncModelClient",
     "RebuildInfo",

@@ -80,6 +80,31 @@ class TensorC(ctypes.Structure):
     ]
 
 
+class TensorDeclC(ctypes.Structure):
+    """companion_tensor_decl."""
+
+    _fields_ = [
+        ("name", c_char_p),
+        ("dtype", c_int32),
+        ("ndim", c_int32),
+        ("shape", ctypes.POINTER(c_int64)),
+        ("alias_of", c_char_p),
+    ]
+
+
+class AttachOptionsC(ctypes.Structure):
+    """companion_attach_options."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("generation", c_uint64),
+        ("fingerprint_json", c_char_p),
+        ("or_source", c_int32),
+        ("wait", c_int32),
+        ("timeout_s", c_double),
+    ]
+
+
 _P = ctypes.POINTER
 _status = c_int  # companion_status (an int-sized enum)
 
@@ -115,6 +140,30 @@ _PROTOTYPES = {
     "companion_status_stream_next": (_status, [c_void_p, c_double, _P(c_void_p)]),
     "companion_status_stream_close": (None, [c_void_p]),
 }
+
+# Publishing, generations and reload (protocol 1.1). Optional: a library without them still
+# loads; calling one of these then raises (see function()).
+_OPTIONAL_PROTOTYPES = {
+    "companion_publish_claim": (_status, [c_void_p, c_char_p, c_char_p, c_int32, c_double,
+                                          _P(c_void_p)]),
+    "companion_publication_declare": (_status, [c_void_p, _P(TensorDeclC), c_size_t]),
+    "companion_publication_tensor_count": (c_size_t, [c_void_p]),
+    "companion_publication_tensor": (_status, [c_void_p, c_size_t, _P(TensorC)]),
+    "companion_publication_info": (_status, [c_void_p, _P(c_void_p)]),
+    "companion_publication_commit": (_status, [c_void_p, _P(c_void_p)]),
+    "companion_publication_close": (None, [c_void_p]),
+    "companion_attach_options_init": (None, [_P(AttachOptionsC)]),
+    "companion_client_attach": (_status, [c_void_p, c_char_p, _P(AttachOptionsC),
+                                          _P(c_void_p)]),
+    "companion_client_reload": (_status, [c_void_p, c_char_p, c_int32, c_double,
+                                          _P(c_void_p)]),
+    "companion_client_subscribe_key": (_status, [c_void_p, c_char_p, _P(c_void_p)]),
+}
+
+# C claim modes (companion_claim_mode).
+CLAIM_NOW = 0
+CLAIM_WAIT = 1
+CLAIM_IF_UNPUBLISHED = 2
 
 _lock = threading.Lock()
 _lib: Optional[ctypes.CDLL] = None
@@ -170,6 +219,11 @@ def load_library() -> ctypes.CDLL:
                 fn = getattr(candidate, name)
                 fn.restype = restype
                 fn.argtypes = argtypes
+            for name, (restype, argtypes) in _OPTIONAL_PROTOTYPES.items():
+                fn = getattr(candidate, name, None)
+                if fn is not None:
+                    fn.restype = restype
+                    fn.argtypes = argtypes
             _lib, _lib_path = candidate, path
             return candidate
         detail = "; ".join(problems) if problems else "no candidate file exists"
@@ -177,6 +231,22 @@ def load_library() -> ctypes.CDLL:
             f"looked in {_describe_search()}: {detail}. Build it (target companion_capi: "
             f"<build>/src/capi/libcompanion.so) and set COMPANION_LIBRARY to its path, or copy it "
             f"into {pathlib.Path(__file__).resolve().parent}/.")
+
+
+def function(name: str) -> Any:
+    """A function of the library, also one of the optional ones (publishing, attach, reload):
+    raises :class:`companion.Error` naming the library when it lacks it (an older build)."""
+    lib = load_library()
+    fn = getattr(lib, name, None) if name in _OPTIONAL_PROTOTYPES else getattr(lib, name)
+    if fn is None:
+        raise Error(f"{_lib_path} has no {name}(): it predates publishing (protocol 1.1); "
+                    "rebuild or upgrade libcompanion.so")
+    return fn
+
+
+def has_function(name: str) -> bool:
+    """Whether the loaded library has this function (optional ones: publishing, attach...)."""
+    return getattr(load_library(), name, None) is not None
 
 
 def library_path() -> str:
@@ -231,4 +301,5 @@ def status_string(code: int) -> str:
 
 
 __all__ = ["load_library", "library_path", "check", "take_json", "take_string", "Error",
-           "ConnectOptions", "ModelSpecC", "TensorC", "version", "status_string"]
+           "ConnectOptions", "ModelSpecC", "TensorC", "TensorDeclC", "AttachOptionsC", "function",
+           "has_function", "version", "status_string"]

@@ -1,10 +1,12 @@
 """Value types: element types, model specs and statuses."""
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
+import json
 import os
-from typing import Any, Dict, NamedTuple, Optional, Union
+from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 from .errors import Error, error_for_name
 
@@ -173,6 +175,66 @@ def _state(value: Any) -> Union[ModelState, str]:
         return str(value)
 
 
+Fingerprint = Dict[str, str]
+
+
+def check_fingerprint(fingerprint: Any, what: str = "fingerprint") -> Optional[Dict[str, str]]:
+    """A fingerprint as the library takes it: None, or a dict of str -> str (engine, version,
+    dtype, ranks...). Raises TypeError naming the offending entry otherwise."""
+    if fingerprint is None:
+        return None
+    if not isinstance(fingerprint, collections.abc.Mapping):
+        raise TypeError(f"{what} must be a dict of str -> str (or None), not "
+                        f"{type(fingerprint).__name__}")
+    out: Dict[str, str] = {}
+    for field, value in fingerprint.items():
+        if not isinstance(field, str):
+            raise TypeError(f"{what}: field names must be str, not {type(field).__name__} "
+                            f"({field!r})")
+        if not isinstance(value, str):
+            raise TypeError(f"{what}[{field!r}] must be a str, not {type(value).__name__} "
+                            f"({value!r}): convert it (str(...)) so that it compares exactly")
+        out[field] = value
+    return out
+
+
+def fingerprint_json(fingerprint: Any, what: str = "fingerprint") -> Optional[bytes]:
+    """The companion ABI's fingerprint_json: None, or a JSON object of strings (checked)."""
+    checked = check_fingerprint(fingerprint, what)
+    if checked is None:
+        return None
+    return json.dumps(checked, sort_keys=True, ensure_ascii=False).encode("utf-8")
+
+
+def _strings(doc: Any) -> Dict[str, str]:
+    if not isinstance(doc, dict):
+        return {}
+    return {str(k): str(v) for k, v in doc.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationInfo:
+    """One live generation of a model: each publish (or reload) of a key makes a new one;
+    readers keep the generation they attached until they release it."""
+
+    generation: int                 # 1, 2, ... per key
+    leases: int = 0
+    slab_bytes: int = 0
+    digests: Tuple[str, ...] = ()   # per segment, "wsum64:<16 hex>" (published models)
+    fingerprint: Dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
+    created_at_ms: int = 0          # unix epoch milliseconds
+    current: bool = False           # what new attaches get
+
+    @classmethod
+    def from_json(cls, doc: Dict[str, Any]) -> "GenerationInfo":
+        return cls(generation=int(doc.get("generation", 0)), leases=int(doc.get("leases", 0)),
+                   slab_bytes=int(doc.get("slab_bytes", 0)),
+                   digests=tuple(str(d) for d in doc.get("digests") or ()),
+                   fingerprint=_strings(doc.get("fingerprint")),
+                   created_at_ms=int(doc.get("created_at_ms", 0)),
+                   current=bool(doc.get("current", False)))
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelStatus:
     """One model's status, from the JSON the library returns (``companion ... --json``)."""
@@ -190,6 +252,10 @@ class ModelStatus:
     slab_bytes: int = 0
     error_code: Optional[str] = None      # "NOT_FOUND", ... when state is "error"
     error_message: Optional[str] = None
+    published: bool = False          # written by a client under ``key``, not loaded from files
+    generation: int = 0              # the current generation (0: none committed yet)
+    fingerprint: Dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
+    generations: Tuple[GenerationInfo, ...] = dataclasses.field(default=(), compare=False)
     raw: Dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -202,11 +268,24 @@ class ModelStatus:
                    progress=float(doc.get("progress", 0.0)), tensors=int(doc.get("tensors", 0)),
                    leases=int(doc.get("leases", 0)), backend=str(doc.get("backend", "")),
                    slab_bytes=int(doc.get("slab_bytes", 0)),
-                   error_code=error.get("code"), error_message=error.get("message"), raw=doc)
+                   error_code=error.get("code"), error_message=error.get("message"),
+                   published=bool(doc.get("published", False)),
+                   generation=int(doc.get("generation", 0)),
+                   fingerprint=_strings(doc.get("fingerprint")),
+                   generations=tuple(GenerationInfo.from_json(g)
+                                     for g in doc.get("generations") or ()),
+                   raw=doc)
 
     @property
     def loaded(self) -> bool:
         return self.state == ModelState.LOADED
+
+    def generation_info(self, number: int) -> Optional[GenerationInfo]:
+        """The live generation ``number``, or None when it is gone (or never was)."""
+        for g in self.generations:
+            if g.generation == number:
+                return g
+        return None
 
     @property
     def error(self) -> Optional[Error]:

@@ -1,16 +1,21 @@
 """The client: find a device's server, load and unload models, map their weights."""
 from __future__ import annotations
 
+import collections.abc
 import ctypes
 import os
 import re
 import threading
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping, Optional,
+                    Union)
 
 from . import _lib
-from ._types import ModelSpec, ModelStatus, SpecLike
-from .errors import InvalidArgument, Timeout
+from ._types import ModelSpec, ModelStatus, SpecLike, check_fingerprint, fingerprint_json
+from .errors import InvalidArgument, NotFound, Timeout
 from .model import MappedModel, _ModelHandle
+
+if TYPE_CHECKING:
+    from .publish import Publication
 
 DeviceLike = Union[str, int, Any]
 
@@ -243,14 +248,22 @@ class Client:
             _timeout(timeout)))
 
     def unload(self, spec_or_key: Union[SpecLike, str], force: bool = False) -> ModelStatus:
-        """Unloads a model, named by a ModelSpec, a source, a key ("source=...;dtype=...") or a
-        short id (12 hex digits, as ``list()`` shows). Raises ModelInUse while clients hold
-        leases, unless ``force`` (clients keep their mappings)."""
+        """Unloads a model, named by a ModelSpec, a source, a key ("source=...;dtype=...", or a
+        published key) or a short id (12 hex digits, as ``list()`` shows). Raises ModelInUse
+        while clients hold leases, unless ``force`` (clients keep their mappings)."""
         lib = _lib.load_library()
         if isinstance(spec_or_key, str) and (_SHORT_ID.fullmatch(spec_or_key)
                                              or spec_or_key.startswith("source=")):
             return ModelStatus.from_json(self._json_call(
                 lib.companion_client_unload, None, _lib.encode(spec_or_key), 1 if force else 0))
+        if isinstance(spec_or_key, str) and spec_or_key:
+            # A published key is any string: try it as a key first, then as a source.
+            try:
+                return ModelStatus.from_json(self._json_call(
+                    lib.companion_client_unload, None, spec_or_key.encode("utf-8"),
+                    1 if force else 0))
+            except (NotFound, InvalidArgument):
+                pass
         s = _SpecBuffer(ModelSpec.of(spec_or_key))  # type: ignore[arg-type]
         return ModelStatus.from_json(self._json_call(
             lib.companion_client_unload, s.ref, None, 1 if force else 0))
@@ -265,11 +278,29 @@ class Client:
             _lib.load_library().companion_client_wait_for_model_ready, s.ref,
             _timeout(initial_timeout), _timeout(loading_timeout)))
 
-    def get_model_parameters(self, spec: SpecLike,
+    def get_model_parameters(self, key_or_spec: Union[SpecLike, str],
+                             generation: Optional[int] = None,
+                             fingerprint: Optional[Mapping[str, str]] = None,
                              timeout: Optional[float] = None) -> MappedModel:
-        """Loads the model if needed (waiting up to ``timeout`` s; None = no limit) and maps
-        every tensor read-only into this process."""
-        model_spec = ModelSpec.of(spec)
+        """Maps every tensor of a model read-only into this process.
+
+        - A :class:`ModelSpec` (or a path object): loads the checkpoint if needed (waiting up to
+          ``timeout`` s; None = no limit), as before publishing existed.
+        - A str: a published key wins (its newest generation, or ``generation``; the
+          ``fingerprint`` checked when given: FingerprintMismatch names the differing fields);
+          otherwise the str is a checkpoint source, as ``ModelSpec(str)``. Waits while the
+          key's first generation is being published (up to ``timeout``).
+
+        Pass ``timeout`` as a keyword (the second positional parameter is ``generation``)."""
+        if isinstance(key_or_spec, str) and (generation is not None or fingerprint is not None
+                                             or _lib.has_function("companion_client_attach")):
+            return self.attach(key_or_spec, generation=generation, fingerprint=fingerprint,
+                               timeout=timeout, or_source=True)
+        if not isinstance(key_or_spec, str) and (generation is not None
+                                                 or fingerprint is not None):
+            raise TypeError("generation and fingerprint apply to keys (str): pass the "
+                            "published key or the model's key (ModelStatus.key)")
+        model_spec = ModelSpec.of(key_or_spec)
         s = _SpecBuffer(model_spec)
         lib = _lib.load_library()
         out = ctypes.c_void_p()
@@ -278,18 +309,141 @@ class Client:
                                                                  ctypes.byref(out)))
         return MappedModel(_ModelHandle(out.value or 0), model_spec)
 
-    def state_dict(self, spec: SpecLike, timeout: Optional[float] = None) -> Dict[str, Any]:
-        """Every tensor of the model as a zero-copy torch.Tensor (read-only memory). The mapping
-        lives as long as any of the tensors."""
-        return self.get_model_parameters(spec, timeout).state_dict()
+    def state_dict(self, key_or_spec: Union[SpecLike, str], generation: Optional[int] = None,
+                   fingerprint: Optional[Mapping[str, str]] = None,
+                   timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Every tensor of the model (as :meth:`get_model_parameters` finds it) as a zero-copy
+        torch.Tensor (read-only memory). The mapping lives as long as any of the tensors."""
+        return self.get_model_parameters(key_or_spec, generation=generation,
+                                         fingerprint=fingerprint, timeout=timeout).state_dict()
 
-    def status_stream(self, spec: Optional[SpecLike] = None,
-                      timeout: Optional[float] = None) -> StatusStream:
-        """Follows one model's status (or every model's, with spec None): the current state,
-        then each change. ``timeout`` bounds the wait for each item when iterating."""
-        lib = _lib.load_library()
-        s = _SpecBuffer(ModelSpec.of(spec)) if spec is not None else None
+    def attach(self, key: str, generation: Optional[int] = None,
+               fingerprint: Optional[Mapping[str, str]] = None, timeout: Optional[float] = None,
+               wait: bool = True, or_source: bool = False) -> MappedModel:
+        """Maps a published model read-only: its newest committed generation, or ``generation``
+        (NotFound once that generation is freed). ``fingerprint`` (dict str -> str) must equal
+        the generation's (FingerprintMismatch names the differing fields). ``wait``: wait while
+        the key's first generation is being published (up to ``timeout`` s; None = no limit),
+        else NotReady at once. ``or_source``: no model published under the key -> treat it as a
+        checkpoint source."""
+        if not isinstance(key, str):
+            raise TypeError(f"key must be a str, not {type(key).__name__}")
+        if generation is not None and (isinstance(generation, bool)
+                                       or not isinstance(generation, int)):
+            raise TypeError(f"generation must be an int, not {type(generation).__name__} "
+                            "(pass timeout= as a keyword)")
+        if generation is not None and generation < 0:
+            raise InvalidArgument(f"generation {generation} is negative")
+        if or_source and key and not os.path.isabs(key) and os.path.exists(key):
+            key = os.path.abspath(key)  # as ModelSpec treats an existing relative path
+        fp = fingerprint_json(fingerprint)
+        options = _lib.AttachOptionsC()
+        _lib.function("companion_attach_options_init")(ctypes.byref(options))
+        options.generation = int(generation or 0)
+        options.fingerprint_json = fp
+        options.or_source = 1 if or_source else 0
+        options.wait = 1 if wait else 0
+        options.timeout_s = _timeout(timeout)
+        attach = _lib.function("companion_client_attach")
         out = ctypes.c_void_p()
+        with self._handle as ptr:
+            _lib.check(attach(ptr, key.encode("utf-8"), ctypes.byref(options),
+                              ctypes.byref(out)))
+        return MappedModel(_ModelHandle(out.value or 0))
+
+    def reload(self, key_or_id: str, force: bool = False,
+               timeout: Optional[float] = None) -> ModelStatus:
+        """Loads a new generation of a loaded model whose files changed (size, mtime, inode), or
+        of any loaded model with ``force``; readers of the old generation keep it until they
+        release it. Waits up to ``timeout`` s (None = no limit); returns the final status."""
+        if not isinstance(key_or_id, str):
+            raise TypeError(f"key_or_id must be a str, not {type(key_or_id).__name__}")
+        return ModelStatus.from_json(self._json_call(
+            _lib.function("companion_client_reload"), key_or_id.encode("utf-8"),
+            1 if force else 0, _timeout(timeout)))
+
+    # ---- publishing ---------------------------------------------------------------------------
+
+    def publish(self, key: str, tensors: Any,
+                fingerprint: Optional[Mapping[str, str]] = None) -> MappedModel:
+        """Publishes this process's tensors under ``key`` as the key's next generation and
+        returns the committed model (read-only, zero-copy; a lease of that generation).
+
+        ``tensors``: a dict name -> torch tensor (any device; Parameters welcome, e.g.
+        ``module.state_dict(keep_vars=True)``) or numpy array, or a torch module (every
+        parameter and buffer, persistent or not). Tensors sharing memory with the same dtype,
+        shape and strides (tied weights) are stored once; the other names are aliases.
+        ``fingerprint``: a dict str -> str that attachers may require (engine, version, dtype,
+        ranks...). Raises ModelInUse while another writer publishes the key."""
+        from . import publish as _publish
+
+        sources = _publish.collect_sources(tensors)
+        model, _ = _publish.publish_sources(self._handle, key, sources, fingerprint,
+                                            _lib.CLAIM_NOW)
+        assert model is not None
+        return model
+
+    def begin_publish(self, key: str, table: Mapping[str, Any],
+                      fingerprint: Optional[Mapping[str, str]] = None,
+                      wait: bool = False, timeout: Optional[float] = None) -> "Publication":
+        """Claims ``key`` and declares ``table`` (name -> tensor, of which only dtype and shape
+        are used, meta tensors welcome; or ``(dtype, shape)``, or ``(dtype, shape, alias_of)``);
+        returns a :class:`companion.Publication` whose ``.tensors`` are writable. Write them,
+        then ``commit()``; as a context manager it aborts unless committed. ``wait``: wait for
+        another writer of the key to finish (up to ``timeout``) instead of ModelInUse."""
+        from . import publish as _publish
+
+        if not isinstance(table, collections.abc.Mapping):
+            raise TypeError(f"table must be a dict, not {type(table).__name__}")
+        entries = _publish.plan_table(table.items(), allow_specs=True, allow_meta=True)
+        pub = _publish.claim(self._handle, key, fingerprint,
+                             _lib.CLAIM_WAIT if wait else _lib.CLAIM_NOW, timeout)
+        assert pub is not None
+        try:
+            pub._declare(entries)
+        except BaseException:
+            pub.abort()
+            raise
+        return pub
+
+    def attach_or_publish(self, key: str, fingerprint: Optional[Mapping[str, str]],
+                          build: Callable[[], Any],
+                          timeout: Optional[float] = None) -> MappedModel:
+        """The model published under ``key`` with this ``fingerprint``, built and published by
+        exactly one of many concurrent callers (any processes): the first claims the key, runs
+        ``build()`` (returning what :meth:`publish` takes: a dict of tensors, a state dict or a
+        module) and publishes; the others wait on the server for its commit and attach, and one
+        of them takes over when the builder fails or dies. A committed generation with another
+        fingerprint raises FingerprintMismatch. ``timeout`` bounds the waits (None = none)."""
+        from . import publish as _publish
+
+        check_fingerprint(fingerprint)
+        pub = _publish.claim(self._handle, key, fingerprint, _lib.CLAIM_IF_UNPUBLISHED,
+                             timeout)
+        if pub is None:
+            return self.attach(key, fingerprint=fingerprint, timeout=timeout)
+        with pub:
+            sources = _publish.collect_sources(build())
+            entries = _publish.plan_table(sources)
+            return _publish._declare_fill_commit(pub, sources, entries)
+
+    def status_stream(self, spec: Optional[SpecLike] = None, timeout: Optional[float] = None,
+                      *, key: Optional[str] = None) -> StatusStream:
+        """Follows one model's status (``spec``), one published key's (``key=``, generations
+        included) or every model's (neither): the current state, then each change. ``timeout``
+        bounds the wait for each item when iterating."""
+        lib = _lib.load_library()
+        out = ctypes.c_void_p()
+        if key is not None:
+            if spec is not None:
+                raise TypeError("pass spec or key=, not both")
+            if not isinstance(key, str):
+                raise TypeError(f"key must be a str, not {type(key).__name__}")
+            subscribe_key = _lib.function("companion_client_subscribe_key")
+            with self._handle as ptr:
+                _lib.check(subscribe_key(ptr, key.encode("utf-8"), ctypes.byref(out)))
+            return StatusStream(out.value or 0, timeout)
+        s = _SpecBuffer(ModelSpec.of(spec)) if spec is not None else None
         with self._handle as ptr:
             _lib.check(lib.companion_client_subscribe(ptr, s.ref if s else None,
                                                       ctypes.byref(out)))

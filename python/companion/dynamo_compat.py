@@ -116,7 +116,7 @@ class ModelClient:
 
     def get_model_parameters(self, timeout: Optional[float] = None) -> Dict[str, RebuildInfo]:
         """Maps the model (loading it if needed): ``{name: RebuildInfo}``."""
-        model = self.client.get_model_parameters(self.spec, timeout)
+        model = self.client.get_model_parameters(self.spec, timeout=timeout)
         self.model = model
         return {name: RebuildInfo(name, t.dtype_name, t.shape, t.strides, t.device, t.nbytes,
                                   model)
