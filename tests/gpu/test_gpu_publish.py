@@ -142,6 +142,13 @@ def gpu_memory_used_mib(uuid):
     raise KeyError(uuid)
 
 
+def empty_root(tmp_path):
+    """A model root with nothing in it, for servers that only hold published models."""
+    root = tmp_path / "models"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 def _field(obj, name, default=None):
     if isinstance(obj, dict):
         return obj.get(name, default)
@@ -492,7 +499,8 @@ def test_a_writer_killed_mid_publish_frees_its_memory(torch_cuda, runtime_dir, t
 
     key = "engine-shaped/killed-writer"
     fp = {"engine": "test", "dtype": "bfloat16"}
-    server = Server(runtime_dir, [tmp_path], device="0", extra=["--backend", backend])
+    server = Server(runtime_dir, [empty_root(tmp_path)], device="0",
+                    extra=["--backend", backend])
     client = writer = None
     try:
         client = companion.connect(device=0, runtime_dir=runtime_dir)
@@ -537,7 +545,8 @@ def test_a_waiter_takes_over_from_a_killed_writer(torch_cuda, runtime_dir, tmp_p
     key = "engine-shaped/take-over"
     fp = {"engine": "test", "dtype": "bfloat16"}
     builds = tmp_path / "builds"
-    server = Server(runtime_dir, [tmp_path], device="0", extra=["--backend", backend])
+    server = Server(runtime_dir, [empty_root(tmp_path)], device="0",
+                    extra=["--backend", backend])
     client = writer = None
     waiters = []
     try:

@@ -182,7 +182,10 @@ class Int8Linear(nn.Module):
         self.out_features = int(weight.shape[0])
         self.weight = _new_parameter(weight)
         self.register_buffer("weight_scale", weight_scale)
-        self.bias = _new_parameter(bias) if bias is not None else None
+        if bias is not None:
+            self.bias = _new_parameter(bias)
+        else:
+            self.register_parameter("bias", None)
 
     @classmethod
     def quantize(cls, linear: nn.Linear) -> "Int8Linear":
