@@ -595,7 +595,7 @@ def test_a_waiter_takes_over_from_a_killed_writer(torch_cuda, runtime_dir, tmp_p
     assert 0 < slab_after - slab_before < 2 * BIG_TABLE_BYTES, (slab_before, slab_after)
     assert slab_after - slab_before == status.slab_bytes, (slab_before, slab_after, status)
     print(f"{backend}: a waiter took over {took_s:.2f} s after the writer's SIGKILL (build + "
-          f"publish of 1 GiB included)")
+          f"publish of {BIG_TABLE_BYTES // 2**20} MiB included)")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
