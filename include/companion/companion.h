@@ -111,7 +111,7 @@ typedef struct companion_tensor {
 typedef struct companion_tensor_decl {
   const char* name;     /* NUL-terminated, unique in the table */
   int32_t dtype;        /* companion_dtype */
-  int32_t ndim;         /* 0..8 */
+  int32_t ndim;         /* 0..16 */
   const int64_t* shape; /* ndim entries, each >= 0 */
   /* NULL, or the name of an earlier entry this one shares its bytes with (tied weights): same
    * dtype and shape, no bytes of its own. */

@@ -514,7 +514,11 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
       publish([&](Entry& e) {
         e.reloading = false;
         e.reload_error = shown;
-        e.bytes_done = e.bytes_total = 0;
+        // The sizes of the generation still served, not of the load that failed.
+        uint64_t bytes = 0;
+        if (const Generation* g = e.current(); g && g->tensors)
+          for (const auto& t : *g->tensors) bytes += t.nbytes;
+        e.bytes_done = e.bytes_total = bytes;
       });
       return;
     }
@@ -672,12 +676,24 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
 
 void ModelStore::drop_unleased_locked(Entry& e) {
   // Every generation but the current one lives only while leased.
+  std::vector<std::shared_ptr<memory::Slab>> dropped;
   for (size_t i = 0; i + 1 < e.generations.size();) {
-    if (e.generations[i].leases == 0)
+    if (e.generations[i].leases == 0) {
+      dropped.push_back(std::move(e.generations[i].slab));
       e.generations.erase(e.generations.begin() + static_cast<std::ptrdiff_t>(i));
-    else
+    } else {
       ++i;
+    }
   }
+  retire_locked(std::move(dropped));
+}
+
+void ModelStore::retire_locked(std::vector<std::shared_ptr<memory::Slab>> slabs) {
+  if (slabs.empty()) return;
+  // Freeing a large slab takes milliseconds (unmapping and releasing device memory): a worker
+  // does it, not the event loop or a commit that a client is waiting for.
+  jobs_.push_back([slabs = std::move(slabs)]() mutable { slabs.clear(); });
+  jobs_cv_.notify_one();
 }
 
 Result<LeaseGrant> ModelStore::lease_locked(Entry& e, size_t index) {
@@ -822,11 +838,18 @@ Result<ModelStatus> ModelStore::unload(const std::string& key_or_id, bool force)
     if (e->cancel) e->cancel->store(true);
     e->generation = next_generation();
     e->state = ModelState::kUnloaded;
+    std::shared_ptr<memory::Slab> writer_slab;
     if (e->writer) {
       admitted_bytes_ -= std::min(e->writer->admitted, admitted_bytes_);
+      writer_slab = std::move(e->writer->slab);
       e->writer.reset();  // its connection's commit finds nothing to commit
     }
     s = snapshot(*e);
+    if (writer_slab) s.slab_bytes += writer_slab->total_bytes();
+    std::vector<std::shared_ptr<memory::Slab>> dropped;
+    for (auto& g : e->generations) dropped.push_back(std::move(g.slab));
+    if (writer_slab) dropped.push_back(std::move(writer_slab));
+    retire_locked(std::move(dropped));
     e->generations.clear();  // leases still holding a slab keep that memory alive
     s.generations.clear();
     s.slab_bytes = 0;

@@ -169,6 +169,8 @@ class ModelStore {
                   std::function<void(Result<LeaseGrant>)> done);
   Result<LeaseGrant> lease_locked(Entry& e, size_t index);
   void drop_unleased_locked(Entry& e);
+  // Frees the slabs on a worker thread.
+  void retire_locked(std::vector<std::shared_ptr<memory::Slab>> slabs);
   void worker_loop(std::shared_ptr<WorkerPool> pool, size_t index);
   // Drops failed loads past error_ttl, then the oldest past max_error_entries; their kUnloaded
   // statuses go to `gone` for the listener.

@@ -376,7 +376,10 @@ bool ModelStore::abort(const std::string& key, uint64_t writer) {
       return false;
     }
     admitted_bytes_ -= std::min(e.writer->admitted, admitted_bytes_);
-    e.writer.reset();  // the slab is freed here unless a worker still holds it
+    std::vector<std::shared_ptr<memory::Slab>> dropped;
+    dropped.push_back(std::move(e.writer->slab));
+    retire_locked(std::move(dropped));
+    e.writer.reset();
     e.bytes_done = e.bytes_total = 0;
     if (e.generations.empty()) {
       e.state = ModelState::kUnloaded;

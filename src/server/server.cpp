@@ -614,6 +614,8 @@ class ServerImpl final : public Server {
           c, rid,
           make_error(StatusCode::kInvalidArgument,
                      "no lease " + std::to_string(m.lease_id) + " on this connection"));
+    // The connection's reference goes first: the store's, if last, is freed off the loop.
+    it->second.slab.reset();
     store_->release(it->second.key, it->second.generation);
     c.leases.erase(it);
     send(c, Message{rid, protocol::Released{m.lease_id}});
@@ -962,7 +964,10 @@ class ServerImpl final : public Server {
     auto it = connections_.find(cid);
     if (it == connections_.end()) return;
     Connection& c = *it->second;
-    for (auto& [lid, lease] : c.leases) store_->release(lease.key, lease.generation);
+    for (auto& [lid, lease] : c.leases) {
+      lease.slab.reset();  // the store's reference, if last, is freed off the loop
+      store_->release(lease.key, lease.generation);
+    }
     // A writer that goes before committing aborts: its slab is freed, and the next in line
     // may claim the key.
     std::set<std::string> publishing = std::move(c.publishing);

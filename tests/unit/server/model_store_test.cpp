@@ -1068,6 +1068,7 @@ TEST_F(ModelStoreTest, AFailedReloadKeepsServingTheCurrentGeneration) {
   EXPECT_EQ(s.state, ModelState::kLoaded);
   EXPECT_EQ(s.generation, 1u);
   EXPECT_NE(s.message.find("reload failed"), std::string::npos) << s.message;
+  EXPECT_GT(s.bytes_total, 0u);  // the sizes of the generation still served
   EXPECT_TRUE(store->acquire(model.key).ok());
   EXPECT_EQ(store->reload("nothing-like-it", false).error().code, StatusCode::kNotFound);
 }
