@@ -294,8 +294,14 @@ class Client:
         Pass ``timeout`` as a keyword (the second positional parameter is ``generation``)."""
         if isinstance(key_or_spec, str) and (generation is not None or fingerprint is not None
                                              or _lib.has_function("companion_client_attach")):
-            return self.attach(key_or_spec, generation=generation, fingerprint=fingerprint,
-                               timeout=timeout, or_source=True)
+            model = self.attach(key_or_spec, generation=generation, fingerprint=fingerprint,
+                                timeout=timeout, or_source=True)
+            if not model.status.published:  # a checkpoint: the spec it was loaded by
+                try:
+                    model.spec = ModelSpec(key_or_spec)
+                except (TypeError, ValueError):
+                    pass
+            return model
         if not isinstance(key_or_spec, str) and (generation is not None
                                                  or fingerprint is not None):
             raise TypeError("generation and fingerprint apply to keys (str): pass the "

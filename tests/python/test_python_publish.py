@@ -163,8 +163,7 @@ def test_publish_then_attach_in_another_process(server, client):
         from publish_support import digests
         m = client.get_model_parameters({key!r}, fingerprint={FP!r})
         print(json.dumps(digests(m)))
-        sd = client.state_dict({key!r})
-        print(sorted(sd) == sorted(m))
+        print(sorted(client.attach({key!r})) == sorted(m))
     """)
     lines = r.stdout.splitlines()
     assert json.loads(lines[0]) == mine
@@ -215,6 +214,9 @@ def test_fingerprint_mismatch_names_the_fields(server, client):
     same = client.get_model_parameters(key, fingerprint=dict(FP))
     assert np.array_equal(same["w"].numpy(), np.arange(12, dtype=np.float32))
     assert client.attach(key).status.fingerprint == FP  # no fingerprint: not checked
+    state = client.state_dict(key, fingerprint=FP)
+    assert torch.equal(state["w"], torch.arange(12, dtype=torch.float32))
+    del state
     # In another process too.
     r = run_child(server.runtime_dir, f"""
         try:
@@ -480,6 +482,8 @@ def test_generation_swap(server, client):
 def test_status_stream_of_a_key(client):
     key = "tests/stream"
     with client.status_stream(key=key, timeout=10) as stream:
+        first = stream.next()  # the current state: nothing published yet
+        assert first.key == key and first.published and first.generation == 0
         model = client.publish(key, {"w": np.ones(8, np.float32)})
         seen = []
         while True:
@@ -487,9 +491,14 @@ def test_status_stream_of_a_key(client):
             seen.append(status)
             if status.generation == 1:
                 break
-        assert status.key == key and status.published
+        assert status.key == key and status.published and status.loaded
+        assert all(s.state == "loading" for s in seen[:-1])
+        again = client.publish(key, {"w": np.zeros(8, np.float32)})
+        while status.generation != 2:
+            status = stream.next()
+        assert [g.generation for g in status.generations] == [1, 2]
     with pytest.raises(TypeError):
         client.status_stream("x", key=key)
-    del model
+    del model, again
     _unload_when_free(client, key)
 
