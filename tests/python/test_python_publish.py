@@ -322,12 +322,13 @@ WRITER = """
 """
 
 WAITER = """
-    import torch
+    import numpy as np  # not torch: children start faster
     def build():
         with open(MARKER, "a") as f:
             f.write(f"{os.getpid()}\\n")
         time.sleep(BUILD_SECONDS)
-        return {"big": torch.full((512, 1024), 2.0), "small": torch.arange(16, dtype=torch.int32)}
+        return {"big": np.full((512, 1024), 2.0, np.float32),
+                "small": np.arange(16, dtype=np.int32)}
     print("waiting", flush=True)
     m = client.attach_or_publish(KEY, FP, build, timeout=60)
     from publish_support import digests
@@ -395,7 +396,7 @@ def test_concurrent_attach_or_publish_builds_once(server, client, tmp_path):
     marker = tmp_path / "builds"
     go = tmp_path / "go"
     body = _child_code("""
-        import torch
+        import numpy
         print("ready", flush=True)
         while not os.path.exists(GO):
             time.sleep(0.005)
@@ -502,3 +503,67 @@ def test_status_stream_of_a_key(client):
     del model, again
     _unload_when_free(client, key)
 
+
+
+def test_reload_makes_a_new_generation_of_a_checkpoint(client, model_root):
+    spec = companion.ModelSpec(model_root / "opt-f32", tag="reload")
+    loaded = client.load(spec)
+    old = client.get_model_parameters(spec)
+    weight = old["model.decoder.embed_tokens.weight"].torch()
+    expected = weight.clone()
+    unchanged = client.reload(loaded.id)
+    assert unchanged.generation == loaded.generation and "unchanged" in unchanged.raw["message"]
+    forced = client.reload(loaded.key, force=True, timeout=60)
+    assert forced.loaded and forced.generation == loaded.generation + 1
+    assert [(g.generation, g.current) for g in forced.generations] == [
+        (loaded.generation, False), (forced.generation, True)]
+    assert forced.generation_info(loaded.generation).leases == 1  # old's
+    new = client.get_model_parameters(spec)
+    assert new.status.generation == forced.generation
+    assert new["model.decoder.embed_tokens.weight"].data_ptr != weight.data_ptr()
+    assert torch.equal(weight, expected) and torch.equal(new.state_dict()[
+        "model.decoder.embed_tokens.weight"], expected)
+    del old, weight
+    gc.collect()
+    assert wait_until(lambda: [g.generation for g in client.status(spec).generations]
+                      == [forced.generation])
+    with pytest.raises(companion.NotFound):
+        client.reload("tests/no-such-model")
+    del new
+    gc.collect()
+    wait_until(lambda: client.status(spec).leases == 0)
+    client.unload(spec)
+
+
+def test_checkpoints_have_no_generation_pins_or_fingerprints(client, model_root):
+    source = str(model_root / "opt-bf16")
+    current = client.get_model_parameters(source)
+    assert not current.status.published and current.spec == companion.ModelSpec(source)
+    assert client.get_model_parameters(source, generation=current.status.generation).status \
+        .generation == current.status.generation
+    with pytest.raises(companion.NotFound, match="checkpoint"):
+        client.get_model_parameters(source, generation=current.status.generation + 5)
+    with pytest.raises(companion.FingerprintMismatch, match="checkpoint"):
+        client.get_model_parameters(source, fingerprint={"engine": "x"})
+
+
+def test_writes_after_commit_fault(server):
+    """The writable mapping is remapped read-only in place at commit: a write through a tensor
+    kept from before kills the writer with SIGSEGV, and the published bytes are intact."""
+    key = "tests/write-after-commit"
+    r = run_child(server.runtime_dir, f"""
+        pub = client.begin_publish({key!r}, {{"w": ("F32", (1024,))}})
+        w = pub.tensors["w"]
+        w.fill_(1.0)
+        model = pub.commit()
+        print("committed", float(w.sum()), flush=True)
+        w.add_(1.0)
+        print("wrote", flush=True)
+    """, check=False)
+    assert "committed 1024.0" in r.stdout and "wrote" not in r.stdout
+    assert r.returncode == -signal.SIGSEGV, (r.returncode, r.stderr)
+    with companion.connect(runtime_dir=server.runtime_dir) as c:
+        model = c.attach(key)
+        assert float(model["w"].torch().sum()) == 1024.0
+        del model
+        _unload_when_free(c, key)
