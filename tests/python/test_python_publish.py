@@ -180,6 +180,11 @@ def test_publish_then_attach_in_another_process(server, client):
     # The child's lease went with it; ours stays.
     assert wait_until(lambda: _model_named(client, key).generations[0].leases == 1)
     assert gen.created_at_ms > 1.6e12
+    # `companion ls --json` shows the same.
+    listed, code = server.cli_json("ls")
+    [doc] = [d for d in listed if d["key"] == key]
+    assert code == 0 and doc["published"] is True and doc["generation"] == 1
+    assert doc["fingerprint"] == FP and doc["generations"][0]["digests"] == list(gen.digests)
 
     # Unload by key once no lease is left: the memory goes back.
     with pytest.raises(companion.ModelInUse):
