@@ -58,11 +58,31 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
   auto t0 = std::chrono::steady_clock::now();
   auto client = Client::connect(args.connect);
   if (!client.ok()) return fail(client.error());
-  auto ready =
-      (*client)->wait_for_model_ready(spec, opts.initial_timeout_s, opts.loading_timeout_s);
-  if (!ready.ok()) return fail(ready.error());
+  Result<std::shared_ptr<MappedModel>> model = make_error(StatusCode::kInternal, "");
   auto t1 = std::chrono::steady_clock::now();
-  auto model = (*client)->get_model_parameters(spec, opts.loading_timeout_s);
+  if (opts.published) {
+    companion::AttachOptions attach;
+    attach.generation = opts.generation;
+    attach.timeout_s = opts.loading_timeout_s;
+    if (!opts.fingerprint.empty()) {
+      Fingerprint fingerprint;
+      for (const auto& field : opts.fingerprint) {
+        auto eq = field.find('=');
+        if (eq == std::string::npos || eq == 0)
+          return fail(make_error(StatusCode::kInvalidArgument,
+                                 "--fingerprint takes NAME=VALUE, not '" + field + "'"));
+        fingerprint[field.substr(0, eq)] = field.substr(eq + 1);
+      }
+      attach.fingerprint = std::move(fingerprint);
+    }
+    model = (*client)->attach(spec.source, attach);
+  } else {
+    auto ready =
+        (*client)->wait_for_model_ready(spec, opts.initial_timeout_s, opts.loading_timeout_s);
+    if (!ready.ok()) return fail(ready.error());
+    t1 = std::chrono::steady_clock::now();
+    model = (*client)->get_model_parameters(spec, opts.loading_timeout_s);
+  }
   if (!model.ok()) return fail(model.error());
   auto t2 = std::chrono::steady_clock::now();
   double wait_ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
@@ -126,8 +146,11 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
     const ModelStatus& s = m.status();
     uint64_t tensor_bytes = 0;
     for (const auto& t : m.tensors()) tensor_bytes += t.nbytes;
+    std::string what = s.published ? "published " + printable_text(s.key) + " generation " +
+                                         std::to_string(s.generation)
+                                   : s.source;
     std::printf("pid %d attached %s (%s) in %.3f ms, lease %llu\n", static_cast<int>(::getpid()),
-                s.id.c_str(), s.source.c_str(), attach_ms,
+                s.id.c_str(), what.c_str(), attach_ms,
                 static_cast<unsigned long long>(m.lease_id()));
     std::printf("  %zu tensors, %s in %zu segment(s), backend %s, mapped read-only\n",
                 m.tensors().size(), format_bytes(tensor_bytes).c_str(), m.segment_count(),

@@ -57,23 +57,33 @@ int run_status(const CommonArgs& args, const ModelArgs& model, bool follow) {
         for (const auto& s : *models) j.push_back(to_json(s));
         std::cout << json_text(j, 2) << std::endl;
       } else {
-        std::cout << render_models(*models);
+        std::cout << render_models(*models) << render_generations(*models);
       }
       return 0;
     }
-    auto spec = make_spec(model);
-    if (!spec.ok()) return fail(args, spec.error());
-    auto s = (*client)->status(*spec);
+    Result<ModelStatus> s = make_error(StatusCode::kInternal, "");
+    if (model.published) {
+      // A published key's status is the first event of its stream.
+      auto stream = (*client)->subscribe_key(model.source);
+      if (!stream.ok()) return fail(args, stream.error());
+      s = (*stream)->next(30);
+    } else {
+      auto spec = make_spec(model);
+      if (!spec.ok()) return fail(args, spec.error());
+      s = (*client)->status(*spec);
+    }
     if (!s.ok()) return fail(args, s.error());
     if (args.json)
       std::cout << json_text(to_json(*s), 2) << std::endl;
     else
-      std::cout << render_models({*s});
+      std::cout << render_models({*s}) << render_generations({*s});
     return 0;
   }
   Result<std::unique_ptr<StatusStream>> stream = make_error(StatusCode::kInternal, "");
   if (model.source.empty()) {
     stream = (*client)->subscribe_all();
+  } else if (model.published) {
+    stream = (*client)->subscribe_key(model.source);
   } else {
     auto spec = make_spec(model);
     if (!spec.ok()) return fail(args, spec.error());
@@ -129,11 +139,19 @@ int run_unload(const CommonArgs& args, const ModelArgs& model, bool force) {
   auto client = Client::connect(args.connect);
   if (!client.ok()) return fail(args, client.error());
   Result<ModelStatus> s = make_error(StatusCode::kInternal, "");
-  // An id or key from `companion ls`, or a model source.
+  // An id or key from `companion ls` (a published key too), or a model source.
   bool local_path = ::access(model.source.c_str(), F_OK) == 0;
-  if (!local_path && model.source.find('/') == std::string::npos) {
+  bool key_like = model.published || model.source.rfind("source=", 0) == 0 ||
+                  model.source.find('/') == std::string::npos;
+  if (!local_path && !key_like) {
+    // "org/name" may be a published key or a Hugging Face id: the key first.
     s = (*client)->unload_key(model.source, force);
-  } else if (model.source.rfind("source=", 0) == 0) {
+    if (!s.ok() && s.error().code == StatusCode::kNotFound) {
+      auto spec = make_spec(model);
+      if (!spec.ok()) return fail(args, spec.error());
+      s = (*client)->unload(*spec, force);
+    }
+  } else if (!local_path) {
     s = (*client)->unload_key(model.source, force);
   } else {
     auto spec = make_spec(model);
@@ -150,6 +168,32 @@ int run_unload(const CommonArgs& args, const ModelArgs& model, bool force) {
 
 int run_list(const CommonArgs& args) {
   return run_status(args, ModelArgs{}, false);
+}
+
+int run_reload(const CommonArgs& args, const ModelArgs& model, bool force) {
+  auto client = Client::connect(args.connect);
+  if (!client.ok()) return fail(args, client.error());
+  // An id or key from `companion ls`, or a model source (named by the key it loaded under).
+  std::string key = model.source;
+  if (::access(model.source.c_str(), F_OK) == 0 || model.source.find('/') != std::string::npos) {
+    auto spec = make_spec(model);
+    if (spec.ok()) {
+      auto s = (*client)->status(*spec);
+      if (s.ok() && s->state != ModelState::kReady) key = s->key;
+    }
+  }
+  auto s = (*client)->reload(key, force);
+  if (!s.ok()) return fail(args, s.error());
+  if (args.json) {
+    std::cout << json_text(to_json(*s), 2) << std::endl;
+  } else if (!s->message.empty()) {
+    std::cout << s->id << "  generation " << s->generation << "  " << printable_text(s->message)
+              << std::endl;
+  } else {
+    std::cout << "reloaded " << s->id << " as generation " << s->generation << "  "
+              << printable_text(s->source) << std::endl;
+  }
+  return 0;
 }
 
 namespace {

@@ -21,6 +21,7 @@ struct ModelArgs {
   uint32_t tp_size = 1;
   uint32_t tp_rank = 0;
   std::string shard_rules;  // "" = the architecture's preset
+  bool published = false;   // source is a published model's key
 };
 
 struct CommonArgs {
@@ -36,6 +37,11 @@ struct AttachOptions {
   bool try_write = false;  // report whether a write through the mapping is refused
   double hold_s = 0;       // keep the mapping this long before exiting
   size_t show = 8;         // tensors listed in the table
+  // A published model (the spec's source is its key): which generation (0: the newest), and the
+  // fingerprint fields ("name=value") it must have.
+  bool published = false;
+  uint64_t generation = 0;
+  std::vector<std::string> fingerprint;
 };
 
 // The `serve` options that limit what the store holds.
@@ -53,6 +59,8 @@ int run_status(const CommonArgs& args, const ModelArgs& model, bool follow);
 int run_load(const CommonArgs& args, const ModelArgs& model, bool wait);
 int run_unload(const CommonArgs& args, const ModelArgs& model, bool force);
 int run_list(const CommonArgs& args);
+// A new generation of a loaded model whose files changed (force: even if they did not).
+int run_reload(const CommonArgs& args, const ModelArgs& model, bool force);
 // all: every live instance of the device, one line each; exit 0 when all of them serve.
 int run_health(const CommonArgs& args, bool all);
 int run_devices(bool json);

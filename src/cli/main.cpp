@@ -122,7 +122,17 @@ int main(int argc, char** argv) {
   add_model(unload_cmd, true);
   unload_cmd->add_flag("--force", force, "Unload even while clients hold it");
 
-  auto* ls_cmd = app.add_subcommand("ls", "List the server's models");
+  status_cmd->add_flag("--published", model.published, "MODEL is a published model's key");
+  unload_cmd->add_flag("--published", model.published, "MODEL is a published model's key");
+
+  bool reload_force = false;
+  auto* reload_cmd = app.add_subcommand(
+      "reload", "Load a new generation of a model whose files changed (readers keep theirs)");
+  add_common(reload_cmd);
+  add_model(reload_cmd, true);
+  reload_cmd->add_flag("--force", reload_force, "Reload even if the files did not change");
+
+  auto* ls_cmd = app.add_subcommand("ls", "List the server's models and their generations");
   add_common(ls_cmd);
   bool health_all = false;
   auto* health_cmd = app.add_subcommand("health", "Check the server (exit code 0 when serving)");
@@ -142,6 +152,12 @@ int main(int argc, char** argv) {
                        "Report whether a write through the mapping is refused (--json)");
   attach_cmd->add_option("--hold", attach.hold_s, "Seconds to keep the mapping before exiting");
   attach_cmd->add_option("--show", attach.show, "Tensors to list")->capture_default_str();
+  attach_cmd->add_flag("--published", attach.published, "MODEL is a published model's key");
+  attach_cmd->add_option("--generation", attach.generation,
+                         "Published: this generation (default: the newest)");
+  attach_cmd->add_option("--fingerprint", attach.fingerprint,
+                         "Published: a field NAME=VALUE the generation must have (repeatable; "
+                         "with any, the fingerprint must equal them exactly)");
   attach_cmd
       ->add_option("--initial-timeout", attach.initial_timeout_s,
                    "Seconds for the server to start the load")
@@ -162,10 +178,16 @@ int main(int argc, char** argv) {
   if (*status_cmd) return cli::run_status(common, model, follow);
   if (*load_cmd) return cli::run_load(common, model, !no_wait);
   if (*unload_cmd) return cli::run_unload(common, model, force);
+  if (*reload_cmd) return cli::run_reload(common, model, reload_force);
   if (*ls_cmd) return cli::run_list(common);
   if (*health_cmd) return cli::run_health(common, health_all);
   if (*devices_cmd) return cli::run_devices(devices_json);
   if (*attach_cmd) {
+    if (attach.published) {
+      ModelSpec key;
+      key.source = model.source;
+      return cli::run_attach(common, key, attach);
+    }
     auto spec = cli::make_spec(model);
     if (!spec.ok()) {
       std::fprintf(stderr, "companion attach: %s\n", spec.error().to_string().c_str());

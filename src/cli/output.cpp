@@ -48,12 +48,35 @@ std::string render_models(const std::vector<ModelStatus>& models) {
     std::snprintf(pct, sizeof(pct), "%.0f%%", s.progress() * 100.0);
     std::string state = model_state_name(s.state);
     if (s.state == ModelState::kLoading) state.append(" ").append(pct);
-    std::string note = s.state == ModelState::kError ? s.message : "";
-    rows.push_back({s.id, state, std::to_string(s.tensors), format_bytes(s.bytes_total),
-                    std::to_string(s.leases), s.backend, s.source, note});
+    // The current generation, and how many older ones readers still hold.
+    std::string generation = s.generation == 0 ? "-" : std::to_string(s.generation);
+    if (s.generations.size() > 1)
+      generation += " (+" + std::to_string(s.generations.size() - 1) + " held)";
+    std::string size = format_bytes(s.published ? s.slab_bytes : s.bytes_total);
+    std::string source = s.published ? "published: " + printable_text(s.key) : s.source;
+    rows.push_back({s.id, state, generation, std::to_string(s.tensors), size,
+                    std::to_string(s.leases), s.backend, source, printable_text(s.message)});
   }
-  return render_table({"ID", "STATE", "TENSORS", "SIZE", "LEASES", "BACKEND", "SOURCE", "ERROR"},
-                      rows);
+  return render_table(
+      {"ID", "STATE", "GEN", "TENSORS", "SIZE", "LEASES", "BACKEND", "SOURCE", "NOTE"}, rows);
+}
+
+// One line per live generation of each model that has more than one, or that is published:
+// its leases and digests.
+std::string render_generations(const std::vector<ModelStatus>& models) {
+  std::vector<std::vector<std::string>> rows;
+  for (const auto& s : models) {
+    if (!s.published && s.generations.size() < 2) continue;
+    for (const auto& g : s.generations) {
+      std::string digests;
+      for (const auto& d : g.digests) digests += (digests.empty() ? "" : " ") + d;
+      rows.push_back({s.id, std::to_string(g.number) + (g.current ? " *" : ""),
+                      std::to_string(g.leases), format_bytes(g.slab_bytes),
+                      digests.empty() ? "-" : digests});
+    }
+  }
+  if (rows.empty()) return "";
+  return "\n" + render_table({"ID", "GENERATION", "LEASES", "BYTES", "DIGESTS"}, rows);
 }
 
 std::string render_health(const HealthInfo& h) {

@@ -21,6 +21,8 @@ std::string json_text(const nlohmann::json& j, int indent = -1);
 std::string render_table(const std::vector<std::string>& header,
                          const std::vector<std::vector<std::string>>& rows);
 std::string render_models(const std::vector<ModelStatus>& models);
+// The live generations of published models and of models with more than one ("" when none).
+std::string render_generations(const std::vector<ModelStatus>& models);
 std::string render_health(const HealthInfo& h);
 // "[#########.........]  45.0%  1.2 GiB / 2.5 GiB"
 std::string render_progress(const ModelStatus& s, int width = 30);

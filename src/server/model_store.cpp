@@ -142,6 +142,8 @@ Result<void> StoreConfig::validate() const {
   auto bad = [](const std::string& what) { return make_error(StatusCode::kInvalidArgument, what); };
   if (max_models == 0) return bad("--max-models must be at least 1");
   if (max_variants_per_source == 0) return bad("--max-variants-per-source must be at least 1");
+  if (max_generations == 0 || max_generations > protocol::kMaxGenerationsPerKey)
+    return bad("--max-generations must be 1.." + std::to_string(protocol::kMaxGenerationsPerKey));
   if (max_error_entries == 0) return bad("--max-error-entries must be at least 1");
   if (max_models + max_error_entries > protocol::kMaxListedModels)
     return bad("--max-models plus --max-error-entries must be at most " +

@@ -1226,6 +1226,7 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   }
   config.max_models = options.max_models;
   config.max_variants_per_source = options.max_variants_per_source;
+  config.max_generations = options.max_generations;
   config.max_error_entries = options.max_error_entries;
   if (!(options.error_ttl_s > 0 && options.error_ttl_s < 1e9))
     return make_error(StatusCode::kInvalidArgument, "--error-ttl must be a positive number of s");

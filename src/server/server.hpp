@@ -78,6 +78,7 @@ struct ServerOptions {
   // Store limits (StoreConfig documents each): a load past one is refused and counted.
   size_t max_models = 1024;             // --max-models: loaded + loading
   size_t max_variants_per_source = 64;  // --max-variants-per-source
+  size_t max_generations = 2;           // --max-generations: live generations of one key
   size_t max_error_entries = 256;       // --max-error-entries: failed loads kept
   double error_ttl_s = 300;             // --error-ttl: how long a failed load is kept
   // --memory-reserve: device memory no load may take, in bytes ("1GiB", "512MiB", "4096") or as

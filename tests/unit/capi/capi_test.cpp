@@ -1329,4 +1329,42 @@ TEST_F(CapiPublishTest, BadTablesAreRefusedWithReasons) {
   EXPECT_EQ(companion_publication_commit(p.get(), nullptr), COMPANION_INVALID_ARGUMENT);
 }
 
+TEST_F(CapiPublishTest, AWaitingClaimTakesOverWhenTheWriterGoesAndWaitingReadersAttach) {
+  auto first_writer = connect();
+  auto waiter = connect();
+  auto reader = connect();
+  auto p = begin(first_writer.get(), "capi/handover", R"({"v":"1"})");
+  ASSERT_TRUE(p);
+  std::atomic<bool> claimed{false};
+  std::atomic<float> seen{-1.0f};
+  std::thread builder([&] {
+    companion_publication* raw = nullptr;
+    // Blocks on the server while the first writer holds the key.
+    if (companion_publish_claim(waiter.get(), "capi/handover", R"({"v":"1"})",
+                                COMPANION_CLAIM_IF_UNPUBLISHED, 20, &raw) != COMPANION_OK ||
+        raw == nullptr)
+      return;
+    claimed = true;
+    PublicationPtr mine(raw);
+    const int64_t shape[] = {4, 8};
+    companion_tensor_decl table[] = {{"w", COMPANION_DTYPE_F32, 2, shape, nullptr}};
+    if (companion_publication_declare(mine.get(), table, 1) != COMPANION_OK) return;
+    fill(mine.get(), 7.0f);
+    (void)companion_publication_commit(mine.get(), nullptr);
+  });
+  std::thread waiting_reader([&] {
+    auto m = attach(reader.get(), "capi/handover", R"({"v":"1"})", 0);
+    if (m) seen = first(m.get(), "w");
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  EXPECT_FALSE(claimed.load());  // still waiting: the first writer holds the key
+  p.reset();                     // the first writer gives up (as if it died)
+  builder.join();
+  waiting_reader.join();
+  EXPECT_TRUE(claimed.load());
+  EXPECT_EQ(seen.load(), 7.0f);  // the reader waited through the hand-over and got the commit
+  json e = entry(reader.get(), "capi/handover");
+  EXPECT_EQ(e["generation"], 1);
+}
+
 }  // namespace

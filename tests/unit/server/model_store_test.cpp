@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <future>
 #include <latch>
 #include <map>
 #include <mutex>
@@ -20,6 +21,8 @@
 
 #include "checkpoint/dtype_convert.hpp"
 #include "common/log.hpp"
+#include "common/util.hpp"
+#include "loader/layout.hpp"
 #include "loader/loader.hpp"
 #include "protocol/limits.hpp"
 #include "server/model_store.hpp"
@@ -1001,6 +1004,138 @@ TEST_F(ModelStoreTest, ShutdownAbandonsAStuckLoadWithinItsTimeout) {
   // builds would see it), and drops its slab.
   reads->release();
   EXPECT_TRUE(wait_until([&] { return counters->live_slabs.load() == 0; }, 5s));
+}
+
+
+// ---- reload: generations of a loaded model ------------------------------------------------
+
+TEST_F(ModelStoreTest, ReloadMakesANewGenerationOnlyWhenTheFilesChanged) {
+  make_store();
+  std::string path = write_model("reloaded", small_tensors(1));
+  ResolvedModel model = resolve(path);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
+  auto old_lease = store->acquire(model.key);
+  ASSERT_TRUE(old_lease.ok());
+  EXPECT_EQ(old_lease->status.generation, 1u);
+
+  // Unchanged files: no new generation, a note says so.
+  uint64_t before = store->status(model.key).seq;
+  ASSERT_TRUE(store->reload(model.key, false).ok());
+  ASSERT_TRUE(wait_until([&] {
+    auto s = store->status(model.key);
+    return s.seq > before && s.message.find("unchanged") != std::string::npos;
+  }));
+  EXPECT_EQ(store->status(model.key).generation, 1u);
+  EXPECT_EQ(counters->allocations.load(), 1);
+
+  // New bytes in place: generation 2; the lease of 1 still reads the old bytes.
+  std::this_thread::sleep_for(10ms);  // a visibly newer mtime even on coarse clocks
+  write_model("reloaded", small_tensors(7));
+  ASSERT_TRUE(store->reload(model.key, false).ok());
+  ASSERT_TRUE(wait_until([&] { return store->status(model.key).generation == 2; }));
+  ModelStatus s = store->status(model.key);
+  EXPECT_EQ(s.state, ModelState::kLoaded);
+  ASSERT_EQ(s.generations.size(), 2u);
+  EXPECT_EQ(s.generations[0].leases, 1u);
+  EXPECT_TRUE(s.generations[1].current);
+  auto fresh = store->acquire(model.key);
+  ASSERT_TRUE(fresh.ok());
+  EXPECT_EQ(fresh->status.generation, 2u);
+  expect_grant_bytes(*fresh, path);  // models[path] now holds seed 7's tensors
+  EXPECT_NE(old_lease->slab, fresh->slab);
+
+  // Two live generations (the default limit): a third reload waits for readers of the first.
+  EXPECT_EQ(store->reload(model.key, true).error().code, StatusCode::kLimitExceeded);
+  store->release(model.key, old_lease->generation);
+  EXPECT_EQ(store->status(model.key).generations.size(), 1u);
+  store->release(model.key, fresh->generation);
+  ASSERT_TRUE(store->reload(model.key, true).ok());  // force: same files, new generation
+  ASSERT_TRUE(wait_until([&] { return store->status(model.key).generation == 3; }));
+  EXPECT_EQ(store->status(model.key).generations.size(), 1u);  // 2 had no lease: freed
+}
+
+TEST_F(ModelStoreTest, AFailedReloadKeepsServingTheCurrentGeneration) {
+  make_store();
+  std::string path = write_model("broken-later", small_tensors(2));
+  ResolvedModel model = resolve(path);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
+  testing::write_file(path + "/model.safetensors", "not a safetensors file");
+  ASSERT_TRUE(store->reload(model.key, false).ok());
+  ASSERT_TRUE(wait_until([&] { return store->status(model.key).error_code != StatusCode::kOk; }));
+  ModelStatus s = store->status(model.key);
+  EXPECT_EQ(s.state, ModelState::kLoaded);
+  EXPECT_EQ(s.generation, 1u);
+  EXPECT_NE(s.message.find("reload failed"), std::string::npos) << s.message;
+  EXPECT_TRUE(store->acquire(model.key).ok());
+  EXPECT_EQ(store->reload("nothing-like-it", false).error().code, StatusCode::kNotFound);
+}
+
+// ---- publications ---------------------------------------------------------------------------
+
+TEST_F(ModelStoreTest, APublicationIsClaimedDeclaredCommittedAndLeased) {
+  make_store();
+  using protocol::ClaimMode;
+  std::vector<protocol::TensorDeclInfo> table = {{"a", DType::kF32, {4, 4}, ""},
+                                                 {"b", DType::kI8, {3}, ""},
+                                                 {"a2", DType::kF32, {4, 4}, "a"}};
+  auto claimed = store->claim("pub", {{"engine", "x"}}, ClaimMode::kNow, 1);
+  ASSERT_TRUE(claimed.ok()) << claimed.error().to_string();
+  EXPECT_EQ(claimed->kind, ClaimOutcome::Kind::kClaimed);
+  EXPECT_EQ(store->claim("pub", {}, ClaimMode::kNow, 2)->kind, ClaimOutcome::Kind::kBusy);
+  EXPECT_EQ(store->declare("pub", 2, table).error().code, StatusCode::kInvalidArgument);
+  auto grant = store->declare("pub", 1, table);
+  ASSERT_TRUE(grant.ok()) << grant.error().to_string();
+  ASSERT_EQ(grant->tensors->size(), 3u);
+  EXPECT_EQ((*grant->tensors)[2].offset, (*grant->tensors)[0].offset);
+  EXPECT_EQ((*grant->tensors)[1].offset % loader::kTensorAlignment, 0u);
+  EXPECT_EQ(grant->generation, 1u);
+  EXPECT_EQ(store->status(published_store_key("pub")).state, ModelState::kLoading);
+
+  std::promise<Result<LeaseGrant>> committed;
+  store->commit("pub", 1, [&](Result<LeaseGrant> r) { committed.set_value(std::move(r)); });
+  auto lease = committed.get_future().get();
+  ASSERT_TRUE(lease.ok()) << lease.error().to_string();
+  ModelStatus s = store->status(published_store_key("pub"));
+  EXPECT_EQ(s.state, ModelState::kLoaded);
+  EXPECT_TRUE(s.published);
+  EXPECT_EQ(s.key, "pub");
+  EXPECT_EQ(s.generation, 1u);
+  EXPECT_EQ(s.leases, 1u);
+  ASSERT_EQ(s.generations.size(), 1u);
+  ASSERT_FALSE(s.generations[0].digests.empty());
+  EXPECT_EQ(s.generations[0].digests[0], "wsum64:" + hex64(lease->slab->digest(0).value()));
+  EXPECT_EQ(store->acquire_published("pub", 0, Fingerprint{{"engine", "y"}}).error().code,
+            StatusCode::kFingerprintMismatch);
+  auto reader = store->acquire_published("pub", 0, Fingerprint{{"engine", "x"}});
+  ASSERT_TRUE(reader.ok());
+  EXPECT_EQ(reader->slab, lease->slab);
+  // attach-or-publish finds it committed and claims nothing.
+  EXPECT_EQ(store->claim("pub", {{"engine", "x"}}, ClaimMode::kIfUnpublished, 3)->kind,
+            ClaimOutcome::Kind::kPublished);
+  // A publication aborted before its declare, and one aborted after: nothing changes.
+  uint64_t held = store->slab_bytes();
+  ASSERT_EQ(store->claim("pub", {}, ClaimMode::kNow, 4)->kind, ClaimOutcome::Kind::kClaimed);
+  ASSERT_TRUE(store->declare("pub", 4, table).ok());
+  EXPECT_GT(store->slab_bytes(), held);
+  EXPECT_TRUE(store->abort("pub", 4));
+  EXPECT_FALSE(store->abort("pub", 4));
+  EXPECT_EQ(store->slab_bytes(), held);
+  EXPECT_EQ(store->status(published_store_key("pub")).generation, 1u);
+  EXPECT_EQ(store->admitted_bytes(), 0u);
+}
+
+TEST_F(ModelStoreTest, AnAbortedFirstPublicationLeavesNothingBehind) {
+  make_store();
+  ASSERT_TRUE(store->claim("gone", {}, protocol::ClaimMode::kNow, 1).ok());
+  ASSERT_TRUE(store->declare("gone", 1, {{"t", DType::kF32, {1024}, ""}}).ok());
+  EXPECT_GT(store->slab_bytes(), 0u);
+  EXPECT_TRUE(store->abort("gone", 1));
+  EXPECT_EQ(store->slab_bytes(), 0u);
+  EXPECT_TRUE(store->list().empty());
+  EXPECT_EQ(store->status(published_store_key("gone")).state, ModelState::kReady);
+  EXPECT_EQ(store->acquire_published("gone", 0, std::nullopt).error().code, StatusCode::kNotFound);
 }
 
 }  // namespace
