@@ -303,6 +303,29 @@ def test_begin_publish_meta_specs_abort_and_commit(client):
     assert _settle_slab(client, baseline) == baseline
 
 
+def test_abort_waits_for_the_tensors_handed_out(client):
+    """Memory safety first: an aborted publication whose writable tensor is still referenced
+    keeps its mapping (and the key) until that tensor is gone."""
+    key = "tests/abort-held"
+    baseline = _slab(client)
+    pub = client.begin_publish(key, {"x": ("F32", (4096,))})
+    x = pub.tensors["x"]
+    x.fill_(3.0)
+    pub.abort()
+    assert float(x.sum()) == 3.0 * 4096  # still mapped
+    with pytest.raises(companion.ModelInUse):
+        client.begin_publish(key, {"x": ("F32", (4,))})
+    assert _slab(client) > baseline
+    del x
+    assert _settle_slab(client, baseline) == baseline
+    with client.begin_publish(key, {"x": ("F32", (4,))}) as again:
+        again.tensors["x"].fill_(1.0)
+        model = again.commit()
+    assert "tests/abort-held" in repr(model) and float(model["x"].torch().sum()) == 4.0
+    del model, again
+    _unload_when_free(client, key)
+
+
 def test_numpy_only_publication(client):
     key = "tests/numpy"
     pub = client.begin_publish(key, {"a": ("u16", (4,)), "b": ("F64", (2, 2))})
