@@ -595,3 +595,48 @@ def test_writes_after_commit_fault(server):
         assert float(model["w"].torch().sum()) == 1024.0
         del model
         _unload_when_free(c, key)
+
+
+def test_attach_waits_for_a_first_generation_being_published(server, client):
+    key = "tests/attach-waits"
+    writer = start_child(server.runtime_dir, _child_code("""
+        pub = client.begin_publish(KEY, {"w": ("I32", (8,))})
+        pub.tensors["w"].copy_(__import__("torch").arange(8, dtype=__import__("torch").int32))
+        print("declared", flush=True)
+        sys.stdin.readline()
+        model = pub.commit()
+        print("committed", flush=True)
+        sys.stdin.readline()
+    """, KEY=key))
+    try:
+        read_line(writer, "declared")
+        with pytest.raises(companion.NotReady):
+            client.attach(key, wait=False)
+        with pytest.raises(companion.Timeout):
+            client.attach(key, timeout=0.3)
+        # Another writer waits for the key (CLAIM_WAIT) or is refused at once (CLAIM_NOW).
+        with pytest.raises(companion.ModelInUse):
+            client.begin_publish(key, {"w": ("I32", (8,))})
+        with pytest.raises(companion.Timeout):
+            client.begin_publish(key, {"w": ("I32", (8,))}, wait=True, timeout=0.3)
+        results = []
+        import threading
+
+        waiter = threading.Thread(target=lambda: results.append(client.attach(key, timeout=30)))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()  # waiting on the server
+        writer.stdin.write("commit\n")
+        read_line(writer, "committed")
+        waiter.join(30)
+        [model] = results
+        assert model["w"].numpy().tolist() == list(range(8))
+        # A third generation while the first is leased and the second current is refused.
+        second = client.publish(key, {"w": np.zeros(8, np.int32)})
+        with pytest.raises(companion.LimitExceeded):
+            client.publish(key, {"w": np.ones(8, np.int32)})
+        del model, results, second
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=30)
+    _unload_when_free(client, key)
