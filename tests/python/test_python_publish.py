@@ -635,7 +635,8 @@ def test_attach_waits_for_a_first_generation_being_published(server, client):
         second = client.publish(key, {"w": np.zeros(8, np.int32)})
         with pytest.raises(companion.LimitExceeded):
             client.publish(key, {"w": np.ones(8, np.int32)})
-        del model, results, second
+        results.clear()
+        del model, second
     finally:
         writer.stdin.close()
         writer.wait(timeout=30)
