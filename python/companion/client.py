@@ -304,8 +304,8 @@ class Client:
             return model
         if not isinstance(key_or_spec, str) and (generation is not None
                                                  or fingerprint is not None):
-            raise TypeError("generation and fingerprint apply to keys (str): pass the "
-                            "published key or the model's key (ModelStatus.key)")
+            raise TypeError("generation and fingerprint apply to keys (str), not to a "
+                            "ModelSpec; the timeout is a keyword argument (timeout=...)")
         model_spec = ModelSpec.of(key_or_spec)
         s = _SpecBuffer(model_spec)
         lib = _lib.load_library()
