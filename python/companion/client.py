@@ -11,7 +11,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping,
 
 from . import _lib
 from ._types import ModelSpec, ModelStatus, SpecLike, check_fingerprint, fingerprint_json
-from .errors import InvalidArgument, NotFound, Timeout
+from .errors import FingerprintMismatch, InvalidArgument, NotFound, Timeout
 from .model import MappedModel, _ModelHandle
 
 if TYPE_CHECKING:
@@ -294,12 +294,18 @@ class Client:
         Pass ``timeout`` as a keyword (the second positional parameter is ``generation``)."""
         if isinstance(key_or_spec, str) and (generation is not None or fingerprint is not None
                                              or _lib.has_function("companion_client_attach")):
-            return self.attach(key_or_spec, generation=generation, fingerprint=fingerprint,
-                               timeout=timeout, or_source=True)
+            model = self.attach(key_or_spec, generation=generation, fingerprint=fingerprint,
+                                timeout=timeout, or_source=True)
+            if not model.status.published:  # a checkpoint: the spec it was loaded by
+                try:
+                    model.spec = ModelSpec(key_or_spec)
+                except (TypeError, ValueError):
+                    pass
+            return model
         if not isinstance(key_or_spec, str) and (generation is not None
                                                  or fingerprint is not None):
-            raise TypeError("generation and fingerprint apply to keys (str): pass the "
-                            "published key or the model's key (ModelStatus.key)")
+            raise TypeError("generation and fingerprint apply to keys (str), not to a "
+                            "ModelSpec; the timeout is a keyword argument (timeout=...)")
         model_spec = ModelSpec.of(key_or_spec)
         s = _SpecBuffer(model_spec)
         lib = _lib.load_library()
@@ -325,7 +331,9 @@ class Client:
         the generation's (FingerprintMismatch names the differing fields). ``wait``: wait while
         the key's first generation is being published (up to ``timeout`` s; None = no limit),
         else NotReady at once. ``or_source``: no model published under the key -> treat it as a
-        checkpoint source."""
+        checkpoint source (only its current generation can be attached, and it has no
+        fingerprint: asking for another generation raises NotFound, for a fingerprint
+        FingerprintMismatch)."""
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         if generation is not None and (isinstance(generation, bool)
@@ -349,7 +357,22 @@ class Client:
         with self._handle as ptr:
             _lib.check(attach(ptr, key.encode("utf-8"), ctypes.byref(options),
                               ctypes.byref(out)))
-        return MappedModel(_ModelHandle(out.value or 0))
+        model = MappedModel(_ModelHandle(out.value or 0))
+        status = model.status
+        if or_source and not status.published:
+            # A checkpoint: the server maps its current generation and has no fingerprint to
+            # check; refuse what was asked for and not done.
+            if generation and status.generation != generation:
+                model.release()
+                raise NotFound(f"{key} is a checkpoint, not a published key: only its current "
+                               f"generation ({status.generation}) can be attached, not "
+                               f"generation {generation}")
+            if fingerprint:
+                model.release()
+                raise FingerprintMismatch(f"{key} is a checkpoint, not a published key: it has "
+                                          "no fingerprint to match "
+                                          + ", ".join(sorted(fingerprint)))
+        return model
 
     def reload(self, key_or_id: str, force: bool = False,
                timeout: Optional[float] = None) -> ModelStatus:

@@ -498,6 +498,6 @@ class MappedModel(collections.abc.Mapping):
 
     def __repr__(self) -> str:
         state = "released" if self._handle is None else f"{len(self._tensors)} tensors"
-        source = self.spec.source if self.spec else self.status.source
+        source = self.spec.source if self.spec else (self.status.source or self.status.key)
         return f"<companion.MappedModel {source!r} {state}, lease {self.lease_id}>"
 

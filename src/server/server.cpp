@@ -226,10 +226,13 @@ class ServerImpl final : public Server {
   // Runs on the loop thread. Statuses may arrive slightly out of order (they are posted by
   // several threads); seq tells which is newer.
   void on_model_status(const ModelStatus& s) {
+    // Subscriptions and waiters name a published model by its store key, statuses by the
+    // publisher's key.
+    const std::string store_key = s.published ? published_store_key(s.key) : s.key;
     std::vector<uint64_t> touched;
     for (auto& [cid, c] : connections_) {
       for (auto& [rid, sub] : c->subscriptions) {
-        if (!sub.all && sub.key != s.key) continue;
+        if (!sub.all && sub.key != store_key) continue;
         uint64_t& last = sub.last_seq[s.key];
         if (s.seq <= last) continue;
         last = s.seq;
@@ -243,7 +246,6 @@ class ServerImpl final : public Server {
     bool settled = s.state == ModelState::kLoaded || s.state == ModelState::kError ||
                    s.state == ModelState::kUnloaded;
     if (settled) {
-      std::string store_key = s.published ? published_store_key(s.key) : s.key;
       auto range = waiters_.equal_range(store_key);
       std::vector<Waiter> ready;
       for (auto w = range.first; w != range.second;) {

@@ -43,8 +43,19 @@ def start_child(runtime_dir, body, device="host"):
                             env=dict(os.environ))
 
 
-def read_line(proc, expect=None):
-    line = proc.stdout.readline()
+def read_line(proc, expect=None, timeout=60):
+    """The child's next line of output (waiting up to ``timeout`` s; the child is killed after
+    that), checked to start with ``expect``."""
+    import threading
+
+    box = []
+    reader = threading.Thread(target=lambda: box.append(proc.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if not box:
+        proc.kill()
+        raise AssertionError(f"no line from the child in {timeout} s: {proc.stderr.read()}")
+    line = box[0]
     if not line:
         raise AssertionError(f"child exited ({proc.wait()}): {proc.stderr.read()}")
     line = line.strip()

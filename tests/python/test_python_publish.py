@@ -163,8 +163,7 @@ def test_publish_then_attach_in_another_process(server, client):
         from publish_support import digests
         m = client.get_model_parameters({key!r}, fingerprint={FP!r})
         print(json.dumps(digests(m)))
-        sd = client.state_dict({key!r})
-        print(sorted(sd) == sorted(m))
+        print(sorted(client.attach({key!r})) == sorted(m))
     """)
     lines = r.stdout.splitlines()
     assert json.loads(lines[0]) == mine
@@ -181,6 +180,11 @@ def test_publish_then_attach_in_another_process(server, client):
     # The child's lease went with it; ours stays.
     assert wait_until(lambda: _model_named(client, key).generations[0].leases == 1)
     assert gen.created_at_ms > 1.6e12
+    # `companion ls --json` shows the same.
+    listed, code = server.cli_json("ls")
+    [doc] = [d for d in listed if d["key"] == key]
+    assert code == 0 and doc["published"] is True and doc["generation"] == 1
+    assert doc["fingerprint"] == FP and doc["generations"][0]["digests"] == list(gen.digests)
 
     # Unload by key once no lease is left: the memory goes back.
     with pytest.raises(companion.ModelInUse):
@@ -215,6 +219,9 @@ def test_fingerprint_mismatch_names_the_fields(server, client):
     same = client.get_model_parameters(key, fingerprint=dict(FP))
     assert np.array_equal(same["w"].numpy(), np.arange(12, dtype=np.float32))
     assert client.attach(key).status.fingerprint == FP  # no fingerprint: not checked
+    state = client.state_dict(key, fingerprint=FP)
+    assert torch.equal(state["w"], torch.arange(12, dtype=torch.float32))
+    del state
     # In another process too.
     r = run_child(server.runtime_dir, f"""
         try:
@@ -296,6 +303,29 @@ def test_begin_publish_meta_specs_abort_and_commit(client):
     assert _settle_slab(client, baseline) == baseline
 
 
+def test_abort_waits_for_the_tensors_handed_out(client):
+    """Memory safety first: an aborted publication whose writable tensor is still referenced
+    keeps its mapping (and the key) until that tensor is gone."""
+    key = "tests/abort-held"
+    baseline = _slab(client)
+    pub = client.begin_publish(key, {"x": ("F32", (4096,))})
+    x = pub.tensors["x"]
+    x.fill_(3.0)
+    pub.abort()
+    assert float(x.sum()) == 3.0 * 4096  # still mapped
+    with pytest.raises(companion.ModelInUse):
+        client.begin_publish(key, {"x": ("F32", (4,))})
+    assert _slab(client) > baseline
+    del x
+    assert _settle_slab(client, baseline) == baseline
+    with client.begin_publish(key, {"x": ("F32", (4,))}) as again:
+        again.tensors["x"].fill_(1.0)
+        model = again.commit()
+    assert "tests/abort-held" in repr(model) and float(model["x"].torch().sum()) == 4.0
+    del model, again
+    _unload_when_free(client, key)
+
+
 def test_numpy_only_publication(client):
     key = "tests/numpy"
     pub = client.begin_publish(key, {"a": ("u16", (4,)), "b": ("F64", (2, 2))})
@@ -320,12 +350,13 @@ WRITER = """
 """
 
 WAITER = """
-    import torch
+    import numpy as np  # not torch: children start faster
     def build():
         with open(MARKER, "a") as f:
             f.write(f"{os.getpid()}\\n")
         time.sleep(BUILD_SECONDS)
-        return {"big": torch.full((512, 1024), 2.0), "small": torch.arange(16, dtype=torch.int32)}
+        return {"big": np.full((512, 1024), 2.0, np.float32),
+                "small": np.arange(16, dtype=np.int32)}
     print("waiting", flush=True)
     m = client.attach_or_publish(KEY, FP, build, timeout=60)
     from publish_support import digests
@@ -393,7 +424,7 @@ def test_concurrent_attach_or_publish_builds_once(server, client, tmp_path):
     marker = tmp_path / "builds"
     go = tmp_path / "go"
     body = _child_code("""
-        import torch
+        import numpy
         print("ready", flush=True)
         while not os.path.exists(GO):
             time.sleep(0.005)
@@ -480,6 +511,8 @@ def test_generation_swap(server, client):
 def test_status_stream_of_a_key(client):
     key = "tests/stream"
     with client.status_stream(key=key, timeout=10) as stream:
+        first = stream.next()  # the current state: nothing published yet
+        assert first.key == key and first.published and first.generation == 0
         model = client.publish(key, {"w": np.ones(8, np.float32)})
         seen = []
         while True:
@@ -487,9 +520,124 @@ def test_status_stream_of_a_key(client):
             seen.append(status)
             if status.generation == 1:
                 break
-        assert status.key == key and status.published
+        assert status.key == key and status.published and status.loaded
+        assert all(s.state == "loading" for s in seen[:-1])
+        again = client.publish(key, {"w": np.zeros(8, np.float32)})
+        while status.generation != 2:
+            status = stream.next()
+        assert [g.generation for g in status.generations] == [1, 2]
     with pytest.raises(TypeError):
         client.status_stream("x", key=key)
-    del model
+    del model, again
     _unload_when_free(client, key)
 
+
+
+def test_reload_makes_a_new_generation_of_a_checkpoint(client, model_root):
+    spec = companion.ModelSpec(model_root / "opt-f32", tag="reload")
+    loaded = client.load(spec)
+    old = client.get_model_parameters(spec)
+    weight = old["model.decoder.embed_tokens.weight"].torch()
+    expected = weight.clone()
+    unchanged = client.reload(loaded.id)
+    assert unchanged.generation == loaded.generation and "unchanged" in unchanged.raw["message"]
+    forced = client.reload(loaded.key, force=True, timeout=60)
+    assert forced.loaded and forced.generation == loaded.generation + 1
+    assert [(g.generation, g.current) for g in forced.generations] == [
+        (loaded.generation, False), (forced.generation, True)]
+    assert forced.generation_info(loaded.generation).leases == 1  # old's
+    new = client.get_model_parameters(spec)
+    assert new.status.generation == forced.generation
+    assert new["model.decoder.embed_tokens.weight"].data_ptr != weight.data_ptr()
+    assert torch.equal(weight, expected) and torch.equal(new.state_dict()[
+        "model.decoder.embed_tokens.weight"], expected)
+    del old, weight
+    gc.collect()
+    assert wait_until(lambda: [g.generation for g in client.status(spec).generations]
+                      == [forced.generation])
+    with pytest.raises(companion.NotFound):
+        client.reload("tests/no-such-model")
+    del new
+    gc.collect()
+    wait_until(lambda: client.status(spec).leases == 0)
+    client.unload(spec)
+
+
+def test_checkpoints_have_no_generation_pins_or_fingerprints(client, model_root):
+    source = str(model_root / "opt-bf16")
+    current = client.get_model_parameters(source)
+    assert not current.status.published and current.spec == companion.ModelSpec(source)
+    assert client.get_model_parameters(source, generation=current.status.generation).status \
+        .generation == current.status.generation
+    with pytest.raises(companion.NotFound, match="checkpoint"):
+        client.get_model_parameters(source, generation=current.status.generation + 5)
+    with pytest.raises(companion.FingerprintMismatch, match="checkpoint"):
+        client.get_model_parameters(source, fingerprint={"engine": "x"})
+
+
+def test_writes_after_commit_fault(server):
+    """The writable mapping is remapped read-only in place at commit: a write through a tensor
+    kept from before kills the writer with SIGSEGV, and the published bytes are intact."""
+    key = "tests/write-after-commit"
+    r = run_child(server.runtime_dir, f"""
+        pub = client.begin_publish({key!r}, {{"w": ("F32", (1024,))}})
+        w = pub.tensors["w"]
+        w.fill_(1.0)
+        model = pub.commit()
+        print("committed", float(w.sum()), flush=True)
+        w.add_(1.0)
+        print("wrote", flush=True)
+    """, check=False)
+    assert "committed 1024.0" in r.stdout and "wrote" not in r.stdout
+    assert r.returncode == -signal.SIGSEGV, (r.returncode, r.stderr)
+    with companion.connect(runtime_dir=server.runtime_dir) as c:
+        model = c.attach(key)
+        assert float(model["w"].torch().sum()) == 1024.0
+        del model
+        _unload_when_free(c, key)
+
+
+def test_attach_waits_for_a_first_generation_being_published(server, client):
+    key = "tests/attach-waits"
+    writer = start_child(server.runtime_dir, _child_code("""
+        pub = client.begin_publish(KEY, {"w": ("I32", (8,))})
+        pub.tensors["w"].copy_(__import__("torch").arange(8, dtype=__import__("torch").int32))
+        print("declared", flush=True)
+        sys.stdin.readline()
+        model = pub.commit()
+        print("committed", flush=True)
+        sys.stdin.readline()
+    """, KEY=key))
+    try:
+        read_line(writer, "declared")
+        with pytest.raises(companion.NotReady):
+            client.attach(key, wait=False)
+        with pytest.raises(companion.Timeout):
+            client.attach(key, timeout=0.3)
+        # Another writer waits for the key (CLAIM_WAIT) or is refused at once (CLAIM_NOW).
+        with pytest.raises(companion.ModelInUse):
+            client.begin_publish(key, {"w": ("I32", (8,))})
+        with pytest.raises(companion.Timeout):
+            client.begin_publish(key, {"w": ("I32", (8,))}, wait=True, timeout=0.3)
+        results = []
+        import threading
+
+        waiter = threading.Thread(target=lambda: results.append(client.attach(key, timeout=30)))
+        waiter.start()
+        time.sleep(0.3)
+        assert waiter.is_alive()  # waiting on the server
+        writer.stdin.write("commit\n")
+        read_line(writer, "committed")
+        waiter.join(30)
+        [model] = results
+        assert model["w"].numpy().tolist() == list(range(8))
+        # A third generation while the first is leased and the second current is refused.
+        second = client.publish(key, {"w": np.zeros(8, np.int32)})
+        with pytest.raises(companion.LimitExceeded):
+            client.publish(key, {"w": np.ones(8, np.int32)})
+        results.clear()
+        del model, second
+    finally:
+        writer.stdin.close()
+        writer.wait(timeout=30)
+    _unload_when_free(client, key)

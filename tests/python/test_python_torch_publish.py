@@ -115,7 +115,7 @@ def test_attach_module_is_strict(client):
     wrong.proj = torch.nn.Linear(64, 64, device="meta", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="dtype mismatch for proj.weight"):
         attach_module(wrong, mapped)
-    del mapped, target, wrong
+    del mapped, target, wrong, info  # the traceback holds the attach's frames
     _unload_when_free(client, "tests/strict")
 
 
@@ -189,7 +189,7 @@ def test_engine_shaped_model_runs_bit_identical_in_another_process(server, clien
     finally:
         publisher.stdin.close()
         publisher.wait(timeout=30)
-    del engine, mapped, qkv
+    del engine, mapped, qkv, tensor
     _unload_when_free(client, key)
 
 
