@@ -11,7 +11,7 @@ from typing import (TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Mapping,
 
 from . import _lib
 from ._types import ModelSpec, ModelStatus, SpecLike, check_fingerprint, fingerprint_json
-from .errors import FingerprintMismatch, InvalidArgument, NotFound, Timeout
+from .errors import InvalidArgument, NotFound, Timeout
 from .model import MappedModel, _ModelHandle
 
 if TYPE_CHECKING:
@@ -331,9 +331,8 @@ class Client:
         the generation's (FingerprintMismatch names the differing fields). ``wait``: wait while
         the key's first generation is being published (up to ``timeout`` s; None = no limit),
         else NotReady at once. ``or_source``: no model published under the key -> treat it as a
-        checkpoint source (only its current generation can be attached, and it has no
-        fingerprint: asking for another generation raises NotFound, for a fingerprint
-        FingerprintMismatch)."""
+        checkpoint source: its generations are those ``reload`` made, and its fingerprint is
+        empty (asking for fields raises FingerprintMismatch)."""
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         if generation is not None and (isinstance(generation, bool)
@@ -357,22 +356,7 @@ class Client:
         with self._handle as ptr:
             _lib.check(attach(ptr, key.encode("utf-8"), ctypes.byref(options),
                               ctypes.byref(out)))
-        model = MappedModel(_ModelHandle(out.value or 0))
-        status = model.status
-        if or_source and not status.published:
-            # A checkpoint: the server maps its current generation and has no fingerprint to
-            # check; refuse what was asked for and not done.
-            if generation and status.generation != generation:
-                model.release()
-                raise NotFound(f"{key} is a checkpoint, not a published key: only its current "
-                               f"generation ({status.generation}) can be attached, not "
-                               f"generation {generation}")
-            if fingerprint:
-                model.release()
-                raise FingerprintMismatch(f"{key} is a checkpoint, not a published key: it has "
-                                          "no fingerprint to match "
-                                          + ", ".join(sorted(fingerprint)))
-        return model
+        return MappedModel(_ModelHandle(out.value or 0))
 
     def reload(self, key_or_id: str, force: bool = False,
                timeout: Optional[float] = None) -> ModelStatus:

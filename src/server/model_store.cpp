@@ -752,17 +752,27 @@ Result<void> check_fingerprint(const std::string& key, uint64_t number, const Fi
   return make_error(
       StatusCode::kFingerprintMismatch,
       "'" + printable_text(key) + "' generation " + std::to_string(number) +
-          " was published with another fingerprint: " + fingerprint_difference(have, want));
+          " has another fingerprint: " + fingerprint_difference(have, want));
 }
 
 Result<LeaseGrant> ModelStore::acquire_published(const std::string& key, uint64_t generation,
                                                  const std::optional<Fingerprint>& fingerprint) {
+  return acquire_generation(published_store_key(key), generation, fingerprint);
+}
+
+Result<LeaseGrant> ModelStore::acquire_generation(const std::string& store_key, uint64_t generation,
+                                                  const std::optional<Fingerprint>& fingerprint) {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto it = entries_.find(published_store_key(key));
+  auto it = entries_.find(store_key);
+  bool published = store_key.rfind(published_store_key(""), 0) == 0;
+  std::string key = published ? store_key.substr(published_store_key("").size()) : store_key;
   if (it == entries_.end())
-    return make_error(StatusCode::kNotFound,
-                      "nothing is published under '" + printable_text(key) + "'");
+    return make_error(
+        StatusCode::kNotFound,
+        (published ? "nothing is published under '" : "no model '") + printable_text(key) + "'");
   Entry& e = *it->second;
+  if (!published && e.state != ModelState::kLoaded)
+    return make_error(StatusCode::kNotReady, "model is not loaded");
   if (e.generations.empty())
     return make_error(StatusCode::kNotReady,
                       "'" + printable_text(key) + "' is being published; no generation yet");

@@ -123,6 +123,10 @@ class ModelStore {
   // generation is being written.
   Result<LeaseGrant> acquire_published(const std::string& key, uint64_t generation,
                                        const std::optional<Fingerprint>& fingerprint);
+  // The same for any model by its store key (a loaded one: generations made by reload; its
+  // fingerprint is empty).
+  Result<LeaseGrant> acquire_generation(const std::string& store_key, uint64_t generation,
+                                        const std::optional<Fingerprint>& fingerprint);
   void release(const std::string& key, uint64_t generation);
 
   // ---- publishing: `writer` identifies the connection that holds a key ----

@@ -187,13 +187,16 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     admitted_bytes_ -= std::min(outstanding - keep, admitted_bytes_);
     outstanding = keep;
   };
+  auto allocate_start = Clock::now();
   auto slab = backend_->allocate(layout.segment_sizes, short_id(store_key));
   if (!slab.ok()) {
     std::lock_guard<std::mutex> lock(mutex_);
     settle(0);
     return slab.error();
   }
+  auto allocated_at = Clock::now();
   auto exports = (*slab)->export_writable();
+  auto exported_at = Clock::now();
   if (!exports.ok()) {
     std::lock_guard<std::mutex> lock(mutex_);
     settle(0);
@@ -254,8 +257,11 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     grant.exports = std::move(*exports);
     grant.generation = e.next_number;
   }
+  auto ms = [](Clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); };
   log::info("publishing '" + printable_text(key) + "': " + std::to_string(table.size()) +
-            " tensors, " + format_bytes(slab_bytes));
+            " tensors, " + format_bytes(slab_bytes) + " (allocated in " +
+            std::to_string(ms(allocated_at - allocate_start)) + " ms, exported in " +
+            std::to_string(ms(exported_at - allocated_at)) + " ms)");
   notify(grant.status);
   return grant;
 }
@@ -314,6 +320,7 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
       digests.push_back(digest_text(*digest));
   }
   if (pool->stopping) return;  // the store is going away: touch nothing more
+  auto digested_at = Clock::now();
   if (outcome.ok()) outcome = slab->seal();
   if (!outcome.ok()) {
     ModelStatus s;
@@ -353,9 +360,12 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
     }
   }
   if (committed) {
-    double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    auto ms = [](Clock::duration d) {
+      return std::chrono::duration<double, std::milli>(d).count();
+    };
     log::info("committed '" + printable_text(key) + "' generation " + std::to_string(s.generation) +
-              " (digest and seal " + std::to_string(ms) + " ms)");
+              " (digest " + std::to_string(ms(digested_at - start)) + " ms, seal " +
+              std::to_string(ms(Clock::now() - digested_at)) + " ms)");
     notify(s);
   }
   done(std::move(grant));

@@ -571,13 +571,19 @@ class ServerImpl final : public Server {
     }
     auto s = store_->ensure_loading(*model);
     if (!s.ok()) return reply_error(c, rid, s.error());
-    if (s->state == ModelState::kLoaded) return grant(c, rid, store_->acquire(model->key));
+    bool pinned = m.generation != 0 || m.fingerprint.has_value();
+    if (s->state == ModelState::kLoaded)
+      return grant(c, rid,
+                   pinned ? store_->acquire_generation(model->key, m.generation, m.fingerprint)
+                          : store_->acquire(model->key));
     if (!m.wait)
       return reply_error(
           c, rid,
           make_error(StatusCode::kNotReady, "model is loading (" + std::to_string(s->bytes_done) +
                                                 "/" + std::to_string(s->bytes_total) + " bytes)"));
-    waiters_.emplace(model->key, Waiter{c.id, rid, Waiter::Kind::kLease, s->seq, {}, 0, {}});
+    waiters_.emplace(
+        model->key,
+        Waiter{c.id, rid, Waiter::Kind::kLease, s->seq, {}, m.generation, m.fingerprint});
     ++c.parked;
   }
 
@@ -663,7 +669,11 @@ class ServerImpl final : public Server {
       return send(c, Message{w.request_id, protocol::LoadReply{s}});
     }
     if (s.state == ModelState::kLoaded) {
-      if (w.kind == Waiter::Kind::kLease) return grant(c, w.request_id, store_->acquire(s.key));
+      if (w.kind == Waiter::Kind::kLease)
+        return grant(c, w.request_id,
+                     w.generation != 0 || w.fingerprint
+                         ? store_->acquire_generation(s.key, w.generation, w.fingerprint)
+                         : store_->acquire(s.key));
       if (w.kind == Waiter::Kind::kPublished)
         return grant(c, w.request_id,
                      store_->acquire_published(w.key, w.generation, w.fingerprint));

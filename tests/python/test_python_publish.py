@@ -563,16 +563,18 @@ def test_reload_makes_a_new_generation_of_a_checkpoint(client, model_root):
     client.unload(spec)
 
 
-def test_checkpoints_have_no_generation_pins_or_fingerprints(client, model_root):
+def test_checkpoints_pin_generations_and_have_an_empty_fingerprint(client, model_root):
     source = str(model_root / "opt-bf16")
     current = client.get_model_parameters(source)
     assert not current.status.published and current.spec == companion.ModelSpec(source)
     assert client.get_model_parameters(source, generation=current.status.generation).status \
         .generation == current.status.generation
-    with pytest.raises(companion.NotFound, match="checkpoint"):
+    with pytest.raises(companion.NotFound, match="no generation"):
         client.get_model_parameters(source, generation=current.status.generation + 5)
-    with pytest.raises(companion.FingerprintMismatch, match="checkpoint"):
+    with pytest.raises(companion.FingerprintMismatch, match="engine"):
         client.get_model_parameters(source, fingerprint={"engine": "x"})
+    assert client.get_model_parameters(source, fingerprint={}).status.generation == \
+        current.status.generation
 
 
 def test_writes_after_commit_fault(server):
