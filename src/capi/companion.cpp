@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "client/json.hpp"
+#include "client/publication.hpp"
 #include "companion/client.hpp"
 
 // The C and C++ lists come from one X-macro; check anyway that the values agree.
@@ -624,18 +625,8 @@ companion_status companion_publication_declare(companion_publication* publicatio
     auto declared = publication->publication->declare(table);
     if (!declared.ok()) return fail(declared.error());
     publication->tensors.clear();
-    for (const auto& w : publication->publication->tensors()) {
-      companion::TensorView v;
-      v.name = w.name;
-      v.dtype = w.dtype;
-      v.shape = w.shape;
-      v.strides = w.strides;
-      v.data = w.data;
-      v.nbytes = w.nbytes;
-      v.on_device = w.on_device;
-      v.device_ordinal = w.device_ordinal;
-      publication->tensors.push_back(to_c(v));
-    }
+    for (const auto& w : publication->publication->tensors())
+      publication->tensors.push_back(to_c(companion::client::read_only_view(w)));
     return COMPANION_OK;
   });
 }

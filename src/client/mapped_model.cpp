@@ -50,6 +50,29 @@ std::vector<uint64_t> MappedModel::segment_inodes() const {
 
 namespace client {
 
+Result<std::vector<std::unique_ptr<memory::MappedSegment>>> import_segments(
+    const protocol::Parameters& params, std::vector<UniqueFd>& fds, int ordinal,
+    memory::Access access, std::vector<uint64_t>* inodes) {
+  std::vector<std::unique_ptr<memory::MappedSegment>> out;
+  for (const auto& seg : params.segments) {
+    memory::SegmentExport e;
+    e.kind = seg.kind;
+    e.size = seg.size;
+    e.ipc_handle = seg.ipc_handle;
+    if (seg.fd_index >= 0) {
+      if (static_cast<size_t>(seg.fd_index) >= fds.size() || !fds[seg.fd_index].valid())
+        return make_error(StatusCode::kProtocolError, "segment descriptor missing");
+      e.fd = std::move(fds[seg.fd_index]);
+      struct stat st {};
+      if (inodes != nullptr) inodes->push_back(::fstat(e.fd.get(), &st) == 0 ? st.st_ino : 0);
+    }
+    COMPANION_ASSIGN_OR_RETURN(
+        auto mapped, memory::import_segment(std::move(e), memory::ImportTarget{ordinal}, access));
+    out.push_back(std::move(mapped));
+  }
+  return out;
+}
+
 Result<std::shared_ptr<MappedModel>> map_parameters(std::shared_ptr<Connection> connection,
                                                     protocol::Parameters params,
                                                     std::vector<UniqueFd> fds, int ordinal) {
@@ -61,22 +84,9 @@ Result<std::shared_ptr<MappedModel>> map_parameters(std::shared_ptr<Connection> 
     MappedModel discard(std::move(impl));
     return e;
   };
-  for (const auto& seg : params.segments) {
-    memory::SegmentExport e;
-    e.kind = seg.kind;
-    e.size = seg.size;
-    e.ipc_handle = seg.ipc_handle;
-    if (seg.fd_index >= 0) {
-      if (static_cast<size_t>(seg.fd_index) >= fds.size() || !fds[seg.fd_index].valid())
-        return fail(make_error(StatusCode::kProtocolError, "segment descriptor missing"));
-      e.fd = std::move(fds[seg.fd_index]);
-      struct stat st {};
-      impl->inodes.push_back(::fstat(e.fd.get(), &st) == 0 ? st.st_ino : 0);
-    }
-    auto mapped = memory::import_segment(std::move(e), memory::ImportTarget{ordinal});
-    if (!mapped.ok()) return fail(mapped.error());
-    impl->segments.push_back(std::move(*mapped));
-  }
+  auto segments = import_segments(params, fds, ordinal, memory::Access::kReadOnly, &impl->inodes);
+  if (!segments.ok()) return fail(segments.error());
+  impl->segments = std::move(*segments);
   impl->views.reserve(params.tensors.size());
   for (const auto& t : params.tensors) {
     const auto& seg = impl->segments[t.segment];

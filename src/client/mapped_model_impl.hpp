@@ -25,6 +25,11 @@ struct MappedModel::Impl {
 };
 
 namespace client {
+// Maps each segment of a Parameters reply (descriptors in fds, taken) with the given access;
+// the memfd inodes go to *inodes.
+Result<std::vector<std::unique_ptr<memory::MappedSegment>>> import_segments(
+    const protocol::Parameters& params, std::vector<UniqueFd>& fds, int ordinal,
+    memory::Access access, std::vector<uint64_t>* inodes);
 // Maps a Parameters reply's segments (descriptors in fds) and builds the tensor views.
 Result<std::shared_ptr<MappedModel>> map_parameters(std::shared_ptr<Connection> connection,
                                                     protocol::Parameters params,

@@ -50,23 +50,8 @@ class PublicationImpl final : public Publication {
       return make_error(StatusCode::kProtocolError,
                         "the server did not answer with a writable slab");
     generation_ = params->model.generation;
-    for (const auto& seg : params->segments) {
-      memory::SegmentExport e;
-      e.kind = seg.kind;
-      e.size = seg.size;
-      e.ipc_handle = seg.ipc_handle;
-      if (seg.fd_index >= 0) {
-        if (static_cast<size_t>(seg.fd_index) >= fds.size() || !fds[seg.fd_index].valid())
-          return make_error(StatusCode::kProtocolError, "segment descriptor missing");
-        e.fd = std::move(fds[seg.fd_index]);
-        struct stat st {};
-        inodes_.push_back(::fstat(e.fd.get(), &st) == 0 ? st.st_ino : 0);
-      }
-      auto mapped = memory::import_segment(std::move(e), memory::ImportTarget{ordinal_},
-                                           memory::Access::kReadWrite);
-      if (!mapped.ok()) return mapped.error();
-      segments_.push_back(std::move(*mapped));
-    }
+    COMPANION_ASSIGN_OR_RETURN(
+        segments_, import_segments(*params, fds, ordinal_, memory::Access::kReadWrite, &inodes_));
     views_.reserve(params->tensors.size());
     for (const auto& t : params->tensors) {
       const auto& seg = segments_[t.segment];
@@ -122,18 +107,7 @@ class PublicationImpl final : public Publication {
     impl->segments = std::move(segments_);
     impl->inodes = std::move(inodes_);
     impl->views.reserve(views_.size());
-    for (const auto& w : views_) {
-      TensorView v;
-      v.name = w.name;
-      v.dtype = w.dtype;
-      v.shape = w.shape;
-      v.strides = w.strides;
-      v.data = w.data;
-      v.nbytes = w.nbytes;
-      v.on_device = w.on_device;
-      v.device_ordinal = w.device_ordinal;
-      impl->views.push_back(v);
-    }
+    for (const auto& w : views_) impl->views.push_back(read_only_view(w));
     impl->by_name.reserve(impl->views.size());
     for (size_t i = 0; i < impl->views.size(); ++i) impl->by_name.emplace(impl->views[i].name, i);
     generation_ = committed->model.generation;
@@ -167,6 +141,19 @@ class PublicationImpl final : public Publication {
 };
 
 }  // namespace
+
+TensorView read_only_view(const WritableTensor& w) {
+  TensorView v;
+  v.name = w.name;
+  v.dtype = w.dtype;
+  v.shape = w.shape;
+  v.strides = w.strides;
+  v.data = w.data;
+  v.nbytes = w.nbytes;
+  v.on_device = w.on_device;
+  v.device_ordinal = w.device_ordinal;
+  return v;
+}
 
 Result<void> require_publishing(const ServerIdentity& server, uint16_t server_minor) {
   if (server_minor >= 1) return ok_result();

@@ -16,6 +16,9 @@ Result<std::unique_ptr<Publication>> claim_publication(std::shared_ptr<Connectio
                                                        const Fingerprint& fingerprint,
                                                        ClaimMode mode, int timeout_ms);
 
+// The same tensor as a read-only view (what it is once committed).
+TensorView read_only_view(const WritableTensor& tensor);
+
 // kVersionMismatch when the server predates publishing (protocol 1.1).
 Result<void> require_publishing(const ServerIdentity& server, uint16_t server_minor);
 

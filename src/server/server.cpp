@@ -743,19 +743,8 @@ class ServerImpl final : public Server {
   void on_declare(Connection& c, uint64_t rid, const protocol::PublishDeclare& m) {
     auto g = store_->declare(m.key, c.id, m.tensors);
     if (!g.ok()) return reply_error(c, rid, g.error());
-    std::vector<protocol::SegmentInfo> segments;
     std::vector<UniqueFd> fds;
-    for (auto& e : g->exports) {
-      protocol::SegmentInfo info;
-      info.kind = e.kind;
-      info.size = e.size;
-      info.ipc_handle = e.ipc_handle;
-      if (e.fd.valid()) {
-        info.fd_index = static_cast<int32_t>(fds.size());
-        fds.push_back(std::move(e.fd));
-      }
-      segments.push_back(info);
-    }
+    std::vector<protocol::SegmentInfo> segments = describe_segments(g->exports, fds);
     ModelStatus status = g->status;
     status.generation = g->generation;  // the number the writer's commit will get
     enqueue(c, protocol::encode_parameters(rid, 0, status, segments, *g->tensors, true),
@@ -855,9 +844,18 @@ class ServerImpl final : public Server {
                            "(--max-queued-fds-total)"));
     }
     uint64_t lease_id = next_lease_++;
-    std::vector<protocol::SegmentInfo> segments;
     std::vector<UniqueFd> fds;
-    for (auto& e : g->exports) {
+    std::vector<protocol::SegmentInfo> segments = describe_segments(g->exports, fds);
+    auto payload = protocol::encode_parameters(rid, lease_id, g->status, segments, *g->tensors);
+    c.leases[lease_id] = Connection::Lease{key, g->generation, g->slab};
+    enqueue(c, std::move(payload), std::move(fds));
+  }
+
+  // Segment descriptions for a Parameters reply; their descriptors move to fds.
+  static std::vector<protocol::SegmentInfo> describe_segments(
+      std::vector<memory::SegmentExport>& exports, std::vector<UniqueFd>& fds) {
+    std::vector<protocol::SegmentInfo> segments;
+    for (auto& e : exports) {
       protocol::SegmentInfo info;
       info.kind = e.kind;
       info.size = e.size;
@@ -868,9 +866,7 @@ class ServerImpl final : public Server {
       }
       segments.push_back(info);
     }
-    auto payload = protocol::encode_parameters(rid, lease_id, g->status, segments, *g->tensors);
-    c.leases[lease_id] = Connection::Lease{key, g->generation, g->slab};
-    enqueue(c, std::move(payload), std::move(fds));
+    return segments;
   }
 
   // ---- replies --------------------------------------------------------------------------------
