@@ -1006,7 +1006,6 @@ TEST_F(ModelStoreTest, ShutdownAbandonsAStuckLoadWithinItsTimeout) {
   EXPECT_TRUE(wait_until([&] { return counters->live_slabs.load() == 0; }, 5s));
 }
 
-
 // ---- reload: generations of a loaded model ------------------------------------------------
 
 TEST_F(ModelStoreTest, ReloadMakesANewGenerationOnlyWhenTheFilesChanged) {
@@ -1078,9 +1077,8 @@ TEST_F(ModelStoreTest, AFailedReloadKeepsServingTheCurrentGeneration) {
 TEST_F(ModelStoreTest, APublicationIsClaimedDeclaredCommittedAndLeased) {
   make_store();
   using protocol::ClaimMode;
-  std::vector<protocol::TensorDeclInfo> table = {{"a", DType::kF32, {4, 4}, ""},
-                                                 {"b", DType::kI8, {3}, ""},
-                                                 {"a2", DType::kF32, {4, 4}, "a"}};
+  std::vector<protocol::TensorDeclInfo> table = {
+      {"a", DType::kF32, {4, 4}, ""}, {"b", DType::kI8, {3}, ""}, {"a2", DType::kF32, {4, 4}, "a"}};
   auto claimed = store->claim("pub", {{"engine", "x"}}, ClaimMode::kNow, 1);
   ASSERT_TRUE(claimed.ok()) << claimed.error().to_string();
   EXPECT_EQ(claimed->kind, ClaimOutcome::Kind::kClaimed);
