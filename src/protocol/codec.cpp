@@ -327,7 +327,10 @@ Result<std::vector<int64_t>> get_shape(const fb::Vector<int64_t>* shape, const s
   std::vector<int64_t> out;
   if (shape == nullptr) return out;
   if (shape->size() > kMaxRank) return malformed("tensor '" + name + "' rank too high");
-  out.assign(shape->begin(), shape->end());
+  // Copied bytewise: a mutated or hostile buffer may hold the vector misaligned.
+  static_assert(std::endian::native == std::endian::little);
+  out.resize(shape->size());
+  if (!out.empty()) std::memcpy(out.data(), shape->Data(), out.size() * sizeof(int64_t));
   uint64_t elements = 1;
   for (int64_t d : out) {
     if (d < 0) return malformed("tensor '" + name + "' has a negative dim");
