@@ -122,7 +122,8 @@ class Publication {
 struct AttachOptions {
   uint64_t generation = 0;                 // 0 = the newest committed
   std::optional<Fingerprint> fingerprint;  // checked against the generation's when set
-  bool or_source = false;  // no model published under the key: treat it as a checkpoint source
+  // The key may name a checkpoint too: one the server finds is used before a published key.
+  bool or_source = false;
   bool wait = true;        // wait for a first generation being published (or a load)
   double timeout_s = -1;
 };

@@ -126,8 +126,9 @@ typedef struct companion_attach_options {
   /* NULL = not checked; else a JSON object of strings that must equal the committed
    * generation's fingerprint (COMPANION_FINGERPRINT_MISMATCH names the differing fields). */
   const char* fingerprint_json;
-  /* Non-zero: when no model is published under the key, treat it as a checkpoint source (as
-   * companion_model_spec.source) instead of answering COMPANION_NOT_FOUND. Default 0. */
+  /* Non-zero: the key may also name a checkpoint (as companion_model_spec.source). A checkpoint
+   * the server finds is used; only when it finds none is the key a published model's. Default
+   * 0 (a published key only). */
   int32_t or_source;
   /* Non-zero (default): wait while a writer is publishing the key's first generation (or the
    * checkpoint loads); 0 = COMPANION_NOT_READY at once. */

@@ -286,10 +286,10 @@ class Client:
 
         - A :class:`ModelSpec` (or a path object): loads the checkpoint if needed (waiting up to
           ``timeout`` s; None = no limit), as before publishing existed.
-        - A str: a published key wins (its newest generation, or ``generation``; the
-          ``fingerprint`` checked when given: FingerprintMismatch names the differing fields);
-          otherwise the str is a checkpoint source, as ``ModelSpec(str)``. Waits while the
-          key's first generation is being published (up to ``timeout``).
+        - A str: a checkpoint the server finds under that name (as ``ModelSpec(str)``), else a
+          published key: its newest generation, or ``generation``; the ``fingerprint`` checked
+          when given (FingerprintMismatch names the differing fields). Waits while the key's
+          first generation is being published (up to ``timeout``).
 
         Pass ``timeout`` as a keyword (the second positional parameter is ``generation``)."""
         if isinstance(key_or_spec, str) and (generation is not None or fingerprint is not None
@@ -330,9 +330,10 @@ class Client:
         (NotFound once that generation is freed). ``fingerprint`` (dict str -> str) must equal
         the generation's (FingerprintMismatch names the differing fields). ``wait``: wait while
         the key's first generation is being published (up to ``timeout`` s; None = no limit),
-        else NotReady at once. ``or_source``: no model published under the key -> treat it as a
-        checkpoint source: its generations are those ``reload`` made, and its fingerprint is
-        empty (asking for fields raises FingerprintMismatch)."""
+        else NotReady at once. ``or_source``: the key may name a checkpoint too, and one the
+        server finds is used before a published key; a checkpoint's generations are those
+        ``reload`` made, and its fingerprint is empty (asking for fields raises
+        FingerprintMismatch)."""
         if not isinstance(key, str):
             raise TypeError(f"key must be a str, not {type(key).__name__}")
         if generation is not None and (isinstance(generation, bool)

@@ -72,7 +72,7 @@ void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve) 
   serve_cmd
       .add_option("--max-generations", serve.max_generations,
                   "Generations of one model alive at once: the current one, older ones readers "
-                  "still hold, and one being published or reloaded (1..4)")
+                  "still hold, and one being published or reloaded (2..4)")
       ->capture_default_str();
   serve_cmd
       .add_option("--max-error-entries", serve.max_error_entries,

@@ -701,7 +701,8 @@ Result<void> validate_publish_key(std::string_view key) {
   if (key.size() > kMaxPublishKeyBytes)
     return bad("a published model's key is at most " + std::to_string(kMaxPublishKeyBytes) +
                " bytes, not " + std::to_string(key.size()));
-  if (!is_valid_utf8(key)) return bad("a published model's key must be UTF-8");
+  if (!is_valid_utf8(key) || key.find('\0') != std::string_view::npos)
+    return bad("a published model's key must be UTF-8 without NUL");
   return ok_result();
 }
 
@@ -713,8 +714,9 @@ Result<void> validate_fingerprint(const Fingerprint& fingerprint) {
   size_t bytes = 0;
   for (const auto& [name, value] : fingerprint) {
     if (name.empty()) return bad("a fingerprint field has an empty name");
-    if (!is_valid_utf8(name) || !is_valid_utf8(value))
-      return bad("fingerprint fields must be UTF-8");
+    if (!is_valid_utf8(name) || !is_valid_utf8(value) || name.find('\0') != std::string::npos ||
+        value.find('\0') != std::string::npos)
+      return bad("fingerprint fields must be UTF-8 without NUL");
     bytes += name.size() + value.size();
   }
   if (bytes > kMaxFingerprintBytes)

@@ -142,8 +142,9 @@ Result<void> StoreConfig::validate() const {
   auto bad = [](const std::string& what) { return make_error(StatusCode::kInvalidArgument, what); };
   if (max_models == 0) return bad("--max-models must be at least 1");
   if (max_variants_per_source == 0) return bad("--max-variants-per-source must be at least 1");
-  if (max_generations == 0 || max_generations > protocol::kMaxGenerationsPerKey)
-    return bad("--max-generations must be 1.." + std::to_string(protocol::kMaxGenerationsPerKey));
+  // A new generation is always built beside the current one: 2 at least.
+  if (max_generations < 2 || max_generations > protocol::kMaxGenerationsPerKey)
+    return bad("--max-generations must be 2.." + std::to_string(protocol::kMaxGenerationsPerKey));
   if (max_error_entries == 0) return bad("--max-error-entries must be at least 1");
   if (max_models + max_error_entries > protocol::kMaxListedModels)
     return bad("--max-models plus --max-error-entries must be at most " +
@@ -749,10 +750,9 @@ std::string fingerprint_difference(const Fingerprint& have, const Fingerprint& w
 Result<void> check_fingerprint(const std::string& key, uint64_t number, const Fingerprint& have,
                                const Fingerprint& want) {
   if (have == want) return ok_result();
-  return make_error(
-      StatusCode::kFingerprintMismatch,
-      "'" + printable_text(key) + "' generation " + std::to_string(number) +
-          " has another fingerprint: " + fingerprint_difference(have, want));
+  return make_error(StatusCode::kFingerprintMismatch,
+                    "'" + printable_text(key) + "' generation " + std::to_string(number) +
+                        " has another fingerprint: " + fingerprint_difference(have, want));
 }
 
 Result<LeaseGrant> ModelStore::acquire_published(const std::string& key, uint64_t generation,
@@ -808,12 +808,14 @@ void ModelStore::release(const std::string& key, uint64_t generation) {
 }
 
 ModelStore::Entry* ModelStore::find_locked(const std::string& key_or_id) const {
+  // A store key, then a short id, then a published key: a key published under another model's
+  // id does not take that id over.
   auto it = entries_.find(key_or_id);
-  if (it != entries_.end()) return it->second.get();
-  it = entries_.find(published_store_key(key_or_id));
   if (it != entries_.end()) return it->second.get();
   for (const auto& [key, e] : entries_)
     if (e->id == key_or_id) return e.get();
+  it = entries_.find(published_store_key(key_or_id));
+  if (it != entries_.end()) return it->second.get();
   return nullptr;
 }
 

@@ -32,8 +32,9 @@ Result<std::vector<uint64_t>> check_table(const std::vector<protocol::TensorDecl
   index.reserve(table.size());
   for (size_t i = 0; i < table.size(); ++i) {
     const auto& t = table[i];
-    if (t.name.empty() || t.name.size() > protocol::kMaxNameBytes || !is_valid_utf8(t.name))
-      return invalid("tensor " + std::to_string(i) + " has no valid name (UTF-8, 1.." +
+    if (t.name.empty() || t.name.size() > protocol::kMaxNameBytes || !is_valid_utf8(t.name) ||
+        t.name.find('\0') != std::string::npos)
+      return invalid("tensor " + std::to_string(i) + " has no valid name (UTF-8 without NUL, 1.." +
                      std::to_string(protocol::kMaxNameBytes) + " bytes)");
     if (!index.emplace(t.name, i).second)
       return invalid("tensor '" + printable_text(t.name) + "' is declared twice");
@@ -41,11 +42,15 @@ Result<std::vector<uint64_t>> check_table(const std::vector<protocol::TensorDecl
       return invalid("tensor '" + printable_text(t.name) + "' has rank " +
                      std::to_string(t.shape.size()) + "; at most " +
                      std::to_string(protocol::kMaxRank));
+    // Bounded with the zero dims left out too: strides multiply every other dim.
     uint64_t elements = 1;
+    uint64_t span = 1;
     for (int64_t d : t.shape) {
       if (d < 0) return invalid("tensor '" + printable_text(t.name) + "' has a negative dim");
-      if (d != 0 && elements > (uint64_t{1} << 56) / static_cast<uint64_t>(d))
+      uint64_t n = d == 0 ? 1 : static_cast<uint64_t>(d);
+      if (span > (uint64_t{1} << 56) / n)
         return invalid("tensor '" + printable_text(t.name) + "' is too large");
+      span *= n;
       elements *= static_cast<uint64_t>(d);
     }
     if (!t.alias_of.empty()) {
@@ -107,7 +112,8 @@ Result<ClaimOutcome> ModelStore::claim(const std::string& key, const Fingerprint
         return make_error(StatusCode::kLimitExceeded,
                           "'" + printable_text(key) + "' has " +
                               std::to_string(e.generations.size()) +
-                              " live generations, its limit (--max-generations " +
+                              " live generations, and a new one would pass its limit "
+                              "(--max-generations " +
                               std::to_string(config_.max_generations) +
                               "); readers still hold generation(s)" + leased);
       }
@@ -309,9 +315,12 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
     key = entry->publish_key;
   }
   auto start = Clock::now();
-  // Digests first: the writer has dropped write access, so the bytes no longer change.
+  // Sealed first: from then on nobody can change the bytes (a host seal fails while a writable
+  // mapping is left), so the digest is of what readers will see, and a refused seal costs no
+  // digest.
+  Result<void> outcome = slab->seal();
+  auto sealed_at = Clock::now();
   std::vector<std::string> digests;
-  Result<void> outcome = ok_result();
   for (size_t i = 0; i < slab->segment_count() && outcome.ok(); ++i) {
     auto digest = slab->digest(i);
     if (!digest.ok())
@@ -320,8 +329,6 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
       digests.push_back(digest_text(*digest));
   }
   if (pool->stopping) return;  // the store is going away: touch nothing more
-  auto digested_at = Clock::now();
-  if (outcome.ok()) outcome = slab->seal();
   if (!outcome.ok()) {
     ModelStatus s;
     {
@@ -364,8 +371,8 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
       return std::chrono::duration<double, std::milli>(d).count();
     };
     log::info("committed '" + printable_text(key) + "' generation " + std::to_string(s.generation) +
-              " (digest " + std::to_string(ms(digested_at - start)) + " ms, seal " +
-              std::to_string(ms(Clock::now() - digested_at)) + " ms)");
+              " (seal " + std::to_string(ms(sealed_at - start)) + " ms, digest " +
+              std::to_string(ms(Clock::now() - sealed_at)) + " ms)");
     notify(s);
   }
   done(std::move(grant));

@@ -89,6 +89,8 @@ constexpr const char* kRefusalReasons[] = {
     "queued_bytes",           // --max-queued-bytes: a client not reading its replies
     "queued_bytes_total",     // --max-queued-bytes-total
     "leases",                 // --max-leases-per-connection
+    "parked_requests",        // --max-queued-replies requests waiting on one connection
+    "publications",           // publications in progress on one connection
 };
 
 // A request parked until its model finishes loading (or its first generation is committed).
@@ -538,6 +540,14 @@ class ServerImpl final : public Server {
 
   void on_get(Connection& c, uint64_t rid, const protocol::GetParameters& m) {
     if (!m.key.empty()) {
+      if (m.or_source) {
+        // A checkpoint the server finds is what the name means; a key published under the same
+        // spelling never stands in for it (another client could publish under any path).
+        protocol::GetParameters as_spec = m;
+        as_spec.key.clear();
+        if (as_spec.spec.source.empty()) as_spec.spec.source = m.key;
+        if (store_->resolve(as_spec.spec).ok()) return on_get(c, rid, as_spec);
+      }
       std::string store_key = published_store_key(m.key);
       ModelStatus now = store_->status(store_key);
       bool held = now.state == ModelState::kLoaded || now.state == ModelState::kLoading;
@@ -547,6 +557,7 @@ class ServerImpl final : public Server {
             return reply_error(c, rid,
                                make_error(StatusCode::kNotReady,
                                           "'" + printable_text(m.key) + "' is being published"));
+          if (!may_park(c, rid)) return;
           Waiter w{c.id,         rid,          Waiter::Kind::kPublished, now.seq, m.key,
                    m.generation, m.fingerprint};
           waiters_.emplace(store_key, std::move(w));
@@ -581,6 +592,7 @@ class ServerImpl final : public Server {
           c, rid,
           make_error(StatusCode::kNotReady, "model is loading (" + std::to_string(s->bytes_done) +
                                                 "/" + std::to_string(s->bytes_total) + " bytes)"));
+    if (!may_park(c, rid)) return;
     waiters_.emplace(
         model->key,
         Waiter{c.id, rid, Waiter::Kind::kLease, s->seq, {}, m.generation, m.fingerprint});
@@ -594,6 +606,7 @@ class ServerImpl final : public Server {
     if (!s.ok()) return reply_error(c, rid, s.error());
     if (s->state == ModelState::kLoaded || !m.wait)
       return send(c, Message{rid, protocol::LoadReply{*s}});
+    if (!may_park(c, rid)) return;
     waiters_.emplace(model->key, Waiter{c.id, rid, Waiter::Kind::kLoad, s->seq, {}, 0, {}});
     ++c.parked;
   }
@@ -693,6 +706,13 @@ class ServerImpl final : public Server {
   // ---- publishing -----------------------------------------------------------------------------
 
   void on_claim(Connection& c, uint64_t rid, const protocol::PublishClaim& m) {
+    if (c.publishing.size() >= kMaxPublicationsPerConnection && !c.publishing.count(m.key)) {
+      count_refusal("publications");
+      return reply_error(c, rid,
+                         make_error(StatusCode::kLimitExceeded,
+                                    "this connection holds " + std::to_string(c.publishing.size()) +
+                                        " publications in progress already; commit or abort one"));
+    }
     auto outcome = store_->claim(m.key, m.fingerprint, m.mode, c.id);
     if (!outcome.ok()) return reply_error(c, rid, outcome.error());
     switch (outcome->kind) {
@@ -709,8 +729,21 @@ class ServerImpl final : public Server {
                          make_error(StatusCode::kModelInUse,
                                     "another client is publishing '" + printable_text(m.key) +
                                         "'; claim it with wait to publish after it"));
+    if (!may_park(c, rid)) return;
     claim_waiters_.emplace(m.key, ClaimWaiter{c.id, rid, m});
     ++c.parked;
+  }
+
+  // Requests a connection may have waiting on the server at once (parked loads, attaches,
+  // claims, commits, reloads): each costs the server memory until it is answered.
+  bool may_park(Connection& c, uint64_t rid) {
+    if (c.parked < limits_.max_queued_replies) return true;
+    count_refusal("parked_requests");
+    reply_error(c, rid,
+                make_error(StatusCode::kLimitExceeded,
+                           "this connection has " + std::to_string(c.parked) +
+                               " requests waiting already (--max-queued-replies)"));
+    return false;
   }
 
   // The key's writer is gone (committed, aborted, disconnected, unloaded): parked claims are
@@ -752,6 +785,7 @@ class ServerImpl final : public Server {
   }
 
   void on_commit(Connection& c, uint64_t rid, const protocol::PublishCommit& m) {
+    if (!may_park(c, rid)) return;
     uint64_t cid = c.id;
     std::string key = m.key;
     ++c.parked;
@@ -765,8 +799,13 @@ class ServerImpl final : public Server {
 
   void on_committed(uint64_t cid, uint64_t rid, const std::string& key, Result<LeaseGrant> result) {
     auto it = connections_.find(cid);
-    if (it == connections_.end()) {  // the writer went away meanwhile: its lease goes too
-      if (result.ok()) store_->release(result->key, result->generation);
+    if (it == connections_.end()) {
+      // The writer went away meanwhile: its lease goes too, and a commit that failed ends its
+      // publication (nobody is left to retry it).
+      if (result.ok())
+        store_->release(result->key, result->generation);
+      else
+        store_->abort(key, cid);
       hand_over(key);
       return;
     }
@@ -803,6 +842,7 @@ class ServerImpl final : public Server {
 
   void on_reload(Connection& c, uint64_t rid, const protocol::Reload& m) {
     std::string store_key = store_->find_key(m.key);
+    if (!may_park(c, rid)) return;
     auto s = store_->reload(m.key, m.force);
     if (!s.ok()) return reply_error(c, rid, s.error());
     waiters_.emplace(store_key, Waiter{c.id, rid, Waiter::Kind::kReload, s->seq, {}, 0, {}});
@@ -1100,6 +1140,8 @@ class ServerImpl final : public Server {
     uint64_t suppressed = 0;
   };
   static constexpr auto kAcceptBackoff = std::chrono::milliseconds(100);
+  // Keys one connection may hold as their writer at once (each claim takes a model's place).
+  static constexpr size_t kMaxPublicationsPerConnection = 64;
   static constexpr auto kLogInterval = std::chrono::seconds(10);
 
   ServerOptions options_;
