@@ -643,3 +643,25 @@ def test_attach_waits_for_a_first_generation_being_published(server, client):
         writer.stdin.close()
         writer.wait(timeout=30)
     _unload_when_free(client, key)
+
+
+def test_a_key_published_under_a_checkpoints_path_never_stands_in_for_it(client, model_root):
+    """Any admitted client may publish under any name: a name the server finds as a checkpoint
+    means the checkpoint, and the key published under it is reached only by attach()."""
+    source = str(model_root / "opt-f32")
+    real = client.get_model_parameters(source)
+    name = "model.decoder.embed_tokens.weight"
+    fake = {name: np.full(real[name].shape, 7.0, dtype=np.float32)}
+    published = client.publish(source, fake)
+    try:
+        again = client.get_model_parameters(source)
+        assert not again.status.published
+        assert torch.equal(again[name].torch(), real[name].torch())
+        assert client.attach(source)[name].torch()[0, 0].item() == 7.0
+    finally:
+        del published
+        gc.collect()
+        wait_until(lambda: any(m.published and m.leases == 0 for m in client.list()))
+        for m in client.list():
+            if m.published and m.key == source:
+                client.unload(m.id, force=True)

@@ -1318,6 +1318,11 @@ TEST_F(CapiPublishTest, BadTablesAreRefusedWithReasons) {
   companion_tensor_decl forward[] = {{"b", COMPANION_DTYPE_F32, 2, shape, "a"},
                                      {"a", COMPANION_DTYPE_F32, 2, shape, nullptr}};
   EXPECT_EQ(companion_publication_declare(p.get(), forward, 2), COMPANION_INVALID_ARGUMENT);
+  // A zero dim makes no bytes, but the other dims still make strides: bounded all the same.
+  const int64_t huge[] = {0, int64_t{1} << 62, int64_t{1} << 62};
+  companion_tensor_decl overflow[] = {{"o", COMPANION_DTYPE_F32, 3, huge, nullptr}};
+  EXPECT_EQ(companion_publication_declare(p.get(), overflow, 1), COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("too large"), std::string::npos) << last_error();
   companion_tensor_decl neg[] = {{"n", COMPANION_DTYPE_F32, 1, negative, nullptr}};
   EXPECT_EQ(companion_publication_declare(p.get(), neg, 1), COMPANION_INVALID_ARGUMENT);
   // Commit before a table: refused, and the publication is still open.

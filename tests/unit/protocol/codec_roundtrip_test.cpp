@@ -669,6 +669,10 @@ TEST(CodecRoundTrip, PublishKeysAndFingerprintsAreBounded) {
   EXPECT_EQ(validate_publish_key(std::string(kMaxPublishKeyBytes + 1, 'k')).error().code,
             StatusCode::kInvalidArgument);
   EXPECT_EQ(validate_publish_key("bad\xff").error().code, StatusCode::kInvalidArgument);
+  EXPECT_EQ(validate_publish_key(std::string("nul\0inside", 10)).error().code,
+            StatusCode::kInvalidArgument);
+  EXPECT_EQ(validate_fingerprint({{std::string("a\0b", 3), "v"}}).error().code,
+            StatusCode::kInvalidArgument);
   Fingerprint f;
   for (size_t i = 0; i <= kMaxFingerprintFields; ++i) f["f" + std::to_string(i)] = "v";
   EXPECT_EQ(validate_fingerprint(f).error().code, StatusCode::kInvalidArgument);

@@ -7,6 +7,7 @@
 #include "common/util.hpp"
 #include "memory/host_backend.hpp"
 #include "protocol/limits.hpp"
+#include "protocol/messages.hpp"
 #include "server/model_store.hpp"
 
 namespace companion::server {
@@ -33,6 +34,50 @@ TEST(StoreLimits, MemoryReserveTakesBytesOrAShare) {
     ASSERT_FALSE(r.ok());
     EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument);
   }
+}
+
+TEST(StoreLimits, AStatusAtEveryBoundFitsItsWireBudget) {
+  // The largest status the server can emit: longest key, source and message, a full fingerprint,
+  // and every generation with a full fingerprint and its listed digests.
+  ModelStatus s;
+  s.key = std::string(protocol::kMaxStringBytes, 'k');
+  s.id = std::string(12, 'i');
+  s.source = std::string(protocol::kMaxSourceBytes, 's');
+  s.message = std::string(protocol::kMaxStatusMessageBytes, 'm');
+  s.backend = "cuda-vmm";
+  s.published = true;
+  for (size_t i = 0; i < protocol::kMaxFingerprintFields; ++i) {
+    std::string name = "f" + std::to_string(i);
+    size_t room = protocol::kMaxFingerprintBytes / protocol::kMaxFingerprintFields;
+    s.fingerprint[name] = std::string(room - name.size(), 'v');
+  }
+  ASSERT_TRUE(protocol::validate_fingerprint(s.fingerprint).ok());
+  for (size_t g = 0; g < protocol::kMaxGenerationsPerKey; ++g) {
+    GenerationInfo info;
+    info.number = ~uint64_t{0} - g;
+    info.leases = ~uint32_t{0};
+    info.slab_bytes = ~uint64_t{0};
+    info.created_at_ms = -1;
+    info.fingerprint = s.fingerprint;
+    for (size_t d = 0; d < protocol::kMaxListedDigests; ++d)
+      info.digests.push_back("wsum64:" + std::string(16, 'f'));
+    s.generations.push_back(std::move(info));
+  }
+  auto bytes = protocol::encode(protocol::Message{1, protocol::StatusEvent{s}});
+  EXPECT_LE(bytes.size(), protocol::kMaxModelStatusWireBytes);
+  auto back = protocol::decode(std::move(bytes));
+  ASSERT_TRUE(back.ok()) << back.error().to_string();
+}
+
+TEST(StoreLimits, GenerationsAreTwoToTheProtocolsBound) {
+  StoreConfig c;
+  EXPECT_TRUE(c.validate().ok());
+  c.max_generations = 1;  // a new generation is always built beside the current one
+  EXPECT_EQ(c.validate().error().code, StatusCode::kInvalidArgument);
+  c.max_generations = protocol::kMaxGenerationsPerKey;
+  EXPECT_TRUE(c.validate().ok());
+  c.max_generations = protocol::kMaxGenerationsPerKey + 1;
+  EXPECT_EQ(c.validate().error().code, StatusCode::kInvalidArgument);
 }
 
 TEST(StoreLimits, ListOfEveryEntryAlwaysFitsOneFrame) {
