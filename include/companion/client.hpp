@@ -124,7 +124,7 @@ struct AttachOptions {
   std::optional<Fingerprint> fingerprint;  // checked against the generation's when set
   // The key may name a checkpoint too: one the server finds is used before a published key.
   bool or_source = false;
-  bool wait = true;        // wait for a first generation being published (or a load)
+  bool wait = true;  // wait for a first generation being published (or a load)
   double timeout_s = -1;
 };
 

@@ -231,8 +231,8 @@ COMPANION_API companion_status companion_model_info(const companion_model* model
 /** Claims `key` for writing. *publication is NULL (and COMPANION_OK returned) only in mode
  * COMPANION_CLAIM_IF_UNPUBLISHED when a generation is committed: attach it instead. */
 COMPANION_API companion_status companion_publish_claim(companion_client* client, const char* key,
-                                                       const char* fingerprint_json,
-                                                       int32_t mode, double timeout_s,
+                                                       const char* fingerprint_json, int32_t mode,
+                                                       double timeout_s,
                                                        companion_publication** publication);
 /** Declares the table; the server allocates its slab. Once per publication. */
 COMPANION_API companion_status companion_publication_declare(companion_publication* publication,
@@ -244,8 +244,8 @@ COMPANION_API size_t companion_publication_tensor_count(const companion_publicat
 COMPANION_API companion_status companion_publication_tensor(
     const companion_publication* publication, size_t index, companion_tensor* tensor);
 /** Key, generation, segments and bytes as JSON. */
-COMPANION_API companion_status companion_publication_info(
-    const companion_publication* publication, char** json);
+COMPANION_API companion_status companion_publication_info(const companion_publication* publication,
+                                                          char** json);
 /** Ends writing (device work must be finished: the library synchronises its own context first),
  * then the server digests and seals the slab and makes it the key's newest generation. The
  * publication's mapping stays, read-only, as *model (a lease of the committed generation, also

@@ -23,7 +23,7 @@
   X(CUDA_ERROR, CudaError, 16, "CUDA error")                           \
   X(CONNECTION_CLOSED, ConnectionClosed, 17, "connection closed")      \
   X(INTERNAL, Internal, 18, "internal error")                          \
-  X(LIMIT_EXCEEDED, LimitExceeded, 19, "limit exceeded")              \
+  X(LIMIT_EXCEEDED, LimitExceeded, 19, "limit exceeded")               \
   X(FINGERPRINT_MISMATCH, FingerprintMismatch, 20, "fingerprint mismatch")
 
 #endif /* COMPANION_STATUS_CODES_H */

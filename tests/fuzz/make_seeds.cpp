@@ -101,6 +101,34 @@ std::vector<std::pair<std::string, Bytes>> messages() {
   add("health_reply", HealthReply{health});
   add("error_reply", ErrorReply{Error{StatusCode::kNotFound, "no such model"}});
   add("done", Done{});
+  // Publishing (protocol 1.1).
+  add("publish_claim", PublishClaim{"engine/llama", {{"engine", "vllm"}, {"tp", "0/2"}},
+                                    ClaimMode::kIfUnpublished});
+  ModelStatus published = status(ModelState::kLoaded);
+  published.published = true;
+  published.generation = 2;
+  published.fingerprint = {{"engine", "vllm"}};
+  published.generations = {
+      GenerationInfo{1, 1, 4096, {"wsum64:00000000000000ff"}, {{"engine", "old"}}, 1, false},
+      GenerationInfo{2, 0, 4096, {"wsum64:0000000000000001"}, {{"engine", "vllm"}}, 2, true}};
+  add("publish_claimed", PublishClaimed{true, published});
+  add("publish_declare", PublishDeclare{"engine/llama",
+                                        {{"embed", DType::kBF16, {16, 8}, ""},
+                                         {"lm_head", DType::kBF16, {16, 8}, "embed"},
+                                         {"scale", DType::kF32, {}, ""}}});
+  add("publish_commit", PublishCommit{"engine/llama"});
+  add("publish_committed", PublishCommitted{7, published});
+  add("publish_abort", PublishAbort{"engine/llama"});
+  add("reload", Reload{"3f2a", true});
+  GetParameters attach;
+  attach.key = "engine/llama";
+  attach.generation = 1;
+  attach.fingerprint = Fingerprint{{"engine", "vllm"}};
+  attach.or_source = true;
+  add("get_parameters_published", attach);
+  StatusSubscribe follow;
+  follow.key = "engine/llama";
+  add("status_subscribe_key", follow);
 
   std::vector<SegmentInfo> segments(2);
   segments[0] = SegmentInfo{memory::SegmentKind::kHostMemfd, 4096, 0, {}};
