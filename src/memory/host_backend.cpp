@@ -118,17 +118,7 @@ class HostSlab final : public Slab {
 
   Result<std::vector<SegmentExport>> export_segments() override {
     if (!sealed_) return make_error(StatusCode::kNotReady, "slab is not sealed yet");
-    std::vector<SegmentExport> out;
-    out.reserve(segments_.size());
-    for (const auto& s : segments_) {
-      SegmentExport e;
-      e.kind = SegmentKind::kHostMemfd;
-      e.size = s.size;
-      e.fd.reset(::fcntl(s.fd.get(), F_DUPFD_CLOEXEC, 0));
-      if (!e.fd) return errno_error(StatusCode::kInternal, "dup memfd", errno);
-      out.push_back(std::move(e));
-    }
-    return out;
+    return duplicate_segments();
   }
 
   Result<std::vector<SegmentExport>> export_writable() override {
@@ -136,6 +126,12 @@ class HostSlab final : public Slab {
       return make_error(StatusCode::kInvalidArgument,
                         "host slab is sealed: it cannot be exported writable");
     }
+    return duplicate_segments();
+  }
+
+  // A fresh descriptor of every segment's memfd: what readers and the writer are sent alike (the
+  // seals, not the descriptor, decide what a receiver may do with it).
+  Result<std::vector<SegmentExport>> duplicate_segments() const {
     std::vector<SegmentExport> out;
     out.reserve(segments_.size());
     for (const auto& s : segments_) {

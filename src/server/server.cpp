@@ -539,40 +539,40 @@ class ServerImpl final : public Server {
   }
 
   void on_get(Connection& c, uint64_t rid, const protocol::GetParameters& m) {
-    if (!m.key.empty()) {
-      if (m.or_source) {
-        // A checkpoint the server finds is what the name means; a key published under the same
-        // spelling never stands in for it (another client could publish under any path).
-        protocol::GetParameters as_spec = m;
-        as_spec.key.clear();
-        if (as_spec.spec.source.empty()) as_spec.spec.source = m.key;
-        if (store_->resolve(as_spec.spec).ok()) return on_get(c, rid, as_spec);
-      }
-      std::string store_key = published_store_key(m.key);
-      ModelStatus now = store_->status(store_key);
-      bool held = now.state == ModelState::kLoaded || now.state == ModelState::kLoading;
-      if (held || !m.or_source) {
-        if (now.state == ModelState::kLoading) {  // only a first generation being written
-          if (!m.wait)
-            return reply_error(c, rid,
-                               make_error(StatusCode::kNotReady,
-                                          "'" + printable_text(m.key) + "' is being published"));
-          if (!may_park(c, rid)) return;
-          Waiter w{c.id,         rid,          Waiter::Kind::kPublished, now.seq, m.key,
-                   m.generation, m.fingerprint};
-          waiters_.emplace(store_key, std::move(w));
-          ++c.parked;
-          return;
-        }
-        return grant(c, rid, store_->acquire_published(m.key, m.generation, m.fingerprint));
-      }
-      // Nothing published under the key: it names a checkpoint.
-      protocol::GetParameters as_spec = m;
-      as_spec.key.clear();
-      if (as_spec.spec.source.empty()) as_spec.spec.source = m.key;
-      return on_get(c, rid, as_spec);
+    if (m.key.empty()) return get_checkpoint(c, rid, m, store_->resolve(m.spec));
+    if (m.or_source) {
+      // A checkpoint the server finds is what the name means; a key published under the same
+      // spelling never stands in for it (another client could publish under any path).
+      ModelSpec spec = m.spec;
+      if (spec.source.empty()) spec.source = m.key;
+      auto model = store_->resolve(spec);
+      if (model.ok()) return get_checkpoint(c, rid, m, std::move(model));
+      ModelState state = store_->status(published_store_key(m.key)).state;
+      if (state != ModelState::kLoaded && state != ModelState::kLoading)
+        return reply_error(c, rid, model.error());  // neither: the checkpoint's error
     }
-    auto model = store_->resolve(m.spec);
+    get_published(c, rid, m);
+  }
+
+  void get_published(Connection& c, uint64_t rid, const protocol::GetParameters& m) {
+    std::string store_key = published_store_key(m.key);
+    ModelStatus now = store_->status(store_key);
+    if (now.state == ModelState::kLoading) {  // only a first generation being written
+      if (!m.wait)
+        return reply_error(c, rid,
+                           make_error(StatusCode::kNotReady,
+                                      "'" + printable_text(m.key) + "' is being published"));
+      if (!may_park(c, rid)) return;
+      Waiter w{c.id, rid, Waiter::Kind::kPublished, now.seq, m.key, m.generation, m.fingerprint};
+      waiters_.emplace(store_key, std::move(w));
+      ++c.parked;
+      return;
+    }
+    grant(c, rid, store_->acquire_published(m.key, m.generation, m.fingerprint));
+  }
+
+  void get_checkpoint(Connection& c, uint64_t rid, const protocol::GetParameters& m,
+                      Result<ResolvedModel> model) {
     if (!model.ok()) return reply_error(c, rid, model.error());
     if (m.only_if_held) {
       ModelState state = store_->status(model->key).state;
