@@ -43,7 +43,18 @@ WORKER = textwrap.dedent("""
         torch.cuda.synchronize()
         return torch.cuda.mem_get_info(0)[0]
 
-    torch.zeros(1, device="cuda:0")  # the CUDA context, before anyone measures
+    # The CUDA context, cuBLAS' workspace and the kernels a Llama forward pass loads, before
+    # anyone measures: a small random Llama with a LoRA adapter runs once.
+    import peft, transformers
+    warm = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=1, num_attention_heads=4,
+                                    num_key_value_heads=2)
+    warm = transformers.LlamaForCausalLM(warm).to("cuda:0", torch.bfloat16).eval()
+    warm = peft.get_peft_model(warm, peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj",
+                                                                          "down_proj"]))
+    with torch.no_grad():
+        warm(ids % 64)
+    del warm
     barrier("context")
     # One process measures at a time, so that no other process's allocations show.
     with open(os.path.join(work, "lock"), "w") as lock:
@@ -68,7 +79,9 @@ WORKER = textwrap.dedent("""
             theirs = reference(ids).logits
         private_drop = before - free()
         fcntl.flock(lock, fcntl.LOCK_UN)
-    base_ptrs = {p.data_ptr() for p in model.parameters()}
+    # PEFT injects its lora_A / lora_B parameters into the base model; every other parameter
+    # must still be the lease's memory.
+    base_ptrs = {p.data_ptr() for n, p in model.named_parameters() if "lora_" not in n}
     torch.save(ours.cpu(), os.path.join(work, f"logits-{index}.pt"))
     with open(os.path.join(work, f"report-{index}.json"), "w") as f:
         json.dump({"route": model.companion_route, "equal": torch.equal(ours, theirs),
