@@ -361,7 +361,9 @@ def from_pretrained(source: "str | os.PathLike[str]", *, device: Any = None, dty
        tensors): exactly one process loads the model with transformers' ``from_pretrained`` and
        publishes every parameter and buffer under ``transformers:<path>:<dtype>``
        (:func:`published_key`, fingerprint :func:`published_fingerprint`); every process, the
-       publisher too, attaches to that.
+       publisher too, attaches to that. A key already published with another fingerprint
+       (other transformers or torch versions, changed checkpoint files or config) raises
+       :class:`companion.FingerprintMismatch`: unload the key (``client.unload(key)``) first.
 
     The weights are read-only (inference only: no optimizer steps, no in-place updates; PEFT
     adapters on top are fine). ``model.companion_weights`` holds the lease; it ends when the

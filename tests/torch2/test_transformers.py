@@ -132,18 +132,45 @@ def test_lease_lives_with_the_model(hf_root, client):
     assert client.status(str(path)).leases == before - 1
 
 
-def test_checkpoint_route_never_writes_shared_memory(hf_root, client):
-    """The shared weights are read-only: writing them would kill this process (SIGSEGV on the
-    host). Running a forward pass and re-tying after attaching proves nothing wrote them; the
-    weights are also exactly the checkpoint's."""
+def test_checkpoint_route_weights_are_the_checkpoints(hf_root, client):
+    """Every persistent tensor the model holds is, value for value, the checkpoint's."""
     from safetensors.torch import load_file
 
     path = hf_root / "llama"
     model = ct.from_pretrained(path, client=client)
     stored = load_file(path / "model.safetensors")
     state = model.state_dict()
+    assert state.keys() == stored.keys()
     for key, value in stored.items():
         assert torch.equal(state[key], value), key
+
+
+def test_checkpoint_not_one_to_one_takes_the_published_route(hf_root, client, caplog):
+    """A tensor transformers would drop (not in the model) means the checkpoint does not map
+    1:1: the published route, with transformers' own result."""
+    from safetensors.torch import load_file, save_file
+
+    path = write_checkpoint(hf_root, "llama", seed=9, path=hf_root / "llama-extra")
+    state = load_file(path / "model.safetensors")
+    state["model.extra_projection.weight"] = torch.ones(4, 4)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    caplog.set_level(logging.INFO, logger="companion")
+    model = ct.from_pretrained(path, client=client)
+    assert model.companion_route == "published"
+    assert "model.extra_projection.weight" in caplog.text
+    assert torch.equal(logits(model), reference_logits(path, IDS))
+
+
+def test_published_key_is_bounded():
+    key = ct.published_key("/models/" + "x" * 2000, torch.bfloat16)
+    assert len(key.encode("utf-8")) <= 1024 and key.endswith(":bfloat16")
+    assert ct.published_key("/models/llama", torch.float16) == \
+        "transformers:/models/llama:float16"
+
+
+def test_only_local_code(hf_root, client):
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        ct.from_pretrained(hf_root / "llama", client=client, trust_remote_code=True)
 
 
 WORKER = textwrap.dedent("""
