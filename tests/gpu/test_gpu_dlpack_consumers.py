@@ -1,29 +1,33 @@
 """JAX and CuPy consume a Companion model's GPU tensors without copying, on both CUDA backends.
 
-A small checkpoint (float32, float16, bfloat16 and int8 tensors, odd sizes so that most tensors
-sit at an offset inside the server's slab) is served on GPU 0 by a ``cuda-vmm`` and a ``cuda-ipc``
-server. For each consumer, in a fresh process (JAX and CuPy never share one with torch's CUDA
-state unless torch is imported on purpose), and for each of the two ways ``Tensor.__dlpack__``
-makes its capsule (torch's own exporter when torch is imported, else the ctypes fallback):
+A small checkpoint (float32, float16, bfloat16 and int8 tensors, odd sizes so that all tensors
+but one sit at an offset inside the server's slab) is served on GPU 0 by a ``cuda-vmm`` and a
+``cuda-ipc`` server. Each consumer runs in a fresh process, once for each way
+``Tensor.__dlpack__`` makes its capsule (torch's own exporter when torch is imported, else the
+ctypes fallback of ``companion.dlpack``):
 
-- ``jax.dlpack.from_dlpack(t)`` / ``jnp.from_dlpack(t)``: ``arr.unsafe_buffer_pointer()`` equals
-  ``t.data_ptr`` (no copy), the array is on JAX's GPU 0, its bits equal the checkpoint's as
-  numpy reads the file;
-- ``cupy.from_dlpack(t)`` and ``cupy.asarray(t)`` (``__cuda_array_interface__``): ``arr.data.ptr``
-  equals ``t.data_ptr``, ``arr.device.id == 0``, bits equal;
-- a transposed view (a ``companion.Tensor`` made by hand over the mapped memory with strides
-  ``(1, cols)``: the server's API itself only hands out contiguous tensors) goes through CuPy
-  zero-copy with its strides, and through JAX as JAX allows (see below);
+- ``jax.dlpack.from_dlpack(t)`` and ``jnp.from_dlpack(t)``: ``arr.unsafe_buffer_pointer()``
+  equals ``t.data_ptr`` (no copy), the array is on JAX's GPU 0, its bits equal the checkpoint's
+  as numpy reads the file (bfloat16 included);
+- ``cupy.from_dlpack(t)`` (bfloat16 included) and ``cupy.asarray(t)`` through
+  ``__cuda_array_interface__``: ``arr.data.ptr`` equals ``t.data_ptr``, ``arr.device.id == 0``,
+  bits equal;
+- a transposed view: the server's API hands out only contiguous tensors (256-byte aligned in the
+  slab), so a ``companion.Tensor`` with strides ``(1, cols)`` is made by hand over the mapped
+  memory of one; both consumers take it zero-copy (CuPy keeps the strides; JAX takes them as a
+  layout without copying);
 - lifetime: with the arrays alive, the ``MappedModel`` and the ``Client`` are dropped: the
-  server still counts the lease, the arrays still read the checkpoint and a computation on them
-  (``jnp.sum``, ``jnp.matmul``; ``cupy.sum``, ``cupy.matmul``) equals numpy's on the file; once
-  the arrays are freed the server's lease count returns to 0.
+  server still counts the lease, the arrays still read the checkpoint, and computations on them
+  (``jnp.sum``, ``jnp.matmul``; ``cupy.sum``, ``cupy.matmul``) equal numpy's on the file; once
+  the arrays are freed the server's lease count returns to 0 (and no ctypes export is left).
 
-What the consumers do not accept, and why (theirs, not ours):
-
-- CuPy has no bfloat16 dtype: ``cupy.from_dlpack`` of a bf16 tensor raises (the test requires
-  the refusal to be about the dtype), and ``__cuda_array_interface__`` has no typestr for bf16
-  (numpy cannot name it), so ``cupy.asarray`` cannot take it either. JAX takes bf16.
+The one refusal, by design: ``cupy.asarray`` of a bfloat16 tensor. The CUDA array interface
+names dtypes with numpy typestrs, numpy has no bfloat16 (ml_dtypes' bfloat16 is the ambiguous
+``<V2``), so ``Tensor.__cuda_array_interface__`` is not offered for bf16 and CuPy falls back to
+``__array__``, which refuses GPU memory. ``cupy.from_dlpack`` takes bfloat16 (``kDLBfloat``,
+CuPy 14). Seen on an H200 with JAX 0.11.2 and CuPy 14.2.0: JAX refused nothing, neither torch's
+capsules nor the legacy ctypes ones (whose exporter ignores the stream JAX passes: the weights
+were complete before the model was reported loaded).
 
 Needs JAX with a CUDA backend, CuPy, torch and safetensors on the GPU machine (each consumer is
 skipped where it is missing); JAX is told not to preallocate GPU memory.
@@ -38,7 +42,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from harness import BUILD, Server, wait_until
+from harness import BUILD, Server
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PYTHON_PACKAGE = REPO / "python"
@@ -270,11 +274,6 @@ def run_child(consumer, exporter, runtime, path, tmp_path):
     return json.loads(out.read_text())
 
 
-def expected_view(bits, name):
-    dtype, raw = bits[name]
-    return dtype, raw
-
-
 CONSUMER_MODULE = {"jax": "jax", "cupy": "cupy"}
 
 
@@ -298,7 +297,7 @@ def test_consumer_maps_companion_tensors_zero_copy(served, consumer, exporter, t
 
     refused = []
     for key, case in sorted(report["cases"].items()):
-        name, how = case["name"], case["how"]
+        name = case["name"]
         if name == "a.f32.T":
             dtype, raw = bits["a.f32"]
             raw = raw.T
@@ -310,31 +309,19 @@ def test_consumer_maps_companion_tensors_zero_copy(served, consumer, exporter, t
             continue
         print(f"  zero-copy {key}: ptr_equal={case['ptr_equal']} dtype={case['dtype']} "
               f"strides={case['strides']}")
-        if not (name == "a.f32.T" and consumer == "jax"):
-            assert case["ptr_equal"], case
+        assert case["ptr_equal"], case
         assert case["on_gpu0"], case
         assert case["shape"] == list(raw.shape), case
         assert np.array_equal(np.asarray(case["bits"], dtype=raw.dtype), raw), key
         if name == "a.f32.T" and consumer == "cupy":
             assert case["strides"] == [4, 96 * 4], case
 
-    # Only what the consumer cannot represent is refused: CuPy's missing bfloat16 (DLPack and the
-    # CUDA array interface), and JAX's DLPack import of a strided view if it refuses one.
+    # The only refusal: bfloat16 through the CUDA array interface, which cannot name it.
+    expected_refusals = {"d.bf16 cupy.asarray"} if consumer == "cupy" else set()
+    assert {line.split(":")[0] for line in refused} == expected_refusals, refused
     for line in refused:
-        key = line.split(":")[0]
-        if consumer == "cupy":
-            assert key.startswith("d.bf16 "), line
-            assert "bfloat16" in line.lower() or "dtype" in line.lower() or \
-                "__cuda_array_interface__" in line or "numpy has no" in line, line
-        else:
-            assert key.startswith("a.f32.T "), line
-    if consumer == "jax":
-        for how in ("jax.dlpack.from_dlpack", "jnp.from_dlpack"):
-            assert f"d.bf16 {how}" in report["cases"] and \
-                "error" not in report["cases"][f"d.bf16 {how}"]
-    else:
-        assert "error" not in report["cases"]["a.f32.T cupy.from_dlpack"]
-        assert "error" not in report["cases"]["a.f32.T cupy.asarray"]
+        assert "is in GPU memory" in line, line
+    assert len(report["cases"]) == 2 * (len(TENSORS) + 1)
 
     # Lifetime: the consumers' arrays alone keep the mapping and the lease.
     assert report["leases_after_drop"] == 1
