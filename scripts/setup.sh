@@ -16,12 +16,13 @@ PACKAGES=(
   etcd-server etcd-client clang-format clang libclang-rt-14-dev openssl
 )
 
-asan=0 fuzz=0
+asan=0 fuzz=0 vllm=0
 for arg in "$@"; do
   case "$arg" in
     --asan) asan=1 ;;
     --fuzz) fuzz=1 ;;
-    *) echo "setup: unknown option $arg (options: --asan, --fuzz)" >&2; exit 2 ;;
+    --vllm) vllm=1 ;;
+    *) echo "setup: unknown option $arg (options: --asan, --fuzz, --vllm)" >&2; exit 2 ;;
   esac
 done
 
@@ -66,4 +67,7 @@ if ((fuzz)); then
   # libFuzzer comes with clang; this tree holds only the parsers' libraries and tests/fuzz.
   build build-fuzz -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_C_COMPILER=clang \
     -DCMAKE_CXX_COMPILER=clang++ -DCOMPANION_FUZZ=ON
+fi
+if ((vllm)); then
+  scripts/setup-vllm.sh >/dev/null
 fi
