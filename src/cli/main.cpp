@@ -82,7 +82,8 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--hf-cache", serve.hf_cache, "Hugging Face hub cache directory");
   serve_cmd
       ->add_option("--direct-io", serve.direct_io,
-                   "O_DIRECT checkpoint reads, for cold starts: auto (= off), on, off")
+                   "O_DIRECT checkpoint reads: auto (per file: O_DIRECT unless mostly in the page "
+                   "cache), on, off")
       ->capture_default_str();
   serve_cmd->add_option("--load-threads", serve.load_threads, "Models loading at once")
       ->capture_default_str();

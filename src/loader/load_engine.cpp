@@ -1,6 +1,7 @@
 #include "loader/load_engine.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include "common/log.hpp"
 #include "common/unique_fd.hpp"
 #include "common/util.hpp"
+#include "loader/page_cache.hpp"
 
 namespace companion::loader {
 
@@ -211,8 +213,7 @@ class Engine {
   // Files are read through the descriptors the checkpoint opened, never reopened by path: what was
   // checked to lie under the model roots is what is read.
   Result<void> open_files(LoadStats& stats) {
-    bool want_direct = options_.direct_io == DirectIo::kOn;
-    bool all_direct = want_direct;
+    bool all_direct = options_.direct_io != DirectIo::kOff;
     files_ = std::make_unique<OpenFile[]>(plan_.files.size());
     for (size_t i = 0; i < plan_.files.size(); ++i) {
       OpenFile& f = files_[i];
@@ -220,6 +221,13 @@ class Engine {
       if (i < plan_.file_fds.size()) f.fd = plan_.file_fds[i];
       if (!f.fd || !f.fd->valid())
         return make_error(StatusCode::kInternal, "no open descriptor for " + f.path);
+      bool want_direct = options_.direct_io == DirectIo::kOn;
+      if (options_.direct_io == DirectIo::kAuto) {
+        // A file mostly in the page cache reads at memory speed through it; O_DIRECT would read
+        // it from the disk again. A cold one reads faster past the cache (no copy through it).
+        want_direct = !mostly_cached(f);
+        (want_direct ? stats.files_cold : stats.files_cached) += 1;
+      }
       if (want_direct) {
         // O_DIRECT needs a description of its own (F_SETFL would change the buffered reads too):
         // the same open file, reopened through its descriptor, not through its path.
@@ -235,6 +243,18 @@ class Engine {
     }
     stats.direct_io = all_direct;
     return ok_result();
+  }
+
+  static bool mostly_cached(const OpenFile& f) {
+    struct stat st {};
+    if (::fstat(f.fd->get(), &st) != 0) return true;  // unknown: the cache is never wrong
+    auto sample = sample_page_cache(f.fd->get(), static_cast<uint64_t>(st.st_size));
+    if (!sample.ok()) {
+      log::debug("page cache residency of " + f.path + " unknown (" + sample.error().message +
+                 "): reading it through the cache");
+      return true;
+    }
+    return sample->fraction() >= kCachedFraction;
   }
 
   void fail(Error error) {

@@ -74,7 +74,8 @@ class ReadSource {
   virtual ssize_t pread(int fd, void* dst, size_t bytes, uint64_t offset) = 0;
 };
 
-// O_DIRECT reads (past the page cache): on, off, or the loader's choice (currently off).
+// O_DIRECT reads (past the page cache): on, off, or per file the loader's choice (auto: O_DIRECT
+// unless a sample of the file's pages says it is mostly in the page cache).
 enum class DirectIo { kAuto, kOn, kOff };
 const char* direct_io_name(DirectIo mode) noexcept;
 
@@ -85,7 +86,9 @@ struct LoadStats {
   const char* sink = "";              // "host-direct", "cuda-staged" or "write"
   size_t reader_threads = 0;          // threads started
   size_t work_items = 0;              // pieces of work (each at most chunk_bytes)
-  bool direct_io = false;             // O_DIRECT asked for and opened on every file
+  bool direct_io = false;             // O_DIRECT asked for (or chosen) and opened on every file
+  size_t files_cached = 0;            // auto: files read through the page cache (mostly cached)
+  size_t files_cold = 0;              // auto: files chosen for O_DIRECT (mostly not cached)
   uint64_t direct_reads = 0;          // preads through O_DIRECT
   uint64_t buffered_reads = 0;        // preads through the page cache
   uint64_t staging_buffer_bytes = 0;  // size of one staging buffer (0: none used)

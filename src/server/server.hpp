@@ -70,7 +70,7 @@ struct ServerOptions {
   std::string socket_path;  // "" = <runtime_dir>/<instance>.sock
   std::string hf_cache;     // "" = the usual HF environment rules
   size_t load_threads = 2;
-  std::string direct_io = "auto";    // O_DIRECT checkpoint reads: auto (= off today), on, off
+  std::string direct_io = "auto";    // O_DIRECT checkpoint reads: auto (per file), on, off
   std::vector<std::string> preload;  // model sources to load at start
   // --max-header-bytes, --max-tensors, --max-checkpoint-files: what one checkpoint may cost.
   checkpoint::CheckpointLimits checkpoint_limits;

@@ -2,6 +2,7 @@
 // and small random chunks (casts, shards of rows, O_DIRECT, short reads), bounded staging, failing
 // reads and writes, cancellation and progress.
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,6 +28,7 @@
 #include "loader/layout.hpp"
 #include "loader/load_engine.hpp"
 #include "loader/loader.hpp"
+#include "loader/page_cache.hpp"
 #include "memory/host_backend.hpp"
 #include "test_support.hpp"
 
@@ -624,6 +626,53 @@ TEST(Engine, BigChunksWithODirectAreByteExact) {
       expect_plan_contents(*plan, read_back(*slab), read_files(*plan));
     }
   }
+}
+
+// Drops a file's clean pages from the page cache; false where the filesystem keeps them anyway
+// (tmpfs), so that a "cold" file cannot be made.
+bool evict_from_page_cache(const std::string& path) {
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd || ::fdatasync(fd.get()) != 0) return false;
+  if (::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_DONTNEED) != 0) return false;
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return false;
+  auto sample = sample_page_cache(fd.get(), static_cast<uint64_t>(st.st_size));
+  return sample.ok() && sample->fraction() < kCachedFraction;
+}
+
+TEST(Engine, AutoDirectIoReadsColdFilesPastTheCacheAndWarmFilesThroughIt) {
+  auto model = make_model(77, 12, 2, 100000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, std::nullopt, *backend);
+  ASSERT_TRUE(plan.ok());
+  auto expected = read_files(*plan);  // leaves both files in the page cache
+  LoadOptions options;
+  options.reader_threads = 4;
+  options.chunk_bytes = 512 * kKiB;
+  ASSERT_EQ(options.direct_io, DirectIo::kAuto);  // the default
+  {
+    auto slab = allocate(*plan, Sink::kHost, nullptr);
+    std::atomic<bool> cancel{false};
+    Outcome run = load(*plan, *slab, options, cancel);
+    ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+    EXPECT_EQ(run.stats.files_cached, 2u);
+    EXPECT_EQ(run.stats.files_cold, 0u);
+    EXPECT_EQ(run.stats.direct_reads, 0u);
+    expect_plan_contents(*plan, read_back(*slab), expected);
+  }
+  for (const auto& path : plan->files) {
+    if (!evict_from_page_cache(path)) GTEST_SKIP() << "cannot evict " << path << " (tmpfs?)";
+  }
+  auto slab = allocate(*plan, Sink::kHost, nullptr);
+  std::atomic<bool> cancel{false};
+  Outcome run = load(*plan, *slab, options, cancel);
+  ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+  EXPECT_EQ(run.stats.files_cold, 2u);
+  EXPECT_EQ(run.stats.files_cached, 0u);
+  if (run.stats.direct_io) {
+    EXPECT_GT(run.stats.direct_reads, 0u);  // O_DIRECT where the filesystem takes it
+  }
+  expect_plan_contents(*plan, read_back(*slab), expected);
 }
 
 TEST(Engine, RowShardsAreByteExact) {
