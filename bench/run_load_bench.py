@@ -193,7 +193,7 @@ def main():
     try:
         if not args.skip_cold:
             log("cold (caches dropped before each)")
-            for direct in ("on", "off"):
+            for direct in ("on", "off", "auto"):
                 cache.drop()
                 cold[f"companion_direct_{direct}"] = run_json(loader_cmd + ["--direct", direct])
             if server:
@@ -210,6 +210,8 @@ def main():
                 for _ in range(args.reps)]
         warm["companion"] = best_of([r[0] if isinstance(r, list) else r for r in runs])
         warm["companion_again"] = best_of([r[-1] if isinstance(r, list) else r for r in runs])
+        warm["companion_direct_on"] = run_json(loader_cmd + ["--direct", "on"])
+        warm["companion_direct_auto"] = run_json(loader_cmd + ["--direct", "auto"])
         if server:
             warm["companion_server"] = server_load(server, model, size, args.reps)
         if not args.skip_safetensors:
@@ -250,7 +252,10 @@ def report(res):
     st_warm, st_cold = g(warm.get("safetensors", {})), g(cold.get("safetensors", {}))
     rows = [("Companion loader (load_bench)", warm.get("companion"), cold.get("companion_direct_off")),
             ("  same process, 2nd load", warm.get("companion_again"), None),
-            ("Companion loader, O_DIRECT", None, cold.get("companion_direct_on")),
+            ("Companion loader, O_DIRECT", warm.get("companion_direct_on"),
+             cold.get("companion_direct_on")),
+            ("Companion loader, auto (default)", warm.get("companion_direct_auto"),
+             cold.get("companion_direct_auto")),
             ("Companion server (companion load)", warm.get("companion_server"),
              cold.get("companion_server")),
             ("safetensors load_file(cuda)", warm.get("safetensors"), cold.get("safetensors"))]
@@ -278,6 +283,11 @@ def report(res):
                                           ("server", "companion_server")])
     log(f"Goals: warm >= 30 GB/s and >= 6x safetensors: {warm_all}; "
         f"cold >= 0.9x the disk's best raw read: {ratio(best_cold, disk_best)}")
+    best_warm = max([v for v in (g(warm.get("companion") or {}),
+                                 g(warm.get("companion_direct_on") or {})) if v] or [0]) or None
+    log(f"auto vs the faster of buffered and O_DIRECT: warm "
+        f"{ratio(g(warm.get('companion_direct_auto') or {}), best_warm)}, cold "
+        f"{ratio(g(cold.get('companion_direct_auto') or {}), best_cold)}")
 
 if __name__ == "__main__":
     main()
