@@ -294,6 +294,31 @@ class PinnedCache {
   std::vector<Kept> kept_;
 };
 
+// A pinned staging buffer of `bytes` for GPU `ordinal`, from a huge-page mapping pinned with
+// cuMemHostRegister (`registered`, falling back to cuMemHostAlloc) or cuMemHostAlloc.
+Result<std::unique_ptr<PinnedBuffer>> allocate_pinned(int ordinal, uint64_t bytes,
+                                                      bool registered) {
+  auto buffer = std::make_unique<PinnedBuffer>();
+  if (registered) {
+    auto made = memory::cuda::RegisteredHostBuffer::allocate(ordinal, bytes);
+    if (made.ok()) {
+      buffer->registered = std::move(made).value();
+      buffer->data = static_cast<char*>(buffer->registered.data());
+    } else {
+      log::debug("pinning a staging buffer with cuMemHostRegister failed (" + made.error().message +
+                 "): using cuMemHostAlloc");
+    }
+  }
+  if (buffer->data == nullptr) {
+    COMPANION_ASSIGN_OR_RETURN(buffer->pinned,
+                               memory::cuda::PinnedHostBuffer::allocate(ordinal, bytes));
+    buffer->data = static_cast<char*>(buffer->pinned.data());
+  }
+  COMPANION_ASSIGN_OR_RETURN(buffer->done, memory::cuda::Event::create(ordinal));
+  buffer->capacity = bytes;
+  return buffer;
+}
+
 // CUDA slabs: pinned staging buffers, copies queued on several streams, an event recorded after
 // each buffer's copies. A completion thread waits for the events in submission order and
 // recycles the buffers.
@@ -406,24 +431,7 @@ class CudaStagedSink final : public ChunkSink {
                   return std::unique_ptr<StagingBuffer>(std::move(kept));
                 }
               }
-              auto buffer = std::make_unique<PinnedBuffer>();
-              if (registered) {
-                auto made = memory::cuda::RegisteredHostBuffer::allocate(ordinal, bytes);
-                if (made.ok()) {
-                  buffer->registered = std::move(made).value();
-                  buffer->data = static_cast<char*>(buffer->registered.data());
-                } else {
-                  log::debug("pinning a staging buffer with cuMemHostRegister failed (" +
-                             made.error().message + "): using cuMemHostAlloc");
-                }
-              }
-              if (buffer->data == nullptr) {
-                COMPANION_ASSIGN_OR_RETURN(
-                    buffer->pinned, memory::cuda::PinnedHostBuffer::allocate(ordinal, bytes));
-                buffer->data = static_cast<char*>(buffer->pinned.data());
-              }
-              COMPANION_ASSIGN_OR_RETURN(buffer->done, memory::cuda::Event::create(ordinal));
-              buffer->capacity = bytes;
+              COMPANION_ASSIGN_OR_RETURN(auto buffer, allocate_pinned(ordinal, bytes, registered));
               return std::unique_ptr<StagingBuffer>(std::move(buffer));
             },
             [ordinal, keep = options.keep_buffers](std::unique_ptr<StagingBuffer> buffer) {
@@ -477,6 +485,21 @@ class CudaStagedSink final : public ChunkSink {
 };
 
 }  // namespace
+
+Result<size_t> pin_staging_ahead(int ordinal, const SinkOptions& options) {
+  if (!options.keep_buffers) return size_t{0};
+  COMPANION_TRY(memory::cuda::make_current(ordinal));
+  const uint64_t bytes = allocated_size(options.buffer_bytes);
+  const size_t count = std::min<size_t>(std::max<size_t>(1, options.max_buffers),
+                                        static_cast<size_t>(kKeptStagingBytes / bytes));
+  size_t pinned = 0;
+  for (; pinned < count; ++pinned) {
+    COMPANION_ASSIGN_OR_RETURN(auto buffer,
+                               allocate_pinned(ordinal, bytes, options.registered_pinned));
+    PinnedCache::instance().give(ordinal, std::move(buffer));
+  }
+  return pinned;
+}
 
 Result<std::unique_ptr<ChunkSink>> make_chunk_sink(memory::Slab& slab, const SinkOptions& options) {
   bool host = slab.segment_count() > 0;

@@ -94,4 +94,9 @@ class ChunkSink {
 // allocated up front.
 Result<std::unique_ptr<ChunkSink>> make_chunk_sink(memory::Slab& slab, const SinkOptions& options);
 
+// GPU `ordinal`: pins the staging buffers a load with these options would allocate, and keeps
+// them for it (as a finished load keeps its own), so that a process's first load does not pay for
+// pinning. Returns how many were pinned (0 when buffers are not kept).
+Result<size_t> pin_staging_ahead(int ordinal, const SinkOptions& options);
+
 }  // namespace companion::loader

@@ -39,6 +39,32 @@ const char* direct_io_name(DirectIo mode) noexcept {
   return "?";
 }
 
+namespace {
+
+uint64_t chunk_bytes(const LoadOptions& options) {
+  return std::max<uint64_t>(64, options.chunk_bytes / 8 * 8);
+}
+
+// The staging a load with these options uses (the sink's own stop flag aside).
+SinkOptions staging_options(const LoadOptions& options) {
+  SinkOptions sink;
+  sink.buffer_bytes = chunk_bytes(options);
+  uint64_t buffer_bytes =
+      (sink.buffer_bytes + 2 * kDirectAlign + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+  sink.max_buffers =
+      static_cast<size_t>(std::max<uint64_t>(1, options.staging_bytes / buffer_bytes));
+  sink.streams = std::max<size_t>(1, options.copy_streams);
+  sink.registered_pinned = options.pinned_memory == PinnedMemory::kRegistered;
+  sink.keep_buffers = options.keep_staging;
+  return sink;
+}
+
+}  // namespace
+
+Result<size_t> pin_staging(int ordinal, const LoadOptions& options) {
+  return pin_staging_ahead(ordinal, staging_options(options));
+}
+
 namespace engine {
 namespace {
 
@@ -138,22 +164,15 @@ class Engine {
 
   Result<void> run(const ProgressFn& progress, LoadStats& stats) {
     if (cancel_.load()) return make_error(StatusCode::kCancelled, "load cancelled");
-    chunk_ = std::max<uint64_t>(64, options_.chunk_bytes / 8 * 8);
+    chunk_ = chunk_bytes(options_);
     std::vector<uint64_t> sizes(slab_.segment_count());
     for (size_t i = 0; i < sizes.size(); ++i) sizes[i] = slab_.segment_size(i);
     COMPANION_ASSIGN_OR_RETURN(items_, make_work_items(plan_, sizes, chunk_));
     stats.work_items = items_.size();
     COMPANION_TRY(open_files(stats));
 
-    SinkOptions sink_options;
-    sink_options.buffer_bytes = chunk_;
-    uint64_t buffer_bytes = align_up(chunk_ + 2 * kDirectAlign);
-    sink_options.max_buffers =
-        static_cast<size_t>(std::max<uint64_t>(1, options_.staging_bytes / buffer_bytes));
-    sink_options.streams = std::max<size_t>(1, options_.copy_streams);
+    SinkOptions sink_options = staging_options(options_);
     sink_options.stop = &stop_;
-    sink_options.registered_pinned = options_.pinned_memory == PinnedMemory::kRegistered;
-    sink_options.keep_buffers = options_.keep_staging;
     COMPANION_ASSIGN_OR_RETURN(sink_, make_chunk_sink(slab_, sink_options));
     host_.resize(slab_.segment_count());
     for (size_t i = 0; i < host_.size(); ++i) host_[i] = sink_->host_address(i);

@@ -144,4 +144,10 @@ Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const Prog
 Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,
                             const std::atomic<bool>& cancel);
 
+// GPU `ordinal`: pins, ahead of time, the staging buffers a load with `options` uses and keeps them
+// for the process's next load (what a finished load does with its own), so that the first load
+// runs as fast as later ones. Meant for a background thread at server start. Returns how many
+// buffers were pinned; 0 when `keep_staging` is off.
+Result<size_t> pin_staging(int ordinal, const LoadOptions& options = {});
+
 }  // namespace companion::loader

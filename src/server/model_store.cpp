@@ -689,6 +689,26 @@ void ModelStore::drop_unleased_locked(Entry& e) {
   retire_locked(std::move(dropped));
 }
 
+void ModelStore::pin_staging_ahead(int ordinal) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  jobs_.push_back([ordinal] {
+    auto start = Clock::now();
+    auto pinned = loader::pin_staging(ordinal);
+    if (!pinned.ok()) {
+      log::warn("pinning staging buffers ahead of the first load failed (" +
+                pinned.error().message + "): the first load pins its own");
+      return;
+    }
+    log::info(
+        "pinned " + std::to_string(*pinned) + " staging buffers for GPU " +
+        std::to_string(ordinal) + " in " +
+        std::to_string(
+            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()) +
+        " ms");
+  });
+  jobs_cv_.notify_one();
+}
+
 void ModelStore::retire_locked(std::vector<std::shared_ptr<memory::Slab>> slabs) {
   if (slabs.empty()) return;
   // Freeing a large slab takes milliseconds (unmapping and releasing device memory): a worker

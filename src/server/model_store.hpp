@@ -114,6 +114,9 @@ class ModelStore {
   // new load would pass max_models or max_variants_per_source, kInvalidArgument for a key longer
   // than the wire allows.
   Result<ModelStatus> ensure_loading(const ResolvedModel& model);
+  // GPU servers: a worker pins the loads' staging buffers now, so that the first load does not
+  // pay for it.
+  void pin_staging_ahead(int ordinal);
   // For a loaded model (or a published one by its store key): counts a lease of the current
   // generation and exports its segments.
   Result<LeaseGrant> acquire(const std::string& key);

@@ -1298,6 +1298,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   server->attach_store(std::make_unique<ModelStore>(
       std::move(setup.backend), std::move(config),
       [raw](const ModelStatus& s) { raw->loop().post([raw, s] { raw->on_model_status(s); }); }));
+  if (id.device_ordinal >= 0 && id.device != "host")
+    raw->store().pin_staging_ahead(id.device_ordinal);
   for (const auto& source : options.preload) {
     ModelSpec spec;
     spec.source = source;
