@@ -84,6 +84,10 @@ int main(int argc, char** argv) {
   app.add_option("--model", model)->required();
   app.add_option("--iterations", iterations)->capture_default_str();
   app.add_option("--warmup", warmup)->capture_default_str();
+  bool wait_for_go = false;
+  app.add_flag("--wait-for-go", wait_for_go,
+               "After the warm-up attaches, print \"ready\" and wait for a line on stdin before "
+               "the timed ones (many processes started together: concurrent_attach_bench.py)");
   bool breakdown = false;
   app.add_flag("--breakdown", breakdown,
                "Also time the phases separately: RPC round trip, GetParameters, import, unmap");
@@ -105,6 +109,12 @@ int main(int argc, char** argv) {
   uint64_t bytes = 0;
   size_t segments = 0;
   for (int i = 0; i < warmup + iterations; ++i) {
+    if (wait_for_go && i == warmup) {
+      std::printf("ready\n");
+      std::fflush(stdout);
+      char line[16];
+      if (std::fgets(line, sizeof(line), stdin) == nullptr) return 1;
+    }
     auto t0 = std::chrono::steady_clock::now();
     auto mapped = (*client)->get_model_parameters(spec);
     if (!mapped.ok()) return fail(mapped.error());
