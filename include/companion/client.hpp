@@ -54,6 +54,8 @@ struct TensorView {
   uint64_t nbytes = 0;
   bool on_device = false;
   int device_ordinal = -1;  // local CUDA ordinal when on_device
+  uint32_t segment = 0;     // the mapping data lies in (MappedModel::segment_count())
+  uint64_t offset = 0;      // data's byte offset from that mapping's start
 };
 
 // A model's weights mapped into this process. Destruction unmaps them and releases the lease.
@@ -96,6 +98,8 @@ struct WritableTensor {
   uint64_t nbytes = 0;
   bool on_device = false;
   int device_ordinal = -1;
+  uint32_t segment = 0;
+  uint64_t offset = 0;
 };
 
 // A writer's hold on a key, on a connection of its own (the key's writer lock). Destruction

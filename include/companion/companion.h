@@ -107,6 +107,41 @@ typedef struct companion_tensor {
   int32_t device_id;   /* local CUDA ordinal, 0 for CPU */
 } companion_tensor;
 
+/** One tensor in a model's table (companion_model_get_table). Fields sit at their natural
+ * alignment with no padding: 64 bytes, one layout for every compiler of a 64-bit target. Newer
+ * libraries may append fields: step through the records by companion_model_table.record_size,
+ * never by sizeof. */
+typedef struct companion_tensor_record {
+  const void* data;        /* host or device pointer (read-only memory) */
+  uint64_t nbytes;         /* bytes of the tensor's extent */
+  uint64_t segment_offset; /* data's byte offset from the start of its segment */
+  uint64_t name_offset;    /* into companion_model_table.names */
+  uint64_t dims_offset;    /* into companion_model_table.dims: ndim sizes, then ndim strides */
+  uint32_t name_length;    /* bytes, without the NUL that follows every name in the blob */
+  int32_t dtype;           /* companion_dtype */
+  int32_t ndim;
+  int32_t device_type; /* companion_device_type */
+  int32_t device_id;   /* local CUDA ordinal, 0 for CPU */
+  uint32_t segment;    /* index of the mapping the tensor lies in (0..segments-1) */
+} companion_tensor_record;
+
+/** A model's whole tensor table in three arrays, owned by the model handle (valid until
+ * companion_model_release). Same order as companion_model_tensor. Set struct_size (e.g. with
+ * companion_model_table_init); the library fills the members that fit. */
+typedef struct companion_model_table {
+  uint32_t struct_size;
+  uint32_t record_size; /* bytes from one record to the next (>= the fields this header names) */
+  size_t count;         /* records */
+  const void* records;  /* count records, record_size bytes apart */
+  /* Every name, each followed by one NUL byte, in table order (a name may itself contain NUL:
+   * use name_offset/name_length for exactness). */
+  const char* names;
+  size_t names_bytes;
+  const int64_t* dims; /* shapes and strides (in elements) that records point into */
+  size_t dims_count;
+  size_t segments; /* mappings of the model: records' segment is below this */
+} companion_model_table;
+
 /** One entry of a table to publish. */
 typedef struct companion_tensor_decl {
   const char* name;     /* NUL-terminated, unique in the table */
@@ -217,6 +252,11 @@ COMPANION_API companion_status companion_model_tensor(const companion_model* mod
 /** COMPANION_NOT_FOUND when the model has no tensor of that name. */
 COMPANION_API companion_status companion_model_find(const companion_model* model, const char* name,
                                                     companion_tensor* tensor);
+COMPANION_API void companion_model_table_init(companion_model_table* table);
+/** The whole table in one call (no call per tensor): fills *table with pointers to arrays the
+ * model handle owns (built on the first call, then shared; thread-safe). */
+COMPANION_API companion_status companion_model_get_table(const companion_model* model,
+                                                         companion_model_table* table);
 /** The model's status and mapping facts (lease id, segments, bytes) as JSON. */
 COMPANION_API companion_status companion_model_info(const companion_model* model, char** json);
 

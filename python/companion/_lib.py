@@ -80,6 +80,24 @@ class TensorC(ctypes.Structure):
     ]
 
 
+class ModelTableC(ctypes.Structure):
+    """companion_model_table. The records it points at are read with ``struct`` (see
+    model._RECORD), stepping by record_size so that a newer library's longer records still
+    read."""
+
+    _fields_ = [
+        ("struct_size", c_uint32),
+        ("record_size", c_uint32),
+        ("count", c_size_t),
+        ("records", c_void_p),
+        ("names", c_void_p),
+        ("names_bytes", c_size_t),
+        ("dims", c_void_p),
+        ("dims_count", c_size_t),
+        ("segments", c_size_t),
+    ]
+
+
 class TensorDeclC(ctypes.Structure):
     """companion_tensor_decl."""
 
@@ -158,6 +176,10 @@ _OPTIONAL_PROTOTYPES = {
     "companion_client_reload": (_status, [c_void_p, c_char_p, c_int32, c_double,
                                           _P(c_void_p)]),
     "companion_client_subscribe_key": (_status, [c_void_p, c_char_p, _P(c_void_p)]),
+    # The whole tensor table in one call; without it (an older library) MappedModel reads the
+    # table a tensor at a time.
+    "companion_model_table_init": (None, [_P(ModelTableC)]),
+    "companion_model_get_table": (_status, [c_void_p, _P(ModelTableC)]),
 }
 
 # C claim modes (companion_claim_mode).
@@ -301,5 +323,5 @@ def status_string(code: int) -> str:
 
 
 __all__ = ["load_library", "library_path", "check", "take_json", "take_string", "Error",
-           "ConnectOptions", "ModelSpecC", "TensorC", "TensorDeclC", "AttachOptionsC", "function",
-           "has_function", "version", "status_string"]
+           "ConnectOptions", "ModelSpecC", "TensorC", "ModelTableC", "TensorDeclC",
+           "AttachOptionsC", "function", "has_function", "version", "status_string"]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections.abc
 import ctypes
+import struct
 import sys
 import threading
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -25,7 +26,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from . import _lib
 from . import dlpack as _dlpack
 from ._types import DTYPES, DType, DTypeInfo, ModelSpec, ModelStatus
-from .errors import InvalidArgument
+from .errors import Error, InvalidArgument
 
 
 class _ModelHandle:
@@ -149,6 +150,24 @@ class Tensor:
         self.device_type = int(device_type)
         self.device_id = int(device_id)
         self._owner = owner
+
+    @classmethod
+    def _of(cls, name: str, dtype: DType, shape: Tuple[int, ...], strides: Tuple[int, ...],
+            data_ptr: int, nbytes: int, device_type: int, device_id: int,
+            owner: Any) -> "Tensor":
+        """A Tensor from values already of the right types (the table's): skips __init__'s
+        conversions, which dominate when a model has 100,000 tensors."""
+        t = cls.__new__(cls)
+        t.name = name
+        t.dtype = dtype
+        t.shape = shape
+        t.strides = strides
+        t.data_ptr = data_ptr
+        t.nbytes = nbytes
+        t.device_type = device_type
+        t.device_id = device_id
+        t._owner = owner
+        return t
 
     # ---- description --------------------------------------------------------------------------
 
@@ -395,33 +414,197 @@ class Tensor:
         return tensor
 
 
+# companion_tensor_record (companion.h), native byte order: data, nbytes, segment_offset,
+# name_offset, dims_offset (u64 each), name_length (u32), dtype, ndim, device_type, device_id
+# (i32 each), segment (u32). 64 bytes, no padding.
+_RECORD = struct.Struct("=QQQQQIiiiiI")
+_DTYPE_OF: Dict[int, DType] = {int(d): d for d in DType}
+_ITEMSIZE: Dict[int, int] = {int(d): info.itemsize for d, info in DTYPES.items()}
+
+
+class _Table:
+    """A model's tensor table, copied out of the handle in one piece (companion_model_get_table:
+    three ctypes calls whatever the number of tensors).
+
+    The copy is Python's own bytes, so reading it never depends on the handle being alive: a
+    Tensor can be made from it at any time (lazily, on first use) with no race against
+    MappedModel.release(). Records are parsed only for the tensors asked for."""
+
+    __slots__ = ("count", "record_size", "records", "dims", "names")
+
+    def __init__(self, lib: Any, ptr: int) -> None:
+        raw = _lib.ModelTableC()
+        lib.companion_model_table_init(ctypes.byref(raw))
+        _lib.check(lib.companion_model_get_table(ptr, ctypes.byref(raw)))
+        count, size = int(raw.count), int(raw.record_size)
+        if count and size < _RECORD.size:
+            raise Error(f"{_lib.library_path()} describes tensors in {size}-byte records; this "
+                        f"package needs at least {_RECORD.size}")
+        self.count = count
+        self.record_size = size
+        self.records = ctypes.string_at(raw.records, count * size) if count else b""
+        dims = ctypes.string_at(raw.dims, raw.dims_count * 8) if raw.dims_count else b""
+        self.dims = memoryview(dims).cast("q")
+        blob = ctypes.string_at(raw.names, raw.names_bytes) if raw.names_bytes else b""
+        # Every name is followed by a NUL: one decode and one split name them all. NUL never
+        # takes part in an invalid UTF-8 sequence, so 'replace' gives what decoding each name
+        # alone gives. A name holding a NUL itself makes too many pieces: cut by the records.
+        names = blob.decode("utf-8", "replace").split("\0")
+        names.pop()
+        if len(names) != count:
+            names = [blob[r[3]:r[3] + r[5]].decode("utf-8", "replace") for r in self.rows()]
+        self.names: List[str] = names
+
+    def rows(self) -> Iterator[Tuple[int, ...]]:
+        """Every record as a tuple (_RECORD's fields), in table order."""
+        if self.record_size == _RECORD.size:
+            return _RECORD.iter_unpack(self.records)
+        size = self.record_size
+        return (_RECORD.unpack_from(self.records, i * size) for i in range(self.count))
+
+    def make_all(self, owner: Any, made: Dict[int, Tensor]) -> None:
+        """Makes every Tensor not yet in ``made`` (one pass over the records)."""
+        dims = self.dims.tolist()
+        names = self.names
+        for i, row in enumerate(self.rows()):
+            if i in made:
+                continue
+            data, nbytes, _, _, at, _, code, ndim, device_type, device_id, _ = row
+            dtype = _DTYPE_OF.get(code)
+            made.setdefault(i, Tensor._of(names[i], DType(code) if dtype is None else dtype,
+                                          tuple(dims[at:at + ndim]),
+                                          tuple(dims[at + ndim:at + 2 * ndim]), data, nbytes,
+                                          device_type, device_id, owner))
+
+    def tensor(self, index: int, owner: Any) -> Tensor:
+        data, nbytes, _, _, at, _, code, ndim, device_type, device_id, _ = _RECORD.unpack_from(
+            self.records, index * self.record_size)
+        dims = self.dims
+        dtype = _DTYPE_OF.get(code)
+        return Tensor._of(self.names[index], DType(code) if dtype is None else dtype,
+                          tuple(dims[at:at + ndim]), tuple(dims[at + ndim:at + 2 * ndim]),
+                          data, nbytes, device_type, device_id, owner)
+
+
+def _bulk_state_dict(torch: Any, table: _Table, index: Dict[str, int], owner: Any,
+                     tensor_at: Any) -> Dict[str, Any]:
+    """``{name: Tensor.torch()}`` for every name in ``index``, without a round trip per tensor.
+
+    One torch tensor (the base) is made per (segment, dtype, offset modulo item size) through
+    Tensor.torch() (so the route, the device and the lifetime are the per-tensor ones: the base's
+    storage holds the mapping), from the segment's start to the last byte any tensor of that
+    segment uses. Every tensor is a view of its base with its own shape, strides and offset: the
+    dtype, shape, strides, device and data pointer of Tensor.torch()'s result, sharing the base's
+    storage. Grouping by the offset's residue keeps every start a whole number of elements into
+    its base. Tensors torch cannot view this way (no bytes, a dtype this torch lacks) go through
+    ``tensor_at(i).torch()`` as before, which also raises as before.
+
+    Views are made a run at a time where they can be: tensors of one base, shape and strides
+    whose offsets step evenly (the experts of a MoE layer, the same matrix of every layer) are
+    one ``as_strided`` with a leading dimension, split by ``unbind(0)``, which makes each view
+    in C++ (about three times cheaper than an ``as_strided`` call from Python per tensor)."""
+    itemsize_of = {code: _ITEMSIZE[code] for code, d in _DTYPE_OF.items()
+                   if getattr(torch, DTYPES[d].torch, None) is not None}
+    # Where each segment's used bytes end: every base of the segment may reach that far.
+    seg_end: Dict[int, int] = {}
+    for row in table.rows():
+        end = row[2] + row[1]
+        if seg_end.get(row[10], -1) < end:
+            seg_end[row[10]] = end
+    dims = table.dims.tolist()
+    if len(index) == table.count:  # no name given twice: the table's order is the dict's
+        items: Any = zip(table.names, range(table.count), table.rows())
+    else:
+        rows = list(table.rows())
+        items = ((name, i, rows[i]) for name, i in index.items())
+    out: Dict[str, Any] = dict.fromkeys(index)  # the index's order, filled below
+    first: Dict[Tuple[int, int, int], Tuple[int, ...]] = {}  # a row of each base's group
+    groups: Dict[Tuple[Any, ...], List[Tuple[int, str]]] = {}
+    for name, i, row in items:
+        offset, code, ndim, segment = row[2], row[6], row[7], row[10]
+        itemsize = itemsize_of.get(code)
+        at = row[4]
+        shape = tuple(dims[at:at + ndim])
+        if itemsize is None or row[1] == 0 or 0 in shape:
+            out[name] = tensor_at(i).torch()
+            continue
+        skew = offset % itemsize
+        if (segment, code, skew) not in first:
+            first[(segment, code, skew)] = row
+        key = (segment, code, skew, shape, tuple(dims[at + ndim:at + 2 * ndim]))
+        members = groups.get(key)
+        if members is None:
+            members = groups[key] = []
+        members.append((offset // itemsize, name))
+    bases: Dict[Tuple[int, int, int], Any] = {}
+    for (segment, code, skew, shape, strides), members in groups.items():
+        base = bases.get((segment, code, skew))
+        if base is None:
+            data, _, offset, _, _, _, _, _, device_type, device_id, _ = first[(segment, code, skew)]
+            itemsize = _ITEMSIZE[code]
+            count = (seg_end[segment] - skew) // itemsize
+            flat = Tensor._of("", _DTYPE_OF[code], (count,), (1,), data - offset + skew,
+                              count * itemsize, device_type, device_id, owner)
+            base = bases[(segment, code, skew)] = flat.torch()
+        members.sort()
+        n = len(members)
+        k = 0
+        while k < n:
+            j = k + 1
+            if j < n:  # the longest run from k whose offsets step evenly
+                step = members[j][0] - members[k][0]
+                while j + 1 < n and members[j + 1][0] - members[j][0] == step:
+                    j += 1
+                j += 1
+                views = base.as_strided((j - k,) + shape, (step,) + strides,
+                                        members[k][0]).unbind(0)
+                for (_, name), view in zip(members[k:j], views):
+                    out[name] = view
+            else:
+                element, name = members[k]
+                out[name] = base.as_strided(shape, strides, element)
+            k = j
+    return out
+
+
 class MappedModel(collections.abc.Mapping):
     """A model's weights mapped into this process: a read-only mapping name -> :class:`Tensor`.
 
     ``mm["model.decoder.embed_tokens.weight"].torch()``; ``mm.state_dict()`` for every tensor as
     torch; ``mm.info`` for the mapping's facts (lease id, segments, bytes; ``mm.status`` for the
     model's status). Use as a context manager or call :meth:`release` to give up this object's
-    hold; tensors made from it stay valid (see the module docs)."""
+    hold; tensors made from it stay valid (see the module docs).
+
+    The table crosses from the library in one block; each :class:`Tensor` is made the first time
+    it is asked for (``mm[name]``, ``tensors()``, ``values()``...) and then kept, so that the
+    same name gives the same object."""
 
     def __init__(self, handle: _ModelHandle, spec: Optional[ModelSpec] = None) -> None:
         lib = _lib.load_library()
         self._handle: Optional[_ModelHandle] = handle
         self.spec = spec
         self._lock = threading.Lock()
-        count = lib.companion_model_tensor_count(handle.ptr)
-        tensors: Dict[str, Tensor] = {}
-        raw = _lib.TensorC()
-        for index in range(count):
-            _lib.check(lib.companion_model_tensor(handle.ptr, index, ctypes.byref(raw)))
-            name = ctypes.string_at(raw.name, raw.name_length).decode("utf-8", "replace") \
-                if raw.name_length else ""
-            ndim = raw.ndim
-            shape = tuple(raw.shape[i] for i in range(ndim))
-            strides = tuple(raw.strides[i] for i in range(ndim)) if raw.strides \
-                else _contiguous_strides(shape)
-            tensors[name] = Tensor(name, DType(raw.dtype), shape, strides, raw.data or 0,
-                                   raw.nbytes, raw.device_type, raw.device_id, handle)
-        self._tensors = tensors
+        self._table: Optional[_Table] = None
+        self._made: Dict[int, Tensor] = {}
+        if getattr(lib, "companion_model_get_table", None) is not None:
+            self._table = _Table(lib, handle.ptr)
+            names = self._table.names
+        else:  # a library older than the table call: a call per tensor, all made now
+            names = []
+            raw = _lib.TensorC()
+            for index in range(lib.companion_model_tensor_count(handle.ptr)):
+                _lib.check(lib.companion_model_tensor(handle.ptr, index, ctypes.byref(raw)))
+                name = ctypes.string_at(raw.name, raw.name_length).decode("utf-8", "replace") \
+                    if raw.name_length else ""
+                ndim = raw.ndim
+                shape = tuple(raw.shape[i] for i in range(ndim))
+                strides = tuple(raw.strides[i] for i in range(ndim)) if raw.strides \
+                    else _contiguous_strides(shape)
+                names.append(name)
+                self._made[index] = Tensor(name, DType(raw.dtype), shape, strides, raw.data or 0,
+                                           raw.nbytes, raw.device_type, raw.device_id, handle)
+        # A name given twice maps to its last entry, as a dict built in table order would.
+        self._index: Dict[str, int] = dict(zip(names, range(len(names))))
         info = _lib.c_void_p()
         _lib.check(lib.companion_model_info(handle.ptr, ctypes.byref(info)))
         self.info: Dict[str, Any] = _lib.take_json(info) or {}
@@ -448,31 +631,63 @@ class MappedModel(collections.abc.Mapping):
         if self._handle is None:
             raise InvalidArgument("the MappedModel was released")
 
+    def _live(self) -> Tuple[_ModelHandle, Optional[_Table], Dict[str, int], Dict[int, Tensor]]:
+        """The handle, table, index and made tensors, read once: release() may run in another
+        thread meanwhile, and what was read stays consistent (the handle read here keeps the
+        mapping for any Tensor made from it)."""
+        handle, table, index, made = self._handle, self._table, self._index, self._made
+        if handle is None:
+            raise InvalidArgument("the MappedModel was released")
+        return handle, table, index, made
+
+    @staticmethod
+    def _tensor(i: int, handle: _ModelHandle, table: Optional[_Table],
+                made: Dict[int, Tensor]) -> Tensor:
+        t = made.get(i)
+        if t is None:
+            assert table is not None  # without a table every Tensor was made at construction
+            # setdefault: two threads making the same tensor at once hand out one object.
+            t = made.setdefault(i, table.tensor(i, handle))
+        return t
+
     # ---- mapping protocol -------------------------------------------------------------------
 
     def __getitem__(self, name: str) -> Tensor:
-        self._check()
-        return self._tensors[name]
+        handle, table, index, made = self._live()
+        return self._tensor(index[name], handle, table, made)
 
     def __iter__(self) -> Iterator[str]:
         self._check()
-        return iter(self._tensors)
+        return iter(self._index)
 
     def __len__(self) -> int:
-        return len(self._tensors)
+        return len(self._index)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._tensors
+        return name in self._index
 
     def tensors(self) -> Dict[str, Tensor]:
         """Every tensor, by name (a new dict; the Tensor objects are shared)."""
-        self._check()
-        return dict(self._tensors)
+        handle, table, index, made = self._live()
+        if table is not None and len(made) < table.count:
+            table.make_all(handle, made)
+        return {name: made[i] for name, i in index.items()}
 
     def state_dict(self) -> Dict[str, Any]:
-        """Every tensor as a zero-copy torch.Tensor, by name (imports torch)."""
-        self._check()
-        return {name: t.torch() for name, t in self._tensors.items()}
+        """Every tensor as a zero-copy torch.Tensor, by name (imports torch): each as
+        ``self[name].torch()`` would make it (dtype, shape, strides, device, data pointer), but
+        made in bulk as views of one torch tensor per segment and dtype. The views share that
+        tensor's storage, which holds the mapping while any of them lives. (So a view's
+        ``untyped_storage()`` spans its whole segment: ``torch.save`` of one would write that
+        span; ``.clone()`` first.)"""
+        handle, table, index, made = self._live()
+        import torch
+
+        if table is None:
+            return {name: self._tensor(i, handle, table, made).torch()
+                    for name, i in index.items()}
+        return _bulk_state_dict(torch, table, index, handle,
+                                lambda i: self._tensor(i, handle, table, made))
 
     # ---- lifetime -----------------------------------------------------------------------------
 
@@ -482,7 +697,9 @@ class MappedModel(collections.abc.Mapping):
         unmapped and its lease returned now. Idempotent."""
         with self._lock:
             self._handle = None
-            self._tensors = {}
+            self._table = None
+            self._index = {}
+            self._made = {}
 
     close = release
 
@@ -497,7 +714,6 @@ class MappedModel(collections.abc.Mapping):
                         "pickled: send the ModelSpec and map the model in the other process")
 
     def __repr__(self) -> str:
-        state = "released" if self._handle is None else f"{len(self._tensors)} tensors"
+        state = "released" if self._handle is None else f"{len(self._index)} tensors"
         source = self.spec.source if self.spec else (self.status.source or self.status.key)
         return f"<companion.MappedModel {source!r} {state}, lease {self.lease_id}>"
-

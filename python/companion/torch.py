@@ -155,7 +155,7 @@ def _alias_aware_state(weights: Union[MappedModel, Mapping[str, Any]]) -> Dict[s
     """{name: torch.Tensor} in which names over the same memory (published aliases, tied
     weights) share one tensor object."""
     if isinstance(weights, MappedModel):
-        weights = weights.tensors()
+        weights = weights.state_dict()  # in bulk; grouped by memory below as torch tensors
     by_memory: Dict[Tuple[Any, ...], Any] = {}
     out: Dict[str, Any] = {}
     for name, value in weights.items():

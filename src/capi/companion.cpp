@@ -5,10 +5,12 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <memory>
+#include <mutex>
 #include <new>
 #include <string>
 #include <type_traits>
@@ -44,6 +46,15 @@ static_assert(COMPANION_DTYPE_F8_E4M3 == static_cast<int>(companion::DType::kF8E
 static_assert(COMPANION_DTYPE_F8_E5M2 == static_cast<int>(companion::DType::kF8E5M2));
 static_assert(companion::kDTypeCount == COMPANION_DTYPE_F8_E5M2 + 1);
 
+// companion.h promises one layout for the record on every 64-bit compiler (the Python package
+// reads it with struct, not through a C compiler): all fields at their natural alignment, no
+// padding, 64 bytes.
+#if UINTPTR_MAX == UINT64_MAX
+static_assert(sizeof(companion_tensor_record) == 64);
+static_assert(offsetof(companion_tensor_record, name_length) == 40);
+static_assert(offsetof(companion_tensor_record, segment) == 60);
+#endif
+
 // The opaque handles of companion.h.
 struct companion_client {
   std::unique_ptr<companion::Client> client;
@@ -53,6 +64,13 @@ struct companion_model {
   std::shared_ptr<companion::MappedModel> model;
   // One entry per MappedModel::tensors(), built once; pointers into the MappedModel's views.
   std::vector<companion_tensor> tensors;
+  // companion_model_get_table's arrays. Built on its first call rather than here, so callers that
+  // never ask (most C and C++ users) pay nothing; call_once keeps the handle safe to read from
+  // several threads, as companion.h promises.
+  mutable std::once_flag table_once;
+  mutable std::vector<companion_tensor_record> records;
+  mutable std::string names;
+  mutable std::vector<int64_t> dims;
 };
 
 struct companion_status_stream {
@@ -243,6 +261,54 @@ Result<companion::Fingerprint> to_fingerprint(const char* json) {
     out[name] = value.get<std::string>();
   }
   return out;
+}
+
+// Fills the model's table arrays from its views. Names are copied (each followed by a NUL) so
+// that a caller can take the whole blob in one read; shapes and strides likewise into one array.
+void build_table(const companion_model& handle) {
+  handle.records.clear();
+  handle.names.clear();
+  handle.dims.clear();
+  auto views = handle.model->tensors();
+  size_t name_bytes = 0;
+  size_t dim_count = 0;
+  for (const auto& v : views) {
+    name_bytes += v.name.size() + 1;
+    dim_count += 2 * v.shape.size();
+  }
+  handle.records.reserve(views.size());
+  handle.names.reserve(name_bytes);
+  handle.dims.reserve(dim_count);
+  for (const auto& v : views) {
+    companion_tensor_record r{};
+    r.data = v.data;
+    r.nbytes = v.nbytes;
+    r.segment_offset = v.offset;
+    r.name_offset = handle.names.size();
+    r.dims_offset = handle.dims.size();
+    r.name_length = static_cast<uint32_t>(v.name.size());
+    r.dtype = static_cast<int32_t>(v.dtype);
+    r.ndim = static_cast<int32_t>(v.shape.size());
+    r.device_type = v.on_device ? COMPANION_DEVICE_CUDA : COMPANION_DEVICE_CPU;
+    r.device_id = v.on_device && v.device_ordinal > 0 ? v.device_ordinal : 0;
+    r.segment = v.segment;
+    handle.names.append(v.name);
+    handle.names.push_back('\0');
+    handle.dims.insert(handle.dims.end(), v.shape.begin(), v.shape.end());
+    if (v.strides.size() == v.shape.size()) {
+      handle.dims.insert(handle.dims.end(), v.strides.begin(), v.strides.end());
+    } else {
+      // A view without strides is contiguous; the record promises ndim of them regardless.
+      size_t first = handle.dims.size();
+      handle.dims.resize(first + v.shape.size());
+      int64_t step = 1;
+      for (size_t d = v.shape.size(); d-- > 0;) {
+        handle.dims[first + d] = step;
+        step *= v.shape[d] > 0 ? v.shape[d] : 1;
+      }
+    }
+    handle.records.push_back(r);
+  }
 }
 
 companion_model* wrap_model(std::shared_ptr<companion::MappedModel> mapped) {
@@ -502,6 +568,35 @@ companion_status companion_model_find(const companion_model* model, const char* 
       return fail(COMPANION_NOT_FOUND, "the model has no tensor named '" + std::string(name) + "'");
     auto index = static_cast<size_t>(v - model->model->tensors().data());
     *tensor = model->tensors.at(index);
+    return COMPANION_OK;
+  });
+}
+
+void companion_model_table_init(companion_model_table* table) {
+  if (table == nullptr) return;
+  std::memset(static_cast<void*>(table), 0, sizeof(*table));
+  table->struct_size = sizeof(*table);
+}
+
+companion_status companion_model_get_table(const companion_model* model,
+                                           companion_model_table* table) {
+  return guarded([&]() -> companion_status {
+    if (model == nullptr) return invalid("model is NULL");
+    if (table == nullptr) return invalid("table (the out pointer) is NULL");
+    if (table->struct_size == 0)
+      return invalid(
+          "table->struct_size is 0: initialise the table with companion_model_table_init()");
+    std::call_once(model->table_once, [&] { build_table(*model); });
+    // Only the members the caller's (possibly older, shorter) struct has room for are written.
+    if (COMPANION_FITS(table, record_size))
+      table->record_size = static_cast<uint32_t>(sizeof(companion_tensor_record));
+    if (COMPANION_FITS(table, count)) table->count = model->records.size();
+    if (COMPANION_FITS(table, records)) table->records = model->records.data();
+    if (COMPANION_FITS(table, names)) table->names = model->names.data();
+    if (COMPANION_FITS(table, names_bytes)) table->names_bytes = model->names.size();
+    if (COMPANION_FITS(table, dims)) table->dims = model->dims.data();
+    if (COMPANION_FITS(table, dims_count)) table->dims_count = model->dims.size();
+    if (COMPANION_FITS(table, segments)) table->segments = model->model->segment_count();
     return COMPANION_OK;
   });
 }

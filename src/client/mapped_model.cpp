@@ -99,6 +99,8 @@ Result<std::shared_ptr<MappedModel>> map_parameters(std::shared_ptr<Connection> 
     v.nbytes = t.nbytes;
     v.on_device = seg->on_device();
     v.device_ordinal = seg->on_device() ? ordinal : -1;
+    v.segment = t.segment;
+    v.offset = t.offset;
     impl->views.push_back(v);
   }
   impl->by_name.reserve(impl->views.size());

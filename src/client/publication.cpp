@@ -64,6 +64,8 @@ class PublicationImpl final : public Publication {
       v.nbytes = t.nbytes;
       v.on_device = seg->on_device();
       v.device_ordinal = seg->on_device() ? ordinal_ : -1;
+      v.segment = t.segment;
+      v.offset = t.offset;
       views_.push_back(v);
     }
     by_name_.reserve(views_.size());
@@ -152,6 +154,8 @@ TensorView read_only_view(const WritableTensor& w) {
   v.nbytes = w.nbytes;
   v.on_device = w.on_device;
   v.device_ordinal = w.device_ordinal;
+  v.segment = w.segment;
+  v.offset = w.offset;
   return v;
 }
 

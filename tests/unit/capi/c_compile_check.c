@@ -43,6 +43,13 @@ int main(void) {
 
   check(companion_model_tensor(NULL, 0, &tensor) == COMPANION_INVALID_ARGUMENT, "NULL model");
   check(companion_model_tensor_count(NULL) == 0, "count of NULL");
+  {
+    companion_model_table table;
+    companion_model_table_init(&table);
+    check(table.struct_size == sizeof(table), "companion_model_table_init");
+    check(companion_model_get_table(NULL, &table) == COMPANION_INVALID_ARGUMENT,
+          "table of a NULL model");
+  }
   companion_client_close(NULL);
   companion_free(NULL);
 

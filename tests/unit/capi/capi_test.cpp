@@ -465,6 +465,9 @@ TEST(CapiStatic, NullArgumentsAreInvalid) {
   invalid(companion_model_tensor(nullptr, 0, &t), "tensor");
   invalid(companion_model_find(nullptr, "x", &t), "find");
   invalid(companion_model_info(nullptr, &text), "info");
+  companion_model_table table;
+  companion_model_table_init(&table);
+  invalid(companion_model_get_table(nullptr, &table), "table");
   EXPECT_EQ(companion_model_tensor_count(nullptr), 0u);
   // NULL handles to close/release are no-ops.
   companion_client_close(nullptr);
@@ -711,6 +714,89 @@ TEST_F(CapiTest, GetModelParametersMapsTheFileBytes) {
     if (!released) std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   EXPECT_TRUE(released);
+}
+
+// The table of companion_model_get_table says what companion_model_tensor says, tensor by
+// tensor, and its records are stepped through by record_size.
+TEST_F(CapiTest, TableHandsEveryTensorOverInOneBlock) {
+  std::string path = write_model("table", 5);
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec spec(path);
+  companion_model* raw = nullptr;
+  ASSERT_EQ(companion_client_get_model_parameters(client.get(), spec.get(), 60, &raw), COMPANION_OK)
+      << last_error();
+  ModelPtr model(raw);
+
+  companion_model_table table;
+  companion_model_table_init(&table);
+  EXPECT_EQ(table.struct_size, sizeof(table));
+  EXPECT_EQ(companion_model_get_table(model.get(), nullptr), COMPANION_INVALID_ARGUMENT);
+  companion_model_table zero{};
+  EXPECT_EQ(companion_model_get_table(model.get(), &zero), COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("companion_model_table_init"), std::string::npos) << last_error();
+  ASSERT_EQ(companion_model_get_table(model.get(), &table), COMPANION_OK) << last_error();
+  ASSERT_EQ(table.count, companion_model_tensor_count(model.get()));
+  ASSERT_GE(table.record_size, sizeof(companion_tensor_record));
+  ASSERT_NE(table.records, nullptr);
+  EXPECT_GE(table.segments, 1u);
+  size_t name_bytes = 0;
+  size_t dims = 0;
+  for (size_t i = 0; i < table.count; ++i) {
+    const auto* r = reinterpret_cast<const companion_tensor_record*>(
+        static_cast<const char*>(table.records) + i * table.record_size);
+    companion_tensor t;
+    ASSERT_EQ(companion_model_tensor(model.get(), i, &t), COMPANION_OK) << last_error();
+    std::string name(t.name, t.name_length);
+    ASSERT_LE(r->name_offset + r->name_length, table.names_bytes) << name;
+    EXPECT_EQ(std::string(table.names + r->name_offset, r->name_length), name);
+    EXPECT_EQ(table.names[r->name_offset + r->name_length], '\0') << name;
+    name_bytes += r->name_length + 1u;
+    EXPECT_EQ(r->dtype, t.dtype) << name;
+    ASSERT_EQ(r->ndim, t.ndim) << name;
+    ASSERT_LE(r->dims_offset + 2u * static_cast<uint64_t>(r->ndim), table.dims_count) << name;
+    for (int32_t d = 0; d < t.ndim; ++d) {
+      EXPECT_EQ(table.dims[r->dims_offset + static_cast<uint64_t>(d)], t.shape[d]) << name;
+      EXPECT_EQ(table.dims[r->dims_offset + static_cast<uint64_t>(t.ndim + d)], t.strides[d])
+          << name;
+    }
+    dims += 2u * static_cast<size_t>(t.ndim);
+    EXPECT_EQ(r->data, t.data) << name;
+    EXPECT_EQ(r->nbytes, t.nbytes) << name;
+    EXPECT_EQ(r->device_type, t.device_type) << name;
+    EXPECT_EQ(r->device_id, t.device_id) << name;
+    EXPECT_LT(r->segment, table.segments) << name;
+    EXPECT_GE(reinterpret_cast<uintptr_t>(r->data), r->segment_offset) << name;
+  }
+  EXPECT_EQ(table.names_bytes, name_bytes);
+  EXPECT_EQ(table.dims_count, dims);
+  // Tensors of one segment agree on where it starts.
+  std::map<uint32_t, uintptr_t> starts;
+  for (size_t i = 0; i < table.count; ++i) {
+    const auto* r = reinterpret_cast<const companion_tensor_record*>(
+        static_cast<const char*>(table.records) + i * table.record_size);
+    uintptr_t start = reinterpret_cast<uintptr_t>(r->data) - r->segment_offset;
+    auto [it, fresh] = starts.emplace(r->segment, start);
+    EXPECT_TRUE(fresh || it->second == start) << i;
+  }
+
+  // A second call hands over the same arrays (built once, owned by the handle).
+  companion_model_table again;
+  companion_model_table_init(&again);
+  ASSERT_EQ(companion_model_get_table(model.get(), &again), COMPANION_OK) << last_error();
+  EXPECT_EQ(again.records, table.records);
+  EXPECT_EQ(again.names, table.names);
+
+  // An older, shorter struct: nothing past struct_size is written.
+  companion_model_table old;
+  companion_model_table_init(&old);
+  old.struct_size = offsetof(companion_model_table, names);
+  old.names = reinterpret_cast<const char*>(0x1);
+  old.segments = 12345;
+  ASSERT_EQ(companion_model_get_table(model.get(), &old), COMPANION_OK) << last_error();
+  EXPECT_EQ(old.records, table.records);
+  EXPECT_EQ(old.names, reinterpret_cast<const char*>(0x1));
+  EXPECT_EQ(old.segments, 12345u);
 }
 
 TEST_F(CapiTest, DtypeCastIsPassedToTheServer) {
@@ -1171,6 +1257,22 @@ TEST_F(CapiPublishTest, PublishedTensorsAreAttachedByAnotherClientWithTheirTies)
   ASSERT_EQ(companion_model_find(m.get(), "w_tied", &tied), COMPANION_OK);
   ASSERT_EQ(companion_model_find(m.get(), "b", &b), COMPANION_OK);
   EXPECT_EQ(w.data, tied.data);  // one copy of tied weights
+  companion_model_table table;
+  companion_model_table_init(&table);
+  ASSERT_EQ(companion_model_get_table(m.get(), &table), COMPANION_OK) << last_error();
+  ASSERT_EQ(table.count, 3u);
+  for (size_t i = 0; i < table.count; ++i) {
+    const auto* r = reinterpret_cast<const companion_tensor_record*>(
+        static_cast<const char*>(table.records) + i * table.record_size);
+    companion_tensor t{};
+    ASSERT_EQ(companion_model_tensor(m.get(), i, &t), COMPANION_OK) << last_error();
+    EXPECT_EQ(r->data, t.data);
+    EXPECT_LT(r->segment, table.segments);
+  }
+  companion_model_table mine;
+  companion_model_table_init(&mine);
+  ASSERT_EQ(companion_model_get_table(own.get(), &mine), COMPANION_OK) << last_error();
+  ASSERT_EQ(mine.count, 3u);
   EXPECT_EQ(static_cast<const float*>(w.data)[31], 32.0f);
   EXPECT_EQ(static_cast<const float*>(b.data)[7], 8.0f);
 
