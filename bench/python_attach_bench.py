@@ -27,26 +27,13 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
+sys.path.insert(0, str(REPO / "bench"))
+import publish_bench  # noqa: E402
 
 
-def llama_shapes(layers=32, hidden=64, intermediate=224, kv=16, vocab=1024):
-    """Llama-3-8B's tensor names (291 at 32 layers), shapes scaled down."""
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-              "model.norm.weight": (hidden,)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.k_proj.weight": (kv, hidden),
-            p + "self_attn.v_proj.weight": (kv, hidden),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "mlp.gate_proj.weight": (intermediate, hidden),
-            p + "mlp.up_proj.weight": (intermediate, hidden),
-            p + "mlp.down_proj.weight": (hidden, intermediate),
-            p + "input_layernorm.weight": (hidden,),
-            p + "post_attention_layernorm.weight": (hidden,),
-        })
-    return shapes
+def llama_shapes():
+    """Llama-3-8B's tensor names (291), shapes scaled down: mapping costs do not depend on bytes."""
+    return publish_bench.llama_shapes(hidden=64, intermediate=224, kv=16, vocab=1024)
 
 
 def moe_shapes(count):

@@ -25,11 +25,6 @@ using Clock = std::chrono::steady_clock;
 // Pinned staging kept between loads, per GPU (see PinnedCache).
 constexpr uint64_t kKeptStagingBytes = 256ull << 20;
 
-uint64_t allocated_size(uint64_t buffer_bytes) {
-  uint64_t bytes = buffer_bytes + 2 * kDirectAlign;
-  return (bytes + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
-}
-
 // A bounded set of staging buffers, allocated on demand, one at a time. acquire() blocks while
 // every buffer is taken; put() recycles one. The first failure (an asynchronous copy, say) is kept
 // and returned by every later acquire().
@@ -185,7 +180,7 @@ class WriteSink final : public ChunkSink {
   WriteSink(memory::Slab& slab, const SinkOptions& options)
       : slab_(slab),
         stop_(options.stop),
-        buffer_bytes_(allocated_size(options.buffer_bytes)),
+        buffer_bytes_(staging_buffer_size(options.buffer_bytes)),
         pool_(options.max_buffers,
               [bytes = buffer_bytes_]() -> Result<std::unique_ptr<StagingBuffer>> {
                 auto buffer = std::make_unique<HeapBuffer>();
@@ -420,7 +415,7 @@ class CudaStagedSink final : public ChunkSink {
       : ordinal_(ordinal),
         device_(std::move(device)),
         streams_(std::move(streams)),
-        buffer_bytes_(allocated_size(options.buffer_bytes)),
+        buffer_bytes_(staging_buffer_size(options.buffer_bytes)),
         pool_(
             options.max_buffers,
             [ordinal, bytes = buffer_bytes_, registered = options.registered_pinned,
@@ -489,7 +484,7 @@ class CudaStagedSink final : public ChunkSink {
 Result<size_t> pin_staging_ahead(int ordinal, const SinkOptions& options) {
   if (!options.keep_buffers) return size_t{0};
   COMPANION_TRY(memory::cuda::make_current(ordinal));
-  const uint64_t bytes = allocated_size(options.buffer_bytes);
+  const uint64_t bytes = staging_buffer_size(options.buffer_bytes);
   const size_t count = std::min<size_t>(std::max<size_t>(1, options.max_buffers),
                                         static_cast<size_t>(kKeptStagingBytes / bytes));
   size_t pinned = 0;

@@ -94,6 +94,13 @@ class ChunkSink {
 // allocated up front.
 Result<std::unique_ptr<ChunkSink>> make_chunk_sink(memory::Slab& slab, const SinkOptions& options);
 
+// The bytes allocated for a buffer of `usable` bytes: slack for aligning O_DIRECT reads on both
+// sides, rounded up to kDirectAlign (staging and bounce buffers alike).
+inline uint64_t staging_buffer_size(uint64_t usable) {
+  uint64_t bytes = usable + 2 * kDirectAlign;
+  return (bytes + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+}
+
 // GPU `ordinal`: pins the staging buffers a load with these options would allocate, and keeps
 // them for it (as a finished load keeps its own), so that a process's first load does not pay for
 // pinning. Returns how many were pinned (0 when buffers are not kept).

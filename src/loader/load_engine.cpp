@@ -49,10 +49,8 @@ uint64_t chunk_bytes(const LoadOptions& options) {
 SinkOptions staging_options(const LoadOptions& options) {
   SinkOptions sink;
   sink.buffer_bytes = chunk_bytes(options);
-  uint64_t buffer_bytes =
-      (sink.buffer_bytes + 2 * kDirectAlign + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
-  sink.max_buffers =
-      static_cast<size_t>(std::max<uint64_t>(1, options.staging_bytes / buffer_bytes));
+  sink.max_buffers = static_cast<size_t>(
+      std::max<uint64_t>(1, options.staging_bytes / staging_buffer_size(sink.buffer_bytes)));
   sink.streams = std::max<size_t>(1, options.copy_streams);
   sink.registered_pinned = options.pinned_memory == PinnedMemory::kRegistered;
   sink.keep_buffers = options.keep_staging;
@@ -398,7 +396,7 @@ class Engine {
 
   Result<char*> bounce_buffer(std::unique_ptr<char, FreeDeleter>& bounce) {
     if (!bounce) {
-      uint64_t bytes = align_up(chunk_ + 2 * kDirectAlign);
+      uint64_t bytes = staging_buffer_size(chunk_);
       bounce.reset(static_cast<char*>(std::aligned_alloc(kDirectAlign, bytes)));
       if (!bounce)
         return make_error(StatusCode::kOutOfMemory,

@@ -102,8 +102,8 @@ std::vector<std::pair<std::string, Bytes>> messages() {
   add("error_reply", ErrorReply{Error{StatusCode::kNotFound, "no such model"}});
   add("done", Done{});
   // Publishing (protocol 1.1).
-  add("publish_claim", PublishClaim{"engine/llama", {{"engine", "vllm"}, {"tp", "0/2"}},
-                                    ClaimMode::kIfUnpublished});
+  add("publish_claim",
+      PublishClaim{"engine/llama", {{"engine", "vllm"}, {"tp", "0/2"}}, ClaimMode::kIfUnpublished});
   ModelStatus published = status(ModelState::kLoaded);
   published.published = true;
   published.generation = 2;
