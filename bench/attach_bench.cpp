@@ -1,7 +1,9 @@
 // Client-side attach latency: from the request to every tensor usable (segments imported and
 // mapped, views built), over many attaches of an already-loaded model. Prints one JSON line.
 //   attach_bench --device 0 --model /models/llama --iterations 200
+#include <time.h>
 #include <CLI/CLI.hpp>
+
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -9,6 +11,7 @@
 
 #include "client/connection.hpp"
 #include "client/discovery.hpp"
+#include "client/mapped_model_impl.hpp"
 #include "companion/client.hpp"
 #include "memory/backend.hpp"
 
@@ -67,6 +70,50 @@ Result<std::string> time_phases(const ModelSpec& spec, int iterations,
   return std::string(out);
 }
 
+// One attach taken apart (request, then import + map + views), for many processes started
+// together: absolute CLOCK_MONOTONIC times let the driver line up every process's phases.
+Result<std::string> time_one_attach(const ModelSpec& spec, client::Connection& conn,
+                                    std::shared_ptr<client::Connection> shared, int ordinal) {
+  auto now_ns = [] {
+    timespec ts{};
+    ::clock_gettime(CLOCK_MONOTONIC, &ts);
+    return static_cast<long long>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+  };
+  long long t0 = now_ns();
+  std::vector<UniqueFd> fds;
+  COMPANION_ASSIGN_OR_RETURN(auto reply,
+                             conn.call(protocol::GetParameters{spec, true}, 60000, &fds));
+  long long t1 = now_ns();
+  auto& params = std::get<protocol::Parameters>(reply.body);
+  COMPANION_ASSIGN_OR_RETURN(
+      auto mapped,
+      client::map_parameters(std::move(shared), std::move(params), std::move(fds), ordinal));
+  const void* last = nullptr;
+  for (const auto& t : mapped->tensors()) last = t.data;
+  long long t2 = now_ns();
+  if (last == nullptr && !mapped->tensors().empty())
+    return make_error(StatusCode::kInternal, "no data");
+  char out[256];
+  std::snprintf(out, sizeof(out),
+                "{\"start_ns\": %lld, \"reply_ns\": %lld, \"mapped_ns\": %lld, "
+                "\"request_ms\": %.4f, \"map_ms\": %.4f, \"total_ms\": %.4f}",
+                t0, t1, t2, (t1 - t0) / 1e6, (t2 - t1) / 1e6, (t2 - t0) / 1e6);
+  return std::string(out);
+}
+
+// Waits for "go [CLOCK_MONOTONIC ns]" on stdin, then until that instant (0 or none: at once).
+bool wait_for_go_line() {
+  char line[64];
+  if (std::fgets(line, sizeof(line), stdin) == nullptr) return false;
+  long long at = 0;
+  if (std::sscanf(line, "go %lld", &at) == 1 && at > 0) {
+    timespec ts{static_cast<time_t>(at / 1000000000LL), static_cast<long>(at % 1000000000LL)};
+    while (::clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, nullptr) == EINTR) {
+    }
+  }
+  return true;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -86,8 +133,10 @@ int main(int argc, char** argv) {
   app.add_option("--warmup", warmup)->capture_default_str();
   bool wait_for_go = false;
   app.add_flag("--wait-for-go", wait_for_go,
-               "After the warm-up attaches, print \"ready\" and wait for a line on stdin before "
-               "the timed ones (many processes started together: concurrent_attach_bench.py)");
+               "After the warm-up attaches, print \"ready\" and wait for \"go [T]\" on stdin (T: a "
+               "CLOCK_MONOTONIC instant in ns to start at) before the timed ones (many processes "
+               "started together: concurrent_attach_bench.py). With --breakdown, each timed "
+               "attach prints one JSON line of its phases with absolute times instead");
   bool breakdown = false;
   app.add_flag("--breakdown", breakdown,
                "Also time the phases separately: RPC round trip, GetParameters, import, unmap");
@@ -112,8 +161,21 @@ int main(int argc, char** argv) {
     if (wait_for_go && i == warmup) {
       std::printf("ready\n");
       std::fflush(stdout);
-      char line[16];
-      if (std::fgets(line, sizeof(line), stdin) == nullptr) return 1;
+      if (breakdown) {  // the timed attaches taken apart, on a connection opened beforehand
+        auto conn = client::Connection::open((*client)->server().socket_path, "attach_bench");
+        if (!conn.ok()) return fail(conn.error());
+        auto ordinal = client::local_ordinal_for((*client)->server());
+        if (!ordinal.ok()) return fail(ordinal.error());
+        if (!wait_for_go_line()) return 1;
+        for (int k = 0; k < iterations; ++k) {
+          auto one = time_one_attach(spec, **conn, *conn, *ordinal);
+          if (!one.ok()) return fail(one.error());
+          std::printf("%s\n", one->c_str());
+        }
+        std::fflush(stdout);
+        return 0;
+      }
+      if (!wait_for_go_line()) return 1;
     }
     auto t0 = std::chrono::steady_clock::now();
     auto mapped = (*client)->get_model_parameters(spec);

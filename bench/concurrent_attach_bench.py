@@ -1,10 +1,13 @@
 """Many clients attaching one loaded model at the same instant (a benchmark, not a test).
 
 N client processes start, connect and get ready (one untimed attach first, so that each has its
-CUDA context, imported libraries and warm code), wait on one start barrier, then each times one
-attach: the request until every tensor
-is usable (Python: ``client.state_dict(model)``, torch tensors made; C++: ``attach_bench
---iterations 1``). Prints per-kind p50 / p90 / p99 / max over the N processes; JSON to $OUT.
+CUDA context, imported libraries and warm code), then all start at one CLOCK_MONOTONIC instant
+(each sleeps until it: no barrier wake-up chain) and each times one attach: the request until
+every tensor is usable (Python: ``client.get_model_parameters(model)`` then ``.state_dict()``,
+torch tensors made; C++: ``attach_bench --iterations 1``). Prints per-kind p50 / p90 / p99 / max
+over the N processes, and per phase: the request (GetParameters round trip: the server's queue
+and work) and the rest (import + map of the segments, views; Python: the torch tensors); JSON to
+$OUT. ``--profile`` (with one Python client) prints cProfile's top entries of its timed attach.
 
     python3 bench/concurrent_attach_bench.py --device 0 --clients 64 [--shape llama-3-8b]
     python3 bench/concurrent_attach_bench.py --device host --clients 16 --shape opt-125m
@@ -30,7 +33,18 @@ from harness import BUILD, Server  # noqa: E402
 ATTACH_BENCH = BUILD / "bench" / "attach_bench"
 
 
-def python_client(barrier, results, index, runtime_dir, device, model):
+START_DELAY_NS = 200_000_000  # from "all ready" to the common start instant
+
+
+def sleep_until(t_ns):
+    while True:
+        left = t_ns - time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        if left <= 0:
+            return
+        time.sleep(left / 1e9)
+
+
+def python_client(ready, go, results, index, runtime_dir, device, model, profile):
     os.environ.setdefault("COMPANION_LIBRARY", str(BUILD / "src" / "capi" / "libcompanion.so"))
     import companion
     import torch
@@ -42,13 +56,34 @@ def python_client(barrier, results, index, runtime_dir, device, model):
                                runtime_dir=runtime_dir)
     warm = client.state_dict(model)  # one attach first: the driver's and the package's state
     del warm
-    barrier.wait()
+    ready.put(index)
+    go.wait()
+    sleep_until(go_at(go))
+    profiler = None
+    if profile:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     start = time.perf_counter()
-    state = client.state_dict(model)
-    elapsed = time.perf_counter() - start
-    results.put((index, elapsed * 1e3, len(state)))
-    del state
+    mm = client.get_model_parameters(model)
+    mapped = time.perf_counter()
+    state = mm.state_dict()
+    done = time.perf_counter()
+    if profiler is not None:
+        import io
+        import pstats
+        profiler.disable()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        print(text.getvalue(), file=sys.stderr)
+    results.put((index, {"total_ms": (done - start) * 1e3, "request_ms": (mapped - start) * 1e3,
+                         "map_ms": (done - mapped) * 1e3}, len(state)))
+    del state, mm
     client.close()
+
+
+def go_at(go):
+    return int(go.target.value)
 
 
 def percentiles(values):
@@ -61,19 +96,39 @@ def percentiles(values):
             "n": len(values)}
 
 
+class _Go:
+    """An event with the start instant (CLOCK_MONOTONIC ns) it carries."""
+
+    def __init__(self, ctx):
+        self.event = ctx.Event()
+        self.target = ctx.Value("q", 0)
+
+    def wait(self):
+        self.event.wait()
+
+    def set_at(self, t_ns):
+        self.target.value = t_ns
+        self.event.set()
+
+
 def run_python(args, runtime, model):
+    """Phases per process: request_ms is get_model_parameters (request, import, map, table),
+    map_ms the torch tensors (state_dict of the mapped model)."""
     ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(args.clients)
-    results = ctx.Queue()
+    ready, results, go = ctx.Queue(), ctx.Queue(), _Go(ctx)
     procs = [ctx.Process(target=python_client,
-                         args=(barrier, results, i, str(runtime), args.device, str(model)))
+                         args=(ready, go, results, i, str(runtime), args.device, str(model),
+                               args.profile))
              for i in range(args.clients)]
     for p in procs:
         p.start()
+    for _ in procs:
+        ready.get(timeout=600)
+    go.set_at(time.clock_gettime_ns(time.CLOCK_MONOTONIC) + START_DELAY_NS)
     out = [results.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    return [ms for _, ms, _ in out]
+    return [phases for _, phases, _ in out]
 
 
 def run_cpp(args, runtime, model):
@@ -81,21 +136,22 @@ def run_cpp(args, runtime, model):
     env = dict(os.environ)
     procs = [subprocess.Popen([str(ATTACH_BENCH), "--device", args.device, "--runtime-dir",
                                str(runtime), "--model", str(model), "--iterations", "1",
-                               "--warmup", "1", "--wait-for-go"],
+                               "--warmup", "1", "--wait-for-go", "--breakdown"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
              for _ in range(args.clients)]
     for p in procs:  # each says "ready" after one untimed attach (CUDA context and all)
         line = p.stdout.readline()
         if "ready" not in line:
             raise RuntimeError(f"attach_bench did not get ready: {line!r}")
+    start = time.clock_gettime_ns(time.CLOCK_MONOTONIC) + START_DELAY_NS
     for p in procs:
-        p.stdin.write("go\n")
-    for p in procs:
+        p.stdin.write(f"go {start}\n")
         p.stdin.flush()
     values = []
-    for p in procs:
+    for p in procs:  # --breakdown: one line of phases with absolute times per timed attach
         result = json.loads(p.stdout.readline())
-        values.append(result["p50_ms"])
+        result["late_start_ms"] = (result["start_ns"] - start) / 1e6
+        values.append(result)
         p.wait()
     return values
 
@@ -108,6 +164,8 @@ def main():
     parser.add_argument("--shape", default="llama-3-8b", choices=["opt-125m", "llama-3-8b"])
     parser.add_argument("--kinds", default="cpp,python")
     parser.add_argument("--work", default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile of each Python client's timed attach, to stderr")
     parser.add_argument("--out", default=os.environ.get("OUT", "."))
     args = parser.parse_args()
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="companion-concurrent-"))
@@ -128,16 +186,22 @@ def main():
         res = {"device": args.device, "backend": args.backend if args.device != "host" else "host",
                "clients": args.clients, "shape": args.shape, "kinds": {}}
         for kind in args.kinds.split(","):
-            values = run_python(args, runtime, model) if kind == "python" else \
+            runs = run_python(args, runtime, model) if kind == "python" else \
                 run_cpp(args, runtime, model)
-            res["kinds"][kind] = percentiles(values)
+            res["kinds"][kind] = {phase: percentiles([r[phase] for r in runs])
+                                  for phase in ("total_ms", "request_ms", "map_ms",
+                                                "late_start_ms") if phase in runs[0]}
     finally:
         server.stop()
     print(f"\n{args.clients} clients attaching {args.shape} at once, device {args.device} "
           f"({res['backend']}), ms from request to every tensor usable:")
-    print(f"{'client':8} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}")
-    for kind, p in res["kinds"].items():
-        print(f"{kind:8} {p['p50']:8.2f} {p['p90']:8.2f} {p['p99']:8.2f} {p['max']:8.2f}")
+    print("(request: GetParameters round trip [Python: get_model_parameters]; map: import, map,"
+          " views [Python: state_dict of the mapping]; late start: how late a process began)")
+    print(f"{'client':8} {'phase':12} {'p50':>8} {'p90':>8} {'p99':>8} {'max':>8}")
+    for kind, phases in res["kinds"].items():
+        for phase, p in phases.items():
+            print(f"{kind:8} {phase[:-3]:12} {p['p50']:8.2f} {p['p90']:8.2f} {p['p99']:8.2f} "
+                  f"{p['max']:8.2f}")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "concurrent_attach_bench.json").write_text(json.dumps(res, indent=2))
