@@ -57,6 +57,7 @@ inline constexpr int kRequestedCudaVersion = 12000;
   X(cuMemAlloc, (cu::CUdeviceptr* ptr, std::size_t bytes))                                       \
   X(cuMemFree, (cu::CUdeviceptr ptr))                                                             \
   X(cuMemGetAddressRange, (cu::CUdeviceptr* base, std::size_t* size, cu::CUdeviceptr ptr))       \
+  X(cuPointerGetAttribute, (void* data, cu::CUpointerAttribute attribute, cu::CUdeviceptr ptr))  \
   X(cuMemcpyHtoD, (cu::CUdeviceptr dst, const void* src, std::size_t bytes))                     \
   X(cuMemcpyDtoH, (void* dst, cu::CUdeviceptr src, std::size_t bytes))                           \
   X(cuMemcpyHtoDAsync, (cu::CUdeviceptr dst, const void* src, std::size_t bytes,                \
