@@ -297,19 +297,6 @@ Result<uint64_t> vmm_granularity(int ordinal) {
 
 // ---- driver objects owned by a device's primary context ---------------------------------------
 
-template <typename Traits>
-void DriverOwned<Traits>::reset() noexcept {
-  if (value_ == Value{}) return;
-  if (auto api = driver(); api.ok()) {
-    auto scope = ScopedContext::enter(ordinal_);
-    if (auto r = Traits::release(**api, value_); !r.ok()) {
-      log::warn(std::string(Traits::kReleasing) + ": " + r.error().message);
-    }
-  }
-  if constexpr (requires { Traits::release_host(value_); }) Traits::release_host(value_);
-  value_ = Value{};
-}
-
 Result<void> PinnedHostMemory::release(const DriverApi& api, const Value& value) {
   return COMPANION_CU(api, cuMemFreeHost, value.data);
 }
@@ -325,11 +312,6 @@ Result<void> StreamObject::release(const DriverApi& api, const Value& value) {
 Result<void> EventObject::release(const DriverApi& api, const Value& value) {
   return COMPANION_CU(api, cuEventDestroy, value);
 }
-
-template class DriverOwned<PinnedHostMemory>;
-template class DriverOwned<RegisteredHostMemory>;
-template class DriverOwned<StreamObject>;
-template class DriverOwned<EventObject>;
 
 // ---- loader helpers --------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/log.hpp"
 #include "companion/result.hpp"
 #include "memory/cuda_driver_api.hpp"
 
@@ -207,7 +208,7 @@ class DriverOwned {
 
   const Value& get() const noexcept { return value_; }
   int ordinal() const noexcept { return ordinal_; }
-  // Defined in cuda_driver.cpp for the traits below.
+  // Releases what it holds now (nothing when empty).
   void reset() noexcept;
 
  private:
@@ -243,10 +244,19 @@ struct EventObject {
   static constexpr const char* kReleasing = "destroying a CUDA event";
   static Result<void> release(const DriverApi& api, const Value& value);
 };
-extern template class DriverOwned<PinnedHostMemory>;
-extern template class DriverOwned<RegisteredHostMemory>;
-extern template class DriverOwned<StreamObject>;
-extern template class DriverOwned<EventObject>;
+
+template <typename Traits>
+void DriverOwned<Traits>::reset() noexcept {
+  if (value_ == Value{}) return;
+  if (auto api = driver(); api.ok()) {
+    auto scope = ScopedContext::enter(ordinal_);
+    if (auto r = Traits::release(**api, value_); !r.ok()) {
+      log::warn(std::string(Traits::kReleasing) + ": " + r.error().message);
+    }
+  }
+  if constexpr (requires { Traits::release_host(value_); }) Traits::release_host(value_);
+  value_ = Value{};
+}
 
 // ---- loader helpers --------------------------------------------------------------------------
 
