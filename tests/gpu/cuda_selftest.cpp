@@ -236,15 +236,25 @@ struct ChildSegment {
 };
 
 // The access the driver gives this process through a mapping: CU_POINTER_ATTRIBUTE_ACCESS_FLAGS
-// (kPointerAccessFlag...), or -1 when it does not say.
-int driver_access_flags(const void* address) {
-  auto api = cuda::driver();
-  if (!api.ok()) return -1;
+// (kPointerAccessFlag...).
+Result<int> driver_access_flags(const void* address) {
+  COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
   int flags = -1;
   const auto ptr = static_cast<cu::CUdeviceptr>(reinterpret_cast<uintptr_t>(address));
-  auto r =
-      COMPANION_CU(**api, cuPointerGetAttribute, &flags, cu::kPointerAttributeAccessFlags, ptr);
-  return r.ok() ? flags : -1;
+  COMPANION_TRY(
+      COMPANION_CU(*api, cuPointerGetAttribute, &flags, cu::kPointerAttributeAccessFlags, ptr));
+  return flags;
+}
+
+// "CU_POINTER_ATTRIBUTE_ACCESS_FLAGS 1", or the driver's error.
+std::string describe(const Result<int>& flags) {
+  return flags.ok() ? "CU_POINTER_ATTRIBUTE_ACCESS_FLAGS " + std::to_string(*flags)
+                    : flags.error().to_string();
+}
+
+// Whether the driver answered, and with exactly `expected`.
+bool has_access(const Result<int>& flags, int expected) {
+  return flags.ok() && *flags == expected;
 }
 
 // What docs/architecture.md ("Memory backends and slab layout") says of a client's mapping: a
@@ -263,11 +273,11 @@ void check_access(MappedSegment& mapping, bool vmm, int ordinal, int sock, uint6
   }
   const auto ptr = static_cast<cu::CUdeviceptr>(reinterpret_cast<uintptr_t>(mapping.address()));
   const uint64_t size = mapping.size();
-  const int flags = driver_access_flags(mapping.address());
-  check(flags == (vmm ? cu::kPointerAccessFlagRead : cu::kPointerAccessFlagReadWrite),
+  const auto flags = driver_access_flags(mapping.address());
+  check(has_access(flags, vmm ? cu::kPointerAccessFlagRead : cu::kPointerAccessFlagReadWrite),
         vmm ? "the driver gives the VMM import read access only"
             : "the driver gives the IPC mapping read-write access",
-        "CU_POINTER_ATTRIBUTE_ACCESS_FLAGS " + std::to_string(flags));
+        describe(flags));
   check(mapping.writable() == !vmm, vmm ? "the VMM import reports itself read-only"
                                         : "the IPC mapping reports itself writable");
   if (vmm) return;  // its write test ends the client (a fault leaves the context unusable)
@@ -894,15 +904,16 @@ void run_publish(const std::string& name, const GpuIdentity& gpu, GpuChecksum& k
   auto through = kernel.run(ptr, size);
   check(through.ok() && *through == expected, name + ": checksum through the writer's mapping");
   const void* address = writer.address();
-  check(driver_access_flags(address) == cu::kPointerAccessFlagReadWrite,
-        name + ": the driver gives the writer's mapping read-write access",
-        std::to_string(driver_access_flags(address)));
+  const auto writer_flags = driver_access_flags(address);
+  check(has_access(writer_flags, cu::kPointerAccessFlagReadWrite),
+        name + ": the driver gives the writer's mapping read-write access", describe(writer_flags));
   check_ok(writer.make_read_only(), name + ": make_read_only");
   check(!writer.writable() && writer.address() == address,
         name + ": the mapping stays at its address, no longer writable");
-  check(driver_access_flags(address) == cu::kPointerAccessFlagRead,
+  const auto read_only_flags = driver_access_flags(address);
+  check(has_access(read_only_flags, cu::kPointerAccessFlagRead),
         name + ": the driver gives it read access only after make_read_only",
-        std::to_string(driver_access_flags(address)));
+        describe(read_only_flags));
   auto read_back = kernel.run(ptr, size);
   check(read_back.ok() && *read_back == expected, name + ": read-only mapping reads the bytes",
         read_back.ok() ? hex64(*read_back) : read_back.error().to_string());
