@@ -75,6 +75,10 @@ class MappedModel {
   uint64_t mapped_bytes() const noexcept;
   // Host backend: the inode of each segment's memfd (equal across clients sharing one copy).
   std::vector<uint64_t> segment_inodes() const;
+  // True when no segment of the mapping can be written through (host, cuda-vmm). False on
+  // cuda-ipc: legacy CUDA IPC mappings are always read-write (docs/architecture.md, "Memory
+  // backends and slab layout"), so a write there changes every client's weights.
+  bool read_only() const noexcept;
 
  private:
   std::unique_ptr<Impl> impl_;

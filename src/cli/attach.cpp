@@ -126,6 +126,7 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
     j["segments"] = m.segment_count();
     j["segment_inodes"] = m.segment_inodes();
     j["mapped_bytes"] = m.mapped_bytes();
+    j["read_only"] = m.read_only();
     j["rss_kb"] = rss_kb;
     j["rss_shmem_kb"] = shmem_kb;
     auto& tensors = j["tensors"] = nlohmann::json::array();
@@ -152,9 +153,9 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
     std::printf("pid %d attached %s (%s) in %.3f ms, lease %llu\n", static_cast<int>(::getpid()),
                 s.id.c_str(), what.c_str(), attach_ms,
                 static_cast<unsigned long long>(m.lease_id()));
-    std::printf("  %zu tensors, %s in %zu segment(s), backend %s, mapped read-only\n",
-                m.tensors().size(), format_bytes(tensor_bytes).c_str(), m.segment_count(),
-                s.backend.c_str());
+    std::printf("  %zu tensors, %s in %zu segment(s), backend %s, mapped %s\n", m.tensors().size(),
+                format_bytes(tensor_bytes).c_str(), m.segment_count(), s.backend.c_str(),
+                m.read_only() ? "read-only" : "read-write (legacy CUDA IPC: do not write)");
     auto inodes = m.segment_inodes();
     if (!inodes.empty())
       std::printf("  shared memfd inode %llu; this process: RSS %s, of it shared %s\n",

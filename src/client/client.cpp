@@ -13,6 +13,7 @@
 #include "client/instances.hpp"
 #include "client/mapped_model_impl.hpp"
 #include "client/publication.hpp"
+#include "common/deadline.hpp"
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "companion/client.hpp"
@@ -41,17 +42,9 @@ class StatusStreamImpl final : public StatusStream {
       : connection_(std::move(connection)), subscription_(subscription) {}
 
   Result<ModelStatus> next(double timeout_s) override {
-    auto deadline = std::chrono::steady_clock::now() +
-                    std::chrono::milliseconds(timeout_s < 0 ? 0 : to_ms(timeout_s));
+    const Deadline deadline = Deadline::after_seconds(timeout_s);
     for (;;) {
-      int wait = -1;
-      if (timeout_s >= 0) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-                        deadline - std::chrono::steady_clock::now())
-                        .count();
-        wait = left < 0 ? 0 : static_cast<int>(left);
-      }
-      COMPANION_ASSIGN_OR_RETURN(Message m, connection_->receive(wait));
+      COMPANION_ASSIGN_OR_RETURN(Message m, connection_->receive(deadline.remaining_ms()));
       if (m.request_id != subscription_) continue;
       if (auto* e = std::get_if<protocol::StatusEvent>(&m.body)) return e->model;
       if (auto* e = std::get_if<protocol::ErrorReply>(&m.body)) return e->error;
@@ -188,7 +181,7 @@ class ClientImpl final : public Client {
 
   Result<std::shared_ptr<MappedModel>> get_model_parameters(const ModelSpec& spec,
                                                             double timeout_s) override {
-    Deadline deadline(timeout_s);
+    const Deadline deadline = Deadline::after_seconds(timeout_s);
     auto fetch = [&](Instance& i, bool only_if_held) -> Result<std::shared_ptr<MappedModel>> {
       std::vector<UniqueFd> fds;
       protocol::GetParameters request{spec, true, only_if_held};
@@ -259,7 +252,7 @@ class ClientImpl final : public Client {
                                               const AttachOptions& options) override {
     if (!options.or_source) COMPANION_TRY(protocol::validate_publish_key(key));
     if (options.fingerprint) COMPANION_TRY(protocol::validate_fingerprint(*options.fingerprint));
-    Deadline deadline(options.timeout_s);
+    const Deadline deadline = Deadline::after_seconds(options.timeout_s);
     return with_failover(nullptr, [&](Instance& i) -> Result<std::shared_ptr<MappedModel>> {
       COMPANION_TRY(require_publishing(i.connection->server(), i.connection->server_minor()));
       protocol::GetParameters request;
@@ -281,7 +274,7 @@ class ClientImpl final : public Client {
       const std::string& key, const Fingerprint& fingerprint,
       const std::function<Result<std::vector<TensorDecl>>()>& declare,
       const std::function<Result<void>(Publication&)>& fill, double timeout_s) override {
-    Deadline deadline(timeout_s);
+    const Deadline deadline = Deadline::after_seconds(timeout_s);
     // Each round blocks on the server (a claim waits for the writer before it); a round repeats
     // only when the model it was told of went away before it could attach.
     for (int round = 0;; ++round) {
@@ -303,7 +296,7 @@ class ClientImpl final : public Client {
   }
 
   Result<ModelStatus> reload(const std::string& key_or_id, bool force, double timeout_s) override {
-    Deadline deadline(timeout_s);
+    const Deadline deadline = Deadline::after_seconds(timeout_s);
     return with_failover(
         nullptr,
         [&](Instance& i) -> Result<ModelStatus> {
@@ -339,24 +332,6 @@ class ClientImpl final : public Client {
 
  private:
   static constexpr int kRequestMs = 30000;
-
-  // An overall time limit across failovers (negative seconds: none).
-  class Deadline {
-   public:
-    explicit Deadline(double seconds)
-        : unlimited_(seconds < 0),
-          at_(Clock::now() + std::chrono::milliseconds(unlimited_ ? 0 : to_ms(seconds))) {}
-    int remaining_ms() const {
-      if (unlimited_) return -1;
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(at_ - Clock::now()).count();
-      return left < 0 ? 0 : static_cast<int>(left);
-    }
-    double remaining_s() const { return unlimited_ ? -1.0 : remaining_ms() / 1000.0; }
-
-   private:
-    bool unlimited_;
-    Clock::time_point at_;
-  };
 
   // Connects to a server whose socket must belong to a trusted owner and be served by that
   // owner's process, and by the pid its record names (record: null for a socket given directly).
@@ -588,7 +563,7 @@ class ClientImpl final : public Client {
   Result<ModelStatus> load_and_wait(const ModelSpec& spec, double initial_timeout_s,
                                     double loading_timeout_s,
                                     const std::function<void(const ModelStatus&)>& on_progress) {
-    Deadline loading(loading_timeout_s);
+    const Deadline loading = Deadline::after_seconds(loading_timeout_s);
     return with_failover(&spec, [&](Instance& i) {
       return load_and_wait_on(i, spec, initial_timeout_s, loading, on_progress);
     });

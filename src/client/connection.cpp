@@ -3,21 +3,13 @@
 #include <poll.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <string>
 
+#include "common/deadline.hpp"
 #include "transport/unix_socket.hpp"
 
 namespace companion::client {
 namespace {
-
-int remaining_ms(std::chrono::steady_clock::time_point deadline, int timeout_ms) {
-  if (timeout_ms < 0) return -1;
-  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-                  deadline - std::chrono::steady_clock::now())
-                  .count();
-  return left < 0 ? 0 : static_cast<int>(left);
-}
 
 std::string pid_namespace_of(const std::string& proc_entry) {
   char target[128];
@@ -119,7 +111,7 @@ bool Connection::alive() const noexcept {
 Result<protocol::Message> Connection::call(protocol::Body request, int timeout_ms,
                                            std::vector<UniqueFd>* fds) {
   std::lock_guard<std::mutex> lock(mutex_);
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  const Deadline deadline = Deadline::after_ms(timeout_ms);
   auto sent = send_locked(std::move(request));
   if (!sent.ok()) {
     // A server that refused the connection has said why before closing: report that instead.
@@ -129,7 +121,7 @@ Result<protocol::Message> Connection::call(protocol::Body request, int timeout_m
   }
   uint64_t id = *sent;
   for (;;) {
-    auto frame = receive_frame_locked(remaining_ms(deadline, timeout_ms));
+    auto frame = receive_frame_locked(deadline.remaining_ms());
     if (!frame.ok()) {
       if (frame.error().code == StatusCode::kTimeout) abandoned_.insert(id);
       return std::move(frame).error();

@@ -75,11 +75,13 @@ nlohmann::json to_json(const Error& e) {
 }
 
 nlohmann::json to_json(const MappedModel& m) {
-  return {{"model", to_json(m.status())},
-          {"lease_id", m.lease_id()},
-          {"segments", m.segment_count()},
-          {"segment_inodes", m.segment_inodes()},
-          {"mapped_bytes", m.mapped_bytes()}};
+  nlohmann::json j = {{"model", to_json(m.status())},
+                      {"lease_id", m.lease_id()},
+                      {"segments", m.segment_count()},
+                      {"segment_inodes", m.segment_inodes()},
+                      {"mapped_bytes", m.mapped_bytes()}};
+  j["read_only"] = m.read_only();  // false on cuda-ipc: legacy IPC mappings are read-write
+  return j;
 }
 
 }  // namespace companion::client

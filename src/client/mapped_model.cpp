@@ -48,6 +48,11 @@ std::vector<uint64_t> MappedModel::segment_inodes() const {
   return impl_->inodes;
 }
 
+bool MappedModel::read_only() const noexcept {
+  return std::none_of(impl_->segments.begin(), impl_->segments.end(),
+                      [](const auto& s) { return s->writable(); });
+}
+
 namespace client {
 
 Result<std::vector<std::unique_ptr<memory::MappedSegment>>> import_segments(

@@ -295,6 +295,24 @@ Result<uint64_t> vmm_granularity(int ordinal) {
   return static_cast<uint64_t>(granularity);
 }
 
+// ---- driver objects owned by a device's primary context ---------------------------------------
+
+Result<void> PinnedHostMemory::release(const DriverApi& api, const Value& value) {
+  return COMPANION_CU(api, cuMemFreeHost, value.data);
+}
+Result<void> RegisteredHostMemory::release(const DriverApi& api, const Value& value) {
+  return COMPANION_CU(api, cuMemHostUnregister, value.data);
+}
+void RegisteredHostMemory::release_host(const Value& value) noexcept {
+  ::munmap(value.data, value.size);
+}
+Result<void> StreamObject::release(const DriverApi& api, const Value& value) {
+  return COMPANION_CU(api, cuStreamDestroy, value);
+}
+Result<void> EventObject::release(const DriverApi& api, const Value& value) {
+  return COMPANION_CU(api, cuEventDestroy, value);
+}
+
 // ---- loader helpers --------------------------------------------------------------------------
 
 Result<PinnedHostBuffer> PinnedHostBuffer::allocate(int ordinal, std::size_t bytes) {
@@ -304,41 +322,8 @@ Result<PinnedHostBuffer> PinnedHostBuffer::allocate(int ordinal, std::size_t byt
   void* data = nullptr;
   COMPANION_TRY(COMPANION_CU(*api, cuMemHostAlloc, &data, bytes, cu::kMemHostAllocPortable));
   PinnedHostBuffer buffer;
-  buffer.ordinal_ = ordinal;
-  buffer.data_ = data;
-  buffer.size_ = bytes;
+  buffer.memory_ = DriverOwned<PinnedHostMemory>(ordinal, HostRange{data, bytes});
   return buffer;
-}
-
-PinnedHostBuffer::PinnedHostBuffer(PinnedHostBuffer&& other) noexcept
-    : ordinal_(other.ordinal_),
-      data_(std::exchange(other.data_, nullptr)),
-      size_(std::exchange(other.size_, 0)) {}
-
-PinnedHostBuffer& PinnedHostBuffer::operator=(PinnedHostBuffer&& other) noexcept {
-  if (this != &other) {
-    reset();
-    ordinal_ = other.ordinal_;
-    data_ = std::exchange(other.data_, nullptr);
-    size_ = std::exchange(other.size_, 0);
-  }
-  return *this;
-}
-
-PinnedHostBuffer::~PinnedHostBuffer() {
-  reset();
-}
-
-void PinnedHostBuffer::reset() noexcept {
-  if (data_ == nullptr) return;
-  if (auto api = driver(); api.ok()) {
-    auto scope = ScopedContext::enter(ordinal_);
-    if (auto r = COMPANION_CU(**api, cuMemFreeHost, data_); !r.ok()) {
-      log::warn("freeing a pinned host buffer: " + r.error().message);
-    }
-  }
-  data_ = nullptr;
-  size_ = 0;
 }
 
 Result<RegisteredHostBuffer> RegisteredHostBuffer::allocate(int ordinal, std::size_t bytes) {
@@ -358,42 +343,8 @@ Result<RegisteredHostBuffer> RegisteredHostBuffer::allocate(int ordinal, std::si
     return std::move(r).error();
   }
   RegisteredHostBuffer buffer;
-  buffer.ordinal_ = ordinal;
-  buffer.data_ = data;
-  buffer.size_ = bytes;
+  buffer.memory_ = DriverOwned<RegisteredHostMemory>(ordinal, HostRange{data, bytes});
   return buffer;
-}
-
-RegisteredHostBuffer::RegisteredHostBuffer(RegisteredHostBuffer&& other) noexcept
-    : ordinal_(other.ordinal_),
-      data_(std::exchange(other.data_, nullptr)),
-      size_(std::exchange(other.size_, 0)) {}
-
-RegisteredHostBuffer& RegisteredHostBuffer::operator=(RegisteredHostBuffer&& other) noexcept {
-  if (this != &other) {
-    reset();
-    ordinal_ = other.ordinal_;
-    data_ = std::exchange(other.data_, nullptr);
-    size_ = std::exchange(other.size_, 0);
-  }
-  return *this;
-}
-
-RegisteredHostBuffer::~RegisteredHostBuffer() {
-  reset();
-}
-
-void RegisteredHostBuffer::reset() noexcept {
-  if (data_ == nullptr) return;
-  if (auto api = driver(); api.ok()) {
-    auto scope = ScopedContext::enter(ordinal_);
-    if (auto r = COMPANION_CU(**api, cuMemHostUnregister, data_); !r.ok()) {
-      log::warn("unregistering a pinned host buffer: " + r.error().message);
-    }
-  }
-  ::munmap(data_, size_);
-  data_ = nullptr;
-  size_ = 0;
 }
 
 Result<Stream> Stream::create(int ordinal) {
@@ -402,52 +353,23 @@ Result<Stream> Stream::create(int ordinal) {
   cu::CUstream stream = nullptr;
   COMPANION_TRY(COMPANION_CU(*api, cuStreamCreate, &stream, cu::kStreamNonBlocking));
   Stream s;
-  s.ordinal_ = ordinal;
-  s.stream_ = stream;
+  s.stream_ = DriverOwned<StreamObject>(ordinal, stream);
   return s;
 }
 
-Stream::Stream(Stream&& other) noexcept
-    : ordinal_(other.ordinal_), stream_(std::exchange(other.stream_, nullptr)) {}
-
-Stream& Stream::operator=(Stream&& other) noexcept {
-  if (this != &other) {
-    reset();
-    ordinal_ = other.ordinal_;
-    stream_ = std::exchange(other.stream_, nullptr);
-  }
-  return *this;
-}
-
-Stream::~Stream() {
-  reset();
-}
-
-void Stream::reset() noexcept {
-  if (stream_ == nullptr) return;
-  if (auto api = driver(); api.ok()) {
-    auto scope = ScopedContext::enter(ordinal_);
-    if (auto r = COMPANION_CU(**api, cuStreamDestroy, stream_); !r.ok()) {
-      log::warn("destroying a CUDA stream: " + r.error().message);
-    }
-  }
-  stream_ = nullptr;
-}
-
 Result<void> Stream::copy_to_device_async(uint64_t device_dst, const void* src, std::size_t bytes) {
-  if (stream_ == nullptr) return make_error(StatusCode::kInternal, "copy on an empty Stream");
+  if (get() == nullptr) return make_error(StatusCode::kInternal, "copy on an empty Stream");
   if (bytes == 0) return ok_result();
   COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
-  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal_));
-  return COMPANION_CU(*api, cuMemcpyHtoDAsync, device_dst, src, bytes, stream_);
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal()));
+  return COMPANION_CU(*api, cuMemcpyHtoDAsync, device_dst, src, bytes, get());
 }
 
 Result<void> Stream::synchronize() {
-  if (stream_ == nullptr)
-    return make_error(StatusCode::kInternal, "synchronize on an empty Stream");
+  if (get() == nullptr) return make_error(StatusCode::kInternal, "synchronize on an empty Stream");
   COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
-  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal_));
-  return COMPANION_CU(*api, cuStreamSynchronize, stream_);
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal()));
+  return COMPANION_CU(*api, cuStreamSynchronize, get());
 }
 
 Result<Event> Event::create(int ordinal, bool blocking_sync) {
@@ -457,58 +379,30 @@ Result<Event> Event::create(int ordinal, bool blocking_sync) {
   unsigned int flags = cu::kEventDisableTiming | (blocking_sync ? cu::kEventBlockingSync : 0u);
   COMPANION_TRY(COMPANION_CU(*api, cuEventCreate, &event, flags));
   Event e;
-  e.ordinal_ = ordinal;
-  e.event_ = event;
+  e.event_ = DriverOwned<EventObject>(ordinal, event);
   return e;
 }
 
-Event::Event(Event&& other) noexcept
-    : ordinal_(other.ordinal_), event_(std::exchange(other.event_, nullptr)) {}
-
-Event& Event::operator=(Event&& other) noexcept {
-  if (this != &other) {
-    reset();
-    ordinal_ = other.ordinal_;
-    event_ = std::exchange(other.event_, nullptr);
-  }
-  return *this;
-}
-
-Event::~Event() {
-  reset();
-}
-
-void Event::reset() noexcept {
-  if (event_ == nullptr) return;
-  if (auto api = driver(); api.ok()) {
-    auto scope = ScopedContext::enter(ordinal_);
-    if (auto r = COMPANION_CU(**api, cuEventDestroy, event_); !r.ok()) {
-      log::warn("destroying a CUDA event: " + r.error().message);
-    }
-  }
-  event_ = nullptr;
-}
-
 Result<void> Event::record(const Stream& stream) {
-  if (event_ == nullptr || stream.get() == nullptr)
+  if (get() == nullptr || stream.get() == nullptr)
     return make_error(StatusCode::kInternal, "record with an empty Event or Stream");
   COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
-  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal_));
-  return COMPANION_CU(*api, cuEventRecord, event_, stream.get());
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(event_.ordinal()));
+  return COMPANION_CU(*api, cuEventRecord, get(), stream.get());
 }
 
 Result<void> Event::synchronize() {
-  if (event_ == nullptr) return make_error(StatusCode::kInternal, "synchronize on an empty Event");
+  if (get() == nullptr) return make_error(StatusCode::kInternal, "synchronize on an empty Event");
   COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
-  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal_));
-  return COMPANION_CU(*api, cuEventSynchronize, event_);
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(event_.ordinal()));
+  return COMPANION_CU(*api, cuEventSynchronize, get());
 }
 
 Result<bool> Event::query() {
-  if (event_ == nullptr) return make_error(StatusCode::kInternal, "query on an empty Event");
+  if (get() == nullptr) return make_error(StatusCode::kInternal, "query on an empty Event");
   COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
-  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal_));
-  cu::CUresult r = api->cuEventQuery(event_);
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(event_.ordinal()));
+  cu::CUresult r = api->cuEventQuery(get());
   if (r == cu::kErrorNotReady) return false;
   COMPANION_TRY(check(r, "cuEventQuery"));
   return true;

@@ -15,6 +15,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/log.hpp"
 #include "companion/result.hpp"
 #include "memory/cuda_driver_api.hpp"
 
@@ -57,6 +58,7 @@ inline constexpr int kRequestedCudaVersion = 12000;
   X(cuMemAlloc, (cu::CUdeviceptr* ptr, std::size_t bytes))                                       \
   X(cuMemFree, (cu::CUdeviceptr ptr))                                                             \
   X(cuMemGetAddressRange, (cu::CUdeviceptr* base, std::size_t* size, cu::CUdeviceptr ptr))       \
+  X(cuPointerGetAttribute, (void* data, cu::CUpointerAttribute attribute, cu::CUdeviceptr ptr))  \
   X(cuMemcpyHtoD, (cu::CUdeviceptr dst, const void* src, std::size_t bytes))                     \
   X(cuMemcpyDtoH, (void* dst, cu::CUdeviceptr src, std::size_t bytes))                           \
   X(cuMemcpyHtoDAsync, (cu::CUdeviceptr dst, const void* src, std::size_t bytes,                \
@@ -174,6 +176,88 @@ class ScopedContext {
 // this device; queried once per device and cached.
 Result<uint64_t> vmm_granularity(int ordinal);
 
+// ---- driver objects owned by a device's primary context ---------------------------------------
+
+// Owns one driver object made in a device's primary context and destroys it there, once: on
+// destruction, or when assigned over (a move hands it on). Traits describes the object:
+//   Value                    what is held; a value-initialised Value means "nothing"
+//   kReleasing               what releasing it is called, for the log ("destroying a CUDA stream")
+//   release(api, value)      frees it; runs with the context current. Its error is logged:
+//                            nothing else can be done with it in a destructor.
+//   release_host(value)      (optional) frees what the driver does not own; runs even when the
+//                            driver cannot be reached.
+template <typename Traits>
+class DriverOwned {
+ public:
+  using Value = typename Traits::Value;
+  DriverOwned() = default;
+  DriverOwned(int ordinal, Value value) noexcept : ordinal_(ordinal), value_(value) {}
+  DriverOwned(DriverOwned&& other) noexcept
+      : ordinal_(other.ordinal_), value_(std::exchange(other.value_, Value{})) {}
+  DriverOwned& operator=(DriverOwned&& other) noexcept {
+    if (this != &other) {
+      reset();
+      ordinal_ = other.ordinal_;
+      value_ = std::exchange(other.value_, Value{});
+    }
+    return *this;
+  }
+  DriverOwned(const DriverOwned&) = delete;
+  DriverOwned& operator=(const DriverOwned&) = delete;
+  ~DriverOwned() { reset(); }
+
+  const Value& get() const noexcept { return value_; }
+  int ordinal() const noexcept { return ordinal_; }
+  // Releases what it holds now (nothing when empty).
+  void reset() noexcept;
+
+ private:
+  int ordinal_ = -1;
+  Value value_{};
+};
+
+// A host address range (pinned staging buffers).
+struct HostRange {
+  void* data = nullptr;
+  std::size_t size = 0;
+  bool operator==(const HostRange&) const = default;
+};
+
+struct PinnedHostMemory {  // cuMemHostAlloc
+  using Value = HostRange;
+  static constexpr const char* kReleasing = "freeing a pinned host buffer";
+  static Result<void> release(const DriverApi& api, const Value& value);
+};
+struct RegisteredHostMemory {  // an anonymous mapping, cuMemHostRegister'ed
+  using Value = HostRange;
+  static constexpr const char* kReleasing = "unregistering a pinned host buffer";
+  static Result<void> release(const DriverApi& api, const Value& value);
+  static void release_host(const Value& value) noexcept;  // munmap
+};
+struct StreamObject {
+  using Value = cu::CUstream;
+  static constexpr const char* kReleasing = "destroying a CUDA stream";
+  static Result<void> release(const DriverApi& api, const Value& value);
+};
+struct EventObject {
+  using Value = cu::CUevent;
+  static constexpr const char* kReleasing = "destroying a CUDA event";
+  static Result<void> release(const DriverApi& api, const Value& value);
+};
+
+template <typename Traits>
+void DriverOwned<Traits>::reset() noexcept {
+  if (value_ == Value{}) return;
+  if (auto api = driver(); api.ok()) {
+    auto scope = ScopedContext::enter(ordinal_);
+    if (auto r = Traits::release(**api, value_); !r.ok()) {
+      log::warn(std::string(Traits::kReleasing) + ": " + r.error().message);
+    }
+  }
+  if constexpr (requires { Traits::release_host(value_); }) Traits::release_host(value_);
+  value_ = Value{};
+}
+
 // ---- loader helpers --------------------------------------------------------------------------
 
 // Page-locked host memory (cuMemHostAlloc, PORTABLE) for staging async copies. Freed on
@@ -182,20 +266,12 @@ class PinnedHostBuffer {
  public:
   static Result<PinnedHostBuffer> allocate(int ordinal, std::size_t bytes);
   PinnedHostBuffer() = default;
-  PinnedHostBuffer(PinnedHostBuffer&& other) noexcept;
-  PinnedHostBuffer& operator=(PinnedHostBuffer&& other) noexcept;
-  PinnedHostBuffer(const PinnedHostBuffer&) = delete;
-  PinnedHostBuffer& operator=(const PinnedHostBuffer&) = delete;
-  ~PinnedHostBuffer();
 
-  void* data() const noexcept { return data_; }
-  std::size_t size() const noexcept { return size_; }
+  void* data() const noexcept { return memory_.get().data; }
+  std::size_t size() const noexcept { return memory_.get().size; }
 
  private:
-  void reset() noexcept;
-  int ordinal_ = -1;
-  void* data_ = nullptr;
-  std::size_t size_ = 0;
+  DriverOwned<PinnedHostMemory> memory_;
 };
 
 // Page-locked host memory made differently: an anonymous mapping backed by transparent huge
@@ -206,20 +282,12 @@ class RegisteredHostBuffer {
  public:
   static Result<RegisteredHostBuffer> allocate(int ordinal, std::size_t bytes);
   RegisteredHostBuffer() = default;
-  RegisteredHostBuffer(RegisteredHostBuffer&& other) noexcept;
-  RegisteredHostBuffer& operator=(RegisteredHostBuffer&& other) noexcept;
-  RegisteredHostBuffer(const RegisteredHostBuffer&) = delete;
-  RegisteredHostBuffer& operator=(const RegisteredHostBuffer&) = delete;
-  ~RegisteredHostBuffer();
 
-  void* data() const noexcept { return data_; }
-  std::size_t size() const noexcept { return size_; }
+  void* data() const noexcept { return memory_.get().data; }
+  std::size_t size() const noexcept { return memory_.get().size; }
 
  private:
-  void reset() noexcept;
-  int ordinal_ = -1;
-  void* data_ = nullptr;
-  std::size_t size_ = 0;
+  DriverOwned<RegisteredHostMemory> memory_;
 };
 
 // A non-blocking stream in a device's primary context. Destroyed on destruction (after the
@@ -228,23 +296,16 @@ class Stream {
  public:
   static Result<Stream> create(int ordinal);
   Stream() = default;
-  Stream(Stream&& other) noexcept;
-  Stream& operator=(Stream&& other) noexcept;
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  ~Stream();
 
-  cu::CUstream get() const noexcept { return stream_; }
-  int ordinal() const noexcept { return ordinal_; }
+  cu::CUstream get() const noexcept { return stream_.get(); }
+  int ordinal() const noexcept { return stream_.ordinal(); }
   // cuMemcpyHtoDAsync: src should be pinned (PinnedHostBuffer) and stay untouched until
   // synchronize() returns.
   Result<void> copy_to_device_async(uint64_t device_dst, const void* src, std::size_t bytes);
   Result<void> synchronize();
 
  private:
-  void reset() noexcept;
-  int ordinal_ = -1;
-  cu::CUstream stream_ = nullptr;
+  DriverOwned<StreamObject> stream_;
 };
 
 // An event in a device's primary context (timing disabled), to learn when the work a stream had
@@ -254,13 +315,8 @@ class Event {
   // blocking_sync: synchronize() sleeps instead of spinning (CU_EVENT_BLOCKING_SYNC).
   static Result<Event> create(int ordinal, bool blocking_sync = true);
   Event() = default;
-  Event(Event&& other) noexcept;
-  Event& operator=(Event&& other) noexcept;
-  Event(const Event&) = delete;
-  Event& operator=(const Event&) = delete;
-  ~Event();
 
-  cu::CUevent get() const noexcept { return event_; }
+  cu::CUevent get() const noexcept { return event_.get(); }
   // cuEventRecord: captures the stream's work queued so far.
   Result<void> record(const Stream& stream);
   // cuEventSynchronize: waits for that work.
@@ -269,9 +325,7 @@ class Event {
   Result<bool> query();
 
  private:
-  void reset() noexcept;
-  int ordinal_ = -1;
-  cu::CUevent event_ = nullptr;
+  DriverOwned<EventObject> event_;
 };
 
 // ---- shared by the cuda-vmm and cuda-ipc slabs -----------------------------------------------

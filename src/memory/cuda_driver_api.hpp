@@ -28,6 +28,7 @@ using CUmemAllocationGranularityFlags = int;  // enum CUmemAllocationGranularity
 using CUdeviceAttribute = int;                // enum CUdevice_attribute_enum
 using CUjitOption = int;                      // enum CUjit_option_enum
 using CUdriverProcAddressQueryResult = int;   // enum CUdriverProcAddressQueryResult_enum
+using CUpointerAttribute = int;               // enum CUpointer_attribute_enum
 
 struct CUctx_st;  // opaque driver objects
 struct CUstream_st;
@@ -102,6 +103,14 @@ inline constexpr CUmemAccessFlags kMemAccessFlagsProtRead = 1;  // CU_MEM_ACCESS
 inline constexpr CUmemAccessFlags kMemAccessFlagsProtReadWrite = 3;
 inline constexpr CUmemAllocationGranularityFlags kMemAllocGranularityMinimum = 0;
 inline constexpr CUmemAllocationGranularityFlags kMemAllocGranularityRecommended = 1;
+
+// ---- pointer attributes (cuPointerGetAttribute) ----------------------------------------------
+// The access the current context's device has through a pointer: how the GPU suite checks which
+// mappings are read-only (cuda-vmm imports) and which are not (legacy IPC).
+inline constexpr CUpointerAttribute kPointerAttributeAccessFlags = 16;
+inline constexpr int kPointerAccessFlagNone = 0;       // CU_POINTER_ATTRIBUTE_ACCESS_FLAG_NONE
+inline constexpr int kPointerAccessFlagRead = 1;       // CU_POINTER_ATTRIBUTE_ACCESS_FLAG_READ
+inline constexpr int kPointerAccessFlagReadWrite = 3;  // ..._ACCESS_FLAG_READWRITE
 
 // ---- legacy IPC, host memory, streams --------------------------------------------------------
 inline constexpr unsigned int kIpcMemLazyEnablePeerAccess =

@@ -13,9 +13,8 @@
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "memory/cuda_backend.hpp"
-#include "memory/cuda_checksum.hpp"
+#include "memory/cuda_device_slab.hpp"
 #include "memory/cuda_driver.hpp"
-#include "memory/cuda_slab.hpp"
 
 namespace companion::memory {
 namespace {
@@ -26,24 +25,19 @@ constexpr uint64_t kMaxSegmentBytes = uint64_t{16} << 30;
 
 static_assert(kIpcHandleBytes == cu::kIpcHandleSize);
 
-struct IpcSegment {
-  cu::CUdeviceptr ptr = 0;
-  uint64_t size = 0;
-};
-
-class IpcSlab final : public CudaSlab {
+class IpcSlab final : public DeviceSlab {
  public:
   IpcSlab(const cuda::DriverApi* api, int ordinal, std::string label)
-      : api_(api), ordinal_(ordinal), label_(std::move(label)) {}
+      : DeviceSlab(api, ordinal, std::move(label), kBackendName) {}
 
   ~IpcSlab() override {
-    if (segments_.empty()) return;
+    if (segments().empty()) return;
     auto scope = cuda::ScopedContext::enter(ordinal_);
     if (!scope.ok()) {
       log::warn("cuda-ipc: cannot free slab '" + label_ + "': " + scope.error().message);
       return;
     }
-    for (const auto& segment : segments_) {
+    for (const auto& segment : segments()) {
       if (auto r = COMPANION_CU(*api_, cuMemFree, segment.ptr); !r.ok()) {
         log::warn("cuda-ipc: freeing slab '" + label_ + "': " + r.error().message);
       }
@@ -51,159 +45,58 @@ class IpcSlab final : public CudaSlab {
     log::debug("cuda-ipc: freed slab '" + label_ + "'");
   }
 
-  // Allocates one more segment. Needs the context current.
-  Result<void> add_segment(const std::vector<uint64_t>& sizes) {
-    const size_t index = segments_.size();
+  SegmentKind kind() const noexcept override { return SegmentKind::kCudaIpcHandle; }
+
+  // cuMemAlloc: the only memory cuIpcGetMemHandle shares.
+  Result<void> allocate_segment(const std::vector<uint64_t>& sizes) override {
+    const size_t index = segments().size();
     cu::CUdeviceptr ptr = 0;
     auto r = COMPANION_CU(*api_, cuMemAlloc, &ptr, sizes[index]);
-    if (!r.ok()) {
-      return cuda::with_context(
-          std::move(r).error(),
-          cuda::describe_allocation(kBackendName, label_, ordinal_, index, sizes));
-    }
-    segments_.push_back(IpcSegment{ptr, sizes[index]});
+    if (!r.ok()) return allocation_error(std::move(r).error(), index, sizes);
+    add_segment(ptr, sizes[index]);
     return ok_result();
-  }
-
-  SegmentKind kind() const noexcept override { return SegmentKind::kCudaIpcHandle; }
-  size_t segment_count() const noexcept override { return segments_.size(); }
-  uint64_t segment_size(size_t segment) const noexcept override {
-    return segment < segments_.size() ? segments_[segment].size : 0;
-  }
-  void* host_address(size_t) noexcept override { return nullptr; }
-  int device_ordinal() const noexcept override { return ordinal_; }
-  uint64_t device_pointer(size_t segment) const noexcept override {
-    return segment < segments_.size() ? segments_[segment].ptr : 0;
-  }
-
-  Result<void> write(size_t segment, uint64_t offset, const void* src, uint64_t bytes) override {
-    COMPANION_TRY(cuda::check_write(label_, sealed_, segment, segments_.size(),
-                                    segment_size(segment), offset, bytes));
-    auto r = cuda::copy_to_device(ordinal_, segments_[segment].ptr + offset, src, bytes);
-    if (!r.ok())
-      return cuda::with_context(std::move(r).error(), "cuda-ipc: writing slab '" + label_ + "'");
-    return ok_result();
-  }
-
-  Result<void> seal() override {
-    if (sealed_) return ok_result();
-    // Legacy IPC has no read-only mappings: sealing only makes sure every copy has landed.
-    auto r = cuda::synchronize_device(ordinal_);
-    if (!r.ok())
-      return cuda::with_context(std::move(r).error(), "cuda-ipc: sealing slab '" + label_ + "'");
-    COMPANION_TRY(take_handles());
-    sealed_ = true;
-    return ok_result();
-  }
-
-  Result<std::vector<SegmentExport>> export_segments() override {
-    if (!sealed_) {
-      return make_error(StatusCode::kNotReady, "cuda-ipc: slab '" + label_ + "' is not sealed yet");
-    }
-    return make_exports();
-  }
-
-  // The same handles as readers get: legacy IPC mappings are read-write anyway.
-  Result<std::vector<SegmentExport>> export_writable() override {
-    if (sealed_) {
-      return make_error(
-          StatusCode::kInvalidArgument,
-          "cuda-ipc: slab '" + label_ + "' is sealed: it cannot be exported writable");
-    }
-    COMPANION_TRY(take_handles());
-    return make_exports();
-  }
-
-  // On the GPU, in the server's context, over the server's own allocation.
-  Result<uint64_t> digest(size_t segment) override {
-    if (segment >= segments_.size()) {
-      return make_error(StatusCode::kInvalidArgument,
-                        "cuda-ipc: segment " + std::to_string(segment) + " out of range");
-    }
-    std::lock_guard lock(checksum_mutex_);
-    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
-    if (!checksum_) {
-      COMPANION_ASSIGN_OR_RETURN(checksum_, DeviceChecksum::create(ordinal_));
-    }
-    auto sum = checksum_->run(segments_[segment].ptr, segments_[segment].size);
-    if (!sum.ok()) {
-      return cuda::with_context(std::move(sum).error(),
-                                "cuda-ipc: digest of slab '" + label_ + "'");
-    }
-    return sum;
   }
 
  private:
-  // The handles never change: take them once, not on every attach.
-  Result<void> take_handles() {
-    if (handles_.size() == segments_.size()) return ok_result();
+  // Legacy IPC has no read-only mappings: writers and readers get the same handles, and their
+  // mappings are read-write (see import_cuda_ipc_segment).
+  Result<void> export_new_segments() override {
+    if (handles_.size() == segments().size()) return ok_result();
     COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
-    for (size_t i = handles_.size(); i < segments_.size(); ++i) {
+    for (size_t i = handles_.size(); i < segments().size(); ++i) {
       cu::CUipcMemHandle handle{};
-      auto h = COMPANION_CU(*api_, cuIpcGetMemHandle, &handle, segments_[i].ptr);
-      if (!h.ok())
-        return cuda::with_context(std::move(h).error(),
-                                  "cuda-ipc: exporting slab '" + label_ + "'");
+      auto h = COMPANION_CU(*api_, cuIpcGetMemHandle, &handle, segments()[i].ptr);
+      if (!h.ok()) return slab_error(std::move(h).error(), "exporting");
       handles_.push_back(handle);
     }
     return ok_result();
   }
 
-  std::vector<SegmentExport> make_exports() const {
+  Result<std::vector<SegmentExport>> client_exports() override {
     std::vector<SegmentExport> exports;
-    exports.reserve(segments_.size());
-    for (size_t i = 0; i < segments_.size(); ++i) {
+    exports.reserve(segments().size());
+    for (size_t i = 0; i < segments().size(); ++i) {
       SegmentExport e;
       e.kind = SegmentKind::kCudaIpcHandle;
-      e.size = segments_[i].size;
+      e.size = segments()[i].size;
       std::memcpy(e.ipc_handle.data(), handles_[i].reserved, kIpcHandleBytes);
       exports.push_back(std::move(e));
     }
     return exports;
   }
 
-  const cuda::DriverApi* api_;
-  int ordinal_;
-  std::string label_;
-  std::vector<IpcSegment> segments_;
   std::vector<cu::CUipcMemHandle> handles_;  // taken at seal() or export_writable()
-  bool sealed_ = false;
-  std::mutex checksum_mutex_;                 // digest(): one kernel and result buffer
-  std::unique_ptr<DeviceChecksum> checksum_;  // made by the first digest()
 };
 
-class IpcBackend final : public Backend {
+class IpcBackend final : public DeviceBackend {
  public:
-  IpcBackend(const cuda::DriverApi* api, int ordinal) : api_(api), ordinal_(ordinal) {}
-
-  std::string name() const override { return kBackendName; }
-  uint64_t granularity() const noexcept override { return kGranularity; }
-  uint64_t max_segment_bytes() const noexcept override { return kMaxSegmentBytes; }
-
-  Result<std::unique_ptr<Slab>> allocate(const std::vector<uint64_t>& segment_sizes,
-                                         const std::string& label) override {
-    COMPANION_TRY(
-        cuda::check_segment_sizes(segment_sizes, kGranularity, kMaxSegmentBytes, kBackendName));
-    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
-    // On failure the slab's destructor frees the segments allocated so far.
-    auto slab = std::make_unique<IpcSlab>(api_, ordinal_, label);
-    for (size_t i = 0; i < segment_sizes.size(); ++i)
-      COMPANION_TRY(slab->add_segment(segment_sizes));
-    log::debug("cuda-ipc: allocated slab '" + label + "' (" + format_bytes(slab->total_bytes()) +
-               " in " + std::to_string(segment_sizes.size()) + " segment(s)) on GPU " +
-               std::to_string(ordinal_));
-    return std::unique_ptr<Slab>(std::move(slab));
-  }
-
-  bool allocation_is_resident() const noexcept override { return true; }
-  Result<MemoryAvailability> available_bytes() const override {
-    COMPANION_ASSIGN_OR_RETURN(auto info, cuda::device_memory_info(ordinal_));
-    return MemoryAvailability{info.first, info.second};
-  }
+  IpcBackend(const cuda::DriverApi* api, int ordinal)
+      : DeviceBackend(api, ordinal, kBackendName, kGranularity, kMaxSegmentBytes) {}
 
  private:
-  const cuda::DriverApi* api_;
-  int ordinal_;
+  std::unique_ptr<DeviceSlab> new_slab(const std::string& label) const override {
+    return std::make_unique<IpcSlab>(api_, ordinal_, label);
+  }
 };
 
 // ---- client side: one open per (device, handle) per process, shared by its MappedSegments ----

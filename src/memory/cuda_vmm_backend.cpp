@@ -6,7 +6,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -14,9 +13,8 @@
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "memory/cuda_backend.hpp"
-#include "memory/cuda_checksum.hpp"
+#include "memory/cuda_device_slab.hpp"
 #include "memory/cuda_driver.hpp"
-#include "memory/cuda_slab.hpp"
 
 namespace companion::memory {
 namespace {
@@ -80,123 +78,52 @@ struct VmmMapping {
   }
 };
 
-class VmmSlab final : public CudaSlab {
+class VmmSlab final : public DeviceSlab {
  public:
-  VmmSlab(const cuda::DriverApi* api, int ordinal, std::string label)
-      : api_(api), ordinal_(ordinal), label_(std::move(label)) {}
+  VmmSlab(const cuda::DriverApi* api, int ordinal, std::string label, uint64_t granularity)
+      : DeviceSlab(api, ordinal, std::move(label), kBackendName), granularity_(granularity) {}
 
   ~VmmSlab() override {
-    if (segments_.empty()) return;
+    if (mappings_.empty()) return;
     auto scope = cuda::ScopedContext::enter(ordinal_);
     if (!scope.ok()) {
       log::warn("cuda-vmm: cannot free slab '" + label_ + "': " + scope.error().message);
       return;
     }
-    for (auto& segment : segments_) segment.release(*api_);
+    for (auto& mapping : mappings_) mapping.release(*api_);
     log::debug("cuda-vmm: freed slab '" + label_ + "'");
   }
 
-  // Creates and maps one more segment (read-write, for the server). Needs the context current.
-  Result<void> add_segment(const std::vector<uint64_t>& sizes, uint64_t granularity) {
-    const size_t index = segments_.size();
-    VmmMapping& segment = segments_.emplace_back();
-    segment.size = sizes[index];
+  SegmentKind kind() const noexcept override { return SegmentKind::kCudaVmmFd; }
+
+  // cuMemCreate, mapped read-write for the server.
+  Result<void> allocate_segment(const std::vector<uint64_t>& sizes) override {
+    const size_t index = mappings_.size();
+    VmmMapping& mapping = mappings_.emplace_back();
+    mapping.size = sizes[index];
     const cu::CUmemAllocationProp prop = allocation_prop(ordinal_);
     cu::CUmemGenericAllocationHandle handle = 0;
-    auto created = COMPANION_CU(*api_, cuMemCreate, &handle, segment.size, &prop, 0);
+    auto created = COMPANION_CU(*api_, cuMemCreate, &handle, mapping.size, &prop, 0);
     if (created.ok()) {
-      segment.handle = handle;
-      created = segment.map(*api_, ordinal_, granularity, cu::kMemAccessFlagsProtReadWrite);
+      mapping.handle = handle;
+      created = mapping.map(*api_, ordinal_, granularity_, cu::kMemAccessFlagsProtReadWrite);
     }
-    if (!created.ok()) {
-      return cuda::with_context(
-          std::move(created).error(),
-          cuda::describe_allocation(kBackendName, label_, ordinal_, index, sizes));
-    }
+    if (!created.ok()) return allocation_error(std::move(created).error(), index, sizes);
+    add_segment(mapping.va, mapping.size);
     return ok_result();
-  }
-
-  SegmentKind kind() const noexcept override { return SegmentKind::kCudaVmmFd; }
-  size_t segment_count() const noexcept override { return segments_.size(); }
-  uint64_t segment_size(size_t segment) const noexcept override {
-    return segment < segments_.size() ? segments_[segment].size : 0;
-  }
-  void* host_address(size_t) noexcept override { return nullptr; }
-  int device_ordinal() const noexcept override { return ordinal_; }
-  uint64_t device_pointer(size_t segment) const noexcept override {
-    return segment < segments_.size() ? segments_[segment].va : 0;
-  }
-
-  Result<void> write(size_t segment, uint64_t offset, const void* src, uint64_t bytes) override {
-    COMPANION_TRY(cuda::check_write(label_, sealed_, segment, segments_.size(),
-                                    segment_size(segment), offset, bytes));
-    auto r = cuda::copy_to_device(ordinal_, segments_[segment].va + offset, src, bytes);
-    if (!r.ok())
-      return cuda::with_context(std::move(r).error(), "cuda-vmm: writing slab '" + label_ + "'");
-    return ok_result();
-  }
-
-  Result<void> seal() override {
-    if (sealed_) return ok_result();
-    // Every copy into the slab has landed. The server's own mapping stays read-write (VMM memory
-    // cannot be made read-only for its creator); clients map it read-only.
-    auto r = cuda::synchronize_device(ordinal_);
-    if (!r.ok())
-      return cuda::with_context(std::move(r).error(), "cuda-vmm: sealing slab '" + label_ + "'");
-    COMPANION_TRY(export_once());
-    sealed_ = true;
-    return ok_result();
-  }
-
-  Result<std::vector<SegmentExport>> export_writable() override {
-    if (sealed_) {
-      return make_error(
-          StatusCode::kInvalidArgument,
-          "cuda-vmm: slab '" + label_ + "' is sealed: it cannot be exported writable");
-    }
-    COMPANION_TRY(export_once());
-    return dup_exports();
-  }
-
-  // On the GPU, in the server's context, over the server's own (read-write) mapping.
-  Result<uint64_t> digest(size_t segment) override {
-    if (segment >= segments_.size()) {
-      return make_error(StatusCode::kInvalidArgument,
-                        "cuda-vmm: segment " + std::to_string(segment) + " out of range");
-    }
-    std::lock_guard lock(checksum_mutex_);
-    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
-    if (!checksum_) {
-      COMPANION_ASSIGN_OR_RETURN(checksum_, DeviceChecksum::create(ordinal_));
-    }
-    auto sum = checksum_->run(segments_[segment].va, segments_[segment].size);
-    if (!sum.ok()) {
-      return cuda::with_context(std::move(sum).error(),
-                                "cuda-vmm: digest of slab '" + label_ + "'");
-    }
-    return sum;
-  }
-
-  Result<std::vector<SegmentExport>> export_segments() override {
-    if (!sealed_) {
-      return make_error(StatusCode::kNotReady, "cuda-vmm: slab '" + label_ + "' is not sealed yet");
-    }
-    return dup_exports();
   }
 
  private:
-  // Exports each segment once: every client (and the writer) gets a dup of the same fd (cheap)
-  // instead of a new cuMemExportToShareableHandle call on the attach path.
-  Result<void> export_once() {
-    if (exported_.size() == segments_.size()) return ok_result();
+  // One shareable fd per segment: every client (and the writer) gets a dup of it (cheap) instead
+  // of a new cuMemExportToShareableHandle call on the attach path.
+  Result<void> export_new_segments() override {
+    if (exported_.size() == mappings_.size()) return ok_result();
     COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
-    for (size_t i = exported_.size(); i < segments_.size(); ++i) {
+    for (size_t i = exported_.size(); i < mappings_.size(); ++i) {
       int fd = -1;
-      auto e = COMPANION_CU(*api_, cuMemExportToShareableHandle, &fd, segments_[i].handle,
+      auto e = COMPANION_CU(*api_, cuMemExportToShareableHandle, &fd, mappings_[i].handle,
                             cu::kMemHandleTypePosixFileDescriptor, 0);
-      if (!e.ok())
-        return cuda::with_context(std::move(e).error(),
-                                  "cuda-vmm: exporting slab '" + label_ + "'");
+      if (!e.ok()) return slab_error(std::move(e).error(), "exporting");
       // Never leak segment fds into processes the server starts.
       if (int flags = ::fcntl(fd, F_GETFD); flags >= 0) ::fcntl(fd, F_SETFD, flags | FD_CLOEXEC);
       exported_.emplace_back(fd);
@@ -204,13 +131,13 @@ class VmmSlab final : public CudaSlab {
     return ok_result();
   }
 
-  Result<std::vector<SegmentExport>> dup_exports() {
+  Result<std::vector<SegmentExport>> client_exports() override {
     std::vector<SegmentExport> exports;
-    exports.reserve(segments_.size());
-    for (size_t i = 0; i < segments_.size(); ++i) {
+    exports.reserve(mappings_.size());
+    for (size_t i = 0; i < mappings_.size(); ++i) {
       SegmentExport e;
       e.kind = SegmentKind::kCudaVmmFd;
-      e.size = segments_[i].size;
+      e.size = mappings_[i].size;
       e.fd.reset(::fcntl(exported_[i].get(), F_DUPFD_CLOEXEC, 0));
       if (!e.fd)
         return errno_error(StatusCode::kInternal, "cuda-vmm: dup of an exported fd", errno);
@@ -219,51 +146,20 @@ class VmmSlab final : public CudaSlab {
     return exports;
   }
 
-  const cuda::DriverApi* api_;
-  int ordinal_;
-  std::string label_;
-  std::vector<VmmMapping> segments_;
-  std::vector<UniqueFd> exported_;  // one shareable fd per segment, made at seal() or before
-  bool sealed_ = false;
-  std::mutex checksum_mutex_;                 // digest(): one kernel and result buffer
-  std::unique_ptr<DeviceChecksum> checksum_;  // made by the first digest()
+  const uint64_t granularity_;
+  std::vector<VmmMapping> mappings_;  // one per segment (the last may be partly made)
+  std::vector<UniqueFd> exported_;    // one shareable fd per segment, made at seal() or before
 };
 
-class VmmBackend final : public Backend {
+class VmmBackend final : public DeviceBackend {
  public:
   VmmBackend(const cuda::DriverApi* api, int ordinal, uint64_t granularity)
-      : api_(api), ordinal_(ordinal), granularity_(granularity) {}
-
-  std::string name() const override { return kBackendName; }
-  uint64_t granularity() const noexcept override { return granularity_; }
-  uint64_t max_segment_bytes() const noexcept override { return kMaxSegmentBytes; }
-
-  Result<std::unique_ptr<Slab>> allocate(const std::vector<uint64_t>& segment_sizes,
-                                         const std::string& label) override {
-    COMPANION_TRY(
-        cuda::check_segment_sizes(segment_sizes, granularity_, kMaxSegmentBytes, kBackendName));
-    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
-    // On failure the slab's destructor releases the segments created so far.
-    auto slab = std::make_unique<VmmSlab>(api_, ordinal_, label);
-    for (size_t i = 0; i < segment_sizes.size(); ++i) {
-      COMPANION_TRY(slab->add_segment(segment_sizes, granularity_));
-    }
-    log::debug("cuda-vmm: allocated slab '" + label + "' (" + format_bytes(slab->total_bytes()) +
-               " in " + std::to_string(segment_sizes.size()) + " segment(s)) on GPU " +
-               std::to_string(ordinal_));
-    return std::unique_ptr<Slab>(std::move(slab));
-  }
-
-  bool allocation_is_resident() const noexcept override { return true; }
-  Result<MemoryAvailability> available_bytes() const override {
-    COMPANION_ASSIGN_OR_RETURN(auto info, cuda::device_memory_info(ordinal_));
-    return MemoryAvailability{info.first, info.second};
-  }
+      : DeviceBackend(api, ordinal, kBackendName, granularity, kMaxSegmentBytes) {}
 
  private:
-  const cuda::DriverApi* api_;
-  int ordinal_;
-  uint64_t granularity_;
+  std::unique_ptr<DeviceSlab> new_slab(const std::string& label) const override {
+    return std::make_unique<VmmSlab>(api_, ordinal_, label, granularity());
+  }
 };
 
 // A client's read-only mapping of an imported segment.

@@ -4,9 +4,9 @@
 #include <sys/socket.h>
 
 #include <cerrno>
-#include <chrono>
 #include <cstring>
 
+#include "common/deadline.hpp"
 #include "protocol/limits.hpp"
 
 namespace companion::protocol {
@@ -256,19 +256,12 @@ Result<void> send_frame(int socket_fd, std::span<const uint8_t> payload, std::sp
 }
 
 Result<Frame> receive_frame(int socket_fd, FrameReader& reader, int timeout_ms) {
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  const Deadline deadline = Deadline::after_ms(timeout_ms);
   for (;;) {
     COMPANION_ASSIGN_OR_RETURN(auto frame, reader.next());
     if (frame) return std::move(*frame);
-    int wait = -1;
-    if (timeout_ms >= 0) {
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-                      deadline - std::chrono::steady_clock::now())
-                      .count();
-      wait = left < 0 ? 0 : static_cast<int>(left);
-    }
     pollfd p{socket_fd, POLLIN, 0};
-    int r = ::poll(&p, 1, wait);
+    int r = ::poll(&p, 1, deadline.remaining_ms());
     if (r < 0) {
       if (errno == EINTR) continue;
       return errno_error(StatusCode::kIoError, "poll", errno);

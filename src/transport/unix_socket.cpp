@@ -9,8 +9,9 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <chrono>
 #include <cstring>
+
+#include "common/deadline.hpp"
 
 namespace companion::transport {
 namespace {
@@ -81,22 +82,17 @@ Result<UniqueFd> connect_unix(const std::string& path, int timeout_ms) {
   // A Unix socket's connect waits while the listener's backlog is full, for as long as the send
   // timeout allows (and fails with EAGAIN after it). A non-blocking connect would fail at once
   // instead, and poll() cannot wait for room in a backlog: the send timeout is the bounded wait.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  const Deadline deadline = Deadline::after_ms(timeout_ms);
   int r = -1;
   int err = 0;
   for (;;) {
-    int wait = 0;
-    if (timeout_ms >= 0) {
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
-                      deadline - std::chrono::steady_clock::now())
-                      .count();
-      wait = static_cast<int>(std::max<int64_t>(left, 1));
-    }
+    // 0 is no send timeout at all: a limited wait is at least 1 ms.
+    const int wait = deadline.unlimited() ? 0 : std::max(deadline.remaining_ms(), 1);
     COMPANION_TRY(set_send_timeout(fd.get(), wait));
     r = ::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
     err = r == 0 ? 0 : errno;
     if (err != EINTR) break;
-    if (timeout_ms >= 0 && std::chrono::steady_clock::now() >= deadline) {
+    if (deadline.expired()) {
       err = EAGAIN;
       break;
     }

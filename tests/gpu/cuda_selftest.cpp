@@ -9,8 +9,10 @@
 // seals and exports it, then fork+execs itself as a client (`cuda_selftest --child ...`; VMM fds
 // travel over a socketpair with SCM_RIGHTS, legacy IPC handles as hex on the command line). The
 // client imports the segments, checksums them ON THE GPU with a hand-written PTX kernel, compares
-// with the parent's host-side checksum, and (cuda-vmm) checks that writing through its read-only
-// mapping is refused. The parent checks that the client's mapping costs no GPU memory.
+// with the parent's host-side checksum, and checks each mapping's access (check_access): cuda-vmm
+// read-only, and a write through it refused; cuda-ipc read-write (the driver cannot restrict it),
+// a write through it seen by the parent, then undone. The parent checks that the client's mapping
+// costs no GPU memory.
 //
 // Then publishing, per backend: the digest of a 1 GiB segment is timed (INFO ... GB/s), a slab is
 // exported writable, filled (cuda-vmm: through a read-write import in this process, made
@@ -233,6 +235,81 @@ struct ChildSegment {
   int fd = -1;
 };
 
+// The access the driver gives this process through a mapping: CU_POINTER_ATTRIBUTE_ACCESS_FLAGS
+// (kPointerAccessFlag...).
+Result<int> driver_access_flags(const void* address) {
+  COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
+  int flags = -1;
+  const auto ptr = static_cast<cu::CUdeviceptr>(reinterpret_cast<uintptr_t>(address));
+  COMPANION_TRY(
+      COMPANION_CU(*api, cuPointerGetAttribute, &flags, cu::kPointerAttributeAccessFlags, ptr));
+  return flags;
+}
+
+// "CU_POINTER_ATTRIBUTE_ACCESS_FLAGS 1", or the driver's error.
+std::string describe(const Result<int>& flags) {
+  return flags.ok() ? "CU_POINTER_ATTRIBUTE_ACCESS_FLAGS " + std::to_string(*flags)
+                    : flags.error().to_string();
+}
+
+// Whether the driver answered, and with exactly `expected`.
+bool has_access(const Result<int>& flags, int expected) {
+  return flags.ok() && *flags == expected;
+}
+
+// What docs/architecture.md ("Memory backends and slab layout") says of a client's mapping: a
+// cuda-vmm import is read-only in the driver's eyes and says so (writable() false, which the
+// client's "read_only" is made of); a legacy IPC mapping is read-write, cannot be restricted
+// (cuMemSetAccess takes cuMemMap'd ranges only; make_read_only() is a no-op), says so, and a
+// write through it lands in the memory the server and every client share. That write is made
+// on the last word of the segment, read back by the parent through the server's own pointer
+// (WROTE / SEEN on the socket), then undone.
+void check_access(MappedSegment& mapping, bool vmm, int ordinal, int sock, uint64_t checksum,
+                  GpuChecksum& kernel) {
+  auto api = cuda::driver();
+  if (!api.ok() || !cuda::make_current(ordinal).ok()) {
+    check(false, "access checks: no context");
+    return;
+  }
+  const auto ptr = static_cast<cu::CUdeviceptr>(reinterpret_cast<uintptr_t>(mapping.address()));
+  const uint64_t size = mapping.size();
+  const auto flags = driver_access_flags(mapping.address());
+  check(has_access(flags, vmm ? cu::kPointerAccessFlagRead : cu::kPointerAccessFlagReadWrite),
+        vmm ? "the driver gives the VMM import read access only"
+            : "the driver gives the IPC mapping read-write access",
+        describe(flags));
+  check(mapping.writable() == !vmm, vmm ? "the VMM import reports itself read-only"
+                                        : "the IPC mapping reports itself writable");
+  if (vmm) return;  // its write test ends the client (a fault leaves the context unusable)
+
+  cu::CUmemAccessDesc desc{};
+  desc.location.type = cu::kMemLocationTypeDevice;
+  desc.location.id = ordinal;
+  desc.flags = cu::kMemAccessFlagsProtRead;
+  auto set = COMPANION_CU(**api, cuMemSetAccess, ptr, size, &desc, 1);
+  check(!set.ok(), "cuMemSetAccess(PROT_READ) cannot restrict the IPC mapping",
+        set.ok() ? "the driver accepted it: cuda-ipc mappings could be made read-only"
+                 : set.error().to_string());
+  auto made = mapping.make_read_only();
+  check(made.ok() && mapping.writable(), "make_read_only leaves the IPC mapping writable");
+
+  const uint64_t offset = size - 4;
+  uint32_t original = 0;
+  auto wrote = COMPANION_CU(**api, cuMemcpyDtoH, &original, ptr + offset, 4);
+  const uint32_t changed = ~original;
+  if (wrote.ok()) wrote = COMPANION_CU(**api, cuMemsetD32, ptr + offset, changed, 1);
+  if (wrote.ok()) wrote = COMPANION_CU(**api, cuCtxSynchronize);
+  if (!check_ok(wrote, "a write through the IPC mapping goes through")) return;
+  send_line(sock, "WROTE " + std::to_string(offset) + " " + std::to_string(changed));
+  const auto answer = recv_line(sock);
+  check(answer == std::optional<std::string>("SEEN"),
+        "the server's allocation holds the client's write", answer ? *answer : "no answer");
+  auto restored = COMPANION_CU(**api, cuMemcpyHtoD, ptr + offset, &original, 4);
+  auto sum = restored.ok() ? kernel.run(ptr, size) : Result<uint64_t>(restored.error());
+  check(sum.ok() && sum.value() == checksum, "the written word is put back",
+        sum.ok() ? hex64(sum.value()) : sum.error().to_string());
+}
+
 // argv: --child <backend> <uuid> <socket fd> <count> <size:checksum[:ipc-hex]>...
 int child_main(int argc, char** argv) {
   if (argc < 6) {
@@ -343,6 +420,8 @@ int child_main(int argc, char** argv) {
           "gpu " + hex64(*sum) + " vs host " + hex64(segments[i].checksum));
   }
 
+  if (mapped[0]) check_access(*mapped[0], vmm, ordinal, sock, segments[0].checksum, **kernel);
+
   if (!vmm && mapped[0]) {
     // Two MappedSegments of one handle share one open, and the handle closes with the last.
     const uint64_t size0 = segments[0].size;
@@ -395,8 +474,6 @@ int child_main(int argc, char** argv) {
                        : "cuMemsetD32 and cuCtxSynchronize both succeeded";
     }
     check(refused, "write through the read-only VMM mapping is refused", detail);
-  } else if (!vmm) {
-    info("legacy IPC mappings are read-write: no write test");
   }
   finish();
   return 0;
@@ -432,9 +509,10 @@ void wait_child(pid_t pid) {
   }
 }
 
+// segment0: the server's device pointer of segment 0 (to read back a cuda-ipc client's write).
 void run_child(const std::string& backend, const GpuIdentity& gpu,
                std::vector<SegmentExport>& exports, const std::vector<uint64_t>& checksums,
-               uint64_t slab_bytes) {
+               uint64_t slab_bytes, cu::CUdeviceptr segment0) {
   const bool vmm = backend == "cuda-vmm";
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0) {
@@ -508,6 +586,19 @@ void run_child(const std::string& backend, const GpuIdentity& gpu,
     check(false, "client reached the mapped state", "it stopped early (see its lines above)");
   }
   auto result = recv_line(sock);
+  if (result && result->rfind("WROTE ", 0) == 0) {  // check_access, cuda-ipc
+    unsigned long long offset = 0;
+    unsigned int value = 0;
+    uint32_t seen = 0;
+    auto api = cuda::driver();
+    const bool read = std::sscanf(result->c_str(), "WROTE %llu %u", &offset, &value) == 2 &&
+                      api.ok() && cuda::make_current(gpu.ordinal).ok() &&
+                      (*api)->cuMemcpyDtoH(&seen, segment0 + offset, 4) == cu::kSuccess;
+    check(read && seen == value, "the server reads the client's write through its own pointer",
+          read ? hex64(seen) + " vs " + hex64(value) : "could not read it");
+    send_line(sock, read && seen == value ? "SEEN" : "UNSEEN " + hex64(seen));
+    result = recv_line(sock);
+  }
   int child_passed = 0;
   int child_failed = 0;
   if (result && std::sscanf(result->c_str(), "RESULT %d %d", &child_passed, &child_failed) == 2) {
@@ -646,7 +737,8 @@ void run_backend(const std::string& name, const GpuIdentity& gpu, GpuChecksum& k
           "each export gives new fds");
   }
 
-  run_child(name, gpu, exports, checksums, slab_bytes);
+  auto segment0 = cuda_segment_device_pointer(slab, 0);
+  run_child(name, gpu, exports, checksums, slab_bytes, segment0.ok() ? *segment0 : 0);
 
   for (size_t s = 0; s < 2; ++s) {
     auto ptr = cuda_segment_device_pointer(slab, s);
@@ -812,9 +904,16 @@ void run_publish(const std::string& name, const GpuIdentity& gpu, GpuChecksum& k
   auto through = kernel.run(ptr, size);
   check(through.ok() && *through == expected, name + ": checksum through the writer's mapping");
   const void* address = writer.address();
+  const auto writer_flags = driver_access_flags(address);
+  check(has_access(writer_flags, cu::kPointerAccessFlagReadWrite),
+        name + ": the driver gives the writer's mapping read-write access", describe(writer_flags));
   check_ok(writer.make_read_only(), name + ": make_read_only");
   check(!writer.writable() && writer.address() == address,
         name + ": the mapping stays at its address, no longer writable");
+  const auto read_only_flags = driver_access_flags(address);
+  check(has_access(read_only_flags, cu::kPointerAccessFlagRead),
+        name + ": the driver gives it read access only after make_read_only",
+        describe(read_only_flags));
   auto read_back = kernel.run(ptr, size);
   check(read_back.ok() && *read_back == expected, name + ": read-only mapping reads the bytes",
         read_back.ok() ? hex64(*read_back) : read_back.error().to_string());

@@ -54,6 +54,7 @@ def test_eight_clients_share_one_load_and_one_copy(server, model_root):
         seen = {t["name"]: (t["dtype"], t["shape"], t["crc32"]) for t in r["tensors"]}
         assert seen == expected
         assert r["model"]["state"] == "loaded"
+        assert r["read_only"] is True
     assert len({r["lease_id"] for r in reports}) == 8
     assert server.log_text().count("info: loading ") == 1, server.log_text()
     # Leases go when the clients exit.

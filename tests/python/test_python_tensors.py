@@ -54,6 +54,7 @@ def test_mapped_model_mapping_and_info(client, model_root):
         assert not hasattr(t, "__cuda_array_interface__")
         assert model.lease_id > 0 and model.mapped_bytes >= 36
         assert model.info["segments"] >= 1 and model.status.loaded
+        assert model.info["read_only"] is True  # host memfds are mapped PROT_READ
         assert model.status.source == source and model.spec.source == source
         with pytest.raises(KeyError):
             model["nope"]

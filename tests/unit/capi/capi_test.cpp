@@ -700,6 +700,7 @@ TEST_F(CapiTest, GetModelParametersMapsTheFileBytes) {
   EXPECT_GE(info["segments"].get<size_t>(), 1u);
   EXPECT_EQ(info["segment_inodes"].size(), info["segments"].get<size_t>());
   EXPECT_GE(info["mapped_bytes"].get<uint64_t>(), 24u + 32u + 5u + 4u);
+  EXPECT_EQ(info["read_only"], true);  // host memfds are mapped PROT_READ
   EXPECT_EQ(info["model"]["state"], "loaded");
   EXPECT_EQ(info["model"]["source"], path);
   EXPECT_EQ(info["model"]["tensors"], 4);

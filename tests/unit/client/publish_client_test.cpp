@@ -88,7 +88,8 @@ TEST_F(ClientPublishTest, PublishThenAttachWithTheFingerprint) {
   auto committed = (*p)->commit();
   ASSERT_TRUE(committed.ok()) << committed.error().to_string();
   EXPECT_EQ(first(**committed, "w"), 3.0f);
-  EXPECT_FALSE((*p)->commit().ok());  // once
+  EXPECT_TRUE((*committed)->read_only());  // the writer's own mapping, remapped read-only
+  EXPECT_FALSE((*p)->commit().ok());       // once
 
   AttachOptions options;
   options.fingerprint = Fingerprint{{"engine", "cpp"}};
@@ -97,6 +98,7 @@ TEST_F(ClientPublishTest, PublishThenAttachWithTheFingerprint) {
   ASSERT_TRUE(m.ok()) << m.error().to_string();
   EXPECT_EQ(first(**m, "tied"), 3.0f);
   EXPECT_TRUE((*m)->status().published);
+  EXPECT_TRUE((*m)->read_only());
   options.fingerprint = Fingerprint{{"engine", "other"}};
   EXPECT_EQ(reader->attach("cpp/basic", options).error().code, StatusCode::kFingerprintMismatch);
 }

@@ -74,6 +74,10 @@ COMPANION_SAME_VALUE(kMemAccessFlagsProtRead, CU_MEM_ACCESS_FLAGS_PROT_READ);
 COMPANION_SAME_VALUE(kMemAccessFlagsProtReadWrite, CU_MEM_ACCESS_FLAGS_PROT_READWRITE);
 COMPANION_SAME_VALUE(kMemAllocGranularityMinimum, CU_MEM_ALLOC_GRANULARITY_MINIMUM);
 COMPANION_SAME_VALUE(kMemAllocGranularityRecommended, CU_MEM_ALLOC_GRANULARITY_RECOMMENDED);
+COMPANION_SAME_VALUE(kPointerAttributeAccessFlags, CU_POINTER_ATTRIBUTE_ACCESS_FLAGS);
+COMPANION_SAME_VALUE(kPointerAccessFlagNone, CU_POINTER_ATTRIBUTE_ACCESS_FLAG_NONE);
+COMPANION_SAME_VALUE(kPointerAccessFlagRead, CU_POINTER_ATTRIBUTE_ACCESS_FLAG_READ);
+COMPANION_SAME_VALUE(kPointerAccessFlagReadWrite, CU_POINTER_ATTRIBUTE_ACCESS_FLAG_READWRITE);
 COMPANION_SAME_VALUE(kIpcMemLazyEnablePeerAccess, CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS);
 COMPANION_SAME_VALUE(kMemHostAllocPortable, CU_MEMHOSTALLOC_PORTABLE);
 COMPANION_SAME_VALUE(kStreamNonBlocking, CU_STREAM_NON_BLOCKING);
@@ -109,6 +113,9 @@ static_assert(sizeof(ours::CUdeviceAttribute) == sizeof(::CUdevice_attribute));
 static_assert(sizeof(ours::CUjitOption) == sizeof(::CUjit_option));
 static_assert(sizeof(ours::CUdriverProcAddressQueryResult) ==
               sizeof(::CUdriverProcAddressQueryResult));
+static_assert(sizeof(ours::CUpointerAttribute) == sizeof(::CUpointer_attribute));
+static_assert(sizeof(ours::kPointerAccessFlagRead) ==
+              sizeof(::CUDA_POINTER_ATTRIBUTE_ACCESS_FLAGS));
 static_assert(sizeof(ours::CUcontext) == sizeof(::CUcontext));
 static_assert(sizeof(ours::CUstream) == sizeof(::CUstream));
 
