@@ -160,14 +160,14 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
     // tensors are read, so without --verify none are yet (and RssShmem says 0).
     if (!inodes.empty() && (opts.verify || opts.reverify))
       std::printf(
-          "  shared memfd inode %llu; this process: RSS %s, of it %s the shared pages "
-          "it read (no copy)\n",
+          "  shared memfd inode %llu; this process: RSS %s, of it %s shared pages it read "
+          "(no copy)\n",
           static_cast<unsigned long long>(inodes[0]), format_bytes(rss_kb * 1024).c_str(),
           format_bytes(shmem_kb * 1024).c_str());
     else if (!inodes.empty())
       std::printf(
-          "  shared memfd inode %llu; no tensor read yet (pages become resident as they "
-          "are read; --verify reads them all); this process: RSS %s\n",
+          "  shared memfd inode %llu, not read yet (--verify reads every tensor); this "
+          "process: RSS %s\n",
           static_cast<unsigned long long>(inodes[0]), format_bytes(rss_kb * 1024).c_str());
     std::vector<std::vector<std::string>> rows;
     size_t shown = 0;
