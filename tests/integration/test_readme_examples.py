@@ -5,8 +5,9 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
-from harness import BUILD, REPO
+from harness import BUILD, REPO, Server
 
 README = REPO / "README.md"
 
@@ -71,3 +72,32 @@ def test_python_readme_is_the_quick_start_section():
     assert len(header.splitlines()) <= 6 and "## " not in header, header
     assert package_readme[at + 1:].rstrip("\n") == section.rstrip("\n"), \
         "python/README.md drifted from README.md's Python quick start: copy the section again"
+
+
+def test_example_checkpoints_command_writes_what_the_cli_examples_show(tmp_path, runtime_dir):
+    """scripts/make-example-checkpoints.sh, then the CLI quick start's loads: the models, sizes
+    and the broken checkpoint's error that the README prints."""
+    models, hub = tmp_path / "docs-models", tmp_path / "docs-hf"
+    script = REPO / "scripts" / "make-example-checkpoints.sh"
+    r = subprocess.run([str(script), str(models), str(hub)], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+    assert r.returncode == 0, r.stderr
+    server = Server(runtime_dir, [models], extra=["--hf-cache", str(hub)])
+    try:
+        shown = {}
+        for model in ("opt-tiny", "opt-sharded", "acme/tiny-lm"):
+            source = model if "/" in model else str(models / model)
+            status = server.cli_json("load", source)[0]
+            shown[model] = (status["state"], status["tensors"], status["bytes_total"])
+        assert shown == {"opt-tiny": ("loaded", 36, 5519360),
+                         "opt-sharded": ("loaded", 36, 1088512),
+                         "acme/tiny-lm": ("loaded", 20, 296832)}
+        broken, code = server.cli_json("load", str(models / "broken"), check=False)
+        assert code == 1 and broken["error"]["code"] == "BAD_CHECKPOINT"
+        assert "is past the end of the data section" in broken["error"]["message"]
+        # Running it again rewrites the examples in place.
+        r = subprocess.run([str(script), str(models), str(hub)], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, PYTHON=sys.executable))
+        assert r.returncode == 0, r.stderr
+    finally:
+        assert server.stop() == 0
