@@ -3,7 +3,9 @@
 #   scripts/setup.sh            Release build in build/
 #   scripts/setup.sh --asan     also an AddressSanitizer + UBSan build in build-asan/
 #   scripts/setup.sh --fuzz     also the libFuzzer targets (clang, ASan + UBSan) in build-fuzz/
-# The options combine (--asan --fuzz).
+#   scripts/setup.sh --vllm     also the vLLM / torch 2 / transformers venv (scripts/setup-vllm.sh)
+# The options combine (--asan --fuzz). Each step is announced on one line; apt's, pip's and
+# CMake's configure output goes to build/setup.log, named (with its last lines) when a step fails.
 # Safe to run again: installs only what is missing, rebuilds only what changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,9 +24,27 @@ for arg in "$@"; do
     --asan) asan=1 ;;
     --fuzz) fuzz=1 ;;
     --vllm) vllm=1 ;;
-    *) echo "setup: unknown option $arg (options: --asan, --fuzz, --vllm)" >&2; exit 2 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//p}' "$0"; exit 0 ;;
+    *) echo "setup: unknown option $arg (options: --asan, --fuzz, --vllm, --help)" >&2; exit 2 ;;
   esac
 done
+
+mkdir -p build
+LOG=$PWD/build/setup.log
+: >"$LOG"
+step() { echo "setup: $*"; }
+# logged CMD...: runs CMD with its output in the log; when it fails, says so, shows the last
+# lines CMD wrote and where the rest is, and stops.
+logged() {
+  echo "+ $*" >>"$LOG"
+  local first=$(($(wc -l <"$LOG") + 1))
+  if ! "$@" >>"$LOG" 2>&1; then
+    echo "setup: failed: $*" >&2
+    tail -n "+$first" "$LOG" | tail -n 15 | sed 's/^/  | /' >&2
+    echo "setup: the whole output is in $LOG" >&2
+    exit 1
+  fi
+}
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -33,16 +53,22 @@ done
 if ((${#missing[@]})); then
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  echo "setup: installing ${missing[*]}"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  step "apt-get update (package lists; output in $LOG)"
+  logged $SUDO apt-get update
+  step "apt-get install: ${#missing[@]} packages, a few minutes the first time: ${missing[*]}"
+  logged $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+    "${missing[@]}"
+else
+  step "Debian packages: all ${#PACKAGES[@]} installed"
 fi
 
 # Tests write reference checkpoints with the safetensors library; CPU torch comes from Debian.
 if ! .venv/bin/python -c "import safetensors, numpy, torch, pytest" 2>/dev/null; then
-  echo "setup: creating .venv"
-  /usr/bin/python3 -m venv --system-site-packages .venv
-  .venv/bin/python -m pip install -q --disable-pip-version-check safetensors
+  step "creating .venv (Debian's Python, numpy, torch and pytest) and pip-installing safetensors"
+  logged /usr/bin/python3 -m venv --system-site-packages .venv
+  logged .venv/bin/python -m pip install --disable-pip-version-check safetensors
+else
+  step ".venv: ready"
 fi
 
 # ccache, where installed, makes rebuilds in other checkouts of the tree cheap.
@@ -52,10 +78,12 @@ if command -v ccache >/dev/null; then
   launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_C_COMPILER_LAUNCHER=ccache)
 fi
 
-build() {  # build DIR [cmake args...]
+build() {  # build DIR [cmake args...]: configure quietly, then compile with ninja's progress
   local dir=$1; shift
-  cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" \
-    -DCOMPANION_PYTHON="$PWD/.venv/bin/python" "$@" >/dev/null
+  step "configuring $dir/ (cmake)"
+  logged cmake -S . -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release "${launcher[@]}" \
+    -DCOMPANION_PYTHON="$PWD/.venv/bin/python" "$@"
+  step "building $dir/ ($(nproc) jobs)"
   cmake --build "$dir" -j "$(nproc)"
 }
 
@@ -69,5 +97,7 @@ if ((fuzz)); then
     -DCMAKE_CXX_COMPILER=clang++ -DCOMPANION_FUZZ=ON
 fi
 if ((vllm)); then
+  step "the vLLM venv (torch 2, transformers; scripts/setup-vllm.sh)"
   scripts/setup-vllm.sh >/dev/null
 fi
+step "done"

@@ -5,7 +5,9 @@ The library is looked up on first use, not at import:
 1. ``$COMPANION_LIBRARY`` (a path to the library file), if set;
 2. ``libcompanion.so*`` beside this package's files (e.g. copied into ``python/companion/`` before
    ``pip install``);
-3. ``ctypes.util.find_library("companion")`` (the system's library path).
+3. when the package is imported from the source tree (``python/companion`` of a checkout), that
+   tree's ``build/src/capi/libcompanion.so``;
+4. ``ctypes.util.find_library("companion")`` (the system's library path).
 
 Failing that, the call that needed it raises :class:`companion.LibraryNotFound`, naming every
 place it looked.
@@ -202,10 +204,23 @@ def _candidates() -> List[str]:
     here = pathlib.Path(__file__).resolve().parent
     beside = sorted(here.glob("libcompanion.so*"), key=lambda p: (len(p.name), p.name))
     out.extend(str(p) for p in beside)
+    tree_build = _tree_build_library()
+    if tree_build is not None and tree_build.exists():
+        out.append(str(tree_build))
     found = ctypes.util.find_library("companion")
     if found:
         out.append(found)
     return out
+
+
+def _tree_build_library() -> Optional[pathlib.Path]:
+    """<repository>/build/src/capi/libcompanion.so when this package is the source tree's
+    python/companion (scripts/setup.sh builds there); None for an installed copy."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    if not ((root / "python" / "pyproject.toml").is_file() and
+            (root / "include" / "companion" / "companion.h").is_file()):
+        return None
+    return root / "build" / "src" / "capi" / "libcompanion.so"
 
 
 def _describe_search() -> str:
@@ -213,7 +228,9 @@ def _describe_search() -> str:
     here = pathlib.Path(__file__).resolve().parent
     if env:
         return f"$COMPANION_LIBRARY={env}"
-    return (f"$COMPANION_LIBRARY (not set), {here}/libcompanion.so*, "
+    tree_build = _tree_build_library()
+    in_tree = f"{tree_build} (the source tree's build), " if tree_build is not None else ""
+    return (f"$COMPANION_LIBRARY (not set), {here}/libcompanion.so*, {in_tree}"
             f"ctypes.util.find_library('companion') (the system library path)")
 
 

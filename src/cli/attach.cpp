@@ -157,10 +157,19 @@ int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOption
                 format_bytes(tensor_bytes).c_str(), m.segment_count(), s.backend.c_str(),
                 m.read_only() ? "read-only" : "read-write (legacy CUDA IPC: do not write)");
     auto inodes = m.segment_inodes();
-    if (!inodes.empty())
-      std::printf("  shared memfd inode %llu; this process: RSS %s, of it shared %s\n",
-                  static_cast<unsigned long long>(inodes[0]), format_bytes(rss_kb * 1024).c_str(),
-                  format_bytes(shmem_kb * 1024).c_str());
+    // Mapping reads nothing: pages of the shared memfd become resident in this process as its
+    // tensors are read, so without --verify none are yet (and RssShmem says 0).
+    if (!inodes.empty() && (opts.verify || opts.reverify))
+      std::printf(
+          "  shared memfd inode %llu; this process: RSS %s, of it %s shared pages it read "
+          "(no copy)\n",
+          static_cast<unsigned long long>(inodes[0]), format_bytes(rss_kb * 1024).c_str(),
+          format_bytes(shmem_kb * 1024).c_str());
+    else if (!inodes.empty())
+      std::printf(
+          "  shared memfd inode %llu, not read yet (--verify reads every tensor); this "
+          "process: RSS %s\n",
+          static_cast<unsigned long long>(inodes[0]), format_bytes(rss_kb * 1024).c_str());
     std::vector<std::vector<std::string>> rows;
     size_t shown = 0;
     for (const auto& t : m.tensors()) {

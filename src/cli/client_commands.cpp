@@ -111,10 +111,15 @@ int run_load(const CommonArgs& args, const ModelArgs& model, bool wait) {
   bool bar = !args.json && ::isatty(STDERR_FILENO);
   int last_decile = -1;
   ModelState last_state = ModelState::kReady;
+  size_t bar_width = 0;  // of the bar line on screen: a shorter one must cover all of it
   auto on_progress = [&](const ModelStatus& s) {
     if (args.json) return;
     if (bar) {
-      std::fprintf(stderr, "\r%s %s", model_state_name(s.state), render_progress(s).c_str());
+      std::string line = std::string(model_state_name(s.state)) + " " + render_progress(s);
+      size_t width = line.size();
+      if (width < bar_width) line.append(bar_width - width, ' ');
+      bar_width = width;
+      std::fprintf(stderr, "\r%s", line.c_str());
       std::fflush(stderr);
       return;
     }
@@ -126,7 +131,7 @@ int run_load(const CommonArgs& args, const ModelArgs& model, bool wait) {
     std::fprintf(stderr, "%s %s\n", model_state_name(s.state), render_progress(s).c_str());
   };
   auto s = (*client)->load(*spec, wait, on_progress);
-  if (bar) std::fprintf(stderr, "\n");
+  if (bar && bar_width > 0) std::fprintf(stderr, "\n");
   if (!s.ok()) return fail(args, s.error());
   if (args.json)
     std::cout << json_text(to_json(*s), 2) << std::endl;

@@ -12,7 +12,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string(software_version()));
 
   cli::CommonArgs common;
-  cli::ModelArgs model;
+  // The connection options belong to every client subcommand, and are also accepted before the
+  // subcommand (`companion --runtime-dir X ls`): both spellings fill the same fields.
   auto add_common = [&](CLI::App* cmd) {
     cmd->add_option("--namespace,-n", common.connect.ns, "Namespace")->capture_default_str();
     cmd->add_option("--device,-d", common.connect.device,
@@ -35,6 +36,8 @@ int main(int argc, char** argv) {
                     "(repeatable; besides this user, root and $COMPANION_TRUST_UID)");
     cmd->add_flag("--json", common.json, "JSON output for scripts");
   };
+  add_common(&app);
+  cli::ModelArgs model;
   auto add_model = [&](CLI::App* cmd, bool required) {
     auto* opt = cmd->add_option("model", model.source,
                                 "Model: a directory, a .safetensors file or a Hugging Face id");
@@ -173,6 +176,34 @@ int main(int argc, char** argv) {
 
   CLI11_PARSE(app, argc, argv);
 
+  // Options given before `serve` or `devices`: those the subcommand has mean the same there (its
+  // own spelling after the subcommand wins); the client-only ones are refused, not ignored.
+  auto before_subcommand = [&](const char* name) { return app.get_option(name)->count() > 0; };
+  if (*serve_cmd || *devices_cmd) {
+    CLI::App* cmd = *serve_cmd ? serve_cmd : devices_cmd;
+    for (const CLI::Option* opt : app.get_options()) {
+      const std::string name = opt->get_name();
+      if (opt->count() == 0 || name == "--help" || name == "--version") continue;
+      bool shared = *serve_cmd
+                        ? name == "--namespace" || name == "--device" || name == "--socket" ||
+                              name == "--runtime-dir" || name == "--registry"
+                        : name == "--json";
+      if (!shared) {
+        std::fprintf(stderr, "companion %s: %s is an option of the client commands\n",
+                     cmd->get_name().c_str(), name.c_str());
+        return 2;
+      }
+    }
+    auto take = [&](const char* name, std::string& into, const std::string& value) {
+      if (before_subcommand(name) && serve_cmd->get_option(name)->count() == 0) into = value;
+    };
+    take("--namespace", serve.ns, common.connect.ns);
+    take("--device", serve.device, common.connect.device);
+    take("--socket", serve.socket_path, common.connect.socket_path);
+    take("--runtime-dir", serve.runtime_dir, common.connect.runtime_dir);
+    take("--registry", serve.registry, common.connect.registry);
+    devices_json = devices_json || common.json;
+  }
   if (common.connect.client_name == ConnectOptions{}.client_name)
     common.connect.client_name = "companion-cli";
   if (*serve_cmd) return cli::run_serve(serve, log_level);

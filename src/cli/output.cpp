@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <string_view>
 
 #include "common/util.hpp"
 
@@ -40,6 +41,37 @@ std::string render_table(const std::vector<std::string>& header,
   return out;
 }
 
+std::string variant_text(const ModelStatus& s) {
+  // The key is "source=<path>;dtype=<D>;tp=<rank>/<size>[;rules=<R>][;tag=<T>]" (the tag last,
+  // taken whole: it may hold ';'). A published key is the publisher's own string.
+  if (s.published || s.key.rfind("source=", 0) != 0) return "-";
+  size_t at = s.key.find(";dtype=");
+  if (at == std::string::npos) return "-";
+  std::string rest = s.key.substr(at + 1);
+  std::string tag;
+  if (size_t t = rest.find(";tag="); t != std::string::npos) {
+    tag = rest.substr(t + 5);
+    rest.resize(t);
+  }
+  std::string out;
+  size_t begin = 0;
+  while (begin <= rest.size()) {
+    size_t end = rest.find(';', begin);
+    if (end == std::string::npos) end = rest.size();
+    std::string_view field(rest.data() + begin, end - begin);
+    begin = end + 1;
+    if (field.starts_with("dtype=")) {
+      out += field.substr(6);
+    } else if (field.starts_with("tp=")) {
+      if (field != "tp=0/1") out.append(" ").append(field);  // one shard: the whole model
+    } else if (!field.empty()) {
+      out.append(" ").append(field);
+    }
+  }
+  if (!tag.empty()) out += " tag=" + tag;
+  return out;
+}
+
 std::string render_models(const std::vector<ModelStatus>& models) {
   if (models.empty()) return "no models\n";
   std::vector<std::vector<std::string>> rows;
@@ -55,10 +87,12 @@ std::string render_models(const std::vector<ModelStatus>& models) {
     std::string size = format_bytes(s.published ? s.slab_bytes : s.bytes_total);
     std::string source = s.published ? "published: " + printable_text(s.key) : s.source;
     rows.push_back({s.id, state, generation, std::to_string(s.tensors), size,
-                    std::to_string(s.leases), s.backend, source, printable_text(s.message)});
+                    std::to_string(s.leases), s.backend, source, variant_text(s),
+                    printable_text(s.message)});
   }
   return render_table(
-      {"ID", "STATE", "GEN", "TENSORS", "SIZE", "LEASES", "BACKEND", "SOURCE", "NOTE"}, rows);
+      {"ID", "STATE", "GEN", "TENSORS", "SIZE", "LEASES", "BACKEND", "SOURCE", "VARIANT", "NOTE"},
+      rows);
 }
 
 // One line per live generation of each model that has more than one, or that is published:

@@ -20,6 +20,10 @@ std::string json_text(const nlohmann::json& j, int indent = -1);
 // sized to their widest cell.
 std::string render_table(const std::vector<std::string>& header,
                          const std::vector<std::vector<std::string>>& rows);
+// Which variant of its source a loaded model is, from its key: "stored" or the cast dtype, then
+// "tp=R/S", "rules=..." and "tag=..." when set ("BF16 tp=1/2"); "-" for a published model.
+std::string variant_text(const ModelStatus& s);
+// The models table (ls, status, load): one row per model, its variant in a column.
 std::string render_models(const std::vector<ModelStatus>& models);
 // The live generations of published models and of models with more than one ("" when none).
 std::string render_generations(const std::vector<ModelStatus>& models);

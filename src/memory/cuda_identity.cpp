@@ -60,8 +60,9 @@ Result<std::vector<GpuIdentity>> list_gpus() {
 }
 
 Result<GpuIdentity> resolve_gpu(const std::string& device) {
-  COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
+  // A malformed name is the caller's mistake whether or not this machine has a driver.
   COMPANION_ASSIGN_OR_RETURN(auto spec, cuda::parse_device_spec(device));
+  COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
   if (spec.kind == cuda::DeviceSpec::Kind::kOrdinal) {
     if (spec.ordinal >= api->device_count) {
       return make_error(StatusCode::kNotFound, "no GPU with ordinal " + device + ": " +

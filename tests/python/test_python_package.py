@@ -91,5 +91,35 @@ def test_library_beside_the_package(tmp_path):
     assert str(package) in r.stdout and "find_library" in r.stdout
 
 
+def test_library_of_the_source_tree_build(tmp_path):
+    """Imported from a checkout's python/, the package finds that checkout's build/ (what
+    scripts/setup.sh builds); an installed copy beside a build/ directory does not."""
+    tree = tmp_path / "checkout"
+    shutil.copytree(REPO / "python", tree / "python", ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__", "libcompanion.so*"))
+    (tree / "include" / "companion").mkdir(parents=True)
+    shutil.copy(REPO / "include" / "companion" / "companion.h", tree / "include" / "companion")
+    built = tree / "build" / "src" / "capi" / "libcompanion.so"
+    built.parent.mkdir(parents=True)
+    shutil.copy(LIBRARY, built)
+    code = f"""
+        import sys
+        sys.path.insert(0, {str(tree / 'python')!r})
+        import companion
+        try:
+            print(companion.library_path())
+        except companion.LibraryNotFound as e:
+            print("LibraryNotFound:", e)
+    """
+    r = run_python(code, env={"COMPANION_LIBRARY": ""}, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(built)
+    # Without the tree's header it is not a checkout: the build beside it is not used.
+    os.unlink(tree / "include" / "companion" / "companion.h")
+    r = run_python(code, env={"COMPANION_LIBRARY": ""}, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("LibraryNotFound:") and str(built) not in r.stdout, r.stdout
+
+
 def test_library_in_use():
     assert companion.library_path() == str(LIBRARY)

@@ -50,10 +50,16 @@ TEST(CudaUnavailable, EveryEntryPointSaysUnavailable) {
     ASSERT_FALSE(r.ok());
     expect_unavailable(r.error(), "list_gpus");
   }
-  for (const char* spec : {"0", "GPU-5b8a1c2d-00ff-1234-abcd-ef0123456789", "3b:00.0", "junk"}) {
+  for (const char* spec : {"0", "GPU-5b8a1c2d-00ff-1234-abcd-ef0123456789", "3b:00.0"}) {
     auto r = resolve_gpu(spec);
     ASSERT_FALSE(r.ok());
     expect_unavailable(r.error(), spec);
+  }
+  {
+    // A name that is no GPU's is the caller's mistake, driver or not.
+    auto r = resolve_gpu("junk");
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument) << r.error().to_string();
   }
   {
     auto r = make_cuda_vmm_backend(0);
