@@ -1,4 +1,4 @@
-"""The seed's API (README_DYNAMO.md) runs unchanged: create_model_client, wait_for_model_ready,
+"""The seed prototype's API runs unchanged: create_model_client, wait_for_model_ready,
 get_model_parameters, reconstruct_parameter."""
 import asyncio
 import types
@@ -12,7 +12,8 @@ from companion.dynamo_compat import RebuildInfo, spec_from_config
 
 
 def seed_example(runtime, vllm_config, **kwargs):
-    """The client part of README_DYNAMO.md's example, verbatim but for collecting results."""
+    """The client part of the seed prototype's documented example, verbatim but for collecting
+    results."""
     from companion import create_model_client
 
     shapes = {}
