@@ -6,9 +6,11 @@
 //   load_bench loader --dir D [--device host|0] [--backend cuda-vmm] [--threads N]
 //                     [--chunk-mib 4] [--staging-mib 128] [--streams 4] [--direct auto|on|off]
 //                     [--dtype BF16] [--pinned registered|hostalloc] [--keep-staging 1]
-//                     [--repeat 1] [--verify]
-//       make_load_plan + load_into_slab of a checkpoint, without a server
+//                     [--repeat 1] [--verify] [--tp-size 1 --tp-rank 0] [--shard-rules R]
+//       make_load_plan + load_into_slab of a checkpoint (or of one tensor-parallel shard of it, as
+//       `companion load --tp-size --tp-rank` would plan it), without a server
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -50,6 +52,15 @@ double since(Clock::time_point start) {
 
 double gbps(uint64_t bytes, double seconds) {
   return seconds > 0 ? static_cast<double>(bytes) / seconds / 1e9 : 0;
+}
+
+// CPU seconds (user + system) of every thread of the process so far: what a load costs, apart
+// from waiting (steadier than wall time on a shared machine).
+double cpu_seconds() {
+  struct rusage u {};
+  ::getrusage(RUSAGE_SELF, &u);
+  auto s = [](const timeval& t) { return static_cast<double>(t.tv_sec) + t.tv_usec * 1e-6; };
+  return s(u.ru_utime) + s(u.ru_stime);
 }
 
 int fail(const Error& error) {
@@ -208,6 +219,9 @@ struct LoaderArgs {
   int keep_staging = 1;
   int repeat = 1;
   bool verify = false;
+  uint32_t tp_size = 1;
+  uint32_t tp_rank = 0;
+  std::string shard_rules;
 };
 
 // The slab's bytes of one segment range, on the host.
@@ -297,7 +311,17 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
   auto t1 = Clock::now();
   std::string dir = std::filesystem::canonical(a.dir).string();
   COMPANION_ASSIGN_OR_RETURN(auto ckpt, checkpoint::open_checkpoint(dir, {dir}));
-  COMPANION_ASSIGN_OR_RETURN(auto plan, loader::make_load_plan(ckpt, cast, *backend));
+  loader::ShardOptions shard;
+  shard.tp_size = a.tp_size;
+  shard.tp_rank = a.tp_rank;
+  if (shard.tp_size > 1) {
+    // What the server does: the spec's rules, then the preset config.json names (or the tensor
+    // names suggest).
+    shard.rules = a.shard_rules;
+    COMPANION_ASSIGN_OR_RETURN(shard.config_json, checkpoint::read_checkpoint_side_file(
+                                                      ckpt, "config.json", {dir}, 16ull << 20));
+  }
+  COMPANION_ASSIGN_OR_RETURN(auto plan, loader::make_load_plan(ckpt, cast, *backend, shard));
   double open_s = since(t1);
   auto t2 = Clock::now();
   COMPANION_ASSIGN_OR_RETURN(auto slab, backend->allocate(plan.segment_sizes, "load_bench"));
@@ -306,8 +330,10 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
   std::vector<json> lines;
   for (int rep = 0; rep < std::max(1, a.repeat); ++rep) {
     auto t3 = Clock::now();
+    double cpu0 = cpu_seconds();
     COMPANION_TRY(loader::load_into_slab(plan, *slab, nullptr, cancel, options));
     double load_s = since(t3);
+    double load_cpu_s = cpu_seconds() - cpu0;
     json out{{"measure", "loader"},
              {"repeat", rep},
              {"dir", a.dir},
@@ -319,10 +345,13 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
              {"threads_asked", a.threads},
              {"chunk_bytes", options.chunk_bytes},
              {"staging_bytes", options.staging_bytes},
+             {"tp_size", a.tp_size},
+             {"tp_rank", a.tp_rank},
              {"tensors", plan.tensors.size()},
              {"segments", plan.segment_sizes.size()},
              {"bytes", plan.bytes_to_read},
              {"seconds", load_s},
+             {"cpu_seconds", load_cpu_s},
              {"gbps", gbps(plan.bytes_to_read, load_s)},
              {"open_plan_seconds", open_s},
              {"alloc_seconds", alloc_s},
@@ -335,6 +364,7 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
                {"direct_io", stats.direct_io},
                {"direct_reads", stats.direct_reads},
                {"buffered_reads", stats.buffered_reads},
+               {"gathered_reads", stats.gathered_reads},
                {"staging_buffer_bytes", stats.staging_buffer_bytes},
                {"staging_buffers_max", stats.staging_buffers_max},
                {"staging_buffers", stats.staging_buffers},
@@ -393,6 +423,11 @@ int main(int argc, char** argv) {
   loader_cmd->add_option("--repeat", ld.repeat, "Loads into the same slab, one JSON line each")
       ->capture_default_str();
   loader_cmd->add_flag("--verify", ld.verify, "Compare the slab with the file afterwards");
+  loader_cmd->add_option("--tp-size", ld.tp_size, "Tensor-parallel shards (1: the whole model)")
+      ->capture_default_str();
+  loader_cmd->add_option("--tp-rank", ld.tp_rank, "Which shard to load")->capture_default_str();
+  loader_cmd->add_option("--shard-rules", ld.shard_rules,
+                         "Shard rules 'pattern=rule;...' tried before the architecture's preset");
 
   CLI11_PARSE(app, argc, argv);
 

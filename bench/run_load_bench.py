@@ -2,8 +2,11 @@
 raw O_DIRECT read, page-cache reads with several threads), then Companion (its loader called
 directly by bench/load_bench, and end to end through a server: `companion load`) and
 safetensors.torch.load_file(device="cuda:0") on the same Llama-3-8B-shaped checkpoint (16 GB
-bf16), cold (caches dropped) and warm (page cache), each in a fresh process. Prints a table (GB/s,
-ratios vs safetensors and vs the ceilings); writes load_bench.json to $OUT (or --out).
+bf16), cold (caches dropped) and warm (page cache), each in a fresh process. Then each rank of a
+tensor-parallel TP=2 shard of the same checkpoint, warm, through the loader and the server, timed
+against the whole model's warm load of the same run. Prints a table (GB/s, ratios vs safetensors
+and vs the ceilings; seconds and the ratio to the whole model for the shards); writes
+load_bench.json to $OUT (or --out).
 
 --device host runs the CPU-side parts on a small OPT-125m-shaped checkpoint (no GPU, no torch
 CUDA): a smoke test of the script itself, not a measurement.
@@ -101,19 +104,19 @@ def gpu_name():
     return r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else "unknown"
 
 
-def server_load(server, model, size, reps):
-    """`companion load` timed from the client (process start to loaded), then unloaded."""
+def server_load(server, model, size, reps, spec=()):
+    """`companion load [spec]` timed from the client (process start to loaded), then unloaded."""
     best = None
     for _ in range(reps):
-        t = time.time()
-        server.cli("load", str(model), timeout=1800)
-        seconds = time.time() - t
-        server.cli("unload", str(model), "--force", timeout=600)
+        t = time.perf_counter()
+        server.cli("load", str(model), *spec, timeout=1800)
+        seconds = time.perf_counter() - t
+        server.cli("unload", str(model), *spec, "--force", timeout=600)
         # The server's own "loaded ... in X s" (open, plan, allocate, load, seal).
         found = re.findall(r"loaded .*? in ([0-9.]+) s", server.log_text())
         m = {"measure": "server", "bytes": size, "seconds": seconds, "gbps": size / seconds / 1e9,
              "server_seconds": float(found[-1]) if found else None}
-        log(f"  {seconds:6.1f} s  companion load: {m['gbps']:.2f} GB/s "
+        log(f"  {seconds:6.2f} s  companion load {' '.join(spec)}: {m['gbps']:.2f} GB/s "
             f"(server side {m['server_seconds']} s)")
         if best is None or m["gbps"] > best["gbps"]:
             best = m
@@ -137,6 +140,7 @@ def main():
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--skip-safetensors", action="store_true")
     parser.add_argument("--skip-cold", action="store_true")
+    parser.add_argument("--skip-tp", action="store_true", help="no TP=2 shard loads")
     args = parser.parse_args()
     gpu = args.device != "host"
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="companion-load-bench-"))
@@ -216,6 +220,20 @@ def main():
             warm["companion_server"] = server_load(server, model, size, args.reps)
         if not args.skip_safetensors:
             warm["safetensors"] = run_json(safetensors_cmd, "safetensors load_file")
+        if not args.skip_tp:
+            log("warm, tensor-parallel TP=2 shards (each rank alone)")
+            run_json([LOAD_BENCH, "read", "--file", big, "--threads", args.threads])
+            for rank in (0, 1):
+                spec = ["--tp-size", "2", "--tp-rank", str(rank)]
+                runs = [run_json(loader_cmd + ["--direct", "off", "--repeat", 2, *spec],
+                                 all_lines=True) for _ in range(args.reps)]
+                first = best_of([r[0] if isinstance(r, list) else r for r in runs])
+                warm[f"tp2_rank{rank}"] = first
+                warm[f"tp2_rank{rank}_again"] = best_of(
+                    [r[-1] if isinstance(r, list) else r for r in runs])
+                if server:
+                    warm[f"tp2_rank{rank}_server"] = server_load(
+                        server, model, first.get("bytes", size), args.reps, spec)
     finally:
         if server:
             server.stop()
@@ -283,11 +301,41 @@ def report(res):
                                           ("server", "companion_server")])
     log(f"Goals: warm >= 30 GB/s and >= 6x safetensors: {warm_all}; "
         f"cold >= 0.9x the disk's best raw read: {ratio(best_cold, disk_best)}")
+    tp_report(warm)
     best_warm = max([v for v in (g(warm.get("companion") or {}),
                                  g(warm.get("companion_direct_on") or {})) if v] or [0]) or None
     log(f"auto vs the faster of buffered and O_DIRECT: warm "
         f"{ratio(g(warm.get('companion_direct_auto') or {}), best_warm)}, cold "
         f"{ratio(g(cold.get('companion_direct_auto') or {}), best_cold)}")
+
+def tp_report(warm):
+    """Seconds of each TP=2 rank's warm load and their ratio to the whole model's, like for like
+    (a fresh process's first load, its second, the server)."""
+    def sec(m):
+        return m.get("seconds") if isinstance(m, dict) else None
+
+    pairs = [("loader", "companion", ""), ("2nd load", "companion_again", "_again"),
+             ("server", "companion_server", "_server")]
+    if not any(sec(warm.get(f"tp2_rank{r}{suffix}")) for r in (0, 1) for _, _, suffix in pairs):
+        return
+    log(f"{'TP=2 shard, warm (s; x whole)':36} " + " ".join(f"{label:>16}" for label, _, _ in pairs))
+    log(f"{'  whole model':36} " + " ".join(
+        f"{sec(warm.get(whole)) or 0:16.3f}" if sec(warm.get(whole)) else f"{'-':>16}"
+        for _, whole, _ in pairs))
+    worst = None
+    for rank in (0, 1):
+        cells = []
+        for _, whole, suffix in pairs:
+            s, w = sec(warm.get(f"tp2_rank{rank}{suffix}")), sec(warm.get(whole))
+            if s and w:
+                worst = max(worst or 0, s / w)
+                cells.append(f"{s:7.3f} ({s / w:.2f}x)")
+            else:
+                cells.append("-")
+        log(f"{f'  TP=2 rank {rank} (warm)':36} " + " ".join(f"{c:>16}" for c in cells))
+    log(f"Goal: each rank <= 0.55x the whole model's time: worst {worst:.2f}x" if worst else
+        "Goal: each rank <= 0.55x the whole model's time: not measured")
+
 
 if __name__ == "__main__":
     main()

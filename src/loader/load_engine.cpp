@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -26,6 +27,17 @@
 #include "loader/page_cache.hpp"
 
 namespace companion::loader {
+
+ssize_t ReadSource::preadv(int fd, const iovec* iov, int count, uint64_t offset) {
+  ssize_t total = 0;
+  for (int i = 0; i < count; ++i) {
+    ssize_t n = pread(fd, iov[i].iov_base, iov[i].iov_len, offset + static_cast<uint64_t>(total));
+    if (n < 0) return total > 0 ? total : n;
+    total += n;
+    if (static_cast<size_t>(n) < iov[i].iov_len) break;
+  }
+  return total;
+}
 
 const char* direct_io_name(DirectIo mode) noexcept {
   switch (mode) {
@@ -101,10 +113,14 @@ uint64_t target_bytes(const Piece& p) {
   return p.source_bytes / dtype_size(p.from) * dtype_size(p.to);
 }
 
+bool has_cast(const WorkItem& item) {
+  return std::any_of(item.pieces.begin(), item.pieces.end(),
+                     [](const Piece& p) { return p.from != p.to; });
+}
+
 // Chooses between the image and the packed layout and computes the copies.
 void finalize(WorkItem& item) {
-  bool cast = std::any_of(item.pieces.begin(), item.pieces.end(),
-                          [](const Piece& p) { return p.from != p.to; });
+  bool cast = has_cast(item);
   std::vector<CopyOp> packed;
   for (const Piece& p : item.pieces)
     add_op(packed, CopyOp{p.stage_offset, target_bytes(p), p.segment, p.dst_offset});
@@ -131,16 +147,26 @@ Result<void> convert(const Piece& p, const char* src, char* dst) {
   return checkpoint::convert_elements(p.from, p.to, src, dst, p.source_bytes / dtype_size(p.from));
 }
 
-// Reads through the test hook or pread(2).
+// Reads through the test hook or pread(2) / preadv(2).
 class PosixReadSource final : public ReadSource {
  public:
   ssize_t pread(int fd, void* dst, size_t bytes, uint64_t offset) override {
     return ::pread(fd, dst, bytes, static_cast<off_t>(offset));
   }
+  ssize_t preadv(int fd, const iovec* iov, int count, uint64_t offset) override {
+    return ::preadv(fd, iov, count, static_cast<off_t>(offset));
+  }
 };
 
 struct FreeDeleter {
   void operator()(char* p) const noexcept { std::free(p); }
+};
+
+// What one reader thread allocates once and reuses: the bounce buffer (an item's file image for
+// casts and O_DIRECT) and the scratch that bridged gaps of gathered reads are dropped into.
+struct ReaderBuffers {
+  std::unique_ptr<char, FreeDeleter> bounce;
+  std::unique_ptr<char, FreeDeleter> scratch;
 };
 
 struct OpenFile {
@@ -220,6 +246,7 @@ class Engine {
     stats.staging_alloc_seconds = sink.alloc_seconds;
     stats.direct_reads = direct_reads_.load();
     stats.buffered_reads = buffered_reads_.load();
+    stats.gathered_reads = gathered_reads_.load();
     sink_.reset();  // waits for copies still in flight (error paths), frees the buffers
     if (error) return *error;
     if (progress) progress(done_, plan_.bytes_to_read);
@@ -291,12 +318,12 @@ class Engine {
   void reader() {
     auto prepared = sink_->prepare_thread();
     if (!prepared.ok()) fail(std::move(prepared).error());
-    std::unique_ptr<char, FreeDeleter> bounce;
+    ReaderBuffers buffers;
     while (!stopping()) {
       size_t index = next_.fetch_add(1, std::memory_order_relaxed);
       if (index >= items_.size()) break;
       const WorkItem& item = items_[index];
-      auto r = process(item, bounce);
+      auto r = process(item, buffers);
       if (!r.ok()) {
         fail(std::move(r).error());
         break;
@@ -349,9 +376,13 @@ class Engine {
     }
   }
 
-  Result<void> process(const WorkItem& item, std::unique_ptr<char, FreeDeleter>& bounce) {
+  Result<void> process(const WorkItem& item, ReaderBuffers& buffers) {
     OpenFile& f = files_[item.file];
     if (direct_to_host_) {
+      if (gathers(f, item)) {
+        return gather(f, item, buffers,
+                      [&](const Piece& p) { return host_[p.segment] + p.dst_offset; });
+      }
       if (!item.packed && !use_direct(f, item) && item.ops.size() <= kMaxDirectReads) {
         for (const CopyOp& op : item.ops) {
           COMPANION_TRY(read_buffered(f, host_[op.segment] + op.dst_offset, op.bytes,
@@ -359,7 +390,7 @@ class Engine {
         }
         return ok_result();
       }
-      COMPANION_ASSIGN_OR_RETURN(char* b, bounce_buffer(bounce));
+      COMPANION_ASSIGN_OR_RETURN(char* b, bounce_buffer(buffers.bounce));
       COMPANION_ASSIGN_OR_RETURN(const char* image, read_image(f, item, b));
       if (item.packed) {
         for (const Piece& p : item.pieces) {
@@ -375,7 +406,7 @@ class Engine {
 
     COMPANION_ASSIGN_OR_RETURN(StagingBuffer * buffer, sink_->acquire(stop_));
     if (buffer == nullptr) return ok_result();  // stopping
-    auto filled = fill(f, item, *buffer, bounce);
+    auto filled = fill(f, item, *buffer, buffers);
     if (!filled.ok()) {
       sink_->release(buffer);
       return std::move(filled).error();
@@ -385,9 +416,16 @@ class Engine {
 
   // Puts the item's bytes into a staging buffer; returns the base its ops are relative to.
   Result<const char*> fill(OpenFile& f, const WorkItem& item, StagingBuffer& buffer,
-                           std::unique_ptr<char, FreeDeleter>& bounce) {
+                           ReaderBuffers& buffers) {
+    if (gathers(f, item)) {
+      // Each piece where the item's layout has it: its image position or its packed one.
+      COMPANION_TRY(gather(f, item, buffers, [&](const Piece& p) {
+        return buffer.data + (item.packed ? p.stage_offset : p.file_offset - item.lo);
+      }));
+      return static_cast<const char*>(buffer.data);
+    }
     if (!item.packed) return read_image(f, item, buffer.data);
-    COMPANION_ASSIGN_OR_RETURN(char* b, bounce_buffer(bounce));
+    COMPANION_ASSIGN_OR_RETURN(char* b, bounce_buffer(buffers.bounce));
     COMPANION_ASSIGN_OR_RETURN(const char* image, read_image(f, item, b));
     for (const Piece& p : item.pieces)
       COMPANION_TRY(convert(p, image + (p.file_offset - item.lo), buffer.data + p.stage_offset));
@@ -407,6 +445,74 @@ class Engine {
 
   bool use_direct(const OpenFile& f, const WorkItem& item) const {
     return f.direct_ok.load(std::memory_order_relaxed) && item.hi - item.lo >= kDirectMinBytes;
+  }
+
+  // Items with gaps (a row shard: the rank's part of each row, the other ranks' parts between)
+  // read through the page cache copy only the pieces: the gaps would cost as much memory
+  // bandwidth as the pieces, and packing the pieces out of an image a second copy. O_DIRECT reads
+  // keep one aligned read of the whole range: a disk reads a few KiB of gap in the time a request
+  // takes, and O_DIRECT cannot start or end a read inside a block anyway.
+  bool gathers(const OpenFile& f, const WorkItem& item) const {
+    return item.has_gaps() && !use_direct(f, item);
+  }
+
+  // Reads the item's pieces, and only those (and gaps of at most kMaxBridgedGap), each straight to
+  // dst(piece); cast pieces go to their image place in the bounce buffer first and are converted
+  // from there.
+  template <typename Dst>
+  Result<void> gather(OpenFile& f, const WorkItem& item, ReaderBuffers& buffers, Dst dst) {
+    const bool cast = has_cast(item);
+    char* image = nullptr;
+    if (cast) {
+      COMPANION_ASSIGN_OR_RETURN(image, bounce_buffer(buffers.bounce));
+    }
+    if (!buffers.scratch) {
+      buffers.scratch.reset(static_cast<char*>(std::malloc(kMaxBridgedGap)));
+      if (!buffers.scratch)
+        return make_error(StatusCode::kOutOfMemory, "cannot allocate a gather scratch buffer");
+    }
+    std::vector<char*> targets;
+    targets.reserve(item.pieces.size());
+    for (const Piece& p : item.pieces)
+      targets.push_back(cast ? image + (p.file_offset - item.lo) : dst(p));
+    GatherReads reads = gather_reads(item, targets, buffers.scratch.get());
+    for (const GatherReads::Call& call : reads.calls)
+      COMPANION_TRY(read_vector(f, &reads.iovecs[call.first], call.count, call.bytes, call.offset));
+    if (cast) {
+      for (const Piece& p : item.pieces)
+        COMPANION_TRY(convert(p, image + (p.file_offset - item.lo), dst(p)));
+    }
+    return ok_result();
+  }
+
+  // Exactly `bytes` at `offset` through the page cache into `count` iovecs (changed on the way
+  // when a read comes back short).
+  Result<void> read_vector(OpenFile& f, iovec* iov, size_t count, uint64_t bytes, uint64_t offset) {
+    while (bytes > 0) {
+      if (stop_.load(std::memory_order_relaxed)) return stopped();
+      buffered_reads_.fetch_add(1, std::memory_order_relaxed);
+      gathered_reads_.fetch_add(1, std::memory_order_relaxed);
+      ssize_t n = source_->preadv(f.fd->get(), iov, static_cast<int>(count), offset);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return errno_error(StatusCode::kIoError, "read " + f.path, errno);
+      }
+      if (n == 0) return truncated(f);
+      auto got = static_cast<uint64_t>(n);
+      bytes -= std::min(got, bytes);
+      offset += got;
+      while (got > 0 && count > 0) {
+        uint64_t take = std::min<uint64_t>(got, iov->iov_len);
+        iov->iov_base = static_cast<char*>(iov->iov_base) + take;
+        iov->iov_len -= take;
+        got -= take;
+        if (iov->iov_len == 0) {
+          ++iov;
+          --count;
+        }
+      }
+    }
+    return ok_result();
   }
 
   // Reads [lo, hi) of the item's file into `buffer` (aligned, with kDirectAlign slack on both
@@ -497,6 +603,7 @@ class Engine {
   std::atomic<bool> stop_{false};
   std::atomic<uint64_t> direct_reads_{0};
   std::atomic<uint64_t> buffered_reads_{0};
+  std::atomic<uint64_t> gathered_reads_{0};
 
   std::mutex mutex_;  // guards what follows
   std::condition_variable cv_;
@@ -513,6 +620,41 @@ uint64_t WorkItem::stage_bytes() const {
   uint64_t bytes = 0;
   for (const Piece& p : pieces) bytes += target_bytes(p);
   return bytes;
+}
+
+GatherReads gather_reads(const WorkItem& item, std::span<char* const> piece_dst, char* scratch,
+                         uint64_t max_bridged_gap, size_t max_iov) {
+  max_iov = std::max<size_t>(2, max_iov);
+  GatherReads out;
+  out.iovecs.reserve(item.pieces.size() * 2);
+  bool open = false;
+  uint64_t end = 0;  // file offset after the open call's bytes
+  for (size_t i = 0; i < item.pieces.size() && i < piece_dst.size(); ++i) {
+    const Piece& p = item.pieces[i];
+    if (p.source_bytes == 0) continue;
+    if (open) {
+      GatherReads::Call& call = out.calls.back();
+      uint64_t gap = p.file_offset >= end ? p.file_offset - end : UINT64_MAX;
+      bool bridge = gap > 0 && gap <= max_bridged_gap;
+      if (gap > max_bridged_gap || call.count + (bridge ? 2 : 1) > max_iov) {
+        open = false;
+      } else if (bridge) {
+        out.iovecs.push_back(iovec{scratch, gap});
+        call.bytes += gap;
+        ++call.count;
+      }
+    }
+    if (!open) {
+      out.calls.push_back(GatherReads::Call{p.file_offset, 0, out.iovecs.size(), 0});
+      open = true;
+    }
+    GatherReads::Call& call = out.calls.back();
+    out.iovecs.push_back(iovec{piece_dst[i], p.source_bytes});
+    call.bytes += p.source_bytes;
+    ++call.count;
+    end = p.file_offset + p.source_bytes;
+  }
+  return out;
 }
 
 Result<std::vector<WorkItem>> make_work_items(const LoadPlan& plan,

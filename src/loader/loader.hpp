@@ -2,6 +2,7 @@
 #pragma once
 
 #include <sys/types.h>
+#include <sys/uio.h>
 
 #include <atomic>
 #include <cstdint>
@@ -72,6 +73,11 @@ class ReadSource {
   // pread(2)'s contract: bytes read (fewer only at the end of the file, 0 there), or -1 with
   // errno set.
   virtual ssize_t pread(int fd, void* dst, size_t bytes, uint64_t offset) = 0;
+  // preadv(2)'s contract: the file from `offset` into `count` buffers in order. By default the
+  // buffers are read one by one through pread() (so that a source overriding pread alone sees
+  // every byte); fewer bytes than asked when one of them comes back short, -1 only when the first
+  // fails.
+  virtual ssize_t preadv(int fd, const iovec* iov, int count, uint64_t offset);
 };
 
 // O_DIRECT reads (past the page cache): on, off, or per file the loader's choice (auto: O_DIRECT
@@ -91,6 +97,7 @@ struct LoadStats {
   size_t files_cold = 0;              // auto: files chosen for O_DIRECT (mostly not cached)
   uint64_t direct_reads = 0;          // preads through O_DIRECT
   uint64_t buffered_reads = 0;        // preads through the page cache
+  uint64_t gathered_reads = 0;        // of those, preadv calls reading only an item's pieces
   uint64_t staging_buffer_bytes = 0;  // size of one staging buffer (0: none used)
   size_t staging_buffers_max = 0;     // the bound: staging_bytes / staging_buffer_bytes
   size_t staging_buffers = 0;         // allocated (lazily, up to the bound) or reused

@@ -1,8 +1,10 @@
 """Tensor-parallel shards from a real server: each rank's tensors equal torch's slices of the
 checkpoint (crc32 through `companion attach --verify`), and a TP=2 shard reads about half the
 bytes. Presets for Llama (config.json), OPT and GPT-2 (fused q,k,v split part by part), rules
-passed on the command line, and the errors."""
+passed on the command line, and the errors. Row-split tensors big enough for O_DIRECT, read
+through the page cache (only the rank's bytes, gathered) and past it (whole aligned ranges)."""
 import json
+import os
 import pathlib
 import subprocess
 import zlib
@@ -23,23 +25,23 @@ def rand_state_dict(shapes, dtype, seed):
             for name, shape in shapes.items()}
 
 
-def llama_shapes(layers=2):
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+def llama_shapes(layers=2, hidden=HIDDEN, kv=KV, ffn=FFN, vocab=VOCAB):
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
         shapes.update({
-            p + "input_layernorm.weight": (HIDDEN,),
-            p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN),
-            p + "self_attn.k_proj.weight": (KV, HIDDEN),
-            p + "self_attn.v_proj.weight": (KV, HIDDEN),
-            p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-            p + "post_attention_layernorm.weight": (HIDDEN,),
-            p + "mlp.gate_proj.weight": (FFN, HIDDEN),
-            p + "mlp.up_proj.weight": (FFN, HIDDEN),
-            p + "mlp.down_proj.weight": (HIDDEN, FFN),
+            p + "input_layernorm.weight": (hidden,),
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "post_attention_layernorm.weight": (hidden,),
+            p + "mlp.gate_proj.weight": (ffn, hidden),
+            p + "mlp.up_proj.weight": (ffn, hidden),
+            p + "mlp.down_proj.weight": (hidden, ffn),
         })
-    shapes["model.norm.weight"] = (HIDDEN,)
-    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
     return shapes
 
 
@@ -141,6 +143,13 @@ def shard_models(tmp_path_factory):
     sds["opt"]["lm_head.weight"] = sds["opt"]["model.decoder.embed_tokens.weight"].clone()
     write(root / "llama", sds["llama"],
           {"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    # down_proj 576 KiB, o_proj 288 KiB: each rank's rows span ranges that O_DIRECT reads
+    # (≥ 64 KiB); rows of 1.5 KiB and 768 bytes, at offsets shifted by a 6-byte tensor.
+    sds["llama-wide"] = rand_state_dict(
+        {"model.a_odd_bias": (3,),
+         **llama_shapes(layers=1, hidden=384, kv=128, ffn=768, vocab=128)}, torch.float16, 13)
+    write(root / "llama-wide", sds["llama-wide"],
+          {"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
     write(root / "opt", sds["opt"], {"architectures": ["OPTForCausalLM"], "model_type": "opt"})
     write(root / "opt-noconfig", sds["opt"])  # the preset guessed from tensor names
     write(root / "gpt2", sds["gpt2"], {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"})
@@ -211,6 +220,43 @@ def test_llama_tp2_shards_equal_torch_slices_and_read_half(shard_server, shard_m
     shard_server.cli("unload", str(model), *tp(2, 1))
     keys = [m["key"] for m in shard_server.cli_json("ls")[0]]
     assert not any("tp=1/2" in k for k in keys) and any("tp=0/2" in k for k in keys)
+
+
+@pytest.mark.parametrize("name", ["opt", "opt-noconfig"])
+def evict(directory):
+    """Drops the checkpoint's pages from the page cache (where the file system lets them go)."""
+    for f in pathlib.Path(directory).glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("direct_io", ["off", "on", "auto-cold"])
+def test_row_shards_through_the_cache_and_past_it(runtime_dir, shard_models, direct_io):
+    """off: the rank's rows gathered from the page cache; on, and auto with the file evicted:
+    O_DIRECT reads of whole ranges, the other ranks' columns dropped. The same bytes either way,
+    cast or not."""
+    root, sds = shard_models
+    model = root / "llama-wide"
+    server = Server(runtime_dir, [root],
+                    extra=["--direct-io", "auto" if direct_io == "auto-cold" else direct_io])
+    try:
+        for cast in (None, torch.float32):
+            for rank in (0, 1):
+                if direct_io == "auto-cold":
+                    evict(model)
+                extra = ["--dtype", "f32"] if cast is not None else []
+                r = attach(server, model, *tp(2, rank), *extra)
+                assert seen(r) == expected(sds["llama-wide"], by_dim(llama_split), 2, rank, cast)
+                down = next(t for t in r["tensors"]
+                            if t["name"] == "model.layers.0.mlp.down_proj.weight")
+                assert down["shape"] == [384, 384]
+    finally:
+        code = server.stop()
+    assert code == 0, f"server exited with {code}:\n{server.log_text()}"
 
 
 @pytest.mark.parametrize("name", ["opt", "opt-noconfig"])

@@ -35,6 +35,7 @@
 namespace companion::loader {
 namespace {
 
+using testing::random_bytes;
 using testing::random_tensor;
 using testing::read_back;
 using testing::safetensors_file;
@@ -63,10 +64,12 @@ class CountingSource : public ReadSource {
     ++calls_;
     if (is_direct(fd)) ++direct_calls_;
     ssize_t n = read(fd, dst, bytes, offset);
+    if (n > 0) bytes_ += static_cast<uint64_t>(n);
     --running_;
     return n;
   }
   int calls() const { return calls_.load(); }
+  uint64_t bytes() const { return bytes_.load(); }
   int direct_calls() const { return direct_calls_.load(); }
   int running() const { return running_.load(); }
 
@@ -80,6 +83,7 @@ class CountingSource : public ReadSource {
   std::atomic<int> peak_{0};
   std::atomic<int> calls_{0};
   std::atomic<int> direct_calls_{0};
+  std::atomic<uint64_t> bytes_{0};
 };
 
 // Fails (EIO) every read that covers byte `fail_at` of any file.
@@ -516,6 +520,120 @@ TEST(WorkItems, BigExtentsSplitOnAlignedFileOffsets) {
     EXPECT_EQ((*items)[i].hi % kDirectAlign, 0u) << "item " << i;
 }
 
+// Runs gather_reads' calls against `file` as preadv(2) would (each call a contiguous range, its
+// iovecs filled in order); false when a call does not add up.
+bool run_gather(const engine::GatherReads& reads, const std::string& file) {
+  for (const auto& call : reads.calls) {
+    uint64_t at = call.offset;
+    for (size_t i = call.first; i < call.first + call.count; ++i) {
+      const iovec& v = reads.iovecs[i];
+      if (at + v.iov_len > file.size()) return false;
+      std::memcpy(v.iov_base, file.data() + at, v.iov_len);
+      at += v.iov_len;
+    }
+    if (at - call.offset != call.bytes) return false;
+  }
+  return true;
+}
+
+TEST(WorkItems, GatherReadsBringThePiecesAndOnlySmallGaps) {
+  std::mt19937 rng(21);
+  std::string file = random_bytes(4 * kMiB, 5);
+  for (int trial = 0; trial < 200; ++trial) {
+    SCOPED_TRACE(trial);
+    // Rows of a shard with odd offsets and sizes; gaps of every size, none at all sometimes.
+    const DType dtypes[] = {DType::kU8, DType::kBF16, DType::kF32, DType::kF64};
+    DType from = dtypes[rng() % std::size(dtypes)];
+    uint64_t in = dtype_size(from);
+    LoadPlan plan;
+    plan.files = {"f"};
+    plan.segment_sizes = {4 * kMiB};
+    TensorCopy t;
+    t.source.dtype = from;
+    t.target_dtype = from;
+    uint64_t piece = in * (1 + rng() % 3000);
+    uint64_t gap = rng() % 3 == 0 ? 0 : in * (rng() % 5000);
+    uint64_t rows = 1 + rng() % 300;
+    uint64_t offset = 1 + rng() % 999;
+    for (uint64_t r = 0; r < rows && offset + piece <= file.size(); ++r) {
+      t.extents.push_back(ReadExtent{offset, piece, r * piece});
+      t.target_bytes += piece;
+      offset += piece + gap + (rng() % 8 == 0 ? in * (rng() % 3000) : 0);
+    }
+    plan.bytes_to_read = t.target_bytes;
+    plan.tensors.push_back(t);
+    uint64_t chunk = 64 + rng() % (512 * kKiB);
+    auto items = engine::make_work_items(plan, plan.segment_sizes, chunk);
+    ASSERT_TRUE(items.ok()) << items.error().to_string();
+    uint64_t bridge = rng() % 2 ? engine::kMaxBridgedGap : rng() % (16 * kKiB);
+    size_t max_iov = rng() % 2 ? engine::kMaxIovecs : 2 + rng() % 7;
+    std::string slab(t.target_bytes, '\0');
+    std::string scratch(bridge + 1, '\0');
+    for (const auto& item : *items) {
+      std::vector<char*> dst;
+      for (const auto& p : item.pieces) dst.push_back(slab.data() + p.dst_offset);
+      auto reads = engine::gather_reads(item, dst, scratch.data(), bridge, max_iov);
+      uint64_t read = 0;
+      size_t iovecs = 0;
+      for (const auto& call : reads.calls) {
+        EXPECT_GE(call.count, 1u);
+        EXPECT_LE(call.count, max_iov);
+        EXPECT_EQ(call.first, iovecs);  // calls take the iovecs in order, each once
+        iovecs += call.count;
+        read += call.bytes;
+        // Every iovec is a piece's destination or the scratch (a gap no longer than `bridge`).
+        for (size_t i = call.first; i < call.first + call.count; ++i) {
+          const iovec& v = reads.iovecs[i];
+          if (v.iov_base == scratch.data()) {
+            EXPECT_LE(v.iov_len, bridge);
+            EXPECT_GT(v.iov_len, 0u);
+          }
+        }
+      }
+      EXPECT_EQ(iovecs, reads.iovecs.size());
+      EXPECT_GE(read, item.source_bytes);
+      if (bridge == 0) {
+        EXPECT_EQ(read, item.source_bytes);
+      }
+      if (item.pieces.size() == 1) {
+        EXPECT_EQ(reads.calls.size(), 1u);
+      }
+      ASSERT_TRUE(run_gather(reads, file));
+    }
+    for (const auto& e : t.extents)
+      ASSERT_EQ(slab.substr(e.dst_offset, e.bytes), file.substr(e.file_offset, e.bytes))
+          << "row at file offset " << e.file_offset;
+  }
+}
+
+TEST(WorkItems, GatherReadsSplitAtLongGapsAndAtTheIovecLimit) {
+  // 100 rows of 1000 bytes, 500 bytes apart but a 20 KiB hole after row 49.
+  engine::WorkItem item;
+  uint64_t offset = 7;
+  for (uint64_t r = 0; r < 100; ++r) {
+    item.pieces.push_back(
+        engine::Piece{offset, 1000, DType::kU8, DType::kU8, 0, r * 1000, r * 1000});
+    item.source_bytes += 1000;
+    offset += 1000 + (r == 49 ? 20 * kKiB : 500);
+  }
+  item.lo = 7;
+  item.hi = offset - 500;
+  std::vector<char*> dst(100, nullptr);
+  char scratch[1];
+  auto reads = engine::gather_reads(item, dst, scratch);
+  ASSERT_EQ(reads.calls.size(), 2u);
+  EXPECT_EQ(reads.calls[0].offset, 7u);
+  EXPECT_EQ(reads.calls[0].count, 99u);  // 50 rows, 49 gaps between
+  EXPECT_EQ(reads.calls[0].bytes, 50 * 1000u + 49 * 500u);
+  EXPECT_EQ(reads.calls[1].offset, 7 + 50 * 1500u - 500 + 20 * kKiB);
+  // No bridging: one call per row.
+  EXPECT_EQ(engine::gather_reads(item, dst, scratch, 0).calls.size(), 100u);
+  // At most 9 iovecs a call: 5 rows and the 4 gaps between them.
+  reads = engine::gather_reads(item, dst, scratch, engine::kMaxBridgedGap, 9);
+  EXPECT_EQ(reads.calls.size(), 20u);
+  for (const auto& call : reads.calls) EXPECT_EQ(call.count, 9u);
+}
+
 TEST(WorkItems, PlansThatDoNotFitTheSlabAreInternalErrors) {
   LoadPlan plan;
   plan.files = {"f"};
@@ -706,6 +824,144 @@ TEST(Engine, RowShardsAreByteExact) {
         }
       }
     }
+  }
+}
+
+// Row shards whose rows lie further apart than kMaxBridgedGap, after a tensor of odd size (so
+// that rows start at odd file offsets).
+struct GatherModel {
+  TempDir dir;
+  checkpoint::Checkpoint ckpt;
+};
+
+std::unique_ptr<GatherModel> make_gather_model() {
+  auto m = std::make_unique<GatherModel>();
+  std::vector<TensorData> tensors = {
+      random_tensor("odd", DType::kU8, {13}, 1),
+      random_tensor("w_f32", DType::kF32, {96, 8192}, 2),    // rows of 32 KiB, 16 KiB a rank
+      random_tensor("w_bf16", DType::kBF16, {64, 3000}, 3),  // 6000-byte rows: gaps bridged
+      random_tensor("b", DType::kF32, {301}, 4),
+      random_tensor("w_f16", DType::kF16, {40, 20480}, 5)};  // rows of 40 KiB
+  testing::write_file(m->dir / "model.safetensors", safetensors_file(tensors));
+  auto ckpt = checkpoint::open_checkpoint(m->dir / "model.safetensors", {m->dir.path()});
+  EXPECT_TRUE(ckpt.ok()) << ckpt.error().to_string();
+  if (ckpt.ok()) m->ckpt = std::move(ckpt).value();
+  return m;
+}
+
+const TensorCopy& tensor_of(const LoadPlan& plan, const std::string& name) {
+  auto it = std::find_if(plan.tensors.begin(), plan.tensors.end(),
+                         [&](const TensorCopy& t) { return t.source.name == name; });
+  EXPECT_NE(it, plan.tensors.end()) << name;
+  return it == plan.tensors.end() ? plan.tensors.front() : *it;
+}
+
+TEST(Engine, BufferedRowShardsReadOnlyTheRanksBytes) {
+  auto model = make_gather_model();
+  auto backend = memory::make_host_backend();
+  for (uint32_t rank = 0; rank < 2; ++rank) {
+    for (Sink sink : {Sink::kHost, Sink::kWrite}) {
+      for (std::optional<DType> cast : {std::optional<DType>{}, std::optional<DType>{DType::kF32},
+                                        std::optional<DType>{DType::kBF16}}) {
+        SCOPED_TRACE("rank " + std::to_string(rank) + (sink == Sink::kHost ? " host" : " write") +
+                     (cast ? std::string(" cast ") + dtype_name(*cast) : std::string()));
+        LoadPlan plan = row_shard_plan(model->ckpt, 2, rank, cast, *backend);
+        auto expected = read_files(plan);
+        auto slab = allocate(plan, sink, nullptr);
+        CountingSource source;
+        LoadOptions options;
+        options.reader_threads = 3;
+        options.chunk_bytes = 1 * kMiB;  // w_bf16's rank part in one item
+        options.direct_io = DirectIo::kOff;
+        options.read_source = &source;
+        std::atomic<bool> cancel{false};
+        Outcome run = load(plan, *slab, options, cancel);
+        ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+        EXPECT_GT(run.stats.gathered_reads, 0u);
+        expect_progress_sane(run, plan.bytes_to_read);
+        expect_plan_contents(plan, read_back(*slab), expected);
+        // The rank's bytes and the gaps between w_bf16's 64 rows (3000 bytes each), no more.
+        EXPECT_EQ(source.bytes(), plan.bytes_to_read + 63 * 3000u);
+
+        // The same through preadv(2) itself.
+        auto again = allocate(plan, sink, nullptr);
+        options.read_source = nullptr;
+        run = load(plan, *again, options, cancel);
+        ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+        EXPECT_GT(run.stats.gathered_reads, 0u);
+        expect_plan_contents(plan, read_back(*again), expected);
+      }
+    }
+  }
+}
+
+TEST(Engine, GatheredReadsSurviveShortReadsAndFailLikeOthers) {
+  auto model = make_gather_model();
+  auto backend = memory::make_host_backend();
+  LoadPlan plan = row_shard_plan(model->ckpt, 4, 3, DType::kF32, *backend);
+  auto expected = read_files(plan);
+  for (Sink sink : {Sink::kHost, Sink::kWrite}) {
+    for (uint32_t seed = 1; seed <= 3; ++seed) {
+      auto slab = allocate(plan, sink, nullptr);
+      ChoppySource source(seed);
+      LoadOptions options;
+      options.reader_threads = 1 + seed;
+      options.chunk_bytes = 64 * kKiB + seed * 1000;
+      options.direct_io = DirectIo::kOff;
+      options.read_source = &source;
+      std::atomic<bool> cancel{false};
+      Outcome run = load(plan, *slab, options, cancel);
+      ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+      EXPECT_GT(run.stats.gathered_reads, 0u);
+      expect_plan_contents(plan, read_back(*slab), expected);
+    }
+    // A byte of rank 3's part of w_f32's row 50: an I/O error; the file ending in w_f16: a
+    // changed checkpoint.
+    uint64_t in_row = tensor_of(plan, "w_f32").extents[50].file_offset + 100;
+    {
+      auto slab = allocate(plan, sink, nullptr);
+      FailingSource source(in_row);
+      LoadOptions options;
+      options.direct_io = DirectIo::kOff;
+      options.read_source = &source;
+      std::atomic<bool> cancel{false};
+      Outcome run = load(plan, *slab, options, cancel);
+      ASSERT_FALSE(run.result.ok());
+      EXPECT_EQ(run.result.error().code, StatusCode::kIoError);
+    }
+    {
+      auto slab = allocate(plan, sink, nullptr);
+      ShortFileSource source(tensor_of(plan, "w_f16").extents[20].file_offset + 10);
+      LoadOptions options;
+      options.direct_io = DirectIo::kOff;
+      options.read_source = &source;
+      std::atomic<bool> cancel{false};
+      Outcome run = load(plan, *slab, options, cancel);
+      ASSERT_FALSE(run.result.ok());
+      EXPECT_EQ(run.result.error().code, StatusCode::kBadCheckpoint);
+    }
+  }
+}
+
+TEST(Engine, ODirectRowShardsReadWholeRanges) {
+  // Cold reads keep one aligned read per item, gaps included: nothing is gathered.
+  auto model = make_gather_model();
+  auto backend = memory::make_host_backend();
+  LoadPlan plan = row_shard_plan(model->ckpt, 2, 1, std::nullopt, *backend);
+  auto expected = read_files(plan);
+  for (Sink sink : {Sink::kHost, Sink::kWrite}) {
+    auto slab = allocate(plan, sink, nullptr);
+    LoadOptions options;
+    options.reader_threads = 2;
+    options.chunk_bytes = 4 * kMiB;  // each tensor's rows in one item, all above kDirectMinBytes
+    options.direct_io = DirectIo::kOn;
+    std::atomic<bool> cancel{false};
+    Outcome run = load(plan, *slab, options, cancel);
+    ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+    if (!run.stats.direct_io) GTEST_SKIP() << "no O_DIRECT on this file system";
+    EXPECT_GT(run.stats.direct_reads, 0u);
+    EXPECT_EQ(run.stats.gathered_reads, 0u);
+    expect_plan_contents(plan, read_back(*slab), expected);
   }
 }
 
