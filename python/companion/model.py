@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import collections.abc
 import ctypes
+import functools
+import itertools
+import math
+import operator
 import struct
 import sys
 import threading
@@ -375,10 +379,11 @@ class Tensor:
                 f"torch {torch.__version__} has no {info.torch} ({self.name}, {info.name}): pass "
                 f"view_dtype=torch.{'uint8' if info.itemsize == 1 else 'int%d' % (8 * info.itemsize)}"
                 " to see the raw bits")
-        target_size = torch.empty((), dtype=target).element_size()
-        if target_size != info.itemsize:
-            raise TypeError(f"view_dtype {target} has item size {target_size}, the tensor's "
-                            f"{info.name} has {info.itemsize}")
+        if view_dtype is not None:  # (torch's own dtype for ours has our item size)
+            target_size = torch.empty((), dtype=target).element_size()
+            if target_size != info.itemsize:
+                raise TypeError(f"view_dtype {target} has item size {target_size}, the "
+                                f"tensor's {info.name} has {info.itemsize}")
         if self.nbytes == 0 or self.numel == 0:
             return torch.empty(self.shape, dtype=target,
                                device=self.device if self.is_cuda else "cpu")
@@ -418,42 +423,101 @@ class Tensor:
 # name_offset, dims_offset (u64 each), name_length (u32), dtype, ndim, device_type, device_id
 # (i32 each), segment (u32). 64 bytes, no padding.
 _RECORD = struct.Struct("=QQQQQIiiiiI")
+# Each field as a column: the array format that reads it and its index in a record read as an
+# array of that format (see _Table.column).
+_DATA, _NBYTES, _OFFSET, _NAME_AT, _DIMS_AT = ("Q", 0), ("Q", 1), ("Q", 2), ("Q", 3), ("Q", 4)
+_NAME_LENGTH, _CODE, _NDIM, _DEVICE_TYPE, _DEVICE_ID, _SEGMENT = (
+    ("I", 10), ("i", 11), ("i", 12), ("i", 13), ("i", 14), ("I", 15))
 _DTYPE_OF: Dict[int, DType] = {int(d): d for d in DType}
 _ITEMSIZE: Dict[int, int] = {int(d): info.itemsize for d, info in DTYPES.items()}
 
 
+def _borrow(address: Optional[int], nbytes: int, owner: Any) -> memoryview:
+    """A writable byte memoryview of memory that ``owner`` keeps valid, keeping ``owner`` alive
+    (so does anything made over it: a cast, a slice, torch.frombuffer)."""
+    if not nbytes or not address:
+        return memoryview(bytearray())
+    array = (ctypes.c_ubyte * nbytes).from_address(address)
+    array._companion_owner = owner  # type: ignore[attr-defined]
+    return memoryview(array).cast("B")
+
+
 class _Table:
-    """A model's tensor table, copied out of the handle in one piece (companion_model_get_table:
-    three ctypes calls whatever the number of tensors).
+    """A model's tensor table, read where the library keeps it (companion_model_get_table: three
+    ctypes calls whatever the number of tensors, nothing copied).
 
-    The copy is Python's own bytes, so reading it never depends on the handle being alive: a
-    Tensor can be made from it at any time (lazily, on first use) with no race against
-    MappedModel.release(). Records are parsed only for the tensors asked for."""
+    The arrays belong to the model handle, which every view of them holds (see _borrow): whoever
+    holds the table reads valid memory, whatever MappedModel.release() does meanwhile in another
+    thread. Names, the name index and each Tensor are made on first use and kept; Tensors in
+    ``made`` (index -> Tensor or None), filled under ``lock`` so that a name gives one object."""
 
-    __slots__ = ("count", "record_size", "records", "dims", "names")
+    __slots__ = ("count", "record_size", "records", "dims", "names_blob", "_names", "_index",
+                 "made", "all_made", "lock")
 
-    def __init__(self, lib: Any, ptr: int) -> None:
+    def __init__(self, lib: Any, handle: Any) -> None:
         raw = _lib.ModelTableC()
         lib.companion_model_table_init(ctypes.byref(raw))
-        _lib.check(lib.companion_model_get_table(ptr, ctypes.byref(raw)))
+        _lib.check(lib.companion_model_get_table(handle.ptr, ctypes.byref(raw)))
         count, size = int(raw.count), int(raw.record_size)
         if count and size < _RECORD.size:
             raise Error(f"{_lib.library_path()} describes tensors in {size}-byte records; this "
                         f"package needs at least {_RECORD.size}")
+        records = _borrow(raw.records, count * size, handle)
+        if size % 8:  # records that are not whole 8-byte words: the fields we read, repacked
+            records = memoryview(bytearray(b"".join(
+                records[i * size:i * size + _RECORD.size] for i in range(count))))
+            size = _RECORD.size
         self.count = count
         self.record_size = size
-        self.records = ctypes.string_at(raw.records, count * size) if count else b""
-        dims = ctypes.string_at(raw.dims, raw.dims_count * 8) if raw.dims_count else b""
-        self.dims = memoryview(dims).cast("q")
-        blob = ctypes.string_at(raw.names, raw.names_bytes) if raw.names_bytes else b""
-        # Every name is followed by a NUL: one decode and one split name them all. NUL never
-        # takes part in an invalid UTF-8 sequence, so 'replace' gives what decoding each name
-        # alone gives. A name holding a NUL itself makes too many pieces: cut by the records.
-        names = blob.decode("utf-8", "replace").split("\0")
-        names.pop()
-        if len(names) != count:
-            names = [blob[r[3]:r[3] + r[5]].decode("utf-8", "replace") for r in self.rows()]
-        self.names: List[str] = names
+        self.records = records
+        self.dims = _borrow(raw.dims, raw.dims_count * 8, handle)  # int64 sizes and strides
+        self.names_blob = _borrow(raw.names, raw.names_bytes, handle)
+        self._names: Optional[List[str]] = None
+        self._index: Optional[Dict[str, int]] = None
+        self.made: List[Optional[Tensor]] = [None] * count
+        self.all_made = False
+        self.lock = threading.Lock()
+
+    @property
+    def names(self) -> List[str]:
+        """Every name, in table order."""
+        names = self._names
+        if names is None:
+            # Every name is followed by a NUL: one decode and one split name them all. NUL never
+            # takes part in an invalid UTF-8 sequence, so 'replace' gives what decoding each
+            # name alone gives. A name holding a NUL itself makes too many pieces: cut by the
+            # records.
+            blob = self.names_blob
+            names = str(blob, "utf-8", "replace").split("\0")
+            names.pop()
+            if len(names) != self.count:
+                names = [str(blob[at:at + n], "utf-8", "replace")
+                         for at, n in zip(self.column(_NAME_AT), self.column(_NAME_LENGTH))]
+            self._names = names
+        return names
+
+    @property
+    def index(self) -> Dict[str, int]:
+        """name -> index; a name given twice maps to its last entry, as a dict built in table
+        order would."""
+        index = self._index
+        if index is None:
+            index = self._index = dict(zip(self.names, range(self.count)))
+        return index
+
+    def column(self, field: Tuple[str, int]) -> List[int]:
+        """One field of every record (_DATA, _NBYTES, ...), in table order."""
+        fmt, at = field
+        return self.records.cast(fmt)[at::self.record_size // struct.calcsize(fmt)].tolist()
+
+    def tensor(self, index: int, owner: Any) -> Tensor:
+        data, nbytes, _, _, at, _, code, ndim, device_type, device_id, _ = _RECORD.unpack_from(
+            self.records, index * self.record_size)
+        dims = self.dims.cast("q")
+        dtype = _DTYPE_OF.get(code)
+        return Tensor._of(self.names[index], DType(code) if dtype is None else dtype,
+                          tuple(dims[at:at + ndim]), tuple(dims[at + ndim:at + 2 * ndim]),
+                          data, nbytes, device_type, device_id, owner)
 
     def rows(self) -> Iterator[Tuple[int, ...]]:
         """Every record as a tuple (_RECORD's fields), in table order."""
@@ -462,33 +526,299 @@ class _Table:
         size = self.record_size
         return (_RECORD.unpack_from(self.records, i * size) for i in range(self.count))
 
-    def make_all(self, owner: Any, made: Dict[int, Tensor]) -> None:
-        """Makes every Tensor not yet in ``made`` (one pass over the records)."""
-        dims = self.dims.tolist()
-        names = self.names
-        for i, row in enumerate(self.rows()):
-            if i in made:
-                continue
-            data, nbytes, _, _, at, _, code, ndim, device_type, device_id, _ = row
-            dtype = _DTYPE_OF.get(code)
-            made.setdefault(i, Tensor._of(names[i], DType(code) if dtype is None else dtype,
-                                          tuple(dims[at:at + ndim]),
-                                          tuple(dims[at + ndim:at + 2 * ndim]), data, nbytes,
-                                          device_type, device_id, owner))
+    def make_all(self, owner: Any) -> None:
+        """Makes every Tensor not made yet (one pass over the records)."""
+        dims = self.dims.cast("q").tolist()
+        of = Tensor._of
+        dtype_of = _DTYPE_OF
+        try:
+            tensors = [of(name, dtype_of[code], tuple(dims[at:at + ndim]),
+                          tuple(dims[at + ndim:at + 2 * ndim]), data, nbytes, device_type,
+                          device_id, owner)
+                       for name, (data, nbytes, _, _, at, _, code, ndim, device_type, device_id,
+                                  _) in zip(self.names, self.rows())]
+        except KeyError as e:  # a dtype this package does not know: DType's own ValueError
+            DType(e.args[0])
+            raise
+        with self.lock:
+            made = self.made
+            if made.count(None) == len(made):
+                made[:] = tensors
+            else:  # keep those already handed out
+                made[:] = [old if old is not None else new for old, new in zip(made, tensors)]
+            self.all_made = True
 
-    def tensor(self, index: int, owner: Any) -> Tensor:
-        data, nbytes, _, _, at, _, code, ndim, device_type, device_id, _ = _RECORD.unpack_from(
-            self.records, index * self.record_size)
-        dims = self.dims
-        dtype = _DTYPE_OF.get(code)
-        return Tensor._of(self.names[index], DType(code) if dtype is None else dtype,
-                          tuple(dims[at:at + ndim]), tuple(dims[at + ndim:at + 2 * ndim]),
-                          data, nbytes, device_type, device_id, owner)
+    def get(self, index: int, owner: Any) -> Tensor:
+        """The Tensor at ``index``, made now if it was not."""
+        made = self.made
+        t = made[index]
+        if t is None:
+            with self.lock:
+                t = made[index]
+                if t is None:
+                    t = made[index] = self.tensor(index, owner)
+        return t
 
 
-def _bulk_state_dict(torch: Any, table: _Table, index: Dict[str, int], owner: Any,
-                     tensor_at: Any) -> Dict[str, Any]:
-    """``{name: Tensor.torch()}`` for every name in ``index``, without a round trip per tensor.
+class _Listing:
+    """The table of a library older than companion_model_get_table: a call per tensor, every
+    Tensor made at once."""
+
+    __slots__ = ("count", "names", "index", "made", "all_made")
+
+    def __init__(self, lib: Any, handle: Any) -> None:
+        names: List[str] = []
+        made: List[Optional[Tensor]] = []
+        raw = _lib.TensorC()
+        for index in range(lib.companion_model_tensor_count(handle.ptr)):
+            _lib.check(lib.companion_model_tensor(handle.ptr, index, ctypes.byref(raw)))
+            name = ctypes.string_at(raw.name, raw.name_length).decode("utf-8", "replace") \
+                if raw.name_length else ""
+            ndim = raw.ndim
+            shape = tuple(raw.shape[i] for i in range(ndim))
+            strides = tuple(raw.strides[i] for i in range(ndim)) if raw.strides \
+                else _contiguous_strides(shape)
+            names.append(name)
+            made.append(Tensor(name, DType(raw.dtype), shape, strides, raw.data or 0,
+                               raw.nbytes, raw.device_type, raw.device_id, handle))
+        self.count = len(names)
+        self.names = names
+        self.index = dict(zip(names, range(len(names))))
+        self.made = made
+        self.all_made = True
+
+    def get(self, index: int, owner: Any) -> Tensor:
+        t = self.made[index]
+        assert t is not None
+        return t
+
+
+# Tables of at least this many tensors are grouped by torch ops (_groups_in_torch), smaller ones by
+# a Python loop (_groups_in_python), which is cheaper below it (torch's cost per op dominates).
+_TORCH_GROUPING_FROM = 1024
+_HASH_WEIGHTS: List[int] = [(0x9E3779B97F4A7C15 * (2 * i + 1)) % (1 << 63) | 1 for i in range(40)]
+_TORCH_ITEMSIZES: Dict[Any, Tuple[Dict[int, int], Any]] = {}  # torch -> (code -> size, tensor)
+
+
+def _torch_itemsizes(torch: Any) -> Tuple[Dict[int, int], Any]:
+    """Item size by dtype code for the dtypes this torch has: a dict, and an int64 tensor indexed
+    by code (0 where torch lacks the dtype, also in its last entry, for codes beyond)."""
+    known = _TORCH_ITEMSIZES.get(torch)
+    if known is None:
+        sizes = {code: _ITEMSIZE[code] for code, dtype in _DTYPE_OF.items()
+                 if getattr(torch, DTYPES[dtype].torch, None) is not None}
+        by_code = [0] * (max(_ITEMSIZE) + 2)
+        for code, size in sizes.items():
+            by_code[code] = size
+        known = _TORCH_ITEMSIZES[torch] = (sizes, torch.tensor(by_code, dtype=torch.int64))
+    return known
+
+
+# A group: tensors of one segment, dtype, offset residue (modulo the item size), shape and
+# strides, as (segment, dtype code, residue, shape, strides, element offsets (sorted), address
+# of the segment's start, device_type, device_id).
+_Group = Tuple[int, int, int, Tuple[int, ...], Tuple[int, ...], Sequence[int], int, int, int]
+
+
+def _groups_in_python(table: _Table, sizes: Dict[int, int]) -> Tuple[
+        List[_Group], Optional[List[int]], List[int], Dict[int, int]]:
+    """The table's tensors that torch can view, in groups (see _bulk_state_dict), by a loop over
+    the records. Returns the groups; the table row of each grouped tensor, group by group (None:
+    the table's order); the rows left out (no bytes, a dtype torch lacks); and where each
+    segment's last tensor ends."""
+    dims = table.dims.cast("q").tolist()
+    members: Dict[Tuple[int, ...], List[Tuple[int, int]]] = {}
+    leads: Dict[Tuple[int, ...], Tuple[int, int, int]] = {}
+    ends: Dict[int, int] = {}
+    left: List[int] = []
+    for i, (data, nbytes, offset, _, at, _, code, ndim, device_type, device_id, segment) in \
+            enumerate(table.rows()):
+        if ends.get(segment, -1) < offset + nbytes:
+            ends[segment] = offset + nbytes
+        itemsize = sizes.get(code)
+        shape_strides = dims[at:at + 2 * ndim]
+        if itemsize is None or not nbytes or 0 in shape_strides[:ndim]:
+            left.append(i)
+            continue
+        key = (segment, code, offset % itemsize, ndim, *shape_strides)
+        group = members.get(key)
+        if group is None:
+            group = members[key] = []
+            leads[key] = (data - offset, device_type, device_id)
+        group.append((offset // itemsize, i))
+    groups: List[_Group] = []
+    order: List[int] = []
+    for key, group in members.items():
+        group.sort()
+        elements, indices = zip(*group)
+        ndim = key[3]
+        groups.append(key[:3] + (key[4:4 + ndim], key[4 + ndim:], elements) + leads[key])
+        order.extend(indices)
+    return groups, None if order == list(range(table.count)) else order, left, ends
+
+
+def _groups_in_torch(torch: Any, table: _Table, by_code: Any) -> Tuple[
+        List[_Group], Optional[List[int]], List[int], Dict[int, int]]:
+    """What _groups_in_python returns, by torch ops over all records at once: the records read
+    in place as one int64 tensor, each record's key (segment, dtype, residue, ndim, sizes,
+    strides) hashed to group them (the grouping checked against the keys themselves), one sort
+    by (group, offset). Python runs per group, not per tensor."""
+    n = table.count
+    i64 = torch.int64
+    records = torch.frombuffer(table.records, dtype=i64).view(n, table.record_size // 8)
+    columns = records.unbind(1)
+    words = records.view(torch.int32).unbind(1)  # the 4-byte fields (_CODE, _NDIM...)
+    offset, nbytes = columns[_OFFSET[1]], columns[_NBYTES[1]]
+    code, ndim = words[_CODE[1]].to(i64), words[_NDIM[1]].to(i64)
+    segment = words[_SEGMENT[1]].to(i64) & 0xFFFFFFFF
+    itemsize = by_code[code.clamp(-1, len(by_code) - 1)]  # -1 and the last: 0, not viewable
+    whole = itemsize.clamp(min=1)
+    skew = offset % whole
+    element = offset // whole
+    # What a group shares besides sizes and strides, in one int64: segment (32 bits), dtype code
+    # (8; larger codes have no item size, so are not grouped), residue (4), ndim (8).
+    kind = (((segment << 8 | code.clamp(0, 255)) << 4 | skew) << 8) | ndim.clamp(0, 255)
+    low, high = int(ndim.min()), int(ndim.max())
+    empty = nbytes == 0
+    if high > 0:
+        dims = torch.frombuffer(table.dims, dtype=i64)
+        at = columns[_DIMS_AT[1]]
+        steps = torch.arange(2 * high)
+        if low == high and dims.numel() == 2 * high * n \
+                and torch.equal(at, torch.arange(0, 2 * high * n, 2 * high)):
+            block = dims.view(n, 2 * high)  # every record's sizes and strides, in table order
+        elif low == high:
+            block = dims[at.unsqueeze(1) + steps]
+        else:  # each record's sizes and strides, zero past its own 2 * ndim
+            block = dims[(at.unsqueeze(1) + steps).clamp(max=dims.numel() - 1)] \
+                * (steps < 2 * ndim.unsqueeze(1))
+        if low == high:
+            empty |= (block[:, :high] == 0).any(1)
+        else:
+            empty |= ((block == 0) & (steps < ndim.unsqueeze(1))).any(1)
+        key = torch.cat([kind.unsqueeze(1), block], 1)
+    else:
+        key = kind.unsqueeze(1)
+    # Where each segment's last tensor ends (segments are few: a loop over them).
+    ends_at = offset + nbytes
+    low_segment, high_segment = int(segment.min()), int(segment.max())
+    if low_segment == high_segment:
+        ends = {low_segment: int(ends_at.max())}
+    else:
+        ends = {s: int(ends_at[segment == s].max()) for s in segment.unique().tolist()}
+    viewable = (itemsize > 0) & ~empty
+    rows = None if bool(viewable.all()) else viewable.nonzero().squeeze(1)
+    left: List[int] = [] if rows is None else (~viewable).nonzero().squeeze(1).tolist()
+    if rows is not None:
+        key, element = key[rows], element[rows]
+    m = key.shape[0]
+    if m == 0:
+        return [], [], left, ends
+    for exact in (False, True):
+        if exact:  # two keys hashed alike: group by the keys themselves (slower)
+            _, group = torch.unique(key, dim=0, return_inverse=True)
+        elif bool((key == key[0]).all()):
+            group = None  # one group
+        else:
+            weights = torch.tensor(_HASH_WEIGHTS[:key.shape[1]], dtype=i64)
+            _, group = torch.unique((key * weights).sum(1), return_inverse=True)
+        if group is None:
+            counts = torch.tensor([m])
+            order = None if bool((element[1:] >= element[:-1]).all()) \
+                else torch.sort(element, stable=True).indices
+            break
+        counts = torch.bincount(group)
+        span = int(element.max()) + 1
+        if len(counts) * span < 1 << 62:  # by group, then element: one sort
+            order = torch.sort(group * span + element, stable=True).indices
+        else:
+            by_element = torch.sort(element, stable=True).indices
+            order = by_element[torch.sort(group[by_element], stable=True).indices]
+        if torch.equal(key, key[order[counts.cumsum(0) - counts]][group]):
+            break
+    starts = counts.cumsum(0) - counts
+    if order is None:
+        ordered = torch.arange(m) if rows is None else rows  # table rows, group by group
+        heads = key[starts]
+    else:
+        ordered = order if rows is None else rows[order]
+        element = element[order]
+        heads = key[order[starts]]
+    first = records[ordered[starts]]  # a record of each group: the segment's address, device
+    first_words = first.view(torch.int32)
+    element_list = element.tolist()
+    groups: List[_Group] = []
+    for head, start, count, data, at, device_type, device_id in zip(
+            heads.tolist(), starts.tolist(), counts.tolist(), first[:, _DATA[1]].tolist(),
+            first[:, _OFFSET[1]].tolist(), first_words[:, _DEVICE_TYPE[1]].tolist(),
+            first_words[:, _DEVICE_ID[1]].tolist()):
+        kind_of = head[0]
+        dims_n = kind_of & 255
+        groups.append((kind_of >> 20, kind_of >> 12 & 255, kind_of >> 8 & 15,
+                       tuple(head[1:1 + dims_n]), tuple(head[1 + dims_n:1 + 2 * dims_n]),
+                       element_list[start:start + count], data - at, device_type, device_id))
+    return groups, None if order is None and rows is None else ordered.tolist(), left, ends
+
+
+def _evenly_spaced(elements: List[int]) -> bool:
+    """Whether the offsets step by one amount, and not 0 (one view per offset)."""
+    steps = set(map(operator.sub, elements[1:], elements[:-1]))
+    return len(steps) == 1 and 0 not in steps
+
+
+def _lattice_views(base: Any, shape: Tuple[int, ...], strides: Tuple[int, ...],
+                   elements: List[int]) -> List[Any]:
+    """Views of ``base`` with this shape and these strides at each of ``elements`` (sorted
+    element offsets), in that order, each its own tensor, made a run at a time: offsets on one
+    lattice are one ``as_strided`` with a leading dimension split by ``unbind(0)``, which makes
+    each view in C++ (about three times cheaper than an ``as_strided`` from Python per view).
+
+    Offsets are often a few interleaved progressions of one step (q_proj and o_proj of every
+    layer; the two norms of every layer): every ``ways``-th offset from each start, tried for a
+    few ``ways``. Else a lattice with a few holes (views made at the holes too, then dropped);
+    else the longest evenly spaced runs, one after another."""
+    count = len(elements)
+    first = elements[0]
+    if count == 1:
+        return [base.as_strided(shape, strides, first)]
+    for ways in range(1, min(8, count // 2) + 1):
+        parts = [elements[start::ways] for start in range(ways)]
+        if all(map(_evenly_spaced, parts)):
+            views: List[Any] = [None] * count
+            for start, part in enumerate(parts):
+                views[start::ways] = base.as_strided((len(part),) + shape,
+                                                     (part[1] - part[0],) + strides,
+                                                     part[0]).unbind(0)
+            return views
+    steps = set(map(operator.sub, elements[1:], elements[:-1]))
+    if 0 not in steps:  # no offset twice (the lattice would hand one view out twice)
+        step = functools.reduce(math.gcd, steps)
+        span = (elements[-1] - first) // step + 1
+        if span <= 2 * count:
+            every = base.as_strided((span,) + shape, (step,) + strides, first).unbind(0)
+            return list(map(every.__getitem__, map(operator.floordiv,
+                                                   map(operator.sub, elements,
+                                                       itertools.repeat(first)),
+                                                   itertools.repeat(step))))
+    views = []
+    k = 0
+    while k < count:
+        j = k + 1
+        if j < count:  # the longest run from k whose offsets step evenly
+            step = elements[j] - elements[k]
+            while j + 1 < count and elements[j + 1] - elements[j] == step:
+                j += 1
+            j += 1
+            views.extend(base.as_strided((j - k,) + shape, (step,) + strides,
+                                         elements[k]).unbind(0))
+        else:
+            views.append(base.as_strided(shape, strides, elements[k]))
+        k = j
+    return views
+
+
+def _bulk_state_dict(torch: Any, table: _Table, owner: Any) -> Dict[str, Any]:
+    """``{name: Tensor.torch()}`` for every name of the table, without a torch call per tensor.
 
     One torch tensor (the base) is made per (segment, dtype, offset modulo item size) through
     Tensor.torch() (so the route, the device and the lifetime are the per-tensor ones: the base's
@@ -497,74 +827,38 @@ def _bulk_state_dict(torch: Any, table: _Table, index: Dict[str, int], owner: An
     dtype, shape, strides, device and data pointer of Tensor.torch()'s result, sharing the base's
     storage. Grouping by the offset's residue keeps every start a whole number of elements into
     its base. Tensors torch cannot view this way (no bytes, a dtype this torch lacks) go through
-    ``tensor_at(i).torch()`` as before, which also raises as before.
+    ``Tensor.torch()`` one by one, which also raises as before.
 
-    Views are made a run at a time where they can be: tensors of one base, shape and strides
-    whose offsets step evenly (the experts of a MoE layer, the same matrix of every layer) are
-    one ``as_strided`` with a leading dimension, split by ``unbind(0)``, which makes each view
-    in C++ (about three times cheaper than an ``as_strided`` call from Python per tensor)."""
-    itemsize_of = {code: _ITEMSIZE[code] for code, d in _DTYPE_OF.items()
-                   if getattr(torch, DTYPES[d].torch, None) is not None}
-    # Where each segment's used bytes end: every base of the segment may reach that far.
-    seg_end: Dict[int, int] = {}
-    for row in table.rows():
-        end = row[2] + row[1]
-        if seg_end.get(row[10], -1) < end:
-            seg_end[row[10]] = end
-    dims = table.dims.tolist()
-    if len(index) == table.count:  # no name given twice: the table's order is the dict's
-        items: Any = zip(table.names, range(table.count), table.rows())
-    else:
-        rows = list(table.rows())
-        items = ((name, i, rows[i]) for name, i in index.items())
-    out: Dict[str, Any] = dict.fromkeys(index)  # the index's order, filled below
-    first: Dict[Tuple[int, int, int], Tuple[int, ...]] = {}  # a row of each base's group
-    groups: Dict[Tuple[Any, ...], List[Tuple[int, str]]] = {}
-    for name, i, row in items:
-        offset, code, ndim, segment = row[2], row[6], row[7], row[10]
-        itemsize = itemsize_of.get(code)
-        at = row[4]
-        shape = tuple(dims[at:at + ndim])
-        if itemsize is None or row[1] == 0 or 0 in shape:
-            out[name] = tensor_at(i).torch()
-            continue
-        skew = offset % itemsize
-        if (segment, code, skew) not in first:
-            first[(segment, code, skew)] = row
-        key = (segment, code, skew, shape, tuple(dims[at + ndim:at + 2 * ndim]))
-        members = groups.get(key)
-        if members is None:
-            members = groups[key] = []
-        members.append((offset // itemsize, name))
+    Tensors of one base, shape and strides form a group (grouped by _groups_in_torch, or by
+    _groups_in_python for small tables); each group's views are made a run at a time
+    (_lattice_views)."""
+    n = table.count
+    names = table.names
+    if n == 0:
+        return {}
+    sizes, by_code = _torch_itemsizes(torch)
+    groups, table_rows, left, ends = _groups_in_torch(torch, table, by_code) \
+        if n >= _TORCH_GROUPING_FROM else _groups_in_python(table, sizes)
+    views: List[Any] = []
     bases: Dict[Tuple[int, int, int], Any] = {}
-    for (segment, code, skew, shape, strides), members in groups.items():
-        base = bases.get((segment, code, skew))
+    for segment, code, residue, shape, strides, elements, start, device_type, device_id in groups:
+        base = bases.get((segment, code, residue))
         if base is None:
-            data, _, offset, _, _, _, _, _, device_type, device_id, _ = first[(segment, code, skew)]
-            itemsize = _ITEMSIZE[code]
-            count = (seg_end[segment] - skew) // itemsize
-            flat = Tensor._of("", _DTYPE_OF[code], (count,), (1,), data - offset + skew,
-                              count * itemsize, device_type, device_id, owner)
-            base = bases[(segment, code, skew)] = flat.torch()
-        members.sort()
-        n = len(members)
-        k = 0
-        while k < n:
-            j = k + 1
-            if j < n:  # the longest run from k whose offsets step evenly
-                step = members[j][0] - members[k][0]
-                while j + 1 < n and members[j + 1][0] - members[j][0] == step:
-                    j += 1
-                j += 1
-                views = base.as_strided((j - k,) + shape, (step,) + strides,
-                                        members[k][0]).unbind(0)
-                for (_, name), view in zip(members[k:j], views):
-                    out[name] = view
-            else:
-                element, name = members[k]
-                out[name] = base.as_strided(shape, strides, element)
-            k = j
-    return out
+            size = _ITEMSIZE[code]
+            length = (ends[segment] - residue) // size
+            flat = Tensor._of("", _DTYPE_OF[code], (length,), (1,), start + residue,
+                              length * size, device_type, device_id, owner)
+            base = bases[(segment, code, residue)] = flat.torch()
+        views.extend(_lattice_views(base, shape, strides, elements))
+    if left:  # one by one; an entry that a later one of its name replaces is not made
+        index = table.index
+        views.extend(table.get(i, owner).torch() if index[names[i]] == i else None
+                     for i in left)
+        table_rows = (table_rows or []) + left  # None (the table's order) only when none left
+    if table_rows is not None:  # into table order: the inverse permutation, sorted in C
+        views = list(map(views.__getitem__, sorted(range(n), key=table_rows.__getitem__)))
+    # A name given twice keeps its first place and its last entry, as in the table's index.
+    return dict(zip(names, views))
 
 
 class MappedModel(collections.abc.Mapping):
@@ -584,27 +878,9 @@ class MappedModel(collections.abc.Mapping):
         self._handle: Optional[_ModelHandle] = handle
         self.spec = spec
         self._lock = threading.Lock()
-        self._table: Optional[_Table] = None
-        self._made: Dict[int, Tensor] = {}
-        if getattr(lib, "companion_model_get_table", None) is not None:
-            self._table = _Table(lib, handle.ptr)
-            names = self._table.names
-        else:  # a library older than the table call: a call per tensor, all made now
-            names = []
-            raw = _lib.TensorC()
-            for index in range(lib.companion_model_tensor_count(handle.ptr)):
-                _lib.check(lib.companion_model_tensor(handle.ptr, index, ctypes.byref(raw)))
-                name = ctypes.string_at(raw.name, raw.name_length).decode("utf-8", "replace") \
-                    if raw.name_length else ""
-                ndim = raw.ndim
-                shape = tuple(raw.shape[i] for i in range(ndim))
-                strides = tuple(raw.strides[i] for i in range(ndim)) if raw.strides \
-                    else _contiguous_strides(shape)
-                names.append(name)
-                self._made[index] = Tensor(name, DType(raw.dtype), shape, strides, raw.data or 0,
-                                           raw.nbytes, raw.device_type, raw.device_id, handle)
-        # A name given twice maps to its last entry, as a dict built in table order would.
-        self._index: Dict[str, int] = dict(zip(names, range(len(names))))
+        self._table: Optional[Any] = _Table(lib, handle) \
+            if getattr(lib, "companion_model_get_table", None) is not None \
+            else _Listing(lib, handle)  # a library older than the table call
         info = _lib.c_void_p()
         _lib.check(lib.companion_model_info(handle.ptr, ctypes.byref(info)))
         self.info: Dict[str, Any] = _lib.take_json(info) or {}
@@ -627,51 +903,39 @@ class MappedModel(collections.abc.Mapping):
     def released(self) -> bool:
         return self._handle is None
 
-    def _check(self) -> None:
-        if self._handle is None:
+    def _live(self) -> Tuple[_ModelHandle, Any]:
+        """The handle and the table, read once: release() may run in another thread meanwhile,
+        and what was read stays consistent (the table holds the memory it reads; the handle read
+        here keeps the mapping for any Tensor made from it)."""
+        handle, table = self._handle, self._table
+        if handle is None or table is None:
             raise InvalidArgument("the MappedModel was released")
-
-    def _live(self) -> Tuple[_ModelHandle, Optional[_Table], Dict[str, int], Dict[int, Tensor]]:
-        """The handle, table, index and made tensors, read once: release() may run in another
-        thread meanwhile, and what was read stays consistent (the handle read here keeps the
-        mapping for any Tensor made from it)."""
-        handle, table, index, made = self._handle, self._table, self._index, self._made
-        if handle is None:
-            raise InvalidArgument("the MappedModel was released")
-        return handle, table, index, made
-
-    @staticmethod
-    def _tensor(i: int, handle: _ModelHandle, table: Optional[_Table],
-                made: Dict[int, Tensor]) -> Tensor:
-        t = made.get(i)
-        if t is None:
-            assert table is not None  # without a table every Tensor was made at construction
-            # setdefault: two threads making the same tensor at once hand out one object.
-            t = made.setdefault(i, table.tensor(i, handle))
-        return t
+        return handle, table
 
     # ---- mapping protocol -------------------------------------------------------------------
 
     def __getitem__(self, name: str) -> Tensor:
-        handle, table, index, made = self._live()
-        return self._tensor(index[name], handle, table, made)
+        handle, table = self._live()
+        return table.get(table.index[name], handle)
 
     def __iter__(self) -> Iterator[str]:
-        self._check()
-        return iter(self._index)
+        return iter(self._live()[1].index)
 
     def __len__(self) -> int:
-        return len(self._index)
+        table = self._table
+        return 0 if table is None else len(table.index)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._index
+        table = self._table
+        return table is not None and name in table.index
 
     def tensors(self) -> Dict[str, Tensor]:
         """Every tensor, by name (a new dict; the Tensor objects are shared)."""
-        handle, table, index, made = self._live()
-        if table is not None and len(made) < table.count:
-            table.make_all(handle, made)
-        return {name: made[i] for name, i in index.items()}
+        handle, table = self._live()
+        if not table.all_made:
+            table.make_all(handle)
+        # A name given twice keeps its first place and its last entry, as in the index.
+        return dict(zip(table.names, table.made))
 
     def state_dict(self) -> Dict[str, Any]:
         """Every tensor as a zero-copy torch.Tensor, by name (imports torch): each as
@@ -680,14 +944,12 @@ class MappedModel(collections.abc.Mapping):
         tensor's storage, which holds the mapping while any of them lives. (So a view's
         ``untyped_storage()`` spans its whole segment: ``torch.save`` of one would write that
         span; ``.clone()`` first.)"""
-        handle, table, index, made = self._live()
+        handle, table = self._live()
         import torch
 
-        if table is None:
-            return {name: self._tensor(i, handle, table, made).torch()
-                    for name, i in index.items()}
-        return _bulk_state_dict(torch, table, index, handle,
-                                lambda i: self._tensor(i, handle, table, made))
+        if not isinstance(table, _Table):
+            return {name: table.get(i, handle).torch() for name, i in table.index.items()}
+        return _bulk_state_dict(torch, table, handle)
 
     # ---- lifetime -----------------------------------------------------------------------------
 
@@ -698,8 +960,6 @@ class MappedModel(collections.abc.Mapping):
         with self._lock:
             self._handle = None
             self._table = None
-            self._index = {}
-            self._made = {}
 
     close = release
 
@@ -714,6 +974,6 @@ class MappedModel(collections.abc.Mapping):
                         "pickled: send the ModelSpec and map the model in the other process")
 
     def __repr__(self) -> str:
-        state = "released" if self._handle is None else f"{len(self._index)} tensors"
+        state = "released" if self._handle is None else f"{len(self)} tensors"
         source = self.spec.source if self.spec else (self.status.source or self.status.key)
         return f"<companion.MappedModel {source!r} {state}, lease {self.lease_id}>"

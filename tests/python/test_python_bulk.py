@@ -3,6 +3,7 @@ tensors, the same torch tensors and the same lifetimes as the per-tensor routes,
 100,000-tensor table."""
 import ctypes
 import gc
+import threading
 
 import numpy as np
 import pytest
@@ -42,8 +43,17 @@ def same_torch(a, b):
             and a.is_contiguous() == b.is_contiguous())
 
 
+@pytest.fixture(params=["python", "torch"])
+def grouping(request, monkeypatch):
+    """state_dict() groups small tables in Python and large ones with torch ops: both, here."""
+    monkeypatch.setattr(companion.model, "_TORCH_GROUPING_FROM",
+                        0 if request.param == "torch" else 10**9)
+    return request.param
+
+
 @pytest.mark.parametrize("name", ["opt-f32", "opt-bf16", "opt-big", "mixed"])
-def test_table_and_bulk_state_dict_match_the_per_tensor_routes(client, model_root, name):
+def test_table_and_bulk_state_dict_match_the_per_tensor_routes(client, model_root, name,
+                                                                grouping):
     with client.get_model_parameters(str(model_root / name)) as model:
         expected = per_tensor_table(model)
         assert len(model) == len(expected) and list(model) == list(expected)
@@ -92,6 +102,70 @@ def test_bulk_views_keep_the_mapping_until_the_last_is_gone(server, model_root):
     observer.close()
 
 
+def test_the_table_is_read_in_place_and_holds_the_mapping(server, model_root):
+    """The table is read where the library keeps it (no copy): whoever holds it holds the model
+    handle, so a reader that took it before release() reads valid memory; the mapping (and the
+    lease) goes when the last holder does."""
+    spec = companion.ModelSpec(str(model_root / "opt-f32"), tag="table-lifetime")
+    observer = companion.connect(runtime_dir=server.runtime_dir)
+    with companion.connect(runtime_dir=server.runtime_dir) as client:
+        model = client.get_model_parameters(spec)
+        expected = per_tensor_table(model)
+        table = model._table
+        model.release()
+        del model
+        gc.collect()
+    assert observer.status(spec).leases == 1  # the table's views hold the handle
+    rows = list(table.rows())
+    assert table.names == list(expected)
+    assert [(r[6], r[0], r[1]) for r in rows] == [(e[0], e[3], e[4]) for e in expected.values()]
+    dims = table.dims.cast("q")
+    assert [tuple(dims[r[4]:r[4] + r[7]]) for r in rows] == [e[1] for e in expected.values()]
+    del table, rows, dims
+    gc.collect()
+    assert wait_until(lambda: observer.status(spec).leases == 0)
+    observer.unload(spec)
+    observer.close()
+
+
+def test_release_from_another_thread_while_reading(client, model_root):
+    """Readers racing release(): each call either raises InvalidArgument or gives the right
+    tensors (the memory they read stays mapped while they hold what they read)."""
+    source = str(model_root / "opt-big")
+    with client.get_model_parameters(source) as model:
+        truth = {n: t.clone() for n, t in model.state_dict().items()}
+    names = list(truth)
+    for _ in range(20):
+        model = client.get_model_parameters(source)
+        failures, done = [], []
+
+        def read(model, kind):
+            try:
+                for k in range(200):
+                    if kind == 0:
+                        got = {names[k % len(names)]: model[names[k % len(names)]].torch()}
+                    elif kind == 1:
+                        got = {n: t.torch() for n, t in model.tensors().items()}
+                    else:
+                        got = model.state_dict()
+                    for n, t in got.items():
+                        if not torch.equal(t, truth[n]):
+                            failures.append(n)
+            except companion.InvalidArgument:
+                done.append(kind)
+            except Exception as e:  # anything else is a failure
+                failures.append(repr(e))
+
+        readers = [threading.Thread(target=read, args=(model, kind)) for kind in (0, 1, 2)]
+        for r in readers:
+            r.start()
+        model.release()
+        for r in readers:
+            r.join()
+        assert not failures
+    gc.collect()
+
+
 def test_released_models_raise_and_made_tensors_stay(client, model_root):
     model = client.get_model_parameters(str(model_root / "opt-f32"))
     name = "model.decoder.layers.0.fc2.weight"
@@ -125,7 +199,7 @@ def many_root(tmp_path_factory):
     return root, tensors
 
 
-def test_a_100k_tensor_table(tmp_path_factory, many_root):
+def test_a_100k_tensor_table(tmp_path_factory, many_root, grouping):
     root, expected = many_root
     from harness import Server
 
@@ -180,7 +254,7 @@ def test_an_older_library_without_the_table_call(client, model_root, monkeypatch
 
     monkeypatch.setattr(_lib, "load_library", lambda: Older())
     with client.get_model_parameters(source) as model:
-        assert model._table is None
+        assert not isinstance(model._table, companion.model._Table)
         assert described(model) == new
         state = model.state_dict()
         assert list(state) == list(new_state)
