@@ -10,10 +10,13 @@ repeat times:
 
 "before" is the package at a git revision (default main: ``git archive`` of python/companion),
 "after" this tree's; both use the same libcompanion.so ($COMPANION_BUILD_DIR, default build/).
-Prints a table (p50 / p90 in ms); --json writes the numbers.
+Prints a table (p50 / p90 in ms); --json writes the numbers. --profile N also profiles each
+step of the "after" package (cProfile, after the timed repeats) and prints its N most expensive
+functions (own time) per step and table.
 
     python3 bench/python_attach_bench.py [--tables 291,100000] [--repeats 30]
                                          [--before-ref main | --before-ref none] [--json FILE]
+                                         [--profile N]
 """
 import argparse
 import json
@@ -71,7 +74,7 @@ WORKER = r"""
 import gc, json, sys, time
 sys.path.insert(0, sys.argv[1])
 import companion, torch
-runtime_dir, source, repeats = sys.argv[2], sys.argv[3], int(sys.argv[4])
+runtime_dir, source, repeats, profile = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 spec = companion.ModelSpec(source)
 c = companion.connect(runtime_dir=runtime_dir)
 c.state_dict(spec)  # warm: the load, the imports, torch's first tensor
@@ -97,6 +100,26 @@ for _ in range(repeats):
     out["get_model_parameters"].append(t1 - t0)
     out["tensors()"].append(t2 - t1)
     out["state_dict"].append(t4 - t3)
+gc.enable()
+if profile:
+    import cProfile, io, pstats
+
+    def profiled(step, setup, run):
+        profiler = cProfile.Profile()
+        for _ in range(repeats):
+            arg = setup()
+            profiler.enable()
+            result = run(arg)
+            profiler.disable()
+            del result, arg
+            gc.collect()
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(profile)
+        sys.stderr.write(f"--- {step}, {repeats} runs ---\n{text.getvalue()}")
+
+    profiled("get_model_parameters", lambda: None, lambda _: c.get_model_parameters(spec))
+    profiled("tensors()", lambda: c.get_model_parameters(spec), lambda m: m.tensors())
+    profiled("state_dict", lambda: None, lambda _: c.state_dict(spec))
 print(json.dumps(out))
 """
 
@@ -131,6 +154,8 @@ def main():
     ap.add_argument("--before-ref", default="main",
                     help="git revision of the 'before' package, or 'none'")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="profile the 'after' package's steps, print the N costliest functions")
     args = ap.parse_args()
 
     from harness import BUILD, Server
@@ -161,16 +186,20 @@ def main():
         rt.mkdir(mode=0o700)
         server = Server(rt, [tmp / "models"])
         results = {}
+        profiles = []
         try:
             for count in tables:
                 # Fewer repeats of the slow cases keep a run within minutes.
                 repeats = args.repeats if count <= 10_000 else max(5, args.repeats // 3)
                 for label, path in packages:
+                    profile = args.profile if label == "after" else 0
                     r = subprocess.run([sys.executable, "-c", WORKER, path, str(rt),
-                                        sources[count], str(repeats)],
+                                        sources[count], str(repeats), str(profile)],
                                        capture_output=True, text=True, env=env, timeout=1800)
                     if r.returncode != 0:
                         raise SystemExit(f"{label}, {count} tensors failed:\n{r.stderr}")
+                    if profile:
+                        profiles.append(f"=== {count} tensors, {label} ===\n{r.stderr}")
                     data = json.loads(r.stdout.strip().splitlines()[-1])
                     if data["count"] != count:
                         raise SystemExit(f"{label}: {data['count']} tensors, expected {count}")
@@ -201,6 +230,8 @@ def main():
             if len(p50s) == 2:
                 line += f" {p50s[0] / p50s[1]:>14.1f}x"
             print(line)
+    for text in profiles:
+        print(text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "results": summary}, f, indent=1)

@@ -595,7 +595,7 @@ class _Listing:
 
 # Tables of at least this many tensors are grouped by torch ops (_groups_in_torch), smaller ones by
 # a Python loop (_groups_in_python), which is cheaper below it (torch's cost per op dominates).
-_TORCH_GROUPING_FROM = 1024
+_TORCH_GROUPING_FROM = 768
 _HASH_WEIGHTS: List[int] = [(0x9E3779B97F4A7C15 * (2 * i + 1)) % (1 << 63) | 1 for i in range(40)]
 _TORCH_ITEMSIZES: Dict[Any, Tuple[Dict[int, int], Any]] = {}  # torch -> (code -> size, tensor)
 
