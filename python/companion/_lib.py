@@ -83,9 +83,9 @@ class TensorC(ctypes.Structure):
 
 
 class ModelTableC(ctypes.Structure):
-    """companion_model_table. The records it points at are read with ``struct`` (see
-    model._RECORD), stepping by record_size so that a newer library's longer records still
-    read."""
+    """companion_model_table. The arrays it points at are read in place (model._Table: struct,
+    memoryview columns or one torch tensor; see model._RECORD), stepping by record_size so that
+    a newer library's longer records still read."""
 
     _fields_ = [
         ("struct_size", c_uint32),

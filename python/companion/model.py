@@ -869,9 +869,10 @@ class MappedModel(collections.abc.Mapping):
     model's status). Use as a context manager or call :meth:`release` to give up this object's
     hold; tensors made from it stay valid (see the module docs).
 
-    The table crosses from the library in one block; each :class:`Tensor` is made the first time
-    it is asked for (``mm[name]``, ``tensors()``, ``values()``...) and then kept, so that the
-    same name gives the same object."""
+    The table crosses from the library in one block and is read where the library keeps it; the
+    names and the name index are made on first use, and each :class:`Tensor` the first time it is
+    asked for (``mm[name]``, ``tensors()``, ``values()``...) and then kept, so that the same name
+    gives the same object. ``get_model_parameters`` itself does no work per tensor in Python."""
 
     def __init__(self, handle: _ModelHandle, spec: Optional[ModelSpec] = None) -> None:
         lib = _lib.load_library()
