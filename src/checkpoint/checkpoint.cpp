@@ -205,8 +205,8 @@ Result<void> check_limits(const CheckpointLimits& limits) {
   };
   if (limits.max_header_bytes == 0 || limits.max_header_bytes > kMaxHeaderBytes)
     return out_of_range("--max-header-bytes", limits.max_header_bytes, kMaxHeaderBytes);
-  if (limits.max_tensors == 0 || limits.max_tensors > protocol::kMaxTensors)
-    return out_of_range("--max-tensors", limits.max_tensors, protocol::kMaxTensors);
+  if (limits.max_tensors == 0 || limits.max_tensors > protocol::kMaxTableTensors)
+    return out_of_range("--max-tensors", limits.max_tensors, protocol::kMaxTableTensors);
   constexpr size_t kMostFiles = 1u << 20;
   if (limits.max_files == 0 || limits.max_files > kMostFiles)
     return out_of_range("--max-checkpoint-files", limits.max_files, kMostFiles);
