@@ -24,7 +24,8 @@ namespace {
 constexpr const char* kIndexName = "model.safetensors.index.json";
 constexpr const char* kSafetensorsSuffix = ".safetensors";
 // Index files of the largest public models are a few MiB.
-constexpr size_t kMaxIndexBytes = 64u << 20;
+// An index names every tensor (~90 bytes each with its file): room for kMaxTableTensors.
+constexpr size_t kMaxIndexBytes = 512u << 20;
 
 Error bad(std::string message) {
   return make_error(StatusCode::kBadCheckpoint, std::move(message));
