@@ -32,42 +32,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "integration"))
 sys.path.insert(0, str(REPO / "bench"))
 import publish_bench  # noqa: E402
+from moe_checkpoint import moe_shapes, write_safetensors  # noqa: E402
 
 
 def llama_shapes():
     """Llama-3-8B's tensor names (291), shapes scaled down: mapping costs do not depend on bytes."""
     return publish_bench.llama_shapes(hidden=64, intermediate=224, kv=16, vocab=1024)
-
-
-def moe_shapes(count):
-    """``count`` expert matrices (8 x 64 bf16, 1 KiB each), as a raw MoE checkpoint lists them."""
-    experts = 256
-    return {f"model.layers.{i // (3 * experts)}.mlp.experts.{(i // 3) % experts}."
-            f"{('gate_proj', 'up_proj', 'down_proj')[i % 3]}.weight": (8, 64)
-            for i in range(count)}
-
-
-def write_safetensors(path, shapes, dtype="BF16", itemsize=2):
-    """A safetensors file of the given shapes (bytes: a repeating pattern; no library needed)."""
-    header = {}
-    offset = 0
-    for name, shape in shapes.items():
-        n = itemsize
-        for s in shape:
-            n *= s
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        block = bytes(range(256)) * 4096
-        left = offset
-        while left:
-            f.write(block[:min(left, len(block))])
-            left -= min(left, len(block))
 
 
 WORKER = r"""

@@ -149,7 +149,7 @@ struct HealthInfo {
 
 // Protocol version spoken by this build. Majors must match; minors may differ.
 inline constexpr uint16_t kProtocolMajor = 1;
-inline constexpr uint16_t kProtocolMinor = 1;  // 1: publishing, generations, reload
+inline constexpr uint16_t kProtocolMinor = 2;  // 1: publishing, generations, reload; 2: table memfd
 const char* software_version() noexcept;
 
 }  // namespace companion

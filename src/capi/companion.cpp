@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -62,13 +63,17 @@ struct companion_client {
 
 struct companion_model {
   std::shared_ptr<companion::MappedModel> model;
-  // One entry per MappedModel::tensors(), built once; pointers into the MappedModel's views.
-  std::vector<companion_tensor> tensors;
   // companion_model_get_table's arrays. Built on its first call rather than here, so callers that
   // never ask (most C and C++ users) pay nothing; call_once keeps the handle safe to read from
   // several threads, as companion.h promises.
   mutable std::once_flag table_once;
   mutable std::vector<companion_tensor_record> records;
+  // Where names and dims are: in the model's own table (protocol 1.2) when it holds them in the
+  // promised layout, else in the copies below.
+  mutable const char* names_at = nullptr;
+  mutable size_t names_bytes = 0;
+  mutable const int64_t* dims_at = nullptr;
+  mutable size_t dims_count = 0;
   mutable std::string names;
   mutable std::vector<int64_t> dims;
 };
@@ -263,13 +268,60 @@ Result<companion::Fingerprint> to_fingerprint(const char* json) {
   return out;
 }
 
-// Fills the model's table arrays from its views. Names are copied (each followed by a NUL) so
-// that a caller can take the whole blob in one read; shapes and strides likewise into one array.
+// Whether the views' names already lie back to back, each followed by a NUL, and their shapes
+// and strides back to back (shape then strides per view): the layout of protocol 1.2's tables,
+// which the table arrays can then point into instead of copying.
+bool laid_out_as_table(std::span<const companion::TensorView> views) {
+  if (views.empty()) return false;
+  const char* name = views[0].name.data();
+  const int64_t* dims = views[0].shape.data();
+  if (name == nullptr || dims == nullptr) return false;
+  for (const auto& v : views) {
+    // Pointer checks first: the NUL is read only where the previous view's layout says a name
+    // ends inside the same blob (the first view's, inside a table or a FlatBuffer string).
+    if (v.name.data() != name || v.shape.data() != dims || v.strides.size() != v.shape.size() ||
+        v.strides.data() != dims + v.shape.size() || name[v.name.size()] != '\0')
+      return false;
+    name += v.name.size() + 1;
+    dims += 2 * v.shape.size();
+  }
+  return true;
+}
+
+// Fills the model's table arrays from its views. Names (each followed by a NUL) and shapes and
+// strides are handed out in place when the views lie in a 1.2 table, else copied, so that a
+// caller can take each array in one read.
 void build_table(const companion_model& handle) {
   handle.records.clear();
   handle.names.clear();
   handle.dims.clear();
   auto views = handle.model->tensors();
+  if (laid_out_as_table(views)) {
+    const char* names = views[0].name.data();
+    const int64_t* dims = views[0].shape.data();
+    handle.records.resize(views.size());
+    for (size_t i = 0; i < views.size(); ++i) {
+      const auto& v = views[i];
+      companion_tensor_record& r = handle.records[i];
+      r.data = v.data;
+      r.nbytes = v.nbytes;
+      r.segment_offset = v.offset;
+      r.name_offset = static_cast<uint64_t>(v.name.data() - names);
+      r.dims_offset = static_cast<uint64_t>(v.shape.data() - dims);
+      r.name_length = static_cast<uint32_t>(v.name.size());
+      r.dtype = static_cast<int32_t>(v.dtype);
+      r.ndim = static_cast<int32_t>(v.shape.size());
+      r.device_type = v.on_device ? COMPANION_DEVICE_CUDA : COMPANION_DEVICE_CPU;
+      r.device_id = v.on_device && v.device_ordinal > 0 ? v.device_ordinal : 0;
+      r.segment = v.segment;
+    }
+    const auto& last = views.back();
+    handle.names_at = names;
+    handle.names_bytes = static_cast<size_t>(last.name.data() + last.name.size() + 1 - names);
+    handle.dims_at = dims;
+    handle.dims_count = static_cast<size_t>(last.strides.data() + last.strides.size() - dims);
+    return;
+  }
   size_t name_bytes = 0;
   size_t dim_count = 0;
   for (const auto& v : views) {
@@ -309,14 +361,15 @@ void build_table(const companion_model& handle) {
     }
     handle.records.push_back(r);
   }
+  handle.names_at = handle.names.data();
+  handle.names_bytes = handle.names.size();
+  handle.dims_at = handle.dims.data();
+  handle.dims_count = handle.dims.size();
 }
 
 companion_model* wrap_model(std::shared_ptr<companion::MappedModel> mapped) {
   auto handle = std::make_unique<companion_model>();
   handle->model = std::move(mapped);
-  auto views = handle->model->tensors();
-  handle->tensors.reserve(views.size());
-  for (const auto& v : views) handle->tensors.push_back(to_c(v));
   return handle.release();
 }
 
@@ -540,7 +593,7 @@ void companion_model_release(companion_model* model) {
 }
 
 size_t companion_model_tensor_count(const companion_model* model) {
-  return model == nullptr ? 0 : model->tensors.size();
+  return model == nullptr ? 0 : model->model->tensors().size();
 }
 
 companion_status companion_model_tensor(const companion_model* model, size_t index,
@@ -548,11 +601,12 @@ companion_status companion_model_tensor(const companion_model* model, size_t ind
   return guarded([&]() -> companion_status {
     if (model == nullptr) return invalid("model is NULL");
     if (tensor == nullptr) return invalid("tensor (the out pointer) is NULL");
-    if (index >= model->tensors.size())
+    auto views = model->model->tensors();
+    if (index >= views.size())
       return invalid(("tensor index " + std::to_string(index) + " is out of range (the model has " +
-                      std::to_string(model->tensors.size()) + " tensors)")
+                      std::to_string(views.size()) + " tensors)")
                          .c_str());
-    *tensor = model->tensors[index];
+    *tensor = to_c(views[index]);
     return COMPANION_OK;
   });
 }
@@ -566,8 +620,7 @@ companion_status companion_model_find(const companion_model* model, const char* 
     const companion::TensorView* v = model->model->find(name);
     if (v == nullptr)
       return fail(COMPANION_NOT_FOUND, "the model has no tensor named '" + std::string(name) + "'");
-    auto index = static_cast<size_t>(v - model->model->tensors().data());
-    *tensor = model->tensors.at(index);
+    *tensor = to_c(*v);
     return COMPANION_OK;
   });
 }
@@ -592,10 +645,10 @@ companion_status companion_model_get_table(const companion_model* model,
       table->record_size = static_cast<uint32_t>(sizeof(companion_tensor_record));
     if (COMPANION_FITS(table, count)) table->count = model->records.size();
     if (COMPANION_FITS(table, records)) table->records = model->records.data();
-    if (COMPANION_FITS(table, names)) table->names = model->names.data();
-    if (COMPANION_FITS(table, names_bytes)) table->names_bytes = model->names.size();
-    if (COMPANION_FITS(table, dims)) table->dims = model->dims.data();
-    if (COMPANION_FITS(table, dims_count)) table->dims_count = model->dims.size();
+    if (COMPANION_FITS(table, names)) table->names = model->names_at;
+    if (COMPANION_FITS(table, names_bytes)) table->names_bytes = model->names_bytes;
+    if (COMPANION_FITS(table, dims)) table->dims = model->dims_at;
+    if (COMPANION_FITS(table, dims_count)) table->dims_count = model->dims_count;
     if (COMPANION_FITS(table, segments)) table->segments = model->model->segment_count();
     return COMPANION_OK;
   });

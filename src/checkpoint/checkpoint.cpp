@@ -24,7 +24,8 @@ namespace {
 constexpr const char* kIndexName = "model.safetensors.index.json";
 constexpr const char* kSafetensorsSuffix = ".safetensors";
 // Index files of the largest public models are a few MiB.
-constexpr size_t kMaxIndexBytes = 64u << 20;
+// An index names every tensor (~90 bytes each with its file): room for kMaxTableTensors.
+constexpr size_t kMaxIndexBytes = 512u << 20;
 
 Error bad(std::string message) {
   return make_error(StatusCode::kBadCheckpoint, std::move(message));
@@ -205,8 +206,8 @@ Result<void> check_limits(const CheckpointLimits& limits) {
   };
   if (limits.max_header_bytes == 0 || limits.max_header_bytes > kMaxHeaderBytes)
     return out_of_range("--max-header-bytes", limits.max_header_bytes, kMaxHeaderBytes);
-  if (limits.max_tensors == 0 || limits.max_tensors > protocol::kMaxTensors)
-    return out_of_range("--max-tensors", limits.max_tensors, protocol::kMaxTensors);
+  if (limits.max_tensors == 0 || limits.max_tensors > protocol::kMaxTableTensors)
+    return out_of_range("--max-tensors", limits.max_tensors, protocol::kMaxTableTensors);
   constexpr size_t kMostFiles = 1u << 20;
   if (limits.max_files == 0 || limits.max_files > kMostFiles)
     return out_of_range("--max-checkpoint-files", limits.max_files, kMostFiles);

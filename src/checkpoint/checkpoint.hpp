@@ -27,13 +27,13 @@ struct CheckpointLimits {
   // --max-header-bytes: a header's JSON; at most kMaxHeaderBytes, the format's own cap.
   uint64_t max_header_bytes = kMaxHeaderBytes;
   // --max-tensors: tensors of all the checkpoint's files together.
-  size_t max_tensors = protocol::kMaxTensors;
+  size_t max_tensors = protocol::kMaxTableTensors;
   // --max-checkpoint-files: .safetensors files (each is held open while the model loads).
   size_t max_files = kDefaultMaxCheckpointFiles;
 };
 
 // kInvalidArgument naming the flag when a limit is 0 or above what the format or the protocol
-// allows (kMaxHeaderBytes, protocol::kMaxTensors).
+// allows (kMaxHeaderBytes, protocol::kMaxTableTensors).
 Result<void> check_limits(const CheckpointLimits& limits);
 
 // Refusals of checkpoint files since the process started, by reason (for the server to report).

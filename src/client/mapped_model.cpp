@@ -2,6 +2,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <bit>
 
 #include "client/mapped_model_impl.hpp"
 
@@ -13,6 +14,7 @@ MappedModel::~MappedModel() {
   if (!impl_) return;
   // Views die first, then mappings, then the lease (the server may free the memory after it).
   impl_->views.clear();
+  impl_->table.reset();
   impl_->segments.clear();
   if (impl_->connection) {
     auto released = impl_->connection->call(protocol::Release{impl_->lease_id}, 5000);
@@ -34,8 +36,11 @@ size_t MappedModel::segment_count() const noexcept {
 }
 
 const TensorView* MappedModel::find(std::string_view name) const noexcept {
-  auto it = impl_->by_name.find(name);
-  return it == impl_->by_name.end() ? nullptr : &impl_->views[it->second];
+  const auto& views = impl_->views;
+  size_t i = impl_->table ? impl_->table->view().find(name)
+                          : client::find_in_index(impl_->name_slots, name,
+                                                  [&](size_t k) { return views[k].name; });
+  return i < views.size() ? &views[i] : nullptr;
 }
 
 uint64_t MappedModel::mapped_bytes() const noexcept {
@@ -78,6 +83,45 @@ Result<std::vector<std::unique_ptr<memory::MappedSegment>>> import_segments(
   return out;
 }
 
+Result<std::shared_ptr<const protocol::SharedTensorTable>> map_table(
+    const protocol::Parameters& params, std::vector<UniqueFd>& fds) {
+  if (params.table_fd_index < 0) return std::shared_ptr<const protocol::SharedTensorTable>();
+  auto index = static_cast<size_t>(params.table_fd_index);
+  if (index >= fds.size() || !fds[index].valid())
+    return make_error(StatusCode::kProtocolError, "tensor table descriptor missing");
+  std::vector<uint64_t> sizes(params.segments.size());
+  for (size_t i = 0; i < sizes.size(); ++i) sizes[i] = params.segments[i].size;
+  return protocol::SharedTensorTable::map(std::move(fds[index]), params.table_bytes, sizes);
+}
+
+std::vector<uint32_t> build_name_index(size_t count,
+                                       const std::function<std::string_view(size_t)>& name_of) {
+  std::vector<uint32_t> slots(count == 0 ? 0 : std::bit_ceil(2 * count), 0);
+  const size_t mask = slots.empty() ? 0 : slots.size() - 1;
+  for (size_t i = 0; i < count; ++i) {
+    std::string_view name = name_of(i);
+    size_t slot = static_cast<size_t>(protocol::table_name_hash(name)) & mask;
+    bool taken = false;  // a repeated name: the first keeps it
+    while (slots[slot] != 0 && !taken) {
+      taken = name_of(slots[slot] - 1) == name;
+      if (!taken) slot = (slot + 1) & mask;
+    }
+    if (!taken) slots[slot] = static_cast<uint32_t>(i + 1);
+  }
+  return slots;
+}
+
+size_t find_in_index(const std::vector<uint32_t>& slots, std::string_view name,
+                     const std::function<std::string_view(size_t)>& name_of) noexcept {
+  if (slots.empty()) return protocol::TensorTableView::npos;
+  const size_t mask = slots.size() - 1;
+  for (size_t slot = static_cast<size_t>(protocol::table_name_hash(name)) & mask;;
+       slot = (slot + 1) & mask) {
+    if (slots[slot] == 0) return protocol::TensorTableView::npos;
+    if (name_of(slots[slot] - 1) == name) return slots[slot] - 1;
+  }
+}
+
 Result<std::shared_ptr<MappedModel>> map_parameters(std::shared_ptr<Connection> connection,
                                                     protocol::Parameters params,
                                                     std::vector<UniqueFd> fds, int ordinal) {
@@ -89,28 +133,37 @@ Result<std::shared_ptr<MappedModel>> map_parameters(std::shared_ptr<Connection> 
     MappedModel discard(std::move(impl));
     return e;
   };
+  auto table = map_table(params, fds);
+  if (!table.ok()) return fail(table.error());
+  impl->table = std::move(*table);
   auto segments = import_segments(params, fds, ordinal, memory::Access::kReadOnly, &impl->inodes);
   if (!segments.ok()) return fail(segments.error());
   impl->segments = std::move(*segments);
-  impl->views.reserve(params.tensors.size());
-  for (const auto& t : params.tensors) {
-    const auto& seg = impl->segments[t.segment];
-    TensorView v;
+  std::vector<const char*> bases;
+  std::vector<bool> on_device;
+  for (const auto& s : impl->segments) {
+    bases.push_back(static_cast<const char*>(s->address()));
+    on_device.push_back(s->on_device());
+  }
+  impl->views.resize(impl->table ? impl->table->size() : params.tensors.size());
+  for_each_tensor(params, impl->table.get(), [&](size_t i, const protocol::TensorRef& t) {
+    TensorView& v = impl->views[i];
     v.name = t.name;
     v.dtype = t.dtype;
     v.shape = t.shape;
     v.strides = t.strides;
-    v.data = static_cast<const char*>(seg->address()) + t.offset;
+    v.data = bases[t.segment] + t.offset;
     v.nbytes = t.nbytes;
-    v.on_device = seg->on_device();
-    v.device_ordinal = seg->on_device() ? ordinal : -1;
+    v.on_device = on_device[t.segment];
+    v.device_ordinal = v.on_device ? ordinal : -1;
     v.segment = t.segment;
     v.offset = t.offset;
-    impl->views.push_back(v);
+  });
+  if (!impl->table) {
+    const auto& views = impl->views;
+    impl->name_slots = build_name_index(views.size(), [&](size_t k) { return views[k].name; });
   }
-  impl->by_name.reserve(impl->views.size());
-  for (size_t i = 0; i < impl->views.size(); ++i) impl->by_name.emplace(impl->views[i].name, i);
-  impl->params = std::move(params);  // owns the payload the views point into
+  impl->params = std::move(params);  // owns the payload inline views point into
   return std::make_shared<MappedModel>(std::move(impl));
 }
 

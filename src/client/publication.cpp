@@ -4,8 +4,6 @@
 
 #include <sys/stat.h>
 
-#include <unordered_map>
-
 #include "client/mapped_model_impl.hpp"
 #include "memory/cuda_driver.hpp"
 
@@ -50,12 +48,13 @@ class PublicationImpl final : public Publication {
       return make_error(StatusCode::kProtocolError,
                         "the server did not answer with a writable slab");
     generation_ = params->model.generation;
+    COMPANION_ASSIGN_OR_RETURN(table_, map_table(*params, fds));
     COMPANION_ASSIGN_OR_RETURN(
         segments_, import_segments(*params, fds, ordinal_, memory::Access::kReadWrite, &inodes_));
-    views_.reserve(params->tensors.size());
-    for (const auto& t : params->tensors) {
+    views_.resize(table_ ? table_->size() : params->tensors.size());
+    for_each_tensor(*params, table_.get(), [&](size_t i, const protocol::TensorRef& t) {
       const auto& seg = segments_[t.segment];
-      WritableTensor v;
+      WritableTensor& v = views_[i];
       v.name = t.name;
       v.dtype = t.dtype;
       v.shape = t.shape;
@@ -66,11 +65,10 @@ class PublicationImpl final : public Publication {
       v.device_ordinal = seg->on_device() ? ordinal_ : -1;
       v.segment = t.segment;
       v.offset = t.offset;
-      views_.push_back(v);
-    }
-    by_name_.reserve(views_.size());
-    for (size_t i = 0; i < views_.size(); ++i) by_name_.emplace(views_[i].name, i);
-    params_ = std::move(*params);  // owns the payload the views point into
+    });
+    if (!table_)
+      name_slots_ = build_name_index(views_.size(), [&](size_t k) { return views_[k].name; });
+    params_ = std::move(*params);  // owns the payload inline views point into
     declared_ = true;
     return ok_result();
   }
@@ -78,8 +76,9 @@ class PublicationImpl final : public Publication {
   std::span<const WritableTensor> tensors() const noexcept override { return views_; }
 
   const WritableTensor* find(std::string_view name) const noexcept override {
-    auto it = by_name_.find(name);
-    return it == by_name_.end() ? nullptr : &views_[it->second];
+    size_t i = table_ ? table_->view().find(name)
+                      : find_in_index(name_slots_, name, [&](size_t k) { return views_[k].name; });
+    return i < views_.size() ? &views_[i] : nullptr;
   }
 
   Result<std::shared_ptr<MappedModel>> commit() override {
@@ -106,15 +105,14 @@ class PublicationImpl final : public Publication {
     impl->lease_id = committed->lease_id;
     impl->status = committed->model;
     impl->params = std::move(params_);
+    impl->table = std::move(table_);
+    impl->name_slots = std::move(name_slots_);
     impl->segments = std::move(segments_);
     impl->inodes = std::move(inodes_);
     impl->views.reserve(views_.size());
     for (const auto& w : views_) impl->views.push_back(read_only_view(w));
-    impl->by_name.reserve(impl->views.size());
-    for (size_t i = 0; i < impl->views.size(); ++i) impl->by_name.emplace(impl->views[i].name, i);
     generation_ = committed->model.generation;
     views_.clear();
-    by_name_.clear();
     connection_.reset();  // the model holds it now
     return std::make_shared<MappedModel>(std::move(impl));
   }
@@ -123,7 +121,8 @@ class PublicationImpl final : public Publication {
     if (!connection_) return;
     // Mappings first: the server frees the slab once the key is given up.
     views_.clear();
-    by_name_.clear();
+    name_slots_.clear();
+    table_.reset();
     segments_.clear();
     (void)connection_->call(protocol::PublishAbort{key_}, kAbortMs);
     connection_.reset();  // closing it gives the key up even if the abort was not answered
@@ -137,8 +136,9 @@ class PublicationImpl final : public Publication {
   bool declared_ = false;
   protocol::Parameters params_;
   std::vector<std::unique_ptr<memory::MappedSegment>> segments_;
+  std::shared_ptr<const protocol::SharedTensorTable> table_;  // 1.2: names and shapes live here
   std::vector<WritableTensor> views_;
-  std::unordered_map<std::string_view, size_t> by_name_;
+  std::vector<uint32_t> name_slots_;  // inline tables only
   std::vector<uint64_t> inodes_;
 };
 

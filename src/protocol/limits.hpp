@@ -11,8 +11,13 @@ inline constexpr size_t kFrameHeaderBytes = 12;
 inline constexpr uint32_t kMaxPayloadBytes = 64u << 20;  // 10,000 tensors take ~1.4 MB
 inline constexpr uint16_t kMaxFdsPerFrame = 250;         // SCM_MAX_FD is 253
 // At ~140 bytes a tensor on the wire, this many fit well inside kMaxPayloadBytes.
+// Tensors inline in a Parameters reply (clients of protocol 1.0/1.1, and PublishDeclare).
 inline constexpr size_t kMaxTensors = 200'000;
-inline constexpr size_t kMaxSegments = kMaxFdsPerFrame;
+// 1.2: a table memfd (TensorTable) holds at most this many tensors in at most this many bytes
+// (1M tensors with 60-byte names take ~140 MB).
+inline constexpr size_t kMaxTableTensors = 4'000'000;
+inline constexpr uint64_t kMaxTableBytes = 1ull << 30;
+inline constexpr size_t kMaxSegments = kMaxFdsPerFrame - 1;  // one descriptor for the table
 inline constexpr size_t kMaxRank = 16;
 inline constexpr size_t kMaxNameBytes = 4096;
 inline constexpr size_t kMaxStringBytes = 8192;

@@ -68,14 +68,18 @@ struct TensorRef {
   uint64_t nbytes = 0;
 };
 
-// A received Parameters reply. `tensors` point into `payload`, which it keeps alive.
+// A received Parameters reply. `tensors` point into `payload`, which it keeps alive. From a
+// server of protocol 1.2 to a client of 1.2, tensors is empty and the table comes as a memfd
+// (the frame's descriptor table_fd_index, table_bytes long; see protocol/tensor_table.hpp).
 struct Parameters {
   uint64_t lease_id = 0;
   ModelStatus model;
   std::vector<SegmentInfo> segments;
   std::vector<TensorRef> tensors;
   std::shared_ptr<const std::vector<uint8_t>> payload;
-  bool writable = false;  // the writer's mapping of a publication
+  bool writable = false;        // the writer's mapping of a publication
+  int32_t table_fd_index = -1;  // 1.2
+  uint64_t table_bytes = 0;     // 1.2
 };
 
 struct Release {
@@ -170,12 +174,26 @@ struct Message {
   Body body;
 };
 
+class TensorTableView;
+
 // Encodes any message except Parameters (use encode_parameters: it takes owning tensors).
 std::vector<uint8_t> encode(const Message& message);
+// Parameters with the tensors inline (protocol 1.0 and 1.1).
 std::vector<uint8_t> encode_parameters(uint64_t request_id, uint64_t lease_id,
                                        const ModelStatus& model,
                                        std::span<const SegmentInfo> segments,
                                        std::span<const TensorInfo> tensors, bool writable = false);
+std::vector<uint8_t> encode_parameters_inline(uint64_t request_id, uint64_t lease_id,
+                                              const ModelStatus& model,
+                                              std::span<const SegmentInfo> segments,
+                                              const TensorTableView& tensors,
+                                              bool writable = false);
+// Parameters whose table travels as a memfd, the frame's descriptor table_fd_index (1.2).
+std::vector<uint8_t> encode_parameters_with_table(uint64_t request_id, uint64_t lease_id,
+                                                  const ModelStatus& model,
+                                                  std::span<const SegmentInfo> segments,
+                                                  int32_t table_fd_index, uint64_t table_bytes,
+                                                  bool writable = false);
 
 // Checks a published key and a fingerprint against the limits (kInvalidArgument says which).
 Result<void> validate_publish_key(std::string_view key);

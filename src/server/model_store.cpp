@@ -63,6 +63,14 @@ std::string canonical_key(const ModelSpec& spec, const checkpoint::ResolvedSourc
 // Generations come from one counter, not per entry: an unload erases the entry, and a new entry
 // for the same key must not reuse the numbers of the old one, or a lease of the old load would be
 // released against the new one.
+Result<std::shared_ptr<const protocol::SharedTensorTable>> make_shared_table(
+    const protocol::TensorTableBuilder& builder, const memory::Slab& slab) {
+  COMPANION_ASSIGN_OR_RETURN(std::vector<uint8_t> bytes, builder.serialize());
+  std::vector<uint64_t> sizes(slab.segment_count());
+  for (size_t i = 0; i < sizes.size(); ++i) sizes[i] = slab.segment_size(i);
+  return protocol::SharedTensorTable::create(bytes, sizes);
+}
+
 uint64_t next_generation() {
   static std::atomic<uint64_t> counter{0};
   return counter.fetch_add(1, std::memory_order_relaxed) + 1;
@@ -259,11 +267,11 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
     s.message = e.writer->committing ? "committing" : "being published";
   }
   if (const Generation* g = e.current()) {
-    s.tensors = g->tensors ? static_cast<uint32_t>(g->tensors->size()) : 0;
+    s.tensors = g->table ? static_cast<uint32_t>(g->table->size()) : 0;
     s.generation = g->number;
     s.fingerprint = g->fingerprint;
-  } else if (e.writer && e.writer->tensors) {
-    s.tensors = static_cast<uint32_t>(e.writer->tensors->size());
+  } else if (e.writer && e.writer->table) {
+    s.tensors = static_cast<uint32_t>(e.writer->table->size());
   }
   s.backend = backend_->name();
   for (const Generation& g : e.generations) {
@@ -517,8 +525,8 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
         e.reload_error = shown;
         // The sizes of the generation still served, not of the load that failed.
         uint64_t bytes = 0;
-        if (const Generation* g = e.current(); g && g->tensors)
-          for (const auto& t : *g->tensors) bytes += t.nbytes;
+        if (const Generation* g = e.current(); g && g->table)
+          for (size_t i = 0; i < g->table->size(); ++i) bytes += g->table->view().record(i).nbytes;
         e.bytes_done = e.bytes_total = bytes;
       });
       return;
@@ -538,11 +546,11 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
   // Every file is opened here, once, beneath the roots; the loader reads these descriptors.
   auto ckpt = checkpoint::open_checkpoint(model.source.path, roots, config_.checkpoint_limits);
   if (!ckpt.ok()) return fail(ckpt.error());
-  if (ckpt->tensors.size() > protocol::kMaxTensors)
+  if (ckpt->tensors.size() > protocol::kMaxTableTensors)
     return fail(make_error(StatusCode::kInvalidArgument,
                            "checkpoint has " + std::to_string(ckpt->tensors.size()) +
                                " tensors; one model may have at most " +
-                               std::to_string(protocol::kMaxTensors)));
+                               std::to_string(protocol::kMaxTableTensors)));
   if (cancel->load()) return;  // opening can block; the store may be gone since
   std::string files = file_identity(*ckpt);
   if (reload && !force && files == old_files) {
@@ -634,27 +642,20 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
   auto sealed = (*slab)->seal();
   if (!sealed.ok()) return fail(sealed.error());
 
-  auto table = std::make_shared<std::vector<protocol::TensorInfo>>();
-  table->reserve(plan->tensors.size());
+  // The table is built once here, off the event loop; every lease shares it.
+  size_t name_bytes = 0;
+  for (const auto& t : plan->tensors) name_bytes += t.source.name.size();
+  protocol::TensorTableBuilder builder(plan->tensors.size(), name_bytes);
   for (const auto& t : plan->tensors) {
-    protocol::TensorInfo info;
-    info.name = t.source.name;
-    info.dtype = t.target_dtype;
-    info.shape = t.target_shape;
-    info.strides.resize(info.shape.size());
-    int64_t stride = 1;
-    for (size_t d = info.shape.size(); d-- > 0;) {
-      info.strides[d] = stride;
-      stride *= info.shape[d];
-    }
-    info.segment = t.placement.segment;
-    info.offset = t.placement.offset;
-    info.nbytes = t.target_bytes;
-    table->push_back(std::move(info));
+    auto added = builder.add(t.source.name, t.target_dtype, t.target_shape, {}, t.placement.segment,
+                             t.placement.offset, t.target_bytes);
+    if (!added.ok()) return fail(added.error());
   }
+  auto table = make_shared_table(builder, **slab);
+  if (!table.ok()) return fail(table.error());
   std::shared_ptr<memory::Slab> shared_slab(std::move(*slab));
   double secs = std::chrono::duration<double>(Clock::now() - start).count();
-  log::info("loaded " + model.spec.describe() + ": " + std::to_string(table->size()) +
+  log::info("loaded " + model.spec.describe() + ": " + std::to_string((*table)->size()) +
             " tensors, " + format_bytes(plan->bytes_to_read) + " in " + std::to_string(secs) +
             " s");
   publish([&](Entry& e) {
@@ -667,7 +668,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     g.number = e.next_number++;
     g.token = next_generation();
     g.slab = shared_slab;
-    g.tensors = table;
+    g.table = *table;
     g.files = files;
     g.created_at_ms = unix_time_ms();
     e.generations.push_back(std::move(g));
@@ -727,7 +728,7 @@ Result<LeaseGrant> ModelStore::lease_locked(Entry& e, size_t index) {
   grant.status.generation = g.number;  // the one leased, which may be an older one
   grant.status.fingerprint = g.fingerprint;
   grant.slab = g.slab;
-  grant.tensors = g.tensors;
+  grant.table = g.table;
   grant.generation = g.token;
   return grant;
 }

@@ -20,6 +20,7 @@
 #include "loader/loader.hpp"
 #include "memory/backend.hpp"
 #include "protocol/messages.hpp"
+#include "protocol/tensor_table.hpp"
 
 namespace companion::server {
 
@@ -66,7 +67,7 @@ struct LeaseGrant {
   std::string key;  // the store's key of the model (for release)
   ModelStatus status;
   std::shared_ptr<memory::Slab> slab;
-  std::shared_ptr<const std::vector<protocol::TensorInfo>> tensors;
+  std::shared_ptr<const protocol::SharedTensorTable> table;
   std::vector<memory::SegmentExport> exports;
   uint64_t generation = 0;  // which generation this lease pins (a token, not its number)
 };
@@ -74,7 +75,7 @@ struct LeaseGrant {
 // A writer's slab of a publication: writable exports for it alone, and the table laid out in it.
 struct WriterGrant {
   ModelStatus status;
-  std::shared_ptr<const std::vector<protocol::TensorInfo>> tensors;
+  std::shared_ptr<const protocol::SharedTensorTable> table;
   std::vector<memory::SegmentExport> exports;
   uint64_t generation = 0;  // the number it gets when committed
 };

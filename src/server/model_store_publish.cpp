@@ -208,35 +208,40 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     settle(0);
     return exports.error();
   }
-  auto tensors = std::make_shared<std::vector<protocol::TensorInfo>>();
-  tensors->resize(table.size());
-  std::unordered_map<std::string_view, size_t> by_name;
-  by_name.reserve(table.size());
+  // Where each tensor lies; an alias where the tensor it names does (check_table made sure that
+  // one comes earlier and has its own bytes).
+  std::vector<uint32_t> segment_of(table.size(), 0);
+  std::vector<uint64_t> offset_of(table.size(), 0);
   for (size_t k = 0; k < owners.size(); ++k) {
     size_t i = owners[k];
     if (i == table.size()) continue;
-    (*tensors)[i].segment = layout.placements[k].segment;
-    (*tensors)[i].offset = layout.placements[k].offset;
-    (*tensors)[i].nbytes = bytes[i];
+    segment_of[i] = layout.placements[k].segment;
+    offset_of[i] = layout.placements[k].offset;
   }
-  for (size_t i = 0; i < table.size(); ++i) {
-    protocol::TensorInfo& info = (*tensors)[i];
-    info.name = table[i].name;
-    info.dtype = table[i].dtype;
-    info.shape = table[i].shape;
-    info.strides.resize(info.shape.size());
-    int64_t stride = 1;
-    for (size_t d = info.shape.size(); d-- > 0;) {
-      info.strides[d] = stride;
-      stride *= info.shape[d];
-    }
-    by_name.emplace(info.name, i);
+  std::unordered_map<std::string_view, size_t> by_name;
+  size_t name_bytes = 0;
+  for (const auto& t : table) name_bytes += t.name.size();
+  protocol::TensorTableBuilder builder(table.size(), name_bytes);
+  Result<void> built = ok_result();
+  for (size_t i = 0; i < table.size() && built.ok(); ++i) {
     if (!table[i].alias_of.empty()) {
-      const protocol::TensorInfo& of = (*tensors)[by_name.at(table[i].alias_of)];
-      info.segment = of.segment;
-      info.offset = of.offset;
-      info.nbytes = of.nbytes;
+      size_t of = by_name.at(table[i].alias_of);
+      segment_of[i] = segment_of[of];
+      offset_of[i] = offset_of[of];
+      bytes[i] = bytes[of];
+    } else {
+      by_name.emplace(table[i].name, i);
     }
+    built = builder.add(table[i].name, table[i].dtype, table[i].shape, {}, segment_of[i],
+                        offset_of[i], bytes[i]);
+  }
+  auto tensors = built.ok()
+                     ? make_shared_table(builder, **slab)
+                     : Result<std::shared_ptr<const protocol::SharedTensorTable>>(built.error());
+  if (!tensors.ok()) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    settle(0);
+    return tensors.error();
   }
   WriterGrant grant;
   {
@@ -253,13 +258,13 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     // GPU memory shows as taken from now on; host pages only as the writer fills them.
     if (backend_->allocation_is_resident()) settle(0);
     e.writer->slab = std::shared_ptr<memory::Slab>(std::move(*slab));
-    e.writer->tensors = tensors;
+    e.writer->table = *tensors;
     e.writer->token = next_generation();
     e.writer->admitted = outstanding;
     e.bytes_total = slab_bytes;
     e.bytes_done = 0;
     grant.status = snapshot(e);
-    grant.tensors = tensors;
+    grant.table = *tensors;
     grant.exports = std::move(*exports);
     grant.generation = e.next_number;
   }
@@ -352,7 +357,7 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
       g.number = entry->next_number++;
       g.token = token;
       g.slab = w.slab;
-      g.tensors = w.tensors;
+      g.table = w.table;
       g.digests = std::move(digests);
       g.fingerprint = w.fingerprint;
       g.created_at_ms = unix_time_ms();

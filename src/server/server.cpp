@@ -68,6 +68,7 @@ struct Connection {
   Clock::time_point closing_since;                 // when `closing` was set
   Clock::time_point last_active = Clock::now();
   bool greeted = false;
+  uint16_t minor = 0;    // the protocol minor its Hello named: 2+ gets tables as memfds
   bool closing = false;  // close once the queue drains
   bool dead = false;     // close now
   std::map<uint64_t, Lease> leases;
@@ -535,6 +536,7 @@ class ServerImpl final : public Server {
                          "." + std::to_string(m.minor)));
     }
     c.greeted = true;
+    c.minor = m.minor;
     send(c, Message{rid, protocol::HelloReply{kProtocolMajor, kProtocolMinor, identity_}});
   }
 
@@ -780,8 +782,14 @@ class ServerImpl final : public Server {
     std::vector<protocol::SegmentInfo> segments = describe_segments(g->exports, fds);
     ModelStatus status = g->status;
     status.generation = g->generation;  // the number the writer's commit will get
-    enqueue(c, protocol::encode_parameters(rid, 0, status, segments, *g->tensors, true),
-            std::move(fds));
+    auto payload = parameters_payload(c, rid, 0, status, segments, *g->table, true, fds);
+    if (!payload.ok()) {
+      store_->abort(m.key, c.id);
+      c.publishing.erase(m.key);
+      hand_over(m.key);
+      return reply_error(c, rid, payload.error());
+    }
+    enqueue(c, std::move(*payload), std::move(fds));
   }
 
   void on_commit(Connection& c, uint64_t rid, const protocol::PublishCommit& m) {
@@ -861,7 +869,7 @@ class ServerImpl final : public Server {
                                         "some first"));
     }
     const std::string& key = g->key;
-    size_t fd_count = 0;
+    size_t fd_count = c.minor >= 2 ? 1 : 0;  // the table's memfd
     for (const auto& e : g->exports) fd_count += e.fd.valid() ? 1 : 0;
     // Descriptors wait in the queue until the client reads them: bounded per client and in all.
     if (fd_count > 0 && (c.queued_fds + fd_count > limits_.max_queued_fds ||
@@ -886,9 +894,37 @@ class ServerImpl final : public Server {
     uint64_t lease_id = next_lease_++;
     std::vector<UniqueFd> fds;
     std::vector<protocol::SegmentInfo> segments = describe_segments(g->exports, fds);
-    auto payload = protocol::encode_parameters(rid, lease_id, g->status, segments, *g->tensors);
+    auto payload = parameters_payload(c, rid, lease_id, g->status, segments, *g->table, false, fds);
+    if (!payload.ok()) {
+      store_->release(key, g->generation);
+      return reply_error(c, rid, payload.error());
+    }
     c.leases[lease_id] = Connection::Lease{key, g->generation, g->slab};
-    enqueue(c, std::move(payload), std::move(fds));
+    enqueue(c, std::move(*payload), std::move(fds));
+  }
+
+  // A Parameters reply: the shared table's memfd (appended to fds) for clients of protocol 1.2,
+  // the tensors inline for older ones (at most protocol::kMaxTensors of them).
+  static Result<std::vector<uint8_t>> parameters_payload(
+      const Connection& c, uint64_t rid, uint64_t lease_id, const ModelStatus& status,
+      std::span<const protocol::SegmentInfo> segments, const protocol::SharedTensorTable& table,
+      bool writable, std::vector<UniqueFd>& fds) {
+    if (c.minor >= 2) {
+      COMPANION_ASSIGN_OR_RETURN(UniqueFd table_fd, table.share());
+      auto index = static_cast<int32_t>(fds.size());
+      fds.push_back(std::move(table_fd));
+      return protocol::encode_parameters_with_table(rid, lease_id, status, segments, index,
+                                                    table.bytes(), writable);
+    }
+    if (table.size() > protocol::kMaxTensors)
+      return make_error(StatusCode::kLimitExceeded,
+                        "'" + printable_text(status.key) + "' has " + std::to_string(table.size()) +
+                            " tensors; a client of protocol 1." + std::to_string(c.minor) +
+                            " takes at most " + std::to_string(protocol::kMaxTensors) +
+                            " (clients of protocol 1.2 take up to " +
+                            std::to_string(protocol::kMaxTableTensors) + ")");
+    return protocol::encode_parameters_inline(rid, lease_id, status, segments, table.view(),
+                                              writable);
   }
 
   // Segment descriptions for a Parameters reply; their descriptors move to fds.

@@ -20,7 +20,8 @@ struct Generation {
   uint64_t number = 0;  // 1, 2, ... per key, shown to users
   uint64_t token = 0;   // next_generation(): what leases name
   std::shared_ptr<memory::Slab> slab;
-  std::shared_ptr<const std::vector<protocol::TensorInfo>> tensors;
+  // The tensor table, built once (sealed memfd) and shared by every lease of the generation.
+  std::shared_ptr<const protocol::SharedTensorTable> table;
   uint32_t leases = 0;
   std::vector<std::string> digests;  // per segment (published)
   Fingerprint fingerprint;           // published
@@ -33,7 +34,7 @@ struct Writer {
   uint64_t owner = 0;
   Fingerprint fingerprint;
   std::shared_ptr<memory::Slab> slab;
-  std::shared_ptr<const std::vector<protocol::TensorInfo>> tensors;
+  std::shared_ptr<const protocol::SharedTensorTable> table;
   uint64_t token = 0;
   uint64_t admitted = 0;    // bytes of it still counted in admitted_bytes_
   bool committing = false;  // a worker is digesting and sealing it
@@ -80,6 +81,9 @@ struct ModelStore::WorkerPool {
 // A new lease token: one counter for the whole store, so that a lease of an unloaded entry is
 // never released against a new entry of the same key.
 uint64_t next_generation();
+// Serialises a table into a sealed memfd, checked against the slab's segments.
+Result<std::shared_ptr<const protocol::SharedTensorTable>> make_shared_table(
+    const protocol::TensorTableBuilder& builder, const memory::Slab& slab);
 // kFingerprintMismatch naming the differing fields, unless have == want.
 Result<void> check_fingerprint(const std::string& key, uint64_t number, const Fingerprint& have,
                                const Fingerprint& want);

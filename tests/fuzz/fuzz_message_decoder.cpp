@@ -17,6 +17,9 @@ using companion::fuzz::check;
 std::vector<uint8_t> encode_any(const Message& message) {
   const auto* p = std::get_if<Parameters>(&message.body);
   if (p == nullptr) return encode(message);
+  if (p->table_fd_index >= 0)
+    return encode_parameters_with_table(message.request_id, p->lease_id, p->model, p->segments,
+                                        p->table_fd_index, p->table_bytes, p->writable);
   std::vector<TensorInfo> tensors;
   tensors.reserve(p->tensors.size());
   for (const TensorRef& t : p->tensors)

@@ -43,9 +43,10 @@ using json = nlohmann::json;
 using protocol::Message;
 
 constexpr const char* kModes[] = {
-    "garbage",           "bad-magic",   "bad-flags",         "oversized",    "truncated",
-    "no-hello",          "bad-version", "malformed-body",    "with-fds",     "die-mid-request",
-    "die-holding-lease", "slow-reader", "unread-parameters", "first-answer", "pipelined"};
+    "garbage",           "bad-magic",       "bad-flags",         "oversized",
+    "truncated",         "no-hello",        "bad-version",       "malformed-body",
+    "with-fds",          "die-mid-request", "die-holding-lease", "slow-reader",
+    "unread-parameters", "first-answer",    "pipelined",         "old-minor"};
 
 struct Options {
   std::string socket;
@@ -107,7 +108,7 @@ Options parse(int argc, char** argv) {
   for (const char* m : kModes) known = known || o.mode == m;
   if (!known) usage(o.mode.empty() ? "--mode is required" : "unknown mode '" + o.mode + "'");
   if ((o.mode == "die-mid-request" || o.mode == "die-holding-lease" ||
-       o.mode == "unread-parameters") &&
+       o.mode == "unread-parameters" || o.mode == "old-minor") &&
       o.model.empty())
     usage("--mode " + o.mode + " needs --model");
   return o;
@@ -388,6 +389,27 @@ int run(const Options& o) {
     }
     out["requests"] = kRequests;
     out["answered"] = answered;
+  } else if (o.mode == "old-minor") {
+    // A client of protocol 1.1 (before table memfds) asks for --model: how are tensors sent?
+    protocol::Hello hello;
+    hello.minor = 1;
+    hello.client_name = "companion-fault-client";
+    hello.pid = ::getpid();
+    send_message(fd, Message{1, hello}, out);
+    json reply;
+    auto h = read_answer(fd, reader, timeout_s, reply);
+    if (!h || !std::holds_alternative<protocol::HelloReply>(h->body))
+      fail(out, "the server did not answer hello with HelloReply");
+    ModelSpec spec;
+    spec.source = o.model;
+    send_message(fd, Message{2, protocol::GetParameters{spec, true}}, out);
+    auto m = read_answer(fd, reader, timeout_s, out);
+    if (m)
+      if (const auto* p = std::get_if<protocol::Parameters>(&m->body)) {
+        out["tensors"] = p->tensors.size();
+        out["table_fd_index"] = p->table_fd_index;
+        if (!p->tensors.empty()) out["last"] = std::string(p->tensors.back().name);
+      }
   } else if (o.mode == "first-answer") {
     // Sends nothing: what does the server say to a connection it does not take?
     report_answer(fd, reader, timeout_s, out);

@@ -172,8 +172,9 @@ class ModelStoreTest : public ::testing::Test {
   void expect_grant_bytes(const LeaseGrant& grant, const std::string& path,
                           std::optional<DType> cast = std::nullopt) {
     const auto& tensors = models.at(path);
-    ASSERT_TRUE(grant.tensors);
-    ASSERT_EQ(grant.tensors->size(), tensors.size());
+    ASSERT_TRUE(grant.table);
+    const protocol::TensorTableView& table = grant.table->view();
+    ASSERT_EQ(table.size(), tensors.size());
     ASSERT_TRUE(grant.slab);
     std::vector<std::unique_ptr<memory::MappedSegment>> mapped;
     auto exports = grant.slab->export_segments();
@@ -186,13 +187,14 @@ class ModelStoreTest : public ::testing::Test {
     }
     for (const auto& t : tensors) {
       SCOPED_TRACE(t.name);
-      auto info = std::find_if(grant.tensors->begin(), grant.tensors->end(),
-                               [&](const auto& i) { return i.name == t.name; });
-      ASSERT_NE(info, grant.tensors->end());
+      size_t index = table.find(t.name);
+      ASSERT_NE(index, protocol::TensorTableView::npos);
+      const protocol::TensorRef found = table[index];
+      const protocol::TensorRef* info = &found;
       DType target = t.dtype;
       if (cast && dtype_is_float_convertible(t.dtype)) target = *cast;
       EXPECT_EQ(info->dtype, target);
-      EXPECT_EQ(info->shape, t.shape);
+      EXPECT_EQ(std::vector<int64_t>(info->shape.begin(), info->shape.end()), t.shape);
       std::string want = t.bytes;
       if (target != t.dtype) {
         size_t n = t.bytes.size() / dtype_size(t.dtype);
@@ -254,7 +256,8 @@ TEST_F(ModelStoreTest, LoadsAModel) {
   ASSERT_TRUE(grant.ok()) << grant.error().to_string();
   expect_grant_bytes(*grant, path);
   // Row-major strides.
-  for (const auto& info : *grant->tensors) {
+  for (size_t i = 0; i < grant->table->size(); ++i) {
+    const protocol::TensorRef info = grant->table->view()[i];
     ASSERT_EQ(info.strides.size(), info.shape.size());
     int64_t stride = 1;
     for (size_t d = info.shape.size(); d-- > 0;) {
@@ -1087,9 +1090,9 @@ TEST_F(ModelStoreTest, APublicationIsClaimedDeclaredCommittedAndLeased) {
   EXPECT_EQ(store->declare("pub", 2, table).error().code, StatusCode::kInvalidArgument);
   auto grant = store->declare("pub", 1, table);
   ASSERT_TRUE(grant.ok()) << grant.error().to_string();
-  ASSERT_EQ(grant->tensors->size(), 3u);
-  EXPECT_EQ((*grant->tensors)[2].offset, (*grant->tensors)[0].offset);
-  EXPECT_EQ((*grant->tensors)[1].offset % loader::kTensorAlignment, 0u);
+  ASSERT_EQ(grant->table->size(), 3u);
+  EXPECT_EQ(grant->table->view()[2].offset, grant->table->view()[0].offset);
+  EXPECT_EQ(grant->table->view()[1].offset % loader::kTensorAlignment, 0u);
   EXPECT_EQ(grant->generation, 1u);
   EXPECT_EQ(store->status(published_store_key("pub")).state, ModelState::kLoading);
 
