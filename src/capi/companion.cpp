@@ -60,8 +60,7 @@ static_assert(offsetof(companion_tensor_record, segment) == 60);
 // The unsized entry points serve binaries built against companion.h before the *_sized calls
 // existed: those callers' structs end where that header's did. Their sizes are frozen here
 // (through the last member that header declared) and must not change when a struct grows.
-#define COMPANION_SIZE_THROUGH(type, member) \
-  (offsetof(type, member) + sizeof(static_cast<type*>(nullptr)->member))
+#define COMPANION_SIZE_THROUGH(type, member) (offsetof(type, member) + sizeof(type::member))
 constexpr size_t kLegacyConnectOptionsSize =
     COMPANION_SIZE_THROUGH(companion_connect_options, instance_id);
 constexpr size_t kLegacyModelSpecSize = COMPANION_SIZE_THROUGH(companion_model_spec, tag);
@@ -272,7 +271,7 @@ void init_struct(T* out, size_t caller_size, T value) noexcept {
   std::memcpy(static_cast<void*>(out), &value, size);
 }
 
-// A struct with every byte zero (padding included, so that what init_struct copies is defined).
+// A struct with every byte zero, padding included.
 template <typename T>
 T zeroed() noexcept {
   T value;
@@ -452,7 +451,8 @@ void companion_free(void* pointer) {
 
 // ---- options -------------------------------------------------------------------------------
 
-// The names of these definitions are parenthesised: companion.h also defines them as macros.
+// The unsized functions' definitions parenthesise their names: companion.h also defines those
+// names as macros (passing sizeof to the *_sized functions).
 
 void companion_connect_options_init_sized(companion_connect_options* options, size_t size) {
   auto defaults = zeroed<companion_connect_options>();
