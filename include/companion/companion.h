@@ -106,7 +106,8 @@ typedef struct companion_model_spec {
   const char* tag;      /* NULL = none */
 } companion_model_spec;
 
-/** One tensor of a mapped model. Pointers stay valid until the model is released. */
+/** One tensor of a mapped model. Pointers stay valid until the model is released. Newer headers
+ * may append fields: the calls filling it take its size (companion_model_tensor_sized...). */
 typedef struct companion_tensor {
   const char* name; /* not NUL-terminated: use name_length */
   size_t name_length;
@@ -155,7 +156,8 @@ typedef struct companion_model_table {
   size_t segments; /* mappings of the model: records' segment is below this */
 } companion_model_table;
 
-/** One entry of a table to publish. */
+/** One entry of a table to publish. Newer headers may append fields: arrays of entries are read
+ * by the caller's sizeof (companion_publication_declare_sized). */
 typedef struct companion_tensor_decl {
   const char* name;     /* NUL-terminated, unique in the table */
   int32_t dtype;        /* companion_dtype */
