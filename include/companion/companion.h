@@ -9,8 +9,21 @@
  *   ownership to the caller, who frees it with the matching *_close / *_release.
  * - Strings returned through char** (JSON documents) are allocated by the library; free them with
  *   companion_free(). Strings passed in are borrowed for the duration of the call.
- * - Option structs start with struct_size: set it with the *_init function, which also fills the
- *   defaults, so the structs can grow without breaking older callers.
+ * - Structs grow by appending fields, and the library never reads or writes past the end of the
+ *   caller's struct (compiled against an older or newer companion.h): it uses the first
+ *   min(caller's size, library's size) bytes and treats fields past the caller's end as their
+ *   defaults. The caller's size travels in one of two ways:
+ *   - option and table structs start with struct_size. companion_X_init(p) fills the defaults and
+ *     sets struct_size to min(sizeof *p, the library's size): a value below sizeof *p says that
+ *     the library is older than the header and ignores the fields past struct_size.
+ *   - companion_tensor and companion_tensor_decl have no size field: the calls that fill or read
+ *     them take the size as an argument (companion_model_tensor_sized...).
+ *   The familiar names (companion_connect_options_init, companion_model_tensor...) are macros
+ *   that pass sizeof of the caller's struct to the *_sized function (see the end of this file),
+ *   so recompiled callers need no change. The functions of those names remain, for binaries
+ *   built before the *_sized calls existed: they use exactly the struct sizes of that header.
+ *   A literal NULL as the struct pointer no longer compiles through a macro (sizeof *NULL): call
+ *   the *_sized function for that.
  * - No function throws or aborts: C++ exceptions never cross this boundary.
  *
  * Thread safety
@@ -93,7 +106,8 @@ typedef struct companion_model_spec {
   const char* tag;      /* NULL = none */
 } companion_model_spec;
 
-/** One tensor of a mapped model. Pointers stay valid until the model is released. */
+/** One tensor of a mapped model. Pointers stay valid until the model is released. Newer headers
+ * may append fields: the calls filling it take its size (companion_model_tensor_sized...). */
 typedef struct companion_tensor {
   const char* name; /* not NUL-terminated: use name_length */
   size_t name_length;
@@ -142,7 +156,8 @@ typedef struct companion_model_table {
   size_t segments; /* mappings of the model: records' segment is below this */
 } companion_model_table;
 
-/** One entry of a table to publish. */
+/** One entry of a table to publish. Newer headers may append fields: arrays of entries are read
+ * by the caller's sizeof (companion_publication_declare_sized). */
 typedef struct companion_tensor_decl {
   const char* name;     /* NUL-terminated, unique in the table */
   int32_t dtype;        /* companion_dtype */
@@ -197,6 +212,14 @@ COMPANION_API void companion_free(void* pointer);
 
 /** ---- options ------------------------------------------------------------------------------ */
 
+/** Fill the defaults into the first min(size, library's size) bytes and set struct_size to that
+ * many (nothing is written when size cannot hold struct_size). Called through the macros
+ * companion_connect_options_init(p) / companion_model_spec_init(p), which pass sizeof *p. */
+COMPANION_API void companion_connect_options_init_sized(companion_connect_options* options,
+                                                        size_t size);
+COMPANION_API void companion_model_spec_init_sized(companion_model_spec* spec, size_t size);
+/** For binaries built against a header without the *_sized calls: as *_init_sized with that
+ * header's struct size. */
 COMPANION_API void companion_connect_options_init(companion_connect_options* options);
 COMPANION_API void companion_model_spec_init(companion_model_spec* spec);
 
@@ -247,11 +270,25 @@ companion_client_get_model_parameters(companion_client* client, const companion_
 /** Unmaps the model and releases its lease. Tensors from it must not be used afterwards. */
 COMPANION_API void companion_model_release(companion_model* model);
 COMPANION_API size_t companion_model_tensor_count(const companion_model* model);
+/** Fills the first min(tensor_size, library's size) bytes of *tensor (tensor_size 0 is refused).
+ * Called through the macro companion_model_tensor(model, index, tensor), which passes
+ * sizeof *tensor. */
+COMPANION_API companion_status companion_model_tensor_sized(const companion_model* model,
+                                                            size_t index, companion_tensor* tensor,
+                                                            size_t tensor_size);
+/** As companion_model_tensor_sized, by name (macro: companion_model_find(model, name, tensor)).
+ * COMPANION_NOT_FOUND when the model has no tensor of that name. */
+COMPANION_API companion_status companion_model_find_sized(const companion_model* model,
+                                                          const char* name,
+                                                          companion_tensor* tensor,
+                                                          size_t tensor_size);
+/** For binaries built against a header without the *_sized calls (that header's tensor size). */
 COMPANION_API companion_status companion_model_tensor(const companion_model* model, size_t index,
                                                       companion_tensor* tensor);
-/** COMPANION_NOT_FOUND when the model has no tensor of that name. */
 COMPANION_API companion_status companion_model_find(const companion_model* model, const char* name,
                                                     companion_tensor* tensor);
+/** As companion_connect_options_init_sized (macro: companion_model_table_init(table)). */
+COMPANION_API void companion_model_table_init_sized(companion_model_table* table, size_t size);
 COMPANION_API void companion_model_table_init(companion_model_table* table);
 /** The whole table in one call (no call per tensor): fills *table with pointers to arrays the
  * model handle owns (built on the first call, then shared; thread-safe). */
@@ -274,13 +311,23 @@ COMPANION_API companion_status companion_publish_claim(companion_client* client,
                                                        const char* fingerprint_json, int32_t mode,
                                                        double timeout_s,
                                                        companion_publication** publication);
-/** Declares the table; the server allocates its slab. Once per publication. */
+/** Declares the table; the server allocates its slab. Once per publication. The entries are
+ * decl_size bytes apart (macro: companion_publication_declare(publication, tensors, count)
+ * passes sizeof *tensors); decl_size must cover name..shape, and fields past it are defaults. */
+COMPANION_API companion_status companion_publication_declare_sized(
+    companion_publication* publication, const companion_tensor_decl* tensors, size_t count,
+    size_t decl_size);
+COMPANION_API size_t companion_publication_tensor_count(const companion_publication* publication);
+/** A declared tensor; `data` is writable (cast away const) until commit. Host or device memory
+ * (device_type), as the server's backend. Fills min(tensor_size, library's size) bytes (macro:
+ * companion_publication_tensor(publication, index, tensor)). */
+COMPANION_API companion_status
+companion_publication_tensor_sized(const companion_publication* publication, size_t index,
+                                   companion_tensor* tensor, size_t tensor_size);
+/** For binaries built against a header without the *_sized calls (that header's struct sizes). */
 COMPANION_API companion_status companion_publication_declare(companion_publication* publication,
                                                              const companion_tensor_decl* tensors,
                                                              size_t count);
-COMPANION_API size_t companion_publication_tensor_count(const companion_publication* publication);
-/** A declared tensor; `data` is writable (cast away const) until commit. Host or device memory
- * (device_type), as the server's backend. */
 COMPANION_API companion_status companion_publication_tensor(
     const companion_publication* publication, size_t index, companion_tensor* tensor);
 /** Key, generation, segments and bytes as JSON. */
@@ -295,6 +342,9 @@ COMPANION_API companion_status companion_publication_commit(companion_publicatio
 /** Aborts if not committed (the server frees the slab) and frees the handle. */
 COMPANION_API void companion_publication_close(companion_publication* publication);
 
+/** As companion_connect_options_init_sized (macro: companion_attach_options_init(options)). */
+COMPANION_API void companion_attach_options_init_sized(companion_attach_options* options,
+                                                       size_t size);
 COMPANION_API void companion_attach_options_init(companion_attach_options* options);
 /** Maps a published model (or, with or_source, a checkpoint) read-only, checking the fingerprint
  * when asked. */
@@ -321,6 +371,25 @@ COMPANION_API companion_status companion_client_subscribe_key(companion_client* 
 COMPANION_API companion_status companion_status_stream_next(companion_status_stream* stream,
                                                             double timeout_s, char** json);
 COMPANION_API void companion_status_stream_close(companion_status_stream* stream);
+
+/** ---- sizes of the caller's structs ------------------------------------------------------- */
+/* The familiar names pass the size of the caller's struct, as this header declares it, to the
+ * *_sized functions (see Conventions at the top). Defined after the declarations, so that the
+ * functions of the same names stay declared for binaries built before; (name)(args) calls one. */
+#define companion_connect_options_init(options) \
+  companion_connect_options_init_sized((options), sizeof *(options))
+#define companion_model_spec_init(spec) companion_model_spec_init_sized((spec), sizeof *(spec))
+#define companion_attach_options_init(options) \
+  companion_attach_options_init_sized((options), sizeof *(options))
+#define companion_model_table_init(table) companion_model_table_init_sized((table), sizeof *(table))
+#define companion_model_tensor(model, index, tensor) \
+  companion_model_tensor_sized((model), (index), (tensor), sizeof *(tensor))
+#define companion_model_find(model, name, tensor) \
+  companion_model_find_sized((model), (name), (tensor), sizeof *(tensor))
+#define companion_publication_tensor(publication, index, tensor) \
+  companion_publication_tensor_sized((publication), (index), (tensor), sizeof *(tensor))
+#define companion_publication_declare(publication, tensors, count) \
+  companion_publication_declare_sized((publication), (tensors), (count), sizeof *(tensors))
 
 #ifdef __cplusplus
 }

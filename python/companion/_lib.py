@@ -66,7 +66,8 @@ class ModelSpecC(ctypes.Structure):
 
 
 class TensorC(ctypes.Structure):
-    """companion_tensor."""
+    """companion_tensor (no size field: the calls filling it are passed its size, see
+    _SIZED_BINDINGS)."""
 
     _fields_ = [
         ("name", c_void_p),  # not NUL-terminated: name_length bytes
@@ -182,6 +183,32 @@ _OPTIONAL_PROTOTYPES = {
     # table a tensor at a time.
     "companion_model_table_init": (None, [_P(ModelTableC)]),
     "companion_model_get_table": (_status, [c_void_p, _P(ModelTableC)]),
+    # The calls taking the caller's struct size (see _SIZED_BINDINGS).
+    "companion_connect_options_init_sized": (None, [_P(ConnectOptions), c_size_t]),
+    "companion_model_spec_init_sized": (None, [_P(ModelSpecC), c_size_t]),
+    "companion_attach_options_init_sized": (None, [_P(AttachOptionsC), c_size_t]),
+    "companion_model_table_init_sized": (None, [_P(ModelTableC), c_size_t]),
+    "companion_model_tensor_sized": (_status, [c_void_p, c_size_t, _P(TensorC), c_size_t]),
+    "companion_model_find_sized": (_status, [c_void_p, c_char_p, _P(TensorC), c_size_t]),
+    "companion_publication_tensor_sized": (_status, [c_void_p, c_size_t, _P(TensorC), c_size_t]),
+    "companion_publication_declare_sized": (_status, [c_void_p, _P(TensorDeclC), c_size_t,
+                                                      c_size_t]),
+}
+
+# In companion.h these names are macros passing sizeof the caller's struct to the *_sized call,
+# so that a library newer than the caller (with longer structs) never writes past them. The
+# package binds the same names the same way, passing the sizes of its own structs above: its
+# callers keep calling lib.companion_model_tensor(...) and the like. A library without the
+# *_sized calls keeps its own functions of these names (its structs are no longer than these).
+_SIZED_BINDINGS = {
+    "companion_connect_options_init": ("companion_connect_options_init_sized", ConnectOptions),
+    "companion_model_spec_init": ("companion_model_spec_init_sized", ModelSpecC),
+    "companion_attach_options_init": ("companion_attach_options_init_sized", AttachOptionsC),
+    "companion_model_table_init": ("companion_model_table_init_sized", ModelTableC),
+    "companion_model_tensor": ("companion_model_tensor_sized", TensorC),
+    "companion_model_find": ("companion_model_find_sized", TensorC),
+    "companion_publication_tensor": ("companion_publication_tensor_sized", TensorC),
+    "companion_publication_declare": ("companion_publication_declare_sized", TensorDeclC),
 }
 
 # C claim modes (companion_claim_mode).
@@ -263,6 +290,7 @@ def load_library() -> ctypes.CDLL:
                 if fn is not None:
                     fn.restype = restype
                     fn.argtypes = argtypes
+            _bind_sized(candidate)
             _lib, _lib_path = candidate, path
             return candidate
         detail = "; ".join(problems) if problems else "no candidate file exists"
@@ -272,14 +300,30 @@ def load_library() -> ctypes.CDLL:
             f"into {pathlib.Path(__file__).resolve().parent}/.")
 
 
+def _bind_sized(lib: ctypes.CDLL) -> None:
+    """Binds each name of _SIZED_BINDINGS on lib to its *_sized call with the package's struct
+    size appended (as companion.h's macros do)."""
+    for name, (sized_name, struct) in _SIZED_BINDINGS.items():
+        sized = getattr(lib, sized_name, None)
+        if sized is None:
+            continue
+
+        def call(*args: Any, _sized: Any = sized, _size: int = ctypes.sizeof(struct)) -> Any:
+            return _sized(*args, _size)
+
+        call.__name__ = name
+        setattr(lib, name, call)
+
+
 def function(name: str) -> Any:
     """A function of the library, also one of the optional ones (publishing, attach, reload):
     raises :class:`companion.Error` naming the library when it lacks it (an older build)."""
     lib = load_library()
     fn = getattr(lib, name, None) if name in _OPTIONAL_PROTOTYPES else getattr(lib, name)
     if fn is None:
-        raise Error(f"{_lib_path} has no {name}(): it predates publishing (protocol 1.1); "
-                    "rebuild or upgrade libcompanion.so")
+        raise Error(f"{_lib_path} has no {name}(): the library is older than this package "
+                    "(publishing came with protocol 1.1, the *_sized calls later); rebuild or "
+                    "upgrade libcompanion.so")
     return fn
 
 

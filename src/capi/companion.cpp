@@ -3,6 +3,7 @@
 // message (companion_last_error).
 #include "companion/companion.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -54,6 +55,29 @@ static_assert(companion::kDTypeCount == COMPANION_DTYPE_F8_E5M2 + 1);
 static_assert(sizeof(companion_tensor_record) == 64);
 static_assert(offsetof(companion_tensor_record, name_length) == 40);
 static_assert(offsetof(companion_tensor_record, segment) == 60);
+#endif
+
+// The unsized entry points serve binaries built against companion.h before the *_sized calls
+// existed: those callers' structs end where that header's did. Their sizes are frozen here
+// (through the last member that header declared) and must not change when a struct grows.
+#define COMPANION_SIZE_THROUGH(type, member) (offsetof(type, member) + sizeof(type::member))
+constexpr size_t kLegacyConnectOptionsSize =
+    COMPANION_SIZE_THROUGH(companion_connect_options, instance_id);
+constexpr size_t kLegacyModelSpecSize = COMPANION_SIZE_THROUGH(companion_model_spec, tag);
+constexpr size_t kLegacyAttachOptionsSize =
+    COMPANION_SIZE_THROUGH(companion_attach_options, timeout_s);
+constexpr size_t kLegacyModelTableSize = COMPANION_SIZE_THROUGH(companion_model_table, segments);
+constexpr size_t kLegacyTensorSize = COMPANION_SIZE_THROUGH(companion_tensor, device_id);
+constexpr size_t kLegacyTensorDeclSize = COMPANION_SIZE_THROUGH(companion_tensor_decl, alias_of);
+// A declaration must reach at least through shape (alias_of and later fields have defaults).
+constexpr size_t kRequiredTensorDeclSize = COMPANION_SIZE_THROUGH(companion_tensor_decl, shape);
+#undef COMPANION_SIZE_THROUGH
+#if UINTPTR_MAX == UINT64_MAX
+// The 64-bit values, so that a member inserted before these ones (which would move them) fails
+// here.
+static_assert(kLegacyConnectOptionsSize == 72 && kLegacyModelSpecSize == 48 &&
+              kLegacyAttachOptionsSize == 40 && kLegacyModelTableSize == 64 &&
+              kLegacyTensorSize == 64 && kLegacyTensorDeclSize == 32);
 #endif
 
 // The opaque handles of companion.h.
@@ -236,8 +260,35 @@ void clear_out(T** out) noexcept {
   if (out != nullptr) *out = nullptr;
 }
 
+// Copies the first min(caller_size, sizeof(T)) bytes of `value` into the caller's struct (which
+// ends after caller_size bytes), with struct_size saying how many that was. Nothing is written
+// when the caller's struct cannot even hold struct_size.
+template <typename T>
+void init_struct(T* out, size_t caller_size, T value) noexcept {
+  if (out == nullptr || caller_size < sizeof(value.struct_size)) return;
+  size_t size = std::min(caller_size, sizeof(T));
+  value.struct_size = static_cast<uint32_t>(size);
+  std::memcpy(static_cast<void*>(out), &value, size);
+}
+
+// A struct with every byte zero, padding included.
+template <typename T>
+T zeroed() noexcept {
+  T value;
+  std::memset(static_cast<void*>(&value), 0, sizeof(value));
+  return value;
+}
+
+// Writes a tensor into the caller's companion_tensor of tensor_size bytes (its header's sizeof).
+// The callers have checked that out is not NULL.
+companion_status put_tensor(const companion_tensor& t, companion_tensor* out, size_t tensor_size) {
+  if (tensor_size == 0) return invalid("tensor_size is 0: pass sizeof(companion_tensor)");
+  std::memcpy(static_cast<void*>(out), &t, std::min(tensor_size, sizeof(t)));
+  return COMPANION_OK;
+}
+
 companion_tensor to_c(const companion::TensorView& v) {
-  companion_tensor t{};
+  auto t = zeroed<companion_tensor>();
   t.name = v.name.data();
   t.name_length = v.name.size();
   t.dtype = static_cast<int32_t>(v.dtype);
@@ -400,30 +451,39 @@ void companion_free(void* pointer) {
 
 // ---- options -------------------------------------------------------------------------------
 
-void companion_connect_options_init(companion_connect_options* options) {
-  if (options == nullptr) return;
-  std::memset(static_cast<void*>(options), 0, sizeof(*options));
-  options->struct_size = sizeof(*options);
-  options->ns = "companion";
-  options->device = "host";
-  options->socket_path = nullptr;
-  options->runtime_dir = nullptr;
-  options->client_name = "companion-c";
-  options->discovery_timeout_s = 0.0;
-  options->registry = nullptr;
-  options->instance_id = nullptr;
+// The unsized functions' definitions parenthesise their names: companion.h also defines those
+// names as macros (passing sizeof to the *_sized functions).
+
+void companion_connect_options_init_sized(companion_connect_options* options, size_t size) {
+  auto defaults = zeroed<companion_connect_options>();
+  defaults.ns = "companion";
+  defaults.device = "host";
+  defaults.socket_path = nullptr;
+  defaults.runtime_dir = nullptr;
+  defaults.client_name = "companion-c";
+  defaults.discovery_timeout_s = 0.0;
+  defaults.registry = nullptr;
+  defaults.instance_id = nullptr;
+  init_struct(options, size, defaults);
 }
 
-void companion_model_spec_init(companion_model_spec* spec) {
-  if (spec == nullptr) return;
-  std::memset(static_cast<void*>(spec), 0, sizeof(*spec));
-  spec->struct_size = sizeof(*spec);
-  spec->source = nullptr;
-  spec->revision = nullptr;
-  spec->dtype = nullptr;
-  spec->tp_size = 1;
-  spec->tp_rank = 0;
-  spec->tag = nullptr;
+void(companion_connect_options_init)(companion_connect_options* options) {
+  companion_connect_options_init_sized(options, kLegacyConnectOptionsSize);
+}
+
+void companion_model_spec_init_sized(companion_model_spec* spec, size_t size) {
+  auto defaults = zeroed<companion_model_spec>();
+  defaults.source = nullptr;
+  defaults.revision = nullptr;
+  defaults.dtype = nullptr;
+  defaults.tp_size = 1;
+  defaults.tp_rank = 0;
+  defaults.tag = nullptr;
+  init_struct(spec, size, defaults);
+}
+
+void(companion_model_spec_init)(companion_model_spec* spec) {
+  companion_model_spec_init_sized(spec, kLegacyModelSpecSize);
 }
 
 // ---- client --------------------------------------------------------------------------------
@@ -596,8 +656,8 @@ size_t companion_model_tensor_count(const companion_model* model) {
   return model == nullptr ? 0 : model->model->tensors().size();
 }
 
-companion_status companion_model_tensor(const companion_model* model, size_t index,
-                                        companion_tensor* tensor) {
+companion_status companion_model_tensor_sized(const companion_model* model, size_t index,
+                                              companion_tensor* tensor, size_t tensor_size) {
   return guarded([&]() -> companion_status {
     if (model == nullptr) return invalid("model is NULL");
     if (tensor == nullptr) return invalid("tensor (the out pointer) is NULL");
@@ -606,13 +666,17 @@ companion_status companion_model_tensor(const companion_model* model, size_t ind
       return invalid(("tensor index " + std::to_string(index) + " is out of range (the model has " +
                       std::to_string(views.size()) + " tensors)")
                          .c_str());
-    *tensor = to_c(views[index]);
-    return COMPANION_OK;
+    return put_tensor(to_c(views[index]), tensor, tensor_size);
   });
 }
 
-companion_status companion_model_find(const companion_model* model, const char* name,
-                                      companion_tensor* tensor) {
+companion_status(companion_model_tensor)(const companion_model* model, size_t index,
+                                         companion_tensor* tensor) {
+  return companion_model_tensor_sized(model, index, tensor, kLegacyTensorSize);
+}
+
+companion_status companion_model_find_sized(const companion_model* model, const char* name,
+                                            companion_tensor* tensor, size_t tensor_size) {
   return guarded([&]() -> companion_status {
     if (model == nullptr) return invalid("model is NULL");
     if (name == nullptr) return invalid("name is NULL");
@@ -620,15 +684,21 @@ companion_status companion_model_find(const companion_model* model, const char* 
     const companion::TensorView* v = model->model->find(name);
     if (v == nullptr)
       return fail(COMPANION_NOT_FOUND, "the model has no tensor named '" + std::string(name) + "'");
-    *tensor = to_c(*v);
-    return COMPANION_OK;
+    return put_tensor(to_c(*v), tensor, tensor_size);
   });
 }
 
-void companion_model_table_init(companion_model_table* table) {
-  if (table == nullptr) return;
-  std::memset(static_cast<void*>(table), 0, sizeof(*table));
-  table->struct_size = sizeof(*table);
+companion_status(companion_model_find)(const companion_model* model, const char* name,
+                                       companion_tensor* tensor) {
+  return companion_model_find_sized(model, name, tensor, kLegacyTensorSize);
+}
+
+void companion_model_table_init_sized(companion_model_table* table, size_t size) {
+  init_struct(table, size, zeroed<companion_model_table>());
+}
+
+void(companion_model_table_init)(companion_model_table* table) {
+  companion_model_table_init_sized(table, kLegacyModelTableSize);
 }
 
 companion_status companion_model_get_table(const companion_model* model,
@@ -744,15 +814,25 @@ companion_status companion_publish_claim(companion_client* client, const char* k
   });
 }
 
-companion_status companion_publication_declare(companion_publication* publication,
-                                               const companion_tensor_decl* tensors, size_t count) {
+companion_status companion_publication_declare_sized(companion_publication* publication,
+                                                     const companion_tensor_decl* tensors,
+                                                     size_t count, size_t decl_size) {
   return guarded([&]() -> companion_status {
     if (publication == nullptr) return invalid("publication is NULL");
     if (tensors == nullptr && count > 0) return invalid("tensors is NULL");
+    if (decl_size < kRequiredTensorDeclSize)
+      return invalid(("decl_size " + std::to_string(decl_size) +
+                      " does not reach companion_tensor_decl.shape: pass "
+                      "sizeof(companion_tensor_decl)")
+                         .c_str());
     std::vector<companion::TensorDecl> table;
     table.reserve(count);
     for (size_t i = 0; i < count; ++i) {
-      const companion_tensor_decl& d = tensors[i];
+      // The caller's entries are decl_size bytes apart; fields past decl_size keep their
+      // defaults (zero: no alias).
+      auto d = zeroed<companion_tensor_decl>();
+      std::memcpy(static_cast<void*>(&d), reinterpret_cast<const char*>(tensors) + i * decl_size,
+                  std::min(decl_size, sizeof(d)));
       if (d.name == nullptr)
         return invalid(("tensors[" + std::to_string(i) + "].name is NULL").c_str());
       if (d.dtype < 0 || d.dtype >= companion::kDTypeCount)
@@ -779,12 +859,19 @@ companion_status companion_publication_declare(companion_publication* publicatio
   });
 }
 
+companion_status(companion_publication_declare)(companion_publication* publication,
+                                                const companion_tensor_decl* tensors,
+                                                size_t count) {
+  return companion_publication_declare_sized(publication, tensors, count, kLegacyTensorDeclSize);
+}
+
 size_t companion_publication_tensor_count(const companion_publication* publication) {
   return publication == nullptr ? 0 : publication->tensors.size();
 }
 
-companion_status companion_publication_tensor(const companion_publication* publication,
-                                              size_t index, companion_tensor* tensor) {
+companion_status companion_publication_tensor_sized(const companion_publication* publication,
+                                                    size_t index, companion_tensor* tensor,
+                                                    size_t tensor_size) {
   return guarded([&]() -> companion_status {
     if (publication == nullptr) return invalid("publication is NULL");
     if (tensor == nullptr) return invalid("tensor (the out pointer) is NULL");
@@ -793,9 +880,13 @@ companion_status companion_publication_tensor(const companion_publication* publi
                       " is out of range (the publication has " +
                       std::to_string(publication->tensors.size()) + " tensors)")
                          .c_str());
-    *tensor = publication->tensors[index];
-    return COMPANION_OK;
+    return put_tensor(publication->tensors[index], tensor, tensor_size);
   });
+}
+
+companion_status(companion_publication_tensor)(const companion_publication* publication,
+                                               size_t index, companion_tensor* tensor) {
+  return companion_publication_tensor_sized(publication, index, tensor, kLegacyTensorSize);
 }
 
 companion_status companion_publication_info(const companion_publication* publication, char** json) {
@@ -833,15 +924,18 @@ void companion_publication_close(companion_publication* publication) {
   quietly([&] { delete publication; });
 }
 
-void companion_attach_options_init(companion_attach_options* options) {
-  if (options == nullptr) return;
-  std::memset(static_cast<void*>(options), 0, sizeof(*options));
-  options->struct_size = sizeof(*options);
-  options->generation = 0;
-  options->fingerprint_json = nullptr;
-  options->or_source = 0;
-  options->wait = 1;
-  options->timeout_s = -1.0;
+void companion_attach_options_init_sized(companion_attach_options* options, size_t size) {
+  auto defaults = zeroed<companion_attach_options>();
+  defaults.generation = 0;
+  defaults.fingerprint_json = nullptr;
+  defaults.or_source = 0;
+  defaults.wait = 1;
+  defaults.timeout_s = -1.0;
+  init_struct(options, size, defaults);
+}
+
+void(companion_attach_options_init)(companion_attach_options* options) {
+  companion_attach_options_init_sized(options, kLegacyAttachOptionsSize);
 }
 
 companion_status companion_client_attach(companion_client* client, const char* key,

@@ -7,6 +7,21 @@
 
 static int failures = 0;
 
+/* companion_model_spec as an older companion.h declared it (before tag), with a canary after it:
+ * the library must fill it and write nothing past it. */
+struct older_model_spec {
+  uint32_t struct_size;
+  const char* source;
+  const char* revision;
+  const char* dtype;
+  uint32_t tp_size;
+  uint32_t tp_rank;
+};
+struct guarded_older_model_spec {
+  struct older_model_spec spec;
+  unsigned char canary[16];
+};
+
 static void check(int ok, const char* what) {
   if (!ok) {
     fprintf(stderr, "FAILED: %s\n", what);
@@ -31,6 +46,18 @@ int main(void) {
 
   companion_model_spec_init(&spec);
   check(spec.struct_size == sizeof(spec) && spec.tp_size == 1, "companion_model_spec_init");
+  {
+    struct guarded_older_model_spec older;
+    size_t i;
+    int canary_intact = 1;
+    memset(&older, 0xC3, sizeof(older));
+    companion_model_spec_init_sized((companion_model_spec*)(void*)&older.spec, sizeof(older.spec));
+    for (i = 0; i < sizeof(older.canary); ++i) canary_intact &= older.canary[i] == 0xC3;
+    check(canary_intact, "init of an older header's spec writes nothing past it");
+    check(older.spec.struct_size == sizeof(older.spec) && older.spec.tp_size == 1 &&
+              older.spec.source == NULL,
+          "init of an older header's spec fills it");
+  }
 
   companion_connect_options_init(&options);
   check(options.struct_size == sizeof(options), "companion_connect_options_init");
@@ -42,6 +69,19 @@ int main(void) {
         "last_error names the socket");
 
   check(companion_model_tensor(NULL, 0, &tensor) == COMPANION_INVALID_ARGUMENT, "NULL model");
+  check(companion_model_find(NULL, "x", &tensor) == COMPANION_INVALID_ARGUMENT, "find, NULL model");
+  check(companion_publication_tensor(NULL, 0, &tensor) == COMPANION_INVALID_ARGUMENT,
+        "publication tensor, NULL publication");
+  {
+    companion_tensor_decl decls[1];
+    companion_attach_options attach;
+    memset(decls, 0, sizeof(decls));
+    check(companion_publication_declare(NULL, decls, 1) == COMPANION_INVALID_ARGUMENT,
+          "declare, NULL publication");
+    companion_attach_options_init(&attach);
+    check(attach.struct_size == sizeof(attach) && attach.wait == 1,
+          "companion_attach_options_init");
+  }
   check(companion_model_tensor_count(NULL) == 0, "count of NULL");
   {
     companion_model_table table;

@@ -411,8 +411,184 @@ TEST(CapiStatic, InitFillsDefaults) {
   EXPECT_EQ(s.tp_rank, 0u);
   EXPECT_EQ(s.tag, nullptr);
 
-  companion_connect_options_init(nullptr);  // no crash
-  companion_model_spec_init(nullptr);
+  // No crash. (A literal NULL does not compile through the macros: call the functions.)
+  companion_connect_options_init_sized(nullptr, sizeof(companion_connect_options));
+  companion_model_spec_init_sized(nullptr, sizeof(companion_model_spec));
+  (companion_connect_options_init)(nullptr);
+  (companion_model_spec_init)(nullptr);
+}
+
+// ---- struct sizes --------------------------------------------------------------------------
+// Callers compiled against an older companion.h have shorter structs. Each Older* below is a
+// test-local copy of a struct of companion.h as it was before its newest field(s); Guarded puts
+// a canary right after it. The library must fill the older struct (defaults, struct_size) and
+// leave the canary alone: before the sized calls, every *_init wrote the library's whole struct.
+
+struct OlderConnectOptions {  // before instance_id
+  uint32_t struct_size;
+  const char* ns;
+  const char* device;
+  const char* socket_path;
+  const char* runtime_dir;
+  const char* client_name;
+  double discovery_timeout_s;
+  const char* registry;
+};
+static_assert(sizeof(OlderConnectOptions) == offsetof(companion_connect_options, instance_id));
+
+struct OlderModelSpec {  // before tag
+  uint32_t struct_size;
+  const char* source;
+  const char* revision;
+  const char* dtype;
+  uint32_t tp_size;
+  uint32_t tp_rank;
+};
+static_assert(sizeof(OlderModelSpec) == offsetof(companion_model_spec, tag));
+
+struct OlderAttachOptions {  // before timeout_s
+  uint32_t struct_size;
+  uint64_t generation;
+  const char* fingerprint_json;
+  int32_t or_source;
+  int32_t wait;
+};
+static_assert(sizeof(OlderAttachOptions) == offsetof(companion_attach_options, timeout_s));
+
+struct OlderModelTable {  // before segments
+  uint32_t struct_size;
+  uint32_t record_size;
+  size_t count;
+  const void* records;
+  const char* names;
+  size_t names_bytes;
+  const int64_t* dims;
+  size_t dims_count;
+};
+static_assert(sizeof(OlderModelTable) == offsetof(companion_model_table, segments));
+
+struct OlderTensor {  // before device_type and device_id
+  const char* name;
+  size_t name_length;
+  int32_t dtype;
+  int32_t ndim;
+  const int64_t* shape;
+  const int64_t* strides;
+  const void* data;
+  uint64_t nbytes;
+};
+static_assert(sizeof(OlderTensor) == offsetof(companion_tensor, device_type));
+
+struct OlderTensorDecl {  // before alias_of
+  const char* name;
+  int32_t dtype;
+  int32_t ndim;
+  const int64_t* shape;
+};
+static_assert(sizeof(OlderTensorDecl) == offsetof(companion_tensor_decl, alias_of));
+
+constexpr unsigned char kCanary = 0xC3;
+
+template <typename Older>
+struct Guarded {
+  Older value;
+  unsigned char canary[64];
+
+  Guarded() {
+    std::memset(static_cast<void*>(this), 0xAB, sizeof(*this));  // garbage in the struct
+    std::memset(canary, kCanary, sizeof(canary));
+  }
+  bool canary_intact() const {
+    for (unsigned char c : canary)
+      if (c != kCanary) return false;
+    return true;
+  }
+  template <typename Current>
+  Current* as() {
+    return reinterpret_cast<Current*>(&value);
+  }
+};
+static_assert(offsetof(Guarded<OlderModelSpec>, canary) == sizeof(OlderModelSpec));
+
+TEST(CapiStatic, InitWritesNothingPastAnOlderCallersStruct) {
+  Guarded<OlderConnectOptions> options;
+  companion_connect_options_init_sized(options.as<companion_connect_options>(),
+                                       sizeof(options.value));
+  EXPECT_TRUE(options.canary_intact());
+  EXPECT_EQ(options.value.struct_size, sizeof(options.value));
+  EXPECT_STREQ(options.value.ns, "companion");
+  EXPECT_STREQ(options.value.device, "host");
+  EXPECT_EQ(options.value.runtime_dir, nullptr);
+  EXPECT_EQ(options.value.registry, nullptr);
+
+  Guarded<OlderModelSpec> spec;
+  companion_model_spec_init_sized(spec.as<companion_model_spec>(), sizeof(spec.value));
+  EXPECT_TRUE(spec.canary_intact());
+  EXPECT_EQ(spec.value.struct_size, sizeof(spec.value));
+  EXPECT_EQ(spec.value.source, nullptr);
+  EXPECT_EQ(spec.value.tp_size, 1u);
+  EXPECT_EQ(spec.value.tp_rank, 0u);
+
+  Guarded<OlderAttachOptions> attach;
+  companion_attach_options_init_sized(attach.as<companion_attach_options>(), sizeof(attach.value));
+  EXPECT_TRUE(attach.canary_intact());
+  EXPECT_EQ(attach.value.struct_size, sizeof(attach.value));
+  EXPECT_EQ(attach.value.generation, 0u);
+  EXPECT_EQ(attach.value.fingerprint_json, nullptr);
+  EXPECT_EQ(attach.value.wait, 1);
+
+  Guarded<OlderModelTable> table;
+  companion_model_table_init_sized(table.as<companion_model_table>(), sizeof(table.value));
+  EXPECT_TRUE(table.canary_intact());
+  EXPECT_EQ(table.value.struct_size, sizeof(table.value));
+  EXPECT_EQ(table.value.count, 0u);
+
+  // Too short to hold struct_size: nothing is written.
+  Guarded<uint16_t> tiny;
+  companion_model_spec_init_sized(tiny.as<companion_model_spec>(), sizeof(tiny.value));
+  EXPECT_TRUE(tiny.canary_intact());
+  EXPECT_EQ(tiny.value, 0xABABu);
+}
+
+// A caller compiled against a newer companion.h: the library fills what it knows, and
+// struct_size tells the caller where that ends (its newer fields are ignored by this library).
+TEST(CapiStatic, InitOfANewerCallersStructSaysWhatTheLibraryKnows) {
+  struct Newer {
+    companion_connect_options options;
+    uint64_t newer_field;
+  } newer;
+  std::memset(&newer, 0xAB, sizeof(newer));
+  companion_connect_options_init_sized(&newer.options, sizeof(newer));
+  EXPECT_EQ(newer.options.struct_size, sizeof(companion_connect_options));
+  EXPECT_EQ(newer.newer_field, 0xABABABABABABABABu);
+  EXPECT_EQ(newer.options.instance_id, nullptr);
+}
+
+// The macros of companion.h pass the size of the struct they are given; the unsized functions
+// (for binaries built before the macros) write the frozen size of that header's structs, which
+// is today's: a field added later must not change what they write.
+TEST(CapiStatic, MacrosPassSizeofAndTheUnsizedFunctionsKeepTheirSize) {
+  companion_model_spec spec;
+  std::memset(&spec, 0xAB, sizeof(spec));
+  companion_model_spec_init(&spec);
+  EXPECT_EQ(spec.struct_size, sizeof(spec));
+
+  Guarded<companion_connect_options> options;
+  (companion_connect_options_init)(&options.value);
+  EXPECT_TRUE(options.canary_intact());
+  EXPECT_EQ(options.value.struct_size, offsetof(companion_connect_options, instance_id) + 8);
+  Guarded<companion_model_spec> legacy_spec;
+  (companion_model_spec_init)(&legacy_spec.value);
+  EXPECT_TRUE(legacy_spec.canary_intact());
+  EXPECT_EQ(legacy_spec.value.struct_size, offsetof(companion_model_spec, tag) + 8);
+  Guarded<companion_attach_options> attach;
+  (companion_attach_options_init)(&attach.value);
+  EXPECT_TRUE(attach.canary_intact());
+  EXPECT_EQ(attach.value.struct_size, offsetof(companion_attach_options, timeout_s) + 8);
+  Guarded<companion_model_table> table;
+  (companion_model_table_init)(&table.value);
+  EXPECT_TRUE(table.canary_intact());
+  EXPECT_EQ(table.value.struct_size, offsetof(companion_model_table, segments) + 8);
 }
 
 TEST(CapiStatic, NoServerIsUnavailable) {
@@ -684,9 +860,13 @@ TEST_F(CapiTest, GetModelParametersMapsTheFileBytes) {
   EXPECT_NE(last_error().find("no.such.tensor"), std::string::npos) << last_error();
   EXPECT_EQ(companion_model_tensor(model.get(), 4, &t), COMPANION_INVALID_ARGUMENT);
   EXPECT_NE(last_error().find("out of range"), std::string::npos) << last_error();
-  EXPECT_EQ(companion_model_tensor(model.get(), 0, nullptr), COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(companion_model_tensor_sized(model.get(), 0, nullptr, sizeof(t)),
+            COMPANION_INVALID_ARGUMENT);
   EXPECT_EQ(companion_model_find(model.get(), nullptr, &t), COMPANION_INVALID_ARGUMENT);
-  EXPECT_EQ(companion_model_find(model.get(), "mask", nullptr), COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(companion_model_find_sized(model.get(), "mask", nullptr, sizeof(t)),
+            COMPANION_INVALID_ARGUMENT);
+  EXPECT_EQ(companion_model_tensor_sized(model.get(), 0, &t, 0), COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("tensor_size"), std::string::npos) << last_error();
 
   // The scalar has rank 0.
   ASSERT_EQ(companion_model_find(model.get(), "scale", &t), COMPANION_OK);
@@ -715,6 +895,49 @@ TEST_F(CapiTest, GetModelParametersMapsTheFileBytes) {
     if (!released) std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
   EXPECT_TRUE(released);
+}
+
+// companion_tensor has no size field: the calls take the caller's size, and an older caller's
+// shorter struct gets the fields it has and nothing past them.
+TEST_F(CapiTest, TensorCallsWriteNothingPastAnOlderCallersStruct) {
+  std::string path = write_model("older-tensor", 6);
+  auto client = connect();
+  ASSERT_TRUE(client);
+  Spec spec(path);
+  companion_model* raw = nullptr;
+  ASSERT_EQ(companion_client_get_model_parameters(client.get(), spec.get(), 60, &raw), COMPANION_OK)
+      << last_error();
+  ModelPtr model(raw);
+  companion_tensor current;
+  ASSERT_EQ(companion_model_tensor(model.get(), 1, &current), COMPANION_OK) << last_error();
+
+  Guarded<OlderTensor> by_index;
+  ASSERT_EQ(companion_model_tensor_sized(model.get(), 1, by_index.as<companion_tensor>(),
+                                         sizeof(by_index.value)),
+            COMPANION_OK)
+      << last_error();
+  EXPECT_TRUE(by_index.canary_intact());
+  EXPECT_EQ(by_index.value.data, current.data);
+  EXPECT_EQ(by_index.value.nbytes, current.nbytes);
+  EXPECT_EQ(std::string(by_index.value.name, by_index.value.name_length),
+            std::string(current.name, current.name_length));
+
+  Guarded<OlderTensor> by_name;
+  std::string name(current.name, current.name_length);
+  ASSERT_EQ(companion_model_find_sized(model.get(), name.c_str(), by_name.as<companion_tensor>(),
+                                       sizeof(by_name.value)),
+            COMPANION_OK)
+      << last_error();
+  EXPECT_TRUE(by_name.canary_intact());
+  EXPECT_EQ(by_name.value.data, current.data);
+  EXPECT_EQ(by_name.value.ndim, current.ndim);
+
+  // The unsized functions write the frozen size, which is today's whole struct.
+  Guarded<companion_tensor> legacy;
+  ASSERT_EQ((companion_model_tensor)(model.get(), 1, &legacy.value), COMPANION_OK);
+  EXPECT_TRUE(legacy.canary_intact());
+  EXPECT_EQ(legacy.value.data, current.data);
+  EXPECT_EQ(legacy.value.device_type, COMPANION_DEVICE_CPU);
 }
 
 // The table of companion_model_get_table says what companion_model_tensor says, tensor by
@@ -1236,6 +1459,50 @@ class CapiPublishTest : public CapiTest {
     return take_json(text)["slab_bytes"].get<uint64_t>();
   }
 };
+
+// An older caller's declarations (no alias_of) are read decl_size bytes apart, and the
+// publication's tensors are handed back into its older companion_tensor.
+TEST_F(CapiPublishTest, OlderStructsDeclareAndReadThePublication) {
+  auto writer = connect();
+  ASSERT_TRUE(writer);
+  companion_publication* raw = nullptr;
+  ASSERT_EQ(
+      companion_publish_claim(writer.get(), "capi/older", nullptr, COMPANION_CLAIM_NOW, 10, &raw),
+      COMPANION_OK)
+      << last_error();
+  PublicationPtr p(raw);
+  static const int64_t w_shape[] = {4, 8};
+  static const int64_t b_shape[] = {8};
+  OlderTensorDecl older[] = {{"w", COMPANION_DTYPE_F32, 2, w_shape},
+                             {"b", COMPANION_DTYPE_F32, 1, b_shape}};
+  const auto* decls = reinterpret_cast<const companion_tensor_decl*>(older);
+  EXPECT_EQ(companion_publication_declare_sized(p.get(), decls, 2, sizeof(int64_t)),
+            COMPANION_INVALID_ARGUMENT);
+  EXPECT_NE(last_error().find("decl_size"), std::string::npos) << last_error();
+  ASSERT_EQ(companion_publication_declare_sized(p.get(), decls, 2, sizeof(OlderTensorDecl)),
+            COMPANION_OK)
+      << last_error();
+  ASSERT_EQ(companion_publication_tensor_count(p.get()), 2u);
+
+  Guarded<OlderTensor> b;
+  ASSERT_EQ(
+      companion_publication_tensor_sized(p.get(), 1, b.as<companion_tensor>(), sizeof(b.value)),
+      COMPANION_OK)
+      << last_error();
+  EXPECT_TRUE(b.canary_intact());
+  EXPECT_EQ(std::string(b.value.name, b.value.name_length), "b");
+  EXPECT_EQ(b.value.ndim, 1);
+  EXPECT_EQ(b.value.nbytes, 32u);
+  ASSERT_NE(b.value.data, nullptr);
+  EXPECT_EQ(companion_publication_tensor_sized(p.get(), 1, b.as<companion_tensor>(), 0),
+            COMPANION_INVALID_ARGUMENT);
+
+  companion_tensor w{};
+  ASSERT_EQ(companion_publication_tensor(p.get(), 0, &w), COMPANION_OK) << last_error();
+  EXPECT_EQ(std::string(w.name, w.name_length), "w");
+  EXPECT_EQ(w.nbytes, 4u * 8u * 4u);
+  EXPECT_NE(w.data, b.value.data);  // not aliased: the missing alias_of read as none
+}
 
 TEST_F(CapiPublishTest, PublishedTensorsAreAttachedByAnotherClientWithTheirTies) {
   auto writer = connect();
