@@ -20,9 +20,9 @@ from harness import Server, SessionClient, wait_until
 
 STAGES = ["open", "allocate", "read", "copy", "seal", "export"]
 VICTIM = "opt-victim"
-# Shared memory may rise this much over the baseline (other processes of the machine); the victim
-# (~60 MiB) is well past it.
-SHMEM_TOLERANCE_KB = 16 * 1024
+# Shared memory may rise this much over the baseline (other processes of the machine) for a while;
+# the victim (~60 MiB) is well past it. The victim's memfds are counted exactly besides.
+SHMEM_TOLERANCE_KB = 24 * 1024
 # The server's private memory may grow this much across a failed load (allocator caches; under
 # AddressSanitizer its quarantine keeps freed buffers, up to 256 MiB).
 ANON_TOLERANCE_KB = (300 if "asan" in os.environ.get("COMPANION_BUILD_DIR", "") else 8) * 1024
@@ -136,7 +136,9 @@ def fault_env(spec):
 def test_server_killed_at_each_load_stage_leaks_nothing_and_hurts_no_other_client(
         stage, runtime_dir, fault_root):
     victim, bystander = fault_root / VICTIM, fault_root / "opt-bystander"
-    server = Server(runtime_dir, [fault_root], env=fault_env(f"pause-at={stage},path={VICTIM}"))
+    # copy: mid-load, with about half of the victim's items in its memfds.
+    point = "copy@30" if stage == "copy" else stage
+    server = Server(runtime_dir, [fault_root], env=fault_env(f"pause-at={point},path={VICTIM}"))
     session = None
     pending = None
     try:
@@ -168,7 +170,7 @@ def test_server_killed_at_each_load_stage_leaks_nothing_and_hurts_no_other_clien
         # Nothing of the victim is left anywhere, and shared memory is back.
         assert wait_until(lambda: memfds_named(label) == 0, timeout=10)
         assert wait_until(lambda: meminfo_kb("Shmem") <= shmem_before + SHMEM_TOLERANCE_KB,
-                          timeout=10), (meminfo_kb("Shmem"), shmem_before)
+                          timeout=20), (meminfo_kb("Shmem"), shmem_before)
     finally:
         if pending and pending.poll() is None:
             pending.kill()
@@ -237,7 +239,7 @@ def test_failed_load_is_a_clear_error_and_returns_every_resource(name, runtime_d
         print(f"{name}: server RssAnon {anon_before} -> {anon} kB")
         assert anon <= anon_before + ANON_TOLERANCE_KB, (anon, anon_before)
         assert wait_until(lambda: meminfo_kb("Shmem") <= shmem_before + SHMEM_TOLERANCE_KB,
-                          timeout=10), (meminfo_kb("Shmem"), shmem_before)
+                          timeout=20), (meminfo_kb("Shmem"), shmem_before)
         assert server.cli_json("health")[0]["slab_bytes"] == slab_before
 
         # The server goes on serving: the bystander's client still reads, a new model loads, and
