@@ -252,6 +252,44 @@ def test_failed_load_is_a_clear_error_and_returns_every_resource(name, runtime_d
         assert server.stop() == 0
 
 
+@pytest.mark.parametrize("spec", ["fail-at=allocate@2:OUT_OF_MEMORY", "fail-at=seal@2:INTERNAL"])
+def test_failed_reload_keeps_the_served_generation_and_frees_its_own(spec, runtime_dir,
+                                                                     fault_root):
+    """The second hit is the reload's (the first load made the first)."""
+    victim = fault_root / VICTIM
+    server = Server(runtime_dir, [fault_root], env=fault_env(f"{spec},path={VICTIM}"))
+    session = session_for(server)
+    try:
+        server.cli("load", str(victim))
+        attach_and_check(session, victim)
+        label = model_id(server, victim)
+        memfds_before = memfds_named(label)
+        fds_before = settled_fd_count(server.pid)
+        shmem_before = meminfo_kb("Shmem")
+
+        out, rc = server.cli_json("reload", str(victim), "--force", check=False)
+        code = spec.rsplit(":", 1)[1]
+        stage = spec.split("=")[1].split("@")[0]
+        assert rc != 0 and out["error"]["code"] == code, out
+        assert out["error"]["message"].startswith(f"reload failed: {stage} "), out
+        [entry] = [m for m in server.cli_json("ls")[0] if m["source"] == str(victim)]
+        assert entry["state"] == "loaded" and entry["reload_error"]["code"] == code, entry
+        assert [g["generation"] for g in entry["generations"]] == [1], entry
+        # The failed generation's memory and descriptors are gone.
+        assert wait_until(lambda: memfds_named(label) == memfds_before, timeout=10), \
+            (memfds_named(label), memfds_before)
+        assert wait_until(lambda: fd_count(server.pid) == fds_before, timeout=10), \
+            fd_listing(server.pid, fds_before)
+        assert wait_until(lambda: meminfo_kb("Shmem") <= shmem_before + SHMEM_TOLERANCE_KB,
+                          timeout=20), (meminfo_kb("Shmem"), shmem_before)
+        # The reader of generation 1 is untouched; a new reader gets generation 1 too.
+        check_sums(session, victim)
+        attach_and_check(session, victim)
+    finally:
+        assert session.close() == 0
+        assert server.stop() == 0
+
+
 def test_failed_export_refuses_one_lease_and_counts_none(runtime_dir, fault_root):
     victim = fault_root / VICTIM
     server = Server(runtime_dir, [fault_root],
