@@ -21,6 +21,7 @@
 #include <utility>
 
 #include "checkpoint/dtype_convert.hpp"
+#include "common/fault_point.hpp"
 #include "common/log.hpp"
 #include "common/unique_fd.hpp"
 #include "common/util.hpp"
@@ -324,6 +325,7 @@ class Engine {
       if (index >= items_.size()) break;
       const WorkItem& item = items_[index];
       auto r = process(item, buffers);
+      if (r.ok()) r = fault::point(fault::Stage::kCopy, files_[item.file].path);
       if (!r.ok()) {
         fail(std::move(r).error());
         break;
@@ -378,6 +380,7 @@ class Engine {
 
   Result<void> process(const WorkItem& item, ReaderBuffers& buffers) {
     OpenFile& f = files_[item.file];
+    COMPANION_TRY(fault::point(fault::Stage::kRead, f.path));
     if (direct_to_host_) {
       if (gathers(f, item)) {
         return gather(f, item, buffers,

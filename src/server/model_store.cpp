@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 
 #include "checkpoint/checkpoint.hpp"
+#include "common/fault_point.hpp"
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "loader/loader.hpp"
@@ -544,6 +545,8 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
 
   const std::vector<std::string>& roots = roots_;
   // Every file is opened here, once, beneath the roots; the loader reads these descriptors.
+  if (auto f = fault::point(fault::Stage::kOpen, model.source.path); !f.ok())
+    return fail(f.error());
   auto ckpt = checkpoint::open_checkpoint(model.source.path, roots, config_.checkpoint_limits);
   if (!ckpt.ok()) return fail(ckpt.error());
   if (ckpt->tensors.size() > protocol::kMaxTableTensors)
@@ -599,6 +602,8 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
       settle_locked(0);
     }
   } admission{this, pool.get(), slab_bytes};
+  if (auto f = fault::point(fault::Stage::kAllocate, model.source.path); !f.ok())
+    return fail(f.error());
   auto slab = backend_->allocate(plan->segment_sizes, short_id(model.key));
   if (!slab.ok()) return fail(slab.error());
   if (backend_->allocation_is_resident()) {
@@ -639,6 +644,8 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     if (loaded.error().code == StatusCode::kCancelled) return;  // unload already published
     return fail(loaded.error());
   }
+  if (auto f = fault::point(fault::Stage::kSeal, model.source.path); !f.ok())
+    return fail(f.error());
   auto sealed = (*slab)->seal();
   if (!sealed.ok()) return fail(sealed.error());
 
@@ -721,6 +728,7 @@ void ModelStore::retire_locked(std::vector<std::shared_ptr<memory::Slab>> slabs)
 Result<LeaseGrant> ModelStore::lease_locked(Entry& e, size_t index) {
   Generation& g = e.generations[index];
   LeaseGrant grant;
+  COMPANION_TRY(fault::point(fault::Stage::kExport, e.model.source.path));
   COMPANION_ASSIGN_OR_RETURN(grant.exports, g.slab->export_segments());
   g.leases++;
   grant.key = e.published ? published_store_key(e.publish_key) : e.model.key;

@@ -1,0 +1,167 @@
+#include "common/fault_point.hpp"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <charconv>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace companion::fault {
+
+namespace {
+
+constexpr Stage kStages[] = {Stage::kOpen, Stage::kAllocate, Stage::kRead,
+                             Stage::kCopy, Stage::kSeal,     Stage::kExport};
+
+struct Plan {
+  bool pause = false;
+  Stage stage = Stage::kOpen;
+  uint64_t nth = 1;
+  StatusCode code = StatusCode::kInternal;
+  std::string path;  // substring the hit's path must contain; "" matches all
+  std::atomic<uint64_t> hits{0};
+};
+
+// Never destroyed: a load thread left behind at shutdown may still pass a point at exit.
+Plan& plan = *new Plan;
+
+Result<void> parse_into(std::string_view spec, Plan& out) {
+  const std::string whole(spec);
+  auto bad = [&](const std::string& why) {
+    return make_error(StatusCode::kInvalidArgument, "COMPANION_TEST_FAULT '" + whole + "': " + why);
+  };
+  bool have_point = false;
+  while (!spec.empty()) {
+    size_t comma = spec.find(',');
+    std::string_view item = spec.substr(0, comma);
+    spec = comma == std::string_view::npos ? std::string_view() : spec.substr(comma + 1);
+    size_t eq = item.find('=');
+    if (eq == std::string_view::npos) return bad("'" + std::string(item) + "' is not key=value");
+    std::string_view key = item.substr(0, eq);
+    std::string_view value = item.substr(eq + 1);
+    if (key == "path") {
+      out.path = std::string(value);
+      continue;
+    }
+    if (key != "pause-at" && key != "fail-at")
+      return bad("unknown key '" + std::string(key) + "' (pause-at, fail-at, path)");
+    if (have_point) return bad("one pause-at or fail-at only");
+    have_point = true;
+    out.pause = key == "pause-at";
+    std::string_view code;
+    if (!out.pause) {
+      size_t colon = value.find(':');
+      if (colon == std::string_view::npos) return bad("fail-at=STAGE[@N]:CODE needs a CODE");
+      code = value.substr(colon + 1);
+      value = value.substr(0, colon);
+    }
+    size_t at = value.find('@');
+    if (at != std::string_view::npos) {
+      std::string_view n = value.substr(at + 1);
+      auto [end, ec] = std::from_chars(n.data(), n.data() + n.size(), out.nth);
+      if (ec != std::errc() || end != n.data() + n.size() || out.nth == 0)
+        return bad("@N takes a count from 1");
+      value = value.substr(0, at);
+    }
+    bool known = false;
+    for (Stage s : kStages) {
+      if (value == stage_name(s)) {
+        out.stage = s;
+        known = true;
+      }
+    }
+    if (!known)
+      return bad("unknown stage '" + std::string(value) +
+                 "' (open, allocate, read, copy, seal, export)");
+    if (!out.pause) {
+      bool found = false;
+#define COMPANION_X(cname, name, value, text) \
+  if (code == #cname) {                       \
+    out.code = StatusCode::k##name;           \
+    found = true;                             \
+  }
+      COMPANION_STATUS_CODES(COMPANION_X)
+#undef COMPANION_X
+      if (!found || out.code == StatusCode::kOk)
+        return bad("unknown status code '" + std::string(code) + "' (IO_ERROR, OUT_OF_MEMORY...)");
+    }
+  }
+  if (!have_point) return bad("needs pause-at=STAGE or fail-at=STAGE:CODE");
+  return ok_result();
+}
+
+// Read once, before main: the hooks never look at the environment.
+struct FromEnvironment {
+  FromEnvironment() {
+    const char* spec = std::getenv("COMPANION_TEST_FAULT");
+    if (spec == nullptr || *spec == '\0') return;
+    if (auto r = configure(spec); !r.ok()) {
+      std::fprintf(stderr, "companion: %s\n", r.error().message.c_str());
+      std::_Exit(2);
+    }
+  }
+} from_environment;
+
+}  // namespace
+
+const char* stage_name(Stage stage) noexcept {
+  switch (stage) {
+    case Stage::kOpen:
+      return "open";
+    case Stage::kAllocate:
+      return "allocate";
+    case Stage::kRead:
+      return "read";
+    case Stage::kCopy:
+      return "copy";
+    case Stage::kSeal:
+      return "seal";
+    case Stage::kExport:
+      return "export";
+  }
+  return "?";
+}
+
+namespace detail {
+
+bool armed = false;
+
+Result<void> hit(Stage stage, std::string_view path) {
+  if (stage != plan.stage) return ok_result();
+  if (!plan.path.empty() && path.find(plan.path) == std::string_view::npos) return ok_result();
+  if (plan.hits.fetch_add(1, std::memory_order_relaxed) + 1 != plan.nth) return ok_result();
+  std::string where = std::string(stage_name(stage)) + " " + std::string(path);
+  if (plan.pause) {
+    // Written straight to stderr whatever the log level: tests wait for this line to kill -9.
+    std::fprintf(stderr, "companion: fault point: paused at %s (pid %d); waiting to be killed\n",
+                 where.c_str(), static_cast<int>(::getpid()));
+    std::fflush(stderr);
+    for (;;) ::sleep(60);
+  }
+  return make_error(
+      plan.code, where + ": injected " + status_code_text(plan.code) + " (COMPANION_TEST_FAULT)");
+}
+
+}  // namespace detail
+
+Result<void> configure(std::string_view spec) {
+  if (spec.empty()) {
+    detail::armed = false;
+    return ok_result();
+  }
+  Plan parsed;
+  COMPANION_TRY(parse_into(spec, parsed));
+  plan.pause = parsed.pause;
+  plan.stage = parsed.stage;
+  plan.nth = parsed.nth;
+  plan.code = parsed.code;
+  plan.path = std::move(parsed.path);
+  plan.hits.store(0);
+  detail::armed = true;
+  return ok_result();
+}
+
+}  // namespace companion::fault

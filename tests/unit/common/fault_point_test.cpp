@@ -1,0 +1,58 @@
+#include "common/fault_point.hpp"
+
+#include <gtest/gtest.h>
+
+namespace companion::fault {
+namespace {
+
+class FaultPointTest : public ::testing::Test {
+ protected:
+  void TearDown() override { ASSERT_TRUE(configure("").ok()); }
+};
+
+TEST_F(FaultPointTest, InertWhenNotConfigured) {
+  ASSERT_TRUE(configure("").ok());
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(point(Stage::kRead, "/m/a.safetensors").ok());
+}
+
+TEST_F(FaultPointTest, FailsTheNthMatchingHitOnlyWithTheGivenCode) {
+  ASSERT_TRUE(configure("fail-at=read@3:IO_ERROR,path=victim").ok());
+  EXPECT_TRUE(point(Stage::kRead, "/m/other/model.safetensors").ok());  // path does not match
+  EXPECT_TRUE(point(Stage::kSeal, "/m/victim").ok());                   // another stage
+  EXPECT_TRUE(point(Stage::kRead, "/m/victim/model.safetensors").ok());
+  EXPECT_TRUE(point(Stage::kRead, "/m/victim/model.safetensors").ok());
+  auto third = point(Stage::kRead, "/m/victim/model.safetensors");
+  ASSERT_FALSE(third.ok());
+  EXPECT_EQ(third.error().code, StatusCode::kIoError);
+  EXPECT_NE(third.error().message.find("read /m/victim/model.safetensors"), std::string::npos);
+  EXPECT_NE(third.error().message.find("COMPANION_TEST_FAULT"), std::string::npos);
+  EXPECT_TRUE(point(Stage::kRead, "/m/victim/model.safetensors").ok());  // once only
+}
+
+TEST_F(FaultPointTest, FirstHitByDefault) {
+  ASSERT_TRUE(configure("fail-at=allocate:OUT_OF_MEMORY").ok());
+  auto r = point(Stage::kAllocate, "/m/x");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kOutOfMemory);
+}
+
+TEST_F(FaultPointTest, RejectsSpecsThatDoNotParse) {
+  for (const char* spec : {"fail-at=read", "fail-at=reed:IO_ERROR", "fail-at=read:NO_SUCH_CODE",
+                           "fail-at=read:OK", "pause-at=read@0", "pause-at=read@x", "path=a",
+                           "pause-at=read,fail-at=seal:IO_ERROR", "slow-at=read", "pause-at"}) {
+    auto r = configure(spec);
+    ASSERT_FALSE(r.ok()) << spec;
+    EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument) << spec;
+  }
+  // A refused spec leaves the points inert.
+  EXPECT_TRUE(point(Stage::kRead, "/m/x").ok());
+}
+
+TEST_F(FaultPointTest, StageNames) {
+  EXPECT_STREQ(stage_name(Stage::kOpen), "open");
+  EXPECT_STREQ(stage_name(Stage::kAllocate), "allocate");
+  EXPECT_STREQ(stage_name(Stage::kExport), "export");
+}
+
+}  // namespace
+}  // namespace companion::fault
