@@ -45,8 +45,9 @@ import gc, json, sys, time
 sys.path.insert(0, sys.argv[1])
 import companion, torch
 runtime_dir, source, repeats, profile = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+device = sys.argv[6]
 spec = companion.ModelSpec(source)
-c = companion.connect(runtime_dir=runtime_dir)
+c = companion.connect(runtime_dir=runtime_dir, device=device if device == "host" else int(device))
 c.state_dict(spec)  # warm: the load, the imports, torch's first tensor
 gc.collect()
 out = {"get_model_parameters": [], "tensors()": [], "state_dict": [], "count": 0,
@@ -124,6 +125,11 @@ def main():
     ap.add_argument("--before-ref", default="main",
                     help="git revision of the 'before' package, or 'none'")
     ap.add_argument("--json", help="write the numbers here")
+    ap.add_argument("--device", default="host",
+                    help="the server's device: host, or a GPU ordinal (then --llama is timed)")
+    ap.add_argument("--llama", default=None,
+                    help="an existing Llama-3-8B-shaped checkpoint directory to time as the "
+                         "291-tensor table (e.g. the GPU attach benchmark's 16 GB one)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="profile the 'after' package's steps, print the N costliest functions")
     args = ap.parse_args()
@@ -148,13 +154,18 @@ def main():
         tables = [int(x) for x in args.tables.split(",") if x]
         sources = {}
         for count in tables:
+            if count == 291 and args.llama:
+                sources[count] = str(pathlib.Path(args.llama).resolve())
+                continue
             shapes = llama_shapes() if count == 291 else moe_shapes(count)
             path = tmp / "models" / f"t{count}" / "model.safetensors"
             write_safetensors(path, shapes)
             sources[count] = str(path.parent)
         rt = tmp / "rt"
         rt.mkdir(mode=0o700)
-        server = Server(rt, [tmp / "models"])
+        roots = [tmp / "models"] + ([pathlib.Path(args.llama).resolve().parent]
+                                    if args.llama else [])
+        server = Server(rt, roots, device=args.device)
         results = {}
         profiles = []
         try:
@@ -164,7 +175,7 @@ def main():
                 for label, path in packages:
                     profile = args.profile if label == "after" else 0
                     r = subprocess.run([sys.executable, "-c", WORKER, path, str(rt),
-                                        sources[count], str(repeats), str(profile)],
+                                        sources[count], str(repeats), str(profile), args.device],
                                        capture_output=True, text=True, env=env, timeout=1800)
                     if r.returncode != 0:
                         raise SystemExit(f"{label}, {count} tensors failed:\n{r.stderr}")
@@ -178,7 +189,7 @@ def main():
         finally:
             server.stop()
 
-    print(f"Python attach, host backend: {machine()}")
+    print(f"Python attach, device {args.device}: {machine()}")
     print(f"library {library}; repeats per case: {args.repeats} (100k-scale: fewer)")
     header = f"{'tensors':>8} {'step':<22}"
     for label, _ in packages:
