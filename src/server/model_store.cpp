@@ -307,17 +307,29 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
   return s;
 }
 
-Result<ResolvedModel> ModelStore::resolve(const ModelSpec& spec) const {
+namespace {
+Result<ResolvedModel> resolve_under(const ModelSpec& spec, const std::string& hf_cache,
+                                    const std::vector<std::string>& roots) {
   COMPANION_TRY(spec.validate());
-  const std::vector<std::string>& roots = roots_;
   COMPANION_ASSIGN_OR_RETURN(checkpoint::ResolvedSource source,
-                             checkpoint::resolve_source(spec, config_.hf_cache, roots));
+                             checkpoint::resolve_source(spec, hf_cache, roots));
   if (!checkpoint::is_under_roots(source.path, roots))
     return make_error(StatusCode::kNotPermitted,
                       source.path + " is outside the server's model roots");
   ResolvedModel model{spec, source, {}};
   model.key = canonical_key(spec, source);
   return model;
+}
+}  // namespace
+
+Result<ResolvedModel> ModelStore::resolve(const ModelSpec& spec) const {
+  return resolve_under(spec, config_.hf_cache, roots_);
+}
+
+ModelStore::ResolveFn ModelStore::resolver() const {
+  return [hf_cache = config_.hf_cache, roots = roots_](const ModelSpec& spec) {
+    return resolve_under(spec, hf_cache, roots);
+  };
 }
 
 ModelStatus ModelStore::status(const std::string& key) const {

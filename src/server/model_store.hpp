@@ -107,6 +107,10 @@ class ModelStore {
 
   // Validates the spec and resolves its source (never reads outside the roots).
   Result<ResolvedModel> resolve(const ModelSpec& spec) const;
+  // resolve() as a function that holds copies of what it needs (the roots, canonicalised once at
+  // start, and the HF cache): it may run on a thread that outlives the store.
+  using ResolveFn = std::function<Result<ResolvedModel>(const ModelSpec&)>;
+  ResolveFn resolver() const;
   // Current status of a key; kReady for a model the store does not hold.
   ModelStatus status(const std::string& key) const;
   std::vector<ModelStatus> list() const;
