@@ -300,7 +300,7 @@ void ModelStore::commit(const std::string& key, uint64_t writer,
     token = w.token;
     entry = it->second;
     s = snapshot(*entry);
-    jobs_.push_back([this, entry, writer, token, done = std::move(done)] {
+    jobs_.push_back([this, pool = pool_, entry, writer, token, done = std::move(done)] {
       // An exception fails this commit alone; the publication stays open for another try.
       Error error;
       try {
@@ -313,7 +313,7 @@ void ModelStore::commit(const std::string& key, uint64_t writer,
       } catch (...) {
         error = Error{StatusCode::kInternal, "internal error while committing"};
       }
-      if (pool_->stopping) return;
+      if (pool->stopping) return;  // the store may be gone: touch nothing
       ModelStatus reopened;
       {
         std::lock_guard<std::mutex> job_lock(mutex_);

@@ -1035,6 +1035,25 @@ TEST_F(ModelStoreTest, BadAllocOnAReaderThreadFailsThatLoadOnly) {
   EXPECT_EQ(wait_final(b.key).state, ModelState::kLoaded);
 }
 
+TEST_F(ModelStoreTest, ACommitThatThrowsFailsThatCommitAndThePublicationStaysOpen) {
+  make_store(1);
+  std::vector<protocol::TensorDeclInfo> table = {{"a", DType::kF32, {4, 4}, ""}};
+  ASSERT_TRUE(store->claim("pub", {}, protocol::ClaimMode::kNow, 1).ok());
+  ASSERT_TRUE(store->declare("pub", 1, table).ok());
+  counters->throw_on_seal = true;
+  std::promise<Result<LeaseGrant>> failed;
+  store->commit("pub", 1, [&](Result<LeaseGrant> r) { failed.set_value(std::move(r)); });
+  auto first = failed.get_future().get();
+  ASSERT_FALSE(first.ok());
+  EXPECT_EQ(first.error().code, StatusCode::kOutOfMemory);
+  // The same worker commits it on a second try.
+  std::promise<Result<LeaseGrant>> committed;
+  store->commit("pub", 1, [&](Result<LeaseGrant> r) { committed.set_value(std::move(r)); });
+  auto second = committed.get_future().get();
+  ASSERT_TRUE(second.ok()) << second.error().to_string();
+  EXPECT_EQ(store->status(published_store_key("pub")).state, ModelState::kLoaded);
+}
+
 // ---- a load stuck in a read: unload and shutdown do not wait for it --------------------------
 
 TEST_F(ModelStoreTest, ForcedUnloadOfAStuckLoadAnswersAtOnceAndFreesLater) {

@@ -57,6 +57,7 @@ struct BackendCounters {
   std::atomic<bool> allocation_is_resident{false};  // as GPU backends: taken at allocate()
   // allocate() throws: 0 = never, 1 = std::bad_alloc, 2 = std::runtime_error (then resets).
   std::atomic<int> throw_on_allocate{0};
+  std::atomic<bool> throw_on_seal{false};  // the next seal() throws std::bad_alloc
 };
 
 class CountingSlab final : public memory::Slab {
@@ -80,7 +81,10 @@ class CountingSlab final : public memory::Slab {
     if (delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
     return inner_->write(i, offset, src, bytes);
   }
-  Result<void> seal() override { return inner_->seal(); }
+  Result<void> seal() override {
+    if (counters_->throw_on_seal.exchange(false)) throw std::bad_alloc();
+    return inner_->seal();
+  }
   Result<std::vector<memory::SegmentExport>> export_segments() override {
     return inner_->export_segments();
   }
