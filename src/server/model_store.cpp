@@ -464,7 +464,7 @@ Result<ModelStatus> ModelStore::ensure_loading(const ResolvedModel& model) {
     e.cancel = std::make_shared<std::atomic<bool>>(false);
     std::shared_ptr<Entry> entry = slot;
     uint64_t generation = e.generation;
-    jobs_.push_back([this, entry, generation] { run_load(entry, generation, false, false); });
+    jobs_.push_back([this, entry, generation] { load_job(entry, generation, false, false); });
     jobs_cv_.notify_one();
     result = snapshot(e);
   }
@@ -539,183 +539,203 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
   };
   auto fail = [&](const Error& error) {
     if (cancel->load()) return;
-    log::warn((reload ? "reload of " : "load of ") + model.spec.describe() +
-              " failed: " + error.to_string());
-    Error shown = error;
-    if (shown.message.size() > protocol::kMaxStatusMessageBytes - 16)
-      shown.message =
-          std::string(utf8_prefix(shown.message, protocol::kMaxStatusMessageBytes - 19)) + "...";
-    if (reload) {  // the current generation goes on serving
-      publish([&](Entry& e) {
-        e.reloading = false;
-        e.reload_error = shown;
-        // The sizes of the generation still served, not of the load that failed.
-        uint64_t bytes = 0;
-        if (const Generation* g = e.current(); g && g->table)
-          for (size_t i = 0; i < g->table->size(); ++i) bytes += g->table->view().record(i).nbytes;
-        e.bytes_done = e.bytes_total = bytes;
-      });
-      return;
-    }
-    std::vector<ModelStatus> gone;
+    fail_load(entry, generation, reload, error, *pool);
+  };
+
+  const std::vector<std::string>& roots = roots_;
+  // Every file is opened here, once, beneath the roots; the loader reads these descriptors.
+  auto ckpt = checkpoint::open_checkpoint(model.source.path, roots, config_.checkpoint_limits);
+  if (!ckpt.ok()) return fail(ckpt.error());
+  if (ckpt->tensors.size() > protocol::kMaxTableTensors)
+    return fail(make_error(StatusCode::kInvalidArgument,
+                           "checkpoint has " + std::to_string(ckpt->tensors.size()) +
+                               " tensors; one model may have at most " +
+                               std::to_string(protocol::kMaxTableTensors)));
+  if (cancel->load()) return;  // opening can block; the store may be gone since
+  std::string files = file_identity(*ckpt);
+  if (reload && !force && files == old_files) {
     publish([&](Entry& e) {
+      e.reloading = false;
+      e.reload_note = "unchanged: the files are those of generation " +
+                      std::to_string(e.current() ? e.current()->number : 0);
+    });
+    return;
+  }
+  loader::ShardOptions shard;
+  shard.tp_size = model.spec.tp_size;
+  shard.tp_rank = model.spec.tp_rank;
+  if (shard.tp_size > 1) {
+    shard.rules = model.spec.shard_rules;
+    auto config = read_model_config(*ckpt, roots);
+    if (!config.ok()) return fail(config.error());
+    shard.config_json = std::move(config).value();
+  }
+  if (cancel->load()) return;
+  auto plan = loader::make_load_plan(*ckpt, model.spec.dtype, *backend_, shard);
+  if (!plan.ok()) return fail(plan.error());
+  if (plan->segment_sizes.size() > protocol::kMaxSegments)
+    return fail(make_error(StatusCode::kInvalidArgument,
+                           "model needs more segments than one reply carries"));
+  uint64_t slab_bytes = 0;
+  for (uint64_t size : plan->segment_sizes) slab_bytes += size;
+  if (auto admitted = admit(slab_bytes, model.spec.describe()); !admitted.ok())
+    return fail(admitted.error());
+  // The bytes of this load that the device does not show as taken yet. They shrink as the
+  // memory becomes resident (at allocation on GPUs, as it is written on the host), so that a
+  // load is never counted twice; what is left goes when the load ends, however it ends, but not
+  // once the store is gone.
+  struct Admission {
+    ModelStore* store;
+    WorkerPool* pool;
+    uint64_t outstanding;
+    void settle_locked(uint64_t now_outstanding) {
+      if (now_outstanding >= outstanding) return;
+      store->admitted_bytes_ -= std::min(outstanding - now_outstanding, store->admitted_bytes_);
+      outstanding = now_outstanding;
+    }
+    ~Admission() {
+      if (pool->stopping) return;
+      std::lock_guard<std::mutex> lock(store->mutex_);
+      settle_locked(0);
+    }
+  } admission{this, pool.get(), slab_bytes};
+  auto slab = backend_->allocate(plan->segment_sizes, short_id(model.key));
+  if (!slab.ok()) return fail(slab.error());
+  if (backend_->allocation_is_resident()) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    admission.settle_locked(0);
+  }
+  publish([&](Entry& e) {
+    e.bytes_total = plan->bytes_to_read;
+    e.bytes_done = 0;
+  });
+
+  auto progress = [&](uint64_t done, uint64_t total) {
+    if (cancel->load()) return;
+    ModelStatus s;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (entry->generation != generation) return;
+      entry->bytes_done = done;
+      if (total > 0 && done <= total)
+        admission.settle_locked(static_cast<uint64_t>(static_cast<double>(slab_bytes) *
+                                                      static_cast<double>(total - done) /
+                                                      static_cast<double>(total)));
+      auto now = Clock::now();
+      if (reload) return;
+      // Status streams get at most ~10 progress events a second per model.
+      if (done != total && now - entry->last_progress < std::chrono::milliseconds(100)) return;
+      entry->last_progress = now;
+      s = snapshot(*entry);
+    }
+    notify(s);
+  };
+  loader::LoadOptions load_options;
+  load_options.direct_io = config_.direct_io;
+  load_options.read_source = config_.read_source;
+  auto loaded = loader::load_into_slab(*plan, **slab, progress, *cancel, load_options);
+  if (cancel->load()) return;  // reads can block; the store may be gone since
+  if (!loaded.ok()) {
+    if (loaded.error().code == StatusCode::kCancelled) return;  // unload already published
+    return fail(loaded.error());
+  }
+  auto sealed = (*slab)->seal();
+  if (!sealed.ok()) return fail(sealed.error());
+
+  // The table is built once here, off the event loop; every lease shares it.
+  size_t name_bytes = 0;
+  for (const auto& t : plan->tensors) name_bytes += t.source.name.size();
+  protocol::TensorTableBuilder builder(plan->tensors.size(), name_bytes);
+  for (const auto& t : plan->tensors) {
+    auto added = builder.add(t.source.name, t.target_dtype, t.target_shape, {}, t.placement.segment,
+                             t.placement.offset, t.target_bytes);
+    if (!added.ok()) return fail(added.error());
+  }
+  auto table = make_shared_table(builder, **slab);
+  if (!table.ok()) return fail(table.error());
+  std::shared_ptr<memory::Slab> shared_slab(std::move(*slab));
+  double secs = std::chrono::duration<double>(Clock::now() - start).count();
+  log::info("loaded " + model.spec.describe() + ": " + std::to_string((*table)->size()) +
+            " tensors, " + format_bytes(plan->bytes_to_read) + " in " + std::to_string(secs) +
+            " s");
+  publish([&](Entry& e) {
+    e.state = ModelState::kLoaded;
+    e.bytes_done = e.bytes_total;
+    e.reloading = false;
+    e.reload_error.reset();
+    e.reload_note.clear();
+    Generation g;
+    g.number = e.next_number++;
+    g.token = next_generation();
+    g.slab = shared_slab;
+    g.table = *table;
+    g.files = files;
+    g.created_at_ms = unix_time_ms();
+    e.generations.push_back(std::move(g));
+    drop_unleased_locked(e);
+  });
+}
+
+void ModelStore::load_job(std::shared_ptr<Entry> entry, uint64_t generation, bool reload,
+                          bool force) {
+  // Taken while the store is certainly alive (the job started before any shutdown).
+  std::shared_ptr<WorkerPool> pool = pool_;
+  // An exception (std::bad_alloc above all) fails this load alone: its slab and admitted bytes
+  // were returned as the stack unwound, the model shows a typed error, and the worker goes on
+  // serving other loads.
+  Error error;
+  try {
+    return run_load(entry, generation, reload, force);
+  } catch (const std::bad_alloc&) {
+    error = Error{StatusCode::kOutOfMemory, "out of host memory while loading"};
+  } catch (const std::exception& e) {
+    error = Error{StatusCode::kInternal, std::string("internal error while loading: ") + e.what()};
+  } catch (...) {
+    error = Error{StatusCode::kInternal, "internal error while loading (unknown exception)"};
+  }
+  fail_load(entry, generation, reload, error, *pool);
+}
+
+void ModelStore::fail_load(const std::shared_ptr<Entry>& entry, uint64_t generation, bool reload,
+                           const Error& error, const WorkerPool& pool) {
+  if (pool.stopping) return;  // the store is going away: touch nothing
+  std::string what;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    // A cancelled load (unloaded, or superseded) publishes nothing.
+    if (entry->generation != generation || (entry->cancel && entry->cancel->load())) return;
+    what = entry->model.spec.describe();
+  }
+  log::warn((reload ? "reload of " : "load of ") + what + " failed: " + error.to_string());
+  Error shown = error;
+  if (shown.message.size() > protocol::kMaxStatusMessageBytes - 16)
+    shown.message =
+        std::string(utf8_prefix(shown.message, protocol::kMaxStatusMessageBytes - 19)) + "...";
+  ModelStatus s;
+  std::vector<ModelStatus> gone;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (entry->generation != generation) return;
+    Entry& e = *entry;
+    if (reload) {  // the current generation goes on serving
+      e.reloading = false;
+      e.reload_error = shown;
+      // The sizes of the generation still served, not of the load that failed.
+      uint64_t bytes = 0;
+      if (const Generation* g = e.current(); g && g->table)
+        for (size_t i = 0; i < g->table->size(); ++i) bytes += g->table->view().record(i).nbytes;
+      e.bytes_done = e.bytes_total = bytes;
+    } else {
       e.state = ModelState::kError;
       e.error = shown;
       e.failed_at = Clock::now();
       e.generations.clear();
       trim_errors_locked(gone);
-    });
-    for (const auto& s : gone) notify(s);
-  };
-
-  // The load's steps; an exception from any of them is handled below.
-  auto steps = [&] {
-    const std::vector<std::string>& roots = roots_;
-    // Every file is opened here, once, beneath the roots; the loader reads these descriptors.
-    auto ckpt = checkpoint::open_checkpoint(model.source.path, roots, config_.checkpoint_limits);
-    if (!ckpt.ok()) return fail(ckpt.error());
-    if (ckpt->tensors.size() > protocol::kMaxTableTensors)
-      return fail(make_error(StatusCode::kInvalidArgument,
-                             "checkpoint has " + std::to_string(ckpt->tensors.size()) +
-                                 " tensors; one model may have at most " +
-                                 std::to_string(protocol::kMaxTableTensors)));
-    if (cancel->load()) return;  // opening can block; the store may be gone since
-    std::string files = file_identity(*ckpt);
-    if (reload && !force && files == old_files) {
-      publish([&](Entry& e) {
-        e.reloading = false;
-        e.reload_note = "unchanged: the files are those of generation " +
-                        std::to_string(e.current() ? e.current()->number : 0);
-      });
-      return;
     }
-    loader::ShardOptions shard;
-    shard.tp_size = model.spec.tp_size;
-    shard.tp_rank = model.spec.tp_rank;
-    if (shard.tp_size > 1) {
-      shard.rules = model.spec.shard_rules;
-      auto config = read_model_config(*ckpt, roots);
-      if (!config.ok()) return fail(config.error());
-      shard.config_json = std::move(config).value();
-    }
-    if (cancel->load()) return;
-    auto plan = loader::make_load_plan(*ckpt, model.spec.dtype, *backend_, shard);
-    if (!plan.ok()) return fail(plan.error());
-    if (plan->segment_sizes.size() > protocol::kMaxSegments)
-      return fail(make_error(StatusCode::kInvalidArgument,
-                             "model needs more segments than one reply carries"));
-    uint64_t slab_bytes = 0;
-    for (uint64_t size : plan->segment_sizes) slab_bytes += size;
-    if (auto admitted = admit(slab_bytes, model.spec.describe()); !admitted.ok())
-      return fail(admitted.error());
-    // The bytes of this load that the device does not show as taken yet. They shrink as the
-    // memory becomes resident (at allocation on GPUs, as it is written on the host), so that a
-    // load is never counted twice; what is left goes when the load ends, however it ends, but not
-    // once the store is gone.
-    struct Admission {
-      ModelStore* store;
-      WorkerPool* pool;
-      uint64_t outstanding;
-      void settle_locked(uint64_t now_outstanding) {
-        if (now_outstanding >= outstanding) return;
-        store->admitted_bytes_ -= std::min(outstanding - now_outstanding, store->admitted_bytes_);
-        outstanding = now_outstanding;
-      }
-      ~Admission() {
-        if (pool->stopping) return;
-        std::lock_guard<std::mutex> lock(store->mutex_);
-        settle_locked(0);
-      }
-    } admission{this, pool.get(), slab_bytes};
-    auto slab = backend_->allocate(plan->segment_sizes, short_id(model.key));
-    if (!slab.ok()) return fail(slab.error());
-    if (backend_->allocation_is_resident()) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      admission.settle_locked(0);
-    }
-    publish([&](Entry& e) {
-      e.bytes_total = plan->bytes_to_read;
-      e.bytes_done = 0;
-    });
-
-    auto progress = [&](uint64_t done, uint64_t total) {
-      if (cancel->load()) return;
-      ModelStatus s;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (entry->generation != generation) return;
-        entry->bytes_done = done;
-        if (total > 0 && done <= total)
-          admission.settle_locked(static_cast<uint64_t>(static_cast<double>(slab_bytes) *
-                                                        static_cast<double>(total - done) /
-                                                        static_cast<double>(total)));
-        auto now = Clock::now();
-        if (reload) return;
-        // Status streams get at most ~10 progress events a second per model.
-        if (done != total && now - entry->last_progress < std::chrono::milliseconds(100)) return;
-        entry->last_progress = now;
-        s = snapshot(*entry);
-      }
-      notify(s);
-    };
-    loader::LoadOptions load_options;
-    load_options.direct_io = config_.direct_io;
-    load_options.read_source = config_.read_source;
-    auto loaded = loader::load_into_slab(*plan, **slab, progress, *cancel, load_options);
-    if (cancel->load()) return;  // reads can block; the store may be gone since
-    if (!loaded.ok()) {
-      if (loaded.error().code == StatusCode::kCancelled) return;  // unload already published
-      return fail(loaded.error());
-    }
-    auto sealed = (*slab)->seal();
-    if (!sealed.ok()) return fail(sealed.error());
-
-    // The table is built once here, off the event loop; every lease shares it.
-    size_t name_bytes = 0;
-    for (const auto& t : plan->tensors) name_bytes += t.source.name.size();
-    protocol::TensorTableBuilder builder(plan->tensors.size(), name_bytes);
-    for (const auto& t : plan->tensors) {
-      auto added = builder.add(t.source.name, t.target_dtype, t.target_shape, {},
-                               t.placement.segment, t.placement.offset, t.target_bytes);
-      if (!added.ok()) return fail(added.error());
-    }
-    auto table = make_shared_table(builder, **slab);
-    if (!table.ok()) return fail(table.error());
-    std::shared_ptr<memory::Slab> shared_slab(std::move(*slab));
-    double secs = std::chrono::duration<double>(Clock::now() - start).count();
-    log::info("loaded " + model.spec.describe() + ": " + std::to_string((*table)->size()) +
-              " tensors, " + format_bytes(plan->bytes_to_read) + " in " + std::to_string(secs) +
-              " s");
-    publish([&](Entry& e) {
-      e.state = ModelState::kLoaded;
-      e.bytes_done = e.bytes_total;
-      e.reloading = false;
-      e.reload_error.reset();
-      e.reload_note.clear();
-      Generation g;
-      g.number = e.next_number++;
-      g.token = next_generation();
-      g.slab = shared_slab;
-      g.table = *table;
-      g.files = files;
-      g.created_at_ms = unix_time_ms();
-      e.generations.push_back(std::move(g));
-      drop_unleased_locked(e);
-    });
-  };
-  // An exception (std::bad_alloc above all) fails this load alone: the slab and the admitted
-  // bytes are returned as the stack unwinds, the model shows a typed error and the worker goes on
-  // serving other loads.
-  try {
-    steps();
-  } catch (const std::bad_alloc&) {
-    fail(make_error(StatusCode::kOutOfMemory, "out of host memory while loading"));
-  } catch (const std::exception& e) {
-    fail(make_error(StatusCode::kInternal,
-                    std::string("internal error while loading: ") + e.what()));
-  } catch (...) {
-    fail(make_error(StatusCode::kInternal, "internal error while loading (unknown exception)"));
+    s = snapshot(e);
   }
+  notify(s);
+  for (const auto& g : gone) notify(g);
 }
 
 void ModelStore::drop_unleased_locked(Entry& e) {

@@ -470,7 +470,7 @@ Result<ModelStatus> ModelStore::reload(const std::string& key_or_id, bool force)
       entry->reload_note.clear();
       uint64_t generation = entry->generation;
       jobs_.push_back(
-          [this, entry, generation, force] { run_load(entry, generation, true, force); });
+          [this, entry, generation, force] { load_job(entry, generation, true, force); });
       jobs_cv_.notify_one();
     }
     s = snapshot(*entry);
