@@ -12,8 +12,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <exception>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -224,16 +226,28 @@ class Engine {
     }
     stats.reader_threads = readers.size();
 
-    watch(progress);
+    // The readers are joined however watching ends: a progress callback that throws must not
+    // leave joinable threads behind (std::terminate) nor readers writing into a freed slab.
+    std::exception_ptr watch_exception;
+    try {
+      watch(progress);
+    } catch (...) {
+      watch_exception = std::current_exception();
+    }
     stop_.store(true);
     sink_->wake();
     for (auto& t : readers) t.join();
+    if (watch_exception) std::rethrow_exception(watch_exception);
 
     std::optional<Error> error;
     {
       std::lock_guard lock(mutex_);
       error = error_;
     }
+    if (!error && reader_fault_.load() != StatusCode::kOk)
+      error = make_error(reader_fault_.load(), reader_fault_.load() == StatusCode::kOutOfMemory
+                                                   ? "a reader thread ran out of memory"
+                                                   : "a reader thread failed unexpectedly");
     if (!error) {
       if (auto r = sink_->finish(); !r.ok()) error = std::move(r).error();
     }
@@ -316,7 +330,34 @@ class Engine {
     return stop_.load(std::memory_order_relaxed) || cancel_.load(std::memory_order_relaxed);
   }
 
+  // Reader threads never let an exception escape (that would end the process): one that throws
+  // (std::bad_alloc above all) stops the load with a typed error instead. What they do under
+  // mutex_ allocates nothing, so that the lock is never left by an exception half-way.
   void reader() {
+    try {
+      read_items();
+    } catch (const std::bad_alloc&) {
+      fault(StatusCode::kOutOfMemory);
+    } catch (...) {
+      fault(StatusCode::kInternal);
+    }
+    {
+      std::lock_guard lock(mutex_);
+      --running_;
+    }
+    cv_.notify_all();
+  }
+
+  // Stops the load without allocating (the error is built after the readers are joined).
+  void fault(StatusCode code) noexcept {
+    StatusCode none = StatusCode::kOk;
+    reader_fault_.compare_exchange_strong(none, code);
+    stop_.store(true);
+    cv_.notify_all();
+    sink_->wake();
+  }
+
+  void read_items() {
     auto prepared = sink_->prepare_thread();
     if (!prepared.ok()) fail(std::move(prepared).error());
     ReaderBuffers buffers;
@@ -334,16 +375,11 @@ class Engine {
       {
         std::lock_guard lock(mutex_);
         done_ += item.source_bytes;
-        events_.push_back(done_);
+        progress_pending_ = true;
       }
       cv_.notify_all();
     }
     if (cancel_.load() && !stop_.load()) fail(make_error(StatusCode::kCancelled, "load cancelled"));
-    {
-      std::lock_guard lock(mutex_);
-      --running_;
-    }
-    cv_.notify_all();
   }
 
   // The calling thread: reports progress, watches the cancel flag, returns when the readers are
@@ -353,27 +389,27 @@ class Engine {
     const uint64_t step = std::max<uint64_t>(1, total / kProgressSteps);
     bool reported = false;
     uint64_t last = 0;
-    std::deque<uint64_t> events;
     for (;;) {
       bool finished = false;
+      std::optional<uint64_t> done;
       {
         std::unique_lock lock(mutex_);
         cv_.wait_for(lock, kPollInterval,
-                     [&] { return !events_.empty() || running_ == 0 || error_.has_value(); });
+                     [&] { return progress_pending_ || running_ == 0 || error_.has_value(); });
         if (error_) return;
-        events.swap(events_);
+        if (progress_pending_) done = done_;
+        progress_pending_ = false;
         finished = running_ == 0;
       }
       if (cancel_.load()) return fail(make_error(StatusCode::kCancelled, "load cancelled"));
-      for (uint64_t done : events) {
-        if (reported && done < last + step) continue;
+      if (done && (!reported || *done >= last + step)) {
         reported = true;
-        last = done;
-        if (!progress) continue;
-        progress(done, total);
-        if (cancel_.load()) return fail(make_error(StatusCode::kCancelled, "load cancelled"));
+        last = *done;
+        if (progress) {
+          progress(*done, total);
+          if (cancel_.load()) return fail(make_error(StatusCode::kCancelled, "load cancelled"));
+        }
       }
-      events.clear();
       if (finished) return;
     }
   }
@@ -612,8 +648,9 @@ class Engine {
   std::condition_variable cv_;
   std::optional<Error> error_;
   uint64_t done_ = 0;
-  std::deque<uint64_t> events_;  // done_ after each item, for the progress reports
+  bool progress_pending_ = false;  // done_ moved since the last progress report
   size_t running_ = 0;
+  std::atomic<StatusCode> reader_fault_{StatusCode::kOk};  // a reader thread threw
 };
 
 }  // namespace

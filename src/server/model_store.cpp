@@ -7,6 +7,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <new>
 #include <optional>
 
 #include <sys/stat.h>
@@ -229,8 +230,21 @@ void ModelStore::worker_loop(std::shared_ptr<WorkerPool> pool, size_t index) {
       std::lock_guard<std::mutex> pool_lock(pool->mutex);
       pool->busy[index] = true;
     }
-    job();
-    job = nullptr;
+    // The last guard: a job that throws ends that job, never the process. Loads and commits
+    // catch their own exceptions first and report them on the model's status; this catches what
+    // is left (freeing slabs, pinning staging).
+    try {
+      job();
+    } catch (const std::exception& e) {
+      log::error(std::string("a worker job failed: ") + e.what());
+    } catch (...) {
+      log::error("a worker job failed with an unknown exception");
+    }
+    try {
+      job = nullptr;
+    } catch (...) {
+      log::error("destroying a worker job failed");
+    }
     {
       std::lock_guard<std::mutex> pool_lock(pool->mutex);
       if (pool->abandoned) return;  // the store is gone: touch none of it
@@ -294,17 +308,29 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
   return s;
 }
 
-Result<ResolvedModel> ModelStore::resolve(const ModelSpec& spec) const {
+namespace {
+Result<ResolvedModel> resolve_under(const ModelSpec& spec, const std::string& hf_cache,
+                                    const std::vector<std::string>& roots) {
   COMPANION_TRY(spec.validate());
-  const std::vector<std::string>& roots = roots_;
   COMPANION_ASSIGN_OR_RETURN(checkpoint::ResolvedSource source,
-                             checkpoint::resolve_source(spec, config_.hf_cache, roots));
+                             checkpoint::resolve_source(spec, hf_cache, roots));
   if (!checkpoint::is_under_roots(source.path, roots))
     return make_error(StatusCode::kNotPermitted,
                       source.path + " is outside the server's model roots");
   ResolvedModel model{spec, source, {}};
   model.key = canonical_key(spec, source);
   return model;
+}
+}  // namespace
+
+Result<ResolvedModel> ModelStore::resolve(const ModelSpec& spec) const {
+  return resolve_under(spec, config_.hf_cache, roots_);
+}
+
+ModelStore::ResolveFn ModelStore::resolver() const {
+  return [hf_cache = config_.hf_cache, roots = roots_](const ModelSpec& spec) {
+    return resolve_under(spec, hf_cache, roots);
+  };
 }
 
 ModelStatus ModelStore::status(const std::string& key) const {
@@ -439,7 +465,7 @@ Result<ModelStatus> ModelStore::ensure_loading(const ResolvedModel& model) {
     e.cancel = std::make_shared<std::atomic<bool>>(false);
     std::shared_ptr<Entry> entry = slot;
     uint64_t generation = e.generation;
-    jobs_.push_back([this, entry, generation] { run_load(entry, generation, false, false); });
+    jobs_.push_back([this, entry, generation] { load_job(entry, generation, false, false); });
     jobs_cv_.notify_one();
     result = snapshot(e);
   }
@@ -514,33 +540,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
   };
   auto fail = [&](const Error& error) {
     if (cancel->load()) return;
-    log::warn((reload ? "reload of " : "load of ") + model.spec.describe() +
-              " failed: " + error.to_string());
-    Error shown = error;
-    if (shown.message.size() > protocol::kMaxStatusMessageBytes - 16)
-      shown.message =
-          std::string(utf8_prefix(shown.message, protocol::kMaxStatusMessageBytes - 19)) + "...";
-    if (reload) {  // the current generation goes on serving
-      publish([&](Entry& e) {
-        e.reloading = false;
-        e.reload_error = shown;
-        // The sizes of the generation still served, not of the load that failed.
-        uint64_t bytes = 0;
-        if (const Generation* g = e.current(); g && g->table)
-          for (size_t i = 0; i < g->table->size(); ++i) bytes += g->table->view().record(i).nbytes;
-        e.bytes_done = e.bytes_total = bytes;
-      });
-      return;
-    }
-    std::vector<ModelStatus> gone;
-    publish([&](Entry& e) {
-      e.state = ModelState::kError;
-      e.error = shown;
-      e.failed_at = Clock::now();
-      e.generations.clear();
-      trim_errors_locked(gone);
-    });
-    for (const auto& s : gone) notify(s);
+    fail_load(entry, generation, reload, error, *pool);
   };
 
   const std::vector<std::string>& roots = roots_;
@@ -681,6 +681,68 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     e.generations.push_back(std::move(g));
     drop_unleased_locked(e);
   });
+}
+
+void ModelStore::load_job(std::shared_ptr<Entry> entry, uint64_t generation, bool reload,
+                          bool force) {
+  // Taken while the store is certainly alive (the job started before any shutdown).
+  std::shared_ptr<WorkerPool> pool = pool_;
+  // An exception (std::bad_alloc above all) fails this load alone: its slab and admitted bytes
+  // were returned as the stack unwound, the model shows a typed error, and the worker goes on
+  // serving other loads.
+  Error error;
+  try {
+    return run_load(entry, generation, reload, force);
+  } catch (const std::bad_alloc&) {
+    error = Error{StatusCode::kOutOfMemory, "out of host memory while loading"};
+  } catch (const std::exception& e) {
+    error = Error{StatusCode::kInternal, std::string("internal error while loading: ") + e.what()};
+  } catch (...) {
+    error = Error{StatusCode::kInternal, "internal error while loading (unknown exception)"};
+  }
+  fail_load(entry, generation, reload, error, *pool);
+}
+
+void ModelStore::fail_load(const std::shared_ptr<Entry>& entry, uint64_t generation, bool reload,
+                           const Error& error, const WorkerPool& pool) {
+  if (pool.stopping) return;  // the store is going away: touch nothing
+  std::string what;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    // A cancelled load (unloaded, or superseded) publishes nothing.
+    if (entry->generation != generation || (entry->cancel && entry->cancel->load())) return;
+    what = entry->model.spec.describe();
+  }
+  log::warn((reload ? "reload of " : "load of ") + what + " failed: " + error.to_string());
+  Error shown = error;
+  if (shown.message.size() > protocol::kMaxStatusMessageBytes - 16)
+    shown.message =
+        std::string(utf8_prefix(shown.message, protocol::kMaxStatusMessageBytes - 19)) + "...";
+  ModelStatus s;
+  std::vector<ModelStatus> gone;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (entry->generation != generation) return;
+    Entry& e = *entry;
+    if (reload) {  // the current generation goes on serving
+      e.reloading = false;
+      e.reload_error = shown;
+      // The sizes of the generation still served, not of the load that failed.
+      uint64_t bytes = 0;
+      if (const Generation* g = e.current(); g && g->table)
+        for (size_t i = 0; i < g->table->size(); ++i) bytes += g->table->view().record(i).nbytes;
+      e.bytes_done = e.bytes_total = bytes;
+    } else {
+      e.state = ModelState::kError;
+      e.error = shown;
+      e.failed_at = Clock::now();
+      e.generations.clear();
+      trim_errors_locked(gone);
+    }
+    s = snapshot(e);
+  }
+  notify(s);
+  for (const auto& g : gone) notify(g);
 }
 
 void ModelStore::drop_unleased_locked(Entry& e) {

@@ -107,6 +107,10 @@ class ModelStore {
 
   // Validates the spec and resolves its source (never reads outside the roots).
   Result<ResolvedModel> resolve(const ModelSpec& spec) const;
+  // resolve() as a function that holds copies of what it needs (the roots, canonicalised once at
+  // start, and the HF cache): it may run on a thread that outlives the store.
+  using ResolveFn = std::function<Result<ResolvedModel>(const ModelSpec&)>;
+  ResolveFn resolver() const;
   // Current status of a key; kReady for a model the store does not hold.
   ModelStatus status(const std::string& key) const;
   std::vector<ModelStatus> list() const;
@@ -172,7 +176,13 @@ class ModelStore {
   struct Entry;
   struct WorkerPool;
   ModelStatus snapshot(const Entry& e) const;
+  // A worker's load job: run_load, with an exception failing that load (kOutOfMemory for
+  // std::bad_alloc, kInternal otherwise) instead of the process.
+  void load_job(std::shared_ptr<Entry> entry, uint64_t generation, bool reload, bool force);
   void run_load(std::shared_ptr<Entry> entry, uint64_t generation, bool reload, bool force);
+  // Publishes a load's (or reload's) failure, unless it was cancelled or the store is stopping.
+  void fail_load(const std::shared_ptr<Entry>& entry, uint64_t generation, bool reload,
+                 const Error& error, const WorkerPool& pool);
   void run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint64_t token,
                   std::function<void(Result<LeaseGrant>)> done);
   Result<LeaseGrant> lease_locked(Entry& e, size_t index);

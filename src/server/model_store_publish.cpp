@@ -3,6 +3,7 @@
 // store digests and seals it on a worker and makes it the key's newest generation). Reloads of
 // loaded models make generations the same way from the files.
 #include <algorithm>
+#include <new>
 #include <set>
 #include <unordered_set>
 
@@ -299,8 +300,30 @@ void ModelStore::commit(const std::string& key, uint64_t writer,
     token = w.token;
     entry = it->second;
     s = snapshot(*entry);
-    jobs_.push_back([this, entry, writer, token, done = std::move(done)] {
-      run_commit(entry, writer, token, done);
+    jobs_.push_back([this, pool = pool_, entry, writer, token, done = std::move(done)] {
+      // An exception fails this commit alone; the publication stays open for another try.
+      Error error;
+      try {
+        return run_commit(entry, writer, token, done);
+      } catch (const std::bad_alloc&) {
+        error = Error{StatusCode::kOutOfMemory, "out of host memory while committing"};
+      } catch (const std::exception& e) {
+        error = Error{StatusCode::kInternal,
+                      std::string("internal error while committing: ") + e.what()};
+      } catch (...) {
+        error = Error{StatusCode::kInternal, "internal error while committing"};
+      }
+      if (pool->stopping) return;  // the store may be gone: touch nothing
+      ModelStatus reopened;
+      {
+        std::lock_guard<std::mutex> job_lock(mutex_);
+        if (entry->writer && entry->writer->token == token) entry->writer->committing = false;
+        reopened = snapshot(*entry);
+      }
+      log::warn("commit of '" + printable_text(entry->publish_key) +
+                "' failed: " + error.to_string());
+      notify(reopened);
+      done(error);
     });
     jobs_cv_.notify_one();
   }
@@ -447,7 +470,7 @@ Result<ModelStatus> ModelStore::reload(const std::string& key_or_id, bool force)
       entry->reload_note.clear();
       uint64_t generation = entry->generation;
       jobs_.push_back(
-          [this, entry, generation, force] { run_load(entry, generation, true, force); });
+          [this, entry, generation, force] { load_job(entry, generation, true, force); });
       jobs_cv_.notify_one();
     }
     s = snapshot(*entry);

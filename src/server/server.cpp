@@ -10,11 +10,18 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <functional>
 #include <map>
+#include <mutex>
+#include <new>
 #include <optional>
 #include <set>
+#include <system_error>
+#include <thread>
 #include <unordered_map>
 
 #include "checkpoint/checkpoint.hpp"
@@ -64,6 +71,7 @@ struct Connection {
   uint32_t interest = 0;     // the epoll events asked for now
   bool writing = false;      // EPOLLOUT armed
   bool paused = false;       // not read from until the client reads its replies
+  bool resolving = false;    // a request's spec is being resolved: later requests wait for it
   std::optional<Clock::time_point> partial_since;  // when the incomplete frame began
   Clock::time_point closing_since;                 // when `closing` was set
   Clock::time_point last_active = Clock::now();
@@ -112,6 +120,108 @@ struct ClaimWaiter {
   uint64_t connection = 0;
   uint64_t request_id = 0;
   protocol::PublishClaim claim;
+};
+
+// Resolves specs off the event loop: realpath(3) on a stalled mount (NFS) blocks the thread that
+// calls it, and that must never be the loop that serves every client. Threads are started as
+// resolves need them (a stalled one keeps its thread), up to kMaxThreads, and are detached: a
+// resolve that never returns must not hold up shutdown; it finds the server gone and drops its
+// result.
+class Resolver {
+ public:
+  using Done = std::function<void(Result<ResolvedModel>)>;
+  using Post = std::function<void(std::function<void()>)>;
+  static constexpr size_t kMaxThreads = 16;
+
+  Resolver(ModelStore::ResolveFn resolve, Post post) : state_(std::make_shared<State>()) {
+    state_->resolve = std::move(resolve);
+    state_->post = std::move(post);
+#ifdef COMPANION_TEST_HOOKS
+    // "SUBSTRING:MS": resolving a source that contains SUBSTRING first sleeps MS (a stalled
+    // mount, for the tests). Compiled into test builds only.
+    if (const char* hook = std::getenv("COMPANION_TEST_SLOW_RESOLVE"); hook != nullptr) {
+      std::string text(hook);
+      size_t colon = text.rfind(':');
+      if (colon != std::string::npos) {
+        state_->slow_match = text.substr(0, colon);
+        state_->slow_ms = std::atoi(text.c_str() + colon + 1);
+      }
+    }
+#endif
+  }
+  ~Resolver() {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->stopping = true;
+    state_->post = nullptr;
+    state_->jobs.clear();
+    state_->cv.notify_all();
+  }
+
+  // `done` runs on the loop (through post) with the outcome, unless the server is gone by then.
+  void submit(ModelSpec spec, Done done) {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->jobs.push_back(Job{std::move(spec), std::move(done)});
+    if (state_->idle < state_->jobs.size() && state_->threads < kMaxThreads) {
+      try {
+        std::thread([state = state_] { run(state); }).detach();
+        ++state_->threads;
+        ++state_->idle;
+      } catch (const std::system_error& e) {
+        log::warn(std::string("starting a resolver thread: ") + e.what());
+      }
+    }
+    state_->cv.notify_one();
+  }
+
+ private:
+  struct Job {
+    ModelSpec spec;
+    Done done;
+  };
+  struct State {
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::deque<Job> jobs;
+    size_t threads = 0;
+    size_t idle = 0;
+    bool stopping = false;
+    ModelStore::ResolveFn resolve;
+    Post post;
+    std::string slow_match;  // test hook
+    int slow_ms = 0;
+  };
+
+  static void run(std::shared_ptr<State> state) {
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock<std::mutex> lock(state->mutex);
+        state->cv.wait(lock, [&] { return state->stopping || !state->jobs.empty(); });
+        if (state->stopping) return;
+        job = std::move(state->jobs.front());
+        state->jobs.pop_front();
+        --state->idle;
+      }
+      Result<ResolvedModel> model = make_error(StatusCode::kInternal, "not resolved");
+      try {
+        if (state->slow_ms > 0 && job.spec.source.find(state->slow_match) != std::string::npos)
+          std::this_thread::sleep_for(std::chrono::milliseconds(state->slow_ms));
+        model = state->resolve(job.spec);
+      } catch (const std::bad_alloc&) {
+        model = make_error(StatusCode::kOutOfMemory, "out of memory resolving the model");
+      } catch (const std::exception& e) {
+        model = make_error(StatusCode::kInternal, std::string("resolving the model: ") + e.what());
+      }
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (state->stopping) return;
+      ++state->idle;
+      state->post([done = std::move(job.done), model = std::move(model)]() mutable {
+        done(std::move(model));
+      });
+    }
+  }
+
+  std::shared_ptr<State> state_;
 };
 
 struct DeviceSetup {
@@ -189,10 +299,15 @@ class ServerImpl final : public Server {
   }
 
   ~ServerImpl() override {
-    store_.reset();  // joins loaders before the loop they post to goes away
+    resolver_.reset();  // resolves still running drop their results
+    store_.reset();     // joins loaders before the loop they post to goes away
   }
 
-  void attach_store(std::unique_ptr<ModelStore> store) { store_ = std::move(store); }
+  void attach_store(std::unique_ptr<ModelStore> store) {
+    store_ = std::move(store);
+    resolver_ = std::make_unique<Resolver>(
+        store_->resolver(), [this](std::function<void()> task) { loop_->post(std::move(task)); });
+  }
   void attach_announcer(std::unique_ptr<registry::EtcdAnnouncer> announcer) {
     announcer_ = std::move(announcer);
   }
@@ -420,8 +535,9 @@ class ServerImpl final : public Server {
     if (it == connections_.end()) return;
     Connection& c = *it->second;
     if (events & EPOLLOUT) flush(c);
-    if (!c.dead && c.paused && (events & (EPOLLHUP | EPOLLERR))) c.dead = true;  // gone for good
-    if (!c.dead && !c.paused) {
+    bool held = c.paused || c.resolving;
+    if (!c.dead && held && (events & (EPOLLHUP | EPOLLERR))) c.dead = true;  // gone for good
+    if (!c.dead && !held) {
       if (events & (EPOLLIN | EPOLLHUP | EPOLLERR | EPOLLRDHUP))
         read_all(c);
       else
@@ -431,7 +547,7 @@ class ServerImpl final : public Server {
   }
 
   void read_all(Connection& c) {
-    for (int round = 0; round < 64 && !c.dead && !c.closing && !c.paused; ++round) {
+    for (int round = 0; round < 64 && !c.dead && !c.closing && !c.paused && !c.resolving; ++round) {
       auto n = c.reader.read_some(c.fd.get());
       if (!n.ok()) {
         if (n.error().code == StatusCode::kUnavailable) return;
@@ -453,7 +569,7 @@ class ServerImpl final : public Server {
 
   // Handles the complete frames buffered, then accounts for the incomplete one.
   void process_buffered(Connection& c) {
-    while (!c.dead && !c.closing && !c.paused) {
+    while (!c.dead && !c.closing && !c.paused && !c.resolving) {
       auto frame = c.reader.next();
       if (!frame.ok()) return fail_connection(c, 0, frame.error());
       if (!*frame) break;
@@ -462,7 +578,7 @@ class ServerImpl final : public Server {
       handle_frame(c, std::move(**frame));
     }
     if (c.dead || c.closing) return;
-    if (c.reader.buffered_bytes() == 0 || c.paused)
+    if (c.reader.buffered_bytes() == 0 || c.paused || c.resolving)
       c.partial_since.reset();
     else if (!c.partial_since)
       c.partial_since = Clock::now();
@@ -540,18 +656,46 @@ class ServerImpl final : public Server {
     send(c, Message{rid, protocol::HelloReply{kProtocolMajor, kProtocolMinor, identity_}});
   }
 
+  // Resolves `spec` on the resolver, then runs `next` on the loop. The connection reads no
+  // further request until then, so that its requests are answered in order; other connections
+  // are served meanwhile.
+  void resolve_then(Connection& c, ModelSpec spec,
+                    std::function<void(Connection&, Result<ResolvedModel>)> next) {
+    c.resolving = true;
+    update_interest(c);
+    uint64_t cid = c.id;
+    resolver_->submit(std::move(spec),
+                      [this, cid, next = std::move(next)](Result<ResolvedModel> model) {
+                        auto it = connections_.find(cid);
+                        if (it == connections_.end()) return;  // gone meanwhile
+                        Connection& conn = *it->second;
+                        conn.resolving = false;
+                        if (!conn.dead) next(conn, std::move(model));
+                        if (!conn.dead) {
+                          update_interest(conn);
+                          process_buffered(conn);  // requests that arrived meanwhile
+                        }
+                        reap(cid);
+                      });
+  }
+
   void on_get(Connection& c, uint64_t rid, const protocol::GetParameters& m) {
-    if (m.key.empty()) return get_checkpoint(c, rid, m, store_->resolve(m.spec));
+    if (m.key.empty())
+      return resolve_then(c, m.spec, [this, rid, m](Connection& conn, Result<ResolvedModel> model) {
+        get_checkpoint(conn, rid, m, std::move(model));
+      });
     if (m.or_source) {
       // A checkpoint the server finds is what the name means; a key published under the same
       // spelling never stands in for it (another client could publish under any path).
       ModelSpec spec = m.spec;
       if (spec.source.empty()) spec.source = m.key;
-      auto model = store_->resolve(spec);
-      if (model.ok()) return get_checkpoint(c, rid, m, std::move(model));
-      ModelState state = store_->status(published_store_key(m.key)).state;
-      if (state != ModelState::kLoaded && state != ModelState::kLoading)
-        return reply_error(c, rid, model.error());  // neither: the checkpoint's error
+      return resolve_then(c, spec, [this, rid, m](Connection& conn, Result<ResolvedModel> model) {
+        if (model.ok()) return get_checkpoint(conn, rid, m, std::move(model));
+        ModelState state = store_->status(published_store_key(m.key)).state;
+        if (state != ModelState::kLoaded && state != ModelState::kLoading)
+          return reply_error(conn, rid, model.error());  // neither: the checkpoint's error
+        get_published(conn, rid, m);
+      });
     }
     get_published(c, rid, m);
   }
@@ -602,7 +746,13 @@ class ServerImpl final : public Server {
   }
 
   void on_load(Connection& c, uint64_t rid, const protocol::Load& m) {
-    auto model = store_->resolve(m.spec);
+    resolve_then(c, m.spec, [this, rid, m](Connection& conn, Result<ResolvedModel> model) {
+      load_resolved(conn, rid, m, model);
+    });
+  }
+
+  void load_resolved(Connection& c, uint64_t rid, const protocol::Load& m,
+                     const Result<ResolvedModel>& model) {
     if (!model.ok()) return reply_error(c, rid, model.error());
     auto s = store_->ensure_loading(*model);
     if (!s.ok()) return reply_error(c, rid, s.error());
@@ -614,13 +764,16 @@ class ServerImpl final : public Server {
   }
 
   void on_unload(Connection& c, uint64_t rid, const protocol::Unload& m) {
-    std::string key = m.key;
-    if (key.empty()) {
-      auto model = store_->resolve(m.spec);
-      if (!model.ok()) return reply_error(c, rid, model.error());
-      key = model->key;
-    }
-    auto s = store_->unload(key, m.force);
+    if (!m.key.empty()) return unload_key(c, rid, m.key, m.force);
+    resolve_then(c, m.spec,
+                 [this, rid, force = m.force](Connection& conn, Result<ResolvedModel> model) {
+                   if (!model.ok()) return reply_error(conn, rid, model.error());
+                   unload_key(conn, rid, model->key, force);
+                 });
+  }
+
+  void unload_key(Connection& c, uint64_t rid, const std::string& key, bool force) {
+    auto s = store_->unload(key, force);
     if (!s.ok()) return reply_error(c, rid, s.error());
     send(c, Message{rid, protocol::UnloadReply{*s}});
     if (s->published) {
@@ -652,15 +805,24 @@ class ServerImpl final : public Server {
         return reply_error(c, rid, valid.error());
       sub.key = published_store_key(m.key);
     } else if (!m.all) {
-      auto model = store_->resolve(m.spec);
-      if (!model.ok()) return reply_error(c, rid, model.error());
-      sub.key = model->key;
+      return resolve_then(c, m.spec,
+                          [this, rid, sub, source = m.spec.source](
+                              Connection& conn, Result<ResolvedModel> model) mutable {
+                            if (!model.ok()) return reply_error(conn, rid, model.error());
+                            sub.key = model->key;
+                            subscribe(conn, rid, std::move(sub), source);
+                          });
     }
+    subscribe(c, rid, std::move(sub), m.spec.source);
+  }
+
+  void subscribe(Connection& c, uint64_t rid, Connection::Subscription sub,
+                 const std::string& source) {
     // The current state first; events already in flight that are older get skipped by seq.
     std::vector<ModelStatus> current =
         sub.all ? store_->list() : std::vector<ModelStatus>{store_->status(sub.key)};
     for (auto& s : current)
-      if (s.source.empty() && !s.published) s.source = m.spec.source;  // not held yet
+      if (s.source.empty() && !s.published) s.source = source;  // not held yet
     for (const auto& s : current) {
       sub.last_seq[s.key] = s.seq;
       send(c, Message{rid, protocol::StatusEvent{s}});
@@ -1019,7 +1181,7 @@ class ServerImpl final : public Server {
       uint64_t cid = c.id;
       loop_->post([this, cid] {
         auto it = connections_.find(cid);
-        if (it == connections_.end() || it->second->paused) return;
+        if (it == connections_.end() || it->second->paused || it->second->resolving) return;
         process_buffered(*it->second);
         reap(cid);
       });
@@ -1033,7 +1195,8 @@ class ServerImpl final : public Server {
 
   void update_interest(Connection& c) {
     c.writing = !c.out.empty();
-    uint32_t want = (c.paused ? 0u : EPOLLIN | EPOLLRDHUP) | (c.writing ? EPOLLOUT : 0u);
+    uint32_t want =
+        (c.paused || c.resolving ? 0u : EPOLLIN | EPOLLRDHUP) | (c.writing ? EPOLLOUT : 0u);
     if (want == c.interest) return;
     c.interest = want;
     if (!loop_->modify(c.token, want).ok()) c.dead = true;
@@ -1122,8 +1285,8 @@ class ServerImpl final : public Server {
         touched.push_back(cid);
         continue;
       }
-      bool idle = c.leases.empty() && c.subscriptions.empty() && c.parked == 0 && c.out.empty() &&
-                  c.publishing.empty() && c.reader.buffered_bytes() == 0;
+      bool idle = c.leases.empty() && c.subscriptions.empty() && c.parked == 0 && !c.resolving &&
+                  c.out.empty() && c.publishing.empty() && c.reader.buffered_bytes() == 0;
       if (limits_.idle_timeout_s > 0 && idle &&
           now - c.last_active > seconds(limits_.idle_timeout_s)) {
         // Quietly: a client finds the connection closed and opens another when it needs one.
@@ -1189,6 +1352,7 @@ class ServerImpl final : public Server {
   std::string registry_url_;
   std::unique_ptr<registry::EtcdAnnouncer> announcer_;
   std::unique_ptr<ModelStore> store_;
+  std::unique_ptr<Resolver> resolver_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
   std::unordered_map<uid_t, size_t> connections_per_uid_;
   std::set<uid_t> allowed_uids_;

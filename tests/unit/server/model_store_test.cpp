@@ -12,6 +12,7 @@
 #include <latch>
 #include <map>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <string>
 #include <thread>
@@ -968,6 +969,89 @@ TEST_F(ModelStoreTest, MemoryTakenAtAllocationIsNotCountedTwice) {
   EXPECT_EQ(store->admitted_bytes(), 0u);
   reads.release();
   EXPECT_EQ(wait_final(a.key).state, ModelState::kLoaded);
+}
+
+// ---- exceptions on worker and reader threads fail one load, never the server ---------------
+
+TEST_F(ModelStoreTest, BadAllocOnTheWorkerFailsThatLoadAndTheWorkerServesOn) {
+  make_store(1);  // one worker: the next load proves it survived
+  ResolvedModel a = resolve(write_model("a", many_tensors(4, 1)));
+  counters->throw_on_allocate = 1;
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ModelStatus sa = wait_final(a.key);
+  ASSERT_EQ(sa.state, ModelState::kError);
+  EXPECT_EQ(sa.error_code, StatusCode::kOutOfMemory);
+  EXPECT_NE(sa.message.find("out of host memory"), std::string::npos) << sa.message;
+  EXPECT_EQ(store->admitted_bytes(), 0u);
+  EXPECT_EQ(counters->live_slabs.load(), 0);
+  ResolvedModel b = resolve(write_model("b", many_tensors(4, 2)));
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  EXPECT_EQ(wait_final(b.key).state, ModelState::kLoaded);
+  // The failed one loads on a retry.
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  EXPECT_EQ(wait_final(a.key).state, ModelState::kLoaded);
+}
+
+TEST_F(ModelStoreTest, OtherExceptionsOnTheWorkerAreInternalErrors) {
+  make_store(1);
+  ResolvedModel a = resolve(write_model("a", many_tensors(4, 1)));
+  counters->throw_on_allocate = 2;
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ModelStatus sa = wait_final(a.key);
+  ASSERT_EQ(sa.state, ModelState::kError);
+  EXPECT_EQ(sa.error_code, StatusCode::kInternal);
+  EXPECT_NE(sa.message.find("allocate() threw"), std::string::npos) << sa.message;
+  ResolvedModel b = resolve(write_model("b", many_tensors(4, 2)));
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  EXPECT_EQ(wait_final(b.key).state, ModelState::kLoaded);
+}
+
+// Throws std::bad_alloc from the n-th read (on a loader's reader thread), reads normally else.
+class ThrowingReadSource final : public loader::ReadSource {
+ public:
+  explicit ThrowingReadSource(int nth) : nth_(nth) {}
+  ssize_t pread(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    if (++reads_ == nth_) throw std::bad_alloc();
+    return ::pread(fd, dst, bytes, static_cast<off_t>(offset));
+  }
+
+ private:
+  std::atomic<int> reads_{0};
+  int nth_;
+};
+
+TEST_F(ModelStoreTest, BadAllocOnAReaderThreadFailsThatLoadOnly) {
+  ThrowingReadSource reads(2);
+  make_store(1, [&](StoreConfig& c) { c.read_source = &reads; });
+  ResolvedModel a = resolve(write_model("a", many_tensors(8, 1)));
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ModelStatus sa = wait_final(a.key);
+  ASSERT_EQ(sa.state, ModelState::kError);
+  EXPECT_EQ(sa.error_code, StatusCode::kOutOfMemory);
+  EXPECT_TRUE(wait_until([&] { return counters->live_slabs.load() == 0; }));
+  EXPECT_TRUE(wait_until([&] { return store->admitted_bytes() == 0; }));
+  ResolvedModel b = resolve(write_model("b", many_tensors(8, 2)));
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  EXPECT_EQ(wait_final(b.key).state, ModelState::kLoaded);
+}
+
+TEST_F(ModelStoreTest, ACommitThatThrowsFailsThatCommitAndThePublicationStaysOpen) {
+  make_store(1);
+  std::vector<protocol::TensorDeclInfo> table = {{"a", DType::kF32, {4, 4}, ""}};
+  ASSERT_TRUE(store->claim("pub", {}, protocol::ClaimMode::kNow, 1).ok());
+  ASSERT_TRUE(store->declare("pub", 1, table).ok());
+  counters->throw_on_seal = true;
+  std::promise<Result<LeaseGrant>> failed;
+  store->commit("pub", 1, [&](Result<LeaseGrant> r) { failed.set_value(std::move(r)); });
+  auto first = failed.get_future().get();
+  ASSERT_FALSE(first.ok());
+  EXPECT_EQ(first.error().code, StatusCode::kOutOfMemory);
+  // The same worker commits it on a second try.
+  std::promise<Result<LeaseGrant>> committed;
+  store->commit("pub", 1, [&](Result<LeaseGrant> r) { committed.set_value(std::move(r)); });
+  auto second = committed.get_future().get();
+  ASSERT_TRUE(second.ok()) << second.error().to_string();
+  EXPECT_EQ(store->status(published_store_key("pub")).state, ModelState::kLoaded);
 }
 
 // ---- a load stuck in a read: unload and shutdown do not wait for it --------------------------

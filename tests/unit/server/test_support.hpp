@@ -14,6 +14,8 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <new>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -53,6 +55,9 @@ struct BackendCounters {
   std::atomic<int64_t> available_bytes{-1};
   std::atomic<uint64_t> total_bytes{64ull << 30};
   std::atomic<bool> allocation_is_resident{false};  // as GPU backends: taken at allocate()
+  // allocate() throws: 0 = never, 1 = std::bad_alloc, 2 = std::runtime_error (then resets).
+  std::atomic<int> throw_on_allocate{0};
+  std::atomic<bool> throw_on_seal{false};  // the next seal() throws std::bad_alloc
 };
 
 class CountingSlab final : public memory::Slab {
@@ -76,7 +81,10 @@ class CountingSlab final : public memory::Slab {
     if (delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
     return inner_->write(i, offset, src, bytes);
   }
-  Result<void> seal() override { return inner_->seal(); }
+  Result<void> seal() override {
+    if (counters_->throw_on_seal.exchange(false)) throw std::bad_alloc();
+    return inner_->seal();
+  }
   Result<std::vector<memory::SegmentExport>> export_segments() override {
     return inner_->export_segments();
   }
@@ -101,6 +109,14 @@ class CountingBackend final : public memory::Backend {
   Result<std::unique_ptr<memory::Slab>> allocate(const std::vector<uint64_t>& sizes,
                                                  const std::string& label) override {
     counters_->allocations++;
+    switch (counters_->throw_on_allocate.exchange(0)) {
+      case 1:
+        throw std::bad_alloc();
+      case 2:
+        throw std::runtime_error("allocate() threw");
+      default:
+        break;
+    }
     COMPANION_ASSIGN_OR_RETURN(auto slab, inner_->allocate(sizes, label));
     return std::unique_ptr<memory::Slab>(
         std::make_unique<CountingSlab>(std::move(slab), counters_));
