@@ -2,6 +2,7 @@
 # Installs what Companion needs on Debian 12 (as root, or with sudo) and builds it.
 #   scripts/setup.sh            Release build in build/
 #   scripts/setup.sh --asan     also an AddressSanitizer + UBSan build in build-asan/
+#   scripts/setup.sh --tsan     also a ThreadSanitizer build in build-tsan/ (scripts/tsan-test.sh)
 #   scripts/setup.sh --fuzz     also the libFuzzer targets (clang, ASan + UBSan) in build-fuzz/
 #   scripts/setup.sh --vllm     also the vLLM / torch 2 / transformers venv (scripts/setup-vllm.sh)
 # The options combine (--asan --fuzz). Each step is announced on one line; apt's, pip's and
@@ -18,14 +19,15 @@ PACKAGES=(
   etcd-server etcd-client clang-format clang libclang-rt-14-dev openssl
 )
 
-asan=0 fuzz=0 vllm=0
+asan=0 tsan=0 fuzz=0 vllm=0
 for arg in "$@"; do
   case "$arg" in
     --asan) asan=1 ;;
+    --tsan) tsan=1 ;;
     --fuzz) fuzz=1 ;;
     --vllm) vllm=1 ;;
     -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//p}' "$0"; exit 0 ;;
-    *) echo "setup: unknown option $arg (options: --asan, --fuzz, --vllm, --help)" >&2; exit 2 ;;
+    *) echo "setup: unknown option $arg (options: --asan, --tsan, --fuzz, --vllm, --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -88,6 +90,9 @@ build() {  # build DIR [cmake args...]: configure quietly, then compile with nin
 }
 
 build build
+if ((tsan)); then
+  build build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCOMPANION_SANITIZE=thread
+fi
 if ((asan)); then
   build build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCOMPANION_SANITIZE=address,undefined
 fi
