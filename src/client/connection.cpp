@@ -66,7 +66,8 @@ Result<std::shared_ptr<Connection>> Connection::open(const std::string& socket_p
 
 Result<uint64_t> Connection::send_locked(protocol::Body request) {
   uint64_t id = next_id_++;
-  auto payload = protocol::encode(protocol::Message{id, std::move(request)});
+  COMPANION_ASSIGN_OR_RETURN(auto payload,
+                             protocol::encode(protocol::Message{id, std::move(request)}));
   COMPANION_TRY(protocol::send_frame(fd_.get(), payload));
   return id;
 }
