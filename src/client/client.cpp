@@ -556,7 +556,7 @@ class ClientImpl final : public Client {
   Result<std::unique_ptr<StatusStream>> open_stream(Instance& i,
                                                     protocol::StatusSubscribe request) {
     COMPANION_ASSIGN_OR_RETURN(auto c, Connection::open(i.key, options_.client_name));
-    COMPANION_ASSIGN_OR_RETURN(uint64_t id, c->send(std::move(request)));
+    COMPANION_ASSIGN_OR_RETURN(uint64_t id, c->send_stream(std::move(request)));
     return std::unique_ptr<StatusStream>(std::make_unique<StatusStreamImpl>(c, id));
   }
 
