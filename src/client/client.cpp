@@ -191,7 +191,8 @@ class ClientImpl final : public Client {
     };
     // The hot path (an engine asking again): the instance that served this model last, asked to
     // answer only if it still holds it, so no probe is needed and no second copy is loaded.
-    if (auto hint = last_holder(spec)) {
+    // A 1.0 server may not know only_if_held (it would load a second copy): no hint there.
+    if (auto hint = last_holder(spec); hint && hint->connection->server_minor() >= 1) {
       auto r = fetch(*hint, true);
       if (r.ok()) {
         make_current(*hint);

@@ -29,6 +29,42 @@ bool in_another_pid_namespace(pid_t pid) {
   return !ours.empty() && !theirs.empty() && ours != theirs;
 }
 
+// A request that uses a field the server's protocol minor may not know: an older server would
+// silently ignore it (loading a second copy instead of answering NOT_READY, a model without its
+// shard rules). Refused here, before anything is sent. Fields of 1.0 added after its first
+// release (only_if_held, shard rules) are only known for sure from 1.1.
+Result<void> check_supported(const protocol::Body& body, uint16_t server_minor) {
+  auto refuse = [&](const std::string& what, uint16_t needed) -> Result<void> {
+    return make_error(StatusCode::kVersionMismatch,
+                      what + " needs a server of protocol 1." + std::to_string(needed) +
+                          "; this server speaks 1." + std::to_string(server_minor));
+  };
+  if (server_minor >= 1) return ok_result();
+  auto spec_fields = [&](const ModelSpec& spec) -> Result<void> {
+    if (!spec.shard_rules.empty()) return refuse("a model spec with shard rules", 1);
+    return ok_result();
+  };
+  if (auto* g = std::get_if<protocol::GetParameters>(&body)) {
+    if (g->only_if_held) return refuse("only_if_held", 1);
+    if (!g->key.empty() || g->generation != 0 || g->fingerprint || g->or_source)
+      return refuse("attaching by key (generation, fingerprint)", 1);
+    return spec_fields(g->spec);
+  }
+  if (auto* st = std::get_if<protocol::StatusSubscribe>(&body)) {
+    if (!st->key.empty()) return refuse("following a published key", 1);
+    return spec_fields(st->spec);
+  }
+  if (auto* l = std::get_if<protocol::Load>(&body)) return spec_fields(l->spec);
+  if (auto* u = std::get_if<protocol::Unload>(&body)) return spec_fields(u->spec);
+  if (std::holds_alternative<protocol::PublishClaim>(body) ||
+      std::holds_alternative<protocol::PublishDeclare>(body) ||
+      std::holds_alternative<protocol::PublishCommit>(body) ||
+      std::holds_alternative<protocol::PublishAbort>(body))
+    return refuse("publishing", 1);
+  if (std::holds_alternative<protocol::Reload>(body)) return refuse("reload", 1);
+  return ok_result();
+}
+
 }  // namespace
 
 Result<std::shared_ptr<Connection>> Connection::open(const std::string& socket_path,
@@ -64,11 +100,14 @@ Result<std::shared_ptr<Connection>> Connection::open(const std::string& socket_p
                           std::to_string(kProtocolMajor));
   c->server_ = h->server;
   c->server_minor_ = h->minor;
+  c->hello_done_ = true;
   return c;
 }
 
 Result<uint64_t> Connection::send_request(protocol::Body request, int timeout_ms, bool wait,
                                           bool stream) {
+  // Hello itself goes out before the server's minor is known.
+  if (hello_done_) COMPANION_TRY(check_supported(request, server_minor_));
   uint64_t id;
   {
     std::lock_guard<std::mutex> lock(mutex_);

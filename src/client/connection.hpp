@@ -53,7 +53,9 @@ class Connection {
   uint16_t server_minor() const noexcept { return server_minor_; }
 
   // Sends a request and waits (timeout_ms < 0: forever) for the reply with its id. An ErrorReply
-  // becomes its Error. Descriptors that came with the reply are moved to *fds.
+  // becomes its Error. A request using a field the server's minor may not know (only_if_held,
+  // shard rules, keys, publishing, reload with a 1.0 server) is kVersionMismatch, not sent.
+  // Descriptors that came with the reply are moved to *fds.
   Result<protocol::Message> call(protocol::Body request, int timeout_ms,
                                  std::vector<UniqueFd>* fds = nullptr);
   // Sends without waiting for the reply, which is dropped when it comes (a lease in it is
@@ -103,6 +105,7 @@ class Connection {
   std::set<uint64_t> abandoned_;         // nobody waits for these replies any more
   ServerIdentity server_;
   uint16_t server_minor_ = 0;
+  bool hello_done_ = false;  // server_minor_ is known: requests are checked against it
 };
 
 }  // namespace companion::client

@@ -185,5 +185,53 @@ TEST(ClientConnection, TimeoutWhileAnotherThreadReads) {
   a.join();
 }
 
+// A 1.0 server may not know only_if_held or shard rules and would silently ignore them: such
+// requests are refused with kVersionMismatch before they are sent; plain ones still go.
+TEST(ClientConnection, FieldsAnOldMinorMayNotKnowAreRefused) {
+  FakeServer server(0);
+  auto connection = Connection::open(server.socket_path(), "test");
+  ASSERT_TRUE(connection.ok()) << connection.error().to_string();
+  auto c = *connection;
+  EXPECT_EQ(c->server_minor(), 0);
+  protocol::GetParameters held;
+  held.spec.source = "/m";
+  held.only_if_held = true;
+  auto r = c->call(held, 2000);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kVersionMismatch) << r.error().to_string();
+  EXPECT_NE(r.error().message.find("only_if_held"), std::string::npos) << r.error().message;
+  ModelSpec sharded;
+  sharded.source = "/m";
+  sharded.shard_rules = "*.weight=row";
+  auto l = c->call(protocol::Load{sharded, false}, 2000);
+  ASSERT_FALSE(l.ok());
+  EXPECT_EQ(l.error().code, StatusCode::kVersionMismatch) << l.error().to_string();
+  auto reload = c->call(protocol::Reload{"k", false}, 2000);
+  ASSERT_FALSE(reload.ok());
+  EXPECT_EQ(reload.error().code, StatusCode::kVersionMismatch);
+  // Nothing of the refused requests reached the server; a plain request still works.
+  auto listed = c->call(protocol::List{}, 2000);
+  ASSERT_TRUE(listed.ok()) << listed.error().to_string();
+  auto seen = server.received();
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), "GetParameters"), 0);
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), "Load"), 0);
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), "Reload"), 0);
+}
+
+// The same requests go to a current server.
+TEST(ClientConnection, ACurrentMinorTakesThem) {
+  FakeServer server(kProtocolMinor);
+  auto connection = Connection::open(server.socket_path(), "test");
+  ASSERT_TRUE(connection.ok()) << connection.error().to_string();
+  ModelSpec sharded;
+  sharded.source = "/m";
+  sharded.shard_rules = "*.weight=row";
+  ASSERT_TRUE((*connection)->send(protocol::Load{sharded, false}).ok());
+  auto listed = (*connection)->call(protocol::List{}, 2000);
+  ASSERT_TRUE(listed.ok());
+  auto seen = server.received();
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), "Load"), 1);
+}
+
 }  // namespace
 }  // namespace companion::client
