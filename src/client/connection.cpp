@@ -177,6 +177,9 @@ void Connection::dispatch(protocol::Frame frame, std::vector<protocol::Body>& to
     return;
   }
   if (auto w = waiters_.find(m.request_id); w != waiters_.end()) {
+    // A subscription's later events may follow its first before the waiter takes it: the first
+    // is the reply, the rest go nowhere (as after the waiter is gone).
+    if (w->second.reply) return;
     if (auto* e = std::get_if<protocol::ErrorReply>(&m.body))
       w->second.reply.emplace(e->error);
     else
