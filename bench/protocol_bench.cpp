@@ -86,7 +86,7 @@ void BM_EncodeParameters(benchmark::State& state) {
   const Table t = make_table(static_cast<size_t>(state.range(0)));
   size_t size = 0;
   for (auto _ : state) {
-    auto bytes = encode_parameters(1, 1, t.model, t.segments, t.tensors);
+    auto bytes = encode_parameters(1, 1, t.model, t.segments, t.tensors).value();
     size = bytes.size();
     benchmark::DoNotOptimize(bytes.data());
   }
@@ -96,7 +96,7 @@ void BM_EncodeParameters(benchmark::State& state) {
 // decode() owns its input: each iteration gets a fresh copy, made outside the timed region.
 void BM_DecodeParameters(benchmark::State& state) {
   const Table t = make_table(static_cast<size_t>(state.range(0)));
-  const auto encoded = encode_parameters(1, 1, t.model, t.segments, t.tensors);
+  const auto encoded = encode_parameters(1, 1, t.model, t.segments, t.tensors).value();
   for (auto _ : state) {
     state.PauseTiming();
     std::vector<uint8_t> copy = encoded;
@@ -114,7 +114,7 @@ void BM_DecodeParameters(benchmark::State& state) {
 // What a client pays per reply including taking a copy of the payload (an upper bound).
 void BM_CopyAndDecodeParameters(benchmark::State& state) {
   const Table t = make_table(static_cast<size_t>(state.range(0)));
-  const auto encoded = encode_parameters(1, 1, t.model, t.segments, t.tensors);
+  const auto encoded = encode_parameters(1, 1, t.model, t.segments, t.tensors).value();
   for (auto _ : state) {
     auto m = decode(encoded);
     benchmark::DoNotOptimize(std::get<Parameters>(m->body).tensors.data());

@@ -191,7 +191,8 @@ class ClientImpl final : public Client {
     };
     // The hot path (an engine asking again): the instance that served this model last, asked to
     // answer only if it still holds it, so no probe is needed and no second copy is loaded.
-    if (auto hint = last_holder(spec)) {
+    // A 1.0 server may not know only_if_held (it would load a second copy): no hint there.
+    if (auto hint = last_holder(spec); hint && hint->connection->server_minor() >= 1) {
       auto r = fetch(*hint, true);
       if (r.ok()) {
         make_current(*hint);
@@ -556,7 +557,7 @@ class ClientImpl final : public Client {
   Result<std::unique_ptr<StatusStream>> open_stream(Instance& i,
                                                     protocol::StatusSubscribe request) {
     COMPANION_ASSIGN_OR_RETURN(auto c, Connection::open(i.key, options_.client_name));
-    COMPANION_ASSIGN_OR_RETURN(uint64_t id, c->send(std::move(request)));
+    COMPANION_ASSIGN_OR_RETURN(uint64_t id, c->send_stream(std::move(request)));
     return std::unique_ptr<StatusStream>(std::make_unique<StatusStreamImpl>(c, id));
   }
 

@@ -1,8 +1,11 @@
 #include "client/connection.hpp"
 
 #include <poll.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <chrono>
 #include <string>
 
 #include "common/deadline.hpp"
@@ -24,6 +27,42 @@ bool in_another_pid_namespace(pid_t pid) {
   std::string ours = pid_namespace_of("/proc/self");
   std::string theirs = pid_namespace_of("/proc/" + std::to_string(pid));
   return !ours.empty() && !theirs.empty() && ours != theirs;
+}
+
+// A request that uses a field the server's protocol minor may not know: an older server would
+// silently ignore it (loading a second copy instead of answering NOT_READY, a model without its
+// shard rules). Refused here, before anything is sent. Fields of 1.0 added after its first
+// release (only_if_held, shard rules) are only known for sure from 1.1.
+Result<void> check_supported(const protocol::Body& body, uint16_t server_minor) {
+  auto refuse = [&](const std::string& what, uint16_t needed) -> Result<void> {
+    return make_error(StatusCode::kVersionMismatch,
+                      what + " needs a server of protocol 1." + std::to_string(needed) +
+                          "; this server speaks 1." + std::to_string(server_minor));
+  };
+  if (server_minor >= 1) return ok_result();
+  auto spec_fields = [&](const ModelSpec& spec) -> Result<void> {
+    if (!spec.shard_rules.empty()) return refuse("a model spec with shard rules", 1);
+    return ok_result();
+  };
+  if (auto* g = std::get_if<protocol::GetParameters>(&body)) {
+    if (g->only_if_held) return refuse("only_if_held", 1);
+    if (!g->key.empty() || g->generation != 0 || g->fingerprint || g->or_source)
+      return refuse("attaching by key (generation, fingerprint)", 1);
+    return spec_fields(g->spec);
+  }
+  if (auto* st = std::get_if<protocol::StatusSubscribe>(&body)) {
+    if (!st->key.empty()) return refuse("following a published key", 1);
+    return spec_fields(st->spec);
+  }
+  if (auto* l = std::get_if<protocol::Load>(&body)) return spec_fields(l->spec);
+  if (auto* u = std::get_if<protocol::Unload>(&body)) return spec_fields(u->spec);
+  if (std::holds_alternative<protocol::PublishClaim>(body) ||
+      std::holds_alternative<protocol::PublishDeclare>(body) ||
+      std::holds_alternative<protocol::PublishCommit>(body) ||
+      std::holds_alternative<protocol::PublishAbort>(body))
+    return refuse("publishing", 1);
+  if (std::holds_alternative<protocol::Reload>(body)) return refuse("reload", 1);
+  return ok_result();
 }
 
 }  // namespace
@@ -61,45 +100,148 @@ Result<std::shared_ptr<Connection>> Connection::open(const std::string& socket_p
                           std::to_string(kProtocolMajor));
   c->server_ = h->server;
   c->server_minor_ = h->minor;
+  c->hello_done_ = true;
   return c;
 }
 
-Result<uint64_t> Connection::send_locked(protocol::Body request) {
-  uint64_t id = next_id_++;
+Result<uint64_t> Connection::send_request(protocol::Body request, int timeout_ms, bool wait,
+                                          bool stream) {
+  // Hello itself goes out before the server's minor is known.
+  if (hello_done_) COMPANION_TRY(check_supported(request, server_minor_));
+  uint64_t id;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (broken_) return *broken_;
+    id = next_id_++;
+    if (wait)
+      waiters_.try_emplace(id);
+    else if (stream)
+      streams_.insert(id);
+    else
+      abandoned_.insert(id);
+  }
+  auto forget = [&] {
+    std::lock_guard<std::mutex> lock(mutex_);
+    waiters_.erase(id);
+    streams_.erase(id);
+    abandoned_.erase(id);
+  };
   auto payload = protocol::encode(protocol::Message{id, std::move(request)});
-  COMPANION_TRY(protocol::send_frame(fd_.get(), payload));
+  if (!payload.ok()) {
+    forget();
+    return std::move(payload).error();
+  }
+  int send_ms = timeout_ms < 0 ? kSendTimeoutMs : std::min(timeout_ms, kSendTimeoutMs);
+  Result<void> sent = ok_result();
+  {
+    std::lock_guard<std::mutex> send_lock(send_mutex_);
+    sent = protocol::send_frame(fd_.get(), *payload, {}, send_ms);
+  }
+  if (!sent.ok()) {
+    forget();
+    if (sent.error().code == StatusCode::kTimeout) {
+      // Part of a frame may be out: nothing sent after it could be parsed. Closing the socket
+      // wakes whoever is reading.
+      std::lock_guard<std::mutex> lock(mutex_);
+      break_locked(sent.error());
+      ::shutdown(fd_.get(), SHUT_RDWR);
+    }
+    return std::move(sent).error();
+  }
   return id;
 }
 
 Result<uint64_t> Connection::send(protocol::Body request) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return send_locked(std::move(request));
+  return send_request(std::move(request), kSendTimeoutMs, /*wait=*/false, /*stream=*/false);
 }
 
-Result<protocol::Frame> Connection::receive_frame_locked(int timeout_ms) {
-  return protocol::receive_frame(fd_.get(), reader_, timeout_ms);
+Result<uint64_t> Connection::send_stream(protocol::Body request) {
+  return send_request(std::move(request), kSendTimeoutMs, /*wait=*/false, /*stream=*/true);
 }
 
-void Connection::discard_late(const protocol::Message& m) {
-  if (abandoned_.erase(m.request_id) == 0) return;
+void Connection::break_locked(Error e) {
+  if (!broken_) broken_ = std::move(e);
+  changed_.notify_all();
+}
+
+void Connection::dispatch(protocol::Frame frame, std::vector<protocol::Body>& to_send) {
+  auto decoded = protocol::decode(std::move(frame.payload));
+  if (!decoded.ok()) {
+    break_locked(std::move(decoded).error());  // the stream can no longer be trusted
+    return;
+  }
+  protocol::Message& m = *decoded;
+  // Request id 0 answers no request: the server ends the connection, saying why.
+  if (auto* e = std::get_if<protocol::ErrorReply>(&m.body); e && m.request_id == 0) {
+    break_locked(e->error);
+    return;
+  }
+  if (auto w = waiters_.find(m.request_id); w != waiters_.end()) {
+    // A subscription's later events may follow its first before the waiter takes it: the first
+    // is the reply, the rest go nowhere (as after the waiter is gone).
+    if (w->second.reply) return;
+    if (auto* e = std::get_if<protocol::ErrorReply>(&m.body))
+      w->second.reply.emplace(e->error);
+    else
+      w->second.reply.emplace(std::move(m));
+    w->second.fds = std::move(frame.fds);
+    changed_.notify_all();
+    return;
+  }
+  if (streams_.count(m.request_id) != 0) {
+    inbox_.push_back(std::move(m));
+    changed_.notify_all();
+    return;
+  }
+  if (abandoned_.erase(m.request_id) == 0) return;  // e.g. a status event after unsubscribing
   if (auto* p = std::get_if<protocol::Parameters>(&m.body)) {
     // The lease is ours though nobody waits for it any more: give it back.
-    auto id = send_locked(protocol::Release{p->lease_id});
-    if (id.ok()) abandoned_.insert(*id);
+    to_send.push_back(protocol::Release{p->lease_id});
   } else if (std::holds_alternative<protocol::StatusEvent>(m.body)) {
     // A subscription nobody reads any more: end it, or its events would keep coming.
-    auto id = send_locked(protocol::StatusUnsubscribe{m.request_id});
-    if (id.ok()) abandoned_.insert(*id);
+    to_send.push_back(protocol::StatusUnsubscribe{m.request_id});
   }
 }
 
-std::optional<Error> Connection::connection_refusal() {
-  auto frame = receive_frame_locked(0);
-  if (!frame.ok()) return std::nullopt;
-  auto m = protocol::decode(std::move(frame->payload));
-  if (!m.ok() || m->request_id != 0) return std::nullopt;
-  if (auto* e = std::get_if<protocol::ErrorReply>(&m->body)) return e->error;
-  return std::nullopt;
+Result<void> Connection::wait_until(std::unique_lock<std::mutex>& lock, const Deadline& deadline,
+                                    const std::function<bool()>& done) {
+  for (;;) {
+    if (done()) return ok_result();
+    if (broken_) return *broken_;
+    if (reading_) {
+      // Another thread reads; it hands us our reply, or hands reading over when it is done.
+      if (deadline.unlimited())
+        changed_.wait(lock);
+      else if (changed_.wait_for(lock, std::chrono::milliseconds(deadline.remaining_ms())) ==
+                   std::cv_status::timeout &&
+               !done() && !broken_)
+        return make_error(StatusCode::kTimeout, "no reply from the server in time");
+      continue;
+    }
+    // Nobody reads: this thread does, for everyone, until its own wait is over (past the deadline
+    // one last look at what has already arrived).
+    reading_ = true;
+    lock.unlock();
+    auto frame = protocol::receive_frame(fd_.get(), reader_, deadline.remaining_ms());
+    std::vector<protocol::Body> to_send;
+    lock.lock();
+    reading_ = false;
+    changed_.notify_all();  // someone else may read now
+    if (!frame.ok()) {
+      if (frame.error().code == StatusCode::kTimeout) {
+        if (done()) return ok_result();
+        return std::move(frame).error();
+      }
+      break_locked(std::move(frame).error());
+      continue;
+    }
+    dispatch(std::move(*frame), to_send);
+    if (!to_send.empty()) {
+      lock.unlock();
+      for (auto& body : to_send) (void)send(std::move(body));
+      lock.lock();
+    }
+  }
 }
 
 bool Connection::alive() const noexcept {
@@ -110,40 +252,37 @@ bool Connection::alive() const noexcept {
 
 Result<protocol::Message> Connection::call(protocol::Body request, int timeout_ms,
                                            std::vector<UniqueFd>* fds) {
-  std::lock_guard<std::mutex> lock(mutex_);
   const Deadline deadline = Deadline::after_ms(timeout_ms);
-  auto sent = send_locked(std::move(request));
+  auto sent = send_request(std::move(request), timeout_ms, /*wait=*/true, /*stream=*/false);
+  std::unique_lock<std::mutex> lock(mutex_);
   if (!sent.ok()) {
     // A server that refused the connection has said why before closing: report that instead.
-    if (sent.error().code == StatusCode::kConnectionClosed)
-      if (auto refusal = connection_refusal(); refusal) return *refusal;
+    if (sent.error().code == StatusCode::kConnectionClosed) {
+      auto nothing = [] { return false; };
+      auto refusal = wait_until(lock, Deadline::after_ms(0), nothing);
+      if (!refusal.ok() && refusal.error().code != StatusCode::kTimeout) return refusal.error();
+    }
     return std::move(sent).error();
   }
-  uint64_t id = *sent;
-  for (;;) {
-    auto frame = receive_frame_locked(deadline.remaining_ms());
-    if (!frame.ok()) {
-      if (frame.error().code == StatusCode::kTimeout) abandoned_.insert(id);
-      return std::move(frame).error();
-    }
-    COMPANION_ASSIGN_OR_RETURN(protocol::Message m, protocol::decode(std::move(frame->payload)));
-    // Request id 0 answers no request: the server ends the connection, saying why.
-    if (auto* e = std::get_if<protocol::ErrorReply>(&m.body); e && m.request_id == 0)
-      return e->error;
-    if (m.request_id != id) {
-      discard_late(m);
-      continue;  // a stale reply or a stream event nobody reads here
-    }
-    if (auto* e = std::get_if<protocol::ErrorReply>(&m.body)) return e->error;
-    if (fds != nullptr) *fds = std::move(frame->fds);
-    return m;
+  const uint64_t id = *sent;
+  auto waited = wait_until(lock, deadline, [&] { return waiters_.at(id).reply.has_value(); });
+  Waiter w = std::move(waiters_.at(id));
+  waiters_.erase(id);
+  if (!w.reply) {
+    abandoned_.insert(id);  // a late reply is dropped (its lease released)
+    return std::move(waited).error();
   }
+  if (fds != nullptr) *fds = std::move(w.fds);
+  return std::move(*w.reply);
 }
 
 Result<protocol::Message> Connection::receive(int timeout_ms) {
-  std::lock_guard<std::mutex> lock(mutex_);
-  COMPANION_ASSIGN_OR_RETURN(protocol::Frame frame, receive_frame_locked(timeout_ms));
-  return protocol::decode(std::move(frame.payload));
+  const Deadline deadline = Deadline::after_ms(timeout_ms);
+  std::unique_lock<std::mutex> lock(mutex_);
+  COMPANION_TRY(wait_until(lock, deadline, [&] { return !inbox_.empty(); }));
+  protocol::Message m = std::move(inbox_.front());
+  inbox_.pop_front();
+  return m;
 }
 
 }  // namespace companion::client

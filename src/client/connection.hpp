@@ -3,6 +3,10 @@
 
 #include <sys/types.h>
 
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -10,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "common/deadline.hpp"
 #include "common/unique_fd.hpp"
 #include "companion/result.hpp"
 #include "protocol/frame.hpp"
@@ -29,6 +34,10 @@ struct ExpectedPeer {
   std::string claimed_by;  // "record <path>", for messages
 };
 
+// Requests from any number of threads share one connection: replies are matched to their
+// waiters by request id. Whoever waits and finds nobody reading becomes the reader for a while
+// and hands each frame to its waiter, so no request waits behind another's (a release is not
+// stuck behind a multi-minute load on the same connection). No lock is held across a wait.
 class Connection {
  public:
   // Connects to the socket (waiting at most connect_timeout_ms to be accepted), checks the
@@ -44,32 +53,59 @@ class Connection {
   uint16_t server_minor() const noexcept { return server_minor_; }
 
   // Sends a request and waits (timeout_ms < 0: forever) for the reply with its id. An ErrorReply
-  // becomes its Error. Descriptors that came with the reply are moved to *fds.
+  // becomes its Error. A request using a field the server's minor may not know (only_if_held,
+  // shard rules, keys, publishing, reload with a 1.0 server) is kVersionMismatch, not sent.
+  // Descriptors that came with the reply are moved to *fds.
   Result<protocol::Message> call(protocol::Body request, int timeout_ms,
                                  std::vector<UniqueFd>* fds = nullptr);
-  // Sends without waiting; returns the request id.
+  // Sends without waiting for the reply, which is dropped when it comes (a lease in it is
+  // released). The server handles a connection's requests in order: a later call sees its effect.
   Result<uint64_t> send(protocol::Body request);
-  // Next message of any id (for streams).
+  // Sends a request whose replies (a status stream) receive() returns; returns its id.
+  Result<uint64_t> send_stream(protocol::Body request);
+  // Next reply to a send_stream request (for streams).
   Result<protocol::Message> receive(int timeout_ms);
   // False once the server has closed its end (it died or dropped us); never blocks.
   bool alive() const noexcept;
 
- private:
-  Connection(UniqueFd fd) : fd_(std::move(fd)) {}
-  Result<uint64_t> send_locked(protocol::Body request);
-  Result<protocol::Frame> receive_frame_locked(int timeout_ms);
-  // The error a refusing server sent before closing, if it is already here.
-  std::optional<Error> connection_refusal();
-  // Replies to requests we gave up on; a late lease is released at once.
-  void discard_late(const protocol::Message& m);
+  // How long sending one request may wait for the server to take it (a server that does not
+  // read is given up on: the connection is then closed).
+  static constexpr int kSendTimeoutMs = 30000;
 
-  std::mutex mutex_;
+ private:
+  struct Waiter {
+    std::optional<Result<protocol::Message>> reply;
+    std::vector<UniqueFd> fds;
+  };
+
+  Connection(UniqueFd fd) : fd_(std::move(fd)) {}
+  // Registers the id (waiters_ or streams_ first, so no reply can arrive unclaimed), then sends.
+  Result<uint64_t> send_request(protocol::Body request, int timeout_ms, bool wait, bool stream);
+  // Waits until done() (checked under mutex_) or the deadline; reads frames for everyone while
+  // nobody else does. kTimeout at the deadline, the connection's error once it broke.
+  Result<void> wait_until(std::unique_lock<std::mutex>& lock, const Deadline& deadline,
+                          const std::function<bool()>& done);
+  // Hands one frame to its waiter, stream or (late) nobody. Called with mutex_ held; requests it
+  // must send (releasing a late lease) are returned to be sent once the lock is dropped.
+  void dispatch(protocol::Frame frame, std::vector<protocol::Body>& to_send);
+  // The connection cannot be used any more: every waiter gets `e`.
+  void break_locked(Error e);
+
+  mutable std::mutex mutex_;  // everything below except reader_ and fd_'s writes
+  std::condition_variable changed_;
+  std::mutex send_mutex_;  // one frame is written whole before the next
   UniqueFd fd_;
-  protocol::FrameReader reader_;
+  protocol::FrameReader reader_;  // used only by the thread that is reading_
+  bool reading_ = false;
+  std::optional<Error> broken_;
   uint64_t next_id_ = 1;
-  std::set<uint64_t> abandoned_;
+  std::map<uint64_t, Waiter> waiters_;
+  std::set<uint64_t> streams_;
+  std::deque<protocol::Message> inbox_;  // stream replies not yet received
+  std::set<uint64_t> abandoned_;         // nobody waits for these replies any more
   ServerIdentity server_;
   uint16_t server_minor_ = 0;
+  bool hello_done_ = false;  // server_minor_ is known: requests are checked against it
 };
 
 }  // namespace companion::client

@@ -16,10 +16,10 @@ MappedModel::~MappedModel() {
   impl_->views.clear();
   impl_->table.reset();
   impl_->segments.clear();
-  if (impl_->connection) {
-    auto released = impl_->connection->call(protocol::Release{impl_->lease_id}, 5000);
-    (void)released;  // a dead server has no lease to release
-  }
+  // Not waiting for the reply: a release never waits behind anything (Python's __del__ included).
+  // The server handles the connection's requests in order, so the client's next request sees
+  // the lease gone. A dead connection has no lease to release.
+  if (impl_->connection) (void)impl_->connection->send(protocol::Release{impl_->lease_id});
 }
 
 const ModelStatus& MappedModel::status() const noexcept {

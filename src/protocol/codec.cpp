@@ -75,9 +75,16 @@ fb::Offset<wire::ModelStatus> put_status(Builder& b, const ModelStatus& s) {
                                  s.published, s.generation, fingerprint, generations);
 }
 
+// A payload no frame may carry is refused here, where it is built, not by the peer that would
+// drop the connection over it.
 template <typename T>
-std::vector<uint8_t> finish(Builder& b, uint64_t request_id, wire::Body type, fb::Offset<T> body) {
+Result<std::vector<uint8_t>> finish(Builder& b, uint64_t request_id, wire::Body type,
+                                    fb::Offset<T> body) {
   b.Finish(wire::CreateMessage(b, request_id, type, body.Union()));
+  if (b.GetSize() > kMaxPayloadBytes)
+    return make_error(StatusCode::kInvalidArgument, "message of " + std::to_string(b.GetSize()) +
+                                                        " bytes exceeds the limit of " +
+                                                        std::to_string(kMaxPayloadBytes));
   return std::vector<uint8_t>(b.GetBufferPointer(), b.GetBufferPointer() + b.GetSize());
 }
 
@@ -85,15 +92,15 @@ struct Encoder {
   Builder& b;
   uint64_t id;
 
-  std::vector<uint8_t> operator()(const Hello& m) {
+  Result<std::vector<uint8_t>> operator()(const Hello& m) {
     return finish(b, id, wire::Body::Hello,
                   wire::CreateHello(b, m.major, m.minor, str(b, m.client_name), m.pid));
   }
-  std::vector<uint8_t> operator()(const HelloReply& m) {
+  Result<std::vector<uint8_t>> operator()(const HelloReply& m) {
     return finish(b, id, wire::Body::HelloReply,
                   wire::CreateHelloReply(b, m.major, m.minor, put_identity(b, m.server)));
   }
-  std::vector<uint8_t> operator()(const GetParameters& m) {
+  Result<std::vector<uint8_t>> operator()(const GetParameters& m) {
     fb::Offset<fb::Vector<fb::Offset<wire::Field>>> fingerprint;
     if (m.fingerprint) fingerprint = put_fingerprint(b, *m.fingerprint);
     return finish(b, id, wire::Body::GetParameters,
@@ -101,54 +108,56 @@ struct Encoder {
                                             str(b, m.key), m.generation, fingerprint,
                                             m.fingerprint.has_value(), m.or_source));
   }
-  std::vector<uint8_t> operator()(const Parameters&) {
-    // Parameters are encoded from owning tensors with encode_parameters().
-    return {};
+  Result<std::vector<uint8_t>> operator()(const Parameters&) {
+    // Parameters are encoded from owning tensors with encode_parameters*(): refusing here means a
+    // caller that passes one answers with an error instead of sending an empty frame.
+    return make_error(StatusCode::kInvalidArgument,
+                      "Parameters are encoded with encode_parameters, not encode");
   }
-  std::vector<uint8_t> operator()(const Release& m) {
+  Result<std::vector<uint8_t>> operator()(const Release& m) {
     return finish(b, id, wire::Body::Release, wire::CreateRelease(b, m.lease_id));
   }
-  std::vector<uint8_t> operator()(const Released& m) {
+  Result<std::vector<uint8_t>> operator()(const Released& m) {
     return finish(b, id, wire::Body::Released, wire::CreateReleased(b, m.lease_id));
   }
-  std::vector<uint8_t> operator()(const StatusSubscribe& m) {
+  Result<std::vector<uint8_t>> operator()(const StatusSubscribe& m) {
     return finish(b, id, wire::Body::StatusSubscribe,
                   wire::CreateStatusSubscribe(b, put_spec(b, m.spec), m.all, str(b, m.key)));
   }
-  std::vector<uint8_t> operator()(const StatusEvent& m) {
+  Result<std::vector<uint8_t>> operator()(const StatusEvent& m) {
     return finish(b, id, wire::Body::StatusEvent,
                   wire::CreateStatusEvent(b, put_status(b, m.model)));
   }
-  std::vector<uint8_t> operator()(const StatusUnsubscribe& m) {
+  Result<std::vector<uint8_t>> operator()(const StatusUnsubscribe& m) {
     return finish(b, id, wire::Body::StatusUnsubscribe,
                   wire::CreateStatusUnsubscribe(b, m.subscription_id));
   }
-  std::vector<uint8_t> operator()(const Load& m) {
+  Result<std::vector<uint8_t>> operator()(const Load& m) {
     return finish(b, id, wire::Body::Load, wire::CreateLoad(b, put_spec(b, m.spec), m.wait));
   }
-  std::vector<uint8_t> operator()(const LoadReply& m) {
+  Result<std::vector<uint8_t>> operator()(const LoadReply& m) {
     return finish(b, id, wire::Body::LoadReply, wire::CreateLoadReply(b, put_status(b, m.model)));
   }
-  std::vector<uint8_t> operator()(const Unload& m) {
+  Result<std::vector<uint8_t>> operator()(const Unload& m) {
     return finish(b, id, wire::Body::Unload,
                   wire::CreateUnload(b, put_spec(b, m.spec), str(b, m.key), m.force));
   }
-  std::vector<uint8_t> operator()(const UnloadReply& m) {
+  Result<std::vector<uint8_t>> operator()(const UnloadReply& m) {
     return finish(b, id, wire::Body::UnloadReply,
                   wire::CreateUnloadReply(b, put_status(b, m.model)));
   }
-  std::vector<uint8_t> operator()(const List&) {
+  Result<std::vector<uint8_t>> operator()(const List&) {
     return finish(b, id, wire::Body::List, wire::CreateList(b));
   }
-  std::vector<uint8_t> operator()(const ListReply& m) {
+  Result<std::vector<uint8_t>> operator()(const ListReply& m) {
     std::vector<fb::Offset<wire::ModelStatus>> models;
     for (const auto& s : m.models) models.push_back(put_status(b, s));
     return finish(b, id, wire::Body::ListReply, wire::CreateListReply(b, b.CreateVector(models)));
   }
-  std::vector<uint8_t> operator()(const Health&) {
+  Result<std::vector<uint8_t>> operator()(const Health&) {
     return finish(b, id, wire::Body::Health, wire::CreateHealth(b));
   }
-  std::vector<uint8_t> operator()(const HealthReply& m) {
+  Result<std::vector<uint8_t>> operator()(const HealthReply& m) {
     const HealthInfo& h = m.info;
     std::vector<fb::Offset<wire::Count>> refused;
     for (const auto& [name, value] : h.refused)
@@ -159,24 +168,24 @@ struct Encoder {
                       h.leases, h.slab_bytes, put_identity(b, h.server), str(b, h.registry),
                       h.registered, str(b, h.registry_error), b.CreateVector(refused)));
   }
-  std::vector<uint8_t> operator()(const ErrorReply& m) {
+  Result<std::vector<uint8_t>> operator()(const ErrorReply& m) {
     return finish(
         b, id, wire::Body::ErrorReply,
         wire::CreateErrorReply(b, static_cast<int>(m.error.code), str(b, m.error.message)));
   }
-  std::vector<uint8_t> operator()(const Done&) {
+  Result<std::vector<uint8_t>> operator()(const Done&) {
     return finish(b, id, wire::Body::Done, wire::CreateDone(b));
   }
-  std::vector<uint8_t> operator()(const PublishClaim& m) {
+  Result<std::vector<uint8_t>> operator()(const PublishClaim& m) {
     return finish(b, id, wire::Body::PublishClaim,
                   wire::CreatePublishClaim(b, str(b, m.key), put_fingerprint(b, m.fingerprint),
                                            static_cast<uint8_t>(m.mode)));
   }
-  std::vector<uint8_t> operator()(const PublishClaimed& m) {
+  Result<std::vector<uint8_t>> operator()(const PublishClaimed& m) {
     return finish(b, id, wire::Body::PublishClaimed,
                   wire::CreatePublishClaimed(b, m.claimed, put_status(b, m.model)));
   }
-  std::vector<uint8_t> operator()(const PublishDeclare& m) {
+  Result<std::vector<uint8_t>> operator()(const PublishDeclare& m) {
     std::vector<fb::Offset<wire::TensorDecl>> decls;
     decls.reserve(m.tensors.size());
     for (const auto& t : m.tensors)
@@ -185,17 +194,17 @@ struct Encoder {
     return finish(b, id, wire::Body::PublishDeclare,
                   wire::CreatePublishDeclare(b, str(b, m.key), b.CreateVector(decls)));
   }
-  std::vector<uint8_t> operator()(const PublishCommit& m) {
+  Result<std::vector<uint8_t>> operator()(const PublishCommit& m) {
     return finish(b, id, wire::Body::PublishCommit, wire::CreatePublishCommit(b, str(b, m.key)));
   }
-  std::vector<uint8_t> operator()(const PublishCommitted& m) {
+  Result<std::vector<uint8_t>> operator()(const PublishCommitted& m) {
     return finish(b, id, wire::Body::PublishCommitted,
                   wire::CreatePublishCommitted(b, m.lease_id, put_status(b, m.model)));
   }
-  std::vector<uint8_t> operator()(const PublishAbort& m) {
+  Result<std::vector<uint8_t>> operator()(const PublishAbort& m) {
     return finish(b, id, wire::Body::PublishAbort, wire::CreatePublishAbort(b, str(b, m.key)));
   }
-  std::vector<uint8_t> operator()(const Reload& m) {
+  Result<std::vector<uint8_t>> operator()(const Reload& m) {
     return finish(b, id, wire::Body::Reload, wire::CreateReload(b, str(b, m.key), m.force));
   }
 };
@@ -432,7 +441,7 @@ Result<Parameters> get_parameters(const wire::Parameters* p,
 
 }  // namespace
 
-std::vector<uint8_t> encode(const Message& message) {
+Result<std::vector<uint8_t>> encode(const Message& message) {
   Builder b(1024);
   return std::visit(Encoder{b, message.request_id}, message.body);
 }
@@ -454,9 +463,15 @@ fb::Offset<fb::Vector<fb::Offset<wire::Segment>>> put_segments(
 
 // count tensors, the i-th from at(i) (anything with TensorInfo's or TensorRef's members).
 template <typename At>
-std::vector<uint8_t> encode_inline(uint64_t request_id, uint64_t lease_id, const ModelStatus& model,
-                                   std::span<const SegmentInfo> segments, size_t count, At at,
-                                   bool writable) {
+Result<std::vector<uint8_t>> encode_inline(uint64_t request_id, uint64_t lease_id,
+                                           const ModelStatus& model,
+                                           std::span<const SegmentInfo> segments, size_t count,
+                                           At at, bool writable) {
+  // No receiver accepts more inline; refused before the builder grows towards its 2 GB limit.
+  if (count > kMaxTensors)
+    return make_error(StatusCode::kInvalidArgument,
+                      std::to_string(count) + " tensors exceed the limit of " +
+                          std::to_string(kMaxTensors) + " in one message");
   Builder b(1024 + count * 160);  // ~140 bytes a tensor with realistic names
   auto segs = put_segments(b, segments);
   std::vector<fb::Offset<wire::Tensor>> ts;
@@ -476,29 +491,30 @@ std::vector<uint8_t> encode_inline(uint64_t request_id, uint64_t lease_id, const
 
 }  // namespace
 
-std::vector<uint8_t> encode_parameters(uint64_t request_id, uint64_t lease_id,
-                                       const ModelStatus& model,
-                                       std::span<const SegmentInfo> segments,
-                                       std::span<const TensorInfo> tensors, bool writable) {
+Result<std::vector<uint8_t>> encode_parameters(uint64_t request_id, uint64_t lease_id,
+                                               const ModelStatus& model,
+                                               std::span<const SegmentInfo> segments,
+                                               std::span<const TensorInfo> tensors, bool writable) {
   return encode_inline(
       request_id, lease_id, model, segments, tensors.size(),
       [&](size_t i) -> const TensorInfo& { return tensors[i]; }, writable);
 }
 
-std::vector<uint8_t> encode_parameters_inline(uint64_t request_id, uint64_t lease_id,
-                                              const ModelStatus& model,
-                                              std::span<const SegmentInfo> segments,
-                                              const TensorTableView& tensors, bool writable) {
+Result<std::vector<uint8_t>> encode_parameters_inline(uint64_t request_id, uint64_t lease_id,
+                                                      const ModelStatus& model,
+                                                      std::span<const SegmentInfo> segments,
+                                                      const TensorTableView& tensors,
+                                                      bool writable) {
   return encode_inline(
       request_id, lease_id, model, segments, tensors.size(), [&](size_t i) { return tensors[i]; },
       writable);
 }
 
-std::vector<uint8_t> encode_parameters_with_table(uint64_t request_id, uint64_t lease_id,
-                                                  const ModelStatus& model,
-                                                  std::span<const SegmentInfo> segments,
-                                                  int32_t table_fd_index, uint64_t table_bytes,
-                                                  bool writable) {
+Result<std::vector<uint8_t>> encode_parameters_with_table(uint64_t request_id, uint64_t lease_id,
+                                                          const ModelStatus& model,
+                                                          std::span<const SegmentInfo> segments,
+                                                          int32_t table_fd_index,
+                                                          uint64_t table_bytes, bool writable) {
   Builder b(4096);
   auto segs = put_segments(b, segments);
   auto body = wire::CreateParameters(b, lease_id, put_status(b, model), segs, 0, writable,

@@ -227,11 +227,13 @@ Result<bool> OutgoingFrame::write_some(int socket_fd) {
   return true;
 }
 
-Result<void> send_frame(int socket_fd, std::span<const uint8_t> payload, std::span<const int> fds) {
+Result<void> send_frame(int socket_fd, std::span<const uint8_t> payload, std::span<const int> fds,
+                        int timeout_ms) {
   if (payload.size() > kMaxPayloadBytes)
     return make_error(StatusCode::kInvalidArgument, "message too large");
   if (fds.size() > kMaxFdsPerFrame)
     return make_error(StatusCode::kInvalidArgument, "too many descriptors for one frame");
+  const Deadline deadline = Deadline::after_ms(timeout_ms);
   std::vector<uint8_t> bytes =
       encode_frame_header(static_cast<uint32_t>(payload.size()), static_cast<uint16_t>(fds.size()));
   bytes.insert(bytes.end(), payload.begin(), payload.end());
@@ -239,18 +241,32 @@ Result<void> send_frame(int socket_fd, std::span<const uint8_t> payload, std::sp
   while (sent < bytes.size()) {
     ssize_t n = send_once(socket_fd, bytes.data() + sent, bytes.size() - sent,
                           sent == 0 ? fds : std::span<const int>());
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        pollfd p{socket_fd, POLLOUT, 0};
-        ::poll(&p, 1, 1000);
-        continue;
-      }
-      if (errno == EPIPE || errno == ECONNRESET)
-        return make_error(StatusCode::kConnectionClosed, "server went away");
-      return errno_error(StatusCode::kIoError, "sendmsg", errno);
+    if (n >= 0) {
+      sent += static_cast<size_t>(n);
+      continue;
     }
-    sent += static_cast<size_t>(n);
+    if (errno == EINTR) continue;
+    if (errno == EPIPE || errno == ECONNRESET)
+      return make_error(StatusCode::kConnectionClosed, "server went away");
+    if (errno != EAGAIN && errno != EWOULDBLOCK)
+      return errno_error(StatusCode::kIoError, "sendmsg", errno);
+    // The server is not reading: wait for room, but not past the deadline.
+    if (deadline.expired())
+      return make_error(StatusCode::kTimeout, "the server took no more of the request in time (" +
+                                                  std::to_string(sent) + " of " +
+                                                  std::to_string(bytes.size()) + " bytes sent)");
+    pollfd p{socket_fd, POLLOUT, 0};
+    int r = ::poll(&p, 1, deadline.remaining_ms());
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return errno_error(StatusCode::kIoError, "poll", errno);
+    }
+    if (p.revents & POLLNVAL)
+      return make_error(StatusCode::kInvalidArgument, "sending on a descriptor that is not open");
+    // POLLHUP: the peer closed both directions; no byte written from now on can arrive.
+    if ((p.revents & POLLHUP) && !(p.revents & POLLOUT))
+      return make_error(StatusCode::kConnectionClosed, "server went away");
+    // POLLERR or room: the next sendmsg reports the error or makes progress.
   }
   return ok_result();
 }

@@ -87,8 +87,11 @@ class OutgoingFrame {
 };
 
 // Blocking helpers for clients (socket in blocking mode).
+// Sends one whole frame, waiting for room at most timeout_ms (negative: forever) in all:
+// kTimeout when a peer that does not read leaves it unsent (the stream is then cut mid-frame
+// and unusable), kConnectionClosed when the peer is gone.
 Result<void> send_frame(int socket_fd, std::span<const uint8_t> payload,
-                        std::span<const int> fds = {});
+                        std::span<const int> fds = {}, int timeout_ms = -1);
 // Waits at most timeout_ms (negative: forever) for a whole frame.
 Result<Frame> receive_frame(int socket_fd, FrameReader& reader, int timeout_ms);
 

@@ -177,23 +177,27 @@ struct Message {
 class TensorTableView;
 
 // Encodes any message except Parameters (use encode_parameters: it takes owning tensors).
-std::vector<uint8_t> encode(const Message& message);
+// kInvalidArgument for a Parameters body or a payload over kMaxPayloadBytes: the caller answers
+// with an error instead of sending nothing.
+Result<std::vector<uint8_t>> encode(const Message& message);
 // Parameters with the tensors inline (protocol 1.0 and 1.1).
-std::vector<uint8_t> encode_parameters(uint64_t request_id, uint64_t lease_id,
-                                       const ModelStatus& model,
-                                       std::span<const SegmentInfo> segments,
-                                       std::span<const TensorInfo> tensors, bool writable = false);
-std::vector<uint8_t> encode_parameters_inline(uint64_t request_id, uint64_t lease_id,
-                                              const ModelStatus& model,
-                                              std::span<const SegmentInfo> segments,
-                                              const TensorTableView& tensors,
-                                              bool writable = false);
+Result<std::vector<uint8_t>> encode_parameters(uint64_t request_id, uint64_t lease_id,
+                                               const ModelStatus& model,
+                                               std::span<const SegmentInfo> segments,
+                                               std::span<const TensorInfo> tensors,
+                                               bool writable = false);
+Result<std::vector<uint8_t>> encode_parameters_inline(uint64_t request_id, uint64_t lease_id,
+                                                      const ModelStatus& model,
+                                                      std::span<const SegmentInfo> segments,
+                                                      const TensorTableView& tensors,
+                                                      bool writable = false);
 // Parameters whose table travels as a memfd, the frame's descriptor table_fd_index (1.2).
-std::vector<uint8_t> encode_parameters_with_table(uint64_t request_id, uint64_t lease_id,
-                                                  const ModelStatus& model,
-                                                  std::span<const SegmentInfo> segments,
-                                                  int32_t table_fd_index, uint64_t table_bytes,
-                                                  bool writable = false);
+Result<std::vector<uint8_t>> encode_parameters_with_table(uint64_t request_id, uint64_t lease_id,
+                                                          const ModelStatus& model,
+                                                          std::span<const SegmentInfo> segments,
+                                                          int32_t table_fd_index,
+                                                          uint64_t table_bytes,
+                                                          bool writable = false);
 
 // Checks a published key and a fingerprint against the limits (kInvalidArgument says which).
 Result<void> validate_publish_key(std::string_view key);

@@ -501,8 +501,11 @@ class ServerImpl final : public Server {
   // Tells a connection it is not served, then closes it. Best effort: one small frame into an
   // empty socket buffer never blocks.
   void refuse(UniqueFd fd, const Error& e) {
-    protocol::OutgoingFrame frame(protocol::encode(Message{0, protocol::ErrorReply{e}}), {});
-    (void)frame.write_some(fd.get());
+    auto payload = protocol::encode(Message{0, protocol::ErrorReply{e}});
+    if (payload.ok()) {
+      protocol::OutgoingFrame frame(std::move(*payload), {});
+      (void)frame.write_some(fd.get());
+    }
     // What the client sent already is read and dropped (descriptors with it: no control buffer),
     // so the close does not reset the connection before the client reads the refusal.
     uint8_t sink[4096];
@@ -1109,7 +1112,21 @@ class ServerImpl final : public Server {
 
   // ---- replies --------------------------------------------------------------------------------
 
-  void send(Connection& c, const Message& m) { enqueue(c, protocol::encode(m), {}); }
+  // A reply that cannot be encoded (one over the frame limit) becomes an error reply with its
+  // request id: the client learns why instead of waiting for a frame that never comes.
+  void send(Connection& c, const Message& m) {
+    auto payload = protocol::encode(m);
+    if (!payload.ok()) {
+      warn_limited("encode", "connection " + std::to_string(c.id) + ": cannot encode reply " +
+                                 std::to_string(m.request_id) + ": " + payload.error().to_string());
+      payload = protocol::encode(Message{m.request_id, protocol::ErrorReply{payload.error()}});
+    }
+    if (!payload.ok()) {  // not even the short error fits: the stream cannot go on
+      c.dead = true;
+      return;
+    }
+    enqueue(c, std::move(*payload), {});
+  }
 
   void reply_error(Connection& c, uint64_t rid, const Error& e) {
     send(c, Message{rid, protocol::ErrorReply{e}});

@@ -16,17 +16,18 @@ using companion::fuzz::check;
 
 std::vector<uint8_t> encode_any(const Message& message) {
   const auto* p = std::get_if<Parameters>(&message.body);
-  if (p == nullptr) return encode(message);
+  if (p == nullptr) return encode(message).value();
   if (p->table_fd_index >= 0)
     return encode_parameters_with_table(message.request_id, p->lease_id, p->model, p->segments,
-                                        p->table_fd_index, p->table_bytes, p->writable);
+                                        p->table_fd_index, p->table_bytes, p->writable)
+        .value();
   std::vector<TensorInfo> tensors;
   tensors.reserve(p->tensors.size());
   for (const TensorRef& t : p->tensors)
     tensors.push_back(TensorInfo{
         std::string(t.name), t.dtype, std::vector<int64_t>(t.shape.begin(), t.shape.end()),
         std::vector<int64_t>(t.strides.begin(), t.strides.end()), t.segment, t.offset, t.nbytes});
-  return encode_parameters(message.request_id, p->lease_id, p->model, p->segments, tensors);
+  return encode_parameters(message.request_id, p->lease_id, p->model, p->segments, tensors).value();
 }
 
 }  // namespace

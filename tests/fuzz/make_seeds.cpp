@@ -76,7 +76,8 @@ ServerIdentity identity() {
 std::vector<std::pair<std::string, Bytes>> messages() {
   std::vector<std::pair<std::string, Bytes>> out;
   auto add = [&](const std::string& name, Body body) {
-    out.emplace_back(name, encode(Message{static_cast<uint64_t>(out.size() + 1), std::move(body)}));
+    out.emplace_back(
+        name, encode(Message{static_cast<uint64_t>(out.size() + 1), std::move(body)}).value());
   };
   add("hello", Hello{kProtocolMajor, kProtocolMinor, "engine", 42});
   add("hello_reply", HelloReply{kProtocolMajor, kProtocolMinor, identity()});
@@ -139,8 +140,9 @@ std::vector<std::pair<std::string, Bytes>> messages() {
       {"model.norm.weight", DType::kF32, {8}, {1}, 0, 64, 32},
       {"lm_head.scale", DType::kF32, {}, {}, 1, 0, 4},
   };
-  out.emplace_back("parameters",
-                   encode_parameters(99, 5, status(ModelState::kLoaded), segments, tensors));
+  out.emplace_back(
+      "parameters",
+      encode_parameters(99, 5, status(ModelState::kLoaded), segments, tensors).value());
   return out;
 }
 

@@ -166,7 +166,7 @@ bool send_raw(int fd, const std::vector<uint8_t>& bytes, std::string* error) {
 }
 
 void send_message(int fd, const Message& m, json& out, std::span<const int> fds = {}) {
-  auto r = protocol::send_frame(fd, protocol::encode(m), fds);
+  auto r = protocol::send_frame(fd, protocol::encode(m).value(), fds);
   if (!r.ok())
     fail(out, "sending " + std::string(protocol::body_name(m.body)) + ": " + r.error().to_string());
 }
@@ -274,7 +274,7 @@ int run(const Options& o) {
     report_answer(fd, reader, timeout_s, out);
   } else if (o.mode == "bad-flags") {
     // A complete, valid Hello whose header has a reserved flag set.
-    auto payload = protocol::encode(Message{1, protocol::Hello{}});
+    auto payload = protocol::encode(Message{1, protocol::Hello{}}).value();
     auto bytes = header(protocol::kFrameMagic, static_cast<uint32_t>(payload.size()), 0, 1);
     bytes.insert(bytes.end(), payload.begin(), payload.end());
     if (!send_raw(fd, bytes, &send_error)) fail(out, send_error);
@@ -355,7 +355,7 @@ int run(const Options& o) {
     constexpr uint64_t kRequests = 2000;
     std::deque<protocol::OutgoingFrame> pending;
     for (uint64_t rid = 2; rid < 2 + kRequests; ++rid)
-      pending.emplace_back(protocol::encode(Message{rid, protocol::Health{}}),
+      pending.emplace_back(protocol::encode(Message{rid, protocol::Health{}}).value(),
                            std::vector<UniqueFd>{});
     auto write_what_fits = [&] {
       while (!pending.empty()) {
@@ -427,7 +427,7 @@ int run(const Options& o) {
     bool stalled = false;
     for (uint64_t rid = 2; rid < 20002 && !stalled; ++rid) {
       protocol::OutgoingFrame frame(
-          protocol::encode(Message{rid, protocol::GetParameters{spec, true}}), {});
+          protocol::encode(Message{rid, protocol::GetParameters{spec, true}}).value(), {});
       for (;;) {
         auto done = frame.write_some(fd);
         if (!done.ok()) fail(out, "sending: " + done.error().to_string());

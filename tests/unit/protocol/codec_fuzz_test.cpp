@@ -93,7 +93,7 @@ std::vector<uint8_t> sample_parameters() {
     t.nbytes = (i < 4 ? 32 : 1) * dtype_size(t.dtype);
     ts.push_back(t);
   }
-  return encode_parameters(3, 4, status(), segs, ts);
+  return encode_parameters(3, 4, status(), segs, ts).value();
 }
 
 // One valid encoding of every message type.
@@ -125,7 +125,7 @@ std::vector<std::vector<uint8_t>> samples() {
       PublishCommitted{9, status()},
       PublishAbort{"key"},
       Reload{"key", false}};
-  for (const Body& b : bodies) out.push_back(encode(Message{99, b}));
+  for (const Body& b : bodies) out.push_back(encode(Message{99, b}).value());
   out.push_back(sample_parameters());
   return out;
 }
@@ -206,7 +206,7 @@ bool try_one(const std::vector<uint8_t>& input, const std::string& what) {
     why = check_decoded(*r);
     if (why.empty() && !std::holds_alternative<Parameters>(r->body)) {
       // Whatever decoded must encode again and decode to the same type.
-      auto again = decode(encode(*r));
+      auto again = decode(encode(*r).value());
       if (!again.ok() || again->body.index() != r->body.index()) why = "does not re-encode";
     }
   }

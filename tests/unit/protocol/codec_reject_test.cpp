@@ -531,8 +531,8 @@ TEST(CodecReject, StringsOverTheLimit) {
   };
   for (const auto& c : cases) {
     SCOPED_TRACE(c.field);
-    EXPECT_DECODES(encode(c.make(max)));
-    EXPECT_PROTOCOL_ERROR(encode(c.make(over)));
+    EXPECT_DECODES(encode(c.make(max)).value());
+    EXPECT_PROTOCOL_ERROR(encode(c.make(over)).value());
   }
   // Parameters' model status goes through the same check.
   ModelStatus st;
@@ -540,15 +540,15 @@ TEST(CodecReject, StringsOverTheLimit) {
   std::vector<SegmentInfo> segs(1);
   segs[0].size = 4096;
   segs[0].fd_index = 0;
-  EXPECT_PROTOCOL_ERROR(encode_parameters(1, 1, st, segs, {}));
+  EXPECT_PROTOCOL_ERROR(encode_parameters(1, 1, st, segs, {}).value());
 }
 
 TEST(CodecReject, TooManyBackends) {
   ServerIdentity id;
   id.backends.assign(17, "host");
-  EXPECT_PROTOCOL_ERROR(encode(Message{1, HelloReply{1, 0, id}}));
+  EXPECT_PROTOCOL_ERROR(encode(Message{1, HelloReply{1, 0, id}}).value());
   id.backends.assign(16, "host");
-  EXPECT_DECODES(encode(Message{1, HelloReply{1, 0, id}}));
+  EXPECT_DECODES(encode(Message{1, HelloReply{1, 0, id}}).value());
 }
 
 TEST(CodecReject, TooManyModels) {
@@ -620,7 +620,7 @@ TEST(CodecReject, RequiredSubtablesMissing) {
 
 // A string that is not NUL-terminated, or an offset past the end, fails verification.
 TEST(CodecReject, VerifierCatchesBrokenStructure) {
-  std::vector<uint8_t> good = encode(Message{1, Hello{1, 0, "client", 1}});
+  std::vector<uint8_t> good = encode(Message{1, Hello{1, 0, "client", 1}}).value();
   ASSERT_TRUE(decode(good).ok());
   // Root offset pointing past the end.
   std::vector<uint8_t> bad = good;

@@ -145,7 +145,7 @@ void expect_health_eq(const HealthInfo& a, const HealthInfo& b) {
 // Encodes, decodes, checks the request id and the body type; returns the decoded body.
 template <typename T>
 T round_trip(uint64_t request_id, const T& body) {
-  std::vector<uint8_t> bytes = encode(Message{request_id, body});
+  std::vector<uint8_t> bytes = encode(Message{request_id, body}).value();
   EXPECT_FALSE(bytes.empty());
   auto decoded = decode(bytes);
   EXPECT_TRUE(decoded.ok()) << (decoded.ok() ? "" : decoded.error().to_string());
@@ -466,7 +466,7 @@ TEST(CodecRoundTrip, ParametersAllFields) {
   ModelStatus st = status(77);
   st.state = ModelState::kLoaded;
   st.error_code = StatusCode::kOk;
-  std::vector<uint8_t> bytes = encode_parameters(31, 0x1122334455667788ull, st, segs, ts);
+  std::vector<uint8_t> bytes = encode_parameters(31, 0x1122334455667788ull, st, segs, ts).value();
   auto decoded = decode(bytes);
   ASSERT_TRUE(decoded.ok()) << decoded.error().to_string();
   EXPECT_EQ(decoded->request_id, 31u);
@@ -487,7 +487,7 @@ TEST(CodecRoundTrip, ParametersAllFields) {
 
 TEST(CodecRoundTrip, ParametersWithoutTensors) {
   auto segs = sample_segments();
-  std::vector<uint8_t> bytes = encode_parameters(1, 2, status(1), segs, {});
+  std::vector<uint8_t> bytes = encode_parameters(1, 2, status(1), segs, {}).value();
   auto decoded = decode(bytes);
   ASSERT_TRUE(decoded.ok()) << decoded.error().to_string();
   const auto& p = std::get<Parameters>(decoded->body);
@@ -498,7 +498,7 @@ TEST(CodecRoundTrip, ParametersWithoutTensors) {
 TEST(CodecRoundTrip, TensorViewsPointIntoThePayloadAndSurviveMoves) {
   auto segs = sample_segments();
   auto ts = sample_tensors();
-  std::vector<uint8_t> bytes = encode_parameters(5, 6, status(1), segs, ts);
+  std::vector<uint8_t> bytes = encode_parameters(5, 6, status(1), segs, ts).value();
 
   std::vector<Message> holder;
   {
@@ -551,7 +551,7 @@ TEST(CodecRoundTrip, ParametersEveryDtype) {
     offset += 256;
     ts.push_back(t);
   }
-  auto decoded = decode(encode_parameters(1, 1, status(1), segs, ts));
+  auto decoded = decode(encode_parameters(1, 1, status(1), segs, ts).value());
   ASSERT_TRUE(decoded.ok()) << decoded.error().to_string();
   const auto& p = std::get<Parameters>(decoded->body);
   ASSERT_EQ(p.tensors.size(), ts.size());
@@ -594,8 +594,8 @@ TEST(CodecRoundTrip, EveryBodyTypeIsCovered) {
     names.insert(body_name(samples[i]));
     std::vector<uint8_t> bytes =
         std::holds_alternative<Parameters>(samples[i])
-            ? encode_parameters(i, 1, status(1), sample_segments(), sample_tensors())
-            : encode(Message{i, samples[i]});
+            ? encode_parameters(i, 1, status(1), sample_segments(), sample_tensors()).value()
+            : encode(Message{i, samples[i]}).value();
     auto decoded = decode(bytes);
     ASSERT_TRUE(decoded.ok()) << body_name(samples[i]) << ": " << decoded.error().to_string();
     EXPECT_EQ(decoded->request_id, i);
@@ -613,7 +613,7 @@ TEST(CodecRoundTrip, PublishingFields) {
                          {{"embed", DType::kBF16, {1000, 64}, ""},
                           {"lm_head", DType::kBF16, {1000, 64}, "embed"},
                           {"scalar", DType::kF32, {}, ""}}};
-  auto d = decode(encode(Message{3, declare}));
+  auto d = decode(encode(Message{3, declare}).value());
   ASSERT_TRUE(d.ok()) << d.error().to_string();
   const auto& got = std::get<PublishDeclare>(d->body);
   EXPECT_EQ(got.key, "engine/llama");
@@ -630,7 +630,7 @@ TEST(CodecRoundTrip, PublishingFields) {
   GenerationInfo g2{
       2, 0, 4096, {"wsum64:00000000000000ff", "wsum64:0000000000000002"}, s.fingerprint, 200, true};
   s.generations = {g1, g2};
-  auto e = decode(encode(Message{4, StatusEvent{s}}));
+  auto e = decode(encode(Message{4, StatusEvent{s}}).value());
   ASSERT_TRUE(e.ok()) << e.error().to_string();
   const ModelStatus& r = std::get<StatusEvent>(e->body).model;
   EXPECT_TRUE(r.published);
@@ -648,7 +648,7 @@ TEST(CodecRoundTrip, PublishingFields) {
   get.generation = 1;
   get.fingerprint = Fingerprint{};  // present and empty: checked against an empty fingerprint
   get.or_source = true;
-  auto q = decode(encode(Message{5, get}));
+  auto q = decode(encode(Message{5, get}).value());
   ASSERT_TRUE(q.ok()) << q.error().to_string();
   const auto& gq = std::get<GetParameters>(q->body);
   EXPECT_EQ(gq.key, "engine/llama");
@@ -658,7 +658,7 @@ TEST(CodecRoundTrip, PublishingFields) {
   EXPECT_TRUE(gq.or_source);
   GetParameters plain;
   plain.key = "k";
-  auto p = decode(encode(Message{6, plain}));
+  auto p = decode(encode(Message{6, plain}).value());
   ASSERT_TRUE(p.ok());
   EXPECT_FALSE(std::get<GetParameters>(p->body).fingerprint.has_value());
 }
@@ -680,6 +680,37 @@ TEST(CodecRoundTrip, PublishKeysAndFingerprintsAreBounded) {
             StatusCode::kInvalidArgument);
   EXPECT_EQ(validate_fingerprint({{"", "v"}}).error().code, StatusCode::kInvalidArgument);
   EXPECT_TRUE(validate_fingerprint({{"engine", "vllm 0.32"}}).ok());
+}
+
+}  // namespace
+}  // namespace companion::protocol
+
+namespace companion::protocol {
+namespace {
+
+// encode() has no encoding for Parameters (they come from owning tensors): an error the caller
+// handles, never an empty payload that would go out as an empty frame.
+TEST(CodecEncode, ParametersThroughEncodeIsAnError) {
+  auto r = encode(Message{1, Parameters{}});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument) << r.error().to_string();
+}
+
+// A message no frame can carry is refused where it is built.
+TEST(CodecEncode, PayloadOverTheFrameLimitIsAnError) {
+  ErrorReply huge{make_error(StatusCode::kInternal, std::string(kMaxPayloadBytes + 1, 'x'))};
+  auto r = encode(Message{1, huge});
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument) << r.error().to_string();
+  ErrorReply fits{make_error(StatusCode::kInternal, std::string(kMaxPayloadBytes / 2, 'x'))};
+  EXPECT_TRUE(encode(Message{1, fits}).ok());
+}
+
+TEST(CodecEncode, TooManyInlineTensorsIsAnError) {
+  std::vector<TensorInfo> ts(kMaxTensors + 1);
+  auto r = encode_parameters(1, 1, ModelStatus{}, {}, ts);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument) << r.error().to_string();
 }
 
 }  // namespace

@@ -278,6 +278,45 @@ TEST(FrameSocket, OutgoingFrameToAClosedPeer) {
   EXPECT_EQ(r2.error().code, StatusCode::kConnectionClosed) << r2.error().to_string();
 }
 
+// A peer that never reads: the sender gives up at its deadline instead of retrying for ever.
+TEST(FrameSocket, SendToAPeerThatDoesNotReadTimesOut) {
+  Pair s = socket_pair();
+  std::vector<uint8_t> big(kMaxPayloadBytes / 2, 7);  // far more than a socket buffer holds
+  auto start = Clock::now();
+  auto r = send_frame(s.a.get(), big, {}, 200);
+  auto waited = Clock::now() - start;
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kTimeout) << r.error().to_string();
+  EXPECT_GE(waited, std::chrono::milliseconds(190));
+  EXPECT_LT(waited, std::chrono::seconds(5));
+}
+
+// A peer that goes away while the sender waits for room: the sender learns it at once.
+TEST(FrameSocket, SendBlockedOnAFullSocketSeesThePeerClose) {
+  Pair s = socket_pair();
+  std::vector<uint8_t> big(kMaxPayloadBytes / 2, 7);
+  std::thread closer([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    s.b.reset();
+  });
+  auto start = Clock::now();
+  auto r = send_frame(s.a.get(), big, {}, 30000);
+  auto waited = Clock::now() - start;
+  closer.join();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kConnectionClosed) << r.error().to_string();
+  EXPECT_LT(waited, std::chrono::seconds(5));
+}
+
+TEST(FrameSocket, SendOnAClosedDescriptorFails) {
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  ::close(fds[0]);
+  ::close(fds[1]);
+  auto r = send_frame(fds[1], pattern(10, 1), {}, 1000);
+  EXPECT_FALSE(r.ok());
+}
+
 TEST(FrameSocket, PeerClosedIsConnectionClosed) {
   Pair s = socket_pair();
   s.a.reset();

@@ -272,7 +272,7 @@ TEST(TensorTable, ParametersCarryTheTableDescriptor) {
   std::vector<SegmentInfo> segments{SegmentInfo{}};
   segments[0].size = 4096;
   segments[0].fd_index = 0;
-  auto payload = encode_parameters_with_table(5, 9, model, segments, 1, 12345, false);
+  auto payload = encode_parameters_with_table(5, 9, model, segments, 1, 12345, false).value();
   auto decoded = decode(payload);
   ASSERT_TRUE(decoded.ok()) << decoded.error().message;
   const auto& p = std::get<Parameters>(decoded->body);
@@ -285,7 +285,8 @@ TEST(TensorTable, ParametersCarryTheTableDescriptor) {
                               {-2, 100},
                               {1, 0},
                               {1, kMaxTableBytes + 1}}) {
-    auto bad = decode(encode_parameters_with_table(5, 9, model, segments, index, bytes, false));
+    auto bad =
+        decode(encode_parameters_with_table(5, 9, model, segments, index, bytes, false).value());
     ASSERT_FALSE(bad.ok()) << index << " " << bytes;
     EXPECT_EQ(bad.error().code, StatusCode::kProtocolError);
   }
@@ -300,7 +301,8 @@ TEST(TensorTable, InlineEncodingFromATableMatchesTheTable) {
   segments[0].fd_index = 0;
   segments[1].size = kSegments[1];
   segments[1].fd_index = 1;
-  auto decoded = decode(encode_parameters_inline(1, 2, ModelStatus{}, segments, *view, false));
+  auto decoded =
+      decode(encode_parameters_inline(1, 2, ModelStatus{}, segments, *view, false).value());
   ASSERT_TRUE(decoded.ok()) << decoded.error().message;
   const auto& p = std::get<Parameters>(decoded->body);
   ASSERT_EQ(p.tensors.size(), 3u);

@@ -63,7 +63,7 @@ TEST(StoreLimits, AStatusAtEveryBoundFitsItsWireBudget) {
       info.digests.push_back("wsum64:" + std::string(16, 'f'));
     s.generations.push_back(std::move(info));
   }
-  auto bytes = protocol::encode(protocol::Message{1, protocol::StatusEvent{s}});
+  auto bytes = protocol::encode(protocol::Message{1, protocol::StatusEvent{s}}).value();
   EXPECT_LE(bytes.size(), protocol::kMaxModelStatusWireBytes);
   auto back = protocol::decode(std::move(bytes));
   ASSERT_TRUE(back.ok()) << back.error().to_string();
