@@ -1,6 +1,5 @@
 """Many client processes attach one model zero-copy from a real server."""
 import json
-import os
 import pathlib
 import subprocess
 
