@@ -8,20 +8,13 @@
 #include <string>
 #include <vector>
 
+#include "common/segment_kind.hpp"
 #include "common/unique_fd.hpp"
 #include "companion/result.hpp"
 
 namespace companion::memory {
 
-// How a segment travels to a client. Numbering is part of the wire protocol.
-enum class SegmentKind : uint8_t {
-  kHostMemfd = 0,      // sealed memfd, mapped read-only with mmap
-  kCudaVmmFd = 1,      // cuMemExportToShareableHandle POSIX fd, imported with cuMemImport...
-  kCudaIpcHandle = 2,  // 64-byte cuIpcGetMemHandle handle, opened with cuIpcOpenMemHandle
-};
 const char* segment_kind_name(SegmentKind kind) noexcept;
-
-inline constexpr size_t kIpcHandleBytes = 64;
 
 // One exported segment, ready to be sent in one reply.
 struct SegmentExport {

@@ -12,9 +12,9 @@
 #include <variant>
 #include <vector>
 
+#include "common/segment_kind.hpp"
 #include "companion/result.hpp"
 #include "companion/types.hpp"
-#include "memory/backend.hpp"
 
 namespace companion::protocol {
 
