@@ -60,6 +60,13 @@ class FakeServer {
     ASSERT_TRUE(payload.ok());
     ASSERT_TRUE(protocol::send_frame(fd, *payload, {}, 5000).ok());
   }
+  // A parked request's client may be gone by the time it is answered (its test ended after
+  // the other parked reply): a failed send is not an error of the code under test.
+  void reply_if_connected(int fd, const Message& m) {
+    auto payload = protocol::encode(m);
+    ASSERT_TRUE(payload.ok());
+    (void)protocol::send_frame(fd, *payload, {}, 5000);
+  }
 
   void serve() {
     UniqueFd conn;
@@ -71,7 +78,8 @@ class FakeServer {
     std::vector<uint64_t> parked;
     while (!stop_) {
       if (answer_parked_) {
-        for (uint64_t id : parked) reply(conn.get(), Message{id, protocol::LoadReply{}});
+        for (uint64_t id : parked)
+          reply_if_connected(conn.get(), Message{id, protocol::LoadReply{}});
         parked.clear();
       }
       auto frame = protocol::receive_frame(conn.get(), reader, 20);
