@@ -156,7 +156,11 @@ def test_unread_reply_bytes_pause_the_connection(runtime_dir, model_root):
     no_count_caps = ["--max-queued-replies", "1000000", "--max-queued-fds", "1000000",
                      "--max-queued-fds-total", "1000000", "--max-leases-per-connection",
                      "1000000", "--max-queued-bytes", str(MIB)]
-    with running(runtime_dir, [model_root], extra=no_count_caps) as server:
+    # Under AddressSanitizer, freed memory waits in its quarantine (256 MB by default) before
+    # reuse, so RSS would count every reply ever freed: measure with the quarantine off.
+    env = dict(os.environ, ASAN_OPTIONS=os.environ.get("ASAN_OPTIONS", "") +
+               ":quarantine_size_mb=0")
+    with running(runtime_dir, [model_root], extra=no_count_caps, env=env) as server:
         model = str(model_root / "opt-small")
         server.cli("load", model)
         rss_before = server.rss_kb()
