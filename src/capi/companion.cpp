@@ -342,6 +342,24 @@ bool laid_out_as_table(std::span<const companion::TensorView> views) {
 // Fills the model's table arrays from its views. Names (each followed by a NUL) and shapes and
 // strides are handed out in place when the views lie in a 1.2 table, else copied, so that a
 // caller can take each array in one read.
+// One view as a table record; name and dims offsets are the caller's (in place or copied).
+companion_tensor_record table_record(const companion::TensorView& v, uint64_t name_offset,
+                                     uint64_t dims_offset) {
+  companion_tensor_record r{};
+  r.data = v.data;
+  r.nbytes = v.nbytes;
+  r.segment_offset = v.offset;
+  r.name_offset = name_offset;
+  r.dims_offset = dims_offset;
+  r.name_length = static_cast<uint32_t>(v.name.size());
+  r.dtype = static_cast<int32_t>(v.dtype);
+  r.ndim = static_cast<int32_t>(v.shape.size());
+  r.device_type = v.on_device ? COMPANION_DEVICE_CUDA : COMPANION_DEVICE_CPU;
+  r.device_id = v.on_device && v.device_ordinal > 0 ? v.device_ordinal : 0;
+  r.segment = v.segment;
+  return r;
+}
+
 void build_table(const companion_model& handle) {
   handle.records.clear();
   handle.names.clear();
@@ -353,18 +371,8 @@ void build_table(const companion_model& handle) {
     handle.records.resize(views.size());
     for (size_t i = 0; i < views.size(); ++i) {
       const auto& v = views[i];
-      companion_tensor_record& r = handle.records[i];
-      r.data = v.data;
-      r.nbytes = v.nbytes;
-      r.segment_offset = v.offset;
-      r.name_offset = static_cast<uint64_t>(v.name.data() - names);
-      r.dims_offset = static_cast<uint64_t>(v.shape.data() - dims);
-      r.name_length = static_cast<uint32_t>(v.name.size());
-      r.dtype = static_cast<int32_t>(v.dtype);
-      r.ndim = static_cast<int32_t>(v.shape.size());
-      r.device_type = v.on_device ? COMPANION_DEVICE_CUDA : COMPANION_DEVICE_CPU;
-      r.device_id = v.on_device && v.device_ordinal > 0 ? v.device_ordinal : 0;
-      r.segment = v.segment;
+      handle.records[i] = table_record(v, static_cast<uint64_t>(v.name.data() - names),
+                                       static_cast<uint64_t>(v.shape.data() - dims));
     }
     const auto& last = views.back();
     handle.names_at = names;
@@ -383,18 +391,7 @@ void build_table(const companion_model& handle) {
   handle.names.reserve(name_bytes);
   handle.dims.reserve(dim_count);
   for (const auto& v : views) {
-    companion_tensor_record r{};
-    r.data = v.data;
-    r.nbytes = v.nbytes;
-    r.segment_offset = v.offset;
-    r.name_offset = handle.names.size();
-    r.dims_offset = handle.dims.size();
-    r.name_length = static_cast<uint32_t>(v.name.size());
-    r.dtype = static_cast<int32_t>(v.dtype);
-    r.ndim = static_cast<int32_t>(v.shape.size());
-    r.device_type = v.on_device ? COMPANION_DEVICE_CUDA : COMPANION_DEVICE_CPU;
-    r.device_id = v.on_device && v.device_ordinal > 0 ? v.device_ordinal : 0;
-    r.segment = v.segment;
+    companion_tensor_record r = table_record(v, handle.names.size(), handle.dims.size());
     handle.names.append(v.name);
     handle.names.push_back('\0');
     handle.dims.insert(handle.dims.end(), v.shape.begin(), v.shape.end());
