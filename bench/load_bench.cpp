@@ -2,7 +2,10 @@
 //   load_bench h2d [--device 0] [--total-gib 8] [--copy-mib 256] [--streams 4]
 //       pinned host -> device copies through the driver API: the PCIe ceiling
 //   load_bench read --file F [--threads N] [--direct] [--chunk-mib 16]
-//       the file read whole by N threads (O_DIRECT or through the page cache)
+//                   [--row-bytes R --take-bytes P [--take-offset O]]
+//       the file read whole by N threads (O_DIRECT or through the page cache); with --row-bytes,
+//       only P bytes at O of every R-byte row, one pread each, as a tensor-parallel rank reads
+//       its part of a row-split tensor (pages_visited says how many 4 KiB pages that touches)
 //   load_bench loader --dir D [--device host|0] [--backend cuda-vmm] [--threads N]
 //                     [--chunk-mib 4] [--staging-mib 128] [--streams 4] [--direct auto|on|off]
 //                     [--dtype BF16] [--pinned registered|hostalloc] [--keep-staging 1]
@@ -148,7 +151,15 @@ struct ReadArgs {
   size_t threads = 0;
   bool direct = false;
   uint64_t chunk_mib = 16;
+  uint64_t row_bytes = 0;  // 0: whole chunks
+  uint64_t take_bytes = 0;
+  uint64_t take_offset = 0;
 };
+
+// Distinct 4 KiB pages that [offset, offset + bytes) touches.
+uint64_t pages_touched(uint64_t offset, uint64_t bytes) {
+  return bytes == 0 ? 0 : (offset + bytes - 1) / 4096 - offset / 4096 + 1;
+}
 
 Result<json> run_read(const ReadArgs& a) {
   int flags = O_RDONLY | O_CLOEXEC | (a.direct ? O_DIRECT : 0);
@@ -158,14 +169,24 @@ Result<json> run_read(const ReadArgs& a) {
   if (::fstat(fd.get(), &st) != 0)
     return errno_error(StatusCode::kIoError, "stat " + a.file, errno);
   const uint64_t size = static_cast<uint64_t>(st.st_size);
-  const uint64_t chunk = std::max<uint64_t>(1, a.chunk_mib) << 20;
+  const bool rows = a.row_bytes > 0;
+  if (rows && (a.direct || a.take_bytes == 0 || a.take_offset + a.take_bytes > a.row_bytes))
+    return make_error(StatusCode::kInvalidArgument,
+                      "--row-bytes needs 0 < --take-offset + --take-bytes <= --row-bytes, and no "
+                      "--direct");
+  // Rows mode: each chunk holds whole rows.
+  uint64_t chunk = std::max<uint64_t>(1, a.chunk_mib) << 20;
+  if (rows) chunk = std::max<uint64_t>(1, chunk / a.row_bytes) * a.row_bytes;
   const uint64_t chunks = (size + chunk - 1) / chunk;
   const size_t threads = std::min<size_t>(a.threads == 0 ? default_threads() : a.threads,
                                           std::max<uint64_t>(1, chunks));
   std::atomic<uint64_t> next{0};
   std::atomic<uint64_t> bytes{0};
+  std::atomic<uint64_t> pages{0};
+  std::atomic<uint64_t> calls{0};
   std::atomic<int> error{0};
   auto start = Clock::now();
+  double cpu0 = cpu_seconds();
   std::vector<std::thread> pool;
   for (size_t t = 0; t < threads; ++t) {
     pool.emplace_back([&] {
@@ -174,14 +195,12 @@ Result<json> run_read(const ReadArgs& a) {
         error = ENOMEM;
         return;
       }
-      for (uint64_t i; (i = next.fetch_add(1)) < chunks && error.load() == 0;) {
-        uint64_t offset = i * chunk;
-        uint64_t want = std::min(chunk, size - offset);
+      auto read_exactly = [&](char* out, uint64_t want, uint64_t offset) -> uint64_t {
         uint64_t got = 0;
         while (got < want) {
           // O_DIRECT: whole blocks (the last read runs past the end of the file and stops there).
           uint64_t ask = a.direct ? (want - got + 4095) / 4096 * 4096 : want - got;
-          ssize_t n = ::pread(fd.get(), buffer + got, ask, static_cast<off_t>(offset + got));
+          ssize_t n = ::pread(fd.get(), out + got, ask, static_cast<off_t>(offset + got));
           if (n < 0 && errno == EINTR) continue;
           if (n <= 0) {
             error = n < 0 ? errno : EIO;
@@ -189,18 +208,55 @@ Result<json> run_read(const ReadArgs& a) {
           }
           got += static_cast<uint64_t>(n);
         }
-        bytes += std::min(got, want);
+        return std::min(got, want);
+      };
+      uint64_t my_pages = 0, my_calls = 0;
+      for (uint64_t i; (i = next.fetch_add(1)) < chunks && error.load() == 0;) {
+        uint64_t offset = i * chunk;
+        uint64_t want = std::min(chunk, size - offset);
+        if (!rows) {
+          bytes += read_exactly(buffer, want, offset);
+          my_pages += pages_touched(offset, want);
+          ++my_calls;
+          continue;
+        }
+        // The chunk's rows (chunks are whole rows), the part of each packed into the buffer.
+        uint64_t packed = 0;
+        for (uint64_t row = offset; row + a.row_bytes <= offset + want && error.load() == 0;
+             row += a.row_bytes) {
+          packed += read_exactly(buffer + packed, a.take_bytes, row + a.take_offset);
+          my_pages += pages_touched(row + a.take_offset, a.take_bytes);
+          ++my_calls;
+        }
+        bytes += packed;
       }
+      pages += my_pages;
+      calls += my_calls;
       std::free(buffer);
     });
   }
   for (auto& t : pool) t.join();
   double seconds = since(start);
+  double cpu = cpu_seconds() - cpu0;
   if (error.load() != 0) return errno_error(StatusCode::kIoError, "read " + a.file, error.load());
-  return json{{"measure", "read"},    {"file", a.file},
-              {"direct", a.direct},   {"threads", threads},
-              {"chunk_bytes", chunk}, {"bytes", bytes.load()},
-              {"seconds", seconds},   {"gbps", gbps(bytes.load(), seconds)}};
+  json out{{"measure", rows ? "read_rows" : "read"},
+           {"file", a.file},
+           {"direct", a.direct},
+           {"threads", threads},
+           {"chunk_bytes", chunk},
+           {"bytes", bytes.load()},
+           {"calls", calls.load()},
+           {"pages_visited", pages.load()},
+           {"seconds", seconds},
+           {"cpu_seconds", cpu},
+           {"gbps", gbps(bytes.load(), seconds)},
+           {"pages_visited_per_cpu_second", cpu > 0 ? static_cast<double>(pages.load()) / cpu : 0}};
+  if (rows) {
+    out["row_bytes"] = a.row_bytes;
+    out["take_bytes"] = a.take_bytes;
+    out["take_offset"] = a.take_offset;
+  }
+  return out;
 }
 
 // ---- loader ------------------------------------------------------------------------------------
@@ -370,7 +426,11 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
                {"staging_buffers", stats.staging_buffers},
                {"staging_buffers_reused", stats.staging_buffers_reused},
                {"staging_buffers_peak", stats.staging_buffers_peak},
-               {"staging_alloc_seconds", stats.staging_alloc_seconds}}}};
+               {"staging_alloc_seconds", stats.staging_alloc_seconds},
+               {"readers_started_seconds", stats.readers_started_seconds},
+               {"reader_busy_seconds", stats.reader_busy_seconds},
+               {"readers_first_done_seconds", stats.readers_first_done_seconds},
+               {"readers_last_done_seconds", stats.readers_last_done_seconds}}}};
     if (a.verify) {
       auto t4 = Clock::now();
       COMPANION_ASSIGN_OR_RETURN(uint64_t checked, verify(plan, *slab));
@@ -402,6 +462,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   read_cmd->add_flag("--direct", read.direct, "O_DIRECT (past the page cache)");
   read_cmd->add_option("--chunk-mib", read.chunk_mib, "Bytes per read")->capture_default_str();
+  read_cmd->add_option("--row-bytes", read.row_bytes, "Read only part of every row this long");
+  read_cmd->add_option("--take-bytes", read.take_bytes, "Bytes of each row to read");
+  read_cmd->add_option("--take-offset", read.take_offset, "Where in each row they start");
 
   LoaderArgs ld;
   auto* loader_cmd = app.add_subcommand("loader", "make_load_plan + load_into_slab");

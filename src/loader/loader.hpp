@@ -89,22 +89,26 @@ enum class PinnedMemory { kHostAlloc, kRegistered };
 
 // What a load did, for benchmarks and tests.
 struct LoadStats {
-  const char* sink = "";              // "host-direct", "cuda-staged" or "write"
-  size_t reader_threads = 0;          // threads started
-  size_t work_items = 0;              // pieces of work (each at most chunk_bytes)
-  bool direct_io = false;             // O_DIRECT asked for (or chosen) and opened on every file
-  size_t files_cached = 0;            // auto: files read through the page cache (mostly cached)
-  size_t files_cold = 0;              // auto: files chosen for O_DIRECT (mostly not cached)
-  uint64_t direct_reads = 0;          // preads through O_DIRECT
-  uint64_t buffered_reads = 0;        // preads through the page cache
-  uint64_t gathered_reads = 0;        // of those, preadv calls reading only an item's pieces
-  uint64_t staging_buffer_bytes = 0;  // size of one staging buffer (0: none used)
-  size_t staging_buffers_max = 0;     // the bound: staging_bytes / staging_buffer_bytes
-  size_t staging_buffers = 0;         // allocated (lazily, up to the bound) or reused
-  size_t staging_buffers_reused = 0;  // of those, kept from an earlier load (GPU slabs)
-  size_t staging_buffers_peak = 0;    // most held at once by readers and copies in flight
-  double staging_alloc_seconds = 0;   // time spent allocating them (pinned memory is slow)
-  double seconds = 0;                 // the whole load_into_slab call
+  const char* sink = "";                  // "host-direct", "cuda-staged" or "write"
+  size_t reader_threads = 0;              // threads started
+  size_t work_items = 0;                  // pieces of work (each at most chunk_bytes)
+  bool direct_io = false;                 // O_DIRECT asked for (or chosen) and opened on every file
+  size_t files_cached = 0;                // auto: files read through the page cache (mostly cached)
+  size_t files_cold = 0;                  // auto: files chosen for O_DIRECT (mostly not cached)
+  uint64_t direct_reads = 0;              // preads through O_DIRECT
+  uint64_t buffered_reads = 0;            // preads through the page cache
+  uint64_t gathered_reads = 0;            // of those, preadv calls reading only an item's pieces
+  uint64_t staging_buffer_bytes = 0;      // size of one staging buffer (0: none used)
+  size_t staging_buffers_max = 0;         // the bound: staging_bytes / staging_buffer_bytes
+  size_t staging_buffers = 0;             // allocated (lazily, up to the bound) or reused
+  size_t staging_buffers_reused = 0;      // of those, kept from an earlier load (GPU slabs)
+  size_t staging_buffers_peak = 0;        // most held at once by readers and copies in flight
+  double staging_alloc_seconds = 0;       // time spent allocating them (pinned memory is slow)
+  double readers_started_seconds = 0;     // since the start: work planned, files opened, threads up
+  double reader_busy_seconds = 0;         // summed over reader threads: time reading/staging items
+  double readers_first_done_seconds = 0;  // since the start: the first reader out of work
+  double readers_last_done_seconds = 0;   // and the last (the spread is the load's tail)
+  double seconds = 0;                     // the whole load_into_slab call
 };
 
 // How to load. The defaults suit a GPU server; every field has a safe fallback.

@@ -424,9 +424,16 @@ TEST(WorkItems, TileEveryExtentWithinTheChunk) {
       dst += (target + 255) / 256 * 256;
       plan.tensors.push_back(std::move(t));
     }
+    // The plan's tensor order need not be the file's: items come out in file order anyway.
+    if (rng() % 2) std::shuffle(plan.tensors.begin(), plan.tensors.end(), rng);
     uint64_t chunk = 16 + rng() % 1500;
     auto items = engine::make_work_items(plan, plan.segment_sizes, chunk, rng() % 2 ? 0 : 600);
     ASSERT_TRUE(items.ok()) << items.error().to_string();
+    for (size_t i = 1; i < items->size(); ++i) {
+      const auto& a = (*items)[i - 1];
+      const auto& b = (*items)[i];
+      EXPECT_TRUE(a.file < b.file || (a.file == b.file && a.lo <= b.lo)) << "item " << i;
+    }
 
     // Each extent's target bytes are written exactly once, from the right source bytes.
     std::map<std::pair<uint32_t, uint64_t>, uint64_t> want;  // (segment, dst) -> file offset
@@ -654,6 +661,12 @@ TEST(WorkItems, PlansThatDoNotFitTheSlabAreInternalErrors) {
   plan.tensors[0].extents[0].bytes = 4096;
   plan.tensors[0].source.file_index = 3;
   EXPECT_FALSE(engine::make_work_items(plan, {1 * kMiB}, 1 * kMiB).ok());
+  // A tensor's extents must come in file order (LoadPlan's contract).
+  plan.tensors[0].source.file_index = 0;
+  plan.tensors[0].extents = {ReadExtent{8192, 4096, 0}, ReadExtent{0, 4096, 4096}};
+  items = engine::make_work_items(plan, {1 * kMiB}, 1 * kMiB);
+  ASSERT_FALSE(items.ok());
+  EXPECT_NE(items.error().message.find("out of file order"), std::string::npos);
 }
 
 // ---- byte-exact loads --------------------------------------------------------------------------
