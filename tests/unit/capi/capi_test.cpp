@@ -1560,6 +1560,16 @@ TEST_F(CapiPublishTest, PublishedTensorsAreAttachedByAnotherClientWithTheirTies)
   m.reset();
   own.reset();
   unchecked.reset();
+  // Releases are sent without waiting for the answer, and the writer's goes over another
+  // connection than the unload below: wait until the server has seen both clients let go.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  for (;;) {
+    json now = entry(reader.get(), "capi/basic");
+    ASSERT_FALSE(now.is_null());
+    if (now["generations"][0]["leases"] == 0) break;
+    ASSERT_LT(std::chrono::steady_clock::now(), deadline) << now.dump();
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
   char* text = nullptr;
   ASSERT_EQ(companion_client_unload(reader.get(), nullptr, "capi/basic", 0, &text), COMPANION_OK)
       << last_error();
