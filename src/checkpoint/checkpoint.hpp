@@ -47,7 +47,8 @@ struct RefusalCounts {
 enum class Refusal { kOutsideRoots, kNotRegular, kHeaderBytes, kTensors, kFiles };
 void count_refusal(Refusal kind);
 RefusalCounts refusal_counts();
-inline constexpr size_t kMaxRank = 16;
+// A checkpoint's tensors must fit the wire (and shard rules name dims below it).
+inline constexpr size_t kMaxRank = protocol::kMaxRank;
 inline constexpr size_t kMaxTensorNameBytes = 4096;
 
 struct TensorEntry {

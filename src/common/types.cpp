@@ -3,6 +3,7 @@
 #include <string>
 #include <string_view>
 
+#include "common/shard_rules.hpp"
 #include "common/util.hpp"
 #include "companion/types.hpp"
 #include "protocol/limits.hpp"
@@ -24,60 +25,6 @@ constexpr DTypeInfo kDTypes[kDTypeCount] = {
 const DTypeInfo* info(DType d) {
   auto i = static_cast<size_t>(d);
   return i < static_cast<size_t>(kDTypeCount) ? &kDTypes[i] : nullptr;
-}
-// The syntax of ModelSpec::shard_rules; loader/shard_plan.cpp parse_shard_rules is the parser
-// and accepts exactly the same strings. "" when fine, else why not.
-bool is_space(char c) {
-  return c == ' ' || c == '\t' || c == '\n' || c == '\r';
-}
-std::string_view trim(std::string_view s) {
-  while (!s.empty() && is_space(s.front())) s.remove_prefix(1);
-  while (!s.empty() && is_space(s.back())) s.remove_suffix(1);
-  return s;
-}
-bool is_number(std::string_view s, size_t max_digits, uint32_t min, uint32_t max) {
-  if (s.empty() || s.size() > max_digits) return false;
-  uint32_t v = 0;
-  for (char c : s) {
-    if (c < '0' || c > '9') return false;
-    v = v * 10 + static_cast<uint32_t>(c - '0');
-  }
-  return v >= min && v <= max;
-}
-bool is_split_rule(std::string rule) {
-  std::transform(rule.begin(), rule.end(), rule.begin(),
-                 [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
-  if (rule == "replicated") return true;
-  std::string_view base = rule;
-  constexpr std::string_view kPacked = "-packed(";
-  if (size_t at = base.find(kPacked); at != std::string_view::npos) {
-    std::string_view n = base.substr(at + kPacked.size());
-    if (n.empty() || n.back() != ')' || !is_number(n.substr(0, n.size() - 1), 4, 1, 1024))
-      return false;
-    base = base.substr(0, at);
-  }
-  if (base == "column" || base == "row") return true;
-  return base.substr(0, 3) == "dim" && is_number(base.substr(3), 2, 0, 15);
-}
-std::string shard_rules_problem(std::string_view text) {
-  if (text.find('\0') != std::string_view::npos) return "shard rules contain a NUL byte";
-  size_t start = 0;
-  while (start <= text.size()) {
-    size_t end = std::min(text.find(';', start), text.size());
-    std::string_view item = trim(text.substr(start, end - start));
-    start = end + 1;
-    if (item.empty()) continue;
-    size_t eq = item.rfind('=');
-    if (eq == std::string_view::npos)
-      return "shard rule '" + std::string(item) + "': expected pattern=rule";
-    if (trim(item.substr(0, eq)).empty())
-      return "shard rule '" + std::string(item) + "': the pattern is empty";
-    if (!is_split_rule(std::string(trim(item.substr(eq + 1)))))
-      return "shard rule '" + std::string(item) +
-             "': unknown rule (rules: replicated, column, row, dim<K>; the splits may end in "
-             "-packed(N), as in column-packed(3))";
-  }
-  return "";
 }
 }  // namespace
 
@@ -167,8 +114,7 @@ Result<void> ModelSpec::validate() const {
         "tp_rank " + std::to_string(tp_rank) + " is not below tp_size " + std::to_string(tp_size));
   if (shard_rules.size() > protocol::kMaxShardRulesBytes)
     return too_long("shard rules", shard_rules.size(), protocol::kMaxShardRulesBytes);
-  if (std::string problem = shard_rules_problem(shard_rules); !problem.empty())
-    return make_error(StatusCode::kInvalidArgument, problem);
+  if (auto rules = parse_shard_rules(shard_rules); !rules.ok()) return rules.error();
   if (dtype && !dtype_is_float_convertible(*dtype))
     return make_error(StatusCode::kUnknownDtype, std::string("cannot cast a model to ") +
                                                      dtype_name(*dtype) +

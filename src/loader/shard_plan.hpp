@@ -1,5 +1,6 @@
-// Tensor-parallel shards: which slice of each tensor a rank loads (split rules, rule strings,
-// presets per architecture) and the read extents that bring in exactly that slice.
+// Tensor-parallel shards: which slice of each tensor a rank loads (the rules of
+// common/shard_rules.hpp matched to tensor names, presets per architecture) and the read extents
+// that bring in exactly that slice.
 //
 // Conventions (Megatron / vLLM). A PyTorch Linear weight is [out_features, in_features]:
 // column-parallel splits dim 0 (and the bias), row-parallel splits dim 1 (the bias stays whole).
@@ -16,50 +17,18 @@
 #include <vector>
 
 #include "checkpoint/checkpoint.hpp"
+#include "common/shard_rules.hpp"
 #include "companion/result.hpp"
 #include "companion/types.hpp"
 #include "loader/loader.hpp"
 
 namespace companion::loader {
 
-// How one tensor is cut across the ranks.
-struct SplitRule {
-  enum class Kind : uint8_t {
-    kReplicated,  // the whole tensor on every rank
-    kColumn,      // dim 0: Linear weights [out, in] and their biases, embeddings, lm_head
-    kRow,         // dim 1 of a Linear weight; a tensor of rank < 2 (its bias) is replicated
-    kDim,         // exactly `dim`
-  };
-  Kind kind = Kind::kReplicated;
-  uint32_t dim = 0;     // kDim only
-  uint32_t packed = 1;  // equal parts along the split dimension, each split on its own
-
-  friend bool operator==(const SplitRule&, const SplitRule&) = default;
-};
-
-struct ShardRule {
-  std::string pattern;  // glob over tensor names: '*' any run of characters, '?' one character
-  SplitRule split;
-
-  friend bool operator==(const ShardRule&, const ShardRule&) = default;
-};
-
-inline constexpr uint32_t kMaxPackedParts = 1024;
-
-// Parses "pattern=rule;pattern=rule;...". A rule is `replicated`, `column`, `row` or `dim<K>`
-// (K < 16), and the three splits may end in `-packed(N)` (`column-packed(3)`). Items are split at
-// their last '='; whitespace around patterns and rules is ignored, and so are empty items. Errors
-// are kInvalidArgument naming the item. Must accept exactly what ModelSpec::validate accepts.
-Result<std::vector<ShardRule>> parse_shard_rules(std::string_view text);
-// The canonical spelling: parse_shard_rules(format_shard_rules(r)) == r.
-std::string format_shard_rules(const std::vector<ShardRule>& rules);
-std::string format_split_rule(const SplitRule& rule);
-
 // fnmatch-style matching of the whole name: '*' matches any run (dots included), '?' one byte.
 bool glob_match(std::string_view pattern, std::string_view name);
 
-// Presets: "llama" (Llama, Mistral, Qwen2), "opt", "gpt2". The rules in the spelling above, or
-// nullptr for a name without a preset.
+// Presets: "llama" (Llama, Mistral, Qwen2), "opt", "gpt2". The rules in parse_shard_rules's
+// spelling, or nullptr for a name without a preset.
 const std::vector<ShardRule>* shard_preset(std::string_view preset);
 const char* shard_preset_text(std::string_view preset);
 

@@ -44,8 +44,8 @@ std::string canonical_key(const ModelSpec& spec, const checkpoint::ResolvedSourc
   // Rules change what a shard holds (they are ignored when tp_size is 1). In canonical spelling,
   // with '%' and ';' escaped so that no tag can pass for a rule.
   if (spec.tp_size > 1 && !spec.shard_rules.empty()) {
-    auto rules = loader::parse_shard_rules(spec.shard_rules);
-    std::string text = rules.ok() ? loader::format_shard_rules(*rules) : spec.shard_rules;
+    auto rules = parse_shard_rules(spec.shard_rules);
+    std::string text = rules.ok() ? format_shard_rules(*rules) : spec.shard_rules;
     if (!text.empty()) {
       key += ";rules=";
       for (char c : text) {

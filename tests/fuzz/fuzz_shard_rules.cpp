@@ -1,15 +1,17 @@
-// loader::parse_shard_rules on any text. It accepts what ModelSpec::validate accepts, exactly so
-// for UTF-8 text within the spec's length limit (the client checks with one, the server parses
-// with the other), and format_shard_rules writes what parses back to the same rules.
+// parse_shard_rules on any text. ModelSpec::validate accepts what it accepts, exactly so for
+// UTF-8 text within the spec's length limit (the client checks the spec, the server parses the
+// rules), the rules it returns are within the limits the loader relies on, and
+// format_shard_rules writes what parses back to the same rules.
 #include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <string_view>
 
+#include "checkpoint/checkpoint.hpp"
+#include "common/shard_rules.hpp"
 #include "common/util.hpp"
 #include "companion/types.hpp"
 #include "fuzz_check.hpp"
-#include "loader/shard_plan.hpp"
 #include "protocol/limits.hpp"
 
 namespace {
@@ -22,7 +24,7 @@ using fuzz::check;
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string_view text(reinterpret_cast<const char*>(data), size);
-  auto rules = loader::parse_shard_rules(text);
+  auto rules = parse_shard_rules(text);
   if (!rules.ok()) check(rules.error().code == StatusCode::kInvalidArgument);
   ModelSpec spec;
   spec.source = "model";
@@ -37,11 +39,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!rules.ok()) return 0;
   for (const auto& rule : *rules) {
     check(!rule.pattern.empty());
-    check(rule.split.packed >= 1 && rule.split.packed <= loader::kMaxPackedParts);
+    check(rule.split.packed >= 1 && rule.split.packed <= kMaxPackedParts);
     check(rule.split.dim < checkpoint::kMaxRank);
   }
-  std::string written = loader::format_shard_rules(*rules);
-  auto again = loader::parse_shard_rules(written);
+  std::string written = format_shard_rules(*rules);
+  auto again = parse_shard_rules(written);
   check(again.ok());
   check(*again == *rules);
   return 0;

@@ -9,6 +9,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -18,6 +19,7 @@
 #include "loader/loader.hpp"
 #include "loader/shard_plan.hpp"
 #include "memory/host_backend.hpp"
+#include "support/shard_rule_strings.hpp"
 #include "test_support.hpp"
 
 namespace companion::loader {
@@ -751,69 +753,33 @@ TEST(ShardErrors, UnknownArchitectureWithoutRules) {
 // ---- rule strings
 // ----------------------------------------------------------------------------------
 
-const std::vector<std::string> kGoodRules = {
-    "",
-    ";",
-    "a=column",
-    "*.q_proj.weight=column;*.o_proj.weight=row;",
-    " a = Replicated ;; b=DIM15 ",
-    "x=column-packed(3);y=dim1-packed(1024);z=row-packed(2)",
-    "weird=name=dim0",  // split at the last '='
-    "h.?.attn.*=dim2",
-};
-const std::vector<std::string> kBadRules = {
-    "column",
-    "=column",
-    " = row",
-    "a=",
-    "a=columns",
-    "a=dim",
-    "a=dim16",
-    "a=dim-1",
-    "a=dim100",
-    "a=column-packed(0)",
-    "a=column-packed(1025)",
-    "a=column-packed()",
-    "a=column-packed(3",
-    "a=replicated-packed(2)",
-    "a=packed(2)",
-    "a=column;b",
-    std::string("a=row\0", 6),
-};
-
-TEST(ShardRules, ParserAndSpecValidationAgree) {
-  for (const auto& text : kGoodRules) {
-    SCOPED_TRACE(text);
-    auto r = parse_shard_rules(text);
-    ASSERT_TRUE(r.ok()) << r.error().to_string();
+// The loader plans with the spec's rules, so it must take exactly the rule strings that
+// ModelSpec::validate takes (the client checks the spec, the server plans), refusing the others
+// with the same message.
+TEST(ShardRules, PlannerAndSpecValidationGiveTheSameVerdict) {
+  const std::string llama = R"({"architectures": ["LlamaForCausalLM"]})";
+  auto verdicts = [&](const std::string& text) {
     ModelSpec spec;
     spec.source = "/m";
+    spec.tp_size = 2;
     spec.shard_rules = text;
-    EXPECT_TRUE(spec.validate().ok());
-    // The canonical spelling parses back to the same rules.
-    auto again = parse_shard_rules(format_shard_rules(*r));
-    ASSERT_TRUE(again.ok());
-    EXPECT_EQ(*again, *r);
-  }
-  for (const auto& text : kBadRules) {
+    return std::pair(spec.validate(), ShardPlanner::create(shard_options(2, 0, text, llama), {}));
+  };
+  for (const auto& text : companion::testing::kGoodShardRules) {
     SCOPED_TRACE(text);
-    auto r = parse_shard_rules(text);
-    ASSERT_FALSE(r.ok());
-    EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument);
-    ModelSpec spec;
-    spec.source = "/m";
-    spec.shard_rules = text;
-    auto v = spec.validate();
-    ASSERT_FALSE(v.ok());
-    EXPECT_EQ(v.error().code, StatusCode::kInvalidArgument);
+    auto [valid, planner] = verdicts(text);
+    EXPECT_TRUE(valid.ok()) << valid.error().to_string();
+    EXPECT_TRUE(planner.ok()) << planner.error().to_string();
   }
-  auto r = parse_shard_rules(" a = Replicated ;; b=DIM15 ;weird=name=dim0;c=column-packed(1)");
-  ASSERT_TRUE(r.ok());
-  EXPECT_EQ(format_shard_rules(*r), "a=replicated;b=dim15;weird=name=dim0;c=column");
-  ModelSpec spec;
-  spec.source = "/m";
-  spec.shard_rules = std::string(8193, ';');
-  EXPECT_FALSE(spec.validate().ok());
+  for (const auto& bad : companion::testing::kBadShardRules) {
+    SCOPED_TRACE(bad.text);
+    auto [valid, planner] = verdicts(bad.text);
+    ASSERT_FALSE(valid.ok());
+    ASSERT_FALSE(planner.ok());
+    EXPECT_EQ(planner.error().code, StatusCode::kInvalidArgument);
+    EXPECT_EQ(planner.error().message, valid.error().message);
+    EXPECT_EQ(planner.error().message, bad.message);
+  }
 }
 
 TEST(ShardRules, PresetsParseAndNameTheirRules) {
