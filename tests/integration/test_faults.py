@@ -15,12 +15,14 @@ import resource
 import signal
 import struct
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
 from checkpoints import tensor_crcs, write_opt_like
-from harness import Server, SessionClient, wait_until
+from harness import PYTHON_LIBRARY, REPO, Server, SessionClient, wait_until
 
 STAGES = ["open", "allocate", "read", "copy", "seal", "export"]
 VICTIM = "opt-victim"
@@ -423,11 +425,44 @@ def test_checkpoint_past_the_machine_memory_fails_at_once_and_the_server_keeps_s
         health, code = server.cli_json("health")
         assert code == 0 and health["state"] == "serving" and health["slab_bytes"] == 0, health
 
+        # A publication of the same size goes through the same allocation: refused the same way.
+        start = time.monotonic()
+        code, message = publish_declared(server, "past-memory", 2 * host_memory_bytes())
+        assert (code, time.monotonic() - start < 20) == ("OUT_OF_MEMORY", True), message
+        assert "host slab of" in message and "MemAvailable" in message, message
+        assert server.proc.poll() is None, server.log_text()
+        assert server_memfds(server.pid) == memfds_before
+
         # Another client gets another model.
         attach_and_check(session, bystander)
     finally:
         assert session.close() == 0
         assert server.stop() == 0
+
+
+DECLARER = textwrap.dedent("""
+    import json, sys
+    import companion
+    from companion import errors
+    client = companion.connect(namespace=sys.argv[1], runtime_dir=sys.argv[2])
+    each = -(-int(sys.argv[4]) // 4)
+    try:
+        client.begin_publish(sys.argv[3], {f"t{i}": ("uint8", (each,)) for i in range(4)})
+        print(json.dumps(["OK", ""]))
+    except errors.Error as e:
+        print(json.dumps([e.code_name, e.message]))
+""")
+
+
+def publish_declared(server, key, total_bytes):
+    """A writer process declares a publication of total_bytes (4 uint8 tensors, never written):
+    (the error's code name, its message), or ("OK", "")."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"), COMPANION_LIBRARY=str(PYTHON_LIBRARY))
+    r = subprocess.run([sys.executable, "-c", DECLARER, server.namespace, str(server.runtime_dir),
+                        key, str(total_bytes)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return tuple(json.loads(r.stdout))
 
 
 ETCD_TTL = 2  # seconds
