@@ -78,9 +78,9 @@ class Backend {
   // Memory the device has free now (host: MemAvailable, or the room left under the process's
   // cgroup limit where lower; GPU: cuMemGetInfo's free). The server admits loads against it.
   // kUnavailable where the backend cannot tell: loads are then admitted unchecked.
-  // True when allocate() takes the device memory at once (GPU backends), so that
-  // available_bytes() shows it from then on; false when pages are taken as they are written
-  // (host memfds).
+  // True when allocate() takes the device memory at once (GPU backends, host memfds whose
+  // pages are reserved with fallocate), so that available_bytes() shows it from then on; false
+  // when pages are taken as they are written (host memfds where fallocate is not supported).
   virtual bool allocation_is_resident() const noexcept { return false; }
   virtual Result<MemoryAvailability> available_bytes() const {
     return make_error(StatusCode::kUnavailable, name() + " does not report free memory");

@@ -2,12 +2,20 @@
 // and seals it (no writes, no resizes), so clients can only ever map it read-only. A published
 // slab is written by one client instead (export_writable), which must drop its writable mapping
 // (make_read_only or unmap) before the seal can succeed.
+//
+// A segment's pages are reserved when the slab is created (fallocate), not when the loader first
+// writes them: where the kernel reports a shortage (strict overcommit: ENOSPC) it is an error of
+// the allocation, which the server reports, instead of a SIGBUS in the middle of a copy, which
+// kills it. Under the default heuristic overcommit, or a cgroup limit, the kernel does not refuse
+// shmem pages but runs the OOM killer: a slab past RAM + swap is refused before any page is
+// taken, and one past what is free is refused by the store's admission (available_bytes()).
 #include "memory/host_backend.hpp"
 
 #include <fcntl.h>
 #include <linux/memfd.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -20,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include "common/util.hpp"
 #include "memory/host_checksum.hpp"
 
 namespace companion::memory {
@@ -43,6 +52,71 @@ uint64_t page_size() {
   return static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
 }
 
+// "MemAvailable:   123456 kB" → bytes of the named field of /proc/meminfo (or a memory.stat-like
+// "name value" file when kb is false).
+std::optional<uint64_t> read_field(const std::string& path, const std::string& name, bool kb) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string key;
+    uint64_t value = 0;
+    if (!(fields >> key >> value)) continue;
+    if (!key.empty() && key.back() == ':') key.pop_back();
+    if (key == name) return kb ? value * 1024 : value;
+  }
+  return std::nullopt;
+}
+
+// "; MemAvailable 21.3 GiB": what the host had free when an allocation failed, for its message.
+std::string mem_available_note() {
+  auto available = read_field("/proc/meminfo", "MemAvailable", true);
+  return "; MemAvailable " + (available ? format_bytes(*available) : std::string("unknown"));
+}
+
+// Pages are reserved in steps of this much: an interrupted fallocate loses (undoes) only the step
+// it was in, and the next try resumes there.
+constexpr uint64_t kReserveStepBytes = 1ull << 30;
+
+enum class Reserved { kYes, kNotSupported };
+
+// Makes shmem allocate (and zero) every page of the memfd now. fallocate rather than
+// MADV_POPULATE_WRITE on the mapping: it needs no mapping (the pages do not count in the server's
+// RSS until written, so the OOM killer does not pick the server for them), it reports shmem's
+// ENOSPC as such where MADV_POPULATE_WRITE turns it into EFAULT, it undoes what it allocated when
+// it fails, and shmem has it since Linux 3.5 (MADV_POPULATE_WRITE: 5.14). EOPNOTSUPP (a kernel or
+// shmem without it): kNotSupported, and the pages come as they are written, as they did before.
+// EINTR (older kernels stop on any signal, newer ones on a fatal one): the interrupted step was
+// undone by the kernel and is tried again.
+Result<Reserved> reserve_pages(int fd, uint64_t size, const std::string& what) {
+  uint64_t done = 0;
+  while (done < size) {
+    const uint64_t step = std::min(kReserveStepBytes, size - done);
+    if (::fallocate(fd, 0, static_cast<off_t>(done), static_cast<off_t>(step)) == 0) {
+      done += step;
+      continue;
+    }
+    const int err = errno;
+    if (err == EINTR) continue;
+    if (err == EOPNOTSUPP) return Reserved::kNotSupported;
+    const StatusCode code = (err == ENOSPC || err == ENOMEM || err == EFBIG)
+                                ? StatusCode::kOutOfMemory
+                                : StatusCode::kInternal;
+    return make_error(code, "cannot reserve the " + format_bytes(size) + " of " + what + " (" +
+                                format_bytes(done) + " reserved when fallocate failed: " +
+                                std::strerror(err) + ")" + mem_available_note());
+  }
+  return Reserved::kYes;
+}
+
+// Whether fallocate works on a memfd here (one page, tried once per backend).
+bool memfd_fallocate_works() {
+  UniqueFd fd(::memfd_create("companion:probe", MFD_CLOEXEC));
+  if (!fd || ::ftruncate(fd.get(), static_cast<off_t>(page_size())) != 0) return false;
+  auto reserved = reserve_pages(fd.get(), page_size(), "a probe");
+  return reserved.ok() && *reserved == Reserved::kYes;
+}
+
 struct HostSegment {
   UniqueFd fd;
   uint64_t size = 0;
@@ -53,7 +127,9 @@ class HostSlab final : public Slab {
  public:
   ~HostSlab() override { unmap_all(); }
 
-  Result<void> add(uint64_t size, const std::string& label, size_t index) {
+  // A new segment of `size` bytes, its pages reserved when `reserve`. On an error nothing of it
+  // is left (its descriptor closes, which frees whatever pages it had).
+  Result<void> add(uint64_t size, const std::string& label, size_t index, bool reserve) {
     std::string name = "companion:" + label + ":" + std::to_string(index);
     UniqueFd fd(::memfd_create(name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING));
     if (!fd) return errno_error(StatusCode::kOutOfMemory, "memfd_create", errno);
@@ -61,6 +137,9 @@ class HostSlab final : public Slab {
       return errno_error(StatusCode::kOutOfMemory, "size memfd to " + std::to_string(size), errno);
     if (::fcntl(fd.get(), F_ADD_SEALS, kSizeSeals) != 0)
       return errno_error(StatusCode::kInternal, "seal memfd size", errno);
+    if (reserve && size > 0) {
+      COMPANION_TRY(reserve_pages(fd.get(), size, "host segment " + std::to_string(index)));
+    }
     void* p = nullptr;
     if (size > 0) {
       p = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd.get(), 0);
@@ -182,22 +261,6 @@ class HostSlab final : public Slab {
   bool sealed_ = false;
 };
 
-// "MemAvailable:   123456 kB" → bytes of the named field of /proc/meminfo (or a memory.stat-like
-// "name value" file when kb is false).
-std::optional<uint64_t> read_field(const std::string& path, const std::string& name, bool kb) {
-  std::ifstream in(path);
-  std::string line;
-  while (std::getline(in, line)) {
-    std::istringstream fields(line);
-    std::string key;
-    uint64_t value = 0;
-    if (!(fields >> key >> value)) continue;
-    if (!key.empty() && key.back() == ':') key.pop_back();
-    if (key == name) return kb ? value * 1024 : value;
-  }
-  return std::nullopt;
-}
-
 std::optional<uint64_t> read_number(const std::string& path) {
   std::ifstream in(path);
   std::string text;
@@ -262,14 +325,41 @@ class HostBackend final : public Backend {
 
   Result<std::unique_ptr<Slab>> allocate(const std::vector<uint64_t>& sizes,
                                          const std::string& label) override {
+    uint64_t total = 0;
+    for (uint64_t size : sizes) {
+      if (size % granularity() != 0)
+        return make_error(StatusCode::kInternal, "segment size is not a multiple of the page");
+      total = size > std::numeric_limits<uint64_t>::max() - total
+                  ? std::numeric_limits<uint64_t>::max()
+                  : total + size;
+    }
+    // More than all of RAM and swap can never be held. shmem takes its pages one by one, and the
+    // kernel's overcommit heuristic (which refuses one allocation past RAM + swap) looks at each
+    // page alone: a reservation this large would not fail, it would run the machine into the OOM
+    // killer. The kernel's own figures (sysinfo), not /proc/meminfo, which a container may
+    // replace.
+    struct sysinfo info {};
+    if (::sysinfo(&info) == 0) {
+      const uint64_t unit = info.mem_unit == 0 ? 1 : info.mem_unit;
+      const uint64_t ram = static_cast<uint64_t>(info.totalram) * unit;
+      const uint64_t swap = static_cast<uint64_t>(info.totalswap) * unit;
+      if (total > ram + swap) {
+        return make_error(StatusCode::kOutOfMemory,
+                          "a host slab of " + format_bytes(total) +
+                              " is more than this machine's memory (" + format_bytes(ram) +
+                              " RAM + " + format_bytes(swap) + " swap)" + mem_available_note());
+      }
+    }
     auto slab = std::make_unique<HostSlab>();
     for (size_t i = 0; i < sizes.size(); ++i) {
-      if (sizes[i] % granularity() != 0)
-        return make_error(StatusCode::kInternal, "segment size is not a multiple of the page");
-      COMPANION_TRY(slab->add(sizes[i], label, i));
+      // An error frees the segments made so far with the slab.
+      COMPANION_TRY(slab->add(sizes[i], label, i, reserves_pages_));
     }
     return std::unique_ptr<Slab>(std::move(slab));
   }
+
+  // Pages reserved at allocation show in MemAvailable from then on.
+  bool allocation_is_resident() const noexcept override { return reserves_pages_; }
 
   Result<MemoryAvailability> available_bytes() const override {
     auto available = read_field("/proc/meminfo", "MemAvailable", true);
@@ -283,6 +373,10 @@ class HostBackend final : public Backend {
     }
     return out;
   }
+
+ private:
+  // False where memfds have no fallocate: pages are then taken as the loader writes them.
+  const bool reserves_pages_ = memfd_fallocate_works();
 };
 
 class HostMapping final : public MappedSegment {

@@ -584,9 +584,9 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
   if (auto admitted = admit(slab_bytes, model.spec.describe()); !admitted.ok())
     return fail(admitted.error());
   // The bytes of this load that the device does not show as taken yet. They shrink as the
-  // memory becomes resident (at allocation on GPUs, as it is written on the host), so that a
-  // load is never counted twice; what is left goes when the load ends, however it ends, but not
-  // once the store is gone.
+  // memory becomes resident (at allocation on GPUs and reserving hosts, else as it is written), so
+  // that a load is never counted twice; what is left goes when the load ends, however it ends, but
+  // not once the store is gone.
   struct Admission {
     ModelStore* store;
     WorkerPool* pool;

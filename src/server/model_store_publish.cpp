@@ -256,7 +256,8 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
                         "'" + printable_text(key) + "' was given up while its slab was allocated");
     }
     Entry& e = *it->second;
-    // GPU memory shows as taken from now on; host pages only as the writer fills them.
+    // GPU memory and reserved host pages show as taken from now on; host pages of a backend
+    // that cannot reserve them only as the writer fills them.
     if (backend_->allocation_is_resident()) settle(0);
     e.writer->slab = std::shared_ptr<memory::Slab>(std::move(*slab));
     e.writer->table = *tensors;

@@ -22,19 +22,21 @@ class Server:
     """A `companion serve` process in its own runtime directory (host backend by default)."""
 
     def __init__(self, runtime_dir, model_roots, namespace="companion", extra=(), env=None,
-                 device="host"):
+                 device="host", launcher=(), preexec_fn=None):
+        """launcher: a command that execs the server's command line given after it (the
+        server's pid stays the process's); preexec_fn: as for subprocess.Popen."""
         self.runtime_dir = pathlib.Path(runtime_dir)
         self.namespace = namespace
         self.log_path = self.runtime_dir.parent / f"server-{uuid.uuid4().hex[:8]}.log"
         self.device = device
-        args = [str(COMPANION), "serve", "--device", device, "--namespace", namespace,
+        args = [*launcher, str(COMPANION), "serve", "--device", device, "--namespace", namespace,
                 "--runtime-dir", str(self.runtime_dir), "--log-level", "info"]
         for root in model_roots:
             args += ["--model-root", str(root)]
         args += list(extra)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env)
+                                     env=env, preexec_fn=preexec_fn)
         line = self.proc.stdout.readline()
         if "companion serving" not in line:
             self.proc.kill()

@@ -5,18 +5,24 @@ behind (the victim model's memfds, counted over every process; shared memory; th
 descriptors and memory), a client of another model keeps its bytes, errors say what happened,
 and the server goes on serving.
 
-Faults come from COMPANION_TEST_FAULT (src/common/fault_point.hpp), set for the server only."""
+Faults come from COMPANION_TEST_FAULT (src/common/fault_point.hpp), set for the server only; one
+test makes a real shortage instead (a checkpoint past the machine's memory, in a namespace whose
+/proc/meminfo overstates it)."""
 import json
 import os
 import pathlib
+import resource
 import signal
+import struct
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 
 from checkpoints import tensor_crcs, write_opt_like
-from harness import Server, SessionClient, wait_until
+from harness import PYTHON_LIBRARY, REPO, Server, SessionClient, wait_until
 
 STAGES = ["open", "allocate", "read", "copy", "seal", "export"]
 VICTIM = "opt-victim"
@@ -315,6 +321,148 @@ def test_failed_export_refuses_one_lease_and_counts_none(runtime_dir, fault_root
 def test_bad_fault_spec_stops_the_server_at_start(runtime_dir, fault_root):
     with pytest.raises(RuntimeError, match="unknown stage 'reed'"):
         Server(runtime_dir, [fault_root], env=fault_env("fail-at=reed:IO_ERROR"))
+
+
+def host_memory_bytes():
+    """RAM + swap of the machine, as the kernel counts them for overcommit."""
+    return (meminfo_kb("MemTotal") + meminfo_kb("SwapTotal")) * 1024
+
+
+def write_sparse_safetensors(path, total_bytes, tensors=4):
+    """A checkpoint of `tensors` U8 tensors that add up to about total_bytes, written as a header
+    and a hole: it costs no disk and reads as zeros."""
+    each = -(-total_bytes // tensors)
+    header = {f"t{i}": {"dtype": "U8", "shape": [each], "data_offsets": [i * each, (i + 1) * each]}
+              for i in range(tensors)}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        f.truncate(8 + len(raw) + tensors * each)
+
+
+def overstated_memory_launcher(directory, factor):
+    """A launcher for Server: the server runs in its own user and mount namespaces, where
+    /proc/meminfo shows `factor` times the machine's RAM + swap as total, free and available,
+    and no cgroup limit is visible (an empty /sys/fs/cgroup). The store admits loads against
+    those figures, as in a container that shows more memory than the host has to give; the
+    kernel still has only the real memory. None where unprivileged namespaces are not allowed."""
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        return None
+    claimed_kb = factor * host_memory_bytes() // 1024
+    lines = []
+    for line in pathlib.Path("/proc/meminfo").read_text().splitlines():
+        key = line.split(":")[0]
+        if key in ("MemTotal", "MemFree", "MemAvailable"):
+            line = f"{key}:{claimed_kb:>16} kB"
+        lines.append(line)
+    fake = directory / "meminfo"
+    fake.write_text("\n".join(lines) + "\n")
+    script = (f"mount --bind {fake} /proc/meminfo && mount -t tmpfs none /sys/fs/cgroup"
+              ' && exec "$@"')
+    return ["unshare", "-rm", "sh", "-c", script, "sh"]
+
+
+def server_memfds(pid):
+    """The server's descriptors open on memfds."""
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                count += 1
+        except OSError:
+            pass
+    return count
+
+
+def test_checkpoint_past_the_machine_memory_fails_at_once_and_the_server_keeps_serving(
+        runtime_dir, fault_root, tmp_path):
+    """A real shortage, no fault injected: a sparse checkpoint of twice the machine's RAM + swap
+    that the store admits (its /proc/meminfo claims four times the machine). The host backend
+    refuses the slab before it takes a page: OUT_OF_MEMORY in seconds, with the sizes; nothing
+    is left behind; the server serves another model to another client. Without that refusal the
+    loader would write the zeros into memfd pages until the OOM killer ended the server: to keep
+    an old build from doing that to the machine, the server's address space is limited to RAM +
+    swap here, which makes such a build fail its mapping of the slab (a different message)
+    instead. AddressSanitizer builds reserve terabytes of address space: no limit there."""
+    launcher = overstated_memory_launcher(tmp_path, factor=4)
+    if launcher is None:
+        pytest.skip("unprivileged user and mount namespaces are not allowed here")
+    huge = tmp_path / "models" / "past-memory"
+    write_sparse_safetensors(huge / "model.safetensors", 2 * host_memory_bytes())
+    bystander = fault_root / "opt-bystander"
+    limit = None
+    if "asan" not in os.environ.get("COMPANION_BUILD_DIR", ""):
+        limit = host_memory_bytes()
+
+    def limit_address_space():
+        if limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    server = Server(runtime_dir, [fault_root, huge.parent], launcher=launcher,
+                    preexec_fn=limit_address_space)
+    session = session_for(server)
+    try:
+        memfds_before = server_memfds(server.pid)
+        fds_before = settled_fd_count(server.pid)
+        start = time.monotonic()
+        out, rc = server.cli_json("load", str(huge), check=False, timeout=60)
+        elapsed = time.monotonic() - start
+        print(f"load past memory refused in {elapsed:.2f} s: {out}")
+        assert server.proc.poll() is None, server.log_text()
+        assert rc != 0 and out["error"]["code"] == "OUT_OF_MEMORY", out
+        message = out["error"]["message"]
+        # The backend's refusal (the store admitted the load): the slab, RAM, swap, MemAvailable.
+        assert "host slab of" in message and "RAM" in message and "MemAvailable" in message, \
+            message
+        assert elapsed < 20, elapsed
+
+        # Nothing of the load is left: no memfd, no descriptor.
+        assert server_memfds(server.pid) == memfds_before
+        assert wait_until(lambda: fd_count(server.pid) == fds_before, timeout=10), \
+            fd_listing(server.pid, fds_before)
+        health, code = server.cli_json("health")
+        assert code == 0 and health["state"] == "serving" and health["slab_bytes"] == 0, health
+
+        # A publication of the same size goes through the same allocation: refused the same way.
+        start = time.monotonic()
+        code, message = publish_declared(server, "past-memory", 2 * host_memory_bytes())
+        assert (code, time.monotonic() - start < 20) == ("OUT_OF_MEMORY", True), message
+        assert "host slab of" in message and "MemAvailable" in message, message
+        assert server.proc.poll() is None, server.log_text()
+        assert server_memfds(server.pid) == memfds_before
+
+        # Another client gets another model.
+        attach_and_check(session, bystander)
+    finally:
+        assert session.close() == 0
+        assert server.stop() == 0
+
+
+DECLARER = textwrap.dedent("""
+    import json, sys
+    import companion
+    from companion import errors
+    client = companion.connect(namespace=sys.argv[1], runtime_dir=sys.argv[2])
+    each = -(-int(sys.argv[4]) // 4)
+    try:
+        client.begin_publish(sys.argv[3], {f"t{i}": ("uint8", (each,)) for i in range(4)})
+        print(json.dumps(["OK", ""]))
+    except errors.Error as e:
+        print(json.dumps([e.code_name, e.message]))
+""")
+
+
+def publish_declared(server, key, total_bytes):
+    """A writer process declares a publication of total_bytes (4 uint8 tensors, never written):
+    (the error's code name, its message), or ("OK", "")."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "python"), COMPANION_LIBRARY=str(PYTHON_LIBRARY))
+    r = subprocess.run([sys.executable, "-c", DECLARER, server.namespace, str(server.runtime_dir),
+                        key, str(total_bytes)], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return tuple(json.loads(r.stdout))
 
 
 ETCD_TTL = 2  # seconds

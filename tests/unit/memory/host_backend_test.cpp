@@ -5,12 +5,15 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/sysinfo.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -363,6 +366,64 @@ TEST(HostBackend, ManySlabsAreIndependent) {
   ASSERT_TRUE(ma.ok() && mb.ok());
   EXPECT_EQ(std::string(static_cast<const char*>((*ma)->address()), page()), pattern(page(), 0));
   EXPECT_EQ(std::string(static_cast<const char*>((*mb)->address()), page()), bytes);
+}
+
+// Descriptors of this process open on a memfd of the host backend.
+int open_slab_memfds() {
+  int count = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/self/fd")) {
+    std::error_code ec;
+    auto target = std::filesystem::read_symlink(entry.path(), ec);
+    if (!ec && target.string().find("memfd:companion:") != std::string::npos) ++count;
+  }
+  return count;
+}
+
+TEST(HostBackend, AllocationReservesEveryPage) {
+  {
+    UniqueFd probe = unsealed_memfd(page());
+    if (::fallocate(probe.get(), 0, 0, static_cast<off_t>(page())) != 0 && errno == EOPNOTSUPP)
+      GTEST_SKIP() << "no fallocate for memfds here: pages are taken as written";
+  }
+  auto backend = make_host_backend();
+  EXPECT_TRUE(backend->allocation_is_resident());
+  const std::vector<uint64_t> sizes = {64 * page(), 3 * page()};
+  auto slab = backend->allocate(sizes, "reserved");
+  ASSERT_TRUE(slab.ok()) << slab.error().to_string();
+  auto exported = (*slab)->export_writable();
+  ASSERT_TRUE(exported.ok()) << exported.error().to_string();
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    struct stat st {};
+    ASSERT_EQ(::fstat((*exported)[i].fd.get(), &st), 0);
+    // The pages are there before anything is written: a shortage cannot come later.
+    EXPECT_GE(static_cast<uint64_t>(st.st_blocks) * 512, sizes[i]) << "segment " << i;
+  }
+}
+
+TEST(HostBackend, SlabPastRamAndSwapIsRefusedAtOnceAndLeavesNothing) {
+  auto backend = make_host_backend();
+  struct sysinfo info {};
+  ASSERT_EQ(::sysinfo(&info), 0);
+  const uint64_t unit = info.mem_unit == 0 ? 1 : info.mem_unit;
+  // Twice RAM + swap, in segments of at most max_segment_bytes(): nothing is written.
+  uint64_t wanted = 2 * (static_cast<uint64_t>(info.totalram) + info.totalswap) * unit;
+  std::vector<uint64_t> sizes;
+  while (wanted > 0) {
+    uint64_t size = std::min(wanted, backend->max_segment_bytes());
+    size -= size % page();
+    if (size == 0) break;
+    sizes.push_back(size);
+    wanted -= std::min(wanted, size);
+  }
+  const int memfds_before = open_slab_memfds();
+  auto slab = backend->allocate(sizes, "too-big");
+  ASSERT_FALSE(slab.ok());
+  EXPECT_EQ(slab.error().code, StatusCode::kOutOfMemory);
+  EXPECT_NE(slab.error().message.find("MemAvailable"), std::string::npos) << slab.error().message;
+  EXPECT_NE(slab.error().message.find("RAM"), std::string::npos) << slab.error().message;
+  EXPECT_EQ(open_slab_memfds(), memfds_before);
+  // The backend goes on allocating.
+  EXPECT_TRUE(backend->allocate({page()}, "after").ok());
 }
 
 }  // namespace
