@@ -365,7 +365,10 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
   options.stats = &stats;
 
   auto t1 = Clock::now();
-  std::string dir = std::filesystem::canonical(a.dir).string();
+  std::error_code missing;
+  std::string dir = std::filesystem::canonical(a.dir, missing).string();
+  if (missing)
+    return make_error(StatusCode::kNotFound, "checkpoint " + a.dir + ": " + missing.message());
   COMPANION_ASSIGN_OR_RETURN(auto ckpt, checkpoint::open_checkpoint(dir, {dir}));
   loader::ShardOptions shard;
   shard.tp_size = a.tp_size;
