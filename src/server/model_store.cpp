@@ -790,6 +790,10 @@ void ModelStore::retire_locked(std::vector<std::shared_ptr<memory::Slab>> slabs)
 Result<LeaseGrant> ModelStore::lease_locked(Entry& e, size_t index) {
   Generation& g = e.generations[index];
   LeaseGrant grant;
+  // Exporting is a dup(2) of each segment's descriptor, or a copy of its IPC handle (both made
+  // once, at the seal): microseconds, so it is done under the store lock, and a lease is counted
+  // exactly when its exports exist. A test's pause-at=export therefore holds the lock: it stands
+  // for a server stopped mid-lease.
   COMPANION_TRY(fault::point(fault::Stage::kExport, e.model.source.path));
   COMPANION_ASSIGN_OR_RETURN(grant.exports, g.slab->export_segments());
   g.leases++;
