@@ -327,6 +327,21 @@ def function(name: str) -> Any:
     return fn
 
 
+_INITIALIZED: dict = {}  # init function name -> the struct as it left it
+
+
+def initialized(struct: Any, init: str) -> Any:
+    """A new ``struct`` as the library's ``init`` call (e.g. companion_model_spec_init) leaves
+    it: its struct_size and defaults. The call runs once per library; later structs are copies
+    of its result (no call into the library on every request)."""
+    template = _INITIALIZED.get(init)
+    if template is None:
+        template = struct()
+        function(init)(ctypes.byref(template))
+        _INITIALIZED[init] = template
+    return struct.from_buffer_copy(template)
+
+
 def has_function(name: str) -> bool:
     """Whether the loaded library has this function (optional ones: publishing, attach...)."""
     return getattr(load_library(), name, None) is not None

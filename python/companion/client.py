@@ -112,9 +112,7 @@ class _SpecBuffer:
     """A companion_model_spec filled from a ModelSpec (the encoded strings stay referenced)."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        lib = _lib.load_library()
-        self.struct = _lib.ModelSpecC()
-        lib.companion_model_spec_init(ctypes.byref(self.struct))
+        self.struct = _lib.initialized(_lib.ModelSpecC, "companion_model_spec_init")
         self._keep = [_lib.encode(spec.source), _lib.encode(spec.revision),
                       _lib.encode(spec.dtype), _lib.encode(spec.tag)]
         self.struct.source, self.struct.revision, self.struct.dtype, self.struct.tag = self._keep
@@ -296,11 +294,7 @@ class Client:
                                              or _lib.has_function("companion_client_attach")):
             model = self.attach(key_or_spec, generation=generation, fingerprint=fingerprint,
                                 timeout=timeout, or_source=True)
-            if not model.status.published:  # a checkpoint: the spec it was loaded by
-                try:
-                    model.spec = ModelSpec(key_or_spec)
-                except (TypeError, ValueError):
-                    pass
+            model._spec_if_checkpoint(key_or_spec)  # a checkpoint: the spec it was loaded by
             return model
         if not isinstance(key_or_spec, str) and (generation is not None
                                                  or fingerprint is not None):
@@ -345,8 +339,7 @@ class Client:
         if or_source and key and not os.path.isabs(key) and os.path.exists(key):
             key = os.path.abspath(key)  # as ModelSpec treats an existing relative path
         fp = fingerprint_json(fingerprint)
-        options = _lib.AttachOptionsC()
-        _lib.function("companion_attach_options_init")(ctypes.byref(options))
+        options = _lib.initialized(_lib.AttachOptionsC, "companion_attach_options_init")
         options.generation = int(generation or 0)
         options.fingerprint_json = fp
         options.or_source = 1 if or_source else 0

@@ -455,8 +455,7 @@ class _Table:
                  "made", "all_made", "lock")
 
     def __init__(self, lib: Any, handle: Any) -> None:
-        raw = _lib.ModelTableC()
-        lib.companion_model_table_init(ctypes.byref(raw))
+        raw = _lib.initialized(_lib.ModelTableC, "companion_model_table_init")
         _lib.check(lib.companion_model_get_table(handle.ptr, ctypes.byref(raw)))
         count, size = int(raw.count), int(raw.record_size)
         if count and size < _RECORD.size:
@@ -622,39 +621,79 @@ _Group = Tuple[int, int, int, Tuple[int, ...], Tuple[int, ...], Sequence[int], i
 
 def _groups_in_python(table: _Table, sizes: Dict[int, int]) -> Tuple[
         List[_Group], Optional[List[int]], List[int], Dict[int, int]]:
-    """The table's tensors that torch can view, in groups (see _bulk_state_dict), by a loop over
+    """The table's tensors that torch can view, in groups (see _bulk_state_dict), by Python over
     the records. Returns the groups; the table row of each grouped tensor, group by group (None:
-    the table's order); the rows left out (no bytes, a dtype torch lacks); and where each
-    segment's last tensor ends."""
-    dims = table.dims.cast("q").tolist()
-    members: Dict[Tuple[int, ...], List[Tuple[int, int]]] = {}
-    leads: Dict[Tuple[int, ...], Tuple[int, int, int]] = {}
-    ends: Dict[int, int] = {}
-    left: List[int] = []
-    for i, (data, nbytes, offset, _, at, _, code, ndim, device_type, device_id, segment) in \
-            enumerate(table.rows()):
-        if ends.get(segment, -1) < offset + nbytes:
-            ends[segment] = offset + nbytes
-        itemsize = sizes.get(code)
-        shape_strides = dims[at:at + 2 * ndim]
-        if itemsize is None or not nbytes or 0 in shape_strides[:ndim]:
-            left.append(i)
-            continue
-        key = (segment, code, offset % itemsize, ndim, *shape_strides)
-        group = members.get(key)
-        if group is None:
-            group = members[key] = []
-            leads[key] = (data - offset, device_type, device_id)
-        group.append((offset // itemsize, i))
+    the table's order); the rows left out (no bytes, a dtype torch lacks, a size of 0); and
+    where each segment's last tensor ends.
+
+    The records are read a column at a time (a strided memoryview slice each, in C), and a
+    record's sizes and strides are keyed by their bytes in the table (one slice, no tuple): the
+    only Python that runs per record is one dict lookup; the rest runs per group."""
+    n = table.count
+    if n == 0:
+        return [], None, [], {}
+    step = table.record_size // 8
+    words = table.records.cast("Q")
+    data, nbytes, offset, dims_at = (words[at::step].tolist()
+                                     for at in (_DATA[1], _NBYTES[1], _OFFSET[1], _DIMS_AT[1]))
+    ints = table.records.cast("i")
+    code, ndim, device_type, device_id = (ints[at::2 * step].tolist()
+                                          for at in (_CODE[1], _NDIM[1], _DEVICE_TYPE[1],
+                                                     _DEVICE_ID[1]))
+    segment = table.records.cast("I")[_SEGMENT[1]::2 * step].tolist()
+    stops = list(map(operator.add, offset, nbytes))
+    if min(segment) == max(segment):
+        ends = {segment[0]: max(stops)}
+    else:
+        ends = {}
+        for s, stop in zip(segment, stops):
+            if ends.get(s, -1) < stop:
+                ends[s] = stop
+    # Sizes and strides: the bytes of 2 * ndim int64 from dims_at (ndim is part of the key so).
+    dims = table.dims.tobytes()
+    begin = list(map(operator.mul, dims_at, _REPEAT_8))
+    end = map(operator.add, begin, map(operator.mul, ndim, _REPEAT_16))
+    dims_key = list(map(dims.__getitem__, map(slice, begin, end)))
+    itemsize = list(map(sizes.get, code, _REPEAT_0))  # 0: a dtype torch lacks (left out)
+    if 0 in itemsize or 0 in nbytes:  # rows torch cannot view: grouped under None, left out
+        whole = [size or 1 for size in itemsize]
+        keys: List[Any] = [(s, c, o % w, d) if size and b else None for s, c, o, w, d, size, b in
+                           zip(segment, code, offset, whole, dims_key, itemsize, nbytes)]
+        element = list(map(operator.floordiv, offset, whole))
+    else:
+        keys = list(zip(segment, code, map(operator.mod, offset, itemsize), dims_key))
+        element = list(map(operator.floordiv, offset, itemsize))
+    members: Dict[Any, List[int]] = {}
+    get = members.get
+    for i, key in enumerate(keys):
+        rows = get(key)
+        if rows is None:
+            members[key] = [i]
+        else:
+            rows.append(i)
+    left = members.pop(None, [])
     groups: List[_Group] = []
     order: List[int] = []
-    for key, group in members.items():
-        group.sort()
-        elements, indices = zip(*group)
-        ndim = key[3]
-        groups.append(key[:3] + (key[4:4 + ndim], key[4 + ndim:], elements) + leads[key])
-        order.extend(indices)
-    return groups, None if order == list(range(table.count)) else order, left, ends
+    for (s, c, residue, key_dims), rows in members.items():
+        values = struct.unpack(f"={len(key_dims) // 8}q", key_dims)
+        shape, strides = values[:len(values) // 2], values[len(values) // 2:]
+        if 0 in shape:  # no elements: made one by one
+            left.extend(rows)
+            continue
+        lead = rows[0]  # the group's first row: its segment's address and device
+        elements = list(map(element.__getitem__, rows))
+        if any(map(operator.gt, elements, elements[1:])):  # by offset; equal ones in table order
+            elements, rows = map(list, zip(*sorted(zip(elements, rows))))
+        groups.append((s, c, residue, shape, strides, elements, data[lead] - offset[lead],
+                       device_type[lead], device_id[lead]))
+        order.extend(rows)
+    left.sort()
+    return groups, None if len(order) == n and order == list(range(n)) else order, left, ends
+
+
+_REPEAT_0 = itertools.repeat(0)
+_REPEAT_8 = itertools.repeat(8)
+_REPEAT_16 = itertools.repeat(16)
 
 
 def _groups_in_torch(torch: Any, table: _Table, by_code: Any) -> Tuple[
@@ -855,8 +894,10 @@ def _bulk_state_dict(torch: Any, table: _Table, owner: Any) -> Dict[str, Any]:
         views.extend(table.get(i, owner).torch() if index[names[i]] == i else None
                      for i in left)
         table_rows = (table_rows or []) + left  # None (the table's order) only when none left
-    if table_rows is not None:  # into table order: the inverse permutation, sorted in C
-        views = list(map(views.__getitem__, sorted(range(n), key=table_rows.__getitem__)))
+    if table_rows is not None:  # into table order: each view to its row (a loop in C)
+        ordered: List[Any] = [None] * n
+        collections.deque(map(ordered.__setitem__, table_rows, views), maxlen=0)
+        views = ordered
     # A name given twice keeps its first place and its last entry, as in the table's index.
     return dict(zip(names, views))
 
@@ -877,16 +918,66 @@ class MappedModel(collections.abc.Mapping):
     def __init__(self, handle: _ModelHandle, spec: Optional[ModelSpec] = None) -> None:
         lib = _lib.load_library()
         self._handle: Optional[_ModelHandle] = handle
-        self.spec = spec
+        self._spec = spec
+        self._checkpoint_name: Optional[str] = None  # see _spec_if_checkpoint
         self._lock = threading.Lock()
         self._table: Optional[Any] = _Table(lib, handle) \
             if getattr(lib, "companion_model_get_table", None) is not None \
             else _Listing(lib, handle)  # a library older than the table call
-        info = _lib.c_void_p()
-        _lib.check(lib.companion_model_info(handle.ptr, ctypes.byref(info)))
-        self.info: Dict[str, Any] = _lib.take_json(info) or {}
+        self._info: Optional[Dict[str, Any]] = None
 
     # ---- facts --------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> Optional[ModelSpec]:
+        """The ModelSpec the model was mapped by: the one given, or for a str that named a
+        checkpoint ``ModelSpec(str)``; None for a published key."""
+        name = self._checkpoint_name
+        if name is not None:  # whether it is a checkpoint: in the facts, read now
+            spec = None
+            if not self.status.published:
+                try:
+                    spec = ModelSpec(name)
+                except (TypeError, ValueError):
+                    pass
+            with self._lock:
+                if self._checkpoint_name is name:
+                    self._spec, self._checkpoint_name = spec, None
+        return self._spec
+
+    @spec.setter
+    def spec(self, value: Optional[ModelSpec]) -> None:
+        with self._lock:
+            self._spec, self._checkpoint_name = value, None
+
+    def _spec_if_checkpoint(self, name: str) -> None:
+        """``spec`` becomes ModelSpec(name) if the model is a checkpoint (not a published key),
+        found out on first use of ``spec``: get_model_parameters(str) does not read the facts."""
+        self._checkpoint_name = name
+
+    @property
+    def info(self) -> Dict[str, Any]:
+        """The mapping's facts: model (its status), lease_id, segments, segment_inodes,
+        mapped_bytes, read_only. Read from the library on first use (a JSON document: not worth
+        making for callers that only want the tensors), then kept; release() reads it first, so
+        it stays readable after."""
+        info = self._info
+        if info is None:
+            with self._lock:
+                info = self._read_info()
+        return info
+
+    def _read_info(self) -> Dict[str, Any]:
+        """self._info, read now if it was not (the caller holds self._lock)."""
+        info = self._info
+        if info is None:
+            handle = self._handle
+            if handle is None:  # released before this was read: nothing left to read it from
+                return {}
+            raw = _lib.c_void_p()
+            _lib.check(_lib.load_library().companion_model_info(handle.ptr, ctypes.byref(raw)))
+            info = self._info = _lib.take_json(raw) or {}
+        return info
 
     @property
     def status(self) -> ModelStatus:
@@ -959,6 +1050,11 @@ class MappedModel(collections.abc.Mapping):
         keep the memory (and the lease) until they are gone; with none left, the model is
         unmapped and its lease returned now. Idempotent."""
         with self._lock:
+            if self._handle is not None:
+                try:
+                    self._read_info()
+                except Error:  # giving up the hold must not fail; info then reads as {}
+                    pass
             self._handle = None
             self._table = None
 

@@ -198,6 +198,27 @@ def test_no_bytes_and_one_offset_twice(grouping):
     assert state["empty"].numel() == 0 and state["empty"].shape == (0, 4)
 
 
+def test_dtypes_of_one_item_size_interleaved_out_of_table_order(grouping):
+    """f16 and bf16 tensors of one shape side by side (one key but for the dtype), listed in the
+    table against their order in memory, one offset twice, gaps, a tensor with no bytes among
+    them and a second segment: each group's views in memory order, the state in table order."""
+    f16, bf16, f32 = CODE["f16"], CODE["bf16"], CODE["f32"]
+    entries = []
+    for k in reversed(range(12)):  # the table lists the last in memory first
+        entries.append((f"layer.{k}.a", f16 if k % 2 else bf16, (2, 3), None, k % 2, 16 * k))
+    entries += [
+        ("dup.of.layer.4", bf16, (2, 3), None, 0, 64),      # layer.4's memory, its own view
+        ("nothing", f32, (0, 2), None, 0, 200),              # no bytes: made one by one
+        ("gap.after", f16, (2, 3), None, 0, 300),           # far from the others
+        ("odd", f16, (2, 3), None, 1, 301),                 # another residue
+    ]
+    memory = Memory([400, 400])
+    state = check_bulk(make_table(entries, memory), memory)
+    assert state["layer.3.a"].dtype == torch.float16 and state["layer.4.a"].dtype == torch.bfloat16
+    assert state["dup.of.layer.4"].data_ptr() == state["layer.4.a"].data_ptr()
+    assert state["odd"].data_ptr() == memory.address(1) + 301
+
+
 def test_names_given_twice(grouping):
     f32, u16 = CODE["f32"], CODE["u16"]
     entries = [

@@ -63,6 +63,23 @@ def test_mapped_model_mapping_and_info(client, model_root):
         model["model.decoder.embed_tokens.weight"]
 
 
+def test_info_is_read_on_first_use_and_stays_readable_after_release(client, model_root):
+    """get_model_parameters does not read the mapping's facts; release() keeps them readable."""
+    source = str(model_root / "opt-f32")
+    model = client.get_model_parameters(source)  # a str: a checkpoint or a published key
+    assert model._info is None  # nothing read yet
+    assert model.spec == companion.ModelSpec(source)  # a checkpoint (found out now)
+    lease = model.lease_id
+    assert lease > 0 and model.info is model.info  # read once, then kept
+    unread = client.get_model_parameters(companion.ModelSpec(source))
+    assert unread._info is None
+    unread.release()
+    assert unread.released and unread.info["lease_id"] > 0 and unread.info["lease_id"] != lease
+    assert unread.status.source == source and "released" in repr(unread)
+    model.release()
+    assert model.info["lease_id"] == lease
+
+
 def test_every_dtype_numpy_and_torch(client, model_root):
     expected = load_numpy(str(model_root / "mixed" / "model.safetensors"))
     model = client.get_model_parameters(str(model_root / "mixed"))
