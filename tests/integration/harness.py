@@ -13,6 +13,10 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 BUILD = pathlib.Path(os.environ.get("COMPANION_BUILD_DIR", REPO / "build"))
 COMPANION = BUILD / "src" / "cli" / "companion"
 FAULT_CLIENT = BUILD / "tests" / "tools" / "companion-fault-client"
+# Sanitizer builds (build-asan/, build-tsan/ as scripts/setup.sh names them): their memory and
+# address-space figures are the sanitizer's, not the server's.
+ASAN_BUILD = "asan" in BUILD.name
+TSAN_BUILD = "tsan" in BUILD.name
 # The Python package loads libcompanion.so into the interpreter, which is not built with the
 # sanitizers: tests that use the package take the Release build's library whatever BUILD is.
 PYTHON_LIBRARY = REPO / "build" / "src" / "capi" / "libcompanion.so"

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from harness import COMPANION, FAULT_CLIENT, Server, SessionClient, wait_until
+from harness import COMPANION, FAULT_CLIENT, TSAN_BUILD, Server, SessionClient, wait_until
 
 FRAME_MAGIC = 0x314D5043
 MIB = 1 << 20
@@ -227,7 +227,8 @@ def test_partial_frames_have_a_server_wide_budget(runtime_dir, model_root):
         print(f"RSS {rss_before // 1024} MiB before, {rss_during // 1024} MiB with 30 partial "
               f"64 MiB frames; {dropped} connections dropped")
         assert dropped >= 26 and h["refused"]["pending_frame_bytes"] >= 26, (dropped, h)
-        assert rss_during - rss_before < 320 * 1024, (rss_before, rss_during)
+        if not TSAN_BUILD:  # ThreadSanitizer's allocator makes every allocated page resident
+            assert rss_during - rss_before < 320 * 1024, (rss_before, rss_during)
 
 
 def test_barely_started_frames_cost_little_and_expire(runtime_dir, model_root):

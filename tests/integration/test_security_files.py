@@ -14,7 +14,7 @@ import zlib
 import pytest
 
 from checkpoints import write_opt_like
-from harness import Server
+from harness import TSAN_BUILD, Server
 
 INSIDE_BYTE = 0x11
 OUTSIDE_BYTE = 0x77
@@ -219,8 +219,9 @@ def test_a_header_of_millions_of_tensors_is_refused_before_it_is_parsed(tmp_path
         assert code == "LIMIT_EXCEEDED", (code, message)
         assert "--max-tensors" in message and "1000000" in message, message
         # Reading the header costs its size; nothing is built for its entries.
-        assert grown_mb < 300, grown_mb
-        assert elapsed < 5, elapsed
+        if not TSAN_BUILD:  # ThreadSanitizer's allocator makes every allocated page resident
+            assert grown_mb < 300, grown_mb
+        assert elapsed < (30 if TSAN_BUILD else 5), elapsed  # ThreadSanitizer: ~10x slower
         assert server.cli_json("load", str(root / "good"), "--tag", "after")[1] == 0
     finally:
         code = server.stop()
