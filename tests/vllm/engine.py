@@ -21,6 +21,7 @@ PROMPTS = [[2, 100, 200, 300, 400], [2, 7, 1000, 31, 5, 9000]]
 def worker_report(worker):
     """Runs in vLLM's worker process (collective_rpc)."""
     from vllm.model_executor.model_loader import get_model_loader
+    import torch
 
     model = worker.model_runner.get_model()
     report = getattr(model, "companion_report", None)
@@ -54,6 +55,14 @@ def worker_report(worker):
         "rss": memory.get("Rss", 0),
         "shmem": memory.get("Shared_Clean", 0) + memory.get("Shared_Dirty", 0),
         "model_bytes": sum(storages.values()),
+        # Linear layers whose weight vLLM's CPU backend moved into kernel-private memory
+        # (oneDNN or AMX packing, on CPUs that have the instructions), leaving an empty
+        # parameter: those weights cannot be shared.
+        "packed_linear_weights": sum(
+            1 for _, module in model.named_modules()
+            if hasattr(module, "cpu_linear") and isinstance(getattr(module, "weight", None),
+                                                            torch.Tensor)
+            and module.weight.numel() == 0),
         "model_bytes_in_shared_memory": in_shared,
         "external_weight_memory": external,
     }

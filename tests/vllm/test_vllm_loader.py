@@ -40,11 +40,25 @@ def test_engines_share_published_weights(tmp_path, server, plugin_site, opt_chec
     b = engines(plugin_site, rt, opt_checkpoint, hold=True, log=tmp_path / "b.log")
     rb = b.result()
 
-    model_bytes = p["model_bytes"]
-    assert model_bytes > 150 * MiB
     # Greedy tokens: the default loader, the publisher and the attached engine agree.
     assert ra["tokens"] == p["tokens"]
     assert rb["tokens"] == p["tokens"]
+    if p["packed_linear_weights"]:
+        # vLLM's CPU backend packed the linear weights into oneDNN/AMX memory (CPUs with
+        # AVX-512 BF16 or AMX): nothing shareable is left, and the plugin must say so and load
+        # as vLLM would instead of publishing a model without its linear weights.
+        for r in (ra, rb):
+            assert r["report"]["route"] == "fallback", r["report"]
+            assert "NotShareable" in r["report"]["reason"], r["report"]
+            assert "packed" in r["report"]["reason"], r["report"]
+            assert r["report"]["tensors"] == 0, r["report"]
+        for proc in (a, b):
+            proc.send("exit")
+            assert proc.wait() == 0, proc.output()[-4000:]
+        pytest.skip(f"vLLM packed {p['packed_linear_weights']} linear weights into private "
+                    "kernel memory on this CPU: checked the typed fallback, not the sharing")
+    model_bytes = p["model_bytes"]
+    assert model_bytes > 150 * MiB
     # A loaded from disk and published; B attached what A published, loading nothing.
     assert p["report"] is None
     assert ra["report"]["route"] == "published", ra["report"]
