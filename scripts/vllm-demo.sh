@@ -84,7 +84,7 @@ echo "== engine B: the same command (port $port_b)"
 t0=$(date +%s%N); start_engine B "$port_b"; t1=$(date +%s%N)
 echo "   engine ready in $(( (t1 - t0) / 1000000 )) ms; $(weights_line B)"
 echo "   tokens: $(complete "$port_b")"
-if weights_line A | grep -q "fallback"; then
+if weights_line A | grep -q "keeps its own copy"; then
   # vLLM's CPU backend moves linear weights into oneDNN/AMX memory on CPUs with AVX-512 BF16 or
   # AMX: nothing shareable is left, and the plugin loads as vLLM would (README, Engines).
   echo "== this CPU: vLLM packed its linear weights into private kernel memory, which cannot be"
