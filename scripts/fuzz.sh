@@ -21,7 +21,8 @@ while (($#)); do
     *) targets+=("$1"); shift ;;
   esac
 done
-all=(frame_reader message_decoder safetensors_header index_json registry_record shard_rules)
+all=(frame_reader message_decoder safetensors_header index_json registry_record shard_rules
+     tensor_table)
 ((${#targets[@]})) || targets=("${all[@]}")
 for t in "${targets[@]}"; do
   [[ " ${all[*]} " == *" $t "* ]] || { echo "fuzz: unknown target $t (${all[*]})" >&2; exit 2; }
