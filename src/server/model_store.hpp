@@ -147,6 +147,12 @@ class ModelStore {
   // writable for the writer.
   Result<WriterGrant> declare(const std::string& key, uint64_t writer,
                               const std::vector<protocol::TensorDeclInfo>& tensors);
+  // declare() on a worker thread (a large table's checks and layout, and a large slab's
+  // allocation, take seconds); `done` runs on that thread with the outcome, unless the store is
+  // stopping.
+  void declare_async(const std::string& key, uint64_t writer,
+                     std::vector<protocol::TensorDeclInfo> tensors,
+                     std::function<void(Result<WriterGrant>)> done);
   // Digests and seals the slab on a worker thread, makes it the current generation and leases it
   // to the writer; `done` runs on that thread with the outcome. A seal refused because a
   // writable mapping is left fails the commit and keeps the publication open.

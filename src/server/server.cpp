@@ -82,6 +82,14 @@ struct Connection {
   std::map<uint64_t, Lease> leases;
   std::map<uint64_t, Subscription> subscriptions;
   std::set<std::string> publishing;  // published keys this connection holds as their writer
+  // 1.3: the parts of a table declared so far (PublishDeclare with `more`), by key, and the
+  // bytes they hold (as declaration_bytes() counts them), all keys together.
+  struct Declaring {
+    std::vector<protocol::TensorDeclInfo> tensors;
+    size_t bytes = 0;
+  };
+  std::map<std::string, Declaring> declaring;
+  size_t declaring_bytes = 0;
 };
 
 // Refusal reasons, as counted in health (all present, zero or not).
@@ -100,6 +108,7 @@ constexpr const char* kRefusalReasons[] = {
     "leases",                 // --max-leases-per-connection
     "parked_requests",        // --max-queued-replies requests waiting on one connection
     "publications",           // publications in progress on one connection
+    "declaration_bytes",      // a table declared in parts past its bounds
 };
 
 // A request parked until its model finishes loading (or its first generation is committed).
@@ -781,7 +790,10 @@ class ServerImpl final : public Server {
     send(c, Message{rid, protocol::UnloadReply{*s}});
     if (s->published) {
       // Its writer, if any, lost the key; whoever waited to claim it may now.
-      for (auto& [cid, other] : connections_) other->publishing.erase(s->key);
+      for (auto& [cid, other] : connections_) {
+        other->publishing.erase(s->key);
+        drop_declaration(*other, s->key);
+      }
       hand_over(s->key);
     }
   }
@@ -940,8 +952,78 @@ class ServerImpl final : public Server {
     }
   }
 
-  void on_declare(Connection& c, uint64_t rid, const protocol::PublishDeclare& m) {
-    auto g = store_->declare(m.key, c.id, m.tensors);
+  // What a connection's declared parts hold, counted per tensor: its strings, its shape, and
+  // what a vector entry and two strings cost besides.
+  static size_t declaration_bytes(const std::vector<protocol::TensorDeclInfo>& tensors) {
+    size_t bytes = 0;
+    for (const auto& t : tensors)
+      bytes += t.name.size() + t.alias_of.size() + 8 * t.shape.size() +
+               sizeof(protocol::TensorDeclInfo) + 32;
+    return bytes;
+  }
+
+  static void drop_declaration(Connection& c, const std::string& key) {
+    auto it = c.declaring.find(key);
+    if (it == c.declaring.end()) return;
+    c.declaring_bytes -= std::min(c.declaring_bytes, it->second.bytes);
+    c.declaring.erase(it);
+  }
+
+  void on_declare(Connection& c, uint64_t rid, protocol::PublishDeclare& m) {
+    auto parts = c.declaring.find(m.key);
+    if (m.more || parts != c.declaring.end()) {
+      // A table in parts: held here (bounded per connection) until its last part.
+      if (!c.publishing.count(m.key)) {
+        drop_declaration(c, m.key);
+        return reply_error(c, rid,
+                           make_error(StatusCode::kInvalidArgument,
+                                      "'" + printable_text(m.key) +
+                                          "' is not claimed by this connection: claim it "
+                                          "before declaring its table"));
+      }
+      size_t held = parts == c.declaring.end() ? 0 : parts->second.tensors.size();
+      size_t bytes = declaration_bytes(m.tensors);
+      if (held + m.tensors.size() > protocol::kMaxTableTensors ||
+          c.declaring_bytes + bytes > kMaxDeclaringBytes) {
+        drop_declaration(c, m.key);
+        count_refusal("declaration_bytes");
+        return reply_error(
+            c, rid,
+            make_error(StatusCode::kLimitExceeded,
+                       "the table of '" + printable_text(m.key) + "' passes " +
+                           std::to_string(protocol::kMaxTableTensors) + " tensors or " +
+                           format_bytes(kMaxDeclaringBytes) + " of declarations"));
+      }
+      auto& declared = c.declaring[m.key];
+      declared.bytes += bytes;
+      c.declaring_bytes += bytes;
+      declared.tensors.insert(declared.tensors.end(), std::make_move_iterator(m.tensors.begin()),
+                              std::make_move_iterator(m.tensors.end()));
+      if (m.more) return send(c, Message{rid, protocol::Done{}});
+      m.tensors = std::move(declared.tensors);
+      drop_declaration(c, m.key);
+    }
+    if (!may_park(c, rid)) return;
+    uint64_t cid = c.id;
+    std::string key = m.key;
+    ++c.parked;
+    // Checks, layout and allocation run on a worker (seconds for a large table or slab); the
+    // outcome comes back to the loop.
+    store_->declare_async(
+        key, cid, std::move(m.tensors), [this, cid, rid, key](Result<WriterGrant> result) {
+          auto held = std::make_shared<Result<WriterGrant>>(std::move(result));
+          loop_->post(
+              [this, cid, rid, key, held] { on_declared(cid, rid, key, std::move(*held)); });
+        });
+  }
+
+  void on_declared(uint64_t cid, uint64_t rid, const std::string& key, Result<WriterGrant> g) {
+    auto it = connections_.find(cid);
+    // The writer went away meanwhile: closing it gave its publications up (a slab allocated
+    // after that was freed by the store, which found no writer).
+    if (it == connections_.end()) return;
+    Connection& c = *it->second;
+    --c.parked;
     if (!g.ok()) return reply_error(c, rid, g.error());
     std::vector<UniqueFd> fds;
     std::vector<protocol::SegmentInfo> segments = describe_segments(g->exports, fds);
@@ -949,9 +1031,9 @@ class ServerImpl final : public Server {
     status.generation = g->generation;  // the number the writer's commit will get
     auto payload = parameters_payload(c, rid, 0, status, segments, *g->table, true, fds);
     if (!payload.ok()) {
-      store_->abort(m.key, c.id);
-      c.publishing.erase(m.key);
-      hand_over(m.key);
+      store_->abort(key, c.id);
+      c.publishing.erase(key);
+      hand_over(key);
       return reply_error(c, rid, payload.error());
     }
     enqueue(c, std::move(*payload), std::move(fds));
@@ -1358,6 +1440,9 @@ class ServerImpl final : public Server {
   static constexpr auto kAcceptBackoff = std::chrono::milliseconds(100);
   // Keys one connection may hold as their writer at once (each claim takes a model's place).
   static constexpr size_t kMaxPublicationsPerConnection = 64;
+  // Bytes of declared table parts one connection may hold, as declaration_bytes() counts them:
+  // about 2.5 million tensors of 60-byte names.
+  static constexpr size_t kMaxDeclaringBytes = size_t{512} << 20;
   static constexpr auto kLogInterval = std::chrono::seconds(10);
 
   ServerOptions options_;
