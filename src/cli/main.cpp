@@ -123,8 +123,9 @@ int main(int argc, char** argv) {
       "keeper",
       "Hold committed models' memory across server restarts (serve starts it; not run by hand)");
   keeper_cmd->add_option("--socket", keeper_socket, "The keeper's socket")->required();
-  keeper_cmd->add_option("--keep-for", keeper_keep_for_s,
-                         "Seconds to wait for a server before freeing everything")
+  keeper_cmd
+      ->add_option("--keep-for", keeper_keep_for_s,
+                   "Seconds to wait for a server before freeing everything")
       ->capture_default_str();
   keeper_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
       ->capture_default_str();

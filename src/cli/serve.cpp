@@ -4,8 +4,8 @@
 #include <cstdio>
 #include <thread>
 
-#include <climits>
 #include <unistd.h>
+#include <climits>
 
 #include "cli/commands.hpp"
 #include "common/log.hpp"

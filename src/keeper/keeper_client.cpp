@@ -23,8 +23,8 @@ constexpr auto kStartTimeout = std::chrono::seconds(5);
 Result<void> start_keeper(const std::string& socket_path, const KeeperLaunch& launch,
                           std::chrono::milliseconds keep_for) {
   const std::string keep_for_s = std::to_string(static_cast<double>(keep_for.count()) / 1000.0);
-  std::vector<std::string> args = {launch.program, "keeper", "--socket", socket_path,
-                                   "--keep-for", keep_for_s};
+  std::vector<std::string> args = {launch.program, "keeper",     "--socket",
+                                   socket_path,    "--keep-for", keep_for_s};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -83,9 +83,9 @@ Result<std::unique_ptr<KeeperSession>> KeeperSession::open(const std::string& so
   std::unique_ptr<KeeperSession> session(new KeeperSession());
   session->fd_ = std::move(connected).value();
   COMPANION_TRY(session->send(Hello{::getpid(), keep_for.count(), false}));
-  COMPANION_ASSIGN_OR_RETURN(protocol::Frame frame,
-                             protocol::receive_frame(session->fd_.get(), session->reader_,
-                                                     kIoTimeoutMs));
+  COMPANION_ASSIGN_OR_RETURN(
+      protocol::Frame frame,
+      protocol::receive_frame(session->fd_.get(), session->reader_, kIoTimeoutMs));
   COMPANION_ASSIGN_OR_RETURN(Message reply, decode(frame.payload));
   auto* hello = std::get_if<HelloReply>(&reply);
   if (hello == nullptr) return make_error(StatusCode::kProtocolError, "keeper: no HelloReply");

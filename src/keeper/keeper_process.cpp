@@ -48,7 +48,8 @@ class Keeper {
       if (session_) fds.push_back({session_.get(), POLLIN, 0});
       int timeout = -1;
       if (!session_ && deadline_) {
-        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(*deadline_ - Clock::now());
+        auto left =
+            std::chrono::duration_cast<std::chrono::milliseconds>(*deadline_ - Clock::now());
         timeout = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(left.count(), 1 << 30)));
       }
       int n = ::poll(fds.data(), fds.size(), timeout);

@@ -80,8 +80,7 @@ Result<Message> decode(const std::vector<uint8_t>& payload) {
     case wire::Body::HelloReply: {
       const auto* h = m->body_as_HelloReply();
       HelloReply v{h->keeper_pid(), h->kept(), h->descriptors(), {}};
-      COMPANION_ASSIGN_OR_RETURN(v.error,
-                                 get_str(h->error(), protocol::kMaxStringBytes, "error"));
+      COMPANION_ASSIGN_OR_RETURN(v.error, get_str(h->error(), protocol::kMaxStringBytes, "error"));
       return Message{std::move(v)};
     }
     case wire::Body::Keep: {
@@ -112,11 +111,10 @@ std::vector<uint8_t> encode_catalog(const CatalogEntry& e) {
       b, b.CreateString(e.store_key), e.published, b.CreateString(e.publish_key),
       b.CreateString(e.spec.source), b.CreateString(e.spec.revision), e.spec.dtype.has_value(),
       static_cast<uint8_t>(e.spec.dtype.value_or(DType::kBool)), e.spec.tp_size, e.spec.tp_rank,
-      b.CreateString(e.spec.shard_rules), b.CreateString(e.spec.tag),
-      b.CreateString(e.source_path), b.CreateString(e.hf_repo), b.CreateString(e.hf_commit),
-      e.number, b.CreateVector(fields), b.CreateVector(e.digests), b.CreateString(e.files),
-      e.created_at_ms, static_cast<uint8_t>(e.segment_kind), b.CreateVector(e.segment_sizes),
-      e.table_bytes);
+      b.CreateString(e.spec.shard_rules), b.CreateString(e.spec.tag), b.CreateString(e.source_path),
+      b.CreateString(e.hf_repo), b.CreateString(e.hf_commit), e.number, b.CreateVector(fields),
+      b.CreateVector(e.digests), b.CreateString(e.files), e.created_at_ms,
+      static_cast<uint8_t>(e.segment_kind), b.CreateVector(e.segment_sizes), e.table_bytes);
   b.Finish(catalog);
   return std::vector<uint8_t>(b.GetBufferPointer(), b.GetBufferPointer() + b.GetSize());
 }

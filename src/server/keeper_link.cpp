@@ -182,8 +182,8 @@ Result<KeeperLink::Adoption> KeeperLink::adopt_into(ModelStore& store) {
     std::shared_ptr<void> t = token(k.id);
     auto catalog = keeper::decode_catalog(k.catalog);
     if (!catalog.ok()) {
-      log::warn("keeper: generation " + std::to_string(k.id) + " not adopted: " +
-                catalog.error().message);
+      log::warn("keeper: generation " + std::to_string(k.id) +
+                " not adopted: " + catalog.error().message);
       ++report.dropped;
       continue;
     }
@@ -200,9 +200,8 @@ Result<KeeperLink::Adoption> KeeperLink::adopt_into(ModelStore& store) {
   const memory::Backend& backend = store.backend();
   for (auto& [key, c] : newest) {
     const keeper::CatalogEntry& cat = c.catalog;
-    const std::string what =
-        "'" + printable_text(cat.published ? cat.publish_key : key) + "' generation " +
-        std::to_string(cat.number);
+    const std::string what = "'" + printable_text(cat.published ? cat.publish_key : key) +
+                             "' generation " + std::to_string(cat.number);
     auto drop = [&](const std::string& why) {
       log::warn("not adopting " + what + ": " + why + "; the keeper lets it go");
       ++report.dropped;
@@ -226,8 +225,8 @@ Result<KeeperLink::Adoption> KeeperLink::adopt_into(ModelStore& store) {
       drop(slab.error().message);
       continue;
     }
-    auto table =
-        protocol::SharedTensorTable::adopt(std::move(fds.back()), cat.table_bytes, cat.segment_sizes);
+    auto table = protocol::SharedTensorTable::adopt(std::move(fds.back()), cat.table_bytes,
+                                                    cat.segment_sizes);
     if (!table.ok()) {
       drop(table.error().message);
       continue;

@@ -1046,10 +1046,10 @@ Result<ModelStatus> ModelStore::adopt(AdoptedGeneration a) {
       return make_error(StatusCode::kNotPermitted,
                         a.model.source.path + " is outside the server's model roots");
     if (held_locked() >= config_.max_models)
-      return make_error(StatusCode::kLimitExceeded,
-                        "the server holds " + std::to_string(held_locked()) +
-                            " models, its limit (--max-models " +
-                            std::to_string(config_.max_models) + ")");
+      return make_error(StatusCode::kLimitExceeded, "the server holds " +
+                                                        std::to_string(held_locked()) +
+                                                        " models, its limit (--max-models " +
+                                                        std::to_string(config_.max_models) + ")");
     auto entry = std::make_shared<Entry>();
     Entry& e = *entry;
     e.model = a.model;

@@ -16,8 +16,8 @@
 #include <vector>
 
 #include "checkpoint/source.hpp"
-#include "keeper/keeper_protocol.hpp"
 #include "companion/types.hpp"
+#include "keeper/keeper_protocol.hpp"
 #include "loader/loader.hpp"
 #include "memory/backend.hpp"
 #include "protocol/messages.hpp"

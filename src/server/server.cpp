@@ -1487,17 +1487,15 @@ void start_keeper(const ServerOptions& options, const registry::LocalRegistry& r
   }
   auto adopted = (*link)->adopt_into(server.store());
   if (!adopted.ok()) {
-    log::warn("the keeper's generations could not be taken back (" + adopted.error().message +
-              ")");
+    log::warn("the keeper's generations could not be taken back (" + adopted.error().message + ")");
   } else if (adopted->adopted + adopted->dropped > 0) {
-    log::info("adopted " + std::to_string(adopted->adopted) + " models (" +
-              format_bytes(adopted->bytes) + ") from keeper " +
-              std::to_string((*link)->hello().keeper_pid) + " in " +
-              std::to_string(static_cast<int64_t>(adopted->ms)) + " ms (since start: " +
-              std::to_string(std::chrono::duration_cast<std::chrono::milliseconds>(
-                                 Clock::now() - start)
-                                 .count()) +
-              " ms); " + std::to_string(adopted->dropped) + " dropped");
+    log::info(
+        "adopted " + std::to_string(adopted->adopted) + " models (" + format_bytes(adopted->bytes) +
+        ") from keeper " + std::to_string((*link)->hello().keeper_pid) + " in " +
+        std::to_string(static_cast<int64_t>(adopted->ms)) + " ms (since start: " +
+        std::to_string(
+            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()) +
+        " ms); " + std::to_string(adopted->dropped) + " dropped");
   }
   server.store().set_keeper(*link);
   (*link)->start();

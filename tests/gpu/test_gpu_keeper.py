@@ -3,10 +3,8 @@ server adopts the model from the keeper's shareable fds, with one copy in GPU me
 (torch.cuda.mem_get_info), and serves it to a new client with the checkpoint's bytes. Prints the
 time from the new server's start to the first attach. cuda-ipc memory cannot outlive its
 process: such a server runs without a keeper."""
-import json
 import os
 import signal
-import subprocess
 import time
 
 from checkpoints import tensor_wsums
