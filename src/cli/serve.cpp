@@ -1,11 +1,12 @@
-// `companion serve`: runs a server until SIGINT or SIGTERM.
+// `companion serve`: runs a server until SIGINT or SIGTERM; `companion keeper`, which serve
+// starts.
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <climits>
 #include <csignal>
 #include <cstdio>
 #include <thread>
-
-#include <unistd.h>
-#include <climits>
 
 #include "cli/commands.hpp"
 #include "common/log.hpp"

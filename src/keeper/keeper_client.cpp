@@ -64,6 +64,21 @@ Result<void> KeeperSession::send(const Message& message, std::span<const int> fd
 Result<std::unique_ptr<KeeperSession>> KeeperSession::open(const std::string& socket_path,
                                                            const KeeperLaunch& launch,
                                                            std::chrono::milliseconds keep_for) {
+  // A keeper that was leaving (its last server gone with nothing held) as this one connected
+  // closes the connection: a new keeper is then started. Another server's session is final.
+  Result<std::unique_ptr<KeeperSession>> session = make_error(StatusCode::kUnavailable, "");
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    session = open_once(socket_path, launch, keep_for);
+    if (session.ok() || session.error().code == StatusCode::kUnavailable ||
+        session.error().code == StatusCode::kNotPermitted)
+      break;
+  }
+  return session;
+}
+
+Result<std::unique_ptr<KeeperSession>> KeeperSession::open_once(
+    const std::string& socket_path, const KeeperLaunch& launch,
+    std::chrono::milliseconds keep_for) {
   auto connected = transport::connect_unix(socket_path);
   if (!connected.ok() && !launch.program.empty()) {
     COMPANION_TRY(start_keeper(socket_path, launch, keep_for));

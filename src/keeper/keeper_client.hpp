@@ -51,6 +51,9 @@ class KeeperSession {
 
  private:
   KeeperSession() = default;
+  static Result<std::unique_ptr<KeeperSession>> open_once(const std::string& socket_path,
+                                                          const KeeperLaunch& launch,
+                                                          std::chrono::milliseconds keep_for);
   Result<void> send(const Message& message, std::span<const int> fds = {});
 
   UniqueFd fd_;

@@ -148,6 +148,21 @@ class Keeper {
     const Hello& hello = std::get<Hello>(*message);
     HelloReply reply;
     reply.keeper_pid = ::getpid();
+    // A server restarted right after its predecessor died may get here before the keeper has
+    // read the end of the old session: what the old socket has left is read first (its end of
+    // file ends that session).
+    while (session_) {
+      pollfd old{session_.get(), POLLIN, 0};
+      if (::poll(&old, 1, 0) <= 0) break;
+      serve_session();
+    }
+    // One server at a time; and a server that runs without a keeper (--no-keep) beside one that
+    // has it must not free the other's models.
+    if (session_) {
+      reply.error = "another server (pid " + std::to_string(session_pid_) + ") holds this keeper";
+      (void)send(conn.get(), reply);
+      return;
+    }
     reply.kept = static_cast<uint32_t>(held_.size());
     reply.descriptors = static_cast<uint32_t>(descriptors());
     if (hello.release_all) {
@@ -157,12 +172,10 @@ class Keeper {
       done_ = true;
       return;
     }
-    if (session_) {
-      reply.error = "another server (pid " + std::to_string(session_pid_) + ") holds this keeper";
-      (void)send(conn.get(), reply);
-      return;
-    }
+    reply.kept = static_cast<uint32_t>(held_.size());
+    reply.descriptors = static_cast<uint32_t>(descriptors());
     if (!send(conn.get(), reply).ok()) return;
+    done_ = false;  // a keeper about to leave empty-handed serves the new server instead
     session_ = std::move(conn);
     session_reader_ = protocol::FrameReader(protocol::FdPolicy::kAccept);
     session_pid_ = hello.pid;

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -1023,7 +1024,14 @@ void ModelStore::keep_locked(const Entry& e, Generation& g) {
       c.digests.clear();
       break;
     }
-    c.digests.push_back(std::stoull(text.substr(kPrefix.size()), nullptr, 16));
+    uint64_t digest = 0;
+    const char* hex = text.data() + kPrefix.size();
+    auto [end, err] = std::from_chars(hex, text.data() + text.size(), digest, 16);
+    if (err != std::errc() || end != text.data() + text.size()) {
+      c.digests.clear();
+      break;
+    }
+    c.digests.push_back(digest);
   }
   c.files = g.files;
   c.created_at_ms = g.created_at_ms;

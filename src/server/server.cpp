@@ -1467,7 +1467,9 @@ void start_keeper(const ServerOptions& options, const registry::LocalRegistry& r
   const std::string socket = keeper_path(registry, id, ".sock");
   if (options.keeper_program.empty()) {
     auto released = keeper::KeeperSession::release(socket);
-    if (released.ok() && released->keeper_pid != 0)
+    if (released.ok() && !released->error.empty())
+      log::info("the keeper on " + socket + " is left alone: " + released->error);
+    else if (released.ok() && released->keeper_pid != 0)
       log::info("keeper " + std::to_string(released->keeper_pid) + " told to free the " +
                 std::to_string(released->kept) + " generations it held (--no-keep)");
     return;

@@ -174,6 +174,10 @@ TEST_F(KeeperProcessTest, HoldsListsAndForgetsDescriptorsAndLeavesWhenEmpty) {
   ASSERT_FALSE(second.ok());
   EXPECT_EQ(second.error().code, StatusCode::kUnavailable);
   EXPECT_NE(second.error().message.find("another server"), std::string::npos);
+  // Nor may a server without a keeper (--no-keep) free what the session's server keeps.
+  auto release = KeeperSession::release(socket_);
+  ASSERT_TRUE(release.ok());
+  EXPECT_NE(release->error.find("another server"), std::string::npos);
 
   auto listed = session->list();
   ASSERT_TRUE(listed.ok()) << listed.error().to_string();
@@ -220,6 +224,9 @@ TEST_F(KeeperProcessTest, ReleaseAllEndsTheKeeper) {
   session.reset();
   auto released = KeeperSession::release(socket_);
   ASSERT_TRUE(released.ok());
+  // Released, not refused: the session that just ended is over even if the keeper had not
+  // read its end yet when the release came.
+  EXPECT_EQ(released->error, "");
   EXPECT_EQ(released->kept, 1u);
   EXPECT_EQ(wait_exit(), 0);
 }
