@@ -1479,6 +1479,12 @@ void start_keeper(const ServerOptions& options, const registry::LocalRegistry& r
               " memory cannot outlive this process: no keeper, models go with the server");
     return;
   }
+  if (socket.size() > registry::kMaxSocketPathBytes) {
+    log::warn("no keeper: its socket path " + socket + " is longer than a socket path may be (" +
+              std::to_string(registry::kMaxSocketPathBytes) +
+              " bytes); models will not survive a restart");
+    return;
+  }
   auto keep_for = std::chrono::milliseconds(static_cast<int64_t>(options.keep_for_s * 1000));
   auto start = Clock::now();
   auto link = KeeperLink::open(socket, {options.keeper_program, keeper_path(registry, id, ".log")},
