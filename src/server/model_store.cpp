@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -679,6 +680,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     g.files = files;
     g.created_at_ms = unix_time_ms();
     e.generations.push_back(std::move(g));
+    keep_locked(e, e.generations.back());
     drop_unleased_locked(e);
   });
 }
@@ -995,6 +997,96 @@ uint32_t ModelStore::total_leases() const {
   for (const auto& [key, e] : entries_)
     for (const auto& g : e->generations) total += g.leases;
   return total;
+}
+
+void ModelStore::set_keeper(std::shared_ptr<GenerationKeeper> keeper) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  keeper_ = std::move(keeper);
+}
+
+void ModelStore::keep_locked(const Entry& e, Generation& g) {
+  if (!keeper_ || !g.slab || !g.table) return;
+  keeper::CatalogEntry c;
+  c.store_key = e.published ? published_store_key(e.publish_key) : e.model.key;
+  c.published = e.published;
+  c.publish_key = e.publish_key;
+  c.spec = e.model.spec;
+  c.source_path = e.model.source.path;
+  c.hf_repo = e.model.source.hf_repo;
+  c.hf_commit = e.model.source.hf_commit;
+  c.number = g.number;
+  c.fingerprint = g.fingerprint;
+  // A publication's digests were taken at its commit ("wsum64:<hex>"); a load's are taken by
+  // the keeper's thread (empty here).
+  for (const std::string& text : g.digests) {
+    constexpr std::string_view kPrefix = "wsum64:";
+    if (text.rfind(kPrefix, 0) != 0) {
+      c.digests.clear();
+      break;
+    }
+    uint64_t digest = 0;
+    const char* hex = text.data() + kPrefix.size();
+    auto [end, err] = std::from_chars(hex, text.data() + text.size(), digest, 16);
+    if (err != std::errc() || end != text.data() + text.size()) {
+      c.digests.clear();
+      break;
+    }
+    c.digests.push_back(digest);
+  }
+  c.files = g.files;
+  c.created_at_ms = g.created_at_ms;
+  c.segment_kind = g.slab->kind();
+  for (size_t i = 0; i < g.slab->segment_count(); ++i)
+    c.segment_sizes.push_back(g.slab->segment_size(i));
+  c.table_bytes = g.table->bytes();
+  g.kept = keeper_->keep(std::move(c), g.slab, g.table);
+}
+
+Result<ModelStatus> ModelStore::adopt(AdoptedGeneration a) {
+  ModelStatus s;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const std::string& key = a.model.key;
+    if (entries_.count(key) != 0)
+      return make_error(StatusCode::kInvalidArgument, printable_text(key) + " is held already");
+    // This server's roots, not the earlier one's: a model it could not load it does not serve.
+    if (!a.published && !checkpoint::is_under_roots(a.model.source.path, roots_))
+      return make_error(StatusCode::kNotPermitted,
+                        a.model.source.path + " is outside the server's model roots");
+    if (held_locked() >= config_.max_models)
+      return make_error(StatusCode::kLimitExceeded, "the server holds " +
+                                                        std::to_string(held_locked()) +
+                                                        " models, its limit (--max-models " +
+                                                        std::to_string(config_.max_models) + ")");
+    auto entry = std::make_shared<Entry>();
+    Entry& e = *entry;
+    e.model = a.model;
+    e.id = short_id(key);
+    e.published = a.published;
+    e.publish_key = a.publish_key;
+    e.state = ModelState::kLoaded;
+    e.generation = next_generation();
+    e.reload_note = "adopted after a restart (not read again)";
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < a.table->size(); ++i) bytes += a.table->view().record(i).nbytes;
+    e.bytes_done = e.bytes_total = bytes;
+    Generation g;
+    g.number = a.number;
+    g.token = next_generation();
+    g.slab = std::move(a.slab);
+    g.table = std::move(a.table);
+    g.digests = std::move(a.digests);
+    g.fingerprint = std::move(a.fingerprint);
+    g.files = std::move(a.files);
+    g.created_at_ms = a.created_at_ms;
+    g.kept = std::move(a.kept);
+    e.next_number = a.number + 1;
+    e.generations.push_back(std::move(g));
+    entries_[key] = entry;
+    s = snapshot(e);
+  }
+  notify(s);
+  return s;
 }
 
 }  // namespace companion::server

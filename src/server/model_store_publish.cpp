@@ -429,6 +429,7 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
       g.fingerprint = w.fingerprint;
       g.created_at_ms = unix_time_ms();
       entry->generations.push_back(std::move(g));
+      keep_locked(*entry, entry->generations.back());
       entry->writer.reset();
       entry->state = ModelState::kLoaded;
       entry->bytes_done = entry->bytes_total;

@@ -35,6 +35,7 @@
 #include "protocol/messages.hpp"
 #include "registry/etcd_registry.hpp"
 #include "registry/registry.hpp"
+#include "server/keeper_link.hpp"
 #include "server/model_store.hpp"
 #include "transport/event_loop.hpp"
 #include "transport/unix_socket.hpp"
@@ -308,9 +309,14 @@ class ServerImpl final : public Server {
   }
 
   ~ServerImpl() override {
+    // What the store frees as it goes away stays with the keeper for the next server.
+    if (keeper_) keeper_->detach();
     resolver_.reset();  // resolves still running drop their results
     store_.reset();     // joins loaders before the loop they post to goes away
+    keeper_.reset();    // sends what is queued, then ends the session
   }
+
+  void attach_keeper(std::shared_ptr<KeeperLink> keeper) { keeper_ = std::move(keeper); }
 
   void attach_store(std::unique_ptr<ModelStore> store) {
     store_ = std::move(store);
@@ -1453,6 +1459,7 @@ class ServerImpl final : public Server {
   std::unique_ptr<registry::Registration> registration_;
   std::string registry_url_;
   std::unique_ptr<registry::EtcdAnnouncer> announcer_;
+  std::shared_ptr<KeeperLink> keeper_;
   std::unique_ptr<ModelStore> store_;
   std::unique_ptr<Resolver> resolver_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
@@ -1529,6 +1536,68 @@ void raise_descriptor_limit() {
     log::warn(std::string("cannot raise the descriptor limit: ") + std::strerror(errno));
 }
 
+// The keeper of this namespace's server on this device and backend: one socket (and log) per
+// such triple in the runtime directory, so that the next server of the same device finds it.
+std::string keeper_path(const registry::LocalRegistry& registry, const ServerIdentity& id,
+                        const char* suffix) {
+  const std::string what = id.ns + "\n" + id.device + "\n" + id.default_backend;
+  return registry.runtime_dir() + "/keeper-" + hex64(fnv1a64(what)).substr(0, 12) + suffix;
+}
+
+// Opens the keeper session, adopts what the keeper holds and hands the store to it. A server
+// without a keeper still serves: a failure here is logged, never fatal.
+void start_keeper(const ServerOptions& options, const registry::LocalRegistry& registry,
+                  ServerImpl& server) {
+  const ServerIdentity& id = server.identity();
+  const std::string socket = keeper_path(registry, id, ".sock");
+  if (options.keeper_program.empty()) {
+    auto released = keeper::KeeperSession::release(socket);
+    if (released.ok() && !released->error.empty())
+      log::info("the keeper on " + socket + " is left alone: " + released->error);
+    else if (released.ok() && released->keeper_pid != 0)
+      log::info("keeper " + std::to_string(released->keeper_pid) + " told to free the " +
+                std::to_string(released->kept) + " generations it held (--no-keep)");
+    return;
+  }
+  if (!server.store().backend().handles_outlive_process()) {
+    log::info(server.store().backend().name() +
+              " memory cannot outlive this process: no keeper, models go with the server");
+    return;
+  }
+  if (socket.size() > registry::kMaxSocketPathBytes) {
+    log::warn("no keeper: its socket path " + socket + " is longer than a socket path may be (" +
+              std::to_string(registry::kMaxSocketPathBytes) +
+              " bytes); models will not survive a restart");
+    return;
+  }
+  auto keep_for = std::chrono::milliseconds(static_cast<int64_t>(options.keep_for_s * 1000));
+  auto start = Clock::now();
+  auto link = KeeperLink::open(socket, {options.keeper_program, keeper_path(registry, id, ".log")},
+                               keep_for);
+  if (!link.ok()) {
+    log::warn("no keeper (" + link.error().message + "): models will not survive a restart");
+    return;
+  }
+  auto adopted = (*link)->adopt_into(server.store());
+  if (!adopted.ok()) {
+    log::warn("the keeper's generations could not be taken back (" + adopted.error().message + ")");
+  } else if (adopted->adopted + adopted->dropped > 0) {
+    log::info(
+        "adopted " + std::to_string(adopted->adopted) + " models (" + format_bytes(adopted->bytes) +
+        ") from keeper " + std::to_string((*link)->hello().keeper_pid) + " in " +
+        std::to_string(static_cast<int64_t>(adopted->ms)) + " ms (since start: " +
+        std::to_string(
+            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()) +
+        " ms); " + std::to_string(adopted->dropped) + " dropped");
+  }
+  server.store().set_keeper(*link);
+  (*link)->start();
+  log::info("keeper " + std::to_string((*link)->hello().keeper_pid) + " on " + socket +
+            " holds committed models past this server (for " +
+            std::to_string(static_cast<int64_t>(options.keep_for_s)) + " s after it stops)");
+  server.attach_keeper(std::move(link).value());
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
@@ -1592,6 +1661,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   config.shutdown_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_timeout_s * 1000));
   COMPANION_TRY(config.validate());
+  if (!(options.keep_for_s >= 0 && options.keep_for_s <= 1e7))
+    return make_error(StatusCode::kInvalidArgument, "--keep-for must be 0..10000000 s");
 
   auto server = std::make_unique<ServerImpl>(options, id, std::move(loop), std::move(listen_fd),
                                              std::move(registration), registry_choice.url);
@@ -1600,6 +1671,9 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   server->attach_store(std::make_unique<ModelStore>(
       std::move(setup.backend), std::move(config),
       [raw](const ModelStatus& s) { raw->loop().post([raw, s] { raw->on_model_status(s); }); }));
+  // Before any load and before clients: what an earlier server left with the keeper is served
+  // again first, and what this one commits is kept from the start.
+  start_keeper(options, registry, *raw);
   if (id.device_ordinal >= 0 && id.device != "host")
     raw->store().pin_staging_ahead(id.device_ordinal);
   for (const auto& source : options.preload) {
