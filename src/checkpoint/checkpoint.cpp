@@ -6,9 +6,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <climits>
+#include <exception>
+#include <optional>
 #include <string>
+#include <system_error>
+#include <thread>
 
 #include "checkpoint/checkpoint.hpp"
 #include "checkpoint/index_json.hpp"
@@ -115,6 +120,41 @@ Result<std::vector<OpenedFile>> open_listed_files(const OpenedFile& dir_file,
   return files;
 }
 
+// Headers read ahead, several at once, when there are several files: parsing them is most of the
+// work of opening a checkpoint of many tensors. nullopt where one failed or the tensors of all of
+// them passed the limit (assemble then reads that header again, in turn).
+std::vector<std::optional<SafetensorsFile>> read_headers_ahead(const std::vector<OpenedFile>& files,
+                                                               const CheckpointLimits& limits) {
+  std::vector<std::optional<SafetensorsFile>> headers(files.size());
+  // Each parse holds its header's text (up to --max-header-bytes) while it runs.
+  constexpr size_t kMaxParsers = 4;
+  size_t parsers = std::min(
+      {files.size(), kMaxParsers, std::max<size_t>(1, std::thread::hardware_concurrency())});
+  if (parsers < 2) return headers;
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> tensors{0};
+  auto parse = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < files.size();) {
+      try {
+        headers[i] = try_read_safetensors_header(files[i], limits, tensors);
+      } catch (const std::exception&) {
+        // Out of memory, say: read again in turn, where it is reported.
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (size_t t = 1; t < parsers; ++t) {
+    try {
+      threads.emplace_back(parse);
+    } catch (const std::system_error&) {
+      break;  // fewer threads: this one parses what is left
+    }
+  }
+  parse();
+  for (std::thread& thread : threads) thread.join();
+  return headers;
+}
+
 // The tensors of `files`, in file order then data order. With an index, each tensor it names
 // must be in the file it names, and each it names must be found.
 Result<Checkpoint> assemble(std::string location, std::string directory,
@@ -130,12 +170,21 @@ Result<Checkpoint> assemble(std::string location, std::string directory,
   auto tensor_name = [&checkpoint](uint32_t i) -> std::string_view {
     return checkpoint.tensors[i].name;
   };
-  for (OpenedFile& opened : files) {
+  std::vector<std::optional<SafetensorsFile>> ahead = read_headers_ahead(files, limits);
+  for (size_t f = 0; f < files.size(); ++f) {
+    OpenedFile& opened = files[f];
     const std::string path = opened.path;
     size_t tensors_left =
         limits.max_tensors - std::min(limits.max_tensors, checkpoint.tensors.size());
-    COMPANION_ASSIGN_OR_RETURN(SafetensorsFile file,
-                               read_safetensors_header(opened, limits, tensors_left));
+    // A header read ahead is what reading it now would give when it was read whole within the
+    // tensors left; else it is read now, for its error (or for the limit of the tensors left).
+    SafetensorsFile file;
+    if (ahead[f] && ahead[f]->tensors.size() <= tensors_left) {
+      file = std::move(*ahead[f]);
+      ahead[f].reset();
+    } else {
+      COMPANION_ASSIGN_OR_RETURN(file, read_safetensors_header(opened, limits, tensors_left));
+    }
     auto file_index = static_cast<uint32_t>(checkpoint.files.size());
     std::string file_name = path.substr(path.rfind('/') + 1);
     for (TensorEntry& tensor : file.tensors) {

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <limits>
 #include <map>
@@ -260,8 +261,14 @@ class HeaderParser {
  public:
   enum class Cap { kNone, kTensors, kArray };
 
-  HeaderParser(uint64_t data_bytes, size_t max_tensors, size_t max_array)
-      : data_bytes_(data_bytes), max_tensors_(max_tensors), guard_(max_array) {}
+  // With `shared_count`, the tensors of every header parsed at once count against
+  // `max_tensors` together (added in batches: the total may pass it by a batch per parser).
+  HeaderParser(uint64_t data_bytes, size_t max_tensors, size_t max_array,
+               std::atomic<size_t>* shared_count)
+      : data_bytes_(data_bytes),
+        max_tensors_(max_tensors),
+        shared_count_(shared_count),
+        guard_(max_array) {}
 
   bool null() {
     return scalar([] { return json(nullptr); });
@@ -309,10 +316,11 @@ class HeaderParser {
 
   bool key(json::string_t& key) {
     // Counted as a pass of its own would: every key of the top-level object but __metadata__.
-    if (guard_.depth() == 1 && top_is_object_ && key != kMetadataKey &&
-        ++tensor_keys_ > max_tensors_) {
-      cap_ = Cap::kTensors;
-      return false;
+    if (guard_.depth() == 1 && top_is_object_ && key != kMetadataKey) {
+      if (++tensor_keys_ > max_tensors_ || (++unshared_ == kShareEvery && !share_count())) {
+        cap_ = Cap::kTensors;
+        return false;
+      }
     }
     guard_.key(key);
     if (guard_.failed()) return true;
@@ -339,6 +347,13 @@ class HeaderParser {
     return guard_.array_too_long() ? Cap::kArray : Cap::kNone;
   }
   void syntax_error(const std::string& what) { guard_.syntax_error(what); }
+  // Adds the tensors not yet counted to the shared count: false once it is past the cap.
+  bool share_count() {
+    size_t added = unshared_;
+    unshared_ = 0;
+    if (shared_count_ == nullptr) return true;
+    return shared_count_->fetch_add(added, std::memory_order_relaxed) + added <= max_tensors_;
+  }
 
   Result<SafetensorsFile> finish(uint64_t data_start) {
     if (guard_.failed()) return bad("header is not valid JSON: " + guard_.problem());
@@ -568,11 +583,15 @@ class HeaderParser {
     first_bad_.emplace(member, std::move(error));
   }
 
+  static constexpr size_t kShareEvery = 1024;
+
   uint64_t data_bytes_;
   size_t max_tensors_;
+  std::atomic<size_t>* shared_count_;
   StrictJsonGuard guard_;
   Cap cap_ = Cap::kNone;
   size_t tensor_keys_ = 0;
+  size_t unshared_ = 0;      // counted in tensor_keys_, not yet in *shared_count_
   std::vector<Role> roles_;  // one per open container, as the guard's scopes
   ValueCapture capture_;
   Role capture_into_ = Role::kNone;
@@ -598,15 +617,19 @@ class HeaderParser {
 
 // Parses a header with caps (kNoCap: none); `cap` says which one stopped it.
 Result<SafetensorsFile> parse_header(std::string_view header_json, uint64_t data_bytes,
-                                     size_t max_tensors, size_t max_array, HeaderParser::Cap& cap) {
-  HeaderParser parser(data_bytes, max_tensors, max_array);
+                                     size_t max_tensors, size_t max_array, HeaderParser::Cap& cap,
+                                     std::atomic<size_t>* shared_count = nullptr) {
+  HeaderParser parser(data_bytes, max_tensors, max_array, shared_count);
   try {
     json::sax_parse(header_json.begin(), header_json.end(), &parser);
   } catch (const std::exception& e) {
     // sax_parse reports syntax errors through parse_error, but a few limits still throw.
     parser.syntax_error(e.what());
   }
-  cap = parser.cap();
+  if (parser.cap() == HeaderParser::Cap::kNone && !parser.share_count())
+    cap = HeaderParser::Cap::kTensors;
+  else
+    cap = parser.cap();
   if (cap != HeaderParser::Cap::kNone) return bad("header is over a cap");
   return parser.finish(kLengthPrefixBytes + header_json.size());
 }
@@ -635,13 +658,20 @@ Result<SafetensorsFile> parse_safetensors_header(std::string_view header_json,
   return parse_header(header_json, data_bytes, kNoCap, kNoCap, cap);
 }
 
-Result<SafetensorsFile> read_safetensors_header(const OpenedFile& opened,
-                                                const CheckpointLimits& limits,
-                                                size_t max_tensors) {
+namespace {
+
+// read_safetensors_header, and its speculative form: `shared_count` as in HeaderParser, and no
+// refusal counted (a caller that gets an error reads the header again, in turn, to report it).
+Result<SafetensorsFile> read_header(const OpenedFile& opened, const CheckpointLimits& limits,
+                                    size_t max_tensors, std::atomic<size_t>* shared_count,
+                                    bool count_refusals) {
+  auto refused = [count_refusals](Refusal kind) {
+    if (count_refusals) count_refusal(kind);
+  };
   const std::string& path = opened.path;
   const UniqueFd& fd = opened.fd;
   if (!S_ISREG(opened.st.st_mode)) {
-    count_refusal(Refusal::kNotRegular);
+    refused(Refusal::kNotRegular);
     return bad(path + ": not a regular file");
   }
   auto file_size = static_cast<uint64_t>(opened.st.st_size);
@@ -657,7 +687,7 @@ Result<SafetensorsFile> read_safetensors_header(const OpenedFile& opened,
     return bad(path + ": header length " + std::to_string(header_bytes) + " is over the limit of " +
                std::to_string(kMaxHeaderBytes) + " bytes");
   if (header_bytes > limits.max_header_bytes) {
-    count_refusal(Refusal::kHeaderBytes);
+    refused(Refusal::kHeaderBytes);
     return make_error(StatusCode::kLimitExceeded,
                       path + ": header length " + std::to_string(header_bytes) +
                           " is over this server's limit of " +
@@ -675,9 +705,9 @@ Result<SafetensorsFile> read_safetensors_header(const OpenedFile& opened,
   // numbers) or a pair of data offsets.
   HeaderParser::Cap cap = HeaderParser::Cap::kNone;
   auto parsed = parse_header(header, file_size - kLengthPrefixBytes - header_bytes, max_tensors,
-                             kMaxRank, cap);
+                             kMaxRank, cap, shared_count);
   if (cap == HeaderParser::Cap::kTensors) {
-    count_refusal(Refusal::kTensors);
+    refused(Refusal::kTensors);
     return make_error(StatusCode::kLimitExceeded,
                       path + ": more tensors than this server's limit of " +
                           std::to_string(limits.max_tensors) +
@@ -694,6 +724,22 @@ Result<SafetensorsFile> read_safetensors_header(const OpenedFile& opened,
   SafetensorsFile file = std::move(parsed).value();
   file.path = path;
   return file;
+}
+
+}  // namespace
+
+Result<SafetensorsFile> read_safetensors_header(const OpenedFile& opened,
+                                                const CheckpointLimits& limits,
+                                                size_t max_tensors) {
+  return read_header(opened, limits, max_tensors, nullptr, true);
+}
+
+std::optional<SafetensorsFile> try_read_safetensors_header(const OpenedFile& opened,
+                                                           const CheckpointLimits& limits,
+                                                           std::atomic<size_t>& shared_count) {
+  auto file = read_header(opened, limits, limits.max_tensors, &shared_count, false);
+  if (!file.ok()) return std::nullopt;
+  return std::move(file).value();
 }
 
 Result<SafetensorsFile> read_safetensors_file(const std::string& path) {

@@ -256,8 +256,31 @@ TEST_F(OpenBeneath, TheTensorCountIsCheckedBeforeTheHeaderIsParsed) {
   put("m/b.safetensors", file_with({"b0", "b1", "b2", "b3", "b4"}));
   EXPECT_TRUE(open("m", limits).ok());
   put("m/c.safetensors", file_with({"c0"}));
+  before = refusal_counts().tensors;
   expect_error(open("m", limits), StatusCode::kLimitExceeded,
                {root_ / "m/c.safetensors", "--max-tensors"});
+  // Once, though the headers are parsed ahead on threads of their own.
+  EXPECT_EQ(refusal_counts().tensors, before + 1);
+  // Past the limit in the first file: that file is the one named.
+  put("n/a.safetensors",
+      file_with({"a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9", "a10"}));
+  put("n/b.safetensors", file_with({"b0"}));
+  before = refusal_counts().tensors;
+  expect_error(open("n", limits), StatusCode::kLimitExceeded,
+               {root_ / "n/a.safetensors", "--max-tensors"});
+  EXPECT_EQ(refusal_counts().tensors, before + 1);
+}
+
+TEST_F(OpenBeneath, AnErrorInAnEarlierFileIsReportedWhateverTheLaterOnesHold) {
+  // Headers are parsed ahead, several at once; the error reported is still the first file's.
+  put("m/a.safetensors", testing::le64(4) + "nope");
+  put("m/b.safetensors", file_with({"b"}));
+  put("m/c.safetensors", testing::le64(5) + "{\"x\":");
+  expect_error(open("m"), kBad, {root_ / "m/a.safetensors", "not valid JSON"});
+  put("m/a.safetensors", file_with({"a"}));
+  expect_error(open("m"), kBad, {root_ / "m/c.safetensors", "not valid JSON"});
+  put("m/c.safetensors", file_with({"b"}));
+  expect_error(open("m"), kBad, {"'b'", "appears in both", "b.safetensors", "c.safetensors"});
 }
 
 TEST_F(OpenBeneath, TheIndexEntriesAreCountedBeforeTheIndexIsParsed) {
