@@ -227,18 +227,21 @@ Result<Checkpoint> open_indexed(const std::string& dir, const OpenedFile& index_
                                 const std::vector<std::string>& allowed_roots,
                                 const CheckpointLimits& limits) {
   const std::string& index_path = index_file.path;
-  COMPANION_ASSIGN_OR_RETURN(std::string text, read_opened_file(index_file, kMaxIndexBytes));
-  // Each entry names a tensor: more than the tensor limit cannot load, and are refused as soon as
-  // the count passes it, before the rest of the index is read.
-  auto parsed = parse_index_json(text, index_path, limits.max_tensors);
-  if (!parsed.ok() && parsed.error().code == StatusCode::kLimitExceeded) {
-    count_refusal(Refusal::kTensors);
-    return make_error(StatusCode::kLimitExceeded,
-                      index_path + ": weight_map has more tensors than this server's limit of " +
-                          std::to_string(limits.max_tensors) +
-                          " for one checkpoint (--max-tensors)");
+  IndexMap index;
+  {  // the text goes once parsed
+    COMPANION_ASSIGN_OR_RETURN(std::string text, read_opened_file(index_file, kMaxIndexBytes));
+    // Each entry names a tensor: more than the tensor limit cannot load, and are refused as soon
+    // as the count passes it, before the rest of the index is read.
+    auto parsed = parse_index_json(text, index_path, limits.max_tensors);
+    if (!parsed.ok() && parsed.error().code == StatusCode::kLimitExceeded) {
+      count_refusal(Refusal::kTensors);
+      return make_error(StatusCode::kLimitExceeded,
+                        index_path + ": weight_map has more tensors than this server's limit of " +
+                            std::to_string(limits.max_tensors) +
+                            " for one checkpoint (--max-tensors)");
+    }
+    COMPANION_ASSIGN_OR_RETURN(index, std::move(parsed));
   }
-  COMPANION_ASSIGN_OR_RETURN(IndexMap index, std::move(parsed));
   const auto& file_names = index.files;  // sorted: shard names sort in shard order
 
   if (file_names.size() > limits.max_files)

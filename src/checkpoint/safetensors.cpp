@@ -365,30 +365,27 @@ class HeaderParser {
     file.file_size = data_start + data_bytes_;
     file.metadata = std::move(metadata_);
     // Data order, ties (zero-size tensors) by name so the result does not depend on JSON order.
-    std::sort(parsed_.begin(), parsed_.end(), [](const auto& a, const auto& b) {
-      if (a.first.begin != b.first.begin) return a.first.begin < b.first.begin;
-      if (a.first.end != b.first.end) return a.first.end < b.first.end;
-      return a.second.name < b.second.name;
+    // Until now file_offset holds where the tensor begins in the data section.
+    std::sort(parsed_.begin(), parsed_.end(), [](const TensorEntry& a, const TensorEntry& b) {
+      if (a.file_offset != b.file_offset) return a.file_offset < b.file_offset;
+      if (a.nbytes != b.nbytes) return a.nbytes < b.nbytes;
+      return a.name < b.name;
     });
     // In begin order, any overlap shows up between neighbours (a range overlapping an earlier
     // one also overlaps the one right before it). Empty ranges hold no bytes: they overlap none.
-    const std::pair<ParsedRange, TensorEntry>* previous = nullptr;
-    for (const auto& item : parsed_) {
-      if (item.first.begin == item.first.end) continue;
-      if (previous && item.first.begin < previous->first.end) {
-        const auto& [prev_range, prev] = *previous;
-        return bad(quoted(prev.name) + " [" + std::to_string(prev_range.begin) + ", " +
-                   std::to_string(prev_range.end) + ") and " + quoted(item.second.name) + " [" +
-                   std::to_string(item.first.begin) + ", " + std::to_string(item.first.end) +
-                   ") overlap");
+    const TensorEntry* previous = nullptr;
+    for (const TensorEntry& item : parsed_) {
+      if (item.nbytes == 0) continue;
+      if (previous && item.file_offset < previous->file_offset + previous->nbytes) {
+        return bad(quoted(previous->name) + " [" + std::to_string(previous->file_offset) + ", " +
+                   std::to_string(previous->file_offset + previous->nbytes) + ") and " +
+                   quoted(item.name) + " [" + std::to_string(item.file_offset) + ", " +
+                   std::to_string(item.file_offset + item.nbytes) + ") overlap");
       }
       previous = &item;
     }
-    file.tensors.reserve(parsed_.size());
-    for (auto& item : parsed_) {
-      item.second.file_offset = data_start + item.first.begin;
-      file.tensors.push_back(std::move(item.second));
-    }
+    for (TensorEntry& item : parsed_) item.file_offset += data_start;
+    file.tensors = std::move(parsed_);
     return file;
   }
 
@@ -519,8 +516,8 @@ class HeaderParser {
     }
     auto index = static_cast<uint32_t>(parsed_.size());
     parsed_.emplace_back();
-    parsed_.back().second.name = key;
-    auto name_of = [this](uint32_t i) -> std::string_view { return parsed_[i].second.name; };
+    parsed_.back().name = key;
+    auto name_of = [this](uint32_t i) -> std::string_view { return parsed_[i].name; };
     if (names_.insert(key, index, name_of) != NameTable::kNone) return guard_.repeated_key(key);
     member_ = Member::kTensor;
     fields_.reset();
@@ -530,12 +527,14 @@ class HeaderParser {
   // The member's value has ended (the next key or the end of the header): judge it.
   void end_member() {
     if (member_ == Member::kTensor) {
-      auto& [range, entry] = parsed_.back();
+      TensorEntry& entry = parsed_.back();
+      ParsedRange range;
       auto judged = judge_tensor(entry.name, fields_, data_bytes_, range);
       if (judged.ok()) {
         std::string name = std::move(entry.name);
         entry = std::move(judged).value();
         entry.name = std::move(name);
+        entry.file_offset = range.begin;  // made absolute in finish()
       } else {
         note_error(entry.name, std::move(judged).error());
       }
@@ -599,8 +598,8 @@ class HeaderParser {
   bool top_is_object_ = false;
   std::string top_type_;
   Member member_ = Member::kNone;
-  std::vector<std::pair<ParsedRange, TensorEntry>> parsed_;  // in JSON order until finish()
-  NameTable names_;                                          // of parsed_
+  std::vector<TensorEntry> parsed_;  // in JSON order until finish()
+  NameTable names_;                  // of parsed_
   Field field_ = Field::kDtype;
   EntryFields fields_;
   std::unordered_set<std::string> unexpected_keys_;  // of the current entry
