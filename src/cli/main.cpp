@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   serve_cmd
       ->add_option("--max-tensors", serve.checkpoint_limits.max_tensors,
-                   "Most tensors in one checkpoint, counted before its headers are parsed")
+                   "Most tensors in one checkpoint, counted as its headers are read")
       ->capture_default_str();
   serve_cmd
       ->add_option("--max-checkpoint-files", serve.checkpoint_limits.max_files,
