@@ -81,6 +81,9 @@ class CountingSlab final : public memory::Slab {
     if (delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
     return inner_->write(i, offset, src, bytes);
   }
+  Result<void> read(size_t i, uint64_t offset, void* dst, uint64_t bytes) override {
+    return inner_->read(i, offset, dst, bytes);
+  }
   Result<void> seal() override {
     if (counters_->throw_on_seal.exchange(false)) throw std::bad_alloc();
     return inner_->seal();
