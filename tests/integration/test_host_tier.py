@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 from checkpoints import tensor_crcs, write_opt_like
-from harness import COMPANION, PYTHON_LIBRARY, REPO, Server, wait_until
+from harness import PYTHON_LIBRARY, REPO, Server, wait_until
 
 # Seeds the published model's tensors (the writer and the checks make the same ones).
 PUBLISHER = """
