@@ -1461,6 +1461,39 @@ TEST_F(HostTierTest, APublishedModelIsOffloadedAndWokenWithItsDigestsChecked) {
   store->release(reader->key, reader->generation);
 }
 
+TEST_F(HostTierTest, AWakeWhoseBytesDifferFailsAndTheModelStaysOffloaded) {
+  make_tier_store(64ull << 20);
+  std::string path = write_model("m", small_tensors(51));
+  ResolvedModel model = load(path);
+  ASSERT_TRUE(store->offload(model.key, false).ok());
+  // The copy back lands with a byte changed: the digest check catches it.
+  counters->corrupt_writes = true;
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_TRUE(recorder.wait_for(
+      model.key, [](const ModelStatus& s) { return s.state == ModelState::kError; }));
+  ModelStatus failed;
+  for (const ModelStatus& s : recorder.by_seq(model.key))
+    if (s.state == ModelState::kError) failed = s;
+  EXPECT_EQ(failed.error_code, StatusCode::kInternal);
+  EXPECT_NE(failed.message.find("does not hold the bytes offloaded"), std::string::npos)
+      << failed.message;
+  // Still offloaded, the reason in its note; the bad slab is gone.
+  ASSERT_TRUE(wait_until([&] { return offloaded(store->status(model.key)); }));
+  ModelStatus s = store->status(model.key);
+  EXPECT_NE(s.message.find("wake failed"), std::string::npos) << s.message;
+  EXPECT_GT(store->host_tier_bytes(), 0u);
+  EXPECT_TRUE(wait_until([&] { return counters->live_slabs.load() == 0; }));
+  EXPECT_EQ(store->admitted_bytes(), 0u);
+  // The next wake, with faithful copies, brings the model back.
+  counters->corrupt_writes = false;
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
+  auto grant = store->acquire(model.key);
+  ASSERT_TRUE(grant.ok()) << grant.error().to_string();
+  expect_grant_bytes(*grant, path);
+  store->release(model.key, grant->generation);
+}
+
 TEST(HostBudget, TakesBytesOrAShareOfTheHostsMemory) {
   StoreConfig config;
   ASSERT_TRUE(parse_host_budget("64GiB", config).ok());
