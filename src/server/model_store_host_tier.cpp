@@ -3,8 +3,8 @@
 // and copied back into a new device slab by its next load or attach ("woken") instead of being
 // read from the checkpoint again. Published models, whose bytes no file holds, survive losing
 // their device memory this way. Every backend takes the same path: the device slab is read with
-// Slab::read (a pread of the memfd for host slabs, cuMemcpyDtoH for CUDA ones) and written back
-// with Slab::write (memcpy, or cuMemcpyHtoD from the host copy's mapping).
+// Slab::read (a pread of the memfd for host slabs, cuMemcpyDtoH for CUDA ones) and filled back
+// from the host copy (a pread into a host slab, Slab::write from its mapping into device memory).
 #include <sys/sysinfo.h>
 
 #include <algorithm>
@@ -396,14 +396,23 @@ void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {
   auto last_progress = Clock::now();
   for (size_t i = 0; i < sizes.size(); ++i) {
     if (sizes[i] == 0) continue;
-    auto mapped = memory::import_segment(std::move((*exports)[i]), memory::ImportTarget{});
-    if (!mapped.ok()) return fail(mapped.error());
-    const auto* src = static_cast<const char*>((*mapped)->address());
+    // A host-addressable slab (host backend) is filled straight from the host copy's memfd
+    // (pread: one copy, nothing mapped); device memory with write() from a read-only mapping of
+    // it, as a client maps it.
+    auto* direct = static_cast<char*>(device->host_address(i));
+    std::unique_ptr<memory::MappedSegment> mapped;
+    if (direct == nullptr) {
+      auto imported = memory::import_segment(std::move((*exports)[i]), memory::ImportTarget{});
+      if (!imported.ok()) return fail(imported.error());
+      mapped = std::move(imported).value();
+    }
+    const auto* src = mapped ? static_cast<const char*>(mapped->address()) : nullptr;
     for (uint64_t offset = 0; offset < sizes[i]; offset += kWakeChunkBytes) {
       if (cancel->load()) return;  // unloaded meanwhile
       const uint64_t n = std::min(kWakeChunkBytes, sizes[i] - offset);
-      if (auto written = device->write(i, offset, src + offset, n); !written.ok())
-        return fail(written.error());
+      auto copied = direct != nullptr ? host->read(i, offset, direct + offset, n)
+                                      : device->write(i, offset, src + offset, n);
+      if (!copied.ok()) return fail(copied.error());
       done += n;
       ModelStatus s;
       {

@@ -1466,7 +1466,9 @@ TEST_F(HostTierTest, AWakeWhoseBytesDifferFailsAndTheModelStaysOffloaded) {
   std::string path = write_model("m", small_tensors(51));
   ResolvedModel model = load(path);
   ASSERT_TRUE(store->offload(model.key, false).ok());
-  // The copy back lands with a byte changed: the digest check catches it.
+  // The copy back (with write(), as into device memory) lands with a byte changed: the digest
+  // check catches it.
+  counters->hide_address = true;
   counters->corrupt_writes = true;
   ASSERT_TRUE(store->ensure_loading(model).ok());
   ASSERT_TRUE(recorder.wait_for(
