@@ -4,7 +4,8 @@
 // read from the checkpoint again. Published models, whose bytes no file holds, survive losing
 // their device memory this way. Every backend takes the same path: the device slab is read with
 // Slab::read (a pread of the memfd for host slabs, cuMemcpyDtoH for CUDA ones) and filled back
-// from the host copy (a pread into a host slab, Slab::write from its mapping into device memory).
+// by loader::copy_slab, as a load fills one (preads of the host copy into a host slab, or into
+// pinned staging copied asynchronously into GPU memory).
 #include <sys/sysinfo.h>
 
 #include <algorithm>
@@ -19,9 +20,6 @@
 
 namespace companion::server {
 namespace {
-
-// Bytes copied back per write() on a wake: the progress and the cancel check go this often.
-constexpr uint64_t kWakeChunkBytes = 256ull << 20;
 
 struct HostCopy {
   std::shared_ptr<memory::Slab> slab;
@@ -390,43 +388,21 @@ void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {
   if (!allocated.ok()) return fail(allocated.error());
   std::shared_ptr<memory::Slab> device(std::move(*allocated));
   if (backend_->allocation_is_resident()) admission.settle();
-  auto exports = host->export_segments();
-  if (!exports.ok()) return fail(exports.error());
-  uint64_t done = 0;
-  auto last_progress = Clock::now();
-  for (size_t i = 0; i < sizes.size(); ++i) {
-    if (sizes[i] == 0) continue;
-    // A host-addressable slab (host backend) is filled straight from the host copy's memfd
-    // (pread: one copy, nothing mapped); device memory with write() from a read-only mapping of
-    // it, as a client maps it.
-    auto* direct = static_cast<char*>(device->host_address(i));
-    std::unique_ptr<memory::MappedSegment> mapped;
-    if (direct == nullptr) {
-      auto imported = memory::import_segment(std::move((*exports)[i]), memory::ImportTarget{});
-      if (!imported.ok()) return fail(imported.error());
-      mapped = std::move(imported).value();
+  // As a load fills a slab: straight into host memory, through the loads' pinned staging and
+  // asynchronous copies into GPU memory.
+  auto progress = [&](uint64_t done, uint64_t) {
+    ModelStatus s;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (entry->generation != generation) return;
+      entry->bytes_done = done;
+      s = snapshot(*entry);
     }
-    const auto* src = mapped ? static_cast<const char*>(mapped->address()) : nullptr;
-    for (uint64_t offset = 0; offset < sizes[i]; offset += kWakeChunkBytes) {
-      if (cancel->load()) return;  // unloaded meanwhile
-      const uint64_t n = std::min(kWakeChunkBytes, sizes[i] - offset);
-      auto copied = direct != nullptr ? host->read(i, offset, direct + offset, n)
-                                      : device->write(i, offset, src + offset, n);
-      if (!copied.ok()) return fail(copied.error());
-      done += n;
-      ModelStatus s;
-      {
-        std::lock_guard<std::mutex> lock(mutex_);
-        if (entry->generation != generation) return;
-        entry->bytes_done = done;
-        if (done != bytes && Clock::now() - last_progress < std::chrono::milliseconds(100))
-          continue;
-        last_progress = Clock::now();
-        s = snapshot(*entry);
-      }
-      notify(s);
-    }
-  }
+    notify(s);
+  };
+  auto copied = loader::copy_slab(*host, *device, progress, *cancel);
+  if (cancel->load()) return;  // unloaded meanwhile
+  if (!copied.ok()) return fail(copied.error());
   if (auto sealed = device->seal(); !sealed.ok()) return fail(sealed.error());
   auto copied_at = Clock::now();
   // The bytes must be those offloaded (and, published, those committed).
