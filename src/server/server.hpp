@@ -84,6 +84,9 @@ struct ServerOptions {
   // --memory-reserve: device memory no load may take, in bytes ("1GiB", "512MiB", "4096") or as
   // a share of the device ("10%").
   std::string memory_reserve = "1GiB";
+  // --host-budget: host memory for offloaded models' copies (the host tier), in bytes or as a
+  // share of the host's memory ("25%"); "0" = no host tier.
+  std::string host_budget = "0";
   // --shutdown-timeout: how long stopping waits for loads; one stuck longer is left behind.
   double shutdown_timeout_s = 5;
   // Restart without reload: the program run as `PROGRAM keeper ...` to hold committed memory
