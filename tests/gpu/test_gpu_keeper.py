@@ -39,9 +39,14 @@ def test_kill_9_restart_adopts_the_model_with_one_copy_on_the_gpu(runtime_dir, g
     free_start = free()
     first = Server(runtime_dir, [gpu_model_root], device="0", keep=True,
                    extra=["--backend", "cuda-vmm"])
-    first.cli("load", str(model), timeout=300)
     keeper = first.keeper_pid()
     assert keeper and alive(keeper), first.log_text()
+    held_before = len(os.listdir(f"/proc/{keeper}/fd"))
+    first.cli("load", str(model), timeout=300)
+    # Handed to the keeper after the load (digests first, on the server's keeper thread): the
+    # segment's fd and the table's memfd arrive together.
+    assert wait_until(lambda: len(os.listdir(f"/proc/{keeper}/fd")) >= held_before + 2,
+                      timeout=60), first.log_text()
     free_loaded = free()
     os.kill(first.pid, signal.SIGKILL)
     first.proc.wait()
