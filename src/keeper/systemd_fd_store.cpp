@@ -105,8 +105,7 @@ bool systemd_fd_store_offered() {
 Result<std::unique_ptr<SystemdFdStore>> SystemdFdStore::open() {
 #ifndef COMPANION_HAVE_SYSTEMD
   return make_error(StatusCode::kUnavailable,
-                    "this companion was built without libsystemd (libsystemd-dev): no "
-                    "file-descriptor store");
+                    "this companion was built without libsystemd (libsystemd-dev)");
 #else
   const char* notify = std::getenv("NOTIFY_SOCKET");
   if (notify == nullptr || *notify == '\0')

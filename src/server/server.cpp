@@ -1549,8 +1549,15 @@ std::string keeper_path(const registry::LocalRegistry& registry, const ServerIde
 ServerOptions::Keep keep_mode(const ServerOptions& options) {
   using Keep = ServerOptions::Keep;
   Keep mode = options.keep;
-  if (mode == Keep::kAuto)
+  if (mode == Keep::kAuto) {
     mode = keeper::systemd_fd_store_offered() ? Keep::kSystemd : Keep::kKeeper;
+    if (mode == Keep::kSystemd && !keeper::systemd_fd_store_built()) {
+      log::warn(
+          "systemd offers a file-descriptor store, but this companion was built without "
+          "libsystemd (libsystemd-dev): a keeper process holds the models instead");
+      mode = Keep::kKeeper;
+    }
+  }
   if (mode == Keep::kKeeper && options.keeper_program.empty()) mode = Keep::kNo;
   return mode;
 }
