@@ -14,6 +14,7 @@ import pytest
 from checkpoints import tensor_crcs, write_opt_like
 from harness import Server
 from test_keeper import attach, crcs, hide_checkpoint
+from test_publish import run_writer
 
 # Execs the command line given after it with the descriptors TEST_PASS_FDS names (in that order)
 # at 3, 4, ... and LISTEN_PID set to its own pid, which the exec keeps: what systemd does.
@@ -62,6 +63,19 @@ class FakeSystemd:
             for fd in fds:
                 os.close(fd)
         return fields
+
+    def drain(self):
+        """Every notification already sent (their senders have exited)."""
+        self.sock.setblocking(False)
+        out = []
+        try:
+            while True:
+                out.append(self.receive())
+        except BlockingIOError:
+            pass
+        finally:
+            self.sock.settimeout(30)
+        return out
 
     def receive_until_stored(self, name):
         while name not in self.store:
@@ -116,7 +130,8 @@ def identity(fd):
     return (st.st_dev, st.st_ino)
 
 
-def test_a_server_under_systemd_keeps_models_in_its_fd_store(runtime_dir, models, systemd):
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+def test_a_server_under_systemd_keeps_models_in_its_fd_store(runtime_dir, models, systemd, how):
     expected = tensor_crcs(models / "opt-a")
     first = Server(runtime_dir, [models], keep=True, env=systemd.env())  # --keep auto
     try:
@@ -136,20 +151,36 @@ def test_a_server_under_systemd_keeps_models_in_its_fd_store(runtime_dir, models
         seals = fcntl.fcntl(catalog, fcntl.F_GET_SEALS)
         assert seals & fcntl.F_SEAL_WRITE and seals & fcntl.F_SEAL_SHRINK
         assert os.pread(catalog, 1 << 16, 0).find(str(models / "opt-a").encode()) >= 0
+        # A publication is kept as well.
+        writer = run_writer(first, "engine/fused", "commit")
+        assert writer.stdout.readline().split() == ["committed", "1"]
+        writer.wait(timeout=30)
+        systemd.receive_until_stored("companion.2.catalog")
+        published = [m for m in first.cli_json("ls")[0] if m["published"]][0]
     finally:
-        first.proc.kill()
+        getattr(first.proc, "terminate" if how == "SIGTERM" else "kill")()
         first.proc.wait(timeout=20)
+    # Stopping or dying, the server removed nothing from the store.
+    assert systemd.drain() == []
+    assert len(systemd.store) == 6
     hide_checkpoint(models / "opt-a")
 
     second = systemd.start(runtime_dir, models)
     try:
         log = second.log_text()
-        assert "adopted 1 models" in log and "0 dropped" in log, log
+        assert "adopted 2 models" in log and "0 dropped" in log, log
         assert "from systemd's file-descriptor store" in log
         assert "loading " not in log  # nothing read from the files
-        [listed] = second.cli_json("ls")[0]
-        assert listed["state"] == "loaded" and "adopted after a restart" in listed["message"]
+        listed = {m["key"]: m for m in second.cli_json("ls")[0]}
+        loaded = [m for m in listed.values() if not m["published"]][0]
+        assert loaded["state"] == "loaded" and "adopted after a restart" in loaded["message"]
         assert crcs(attach(second, models / "opt-a")) == expected
+        again = listed["engine/fused"]
+        assert again["generation"] == published["generation"]
+        assert again["generations"][0]["digests"] == published["generations"][0]["digests"]
+        second.cli("unload", "engine/fused")
+        while any(name.startswith("companion.2.") for name in systemd.store):
+            assert "FDSTORE" not in systemd.receive()
         # The memory served is the one systemd holds.
         assert identity(systemd.store["companion.1.s0"]) in inodes_of(second.pid)
 
