@@ -22,7 +22,7 @@ while (($#)); do
   esac
 done
 all=(frame_reader message_decoder safetensors_header index_json registry_record shard_rules
-     tensor_table)
+     tensor_table keeper_decoders)
 ((${#targets[@]})) || targets=("${all[@]}")
 for t in "${targets[@]}"; do
   [[ " ${all[*]} " == *" $t "* ]] || { echo "fuzz: unknown target $t (${all[*]})" >&2; exit 2; }

@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   build-essential cmake ninja-build pkg-config git
   libflatbuffers-dev flatbuffers-compiler nlohmann-json3-dev libcli11-dev
-  libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev libsystemd-dev
   python3 python3-venv python3-pip python3-numpy python3-pytest python3-torch
   etcd-server etcd-client clang-format clang libclang-rt-14-dev openssl
 )

@@ -108,8 +108,16 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
       ->capture_default_str();
   bool no_keep = false;
+  std::string keep_mode = "auto";
+  serve_cmd
+      ->add_option("--keep", keep_mode,
+                   "What holds committed models past this server: keeper (a `companion keeper` "
+                   "process), systemd (systemd's file-descriptor store: FileDescriptorStoreMax= "
+                   "in the unit), no, or auto (systemd when it offers a store, else keeper)")
+      ->check(CLI::IsMember({"auto", "keeper", "systemd", "no"}))
+      ->capture_default_str();
   serve_cmd->add_flag("--no-keep", no_keep,
-                      "Free every model's memory when the server exits (no keeper; a keeper an "
+                      "--keep no: free every model's memory when the server exits (a keeper an "
                       "earlier server left for this device is told to free what it holds)");
   serve_cmd
       ->add_option("--keep-for", serve.keep_for_s,
@@ -243,7 +251,13 @@ int main(int argc, char** argv) {
   if (common.connect.client_name == ConnectOptions{}.client_name)
     common.connect.client_name = "companion-cli";
   if (*serve_cmd) {
-    if (!no_keep) serve.keeper_program = cli::this_program();
+    using Keep = server::ServerOptions::Keep;
+    if (no_keep) keep_mode = "no";
+    serve.keep = keep_mode == "keeper"    ? Keep::kKeeper
+                 : keep_mode == "systemd" ? Keep::kSystemd
+                 : keep_mode == "no"      ? Keep::kNo
+                                          : Keep::kAuto;
+    if (serve.keep != Keep::kNo) serve.keeper_program = cli::this_program();
     return cli::run_serve(serve, log_level);
   }
   if (*keeper_cmd) return cli::run_keeper(keeper_socket, keeper_keep_for_s, log_level);

@@ -12,16 +12,10 @@
 #include "common/unique_fd.hpp"
 #include "companion/result.hpp"
 #include "keeper/keeper_protocol.hpp"
+#include "keeper/kept_store.hpp"
 #include "protocol/frame.hpp"
 
 namespace companion::keeper {
-
-// One generation the keeper held, given back.
-struct KeptGeneration {
-  uint64_t id = 0;
-  std::vector<uint8_t> catalog;
-  std::vector<UniqueFd> fds;  // the segments in order, then the table
-};
 
 // How to start a keeper when none listens: `program keeper --socket PATH --keep-for SECONDS`,
 // in a session of its own (setsid, double fork: it is no child of the server, and a signal to
@@ -31,7 +25,7 @@ struct KeeperLaunch {
   std::string log_path;
 };
 
-class KeeperSession {
+class KeeperSession final : public KeptStore {
  public:
   // Connects to the keeper listening on socket_path, starting one first when none does (launch
   // with an empty program: never), and opens this server's session. kUnavailable when another
@@ -44,10 +38,12 @@ class KeeperSession {
   static Result<HelloReply> release(const std::string& socket_path);
 
   const HelloReply& hello() const noexcept { return hello_; }
+  std::string holder() const override { return "keeper " + std::to_string(hello_.keeper_pid); }
   // Everything the keeper holds.
-  Result<std::vector<KeptGeneration>> list();
-  Result<void> keep(uint64_t id, const std::vector<uint8_t>& catalog, std::span<const int> fds);
-  Result<void> forget(uint64_t id);
+  Result<std::vector<KeptGeneration>> list() override;
+  Result<void> keep(uint64_t id, const std::vector<uint8_t>& catalog,
+                    std::span<const int> fds) override;
+  Result<void> forget(uint64_t id) override;
 
  private:
   KeeperSession() = default;

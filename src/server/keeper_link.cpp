@@ -10,6 +10,7 @@
 
 #include "common/log.hpp"
 #include "common/util.hpp"
+#include "keeper/systemd_fd_store.hpp"
 #include "memory/backend.hpp"
 
 namespace companion::server {
@@ -33,7 +34,7 @@ std::string digest_text(uint64_t digest) {
 }  // namespace
 
 struct KeeperLink::State {
-  std::unique_ptr<keeper::KeeperSession> session;
+  std::unique_ptr<keeper::KeptStore> session;
   std::mutex mutex;
   std::condition_variable cv;
   std::deque<std::variant<KeepJob, ForgetJob>> jobs;
@@ -52,7 +53,7 @@ struct KeeperLink::State {
   void fail(const Error& error) {
     if (broken) return;
     broken = true;
-    log::warn("the keeper is gone (" + error.message +
+    log::warn(session->holder() + " is gone (" + error.message +
               "): models committed from now on will not survive a restart");
   }
 
@@ -77,6 +78,9 @@ struct KeeperLink::State {
       }
     }
     auto sent = session->keep(job.id, keeper::encode_catalog(job.catalog), fds);
+    // A full store keeps nothing of this generation; the next may fit once others are freed.
+    if (!sent.ok() && sent.error().code == StatusCode::kLimitExceeded)
+      return log::warn("not kept: " + sent.error().message);
     if (!sent.ok()) return fail(sent.error());
     log::debug("kept " + printable_text(job.catalog.store_key) + " generation " +
                std::to_string(job.catalog.number) + " as " + std::to_string(job.id));
@@ -130,8 +134,14 @@ KeeperLink::~KeeperLink() {
   if (thread_.joinable()) thread_.join();
 }
 
-const keeper::HelloReply& KeeperLink::hello() const noexcept {
-  return state_->session->hello();
+Result<std::shared_ptr<KeeperLink>> KeeperLink::open_systemd() {
+  auto state = std::make_shared<State>();
+  COMPANION_ASSIGN_OR_RETURN(state->session, keeper::SystemdFdStore::open());
+  return std::shared_ptr<KeeperLink>(new KeeperLink(std::move(state)));
+}
+
+std::string KeeperLink::holder() const {
+  return state_->session->holder();
 }
 
 void KeeperLink::start() {

@@ -1,5 +1,6 @@
 // Restart without reload, the server's half: a session with the device's keeper
-// (keeper/keeper_process.hpp). At start the server takes back what the keeper holds (each
+// (keeper/keeper_process.hpp) or systemd's file-descriptor store (keeper/systemd_fd_store.hpp).
+// At start the server takes back what the keeper holds (each
 // generation rebuilt from its handles with Backend::adopt, its digests checked, then registered in
 // the store); from then on every committed generation is handed to the keeper, and every freed
 // one taken back, from one thread of the link's own (the store's lock is never held across a
@@ -23,9 +24,12 @@ class KeeperLink final : public GenerationKeeper {
   static Result<std::shared_ptr<KeeperLink>> open(const std::string& socket_path,
                                                   const keeper::KeeperLaunch& launch,
                                                   std::chrono::milliseconds keep_for);
+  // Keeps generations in systemd's file-descriptor store, adopting what systemd passed.
+  static Result<std::shared_ptr<KeeperLink>> open_systemd();
   ~KeeperLink() override;
 
-  const keeper::HelloReply& hello() const noexcept;
+  // "keeper 1234", "systemd's file-descriptor store": for logs.
+  std::string holder() const;
 
   struct Adoption {
     size_t adopted = 0;

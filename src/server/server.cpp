@@ -28,6 +28,7 @@
 #include "checkpoint/source.hpp"
 #include "common/log.hpp"
 #include "common/util.hpp"
+#include "keeper/systemd_fd_store.hpp"
 #include "memory/cuda_backend.hpp"
 #include "memory/host_backend.hpp"
 #include "protocol/frame.hpp"
@@ -1596,57 +1597,99 @@ std::string keeper_path(const registry::LocalRegistry& registry, const ServerIde
   return registry.runtime_dir() + "/keeper-" + hex64(fnv1a64(what)).substr(0, 12) + suffix;
 }
 
-// Opens the keeper session, adopts what the keeper holds and hands the store to it. A server
-// without a keeper still serves: a failure here is logged, never fatal.
+// What holds committed memory past this server, as --keep and the environment choose.
+ServerOptions::Keep keep_mode(const ServerOptions& options) {
+  using Keep = ServerOptions::Keep;
+  Keep mode = options.keep;
+  if (mode == Keep::kAuto) {
+    mode = keeper::systemd_fd_store_offered() ? Keep::kSystemd : Keep::kKeeper;
+    if (mode == Keep::kSystemd && !keeper::systemd_fd_store_built()) {
+      log::warn(
+          "systemd offers a file-descriptor store, but this companion was built without "
+          "libsystemd (libsystemd-dev): a keeper process holds the models instead");
+      mode = Keep::kKeeper;
+    }
+  }
+  if (mode == Keep::kKeeper && options.keeper_program.empty()) mode = Keep::kNo;
+  return mode;
+}
+
+// --keep no: what an earlier server left (with a keeper, or in systemd's store) is freed.
+void release_kept(const std::string& socket) {
+  auto released = keeper::KeeperSession::release(socket);
+  if (released.ok() && !released->error.empty())
+    log::info("the keeper on " + socket + " is left alone: " + released->error);
+  else if (released.ok() && released->keeper_pid != 0)
+    log::info("keeper " + std::to_string(released->keeper_pid) + " told to free the " +
+              std::to_string(released->kept) + " generations it held (--no-keep)");
+  if (!keeper::systemd_fd_store_offered()) return;
+  auto store = keeper::SystemdFdStore::open();
+  if (!store.ok()) return;
+  size_t removed = (*store)->forget_all();
+  if (removed > 0)
+    log::info("removed " + std::to_string(removed) +
+              " generations from systemd's file-descriptor store (--no-keep)");
+}
+
+// Opens the keeper session (or systemd's file-descriptor store), adopts what it holds and hands
+// the store to it. A server without a keeper still serves: a failure here is logged, never fatal.
 void start_keeper(const ServerOptions& options, const registry::LocalRegistry& registry,
                   ServerImpl& server) {
+  using Keep = ServerOptions::Keep;
   const ServerIdentity& id = server.identity();
   const std::string socket = keeper_path(registry, id, ".sock");
-  if (options.keeper_program.empty()) {
-    auto released = keeper::KeeperSession::release(socket);
-    if (released.ok() && !released->error.empty())
-      log::info("the keeper on " + socket + " is left alone: " + released->error);
-    else if (released.ok() && released->keeper_pid != 0)
-      log::info("keeper " + std::to_string(released->keeper_pid) + " told to free the " +
-                std::to_string(released->kept) + " generations it held (--no-keep)");
-    return;
-  }
+  const Keep mode = keep_mode(options);
+  if (mode == Keep::kNo) return release_kept(socket);
   if (!server.store().backend().handles_outlive_process()) {
     log::info(server.store().backend().name() +
               " memory cannot outlive this process: no keeper, models go with the server");
     return;
   }
-  if (socket.size() > registry::kMaxSocketPathBytes) {
-    log::warn("no keeper: its socket path " + socket + " is longer than a socket path may be (" +
-              std::to_string(registry::kMaxSocketPathBytes) +
-              " bytes); models will not survive a restart");
-    return;
-  }
-  auto keep_for = std::chrono::milliseconds(static_cast<int64_t>(options.keep_for_s * 1000));
   auto start = Clock::now();
-  auto link = KeeperLink::open(socket, {options.keeper_program, keeper_path(registry, id, ".log")},
-                               keep_for);
-  if (!link.ok()) {
-    log::warn("no keeper (" + link.error().message + "): models will not survive a restart");
-    return;
+  Result<std::shared_ptr<KeeperLink>> link = make_error(StatusCode::kUnavailable, "");
+  if (mode == Keep::kSystemd) {
+    link = KeeperLink::open_systemd();
+    if (!link.ok()) {
+      log::warn("no file-descriptor store (" + link.error().message +
+                "): models will not survive a restart");
+      return;
+    }
+  } else {
+    if (socket.size() > registry::kMaxSocketPathBytes) {
+      log::warn("no keeper: its socket path " + socket + " is longer than a socket path may be (" +
+                std::to_string(registry::kMaxSocketPathBytes) +
+                " bytes); models will not survive a restart");
+      return;
+    }
+    auto keep_for = std::chrono::milliseconds(static_cast<int64_t>(options.keep_for_s * 1000));
+    link = KeeperLink::open(socket, {options.keeper_program, keeper_path(registry, id, ".log")},
+                            keep_for);
+    if (!link.ok()) {
+      log::warn("no keeper (" + link.error().message + "): models will not survive a restart");
+      return;
+    }
   }
   auto adopted = (*link)->adopt_into(server.store());
   if (!adopted.ok()) {
-    log::warn("the keeper's generations could not be taken back (" + adopted.error().message + ")");
+    log::warn("the kept generations could not be taken back (" + adopted.error().message + ")");
   } else if (adopted->adopted + adopted->dropped > 0) {
     log::info(
         "adopted " + std::to_string(adopted->adopted) + " models (" + format_bytes(adopted->bytes) +
-        ") from keeper " + std::to_string((*link)->hello().keeper_pid) + " in " +
-        std::to_string(static_cast<int64_t>(adopted->ms)) + " ms (since start: " +
+        ") from " + (*link)->holder() + " in " + std::to_string(static_cast<int64_t>(adopted->ms)) +
+        " ms (since start: " +
         std::to_string(
             std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()) +
         " ms); " + std::to_string(adopted->dropped) + " dropped");
   }
   server.store().set_keeper(*link);
   (*link)->start();
-  log::info("keeper " + std::to_string((*link)->hello().keeper_pid) + " on " + socket +
-            " holds committed models past this server (for " +
-            std::to_string(static_cast<int64_t>(options.keep_for_s)) + " s after it stops)");
+  if (mode == Keep::kSystemd)
+    log::info((*link)->holder() +
+              " holds committed models past this server (while its unit lives)");
+  else
+    log::info((*link)->holder() + " on " + socket +
+              " holds committed models past this server (for " +
+              std::to_string(static_cast<int64_t>(options.keep_for_s)) + " s after it stops)");
   server.attach_keeper(std::move(link).value());
 }
 

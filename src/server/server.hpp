@@ -89,9 +89,13 @@ struct ServerOptions {
   std::string host_budget = "0";
   // --shutdown-timeout: how long stopping waits for loads; one stuck longer is left behind.
   double shutdown_timeout_s = 5;
-  // Restart without reload: the program run as `PROGRAM keeper ...` to hold committed memory
-  // past this server (the companion executable); "" runs without a keeper (--no-keep), and a
-  // keeper an earlier server left for this device is told to free what it holds.
+  // --keep: what holds committed memory past this server (restart without reload). kAuto:
+  // systemd's file-descriptor store when systemd offers one (NOTIFY_SOCKET with FDSTORE, or
+  // descriptors it passed back), else the keeper. kNo (--no-keep): nothing; a keeper an earlier
+  // server left for this device, and what systemd passed back, are freed.
+  enum class Keep { kAuto, kKeeper, kSystemd, kNo };
+  Keep keep = Keep::kAuto;
+  // The program run as `PROGRAM keeper ...` (the companion executable); "": no keeper process.
   std::string keeper_program;
   // --keep-for: how long the keeper waits for a server to come back before it frees everything.
   double keep_for_s = 600;

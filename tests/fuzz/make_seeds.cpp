@@ -1,13 +1,17 @@
-// Writes the binary seed inputs of the frame_reader and message_decoder targets (one encoded
-// message of each type, and frame streams built from them) into corpus/:
+// Writes the binary seed inputs of the frame_reader, message_decoder and keeper_decoders targets
+// (one encoded message of each type, frame streams built from them, keeper messages, a catalog
+// entry and descriptor names) into corpus/:
 //   build-fuzz/tests/fuzz/fuzz_make_seeds tests/fuzz/corpus
 // The text targets' seeds are written by hand.
 #include <cstdint>
 #include <cstdio>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "keeper/fd_store_names.hpp"
+#include "keeper/keeper_protocol.hpp"
 #include "protocol/frame.hpp"
 #include "protocol/limits.hpp"
 #include "protocol/messages.hpp"
@@ -175,6 +179,46 @@ Bytes slice(const Bytes& b, size_t from, size_t to) {
 
 }  // namespace
 
+// keeper_decoders: the first byte picks the decoder (0 messages, 1 catalogs, 2 names).
+std::vector<std::pair<std::string, Bytes>> keeper_seeds() {
+  namespace k = companion::keeper;
+  using k::CatalogEntry, k::StoredName;
+  std::vector<std::pair<std::string, Bytes>> out;
+  auto add = [&](const std::string& name, uint8_t which, Bytes bytes) {
+    bytes.insert(bytes.begin(), which);
+    out.emplace_back(name, std::move(bytes));
+  };
+  CatalogEntry catalog;
+  catalog.store_key = "source=/models/llama;dtype=BF16;tp=1/2";
+  catalog.spec = spec();
+  catalog.source_path = "/models/llama";
+  catalog.number = 3;
+  catalog.fingerprint = {{"engine", "vllm"}, {"dtype", "bf16"}};
+  catalog.digests = {0x1234, 0xabcdef};
+  catalog.files = "1:2:3:4.5;";
+  catalog.created_at_ms = 1700000000000;
+  catalog.segment_kind = companion::memory::SegmentKind::kCudaVmmFd;
+  catalog.segment_sizes = {2 << 20, 4 << 20};
+  catalog.table_bytes = 4096;
+  Bytes entry = k::encode_catalog(catalog);
+  add("message_hello", 0, k::encode(k::Hello{1234, 600000, false}).value());
+  add("message_hello_reply", 0, k::encode(k::HelloReply{99, 2, 6, "held by server 7"}).value());
+  add("message_keep", 0, k::encode(k::Keep{5, entry}).value());
+  add("message_forget", 0, k::encode(k::Forget{5}).value());
+  add("message_list", 0, k::encode(k::List{}).value());
+  add("message_kept", 0, k::encode(k::Kept{5, entry}).value());
+  add("message_list_end", 0, k::encode(k::ListEnd{2}).value());
+  add("catalog", 1, entry);
+  for (const auto& [name, part, index] :
+       {std::tuple{"name_segment", StoredName::Part::kSegment, 3u},
+        std::tuple{"name_table", StoredName::Part::kTable, 0u},
+        std::tuple{"name_catalog", StoredName::Part::kCatalog, 0u}}) {
+    std::string text = k::stored_name({12, part, index});
+    add(name, 2, Bytes(text.begin(), text.end()));
+  }
+  return out;
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: %s CORPUS_DIR (tests/fuzz/corpus)\n", argv[0]);
@@ -218,6 +262,8 @@ int main(int argc, char** argv) {
   ok = write_file(dir + "too_many_fds",
                   frame_input({{encode_frame_header(0, kMaxFdsPerFrame + 1), 1}})) &&
        ok;
+  for (const auto& [name, bytes] : keeper_seeds())
+    ok = write_file(root + "/keeper_decoders/" + name, bytes) && ok;
   if (!ok) std::fprintf(stderr, "could not write every seed under %s\n", root.c_str());
   return ok ? 0 : 1;
 }

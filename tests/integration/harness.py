@@ -26,11 +26,11 @@ class Server:
     """A `companion serve` process in its own runtime directory (host backend by default)."""
 
     def __init__(self, runtime_dir, model_roots, namespace="companion", extra=(), env=None,
-                 device="host", launcher=(), preexec_fn=None, keep=False):
+                 device="host", launcher=(), preexec_fn=None, keep=False, pass_fds=()):
         """launcher: a command that execs the server's command line given after it (the
         server's pid stays the process's); preexec_fn: as for subprocess.Popen. keep: run with
         a keeper (restart without reload); tests run without one (--no-keep) unless they are
-        about it, so that no test's memory outlives it."""
+        about it, so that no test's memory outlives it. pass_fds: as for subprocess.Popen."""
         self.runtime_dir = pathlib.Path(runtime_dir)
         self.namespace = namespace
         self.log_path = self.runtime_dir.parent / f"server-{uuid.uuid4().hex[:8]}.log"
@@ -44,7 +44,7 @@ class Server:
         args += list(extra)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     env=env, preexec_fn=preexec_fn)
+                                     env=env, preexec_fn=preexec_fn, pass_fds=pass_fds)
         line = self.proc.stdout.readline()
         if "companion serving" not in line:
             self.proc.kill()
