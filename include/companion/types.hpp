@@ -105,6 +105,11 @@ struct ModelStatus {
   uint64_t generation = 0;  // the current generation's number (0: none committed yet)
   Fingerprint fingerprint;  // the current generation's (published models)
   std::vector<GenerationInfo> generations;  // live ones, oldest first
+  // 1.3: when a client last acquired or released the model, or its load ended (unix epoch
+  // milliseconds), and its place in the eviction order (1: the first to go when room is needed; 0:
+  // not evictable now: leased, loading, being written, or published).
+  int64_t last_used_ms = 0;
+  uint32_t eviction_rank = 0;
 
   double progress() const noexcept {
     return bytes_total == 0 ? (state == ModelState::kLoaded ? 1.0 : 0.0)
@@ -145,11 +150,15 @@ struct HealthInfo {
   // Requests and connections refused by a limit or the peer policy since start, by reason
   // ("descriptors", "connections", "peer_not_permitted", ...).
   std::map<std::string, uint64_t> refused;
+  // 1.3: the memory budget (0: none) and how many models were evicted since start.
+  uint64_t memory_budget = 0;
+  uint64_t evictions = 0;
 };
 
 // Protocol version spoken by this build. Majors must match; minors may differ.
 inline constexpr uint16_t kProtocolMajor = 1;
-inline constexpr uint16_t kProtocolMinor = 2;  // 1: publishing, generations, reload; 2: table memfd
+// 1: publishing, generations, reload; 2: table memfd; 3: memory budget, eviction, host tier
+inline constexpr uint16_t kProtocolMinor = 3;
 const char* software_version() noexcept;
 
 }  // namespace companion

@@ -35,6 +35,8 @@ nlohmann::json to_json(const ModelStatus& s) {
                            {"created_at_ms", g.created_at_ms},
                            {"current", g.current}});
   j["generations"] = std::move(generations);
+  j["last_used_ms"] = s.last_used_ms;
+  j["eviction_rank"] = s.eviction_rank;
   return j;
 }
 
@@ -67,7 +69,9 @@ nlohmann::json to_json(const HealthInfo& h) {
           {"registry", h.registry},
           {"registered", h.registered},
           {"registry_error", h.registry_error},
-          {"refused", h.refused}};
+          {"refused", h.refused},
+          {"memory_budget", h.memory_budget},
+          {"evictions", h.evictions}};
 }
 
 nlohmann::json to_json(const Error& e) {

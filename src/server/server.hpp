@@ -84,6 +84,11 @@ struct ServerOptions {
   // --memory-reserve: device memory no load may take, in bytes ("1GiB", "512MiB", "4096") or as
   // a share of the device ("10%").
   std::string memory_reserve = "1GiB";
+  // --memory-budget: what all models together may hold, as bytes or a share of the device; ""
+  // = what is available at start less the reserve.
+  std::string memory_budget;
+  // --idle-evict: seconds after which a model no client holds is evicted (0: never).
+  double idle_evict_s = 0;
   // --shutdown-timeout: how long stopping waits for loads; one stuck longer is left behind.
   double shutdown_timeout_s = 5;
 };

@@ -63,6 +63,14 @@ struct ModelStore::Entry {
   bool reloading = false;
   std::optional<Error> reload_error;
   std::string reload_note;
+  // The last acquire, release or load end: eviction takes the least recent first.
+  Clock::time_point last_used{};
+  int64_t last_used_ms = 0;  // the same as unix time, for `ls`
+
+  void touch() {
+    last_used = Clock::now();
+    last_used_ms = unix_time_ms();
+  }
 
   Generation* current() { return generations.empty() ? nullptr : &generations.back(); }
   const Generation* current() const { return generations.empty() ? nullptr : &generations.back(); }
