@@ -6,13 +6,14 @@ eviction order; `health` counts evictions."""
 import json
 import os
 import pathlib
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from harness import PYTHON_LIBRARY, Server, wait_until
+from harness import COMPANION, PYTHON_LIBRARY, Server, wait_until
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "python"))
 os.environ.setdefault("COMPANION_LIBRARY", str(PYTHON_LIBRARY))
@@ -124,3 +125,12 @@ def test_idle_models_are_evicted_and_held_ones_stay(serve, budget_models):
     health, _ = server.cli_json("health")
     assert health["evictions"] == 2
     assert "--idle-evict" in server.log_text()
+
+
+@pytest.mark.parametrize("flag,value", [("--memory-budget", "0"), ("--memory-budget", "101%"),
+                                        ("--memory-budget", "8GB"), ("--idle-evict", "-1")])
+def test_bad_settings_stop_the_server_at_start(runtime_dir, budget_models, flag, value):
+    r = subprocess.run([str(COMPANION), "serve", "--device", "host", "--runtime-dir",
+                        str(runtime_dir), "--model-root", str(budget_models), flag, value],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and flag in r.stderr, (r.returncode, r.stderr)
