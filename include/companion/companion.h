@@ -294,6 +294,25 @@ COMPANION_API void companion_model_table_init(companion_model_table* table);
  * model handle owns (built on the first call, then shared; thread-safe). */
 COMPANION_API companion_status companion_model_get_table(const companion_model* model,
                                                          companion_model_table* table);
+/** One run of a view plan (companion_plan_views): `count` tensors of one segment, dtype, shape and
+ * strides whose bytes start `step` bytes apart, so that a consumer can make them as one strided
+ * view with a leading dimension of `count` and split it (torch: unbind(0)). 16 bytes. */
+typedef struct companion_view_run {
+  uint64_t step;  /* bytes from one tensor of the run to the next (0: they share their bytes) */
+  uint32_t first; /* index into the plan's rows of the run's first tensor */
+  uint32_t count; /* tensors in the run, >= 1 */
+} companion_view_run;
+/** Plans how to make every tensor of `table` (any table in companion_model_table's layout, e.g.
+ * companion_model_get_table's) as views of a few base tensors, one per segment, dtype and offset
+ * modulo the item size. The caller's arrays: rows[table->count] receives the table's rows run by
+ * run (each run's in offset order), then the rows left out (no bytes, a size of 0, an unknown
+ * dtype or segment), in table order; runs[table->count] receives *run_count runs; *planned is
+ * how many rows the runs cover; segment_ends[table->segments] receives, per segment, the byte
+ * offset where its last planned tensor ends. */
+COMPANION_API companion_status companion_plan_views(const companion_model_table* table,
+                                                    uint32_t* rows, companion_view_run* runs,
+                                                    size_t* run_count, size_t* planned,
+                                                    uint64_t* segment_ends);
 /** The model's status and mapping facts (lease id, segments, bytes) as JSON. */
 COMPANION_API companion_status companion_model_info(const companion_model* model, char** json);
 

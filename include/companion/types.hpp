@@ -157,7 +157,8 @@ struct HealthInfo {
 
 // Protocol version spoken by this build. Majors must match; minors may differ.
 inline constexpr uint16_t kProtocolMajor = 1;
-// 1: publishing, generations, reload; 2: table memfd; 3: memory budget, eviction, host tier
+// 1: publishing, generations, reload; 2: table memfd; 3: a declared table in parts, memory
+// budget, eviction, host tier
 inline constexpr uint16_t kProtocolMinor = 3;
 const char* software_version() noexcept;
 

@@ -183,6 +183,9 @@ _OPTIONAL_PROTOTYPES = {
     # table a tensor at a time.
     "companion_model_table_init": (None, [_P(ModelTableC)]),
     "companion_model_get_table": (_status, [c_void_p, _P(ModelTableC)]),
+    # The plan of MappedModel.state_dict()'s views (runs of evenly spaced tensors).
+    "companion_plan_views": (_status, [_P(ModelTableC), c_void_p, c_void_p, _P(c_size_t),
+                                       _P(c_size_t), c_void_p]),
     # The calls taking the caller's struct size (see _SIZED_BINDINGS).
     "companion_connect_options_init_sized": (None, [_P(ConnectOptions), c_size_t]),
     "companion_model_spec_init_sized": (None, [_P(ModelSpecC), c_size_t]),

@@ -18,10 +18,6 @@ from __future__ import annotations
 
 import collections.abc
 import ctypes
-import functools
-import itertools
-import math
-import operator
 import struct
 import sys
 import threading
@@ -451,8 +447,8 @@ class _Table:
     thread. Names, the name index and each Tensor are made on first use and kept; Tensors in
     ``made`` (index -> Tensor or None), filled under ``lock`` so that a name gives one object."""
 
-    __slots__ = ("count", "record_size", "records", "dims", "names_blob", "_names", "_index",
-                 "made", "all_made", "lock")
+    __slots__ = ("count", "record_size", "records", "dims", "names_blob", "segments", "_names",
+                 "_index", "made", "all_made", "lock")
 
     def __init__(self, lib: Any, handle: Any) -> None:
         raw = _lib.initialized(_lib.ModelTableC, "companion_model_table_init")
@@ -471,6 +467,7 @@ class _Table:
         self.records = records
         self.dims = _borrow(raw.dims, raw.dims_count * 8, handle)  # int64 sizes and strides
         self.names_blob = _borrow(raw.names, raw.names_bytes, handle)
+        self.segments = int(raw.segments)
         self._names: Optional[List[str]] = None
         self._index: Optional[Dict[str, int]] = None
         self.made: List[Optional[Tensor]] = [None] * count
@@ -592,314 +589,111 @@ class _Listing:
         return t
 
 
-# Tables of at least this many tensors are grouped by torch ops (_groups_in_torch), smaller ones by
-# a Python loop (_groups_in_python), which is cheaper below it (torch's cost per op dominates).
-_TORCH_GROUPING_FROM = 768
-_HASH_WEIGHTS: List[int] = [(0x9E3779B97F4A7C15 * (2 * i + 1)) % (1 << 63) | 1 for i in range(40)]
-_TORCH_ITEMSIZES: Dict[Any, Tuple[Dict[int, int], Any]] = {}  # torch -> (code -> size, tensor)
+_TORCH_ITEMSIZES: Dict[Any, Dict[int, int]] = {}  # torch -> {dtype code: item size}
 
 
-def _torch_itemsizes(torch: Any) -> Tuple[Dict[int, int], Any]:
-    """Item size by dtype code for the dtypes this torch has: a dict, and an int64 tensor indexed
-    by code (0 where torch lacks the dtype, also in its last entry, for codes beyond)."""
+def _torch_itemsizes(torch: Any) -> Dict[int, int]:
+    """Item size by dtype code, for the dtypes this torch has."""
     known = _TORCH_ITEMSIZES.get(torch)
     if known is None:
-        sizes = {code: _ITEMSIZE[code] for code, dtype in _DTYPE_OF.items()
-                 if getattr(torch, DTYPES[dtype].torch, None) is not None}
-        by_code = [0] * (max(_ITEMSIZE) + 2)
-        for code, size in sizes.items():
-            by_code[code] = size
-        known = _TORCH_ITEMSIZES[torch] = (sizes, torch.tensor(by_code, dtype=torch.int64))
+        known = _TORCH_ITEMSIZES[torch] = {
+            code: _ITEMSIZE[code] for code, dtype in _DTYPE_OF.items()
+            if getattr(torch, DTYPES[dtype].torch, None) is not None}
     return known
 
 
-# A group: tensors of one segment, dtype, offset residue (modulo the item size), shape and
-# strides, as (segment, dtype code, residue, shape, strides, element offsets (sorted), address
-# of the segment's start, device_type, device_id).
-_Group = Tuple[int, int, int, Tuple[int, ...], Tuple[int, ...], Sequence[int], int, int, int]
+def _address(view: memoryview) -> Optional[int]:
+    """The address of a writable buffer's first byte; None when it is empty."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(view)) if view.nbytes else None
 
 
-def _groups_in_python(table: _Table, sizes: Dict[int, int]) -> Tuple[
-        List[_Group], Optional[List[int]], List[int], Dict[int, int]]:
-    """The table's tensors that torch can view, in groups (see _bulk_state_dict), by Python over
-    the records. Returns the groups; the table row of each grouped tensor, group by group (None:
-    the table's order); the rows left out (no bytes, a dtype torch lacks, a size of 0); and
-    where each segment's last tensor ends.
-
-    The records are read a column at a time (a strided memoryview slice each, in C), and a
-    record's sizes and strides are keyed by their bytes in the table (one slice, no tuple): the
-    only Python that runs per record is one dict lookup; the rest runs per group."""
+def _plan_views(table: "_Table") -> Tuple[memoryview, List[Tuple[int, int, int]], int,
+                                          List[int]]:
+    """The library's view plan of the table (companion_plan_views): its rows (table rows, run
+    by run, then those left out), its runs as (step in bytes, first, count), how many rows the
+    runs cover, and where each segment's last planned tensor ends."""
+    lib = _lib.load_library()
     n = table.count
-    if n == 0:
-        return [], None, [], {}
-    step = table.record_size // 8
-    words = table.records.cast("Q")
-    data, nbytes, offset, dims_at = (words[at::step].tolist()
-                                     for at in (_DATA[1], _NBYTES[1], _OFFSET[1], _DIMS_AT[1]))
-    ints = table.records.cast("i")
-    code, ndim, device_type, device_id = (ints[at::2 * step].tolist()
-                                          for at in (_CODE[1], _NDIM[1], _DEVICE_TYPE[1],
-                                                     _DEVICE_ID[1]))
-    segment = table.records.cast("I")[_SEGMENT[1]::2 * step].tolist()
-    stops = list(map(operator.add, offset, nbytes))
-    if min(segment) == max(segment):
-        ends = {segment[0]: max(stops)}
-    else:
-        ends = {}
-        for s, stop in zip(segment, stops):
-            if ends.get(s, -1) < stop:
-                ends[s] = stop
-    # Sizes and strides: the bytes of 2 * ndim int64 from dims_at (ndim is part of the key so).
-    dims = table.dims.tobytes()
-    begin = list(map(operator.mul, dims_at, _REPEAT_8))
-    end = map(operator.add, begin, map(operator.mul, ndim, _REPEAT_16))
-    dims_key = list(map(dims.__getitem__, map(slice, begin, end)))
-    itemsize = list(map(sizes.get, code, _REPEAT_0))  # 0: a dtype torch lacks (left out)
-    if 0 in itemsize or 0 in nbytes:  # rows torch cannot view: grouped under None, left out
-        whole = [size or 1 for size in itemsize]
-        keys: List[Any] = [(s, c, o % w, d) if size and b else None for s, c, o, w, d, size, b in
-                           zip(segment, code, offset, whole, dims_key, itemsize, nbytes)]
-        element = list(map(operator.floordiv, offset, whole))
-    else:
-        keys = list(zip(segment, code, map(operator.mod, offset, itemsize), dims_key))
-        element = list(map(operator.floordiv, offset, itemsize))
-    members: Dict[Any, List[int]] = {}
-    get = members.get
-    for i, key in enumerate(keys):
-        rows = get(key)
-        if rows is None:
-            members[key] = [i]
-        else:
-            rows.append(i)
-    left = members.pop(None, [])
-    groups: List[_Group] = []
-    order: List[int] = []
-    for (s, c, residue, key_dims), rows in members.items():
-        values = struct.unpack(f"={len(key_dims) // 8}q", key_dims)
-        shape, strides = values[:len(values) // 2], values[len(values) // 2:]
-        if 0 in shape:  # no elements: made one by one
-            left.extend(rows)
-            continue
-        lead = rows[0]  # the group's first row: its segment's address and device
-        elements = list(map(element.__getitem__, rows))
-        if any(map(operator.gt, elements, elements[1:])):  # by offset; equal ones in table order
-            elements, rows = map(list, zip(*sorted(zip(elements, rows))))
-        groups.append((s, c, residue, shape, strides, elements, data[lead] - offset[lead],
-                       device_type[lead], device_id[lead]))
-        order.extend(rows)
-    left.sort()
-    return groups, None if len(order) == n and order == list(range(n)) else order, left, ends
+    c_table = _lib.initialized(_lib.ModelTableC, "companion_model_table_init")
+    c_table.record_size = table.record_size
+    c_table.count = n
+    c_table.records = _address(table.records)
+    c_table.dims = _address(table.dims)
+    c_table.dims_count = table.dims.nbytes // 8
+    c_table.segments = table.segments
+    rows = (ctypes.c_uint32 * n)()
+    runs = (ctypes.c_uint64 * (2 * n))()  # companion_view_run: step (u64), first, count (u32)
+    ends = (ctypes.c_uint64 * max(table.segments, 1))()
+    run_count, planned = ctypes.c_size_t(), ctypes.c_size_t()
+    _lib.check(lib.companion_plan_views(ctypes.byref(c_table), rows, runs, ctypes.byref(run_count),
+                                        ctypes.byref(planned), ends))
+    words = memoryview(runs).cast("B")
+    k = run_count.value
+    steps = words.cast("Q")[0:2 * k:2]
+    halves = words.cast("I")
+    return (memoryview(rows).cast("B").cast("I"),
+            list(zip(steps, halves[2:4 * k:4], halves[3:4 * k:4])), planned.value, ends[:])
 
 
-_REPEAT_0 = itertools.repeat(0)
-_REPEAT_8 = itertools.repeat(8)
-_REPEAT_16 = itertools.repeat(16)
-
-
-def _groups_in_torch(torch: Any, table: _Table, by_code: Any) -> Tuple[
-        List[_Group], Optional[List[int]], List[int], Dict[int, int]]:
-    """What _groups_in_python returns, by torch ops over all records at once: the records read
-    in place as one int64 tensor, each record's key (segment, dtype, residue, ndim, sizes,
-    strides) hashed to group them (the grouping checked against the keys themselves), one sort
-    by (group, offset). Python runs per group, not per tensor."""
-    n = table.count
-    i64 = torch.int64
-    records = torch.frombuffer(table.records, dtype=i64).view(n, table.record_size // 8)
-    columns = records.unbind(1)
-    words = records.view(torch.int32).unbind(1)  # the 4-byte fields (_CODE, _NDIM...)
-    offset, nbytes = columns[_OFFSET[1]], columns[_NBYTES[1]]
-    code, ndim = words[_CODE[1]].to(i64), words[_NDIM[1]].to(i64)
-    segment = words[_SEGMENT[1]].to(i64) & 0xFFFFFFFF
-    itemsize = by_code[code.clamp(-1, len(by_code) - 1)]  # -1 and the last: 0, not viewable
-    whole = itemsize.clamp(min=1)
-    skew = offset % whole
-    element = offset // whole
-    # What a group shares besides sizes and strides, in one int64: segment (32 bits), dtype code
-    # (8; larger codes have no item size, so are not grouped), residue (4), ndim (8).
-    kind = (((segment << 8 | code.clamp(0, 255)) << 4 | skew) << 8) | ndim.clamp(0, 255)
-    low, high = int(ndim.min()), int(ndim.max())
-    empty = nbytes == 0
-    if high > 0:
-        dims = torch.frombuffer(table.dims, dtype=i64)
-        at = columns[_DIMS_AT[1]]
-        steps = torch.arange(2 * high)
-        if low == high and dims.numel() == 2 * high * n \
-                and torch.equal(at, torch.arange(0, 2 * high * n, 2 * high)):
-            block = dims.view(n, 2 * high)  # every record's sizes and strides, in table order
-        elif low == high:
-            block = dims[at.unsqueeze(1) + steps]
-        else:  # each record's sizes and strides, zero past its own 2 * ndim
-            block = dims[(at.unsqueeze(1) + steps).clamp(max=dims.numel() - 1)] \
-                * (steps < 2 * ndim.unsqueeze(1))
-        if low == high:
-            empty |= (block[:, :high] == 0).any(1)
-        else:
-            empty |= ((block == 0) & (steps < ndim.unsqueeze(1))).any(1)
-        key = torch.cat([kind.unsqueeze(1), block], 1)
-    else:
-        key = kind.unsqueeze(1)
-    # Where each segment's last tensor ends (segments are few: a loop over them).
-    ends_at = offset + nbytes
-    low_segment, high_segment = int(segment.min()), int(segment.max())
-    if low_segment == high_segment:
-        ends = {low_segment: int(ends_at.max())}
-    else:
-        ends = {s: int(ends_at[segment == s].max()) for s in segment.unique().tolist()}
-    viewable = (itemsize > 0) & ~empty
-    rows = None if bool(viewable.all()) else viewable.nonzero().squeeze(1)
-    left: List[int] = [] if rows is None else (~viewable).nonzero().squeeze(1).tolist()
-    if rows is not None:
-        key, element = key[rows], element[rows]
-    m = key.shape[0]
-    if m == 0:
-        return [], [], left, ends
-    for exact in (False, True):
-        if exact:  # two keys hashed alike: group by the keys themselves (slower)
-            _, group = torch.unique(key, dim=0, return_inverse=True)
-        elif bool((key == key[0]).all()):
-            group = None  # one group
-        else:
-            weights = torch.tensor(_HASH_WEIGHTS[:key.shape[1]], dtype=i64)
-            _, group = torch.unique((key * weights).sum(1), return_inverse=True)
-        if group is None:
-            counts = torch.tensor([m])
-            order = None if bool((element[1:] >= element[:-1]).all()) \
-                else torch.sort(element, stable=True).indices
-            break
-        counts = torch.bincount(group)
-        span = int(element.max()) + 1
-        if len(counts) * span < 1 << 62:  # by group, then element: one sort
-            order = torch.sort(group * span + element, stable=True).indices
-        else:
-            by_element = torch.sort(element, stable=True).indices
-            order = by_element[torch.sort(group[by_element], stable=True).indices]
-        if torch.equal(key, key[order[counts.cumsum(0) - counts]][group]):
-            break
-    starts = counts.cumsum(0) - counts
-    if order is None:
-        ordered = torch.arange(m) if rows is None else rows  # table rows, group by group
-        heads = key[starts]
-    else:
-        ordered = order if rows is None else rows[order]
-        element = element[order]
-        heads = key[order[starts]]
-    first = records[ordered[starts]]  # a record of each group: the segment's address, device
-    first_words = first.view(torch.int32)
-    element_list = element.tolist()
-    groups: List[_Group] = []
-    for head, start, count, data, at, device_type, device_id in zip(
-            heads.tolist(), starts.tolist(), counts.tolist(), first[:, _DATA[1]].tolist(),
-            first[:, _OFFSET[1]].tolist(), first_words[:, _DEVICE_TYPE[1]].tolist(),
-            first_words[:, _DEVICE_ID[1]].tolist()):
-        kind_of = head[0]
-        dims_n = kind_of & 255
-        groups.append((kind_of >> 20, kind_of >> 12 & 255, kind_of >> 8 & 15,
-                       tuple(head[1:1 + dims_n]), tuple(head[1 + dims_n:1 + 2 * dims_n]),
-                       element_list[start:start + count], data - at, device_type, device_id))
-    return groups, None if order is None and rows is None else ordered.tolist(), left, ends
-
-
-def _evenly_spaced(elements: List[int]) -> bool:
-    """Whether the offsets step by one amount, and not 0 (one view per offset)."""
-    steps = set(map(operator.sub, elements[1:], elements[:-1]))
-    return len(steps) == 1 and 0 not in steps
-
-
-def _lattice_views(base: Any, shape: Tuple[int, ...], strides: Tuple[int, ...],
-                   elements: List[int]) -> List[Any]:
-    """Views of ``base`` with this shape and these strides at each of ``elements`` (sorted
-    element offsets), in that order, each its own tensor, made a run at a time: offsets on one
-    lattice are one ``as_strided`` with a leading dimension split by ``unbind(0)``, which makes
-    each view in C++ (about three times cheaper than an ``as_strided`` from Python per view).
-
-    Offsets are often a few interleaved progressions of one step (q_proj and o_proj of every
-    layer; the two norms of every layer): every ``ways``-th offset from each start, tried for a
-    few ``ways``. Else a lattice with a few holes (views made at the holes too, then dropped);
-    else the longest evenly spaced runs, one after another."""
-    count = len(elements)
-    first = elements[0]
-    if count == 1:
-        return [base.as_strided(shape, strides, first)]
-    for ways in range(1, min(8, count // 2) + 1):
-        parts = [elements[start::ways] for start in range(ways)]
-        if all(map(_evenly_spaced, parts)):
-            views: List[Any] = [None] * count
-            for start, part in enumerate(parts):
-                views[start::ways] = base.as_strided((len(part),) + shape,
-                                                     (part[1] - part[0],) + strides,
-                                                     part[0]).unbind(0)
-            return views
-    steps = set(map(operator.sub, elements[1:], elements[:-1]))
-    if 0 not in steps:  # no offset twice (the lattice would hand one view out twice)
-        step = functools.reduce(math.gcd, steps)
-        span = (elements[-1] - first) // step + 1
-        if span <= 2 * count:
-            every = base.as_strided((span,) + shape, (step,) + strides, first).unbind(0)
-            return list(map(every.__getitem__, map(operator.floordiv,
-                                                   map(operator.sub, elements,
-                                                       itertools.repeat(first)),
-                                                   itertools.repeat(step))))
-    views = []
-    k = 0
-    while k < count:
-        j = k + 1
-        if j < count:  # the longest run from k whose offsets step evenly
-            step = elements[j] - elements[k]
-            while j + 1 < count and elements[j + 1] - elements[j] == step:
-                j += 1
-            j += 1
-            views.extend(base.as_strided((j - k,) + shape, (step,) + strides,
-                                         elements[k]).unbind(0))
-        else:
-            views.append(base.as_strided(shape, strides, elements[k]))
-        k = j
-    return views
-
-
-def _bulk_state_dict(torch: Any, table: _Table, owner: Any) -> Dict[str, Any]:
+def _bulk_state_dict(torch: Any, table: "_Table", owner: Any) -> Dict[str, Any]:
     """``{name: Tensor.torch()}`` for every name of the table, without a torch call per tensor.
 
-    One torch tensor (the base) is made per (segment, dtype, offset modulo item size) through
-    Tensor.torch() (so the route, the device and the lifetime are the per-tensor ones: the base's
-    storage holds the mapping), from the segment's start to the last byte any tensor of that
-    segment uses. Every tensor is a view of its base with its own shape, strides and offset: the
-    dtype, shape, strides, device and data pointer of Tensor.torch()'s result, sharing the base's
-    storage. Grouping by the offset's residue keeps every start a whole number of elements into
-    its base. Tensors torch cannot view this way (no bytes, a dtype this torch lacks) go through
-    ``Tensor.torch()`` one by one, which also raises as before.
-
-    Tensors of one base, shape and strides form a group (grouped by _groups_in_torch, or by
-    _groups_in_python for small tables); each group's views are made a run at a time
-    (_lattice_views)."""
+    The library plans the views (companion_plan_views): runs of tensors of one segment, dtype,
+    shape and strides whose offsets step evenly. One torch tensor (the base) is made per
+    (segment, dtype, offset modulo item size) through Tensor.torch() (so the route, the device
+    and the lifetime are the per-tensor ones: the base's storage holds the mapping), from the
+    segment's start to the last byte any tensor of that segment uses. A run is one
+    ``as_strided`` of its base with a leading dimension, split by ``unbind(0)`` (each view made
+    in C++): the dtype, shape, strides, device and data pointer of Tensor.torch()'s result,
+    sharing the base's storage. Tensors the plan leaves out (no bytes, a size of 0) or of a
+    dtype this torch lacks go through ``Tensor.torch()`` one by one, which also raises as
+    before."""
     n = table.count
     names = table.names
     if n == 0:
         return {}
-    sizes, by_code = _torch_itemsizes(torch)
-    groups, table_rows, left, ends = _groups_in_torch(torch, table, by_code) \
-        if n >= _TORCH_GROUPING_FROM else _groups_in_python(table, sizes)
+    rows, runs, planned, ends = _plan_views(table)
+    sizes = _torch_itemsizes(torch)
+    records, record_size = table.records, table.record_size
+    dims = table.dims.cast("q")
+    unpack = _RECORD.unpack_from
     views: List[Any] = []
     bases: Dict[Tuple[int, int, int], Any] = {}
-    for segment, code, residue, shape, strides, elements, start, device_type, device_id in groups:
+    left: List[int] = []
+    view_rows: Any = rows[:planned]
+    for step, first, count in runs:
+        data, _, offset, _, at, _, code, ndim, device_type, device_id, segment = unpack(
+            records, rows[first] * record_size)
+        size = sizes.get(code)
+        if size is None:  # a dtype this torch lacks: one by one (which raises)
+            left.extend(rows[first:first + count])
+            continue
+        residue = offset % size
         base = bases.get((segment, code, residue))
         if base is None:
-            size = _ITEMSIZE[code]
             length = (ends[segment] - residue) // size
-            flat = Tensor._of("", _DTYPE_OF[code], (length,), (1,), start + residue,
+            flat = Tensor._of("", _DTYPE_OF[code], (length,), (1,), data - offset + residue,
                               length * size, device_type, device_id, owner)
             base = bases[(segment, code, residue)] = flat.torch()
-        views.extend(_lattice_views(base, shape, strides, elements))
+        shape, strides = tuple(dims[at:at + ndim]), tuple(dims[at + ndim:at + 2 * ndim])
+        if count == 1:
+            views.append(base.as_strided(shape, strides, offset // size))
+        else:
+            views.extend(base.as_strided((count,) + shape, (step // size,) + strides,
+                                         offset // size).unbind(0))
+    if left:  # the rows of the runs viewed, in plan order
+        skipped = set(left)
+        view_rows = [row for row in view_rows if row not in skipped]
+    left.extend(rows[planned:])
+    ordered: List[Any] = [None] * n
+    collections.deque(map(ordered.__setitem__, view_rows, views), maxlen=0)  # a loop in C
     if left:  # one by one; an entry that a later one of its name replaces is not made
         index = table.index
-        views.extend(table.get(i, owner).torch() if index[names[i]] == i else None
-                     for i in left)
-        table_rows = (table_rows or []) + left  # None (the table's order) only when none left
-    if table_rows is not None:  # into table order: each view to its row (a loop in C)
-        ordered: List[Any] = [None] * n
-        collections.deque(map(ordered.__setitem__, table_rows, views), maxlen=0)
-        views = ordered
+        for i in sorted(left):
+            if index[names[i]] == i:
+                ordered[i] = table.get(i, owner).torch()
     # A name given twice keeps its first place and its last entry, as in the table's index.
-    return dict(zip(names, views))
+    return dict(zip(names, ordered))
 
 
 class MappedModel(collections.abc.Mapping):

@@ -19,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "capi/view_plan.hpp"
 #include "client/json.hpp"
 #include "client/publication.hpp"
 #include "companion/client.hpp"
@@ -717,6 +718,50 @@ companion_status companion_model_get_table(const companion_model* model,
     if (COMPANION_FITS(table, dims)) table->dims = model->dims_at;
     if (COMPANION_FITS(table, dims_count)) table->dims_count = model->dims_count;
     if (COMPANION_FITS(table, segments)) table->segments = model->model->segment_count();
+    return COMPANION_OK;
+  });
+}
+
+companion_status companion_plan_views(const companion_model_table* table, uint32_t* rows,
+                                      companion_view_run* runs, size_t* run_count, size_t* planned,
+                                      uint64_t* segment_ends) {
+  return guarded([&]() -> companion_status {
+    if (table == nullptr) return invalid("table is NULL");
+    if (run_count == nullptr || planned == nullptr) return invalid("an out pointer is NULL");
+    size_t count = table->count;
+    if (count > UINT32_MAX) return invalid("the table has more than 2^32 - 1 records");
+    if (count > 0 && (rows == nullptr || runs == nullptr || table->records == nullptr))
+      return invalid("rows, runs or table->records is NULL");
+    if (table->segments > 0 && segment_ends == nullptr) return invalid("segment_ends is NULL");
+    if (count > 0 && table->record_size < sizeof(companion_tensor_record))
+      return invalid("table->record_size is smaller than a companion_tensor_record");
+    std::vector<companion::capi::PlanRecord> records(count);
+    const auto* bytes = static_cast<const unsigned char*>(table->records);
+    for (size_t i = 0; i < count; ++i) {
+      companion_tensor_record r;
+      std::memcpy(&r, bytes + i * table->record_size, sizeof(r));
+      auto& p = records[i];
+      p.offset = r.segment_offset;
+      p.nbytes = r.nbytes;
+      p.segment = r.segment;
+      p.dtype = r.dtype;
+      auto ndim = static_cast<uint64_t>(r.ndim);
+      // A record whose sizes and strides are not inside dims is left out (no span).
+      if (r.ndim >= 0 && table->dims != nullptr && r.dims_offset <= table->dims_count &&
+          2 * ndim <= table->dims_count - r.dims_offset) {
+        p.shape = {table->dims + r.dims_offset, ndim};
+        p.strides = {table->dims + r.dims_offset + ndim, ndim};
+      } else {
+        p.nbytes = 0;
+      }
+    }
+    auto plan = companion::capi::plan_views(records, table->segments);
+    std::copy(plan.rows.begin(), plan.rows.end(), rows);
+    for (size_t k = 0; k < plan.runs.size(); ++k)
+      runs[k] = companion_view_run{plan.runs[k].step, plan.runs[k].first, plan.runs[k].count};
+    std::copy(plan.segment_ends.begin(), plan.segment_ends.end(), segment_ends);
+    *run_count = plan.runs.size();
+    *planned = plan.planned;
     return COMPANION_OK;
   });
 }

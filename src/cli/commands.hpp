@@ -55,6 +55,9 @@ void add_connection_flags(CLI::App* serve, server::ConnectionLimits& limits);
 
 // Each returns the process exit code.
 int run_serve(const server::ServerOptions& options, const std::string& log_level);
+// The running executable's path (what serve starts its keeper with); "" when unknown.
+std::string this_program();
+int run_keeper(const std::string& socket_path, double keep_for_s, const std::string& log_level);
 int run_status(const CommonArgs& args, const ModelArgs& model, bool follow);
 int run_load(const CommonArgs& args, const ModelArgs& model, bool wait);
 int run_unload(const CommonArgs& args, const ModelArgs& model, bool force);

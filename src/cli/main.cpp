@@ -107,6 +107,28 @@ int main(int argc, char** argv) {
   cli::add_store_limit_options(*serve_cmd, serve);
   serve_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
       ->capture_default_str();
+  bool no_keep = false;
+  serve_cmd->add_flag("--no-keep", no_keep,
+                      "Free every model's memory when the server exits (no keeper; a keeper an "
+                      "earlier server left for this device is told to free what it holds)");
+  serve_cmd
+      ->add_option("--keep-for", serve.keep_for_s,
+                   "Seconds the keeper holds the models of a server that stopped or died, "
+                   "waiting for a new server on the device to adopt them")
+      ->capture_default_str();
+
+  std::string keeper_socket;
+  double keeper_keep_for_s = 600;
+  auto* keeper_cmd = app.add_subcommand(
+      "keeper",
+      "Hold committed models' memory across server restarts (serve starts it; not run by hand)");
+  keeper_cmd->add_option("--socket", keeper_socket, "The keeper's socket")->required();
+  keeper_cmd
+      ->add_option("--keep-for", keeper_keep_for_s,
+                   "Seconds to wait for a server before freeing everything")
+      ->capture_default_str();
+  keeper_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
+      ->capture_default_str();
 
   bool follow = false;
   auto* status_cmd = app.add_subcommand("status", "Show model status (all models without MODEL)");
@@ -206,7 +228,11 @@ int main(int argc, char** argv) {
   }
   if (common.connect.client_name == ConnectOptions{}.client_name)
     common.connect.client_name = "companion-cli";
-  if (*serve_cmd) return cli::run_serve(serve, log_level);
+  if (*serve_cmd) {
+    if (!no_keep) serve.keeper_program = cli::this_program();
+    return cli::run_serve(serve, log_level);
+  }
+  if (*keeper_cmd) return cli::run_keeper(keeper_socket, keeper_keep_for_s, log_level);
   if (*status_cmd) return cli::run_status(common, model, follow);
   if (*load_cmd) return cli::run_load(common, model, !no_wait);
   if (*unload_cmd) return cli::run_unload(common, model, force);

@@ -1,11 +1,16 @@
-// `companion serve`: runs a server until SIGINT or SIGTERM.
+// `companion serve`: runs a server until SIGINT or SIGTERM; `companion keeper`, which serve
+// starts.
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <climits>
 #include <csignal>
 #include <cstdio>
 #include <thread>
 
 #include "cli/commands.hpp"
 #include "common/log.hpp"
+#include "keeper/keeper_process.hpp"
 
 namespace companion::cli {
 
@@ -138,6 +143,28 @@ int run_serve(const server::ServerOptions& options, const std::string& log_level
     return 1;
   }
   return 0;
+}
+
+std::string this_program() {
+  char path[PATH_MAX];
+  ssize_t n = ::readlink("/proc/self/exe", path, sizeof(path) - 1);
+  if (n <= 0) return {};
+  return std::string(path, static_cast<size_t>(n));
+}
+
+int run_keeper(const std::string& socket_path, double keep_for_s, const std::string& log_level) {
+  if (!log::set_level(log_level)) {
+    std::fprintf(stderr, "unknown log level '%s'\n", log_level.c_str());
+    return 2;
+  }
+  if (!(keep_for_s >= 0 && keep_for_s <= 1e7)) {
+    std::fprintf(stderr, "companion keeper: --keep-for must be 0..10000000 s\n");
+    return 2;
+  }
+  keeper::KeeperOptions options;
+  options.socket_path = socket_path;
+  options.keep_for = std::chrono::milliseconds(static_cast<int64_t>(keep_for_s * 1000));
+  return keeper::run_keeper(options);
 }
 
 }  // namespace companion::cli

@@ -39,6 +39,8 @@ Result<void> check_supported(const protocol::Body& body, uint16_t server_minor) 
                       what + " needs a server of protocol 1." + std::to_string(needed) +
                           "; this server speaks 1." + std::to_string(server_minor));
   };
+  if (auto* d = std::get_if<protocol::PublishDeclare>(&body); d && d->more && server_minor < 3)
+    return refuse("a table declared in parts (more than one frame holds)", 3);
   if (server_minor >= 1) return ok_result();
   auto spec_fields = [&](const ModelSpec& spec) -> Result<void> {
     if (!spec.shard_rules.empty()) return refuse("a model spec with shard rules", 1);

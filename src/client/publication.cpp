@@ -12,6 +12,29 @@ namespace {
 
 // A large slab takes a while to allocate on the server, and a commit digests every byte.
 constexpr int kDeclareMs = 300000;
+// One PublishDeclare holds at most this many tensors and this many bytes of them, estimated a
+// little above their FlatBuffer size (well inside the 64 MiB frame).
+constexpr size_t kTensorsPerPart = 100'000;
+constexpr size_t kBytesPerPart = 32u << 20;
+
+// Where each part of a declaration ends (the last: the table's size; one part when it fits).
+std::vector<size_t> declaration_parts(std::span<const TensorDecl> table) {
+  std::vector<size_t> ends;
+  size_t count = 0;
+  size_t bytes = 0;
+  for (size_t i = 0; i < table.size(); ++i) {
+    size_t size = table[i].name.size() + table[i].alias_of.size() + 8 * table[i].shape.size() + 64;
+    if (count > 0 && (count == kTensorsPerPart || bytes + size > kBytesPerPart)) {
+      ends.push_back(i);
+      count = 0;
+      bytes = 0;
+    }
+    ++count;
+    bytes += size;
+  }
+  ends.push_back(table.size());
+  return ends;
+}
 constexpr int kCommitMs = 600000;
 constexpr int kAbortMs = 5000;
 
@@ -35,13 +58,25 @@ class PublicationImpl final : public Publication {
                         "the publication of '" + key_ + "' is over (committed or aborted)");
     if (declared_)
       return make_error(StatusCode::kInvalidArgument, "the table of '" + key_ + "' is declared");
-    protocol::PublishDeclare request;
-    request.key = key_;
-    request.tensors.reserve(table.size());
-    for (const auto& t : table)
-      request.tensors.push_back(protocol::TensorDeclInfo{t.name, t.dtype, t.shape, t.alias_of});
+    // A table larger than one frame holds goes in parts; the server declares it at the last.
+    std::vector<size_t> ends = declaration_parts(table);
+    size_t begin = 0;
+    Result<protocol::Message> reply = Error{};
     std::vector<UniqueFd> fds;
-    auto reply = connection_->call(std::move(request), kDeclareMs, &fds);
+    for (size_t end : ends) {
+      protocol::PublishDeclare request;
+      request.key = key_;
+      request.more = end != table.size();
+      request.tensors.reserve(end - begin);
+      for (const auto& t : table.subspan(begin, end - begin))
+        request.tensors.push_back(protocol::TensorDeclInfo{t.name, t.dtype, t.shape, t.alias_of});
+      begin = end;
+      reply = connection_->call(std::move(request), kDeclareMs, &fds);
+      if (!reply.ok() || end == table.size()) break;
+      if (!std::holds_alternative<protocol::Done>(reply->body))
+        return make_error(StatusCode::kProtocolError,
+                          "the server did not take a part of the table of '" + key_ + "'");
+    }
     if (!reply.ok()) return std::move(reply).error();
     auto* params = std::get_if<protocol::Parameters>(&reply->body);
     if (params == nullptr || !params->writable)

@@ -85,6 +85,21 @@ class Backend {
   virtual Result<MemoryAvailability> available_bytes() const {
     return make_error(StatusCode::kUnavailable, name() + " does not report free memory");
   }
+  // Restart without reload: true when a slab's exported handles keep its memory alive after this
+  // process is gone (host memfds, cuda-vmm shareable fds), so that a keeper holding them can hand
+  // the memory to the next server. Legacy cuda-ipc memory dies with the process that made it.
+  virtual bool handles_outlive_process() const noexcept { return false; }
+  // A sealed slab made from the handles of one that an earlier server exported (export_segments
+  // of its segments, in order): no copy, the same memory. Host: each fd must be a memfd still
+  // carrying every seal, of the given size. cuda-vmm: imported on this backend's GPU. The caller
+  // checks the bytes (Slab::digest) before serving them. kUnavailable where
+  // handles_outlive_process() is false.
+  virtual Result<std::unique_ptr<Slab>> adopt(std::vector<SegmentExport> segments,
+                                              const std::string& label) const {
+    (void)segments;
+    (void)label;
+    return make_error(StatusCode::kUnavailable, name() + " memory does not outlive its process");
+  }
 };
 
 // A segment mapped into a client process. Unmapped on destruction.

@@ -96,6 +96,30 @@ class VmmSlab final : public DeviceSlab {
 
   SegmentKind kind() const noexcept override { return SegmentKind::kCudaVmmFd; }
 
+  // A segment of an earlier server's slab, from its shareable fd (held by the keeper meanwhile):
+  // imported and mapped read-write for this server (digests run over its own mapping), the fd
+  // kept as the one clients' exports are dup'ed from. Needs the device's context current.
+  Result<void> adopt_segment(UniqueFd fd, uint64_t size) {
+    if (size == 0 || size % granularity_ != 0)
+      return make_error(StatusCode::kProtocolError,
+                        "cuda-vmm: a kept segment of " + std::to_string(size) +
+                            " bytes is not a multiple of the granularity");
+    VmmMapping& mapping = mappings_.emplace_back();
+    mapping.size = size;
+    cu::CUmemGenericAllocationHandle handle = 0;
+    auto r = COMPANION_CU(*api_, cuMemImportFromShareableHandle, &handle,
+                          reinterpret_cast<void*>(static_cast<intptr_t>(fd.get())),
+                          cu::kMemHandleTypePosixFileDescriptor);
+    if (r.ok()) {
+      mapping.handle = handle;
+      r = mapping.map(*api_, ordinal_, granularity_, cu::kMemAccessFlagsProtReadWrite);
+    }
+    if (!r.ok()) return slab_error(std::move(r).error(), "adopting a kept segment of");
+    add_segment(mapping.va, mapping.size);
+    exported_.push_back(std::move(fd));
+    return ok_result();
+  }
+
   // cuMemCreate, mapped read-write for the server.
   Result<void> allocate_segment(const std::vector<uint64_t>& sizes) override {
     const size_t index = mappings_.size();
@@ -155,6 +179,21 @@ class VmmBackend final : public DeviceBackend {
  public:
   VmmBackend(const cuda::DriverApi* api, int ordinal, uint64_t granularity)
       : DeviceBackend(api, ordinal, kBackendName, granularity, kMaxSegmentBytes) {}
+
+  bool handles_outlive_process() const noexcept override { return true; }
+  Result<std::unique_ptr<Slab>> adopt(std::vector<SegmentExport> segments,
+                                      const std::string& label) const override {
+    COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal_));
+    auto slab = std::make_unique<VmmSlab>(api_, ordinal_, label, granularity());
+    for (auto& segment : segments) {
+      if (segment.kind != SegmentKind::kCudaVmmFd || !segment.fd)
+        return make_error(StatusCode::kProtocolError, "kept segment is not a cuda-vmm fd");
+      COMPANION_TRY(slab->adopt_segment(std::move(segment.fd), segment.size));
+    }
+    // Synchronises and marks the slab sealed; every segment already has its exported fd.
+    COMPANION_TRY(slab->seal());
+    return std::unique_ptr<Slab>(std::move(slab));
+  }
 
  private:
   std::unique_ptr<DeviceSlab> new_slab(const std::string& label) const override {

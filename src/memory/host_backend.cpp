@@ -149,6 +149,21 @@ class HostSlab final : public Slab {
     return ok_result();
   }
 
+  // A segment of an earlier server's slab: a memfd that must still carry every seal.
+  Result<void> adopt(UniqueFd fd, uint64_t size, size_t index) {
+    const int seals = ::fcntl(fd.get(), F_GET_SEALS);
+    if (seals < 0 || (static_cast<unsigned>(seals) & kSeals) != kSeals)
+      return make_error(StatusCode::kProtocolError,
+                        "kept segment " + std::to_string(index) + " is not a sealed memfd");
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0 || static_cast<uint64_t>(st.st_size) != size)
+      return make_error(StatusCode::kProtocolError,
+                        "kept segment " + std::to_string(index) + " is not of its catalog's size");
+    segments_.push_back(HostSegment{std::move(fd), size, nullptr});
+    sealed_ = true;
+    return ok_result();
+  }
+
   SegmentKind kind() const noexcept override { return SegmentKind::kHostMemfd; }
   size_t segment_count() const noexcept override { return segments_.size(); }
   uint64_t segment_size(size_t i) const noexcept override {
@@ -354,6 +369,18 @@ class HostBackend final : public Backend {
     for (size_t i = 0; i < sizes.size(); ++i) {
       // An error frees the segments made so far with the slab.
       COMPANION_TRY(slab->add(sizes[i], label, i, reserves_pages_));
+    }
+    return std::unique_ptr<Slab>(std::move(slab));
+  }
+
+  bool handles_outlive_process() const noexcept override { return true; }
+  Result<std::unique_ptr<Slab>> adopt(std::vector<SegmentExport> segments,
+                                      const std::string&) const override {
+    auto slab = std::make_unique<HostSlab>();
+    for (size_t i = 0; i < segments.size(); ++i) {
+      if (segments[i].kind != SegmentKind::kHostMemfd || !segments[i].fd)
+        return make_error(StatusCode::kProtocolError, "kept segment is not a host memfd");
+      COMPANION_TRY(slab->adopt(std::move(segments[i].fd), segments[i].size, i));
     }
     return std::unique_ptr<Slab>(std::move(slab));
   }

@@ -193,7 +193,7 @@ struct Encoder {
       decls.push_back(wire::CreateTensorDecl(b, str(b, t.name), static_cast<wire::DType>(t.dtype),
                                              b.CreateVector(t.shape), str(b, t.alias_of)));
     return finish(b, id, wire::Body::PublishDeclare,
-                  wire::CreatePublishDeclare(b, str(b, m.key), b.CreateVector(decls)));
+                  wire::CreatePublishDeclare(b, str(b, m.key), b.CreateVector(decls), m.more));
   }
   Result<std::vector<uint8_t>> operator()(const PublishCommit& m) {
     return finish(b, id, wire::Body::PublishCommit, wire::CreatePublishCommit(b, str(b, m.key)));
@@ -733,6 +733,7 @@ Result<Message> decode(std::vector<uint8_t> payload) {
         COMPANION_ASSIGN_OR_RETURN(decl.alias_of, get_str(t->alias_of(), kMaxNameBytes, "alias"));
         v.tensors.push_back(std::move(decl));
       }
+      v.more = d->more();
       out.body = std::move(v);
       break;
     }

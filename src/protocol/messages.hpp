@@ -147,6 +147,7 @@ struct PublishClaimed {
 struct PublishDeclare {
   std::string key;
   std::vector<TensorDeclInfo> tensors;
+  bool more = false;  // 1.3: a part of the table; the rest follows in later PublishDeclares
 };
 struct PublishCommit {
   std::string key;

@@ -260,6 +260,11 @@ Result<std::shared_ptr<const SharedTensorTable>> SharedTensorTable::map(
   return map_sealed(std::move(fd), bytes, segment_sizes, false);
 }
 
+Result<std::shared_ptr<const SharedTensorTable>> SharedTensorTable::adopt(
+    UniqueFd fd, uint64_t bytes, std::span<const uint64_t> segment_sizes) {
+  return map_sealed(std::move(fd), bytes, segment_sizes, true);
+}
+
 Result<std::shared_ptr<const SharedTensorTable>> SharedTensorTable::map_sealed(
     UniqueFd fd, uint64_t bytes, std::span<const uint64_t> segment_sizes, bool keep_fd) {
   if (!fd) return bad_table("no descriptor");

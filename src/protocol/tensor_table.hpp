@@ -112,6 +112,11 @@ class SharedTensorTable {
   static Result<std::shared_ptr<const SharedTensorTable>> map(
       UniqueFd fd, uint64_t bytes, std::span<const uint64_t> segment_sizes);
 
+  // Restart without reload: a table an earlier server made (create()), its descriptor held by
+  // the keeper meanwhile. Checked as map() checks, and the descriptor kept to share().
+  static Result<std::shared_ptr<const SharedTensorTable>> adopt(
+      UniqueFd fd, uint64_t bytes, std::span<const uint64_t> segment_sizes);
+
   ~SharedTensorTable();
   SharedTensorTable(const SharedTensorTable&) = delete;
   SharedTensorTable& operator=(const SharedTensorTable&) = delete;

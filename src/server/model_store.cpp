@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cctype>
+#include <charconv>
 #include <chrono>
 #include <filesystem>
 #include <fstream>
@@ -216,6 +217,7 @@ ModelStore::ModelStore(std::unique_ptr<memory::Backend> backend, StoreConfig con
                                 static_cast<uint64_t>(config_.memory_reserve_fraction *
                                                       static_cast<double>(device->total)));
     budget_ = device->available > reserve ? device->available - reserve : 0;
+    budget_from_available_ = true;
   }
   if (budget_ != UINT64_MAX)
     log::info("memory budget " + format_bytes(budget_) +
@@ -609,6 +611,11 @@ void ModelStore::evict_idle(Clock::time_point now) {
   for (const auto& s : evicted) notify(s);
 }
 
+uint64_t ModelStore::memory_budget() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return budget_;
+}
+
 uint64_t ModelStore::budget_used() const {
   std::lock_guard<std::mutex> lock(mutex_);
   return held_bytes_locked() + budget_pending_;
@@ -633,7 +640,11 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
                                const std::string& store_key) {
   // Each round either admits, refuses, or evicts one idle model and looks again: the memory an
   // eviction frees shows on the device only once its slab is gone, so the slab is freed here,
-  // on the caller's thread (a load's worker, or a declare), before the next look.
+  // on the caller's thread (a load's worker, or a declare), before the next look. Memory that
+  // another holder of the slab (a keeper) lets go of later is counted as free once evicted, so
+  // that waiting for it never evicts more models.
+  uint64_t evicted_bytes = 0;
+  std::optional<uint64_t> available_before;  // at the first eviction
   for (;;) {
     auto device = backend_->available_bytes();
     std::vector<std::shared_ptr<memory::Slab>> freed;
@@ -651,6 +662,11 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
                                                  static_cast<double>(device->total)));
         uint64_t taken = reserve + admitted_bytes_;
         room = device->available > taken ? device->available - taken : 0;
+        if (available_before) {
+          uint64_t shown =
+              device->available > *available_before ? device->available - *available_before : 0;
+          room += evicted_bytes > shown ? evicted_bytes - shown : 0;
+        }
       }
       bool device_fits = bytes <= room;
       if (budget_fits && device_fits) {
@@ -668,6 +684,9 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
                        (room == UINT64_MAX || bytes <= room + evictable);
       if (!order.empty() && could_fit) {
         Entry& victim = *order.front();
+        if (device.ok() && !available_before) available_before = device->available;
+        for (const auto& g : victim.generations)
+          if (g.slab) evicted_bytes += g.slab->total_bytes();
         std::string why =
             "to make room for " + printable_text(what) + " (" + format_bytes(bytes) + ": " +
             (budget_fits ? std::string("the device is short")
@@ -911,6 +930,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     budget_pending_ -= std::min(admission.budget, budget_pending_);
     admission.budget = 0;
     e.touch();
+    keep_locked(e, e.generations.back());
     drop_unleased_locked(e);
   });
 }
@@ -1223,6 +1243,100 @@ uint32_t ModelStore::total_leases() const {
   for (const auto& [key, e] : entries_)
     for (const auto& g : e->generations) total += g.leases;
   return total;
+}
+
+void ModelStore::set_keeper(std::shared_ptr<GenerationKeeper> keeper) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  keeper_ = std::move(keeper);
+}
+
+void ModelStore::keep_locked(const Entry& e, Generation& g) {
+  if (!keeper_ || !g.slab || !g.table) return;
+  keeper::CatalogEntry c;
+  c.store_key = e.published ? published_store_key(e.publish_key) : e.model.key;
+  c.published = e.published;
+  c.publish_key = e.publish_key;
+  c.spec = e.model.spec;
+  c.source_path = e.model.source.path;
+  c.hf_repo = e.model.source.hf_repo;
+  c.hf_commit = e.model.source.hf_commit;
+  c.number = g.number;
+  c.fingerprint = g.fingerprint;
+  // A publication's digests were taken at its commit ("wsum64:<hex>"); a load's are taken by
+  // the keeper's thread (empty here).
+  for (const std::string& text : g.digests) {
+    constexpr std::string_view kPrefix = "wsum64:";
+    if (text.rfind(kPrefix, 0) != 0) {
+      c.digests.clear();
+      break;
+    }
+    uint64_t digest = 0;
+    const char* hex = text.data() + kPrefix.size();
+    auto [end, err] = std::from_chars(hex, text.data() + text.size(), digest, 16);
+    if (err != std::errc() || end != text.data() + text.size()) {
+      c.digests.clear();
+      break;
+    }
+    c.digests.push_back(digest);
+  }
+  c.files = g.files;
+  c.created_at_ms = g.created_at_ms;
+  c.segment_kind = g.slab->kind();
+  for (size_t i = 0; i < g.slab->segment_count(); ++i)
+    c.segment_sizes.push_back(g.slab->segment_size(i));
+  c.table_bytes = g.table->bytes();
+  g.kept = keeper_->keep(std::move(c), g.slab, g.table);
+}
+
+Result<ModelStatus> ModelStore::adopt(AdoptedGeneration a) {
+  ModelStatus s;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const std::string& key = a.model.key;
+    if (entries_.count(key) != 0)
+      return make_error(StatusCode::kInvalidArgument, printable_text(key) + " is held already");
+    // This server's roots, not the earlier one's: a model it could not load it does not serve.
+    if (!a.published && !checkpoint::is_under_roots(a.model.source.path, roots_))
+      return make_error(StatusCode::kNotPermitted,
+                        a.model.source.path + " is outside the server's model roots");
+    if (held_locked() >= config_.max_models)
+      return make_error(StatusCode::kLimitExceeded, "the server holds " +
+                                                        std::to_string(held_locked()) +
+                                                        " models, its limit (--max-models " +
+                                                        std::to_string(config_.max_models) + ")");
+    auto entry = std::make_shared<Entry>();
+    Entry& e = *entry;
+    e.model = a.model;
+    e.id = short_id(key);
+    e.published = a.published;
+    e.publish_key = a.publish_key;
+    e.state = ModelState::kLoaded;
+    e.generation = next_generation();
+    e.reload_note = "adopted after a restart (not read again)";
+    uint64_t bytes = 0;
+    for (size_t i = 0; i < a.table->size(); ++i) bytes += a.table->view().record(i).nbytes;
+    e.bytes_done = e.bytes_total = bytes;
+    Generation g;
+    g.number = a.number;
+    g.token = next_generation();
+    g.slab = std::move(a.slab);
+    g.table = std::move(a.table);
+    g.digests = std::move(a.digests);
+    g.fingerprint = std::move(a.fingerprint);
+    g.files = std::move(a.files);
+    g.created_at_ms = a.created_at_ms;
+    g.kept = std::move(a.kept);
+    e.next_number = a.number + 1;
+    // The memory was taken before this server started: the default budget, made of what was
+    // available then, did not count it as available, and must not count it twice.
+    if (budget_from_available_ && g.slab) budget_ += g.slab->total_bytes();
+    e.generations.push_back(std::move(g));
+    e.touch();
+    entries_[key] = entry;
+    s = snapshot(e);
+  }
+  notify(s);
+  return s;
 }
 
 }  // namespace companion::server

@@ -19,6 +19,7 @@
 #include "checkpoint/source.hpp"
 #include "common/util.hpp"
 #include "companion/types.hpp"
+#include "keeper/keeper_protocol.hpp"
 #include "loader/loader.hpp"
 #include "memory/backend.hpp"
 #include "protocol/messages.hpp"
@@ -100,6 +101,36 @@ struct ClaimOutcome {
 // Published models live in the store under this key (loaded ones under "source=...").
 std::string published_store_key(const std::string& key);
 
+// Restart without reload (server/keeper_link.hpp): what the store tells a keeper about the
+// generations it commits.
+class GenerationKeeper {
+ public:
+  virtual ~GenerationKeeper() = default;
+  // A generation was committed (a load, a reload, a publication). Called under the store's lock:
+  // must not block. The token returned lives as long as the generation does in the store; its
+  // destruction tells the keeper that the generation is freed (unloaded, evicted, replaced).
+  virtual std::shared_ptr<void> keep(keeper::CatalogEntry catalog,
+                                     std::shared_ptr<memory::Slab> slab,
+                                     std::shared_ptr<const protocol::SharedTensorTable> table) = 0;
+};
+
+// A generation an earlier server committed, rebuilt from the keeper's handles and checked.
+struct AdoptedGeneration {
+  ResolvedModel model;  // key: the store key; spec and source: a loaded model's
+  bool published = false;
+  std::string publish_key;
+  uint64_t number = 0;
+  Fingerprint fingerprint;
+  std::vector<std::string> digests;
+  std::string files;
+  int64_t created_at_ms = 0;
+  std::shared_ptr<memory::Slab> slab;
+  std::shared_ptr<const protocol::SharedTensorTable> table;
+  std::shared_ptr<void> kept;  // the keeper's token, as GenerationKeeper::keep returns
+};
+
+struct Generation;
+
 class ModelStore {
  public:
   // Called after every state change, from whichever thread made it (a worker or the caller).
@@ -157,6 +188,12 @@ class ModelStore {
   // writable for the writer.
   Result<WriterGrant> declare(const std::string& key, uint64_t writer,
                               const std::vector<protocol::TensorDeclInfo>& tensors);
+  // declare() on a worker thread (a large table's checks and layout, and a large slab's
+  // allocation, take seconds); `done` runs on that thread with the outcome, unless the store is
+  // stopping.
+  void declare_async(const std::string& key, uint64_t writer,
+                     std::vector<protocol::TensorDeclInfo> tensors,
+                     std::function<void(Result<WriterGrant>)> done);
   // Digests and seals the slab on a worker thread, makes it the current generation and leases it
   // to the writer; `done` runs on that thread with the outcome. A seal refused because a
   // writable mapping is left fails the commit and keeps the publication open.
@@ -178,7 +215,7 @@ class ModelStore {
   // Bytes admitted to loads in flight (their slabs, allocated or about to be).
   uint64_t admitted_bytes() const;
   // The memory budget in bytes (UINT64_MAX: none), and the bytes counted against it now.
-  uint64_t memory_budget() const { return budget_; }
+  uint64_t memory_budget() const;
   uint64_t budget_used() const;
   // Models evicted since start (to make room, or idle).
   uint64_t evictions() const;
@@ -186,6 +223,12 @@ class ModelStore {
   // it periodically); nothing when idle_evict is 0.
   void evict_idle(Clock::time_point now);
   std::chrono::milliseconds idle_evict() const { return config_.idle_evict; }
+  // From now on every committed generation is handed to `keeper` (nullptr: none).
+  void set_keeper(std::shared_ptr<GenerationKeeper> keeper);
+  // Registers a kept generation as the loaded (or published) model it was, with its number and
+  // fingerprint, serving at once. kInvalidArgument when the key is held already, kLimitExceeded
+  // past max_models.
+  Result<ModelStatus> adopt(AdoptedGeneration generation);
   // How often each limit refused or dropped something, by the name of its `serve` flag:
   // max-models, max-variants-per-source, memory (admission), key-length, max-error-entries
   // (failed loads dropped), error-ttl (failed loads expired).
@@ -206,6 +249,8 @@ class ModelStore {
                   std::function<void(Result<LeaseGrant>)> done);
   Result<LeaseGrant> lease_locked(Entry& e, size_t index);
   void drop_unleased_locked(Entry& e);
+  // Hands a generation just committed to the keeper, if any.
+  void keep_locked(const Entry& e, Generation& g);
   // Frees the slabs on a worker thread.
   void retire_locked(std::vector<std::shared_ptr<memory::Slab>> slabs);
   void worker_loop(std::shared_ptr<WorkerPool> pool, size_t index);
@@ -247,6 +292,9 @@ class ModelStore {
   bool stopping_ = false;
   uint64_t admitted_bytes_ = 0;
   uint64_t budget_ = UINT64_MAX;  // resolved from the config at start
+  // The default budget (what was available at start, less the reserve): models adopted after
+  // start were in memory before it, so their bytes are added to it.
+  bool budget_from_available_ = false;
   // Bytes admitted against the budget whose slab no entry holds yet (loads and declares in
   // flight); exact: each admission's bytes leave it in the same critical section that hands the
   // slab to its entry, or when the slab is given up.
@@ -255,6 +303,7 @@ class ModelStore {
   std::map<std::string, uint64_t> refusals_;
   std::shared_ptr<WorkerPool> pool_;
   std::vector<std::thread> workers_;
+  std::shared_ptr<GenerationKeeper> keeper_;
 };
 
 // "source=/abs/path;rev=<commit>;dtype=BF16;tp=0/1;tag=x": two specs with the same key share

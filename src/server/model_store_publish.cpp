@@ -21,14 +21,23 @@ Error invalid(const std::string& why) {
   return make_error(StatusCode::kInvalidArgument, why);
 }
 
+// A declared table's tensors: each one's bytes (0 for aliases) and, for an alias, the index of
+// the tensor it names (kNoAlias for the others).
+struct CheckedTable {
+  static constexpr size_t kNoAlias = SIZE_MAX;
+  std::vector<uint64_t> bytes;
+  std::vector<size_t> alias_of;
+};
+
 // Checks a declared table: names valid and unique, shapes within bounds, aliases naming an
-// earlier tensor with its own bytes and the same dtype and shape. Returns each tensor's bytes
-// (0 for aliases).
-Result<std::vector<uint64_t>> check_table(const std::vector<protocol::TensorDeclInfo>& table) {
-  if (table.size() > protocol::kMaxTensors)
-    return invalid("a published model has at most " + std::to_string(protocol::kMaxTensors) +
+// earlier tensor with its own bytes and the same dtype and shape.
+Result<CheckedTable> check_table(const std::vector<protocol::TensorDeclInfo>& table) {
+  if (table.size() > protocol::kMaxTableTensors)
+    return invalid("a published model has at most " + std::to_string(protocol::kMaxTableTensors) +
                    " tensors, not " + std::to_string(table.size()));
-  std::vector<uint64_t> bytes(table.size(), 0);
+  CheckedTable checked;
+  checked.bytes.assign(table.size(), 0);
+  checked.alias_of.assign(table.size(), CheckedTable::kNoAlias);
   std::unordered_map<std::string_view, size_t> index;
   index.reserve(table.size());
   for (size_t i = 0; i < table.size(); ++i) {
@@ -66,11 +75,12 @@ Result<std::vector<uint64_t>> check_table(const std::vector<protocol::TensorDecl
       if (of.dtype != t.dtype || of.shape != t.shape)
         return invalid("tensor '" + printable_text(t.name) + "' aliases '" +
                        printable_text(t.alias_of) + "' but differs in dtype or shape");
+      checked.alias_of[i] = target->second;
       continue;
     }
-    bytes[i] = elements * dtype_size(t.dtype);
+    checked.bytes[i] = elements * dtype_size(t.dtype);
   }
-  return bytes;
+  return checked;
 }
 
 std::string digest_text(uint64_t digest) {
@@ -168,7 +178,8 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     if (it->second->writer->slab)
       return invalid("'" + printable_text(key) + "' is declared already; one table per claim");
   }
-  COMPANION_ASSIGN_OR_RETURN(std::vector<uint64_t> bytes, check_table(table));
+  COMPANION_ASSIGN_OR_RETURN(CheckedTable checked, check_table(table));
+  std::vector<uint64_t>& bytes = checked.bytes;
   std::vector<uint64_t> sizes;
   std::vector<size_t> owners;  // table index of each laid-out tensor
   for (size_t i = 0; i < table.size(); ++i)
@@ -205,6 +216,17 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     admitted_bytes_ -= std::min(outstanding - keep, admitted_bytes_);
     outstanding = keep;
   };
+  // What is still admitted goes back on every way out that does not hand it to the writer (an
+  // exception included: declare_async runs this on a worker and reports the exception).
+  bool handed_over = false;
+  struct Unadmit {
+    std::function<void()> run;
+    ~Unadmit() { run(); }
+  } unadmit{[&] {
+    if (handed_over) return;
+    std::lock_guard<std::mutex> lock(mutex_);
+    settle(0);
+  }};
   auto allocate_start = Clock::now();
   auto slab = backend_->allocate(layout.segment_sizes, short_id(store_key));
   if (!slab.ok()) {
@@ -230,19 +252,15 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     segment_of[i] = layout.placements[k].segment;
     offset_of[i] = layout.placements[k].offset;
   }
-  std::unordered_map<std::string_view, size_t> by_name;
   size_t name_bytes = 0;
   for (const auto& t : table) name_bytes += t.name.size();
   protocol::TensorTableBuilder builder(table.size(), name_bytes);
   Result<void> built = ok_result();
   for (size_t i = 0; i < table.size() && built.ok(); ++i) {
-    if (!table[i].alias_of.empty()) {
-      size_t of = by_name.at(table[i].alias_of);
+    if (size_t of = checked.alias_of[i]; of != CheckedTable::kNoAlias) {
       segment_of[i] = segment_of[of];
       offset_of[i] = offset_of[of];
       bytes[i] = bytes[of];
-    } else {
-      by_name.emplace(table[i].name, i);
     }
     built = builder.add(table[i].name, table[i].dtype, table[i].shape, {}, segment_of[i],
                         offset_of[i], bytes[i]);
@@ -276,6 +294,7 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     e.writer->table = *tensors;
     e.writer->token = next_generation();
     e.writer->admitted = outstanding;
+    handed_over = true;
     e.bytes_total = slab_bytes;
     e.bytes_done = 0;
     grant.status = snapshot(e);
@@ -290,6 +309,30 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
             std::to_string(ms(exported_at - allocated_at)) + " ms)");
   notify(grant.status);
   return grant;
+}
+
+void ModelStore::declare_async(const std::string& key, uint64_t writer,
+                               std::vector<protocol::TensorDeclInfo> tensors,
+                               std::function<void(Result<WriterGrant>)> done) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  jobs_.push_back([this, pool = pool_, key, writer, tensors = std::move(tensors),
+                   done = std::move(done)] {
+    if (pool->stopping) return;
+    // An exception fails this declaration alone (declare() frees what it allocated).
+    Result<WriterGrant> outcome = Error{StatusCode::kInternal, "internal error while declaring"};
+    try {
+      outcome = declare(key, writer, tensors);
+    } catch (const std::bad_alloc&) {
+      outcome = Error{StatusCode::kOutOfMemory, "out of host memory while declaring a table"};
+    } catch (const std::exception& e) {
+      outcome = Error{StatusCode::kInternal,
+                      std::string("internal error while declaring a table: ") + e.what()};
+    } catch (...) {
+    }
+    if (pool->stopping) return;  // the store may be gone: touch nothing
+    done(std::move(outcome));
+  });
+  jobs_cv_.notify_one();
 }
 
 void ModelStore::commit(const std::string& key, uint64_t writer,
@@ -399,6 +442,7 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
       g.fingerprint = w.fingerprint;
       g.created_at_ms = unix_time_ms();
       entry->generations.push_back(std::move(g));
+      keep_locked(*entry, entry->generations.back());
       entry->writer.reset();
       entry->state = ModelState::kLoaded;
       entry->bytes_done = entry->bytes_total;

@@ -35,6 +35,7 @@
 #include "protocol/messages.hpp"
 #include "registry/etcd_registry.hpp"
 #include "registry/registry.hpp"
+#include "server/keeper_link.hpp"
 #include "server/model_store.hpp"
 #include "transport/event_loop.hpp"
 #include "transport/unix_socket.hpp"
@@ -82,6 +83,14 @@ struct Connection {
   std::map<uint64_t, Lease> leases;
   std::map<uint64_t, Subscription> subscriptions;
   std::set<std::string> publishing;  // published keys this connection holds as their writer
+  // 1.3: the parts of a table declared so far (PublishDeclare with `more`), by key, and the
+  // bytes they hold (as declaration_bytes() counts them), all keys together.
+  struct Declaring {
+    std::vector<protocol::TensorDeclInfo> tensors;
+    size_t bytes = 0;
+  };
+  std::map<std::string, Declaring> declaring;
+  size_t declaring_bytes = 0;
 };
 
 // Refusal reasons, as counted in health (all present, zero or not).
@@ -100,6 +109,7 @@ constexpr const char* kRefusalReasons[] = {
     "leases",                 // --max-leases-per-connection
     "parked_requests",        // --max-queued-replies requests waiting on one connection
     "publications",           // publications in progress on one connection
+    "declaration_bytes",      // a table declared in parts past its bounds
 };
 
 // A request parked until its model finishes loading (or its first generation is committed).
@@ -299,9 +309,14 @@ class ServerImpl final : public Server {
   }
 
   ~ServerImpl() override {
+    // What the store frees as it goes away stays with the keeper for the next server.
+    if (keeper_) keeper_->detach();
     resolver_.reset();  // resolves still running drop their results
     store_.reset();     // joins loaders before the loop they post to goes away
+    keeper_.reset();    // sends what is queued, then ends the session
   }
+
+  void attach_keeper(std::shared_ptr<KeeperLink> keeper) { keeper_ = std::move(keeper); }
 
   void attach_store(std::unique_ptr<ModelStore> store) {
     store_ = std::move(store);
@@ -781,7 +796,10 @@ class ServerImpl final : public Server {
     send(c, Message{rid, protocol::UnloadReply{*s}});
     if (s->published) {
       // Its writer, if any, lost the key; whoever waited to claim it may now.
-      for (auto& [cid, other] : connections_) other->publishing.erase(s->key);
+      for (auto& [cid, other] : connections_) {
+        other->publishing.erase(s->key);
+        drop_declaration(*other, s->key);
+      }
       hand_over(s->key);
     }
   }
@@ -940,8 +958,78 @@ class ServerImpl final : public Server {
     }
   }
 
-  void on_declare(Connection& c, uint64_t rid, const protocol::PublishDeclare& m) {
-    auto g = store_->declare(m.key, c.id, m.tensors);
+  // What a connection's declared parts hold, counted per tensor: its strings, its shape, and
+  // what a vector entry and two strings cost besides.
+  static size_t declaration_bytes(const std::vector<protocol::TensorDeclInfo>& tensors) {
+    size_t bytes = 0;
+    for (const auto& t : tensors)
+      bytes += t.name.size() + t.alias_of.size() + 8 * t.shape.size() +
+               sizeof(protocol::TensorDeclInfo) + 32;
+    return bytes;
+  }
+
+  static void drop_declaration(Connection& c, const std::string& key) {
+    auto it = c.declaring.find(key);
+    if (it == c.declaring.end()) return;
+    c.declaring_bytes -= std::min(c.declaring_bytes, it->second.bytes);
+    c.declaring.erase(it);
+  }
+
+  void on_declare(Connection& c, uint64_t rid, protocol::PublishDeclare& m) {
+    auto parts = c.declaring.find(m.key);
+    if (m.more || parts != c.declaring.end()) {
+      // A table in parts: held here (bounded per connection) until its last part.
+      if (!c.publishing.count(m.key)) {
+        drop_declaration(c, m.key);
+        return reply_error(c, rid,
+                           make_error(StatusCode::kInvalidArgument,
+                                      "'" + printable_text(m.key) +
+                                          "' is not claimed by this connection: claim it "
+                                          "before declaring its table"));
+      }
+      size_t held = parts == c.declaring.end() ? 0 : parts->second.tensors.size();
+      size_t bytes = declaration_bytes(m.tensors);
+      if (held + m.tensors.size() > protocol::kMaxTableTensors ||
+          c.declaring_bytes + bytes > kMaxDeclaringBytes) {
+        drop_declaration(c, m.key);
+        count_refusal("declaration_bytes");
+        return reply_error(
+            c, rid,
+            make_error(StatusCode::kLimitExceeded,
+                       "the table of '" + printable_text(m.key) + "' passes " +
+                           std::to_string(protocol::kMaxTableTensors) + " tensors or " +
+                           format_bytes(kMaxDeclaringBytes) + " of declarations"));
+      }
+      auto& declared = c.declaring[m.key];
+      declared.bytes += bytes;
+      c.declaring_bytes += bytes;
+      declared.tensors.insert(declared.tensors.end(), std::make_move_iterator(m.tensors.begin()),
+                              std::make_move_iterator(m.tensors.end()));
+      if (m.more) return send(c, Message{rid, protocol::Done{}});
+      m.tensors = std::move(declared.tensors);
+      drop_declaration(c, m.key);
+    }
+    if (!may_park(c, rid)) return;
+    uint64_t cid = c.id;
+    std::string key = m.key;
+    ++c.parked;
+    // Checks, layout and allocation run on a worker (seconds for a large table or slab); the
+    // outcome comes back to the loop.
+    store_->declare_async(
+        key, cid, std::move(m.tensors), [this, cid, rid, key](Result<WriterGrant> result) {
+          auto held = std::make_shared<Result<WriterGrant>>(std::move(result));
+          loop_->post(
+              [this, cid, rid, key, held] { on_declared(cid, rid, key, std::move(*held)); });
+        });
+  }
+
+  void on_declared(uint64_t cid, uint64_t rid, const std::string& key, Result<WriterGrant> g) {
+    auto it = connections_.find(cid);
+    // The writer went away meanwhile: closing it gave its publications up (a slab allocated
+    // after that was freed by the store, which found no writer).
+    if (it == connections_.end()) return;
+    Connection& c = *it->second;
+    --c.parked;
     if (!g.ok()) return reply_error(c, rid, g.error());
     std::vector<UniqueFd> fds;
     std::vector<protocol::SegmentInfo> segments = describe_segments(g->exports, fds);
@@ -949,9 +1037,9 @@ class ServerImpl final : public Server {
     status.generation = g->generation;  // the number the writer's commit will get
     auto payload = parameters_payload(c, rid, 0, status, segments, *g->table, true, fds);
     if (!payload.ok()) {
-      store_->abort(m.key, c.id);
-      c.publishing.erase(m.key);
-      hand_over(m.key);
+      store_->abort(key, c.id);
+      c.publishing.erase(key);
+      hand_over(key);
       return reply_error(c, rid, payload.error());
     }
     enqueue(c, std::move(*payload), std::move(fds));
@@ -1343,7 +1431,8 @@ class ServerImpl final : public Server {
     h.refused["checkpoint_files"] += files.files;
     h.leases = store_->total_leases();
     h.slab_bytes = store_->slab_bytes();
-    h.memory_budget = store_->memory_budget() == UINT64_MAX ? 0 : store_->memory_budget();
+    uint64_t budget = store_->memory_budget();
+    h.memory_budget = budget == UINT64_MAX ? 0 : budget;
     h.evictions = store_->evictions();
     h.server = identity_;
     h.registry = registry_url_;
@@ -1363,6 +1452,9 @@ class ServerImpl final : public Server {
   static constexpr auto kAcceptBackoff = std::chrono::milliseconds(100);
   // Keys one connection may hold as their writer at once (each claim takes a model's place).
   static constexpr size_t kMaxPublicationsPerConnection = 64;
+  // Bytes of declared table parts one connection may hold, as declaration_bytes() counts them:
+  // about 2.5 million tensors of 60-byte names.
+  static constexpr size_t kMaxDeclaringBytes = size_t{512} << 20;
   static constexpr auto kLogInterval = std::chrono::seconds(10);
 
   ServerOptions options_;
@@ -1373,6 +1465,7 @@ class ServerImpl final : public Server {
   std::unique_ptr<registry::Registration> registration_;
   std::string registry_url_;
   std::unique_ptr<registry::EtcdAnnouncer> announcer_;
+  std::shared_ptr<KeeperLink> keeper_;
   std::unique_ptr<ModelStore> store_;
   std::unique_ptr<Resolver> resolver_;
   std::unordered_map<uint64_t, std::unique_ptr<Connection>> connections_;
@@ -1449,6 +1542,68 @@ void raise_descriptor_limit() {
     log::warn(std::string("cannot raise the descriptor limit: ") + std::strerror(errno));
 }
 
+// The keeper of this namespace's server on this device and backend: one socket (and log) per
+// such triple in the runtime directory, so that the next server of the same device finds it.
+std::string keeper_path(const registry::LocalRegistry& registry, const ServerIdentity& id,
+                        const char* suffix) {
+  const std::string what = id.ns + "\n" + id.device + "\n" + id.default_backend;
+  return registry.runtime_dir() + "/keeper-" + hex64(fnv1a64(what)).substr(0, 12) + suffix;
+}
+
+// Opens the keeper session, adopts what the keeper holds and hands the store to it. A server
+// without a keeper still serves: a failure here is logged, never fatal.
+void start_keeper(const ServerOptions& options, const registry::LocalRegistry& registry,
+                  ServerImpl& server) {
+  const ServerIdentity& id = server.identity();
+  const std::string socket = keeper_path(registry, id, ".sock");
+  if (options.keeper_program.empty()) {
+    auto released = keeper::KeeperSession::release(socket);
+    if (released.ok() && !released->error.empty())
+      log::info("the keeper on " + socket + " is left alone: " + released->error);
+    else if (released.ok() && released->keeper_pid != 0)
+      log::info("keeper " + std::to_string(released->keeper_pid) + " told to free the " +
+                std::to_string(released->kept) + " generations it held (--no-keep)");
+    return;
+  }
+  if (!server.store().backend().handles_outlive_process()) {
+    log::info(server.store().backend().name() +
+              " memory cannot outlive this process: no keeper, models go with the server");
+    return;
+  }
+  if (socket.size() > registry::kMaxSocketPathBytes) {
+    log::warn("no keeper: its socket path " + socket + " is longer than a socket path may be (" +
+              std::to_string(registry::kMaxSocketPathBytes) +
+              " bytes); models will not survive a restart");
+    return;
+  }
+  auto keep_for = std::chrono::milliseconds(static_cast<int64_t>(options.keep_for_s * 1000));
+  auto start = Clock::now();
+  auto link = KeeperLink::open(socket, {options.keeper_program, keeper_path(registry, id, ".log")},
+                               keep_for);
+  if (!link.ok()) {
+    log::warn("no keeper (" + link.error().message + "): models will not survive a restart");
+    return;
+  }
+  auto adopted = (*link)->adopt_into(server.store());
+  if (!adopted.ok()) {
+    log::warn("the keeper's generations could not be taken back (" + adopted.error().message + ")");
+  } else if (adopted->adopted + adopted->dropped > 0) {
+    log::info(
+        "adopted " + std::to_string(adopted->adopted) + " models (" + format_bytes(adopted->bytes) +
+        ") from keeper " + std::to_string((*link)->hello().keeper_pid) + " in " +
+        std::to_string(static_cast<int64_t>(adopted->ms)) + " ms (since start: " +
+        std::to_string(
+            std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - start).count()) +
+        " ms); " + std::to_string(adopted->dropped) + " dropped");
+  }
+  server.store().set_keeper(*link);
+  (*link)->start();
+  log::info("keeper " + std::to_string((*link)->hello().keeper_pid) + " on " + socket +
+            " holds committed models past this server (for " +
+            std::to_string(static_cast<int64_t>(options.keep_for_s)) + " s after it stops)");
+  server.attach_keeper(std::move(link).value());
+}
+
 }  // namespace
 
 Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
@@ -1517,6 +1672,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   config.shutdown_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_timeout_s * 1000));
   COMPANION_TRY(config.validate());
+  if (!(options.keep_for_s >= 0 && options.keep_for_s <= 1e7))
+    return make_error(StatusCode::kInvalidArgument, "--keep-for must be 0..10000000 s");
 
   auto server = std::make_unique<ServerImpl>(options, id, std::move(loop), std::move(listen_fd),
                                              std::move(registration), registry_choice.url);
@@ -1525,6 +1682,9 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   server->attach_store(std::make_unique<ModelStore>(
       std::move(setup.backend), std::move(config),
       [raw](const ModelStatus& s) { raw->loop().post([raw, s] { raw->on_model_status(s); }); }));
+  // Before any load and before clients: what an earlier server left with the keeper is served
+  // again first, and what this one commits is kept from the start.
+  start_keeper(options, registry, *raw);
   if (id.device_ordinal >= 0 && id.device != "host")
     raw->store().pin_staging_ahead(id.device_ordinal);
   for (const auto& source : options.preload) {

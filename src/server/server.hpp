@@ -91,6 +91,12 @@ struct ServerOptions {
   double idle_evict_s = 0;
   // --shutdown-timeout: how long stopping waits for loads; one stuck longer is left behind.
   double shutdown_timeout_s = 5;
+  // Restart without reload: the program run as `PROGRAM keeper ...` to hold committed memory
+  // past this server (the companion executable); "" runs without a keeper (--no-keep), and a
+  // keeper an earlier server left for this device is told to free what it holds.
+  std::string keeper_program;
+  // --keep-for: how long the keeper waits for a server to come back before it frees everything.
+  double keep_for_s = 600;
 };
 
 class Server {

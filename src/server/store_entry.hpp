@@ -27,6 +27,9 @@ struct Generation {
   Fingerprint fingerprint;           // published
   std::string files;                 // loaded: the files' identity (dev, inode, size, mtime)
   int64_t created_at_ms = 0;
+  // The keeper's token (GenerationKeeper::keep): dropped with the generation, which tells the
+  // keeper to let go of it.
+  std::shared_ptr<void> kept;
 };
 
 // A publication in progress: the writer (a connection) and, once declared, its slab.

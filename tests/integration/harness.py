@@ -26,9 +26,11 @@ class Server:
     """A `companion serve` process in its own runtime directory (host backend by default)."""
 
     def __init__(self, runtime_dir, model_roots, namespace="companion", extra=(), env=None,
-                 device="host", launcher=(), preexec_fn=None):
+                 device="host", launcher=(), preexec_fn=None, keep=False):
         """launcher: a command that execs the server's command line given after it (the
-        server's pid stays the process's); preexec_fn: as for subprocess.Popen."""
+        server's pid stays the process's); preexec_fn: as for subprocess.Popen. keep: run with
+        a keeper (restart without reload); tests run without one (--no-keep) unless they are
+        about it, so that no test's memory outlives it."""
         self.runtime_dir = pathlib.Path(runtime_dir)
         self.namespace = namespace
         self.log_path = self.runtime_dir.parent / f"server-{uuid.uuid4().hex[:8]}.log"
@@ -37,6 +39,8 @@ class Server:
                 "--runtime-dir", str(self.runtime_dir), "--log-level", "info"]
         for root in model_roots:
             args += ["--model-root", str(root)]
+        if not keep:
+            args.append("--no-keep")
         args += list(extra)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log, text=True,
@@ -73,6 +77,13 @@ class Server:
     def log_text(self):
         self.log.flush()
         return self.log_path.read_text()
+
+    def keeper_pid(self):
+        """The pid of the keeper this server opened its session with (from its log), or None."""
+        for line in self.log_text().splitlines():
+            if " info: keeper " in line and " holds committed models" in line:
+                return int(line.split(" info: keeper ")[1].split()[0])
+        return None
 
     def rss_kb(self):
         for line in pathlib.Path(f"/proc/{self.pid}/status").read_text().splitlines():

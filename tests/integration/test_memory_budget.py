@@ -131,6 +131,36 @@ def test_idle_models_are_evicted_and_held_ones_stay(serve, budget_models):
                                         ("--memory-budget", "8GB"), ("--idle-evict", "-1")])
 def test_bad_settings_stop_the_server_at_start(runtime_dir, budget_models, flag, value):
     r = subprocess.run([str(COMPANION), "serve", "--device", "host", "--runtime-dir",
-                        str(runtime_dir), "--model-root", str(budget_models), flag, value],
+                        str(runtime_dir), "--model-root", str(budget_models), "--no-keep",
+                        flag, value],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and flag in r.stderr, (r.returncode, r.stderr)
+
+
+def test_an_evicted_model_leaves_the_keeper_too(runtime_dir, budget_models):
+    """With a keeper (restart without reload), eviction frees the model's memory there as well,
+    and a restarted server adopts only what was resident."""
+    from test_keeper import wait_kept
+    server = Server(runtime_dir, [budget_models], keep=True,
+                    extra=["--memory-reserve", "0", "--memory-budget", "1536KiB"])
+    try:
+        keeper = server.keeper_pid()
+        server.cli("load", str(budget_models / "a"))
+        wait_kept(keeper, 1)
+        server.cli("load", str(budget_models / "b"))  # room for one: a is evicted
+        assert sorted(listed(server)) == ["b"]
+        wait_kept(keeper, 1)
+    finally:
+        assert server.stop() == 0, server.log_text()
+    server = Server(runtime_dir, [budget_models], keep=True,
+                    extra=["--memory-reserve", "0", "--memory-budget", "1536KiB"])
+    try:
+        models = listed(server)
+        assert sorted(models) == ["b"] and models["b"]["eviction_rank"] == 1, models
+        server.cli("load", str(budget_models / "a"))  # evicts the adopted b
+        assert sorted(listed(server)) == ["a"]
+        health, _ = server.cli_json("health")
+        assert health["evictions"] == 1
+    finally:
+        server.cli("unload", str(budget_models / "a"), check=False)
+        assert server.stop() == 0, server.log_text()

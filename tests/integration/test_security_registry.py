@@ -181,7 +181,7 @@ def planted(other_user, shared_tmp):
     os.chown(runtime, 0, other_user.gid)
     runtime.chmod(0o770)
     server = other_user.popen([binary, "serve", "--device", "host", "--runtime-dir", own,
-                               "--model-root", models], stdout=subprocess.PIPE,
+                               "--model-root", models, "--no-keep"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     planter = None
     try:
@@ -424,7 +424,8 @@ def test_server_in_another_pid_namespace_is_checked_by_uid(runtime_dir, model_ro
     # A shell is the namespace's init (pid 1, which ignores SIGTERM), the server its child.
     proc = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sh", "-c",
                              '"$@" & wait', "sh", str(COMPANION), "serve", "--device", "host",
-                             "--runtime-dir", str(runtime_dir), "--model-root", str(model_root)],
+                             "--runtime-dir", str(runtime_dir), "--model-root", str(model_root),
+                             "--no-keep"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         line = proc.stdout.readline()

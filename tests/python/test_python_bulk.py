@@ -43,17 +43,8 @@ def same_torch(a, b):
             and a.is_contiguous() == b.is_contiguous())
 
 
-@pytest.fixture(params=["python", "torch"])
-def grouping(request, monkeypatch):
-    """state_dict() groups small tables in Python and large ones with torch ops: both, here."""
-    monkeypatch.setattr(companion.model, "_TORCH_GROUPING_FROM",
-                        0 if request.param == "torch" else 10**9)
-    return request.param
-
-
 @pytest.mark.parametrize("name", ["opt-f32", "opt-bf16", "opt-big", "mixed"])
-def test_table_and_bulk_state_dict_match_the_per_tensor_routes(client, model_root, name,
-                                                                grouping):
+def test_table_and_bulk_state_dict_match_the_per_tensor_routes(client, model_root, name):
     with client.get_model_parameters(str(model_root / name)) as model:
         expected = per_tensor_table(model)
         assert len(model) == len(expected) and list(model) == list(expected)
@@ -199,7 +190,7 @@ def many_root(tmp_path_factory):
     return root, tensors
 
 
-def test_a_100k_tensor_table(tmp_path_factory, many_root, grouping):
+def test_a_100k_tensor_table(tmp_path_factory, many_root):
     root, expected = many_root
     from harness import Server
 

@@ -2,7 +2,7 @@
 server): layouts the checkpoints of the other tests do not have (interleaved MoE experts, strides
 that are not contiguous, tensors with no bytes, names given twice, tensors at one offset, dtypes
 torch lacks or this package does not know, several segments, offsets that are not a multiple of
-the item size, longer records of a newer library), through both groupings (Python and torch)."""
+the item size, longer records of a newer library), planned by the library (companion_plan_views)."""
 import ctypes
 import struct
 import threading
@@ -67,6 +67,7 @@ def make_table(entries, memory, record_size=64, dims_backwards=False):
     dims = [d for chunk in (reversed(dims) if dims_backwards else dims) for d in chunk]
     table.dims = memoryview(bytearray(struct.pack(f"={len(dims)}q", *dims)))
     table.names_blob = memoryview(blob)
+    table.segments = len(memory.segments)
     table._names = None
     table._index = None
     table.made = [None] * len(entries)
@@ -78,13 +79,6 @@ def make_table(entries, memory, record_size=64, dims_backwards=False):
 def same_torch(a, b):
     return (a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and a.stride() == b.stride()
             and a.device == b.device and a.data_ptr() == b.data_ptr())
-
-
-@pytest.fixture(params=["python", "torch"])
-def grouping(request, monkeypatch):
-    monkeypatch.setattr(model_module, "_TORCH_GROUPING_FROM",
-                        0 if request.param == "torch" else 10**9)
-    return request.param
 
 
 def check_bulk(table, owner):
@@ -132,20 +126,20 @@ def llama(layers, hidden=16, kv=8, inter=24):
 
 
 @pytest.mark.parametrize("experts,layers", [(4, 1), (40, 3)])
-def test_interleaved_moe_experts(grouping, experts, layers):
+def test_interleaved_moe_experts(experts, layers):
     entries, size = moe(experts, layers)
     memory = Memory([size])
     check_bulk(make_table(entries, memory), memory)
     check_bulk(make_table(entries, memory, dims_backwards=True), memory)
 
 
-def test_llama_layout(grouping):
+def test_llama_layout():
     entries, size = llama(6)
     memory = Memory([size])
     check_bulk(make_table(entries, memory), memory)
 
 
-def test_strides_offsets_segments_and_ndims(grouping):
+def test_strides_offsets_segments_and_ndims():
     f32, f16, u8, f64 = CODE["f32"], CODE["f16"], CODE["u8"], CODE["f64"]
     entries = [
         ("transposed", f32, (4, 6), (1, 4), 0, 0),               # not contiguous
@@ -173,7 +167,7 @@ def test_strides_offsets_segments_and_ndims(grouping):
     check_bulk(make_table(entries, memory, dims_backwards=True), memory)
 
 
-def test_only_scalars_only_empties_and_no_tensors(grouping):
+def test_only_scalars_only_empties_and_no_tensors():
     f32 = CODE["f32"]
     memory = Memory([64])
     check_bulk(make_table([(f"s{i}", f32, (), (), 0, 4 * i) for i in range(5)], memory), memory)
@@ -181,7 +175,7 @@ def test_only_scalars_only_empties_and_no_tensors(grouping):
     assert model_module._bulk_state_dict(torch, make_table([], memory), memory) == {}
 
 
-def test_no_bytes_and_one_offset_twice(grouping):
+def test_no_bytes_and_one_offset_twice():
     f32 = CODE["f32"]
     entries = [
         ("weight", f32, (4, 4), None, 0, 0),
@@ -198,7 +192,7 @@ def test_no_bytes_and_one_offset_twice(grouping):
     assert state["empty"].numel() == 0 and state["empty"].shape == (0, 4)
 
 
-def test_dtypes_of_one_item_size_interleaved_out_of_table_order(grouping):
+def test_dtypes_of_one_item_size_interleaved_out_of_table_order():
     """f16 and bf16 tensors of one shape side by side (one key but for the dtype), listed in the
     table against their order in memory, one offset twice, gaps, a tensor with no bytes among
     them and a second segment: each group's views in memory order, the state in table order."""
@@ -219,7 +213,7 @@ def test_dtypes_of_one_item_size_interleaved_out_of_table_order(grouping):
     assert state["odd"].data_ptr() == memory.address(1) + 301
 
 
-def test_names_given_twice(grouping):
+def test_names_given_twice():
     f32, u16 = CODE["f32"], CODE["u16"]
     entries = [
         ("a", f32, (2,), None, 0, 0),
@@ -235,7 +229,7 @@ def test_names_given_twice(grouping):
     assert state["a"].data_ptr() == memory.address(0) + 16
 
 
-def test_dtypes_torch_lacks_or_unknown_raise_as_per_tensor(grouping):
+def test_dtypes_torch_lacks_or_unknown_raise_as_per_tensor():
     f32 = CODE["f32"]
     memory = Memory([64])
     lacking = [("ok", f32, (2,), None, 0, 0), ("u16", CODE["u16"], (2,), None, 0, 8)]
@@ -253,27 +247,13 @@ def test_dtypes_torch_lacks_or_unknown_raise_as_per_tensor(grouping):
         model_module._bulk_state_dict(torch, unknown, memory)
 
 
-def test_keys_hashed_alike_still_group_exactly(monkeypatch):
-    """Every key hashed to one value: the check against the keys finds it and groups by the keys
-    themselves."""
-    monkeypatch.setattr(model_module, "_TORCH_GROUPING_FROM", 0)
-    monkeypatch.setattr(model_module, "_HASH_WEIGHTS", [0] * 40)
-    entries, size = llama(3)
-    memory = Memory([size])
-    check_bulk(make_table(entries, memory), memory)
-
-
-def test_a_100k_interleaved_table_both_groupings(monkeypatch):
+def test_a_100k_interleaved_table():
     entries, size = moe(256, 131, hidden=2, inter=2)  # 100,608 tensors
     memory = Memory([size])
     table = make_table(entries, memory)
-    by = {}
-    for start in (0, 10**9):
-        monkeypatch.setattr(model_module, "_TORCH_GROUPING_FROM", start)
-        by[start] = model_module._bulk_state_dict(torch, table, memory)
+    state = model_module._bulk_state_dict(torch, table, memory)
     index = table.index
-    assert list(by[0]) == list(by[10**9]) == list(index)
+    assert list(state) == list(index)
     for name, i in index.items():
-        data = memory.address(0) + entries[i][5]
-        assert by[0][name].data_ptr() == by[10**9][name].data_ptr() == data
-        assert by[0][name].shape == by[10**9][name].shape == entries[i][2]
+        assert state[name].data_ptr() == memory.address(0) + entries[i][5]
+        assert state[name].shape == entries[i][2]

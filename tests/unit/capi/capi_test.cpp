@@ -131,7 +131,7 @@ struct ServerProcess {
     if (log_fd < 0) return fail("cannot open " + log);
     std::vector<std::string> args = {COMPANION_BINARY, "serve",     "--device",     "host",
                                      "--runtime-dir",  runtime_dir, "--model-root", model_root,
-                                     "--log-level",    "info"};
+                                     "--log-level",    "info",      "--no-keep"};
     std::vector<char*> argv;
     for (auto& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);

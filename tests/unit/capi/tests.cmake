@@ -25,3 +25,7 @@ add_test(NAME capi_exported_symbols
     ${PROJECT_SOURCE_DIR}/include/companion/companion.h)
 set_tests_properties(capi_exported_symbols PROPERTIES LABELS "unit"
   ENVIRONMENT "NM=${CMAKE_NM};OBJDUMP=${CMAKE_OBJDUMP}")
+
+# The view planner behind companion_plan_views, tested directly (it is internal to the library).
+target_sources(${test_target} PRIVATE ${PROJECT_SOURCE_DIR}/src/capi/view_plan.cpp)
+target_link_libraries(${test_target} PRIVATE companion_common)

@@ -12,6 +12,7 @@
 
 #include <gtest/gtest.h>
 
+#include "client/connection.hpp"
 #include "common/log.hpp"
 #include "companion/client.hpp"
 #include "server/server.hpp"
@@ -101,6 +102,65 @@ TEST_F(ClientPublishTest, PublishThenAttachWithTheFingerprint) {
   EXPECT_TRUE((*m)->read_only());
   options.fingerprint = Fingerprint{{"engine", "other"}};
   EXPECT_EQ(reader->attach("cpp/basic", options).error().code, StatusCode::kFingerprintMismatch);
+}
+
+// A table larger than one frame holds (200,000 tensors inline) is declared in parts (protocol
+// 1.3): 300,000 tensors published, filled, committed and attached, each tensor its own bytes.
+TEST_F(ClientPublishTest, ATableOfMoreTensorsThanOneFrameHoldsIsDeclaredInParts) {
+  constexpr size_t kCount = 300'000;
+  std::vector<TensorDecl> decls;
+  decls.reserve(kCount);
+  for (size_t i = 0; i < kCount; ++i)
+    decls.push_back({"model.layers." + std::to_string(i / 768) + ".mlp.experts." +
+                         std::to_string(i % 768) + ".weight",
+                     DType::kI32,
+                     {1},
+                     ""});
+  auto client = connect();
+  ASSERT_TRUE(client);
+  auto p = client->publish("cpp/many", decls, {});
+  ASSERT_TRUE(p.ok()) << p.error().to_string();
+  ASSERT_EQ((*p)->tensors().size(), kCount);
+  for (size_t i = 0; i < kCount; ++i)
+    *static_cast<int32_t*>((*p)->tensors()[i].data) = static_cast<int32_t>(i);
+  auto committed = (*p)->commit();
+  ASSERT_TRUE(committed.ok()) << committed.error().to_string();
+  auto m = connect()->attach("cpp/many", {});
+  ASSERT_TRUE(m.ok()) << m.error().to_string();
+  ASSERT_EQ((*m)->tensors().size(), kCount);
+  for (size_t i : {size_t{0}, size_t{199'999}, size_t{200'000}, kCount - 1}) {
+    const TensorView* t = (*m)->find(decls[i].name);
+    ASSERT_NE(t, nullptr) << decls[i].name;
+    EXPECT_EQ(*static_cast<const int32_t*>(t->data), static_cast<int32_t>(i));
+  }
+}
+
+// Parts of a table are taken only from the connection that claimed the key; a claimed key's
+// parts add up to one table.
+TEST_F(ClientPublishTest, TablePartsNeedTheClaim) {
+  auto conn = client::Connection::open(connect_.socket_path, "parts");
+  ASSERT_TRUE(conn.ok()) << conn.error().to_string();
+  protocol::PublishDeclare part{"cpp/parts", {{"a", DType::kF32, {4}, ""}}, true};
+  auto refused = (*conn)->call(part, 10000);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code, StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.error().message.find("not claimed"), std::string::npos);
+
+  protocol::PublishClaim claim;
+  claim.key = "cpp/parts";
+  auto claimed = (*conn)->call(claim, 10000);
+  ASSERT_TRUE(claimed.ok()) << claimed.error().to_string();
+  auto taken = (*conn)->call(part, 10000);
+  ASSERT_TRUE(taken.ok()) << taken.error().to_string();
+  EXPECT_TRUE(std::holds_alternative<protocol::Done>(taken->body));
+  protocol::PublishDeclare last{"cpp/parts", {{"b", DType::kF32, {4}, "a"}}, false};
+  std::vector<UniqueFd> fds;
+  auto reply = (*conn)->call(last, 10000, &fds);
+  ASSERT_TRUE(reply.ok()) << reply.error().to_string();
+  auto* params = std::get_if<protocol::Parameters>(&reply->body);
+  ASSERT_NE(params, nullptr);
+  EXPECT_TRUE(params->writable);
+  EXPECT_EQ(params->model.tensors, 2u);  // "b", an alias of "a" from the earlier part
 }
 
 TEST_F(ClientPublishTest, AttachOrPublishBuildsOnceAcrossThreads) {

@@ -629,6 +629,11 @@ TEST(CodecRoundTrip, PublishingFields) {
   EXPECT_EQ(got.tensors[1].alias_of, "embed");
   EXPECT_EQ(got.tensors[1].shape, (std::vector<int64_t>{1000, 64}));
   EXPECT_TRUE(got.tensors[2].shape.empty());
+  EXPECT_FALSE(got.more);
+  declare.more = true;  // 1.3: a part of a table
+  auto part = decode(encode(Message{3, declare}).value());
+  ASSERT_TRUE(part.ok()) << part.error().to_string();
+  EXPECT_TRUE(std::get<PublishDeclare>(part->body).more);
 
   ModelStatus s = status(7);
   s.published = true;

@@ -27,6 +27,7 @@
 #include "loader/loader.hpp"
 #include "protocol/limits.hpp"
 #include "server/model_store.hpp"
+#include "server/store_entry.hpp"
 #include "test_support.hpp"
 
 namespace companion::server {
@@ -1190,6 +1191,35 @@ TEST_F(ModelStoreTest, PublishedModelsAreNeverEvicted) {
   EXPECT_EQ(declared.error().code, StatusCode::kOutOfMemory);
   EXPECT_EQ(store->budget_used(), store->slab_bytes());
   EXPECT_EQ(store->evictions(), 0u);
+}
+
+TEST_F(ModelStoreTest, AdoptedModelsAddTheirMemoryToTheDefaultBudget) {
+  // The default budget is what was available at start; a model adopted from a keeper was in
+  // memory before that, so it must not count twice.
+  uint64_t page = testing::page_size();
+  counters->available_bytes = static_cast<int64_t>(200 * page);
+  make_store(2, [](StoreConfig& c) { c.memory_reserve_bytes = 0; });
+  EXPECT_EQ(store->memory_budget(), 200 * page);
+  ResolvedModel a = resolve(write_model("a", pages_of(100, 1)));
+  auto host = memory::make_host_backend();
+  auto slab = host->allocate({100 * page}, "adopted");
+  ASSERT_TRUE(slab.ok()) << slab.error().to_string();
+  protocol::TensorTableBuilder builder(1, 1);
+  std::vector<int64_t> shape = {static_cast<int64_t>(page / 4), 100};
+  ASSERT_TRUE(builder.add("w", DType::kF32, shape, {}, 0, 0, 100 * page).ok());
+  auto table = make_shared_table(builder, **slab);
+  ASSERT_TRUE(table.ok()) << table.error().to_string();
+  AdoptedGeneration adopted;
+  adopted.model = a;
+  adopted.number = 1;
+  adopted.slab = std::shared_ptr<memory::Slab>(std::move(*slab));
+  adopted.table = *table;
+  ASSERT_TRUE(store->adopt(std::move(adopted)).ok());
+  EXPECT_EQ(store->memory_budget(), 300 * page);
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  ModelStatus s = store->status(a.key);
+  EXPECT_EQ(s.eviction_rank, 1u);  // idle, and its last use is its adoption
+  EXPECT_GT(s.last_used_ms, 0);
 }
 
 // ---- exceptions on worker and reader threads fail one load, never the server ---------------
