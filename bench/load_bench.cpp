@@ -370,6 +370,7 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
   if (missing)
     return make_error(StatusCode::kNotFound, "checkpoint " + a.dir + ": " + missing.message());
   COMPANION_ASSIGN_OR_RETURN(auto ckpt, checkpoint::open_checkpoint(dir, {dir}));
+  double checkpoint_open_s = since(t1);
   loader::ShardOptions shard;
   shard.tp_size = a.tp_size;
   shard.tp_rank = a.tp_rank;
@@ -413,6 +414,8 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
              {"cpu_seconds", load_cpu_s},
              {"gbps", gbps(plan.bytes_to_read, load_s)},
              {"open_plan_seconds", open_s},
+             {"open_seconds", checkpoint_open_s},
+             {"plan_seconds", open_s - checkpoint_open_s},
              {"alloc_seconds", alloc_s},
              {"backend_init_seconds", init_s},
              {"end_to_end_gbps", gbps(plan.bytes_to_read, open_s + alloc_s + load_s)},

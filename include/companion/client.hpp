@@ -176,6 +176,17 @@ class Client {
   virtual Result<ModelStatus> unload(const ModelSpec& spec, bool force) = 0;
   // key: a key or short id from list().
   virtual Result<ModelStatus> unload_key(const std::string& key, bool force) = 0;
+  // The host tier (servers of protocol 1.3 started with --host-budget): the model's bytes move
+  // to host memory and its device memory is freed; its next load or attach copies them back.
+  // Returns the offloaded status (state kUnloaded, host_bytes > 0). kModelInUse while clients
+  // hold it unless force (they keep their mappings). Waits up to timeout_s (negative: no limit).
+  virtual Result<ModelStatus> offload(const ModelSpec& spec, bool force, double timeout_s = -1) = 0;
+  virtual Result<ModelStatus> offload_key(const std::string& key, bool force,
+                                          double timeout_s = -1) = 0;
+  // Loads a model the server holds, named by key or short id (a published one too): an offloaded
+  // one is woken. With wait, returns once it is loaded (or its wake failed).
+  virtual Result<ModelStatus> load_key(const std::string& key, bool wait,
+                                       double timeout_s = -1) = 0;
 
   // As the seed: triggers the load if needed and waits until the model is loaded. initial_timeout
   // bounds the wait for the load to start (server answering, model found); loading_timeout bounds

@@ -105,6 +105,9 @@ struct ModelStatus {
   uint64_t generation = 0;  // the current generation's number (0: none committed yet)
   Fingerprint fingerprint;  // the current generation's (published models)
   std::vector<GenerationInfo> generations;  // live ones, oldest first
+  // Bytes of the model held in the server's host tier. With state kUnloaded: offloaded (the
+  // tensor table is kept; the next load or attach copies the bytes back to the device).
+  uint64_t host_bytes = 0;
   // 1.3: when a client last acquired or released the model, or its load ended (unix epoch
   // milliseconds), and its place in the eviction order (1: the first to go when room is needed; 0:
   // not evictable now: leased, loading, being written, or published).
@@ -158,7 +161,7 @@ struct HealthInfo {
 // Protocol version spoken by this build. Majors must match; minors may differ.
 inline constexpr uint16_t kProtocolMajor = 1;
 // 1: publishing, generations, reload; 2: table memfd; 3: a declared table in parts, memory
-// budget, eviction, host tier
+// budget, eviction, host tier (offload, load by key)
 inline constexpr uint16_t kProtocolMinor = 3;
 const char* software_version() noexcept;
 

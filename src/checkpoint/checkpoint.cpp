@@ -6,16 +6,20 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <climits>
+#include <exception>
+#include <optional>
 #include <string>
-#include <unordered_map>
+#include <system_error>
+#include <thread>
 
 #include "checkpoint/checkpoint.hpp"
 #include "checkpoint/index_json.hpp"
+#include "checkpoint/name_table.hpp"
 #include "checkpoint/open_beneath.hpp"
 #include "checkpoint/source.hpp"
-#include "checkpoint/strict_json.hpp"
 #include "common/util.hpp"
 
 namespace companion::checkpoint {
@@ -116,32 +120,91 @@ Result<std::vector<OpenedFile>> open_listed_files(const OpenedFile& dir_file,
   return files;
 }
 
-// The tensors of `files`, in file order then data order.
+// Headers read ahead, several at once, when there are several files: parsing them is most of the
+// work of opening a checkpoint of many tensors. nullopt where one failed or the tensors of all of
+// them passed the limit (assemble then reads that header again, in turn).
+std::vector<std::optional<SafetensorsFile>> read_headers_ahead(const std::vector<OpenedFile>& files,
+                                                               const CheckpointLimits& limits) {
+  std::vector<std::optional<SafetensorsFile>> headers(files.size());
+  // Each parse holds its header's text (up to --max-header-bytes) while it runs.
+  constexpr size_t kMaxParsers = 4;
+  size_t parsers = std::min(
+      {files.size(), kMaxParsers, std::max<size_t>(1, std::thread::hardware_concurrency())});
+  if (parsers < 2) return headers;
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> tensors{0};
+  auto parse = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < files.size();) {
+      try {
+        headers[i] = try_read_safetensors_header(files[i], limits, tensors);
+      } catch (const std::exception&) {
+        // Out of memory, say: read again in turn, where it is reported.
+      }
+    }
+  };
+  std::vector<std::thread> threads;
+  for (size_t t = 1; t < parsers; ++t) {
+    try {
+      threads.emplace_back(parse);
+    } catch (const std::system_error&) {
+      break;  // fewer threads: this one parses what is left
+    }
+  }
+  parse();
+  for (std::thread& thread : threads) thread.join();
+  return headers;
+}
+
+// The tensors of `files`, in file order then data order. With an index, each tensor it names
+// must be in the file it names, and each it names must be found.
 Result<Checkpoint> assemble(std::string location, std::string directory,
                             std::vector<OpenedFile> files, const CheckpointLimits& limits,
-                            const std::unordered_map<std::string, std::string>* weight_map) {
+                            const IndexMap* index) {
   Checkpoint checkpoint;
   checkpoint.location = std::move(location);
   checkpoint.directory = std::move(directory);
-  std::unordered_map<std::string, uint32_t> owner;  // tensor name -> file index
-  for (OpenedFile& opened : files) {
+  // Which file holds each tensor: for the index's tensors by their entry, for any other through
+  // a table of names (of checkpoint.tensors, by position).
+  std::vector<uint32_t> holder(index ? index->entries.size() : 0, NameTable::kNone);
+  NameTable unindexed;
+  auto tensor_name = [&checkpoint](uint32_t i) -> std::string_view {
+    return checkpoint.tensors[i].name;
+  };
+  std::vector<std::optional<SafetensorsFile>> ahead = read_headers_ahead(files, limits);
+  for (size_t f = 0; f < files.size(); ++f) {
+    OpenedFile& opened = files[f];
     const std::string path = opened.path;
     size_t tensors_left =
         limits.max_tensors - std::min(limits.max_tensors, checkpoint.tensors.size());
-    COMPANION_ASSIGN_OR_RETURN(SafetensorsFile file,
-                               read_safetensors_header(opened, limits, tensors_left));
+    // A header read ahead is what reading it now would give when it was read whole within the
+    // tensors left; else it is read now, for its error (or for the limit of the tensors left).
+    SafetensorsFile file;
+    if (ahead[f] && ahead[f]->tensors.size() <= tensors_left) {
+      file = std::move(*ahead[f]);
+      ahead[f].reset();
+    } else {
+      COMPANION_ASSIGN_OR_RETURN(file, read_safetensors_header(opened, limits, tensors_left));
+    }
     auto file_index = static_cast<uint32_t>(checkpoint.files.size());
     std::string file_name = path.substr(path.rfind('/') + 1);
     for (TensorEntry& tensor : file.tensors) {
-      if (weight_map) {
-        auto it = weight_map->find(tensor.name);
-        if (it != weight_map->end() && it->second != file_name)
+      uint32_t earlier = NameTable::kNone;  // the file that holds it already
+      const IndexMap::Entry* entry = index ? index->find(tensor.name) : nullptr;
+      if (entry != nullptr) {
+        const std::string& mapped = index->files[entry->file];
+        if (mapped != file_name)
           return bad(path + ": holds tensor '" + tensor.name + "', which " + kIndexName +
-                     " assigns to " + it->second);
+                     " assigns to " + mapped);
+        uint32_t& held = holder[static_cast<size_t>(entry - index->entries.data())];
+        earlier = held;
+        if (held == NameTable::kNone) held = file_index;
+      } else if (files.size() > 1) {  // one file's header has no name twice
+        auto position = static_cast<uint32_t>(checkpoint.tensors.size());
+        uint32_t found = unindexed.insert(tensor.name, position, tensor_name);
+        if (found != NameTable::kNone) earlier = checkpoint.tensors[found].file_index;
       }
-      auto [it, inserted] = owner.emplace(tensor.name, file_index);
-      if (!inserted)
-        return bad("tensor '" + tensor.name + "' appears in both " + checkpoint.files[it->second] +
+      if (earlier != NameTable::kNone)
+        return bad("tensor '" + tensor.name + "' appears in both " + checkpoint.files[earlier] +
                    " and " + path);
       tensor.file_index = file_index;
       checkpoint.total_bytes += tensor.nbytes;
@@ -150,11 +213,11 @@ Result<Checkpoint> assemble(std::string location, std::string directory,
     checkpoint.files.push_back(path);
     checkpoint.fds.push_back(std::make_shared<const UniqueFd>(std::move(opened.fd)));
   }
-  if (weight_map) {
-    for (const auto& [name, file_name] : *weight_map) {
-      if (owner.find(name) == owner.end())
-        return bad(kIndexName + std::string(" maps tensor '") + name + "' to " + file_name +
-                   ", which does not contain it");
+  if (index) {
+    for (size_t i = 0; i < holder.size(); ++i) {
+      if (holder[i] == NameTable::kNone)
+        return bad(kIndexName + std::string(" maps tensor '") + index->entries[i].tensor + "' to " +
+                   index->files[index->entries[i].file] + ", which does not contain it");
     }
   }
   return checkpoint;
@@ -164,36 +227,39 @@ Result<Checkpoint> open_indexed(const std::string& dir, const OpenedFile& index_
                                 const std::vector<std::string>& allowed_roots,
                                 const CheckpointLimits& limits) {
   const std::string& index_path = index_file.path;
-  COMPANION_ASSIGN_OR_RETURN(std::string text, read_opened_file(index_file, kMaxIndexBytes));
-  // Each entry names a tensor: more than the tensor limit cannot load, and are refused before the
-  // index is parsed into a document.
-  if (has_more_entries_than(text, limits.max_tensors, "weight_map", "")) {
-    count_refusal(Refusal::kTensors);
-    return make_error(StatusCode::kLimitExceeded,
-                      index_path + ": weight_map has more tensors than this server's limit of " +
-                          std::to_string(limits.max_tensors) +
-                          " for one checkpoint (--max-tensors)");
+  IndexMap index;
+  {  // the text goes once parsed
+    COMPANION_ASSIGN_OR_RETURN(std::string text, read_opened_file(index_file, kMaxIndexBytes));
+    // Each entry names a tensor: more than the tensor limit cannot load, and are refused as soon
+    // as the count passes it, before the rest of the index is read.
+    auto parsed = parse_index_json(text, index_path, limits.max_tensors);
+    if (!parsed.ok() && parsed.error().code == StatusCode::kLimitExceeded) {
+      count_refusal(Refusal::kTensors);
+      return make_error(StatusCode::kLimitExceeded,
+                        index_path + ": weight_map has more tensors than this server's limit of " +
+                            std::to_string(limits.max_tensors) +
+                            " for one checkpoint (--max-tensors)");
+    }
+    COMPANION_ASSIGN_OR_RETURN(index, std::move(parsed));
   }
-  COMPANION_ASSIGN_OR_RETURN(IndexMap index, parse_index_json(text, index_path));
-  const auto& weight_map = index.weight_map;
   const auto& file_names = index.files;  // sorted: shard names sort in shard order
 
   if (file_names.size() > limits.max_files)
     return too_many_files(index_path, std::to_string(file_names.size()), limits.max_files);
   std::vector<OpenedFile> files;
-  for (const std::string& file_name : file_names) {
-    std::string path = dir + "/" + file_name;
+  for (uint32_t f = 0; f < file_names.size(); ++f) {
+    std::string path = dir + "/" + file_names[f];
     auto file = open_under_roots(path, allowed_roots);
     if (!file.ok() && file.error().code == StatusCode::kNotFound) {
-      auto mapped = std::find_if(weight_map.begin(), weight_map.end(),
-                                 [&](const auto& entry) { return entry.second == file_name; });
-      return bad(index_path + ": weight_map maps '" + mapped->first + "' to missing file " + path);
+      auto mapped = std::find_if(index.entries.begin(), index.entries.end(),
+                                 [f](const IndexMap::Entry& entry) { return entry.file == f; });
+      return bad(index_path + ": weight_map maps '" + mapped->tensor + "' to missing file " + path);
     }
     if (!file.ok()) return std::move(file).error();
     if (!S_ISREG(file->st.st_mode)) return not_regular(path);
     files.push_back(std::move(file).value());
   }
-  return assemble(dir, dir, std::move(files), limits, &weight_map);
+  return assemble(dir, dir, std::move(files), limits, &index);
 }
 
 }  // namespace

@@ -1,6 +1,7 @@
 // Safetensors checkpoints: reading and validating headers, single files and sharded layouts.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <optional>
@@ -76,6 +77,13 @@ Result<SafetensorsFile> parse_safetensors_header(std::string_view header_json, u
 // `max_tensors` tensors (the count is checked before the header is parsed into values).
 Result<SafetensorsFile> read_safetensors_header(const OpenedFile& file,
                                                 const CheckpointLimits& limits, size_t max_tensors);
+// The same read ahead of time, for parsing several files' headers at once: `shared_count` counts
+// the tensors of all of them against limits.max_tensors (give up past it), and nothing is
+// reported: nullopt for any failure or refusal (nor is it counted), and the caller reads that
+// header again with read_safetensors_header when it comes to it.
+std::optional<SafetensorsFile> try_read_safetensors_header(const OpenedFile& file,
+                                                           const CheckpointLimits& limits,
+                                                           std::atomic<size_t>& shared_count);
 // Opens `path` (without blocking) and reads its header with the default limits (tests, tools).
 Result<SafetensorsFile> read_safetensors_file(const std::string& path);
 

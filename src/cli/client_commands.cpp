@@ -1,4 +1,4 @@
-// Client-side subcommands: status, load, unload, ls, health.
+// Client-side subcommands: status, load, unload, offload, ls, health.
 #include <unistd.h>
 
 #include <cstdio>
@@ -103,7 +103,33 @@ int run_status(const CommonArgs& args, const ModelArgs& model, bool follow) {
   }
 }
 
+namespace {
+
+// A short id from `companion ls` (12 hex digits), or a loaded model's whole key.
+bool names_held_model(const std::string& text) {
+  if (text.rfind("source=", 0) == 0) return true;
+  return text.size() == 12 && text.find_first_not_of("0123456789abcdef") == std::string::npos;
+}
+
+}  // namespace
+
 int run_load(const CommonArgs& args, const ModelArgs& model, bool wait) {
+  bool local_path = ::access(model.source.c_str(), F_OK) == 0;
+  if (model.published || (!local_path && names_held_model(model.source))) {
+    // A model the server holds, by key or id (an offloaded one is woken); an id it does not
+    // know may still be a Hugging Face name.
+    auto client = Client::connect(args.connect);
+    if (!client.ok()) return fail(args, client.error());
+    auto s = (*client)->load_key(model.source, wait);
+    if (s.ok() || model.published || s.error().code != StatusCode::kNotFound) {
+      if (!s.ok()) return fail(args, s.error());
+      if (args.json)
+        std::cout << json_text(to_json(*s), 2) << std::endl;
+      else
+        std::cout << render_models({*s});
+      return 0;
+    }
+  }
   auto spec = make_spec(model);
   if (!spec.ok()) return fail(args, spec.error());
   auto client = Client::connect(args.connect);
@@ -168,6 +194,35 @@ int run_unload(const CommonArgs& args, const ModelArgs& model, bool force) {
     std::cout << json_text(to_json(*s), 2) << std::endl;
   else
     std::cout << "unloaded " << s->id << "  " << printable_text(s->key) << std::endl;
+  return 0;
+}
+
+int run_offload(const CommonArgs& args, const ModelArgs& model, bool force) {
+  auto client = Client::connect(args.connect);
+  if (!client.ok()) return fail(args, client.error());
+  Result<ModelStatus> s = make_error(StatusCode::kInternal, "");
+  // As unload: an id or key from `companion ls` (a published key too), or a model source.
+  bool local_path = ::access(model.source.c_str(), F_OK) == 0;
+  bool key_like = model.published || model.source.rfind("source=", 0) == 0 ||
+                  model.source.find('/') == std::string::npos;
+  if (!local_path) {
+    s = (*client)->offload_key(model.source, force);
+    if (!key_like && !s.ok() && s.error().code == StatusCode::kNotFound) {
+      auto spec = make_spec(model);
+      if (!spec.ok()) return fail(args, spec.error());
+      s = (*client)->offload(*spec, force);
+    }
+  } else {
+    auto spec = make_spec(model);
+    if (!spec.ok()) return fail(args, spec.error());
+    s = (*client)->offload(*spec, force);
+  }
+  if (!s.ok()) return fail(args, s.error());
+  if (args.json)
+    std::cout << json_text(to_json(*s), 2) << std::endl;
+  else
+    std::cout << "offloaded " << s->id << "  " << printable_text(s->key) << "  ("
+              << format_bytes(s->host_bytes) << " in host memory)" << std::endl;
   return 0;
 }
 

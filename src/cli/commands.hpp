@@ -61,6 +61,8 @@ int run_keeper(const std::string& socket_path, double keep_for_s, const std::str
 int run_status(const CommonArgs& args, const ModelArgs& model, bool follow);
 int run_load(const CommonArgs& args, const ModelArgs& model, bool wait);
 int run_unload(const CommonArgs& args, const ModelArgs& model, bool force);
+// Moves a model to the server's host tier (its device memory freed); `load` wakes it.
+int run_offload(const CommonArgs& args, const ModelArgs& model, bool force);
 int run_list(const CommonArgs& args);
 // A new generation of a loaded model whose files changed (force: even if they did not).
 int run_reload(const CommonArgs& args, const ModelArgs& model, bool force);

@@ -97,7 +97,7 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   serve_cmd
       ->add_option("--max-tensors", serve.checkpoint_limits.max_tensors,
-                   "Most tensors in one checkpoint, counted before its headers are parsed")
+                   "Most tensors in one checkpoint, counted as its headers are read")
       ->capture_default_str();
   serve_cmd
       ->add_option("--max-checkpoint-files", serve.checkpoint_limits.max_files,
@@ -137,7 +137,9 @@ int main(int argc, char** argv) {
   status_cmd->add_flag("--follow,-f", follow, "Stream every change");
 
   bool no_wait = false;
-  auto* load_cmd = app.add_subcommand("load", "Load a model, with a progress bar");
+  auto* load_cmd = app.add_subcommand(
+      "load",
+      "Load a model, with a progress bar (by source, or by id or key: wakes an offloaded one)");
   add_common(load_cmd);
   add_model(load_cmd, true);
   load_cmd->add_flag("--no-wait", no_wait, "Return once the load has started");
@@ -148,8 +150,20 @@ int main(int argc, char** argv) {
   add_model(unload_cmd, true);
   unload_cmd->add_flag("--force", force, "Unload even while clients hold it");
 
+  bool offload_force = false;
+  auto* offload_cmd = app.add_subcommand(
+      "offload",
+      "Move a model to the server's host memory (serve --host-budget) and free its device "
+      "memory; `load` (or an attach) copies it back");
+  add_common(offload_cmd);
+  add_model(offload_cmd, true);
+  offload_cmd->add_flag("--force", offload_force, "Offload even while clients hold it");
+
   status_cmd->add_flag("--published", model.published, "MODEL is a published model's key");
   unload_cmd->add_flag("--published", model.published, "MODEL is a published model's key");
+  offload_cmd->add_flag("--published", model.published, "MODEL is a published model's key");
+  load_cmd->add_flag("--published", model.published,
+                     "MODEL is a published model's key (wakes it when offloaded)");
 
   bool reload_force = false;
   auto* reload_cmd = app.add_subcommand(
@@ -236,6 +250,7 @@ int main(int argc, char** argv) {
   if (*status_cmd) return cli::run_status(common, model, follow);
   if (*load_cmd) return cli::run_load(common, model, !no_wait);
   if (*unload_cmd) return cli::run_unload(common, model, force);
+  if (*offload_cmd) return cli::run_offload(common, model, offload_force);
   if (*reload_cmd) return cli::run_reload(common, model, reload_force);
   if (*ls_cmd) return cli::run_list(common);
   if (*health_cmd) return cli::run_health(common, health_all);

@@ -92,6 +92,7 @@ std::string render_models(const std::vector<ModelStatus>& models) {
     std::snprintf(pct, sizeof(pct), "%.0f%%", s.progress() * 100.0);
     std::string state = model_state_name(s.state);
     if (s.state == ModelState::kLoading) state.append(" ").append(pct);
+    if (s.state == ModelState::kUnloaded && s.host_bytes > 0) state = "offloaded";
     // The current generation, and how many older ones readers still hold.
     std::string generation = s.generation == 0 ? "-" : std::to_string(s.generation);
     if (s.generations.size() > 1)

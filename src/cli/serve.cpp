@@ -100,6 +100,12 @@ void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve) 
                   "Evict a model that no client has held for this many seconds (0: never)")
       ->capture_default_str();
   serve_cmd
+      .add_option("--host-budget", serve.host_budget,
+                  "Host memory for offloaded models (companion offload): bytes (64GiB) or a share "
+                  "of the host's memory (25%); past it the least recently offloaded is dropped. "
+                  "0: no host tier")
+      ->capture_default_str();
+  serve_cmd
       .add_option("--shutdown-timeout", serve.shutdown_timeout_s,
                   "Seconds stopping waits for loads (a load stuck longer is left behind)")
       ->capture_default_str();

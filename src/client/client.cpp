@@ -174,6 +174,41 @@ class ClientImpl final : public Client {
         nullptr, [&](Instance& i) { return call_unload(i, u); }, false);
   }
 
+  Result<ModelStatus> offload(const ModelSpec& spec, bool force, double timeout_s) override {
+    protocol::Unload u;
+    u.spec = spec;
+    u.force = force;
+    u.to_host = true;
+    const Deadline deadline = Deadline::after_seconds(timeout_s);
+    return with_failover(
+        &spec, [&](Instance& i) { return call_offload(i, u, deadline); }, false);
+  }
+
+  Result<ModelStatus> offload_key(const std::string& key, bool force, double timeout_s) override {
+    protocol::Unload u;
+    u.key = key;
+    u.force = force;
+    u.to_host = true;
+    const Deadline deadline = Deadline::after_seconds(timeout_s);
+    return with_failover(
+        nullptr, [&](Instance& i) { return call_offload(i, u, deadline); }, false);
+  }
+
+  Result<ModelStatus> load_key(const std::string& key, bool wait, double timeout_s) override {
+    protocol::Load l;
+    l.key = key;
+    l.wait = wait;
+    const Deadline deadline = Deadline::after_seconds(wait ? timeout_s : kRequestMs / 1000.0);
+    return with_failover(
+        nullptr,
+        [&](Instance& i) -> Result<ModelStatus> {
+          COMPANION_ASSIGN_OR_RETURN(
+              auto r, expect<protocol::LoadReply>(i.connection->call(l, deadline.remaining_ms())));
+          return r.model;
+        },
+        false);
+  }
+
   Result<ModelStatus> wait_for_model_ready(const ModelSpec& spec, double initial_timeout_s,
                                            double loading_timeout_s) override {
     return load_and_wait(spec, initial_timeout_s, loading_timeout_s, {});
@@ -551,6 +586,13 @@ class ClientImpl final : public Client {
   Result<ModelStatus> call_unload(Instance& i, const protocol::Unload& u) {
     COMPANION_ASSIGN_OR_RETURN(auto r,
                                expect<protocol::UnloadReply>(i.connection->call(u, kRequestMs)));
+    return r.model;
+  }
+
+  Result<ModelStatus> call_offload(Instance& i, const protocol::Unload& u,
+                                   const Deadline& deadline) {
+    COMPANION_ASSIGN_OR_RETURN(
+        auto r, expect<protocol::UnloadReply>(i.connection->call(u, deadline.remaining_ms())));
     return r.model;
   }
 

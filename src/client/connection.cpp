@@ -41,6 +41,12 @@ Result<void> check_supported(const protocol::Body& body, uint16_t server_minor) 
   };
   if (auto* d = std::get_if<protocol::PublishDeclare>(&body); d && d->more && server_minor < 3)
     return refuse("a table declared in parts (more than one frame holds)", 3);
+  if (server_minor < 3) {  // an older server would unload instead of offloading
+    if (auto* u = std::get_if<protocol::Unload>(&body); u != nullptr && u->to_host)
+      return refuse("offload", 3);
+    if (auto* l = std::get_if<protocol::Load>(&body); l != nullptr && !l->key.empty())
+      return refuse("loading a model by key or id", 3);
+  }
   if (server_minor >= 1) return ok_result();
   auto spec_fields = [&](const ModelSpec& spec) -> Result<void> {
     if (!spec.shard_rules.empty()) return refuse("a model spec with shard rules", 1);

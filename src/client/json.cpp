@@ -35,6 +35,8 @@ nlohmann::json to_json(const ModelStatus& s) {
                            {"created_at_ms", g.created_at_ms},
                            {"current", g.current}});
   j["generations"] = std::move(generations);
+  j["host_bytes"] = s.host_bytes;
+  j["offloaded"] = s.state == ModelState::kUnloaded && s.host_bytes > 0;
   j["last_used_ms"] = s.last_used_ms;
   j["eviction_rank"] = s.eviction_rank;
   return j;

@@ -79,6 +79,125 @@ Result<size_t> pin_staging(int ordinal, const LoadOptions& options) {
   return pin_staging_ahead(ordinal, staging_options(options));
 }
 
+Result<void> copy_slab(memory::Slab& source, memory::Slab& target, const ProgressFn& progress,
+                       const std::atomic<bool>& cancel, const LoadOptions& options) {
+  struct Part {
+    uint32_t segment;
+    uint64_t offset;
+    uint64_t bytes;
+  };
+  if (source.segment_count() != target.segment_count())
+    return make_error(StatusCode::kInternal, "copy between slabs of different segment counts");
+  SinkOptions sink_options = staging_options(options);
+  std::atomic<bool> stop{false};
+  sink_options.stop = &stop;
+  std::vector<Part> parts;
+  uint64_t total = 0;
+  for (size_t i = 0; i < target.segment_count(); ++i) {
+    const uint64_t size = target.segment_size(i);
+    if (source.segment_size(i) != size)
+      return make_error(StatusCode::kInternal, "copy between segments of different sizes");
+    for (uint64_t offset = 0; offset < size; offset += sink_options.buffer_bytes)
+      parts.push_back(Part{static_cast<uint32_t>(i), offset,
+                           std::min(sink_options.buffer_bytes, size - offset)});
+    total += size;
+  }
+  COMPANION_ASSIGN_OR_RETURN(std::unique_ptr<ChunkSink> sink,
+                             make_chunk_sink(target, sink_options));
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::optional<Error> error;
+  std::atomic<size_t> next{0};
+  std::atomic<uint64_t> done{0};
+  size_t running = 0;
+  auto fail = [&](Error e) {
+    {
+      std::lock_guard lock(mutex);
+      if (!error) error = std::move(e);
+    }
+    stop.store(true);
+    sink->wake();
+  };
+  auto copy_parts = [&]() -> Result<void> {
+    COMPANION_TRY(sink->prepare_thread());
+    for (;;) {
+      if (cancel.load()) return make_error(StatusCode::kCancelled, "copy cancelled");
+      const size_t index = next.fetch_add(1);
+      if (stop.load() || index >= parts.size()) return ok_result();
+      const Part& part = parts[index];
+      if (char* direct = sink->host_address(part.segment)) {
+        COMPANION_TRY(source.read(part.segment, part.offset, direct + part.offset, part.bytes));
+      } else {
+        COMPANION_ASSIGN_OR_RETURN(StagingBuffer * buffer, sink->acquire(stop));
+        if (buffer == nullptr) return ok_result();  // stopping
+        if (auto read = source.read(part.segment, part.offset, buffer->data, part.bytes);
+            !read.ok()) {
+          sink->release(buffer);
+          return read;
+        }
+        const CopyOp op{0, part.bytes, part.segment, part.offset};
+        COMPANION_TRY(sink->submit(buffer, buffer->data, std::span<const CopyOp>(&op, 1)));
+      }
+      done.fetch_add(part.bytes);
+    }
+  };
+  auto reader = [&] {
+    Result<void> outcome = ok_result();
+    try {
+      outcome = copy_parts();
+    } catch (const std::bad_alloc&) {
+      outcome = make_error(StatusCode::kOutOfMemory, "out of memory while copying a slab");
+    } catch (const std::exception& e) {
+      outcome = make_error(StatusCode::kInternal, std::string("copying a slab: ") + e.what());
+    }
+    if (!outcome.ok()) fail(outcome.error());
+    {
+      std::lock_guard lock(mutex);
+      --running;
+    }
+    changed.notify_all();
+  };
+  size_t threads = options.reader_threads;
+  if (threads == 0) threads = std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 16);
+  threads = std::clamp<size_t>(threads, 1, std::max<size_t>(1, parts.size()));
+  std::vector<std::thread> readers;
+  for (size_t i = 0; i < threads; ++i) {
+    try {
+      {
+        std::lock_guard lock(mutex);
+        ++running;
+      }
+      readers.emplace_back(reader);
+    } catch (const std::system_error& e) {
+      {
+        std::lock_guard lock(mutex);
+        --running;
+      }
+      fail(make_error(StatusCode::kInternal, std::string("starting a copy thread: ") + e.what()));
+      break;
+    }
+  }
+  // Progress from this thread, as load_into_slab reports it.
+  for (;;) {
+    bool finished = false;
+    {
+      std::unique_lock lock(mutex);
+      finished =
+          changed.wait_for(lock, std::chrono::milliseconds(100), [&] { return running == 0; });
+    }
+    if (progress && !finished) progress(done.load(), total);
+    if (finished) break;
+  }
+  for (auto& t : readers) t.join();
+  // Copies already queued land (or fail) before the target may be freed.
+  Result<void> finished = sink->finish();
+  if (error) return *error;
+  if (cancel.load()) return make_error(StatusCode::kCancelled, "copy cancelled");
+  COMPANION_TRY(finished);
+  if (progress) progress(total, total);
+  return ok_result();
+}
+
 namespace engine {
 namespace {
 

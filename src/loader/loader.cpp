@@ -27,6 +27,7 @@ Result<LoadPlan> make_load_plan(const checkpoint::Checkpoint& ckpt, std::optiona
   LoadPlan plan;
   plan.files = ckpt.files;
   plan.file_fds = ckpt.fds;
+  plan.tensors.reserve(ckpt.tensors.size());
   std::vector<uint64_t> sizes;
   sizes.reserve(ckpt.tensors.size());
   for (const auto& t : ckpt.tensors) {

@@ -155,6 +155,14 @@ Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const Prog
 Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,
                             const std::atomic<bool>& cancel);
 
+// Copies every segment of `source`, which Slab::read reads (the host tier's copy), into `target`,
+// which has the same segment sizes, the way a load fills a slab: reader threads read pieces of at
+// most chunk_bytes straight into host-addressable segments, or into the load's staging (pinned
+// buffers and asynchronous copies on several streams for CUDA slabs, reusing the buffers loads
+// keep). Progress and cancel as load_into_slab; when it returns, no copy into target is in flight.
+Result<void> copy_slab(memory::Slab& source, memory::Slab& target, const ProgressFn& progress,
+                       const std::atomic<bool>& cancel, const LoadOptions& options = {});
+
 // GPU `ordinal`: pins, ahead of time, the staging buffers a load with `options` uses and keeps them
 // for the process's next load (what a finished load does with its own), so that the first load
 // runs as fast as later ones. Meant for a background thread at server start. Returns how many

@@ -42,6 +42,13 @@ class Slab {
   virtual void* host_address(size_t segment) noexcept = 0;
   // Copies host bytes into the slab. Synchronous: when it returns, src may be reused.
   virtual Result<void> write(size_t segment, uint64_t offset, const void* src, uint64_t bytes) = 0;
+  // Copies bytes of the slab out into host memory (the host tier's offload), sealed or not.
+  // Synchronous: when it returns, dst holds them. kInvalidArgument for a slab that cannot be
+  // read back.
+  virtual Result<void> read(size_t segment, uint64_t offset, void* dst, uint64_t bytes) {
+    (void)segment, (void)offset, (void)dst, (void)bytes;
+    return make_error(StatusCode::kInvalidArgument, "this slab cannot be read back");
+  }
   // Ends writing: seals the memory so that clients can only read it. Exports need it done.
   // Host: kModelInUse while any process still has a writable mapping of it (a publisher that did
   // not drop its mapping), and the slab stays unsealed.

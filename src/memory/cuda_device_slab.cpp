@@ -28,6 +28,18 @@ Result<void> DeviceSlab::write(size_t segment, uint64_t offset, const void* src,
   return ok_result();
 }
 
+Result<void> DeviceSlab::read(size_t segment, uint64_t offset, void* dst, uint64_t bytes) {
+  if (segment >= segments_.size() || offset > segments_[segment].size ||
+      bytes > segments_[segment].size - offset) {
+    return make_error(StatusCode::kInternal, std::string(backend_) +
+                                                 ": read past the end of slab '" + label_ +
+                                                 "' segment " + std::to_string(segment));
+  }
+  auto r = cuda::copy_to_host(ordinal_, dst, segments_[segment].ptr + offset, bytes);
+  if (!r.ok()) return slab_error(std::move(r).error(), "reading");
+  return ok_result();
+}
+
 Result<void> DeviceSlab::seal() {
   if (sealed_) return ok_result();
   auto r = cuda::synchronize_device(ordinal_);

@@ -42,6 +42,8 @@ class DeviceSlab : public CudaSlab {
 
   // cuMemcpyHtoD into the server's own read-write mapping of the segment.
   Result<void> write(size_t segment, uint64_t offset, const void* src, uint64_t bytes) final;
+  // cuMemcpyDtoH from the server's own mapping of the segment.
+  Result<void> read(size_t segment, uint64_t offset, void* dst, uint64_t bytes) final;
   // Every copy into the slab has landed (the device is synchronised); the segments are exported.
   // The server's own mapping stays read-write: clients' mappings are what the backends restrict.
   Result<void> seal() final;

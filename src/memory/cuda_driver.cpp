@@ -485,6 +485,13 @@ Result<void> copy_to_device(int ordinal, uint64_t device_dst, const void* src, u
   return COMPANION_CU(*api, cuMemcpyHtoD, device_dst, src, bytes);
 }
 
+Result<void> copy_to_host(int ordinal, void* dst, uint64_t device_src, uint64_t bytes) {
+  if (bytes == 0) return ok_result();
+  COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal));
+  return COMPANION_CU(*api, cuMemcpyDtoH, dst, device_src, bytes);
+}
+
 Result<void> synchronize_device(int ordinal) {
   COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
   COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal));

@@ -348,6 +348,8 @@ Result<std::pair<uint64_t, uint64_t>> device_memory_info(int ordinal);
 // Synchronous host-to-device copy in the device's primary context (cuMemcpyHtoD): when it returns,
 // src may be reused.
 Result<void> copy_to_device(int ordinal, uint64_t device_dst, const void* src, uint64_t bytes);
+// Synchronous device-to-host copy in the device's primary context (cuMemcpyDtoH).
+Result<void> copy_to_host(int ordinal, void* dst, uint64_t device_src, uint64_t bytes);
 // cuCtxSynchronize in the device's primary context.
 Result<void> synchronize_device(int ordinal);
 

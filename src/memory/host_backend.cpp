@@ -184,6 +184,23 @@ class HostSlab final : public Slab {
     return ok_result();
   }
 
+  // pread of the memfd: works sealed or not, and maps nothing.
+  Result<void> read(size_t i, uint64_t offset, void* dst, uint64_t bytes) override {
+    if (i >= segments_.size() || offset > segments_[i].size || bytes > segments_[i].size - offset)
+      return make_error(StatusCode::kInternal, "read past the end of a host segment");
+    auto* out = static_cast<char*>(dst);
+    while (bytes > 0) {
+      const ssize_t n = ::pread(segments_[i].fd.get(), out, bytes, static_cast<off_t>(offset));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0)
+        return errno_error(StatusCode::kIoError, "read host segment", n < 0 ? errno : EIO);
+      out += n;
+      offset += static_cast<uint64_t>(n);
+      bytes -= static_cast<uint64_t>(n);
+    }
+    return ok_result();
+  }
+
   Result<void> seal() override {
     if (sealed_) return ok_result();
     // F_SEAL_WRITE is refused while writable shared mappings exist: this process's own go first.

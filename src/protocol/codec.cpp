@@ -72,7 +72,7 @@ fb::Offset<wire::ModelStatus> put_status(Builder& b, const ModelStatus& s) {
       b, str(b, s.key), str(b, s.id), str(b, s.source), static_cast<wire::ModelState>(s.state),
       s.bytes_done, s.bytes_total, static_cast<int>(s.error_code), str(b, s.message), s.tensors,
       s.leases, str(b, s.backend), s.slab_bytes, s.seq, s.published, s.generation, fingerprint,
-      generations, s.last_used_ms, s.eviction_rank);
+      generations, s.host_bytes, s.last_used_ms, s.eviction_rank);
 }
 
 // A payload no frame may carry is refused here, where it is built, not by the peer that would
@@ -133,14 +133,15 @@ struct Encoder {
                   wire::CreateStatusUnsubscribe(b, m.subscription_id));
   }
   Result<std::vector<uint8_t>> operator()(const Load& m) {
-    return finish(b, id, wire::Body::Load, wire::CreateLoad(b, put_spec(b, m.spec), m.wait));
+    return finish(b, id, wire::Body::Load,
+                  wire::CreateLoad(b, put_spec(b, m.spec), m.wait, str(b, m.key)));
   }
   Result<std::vector<uint8_t>> operator()(const LoadReply& m) {
     return finish(b, id, wire::Body::LoadReply, wire::CreateLoadReply(b, put_status(b, m.model)));
   }
   Result<std::vector<uint8_t>> operator()(const Unload& m) {
     return finish(b, id, wire::Body::Unload,
-                  wire::CreateUnload(b, put_spec(b, m.spec), str(b, m.key), m.force));
+                  wire::CreateUnload(b, put_spec(b, m.spec), str(b, m.key), m.force, m.to_host));
   }
   Result<std::vector<uint8_t>> operator()(const UnloadReply& m) {
     return finish(b, id, wire::Body::UnloadReply,
@@ -308,6 +309,7 @@ Result<ModelStatus> get_status(const wire::ModelStatus* s) {
   st.seq = s->seq();
   st.published = s->published();
   st.generation = s->generation();
+  st.host_bytes = s->host_bytes();
   st.last_used_ms = s->last_used_ms();
   st.eviction_rank = s->eviction_rank();
   COMPANION_ASSIGN_OR_RETURN(st.fingerprint, get_fingerprint(s->fingerprint()));
@@ -601,7 +603,10 @@ Result<Message> decode(std::vector<uint8_t> payload) {
     case wire::Body::Load: {
       const auto* l = m->body_as_Load();
       Load v;
-      COMPANION_ASSIGN_OR_RETURN(v.spec, get_spec(l->spec()));
+      COMPANION_ASSIGN_OR_RETURN(v.key, get_str(l->key(), kMaxStringBytes, "key"));
+      if (l->spec() != nullptr || v.key.empty()) {
+        COMPANION_ASSIGN_OR_RETURN(v.spec, get_spec(l->spec()));
+      }
       v.wait = l->wait();
       out.body = std::move(v);
       break;
@@ -622,6 +627,7 @@ Result<Message> decode(std::vector<uint8_t> payload) {
         return malformed("unload names no model");
       }
       v.force = u->force();
+      v.to_host = u->to_host();
       out.body = std::move(v);
       break;
     }

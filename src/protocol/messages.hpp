@@ -102,6 +102,7 @@ struct StatusUnsubscribe {
 struct Load {
   ModelSpec spec;
   bool wait = false;
+  std::string key;  // 1.3: instead of spec, a key or id the server holds (wakes it)
 };
 struct LoadReply {
   ModelStatus model;
@@ -110,6 +111,7 @@ struct Unload {
   ModelSpec spec;
   std::string key;  // alternative to spec: a key or id from `list`
   bool force = false;
+  bool to_host = false;  // 1.3: offload to the host tier instead of unloading
 };
 struct UnloadReply {
   ModelStatus model;

@@ -19,6 +19,7 @@
 #include "common/util.hpp"
 #include "loader/loader.hpp"
 #include "loader/shard_plan.hpp"
+#include "memory/host_backend.hpp"
 #include "protocol/limits.hpp"
 
 namespace companion::server {
@@ -225,6 +226,7 @@ ModelStore::ModelStore(std::unique_ptr<memory::Backend> backend, StoreConfig con
                    ? ", idle models evicted after " +
                          std::to_string(config_.idle_evict.count() / 1000) + " s"
                    : std::string()));
+  if (config_.host_budget_bytes > 0) host_tier_ = memory::make_host_backend();
   size_t threads = config_.load_threads == 0 ? 1 : config_.load_threads;
   pool_->busy.assign(threads, false);
   for (size_t i = 0; i < threads; ++i)
@@ -353,6 +355,7 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
   if (e.writer && e.writer->slab) s.slab_bytes += e.writer->slab->total_bytes();
   s.last_used_ms = e.last_used_ms;
   s.eviction_rank = eviction_rank_locked(e);
+  if (const Generation* g = e.offloaded()) s.host_bytes = g->host_copy->total_bytes();
   s.seq = ++seq_;  // always under mutex_
   return s;
 }
@@ -476,7 +479,10 @@ Result<ModelStatus> ModelStore::ensure_loading(const ResolvedModel& model) {
       size_t held = 0;
       size_t variants = 0;
       for (const auto& [key, e] : entries_) {
-        if (e->state != ModelState::kLoading && e->state != ModelState::kLoaded) continue;
+        // Offloaded models count too (they are held, in host memory); this one does not.
+        if (e->state != ModelState::kLoading && e->state != ModelState::kLoaded &&
+            (e->offloaded() == nullptr || key == model.key))
+          continue;
         ++held;
         if (e->model.source.path == model.source.path) ++variants;
       }
@@ -506,6 +512,16 @@ Result<ModelStatus> ModelStore::ensure_loading(const ResolvedModel& model) {
       slot->id = short_id(model.key);
     }
     Entry& e = *slot;
+    if (e.offloaded() != nullptr) {
+      // Offloaded: its bytes come back from the host tier, not from the files.
+      start_wake_locked(slot);
+      result = snapshot(e);
+      lock.unlock();
+      notify_gone();
+      log::info("waking " + model.spec.describe() + " from the host tier");
+      notify(result);
+      return result;
+    }
     e.state = ModelState::kLoading;
     e.bytes_done = 0;
     e.bytes_total = 0;
@@ -536,7 +552,7 @@ uint64_t ModelStore::held_bytes_locked() const {
 
 bool ModelStore::evictable_locked(const Entry& e) const {
   // Published models are never evicted: their bytes exist nowhere else to be read again.
-  if (e.published || e.state != ModelState::kLoaded || e.reloading || e.writer ||
+  if (e.published || e.state != ModelState::kLoaded || e.reloading || e.writer || e.offloading ||
       e.generations.empty())
     return false;
   return std::none_of(e.generations.begin(), e.generations.end(),
@@ -1003,6 +1019,10 @@ void ModelStore::drop_unleased_locked(Entry& e) {
   for (size_t i = 0; i + 1 < e.generations.size();) {
     if (e.generations[i].leases == 0) {
       dropped.push_back(std::move(e.generations[i].slab));
+      if (auto& host = e.generations[i].host_copy) {  // an offloaded one a publish replaced
+        host_tier_bytes_ -= std::min(host->total_bytes(), host_tier_bytes_);
+        dropped.push_back(std::move(host));
+      }
       e.generations.erase(e.generations.begin() + static_cast<std::ptrdiff_t>(i));
     } else {
       ++i;
@@ -1041,6 +1061,9 @@ void ModelStore::retire_locked(std::vector<std::shared_ptr<memory::Slab>> slabs)
 
 Result<LeaseGrant> ModelStore::lease_locked(Entry& e, size_t index) {
   Generation& g = e.generations[index];
+  if (!g.slab)
+    return make_error(StatusCode::kNotReady,
+                      "the model is offloaded to the host tier (a load or attach wakes it)");
   LeaseGrant grant;
   // Exporting is a dup(2) of each segment's descriptor, or a copy of its IPC handle (both made
   // once, at the seal): microseconds, so it is done under the store lock, and a lease is counted
@@ -1178,7 +1201,8 @@ std::string ModelStore::find_key(const std::string& key_or_id) const {
 size_t ModelStore::held_locked() const {
   size_t held = 0;
   for (const auto& [key, e] : entries_)
-    if (e->state == ModelState::kLoading || e->state == ModelState::kLoaded) ++held;
+    if (e->state == ModelState::kLoading || e->state == ModelState::kLoaded || e->offloaded())
+      ++held;
   return held;
 }
 
@@ -1209,11 +1233,17 @@ Result<ModelStatus> ModelStore::unload(const std::string& key_or_id, bool force)
     if (writer_slab) s.slab_bytes += writer_slab->total_bytes();
     std::vector<std::shared_ptr<memory::Slab>> dropped;
     for (auto& g : e->generations) dropped.push_back(std::move(g.slab));
+    for (auto& g : e->generations) {
+      if (!g.host_copy) continue;
+      host_tier_bytes_ -= std::min(g.host_copy->total_bytes(), host_tier_bytes_);
+      dropped.push_back(std::move(g.host_copy));
+    }
     if (writer_slab) dropped.push_back(std::move(writer_slab));
     retire_locked(std::move(dropped));
     e->generations.clear();  // leases still holding a slab keep that memory alive
     s.generations.clear();
     s.slab_bytes = 0;
+    s.host_bytes = 0;
     std::string key = e->published ? published_store_key(e->publish_key) : e->model.key;
     entries_.erase(key);  // e dies here
   }

@@ -60,6 +60,9 @@ struct StoreConfig {
   // Generations of one key alive at once (the current one, older ones still leased, one being
   // published or reloaded); a publish or reload past it is refused with kLimitExceeded.
   size_t max_generations = 2;
+  // The host tier: host copies of offloaded models are held up to this many bytes in all (the
+  // least recently offloaded is dropped to make room); 0 = no host tier (offload is refused).
+  uint64_t host_budget_bytes = 0;
 
   // kInvalidArgument when a limit is zero or out of range.
   Result<void> validate() const;
@@ -229,6 +232,30 @@ class ModelStore {
   // fingerprint, serving at once. kInvalidArgument when the key is held already, kLimitExceeded
   // past max_models.
   Result<ModelStatus> adopt(AdoptedGeneration generation);
+
+  // ---- the host tier (model_store_host_tier.cpp) ----
+  // Offloads a loaded or published model: the current generation's bytes are copied into host
+  // memory (a slab of the host backend, sealed memfds), its device slab is freed and its tensor
+  // table kept. The model then shows state kUnloaded with host_bytes > 0 until ensure_loading or
+  // wake() copies the bytes back into a new device slab. The copy fits config.host_budget_bytes:
+  // the least recently offloaded host copies are dropped (their models unloaded) to make room.
+  // Runs on the calling thread (the store's lock is not held during the copy) and returns once
+  // the device slab is released (leases held under force keep theirs until they go).
+  // kModelInUse while leased (unless force) or being published; kNotReady unless loaded;
+  // kInvalidArgument without a host tier; kOutOfMemory when the copy cannot fit it.
+  // The seam for eviction: call it instead of unload() when config.host_budget_bytes > 0.
+  Result<ModelStatus> offload(const std::string& key_or_id, bool force);
+  // offload() on a worker thread; `done` gets its outcome there.
+  void offload_async(const std::string& key_or_id, bool force,
+                     std::function<void(Result<ModelStatus>)> done);
+  // Starts waking an offloaded model (a worker copies its host copy into a new device slab,
+  // checks each segment's digest against the one taken at offload, or the published digests,
+  // then makes it loaded). Returns the status: kLoading, or the model's own when it is not
+  // offloaded. kNotFound for a model the store does not hold.
+  Result<ModelStatus> wake(const std::string& key_or_id);
+  // Bytes of host copies held (and being made).
+  uint64_t host_tier_bytes() const;
+
   // How often each limit refused or dropped something, by the name of its `serve` flag:
   // max-models, max-variants-per-source, memory (admission), key-length, max-error-entries
   // (failed loads dropped), error-ttl (failed loads expired).
@@ -276,6 +303,14 @@ class ModelStore {
   ModelStatus evict_locked(Entry& e, const std::string& why,
                            std::vector<std::shared_ptr<memory::Slab>>& freed);
   void notify(const ModelStatus& status);
+  // The host tier: a wake's worker job (as load_job), its copy, and its failure (the model
+  // stays offloaded); dropping host copies, least recently offloaded first, until `bytes` more
+  // fit the host budget (their unloaded statuses go to `gone`).
+  void wake_job(std::shared_ptr<Entry> entry, uint64_t generation);
+  void run_wake(std::shared_ptr<Entry> entry, uint64_t generation);
+  void fail_wake(const std::shared_ptr<Entry>& entry, uint64_t generation, const Error& error);
+  void start_wake_locked(const std::shared_ptr<Entry>& entry);
+  Result<void> make_host_room_locked(uint64_t bytes, std::vector<ModelStatus>& gone);
   Entry* find_locked(const std::string& key_or_id) const;
   size_t held_locked() const;
 
@@ -304,6 +339,9 @@ class ModelStore {
   std::shared_ptr<WorkerPool> pool_;
   std::vector<std::thread> workers_;
   std::shared_ptr<GenerationKeeper> keeper_;
+  // The host tier: where offloaded models' bytes go, and the bytes held there.
+  std::unique_ptr<memory::Backend> host_tier_;
+  uint64_t host_tier_bytes_ = 0;
 };
 
 // "source=/abs/path;rev=<commit>;dtype=BF16;tp=0/1;tag=x": two specs with the same key share
@@ -316,5 +354,8 @@ Result<void> parse_memory_reserve(const std::string& text, StoreConfig& config);
 // --memory-budget: the same spellings ("8GiB", "512MiB", bytes, "80%" of the device, up to 100%)
 // into config's memory_budget_bytes / memory_budget_fraction.
 Result<void> parse_memory_budget(const std::string& text, StoreConfig& config);
+// --host-budget: bytes as --memory-reserve takes them, or "25%" of the host's memory (MemTotal),
+// into config.host_budget_bytes.
+Result<void> parse_host_budget(const std::string& text, StoreConfig& config);
 
 }  // namespace companion::server

@@ -709,8 +709,9 @@ class ServerImpl final : public Server {
       if (spec.source.empty()) spec.source = m.key;
       return resolve_then(c, spec, [this, rid, m](Connection& conn, Result<ResolvedModel> model) {
         if (model.ok()) return get_checkpoint(conn, rid, m, std::move(model));
-        ModelState state = store_->status(published_store_key(m.key)).state;
-        if (state != ModelState::kLoaded && state != ModelState::kLoading)
+        ModelStatus held = store_->status(published_store_key(m.key));
+        bool offloaded = held.state == ModelState::kUnloaded && held.host_bytes > 0;
+        if (held.state != ModelState::kLoaded && held.state != ModelState::kLoading && !offloaded)
           return reply_error(conn, rid, model.error());  // neither: the checkpoint's error
         get_published(conn, rid, m);
       });
@@ -721,7 +722,13 @@ class ServerImpl final : public Server {
   void get_published(Connection& c, uint64_t rid, const protocol::GetParameters& m) {
     std::string store_key = published_store_key(m.key);
     ModelStatus now = store_->status(store_key);
-    if (now.state == ModelState::kLoading) {  // only a first generation being written
+    if (now.state == ModelState::kUnloaded && now.host_bytes > 0) {  // offloaded: wake it
+      auto woken = store_->wake(store_key);
+      if (!woken.ok()) return reply_error(c, rid, woken.error());
+      now = *woken;
+    }
+    // A first generation being written, or an offloaded one being woken.
+    if (now.state == ModelState::kLoading) {
       if (!m.wait)
         return reply_error(c, rid,
                            make_error(StatusCode::kNotReady,
@@ -764,9 +771,27 @@ class ServerImpl final : public Server {
   }
 
   void on_load(Connection& c, uint64_t rid, const protocol::Load& m) {
+    if (!m.key.empty()) return load_key(c, rid, m);
     resolve_then(c, m.spec, [this, rid, m](Connection& conn, Result<ResolvedModel> model) {
       load_resolved(conn, rid, m, model);
     });
+  }
+
+  // A model the server holds, named by key or id (published ones too): an offloaded one is
+  // woken.
+  void load_key(Connection& c, uint64_t rid, const protocol::Load& m) {
+    std::string store_key = store_->find_key(m.key);
+    if (store_key.empty())
+      return reply_error(c, rid,
+                         make_error(StatusCode::kNotFound,
+                                    "no model " + printable_text(m.key) + " on this server"));
+    auto s = store_->wake(store_key);
+    if (!s.ok()) return reply_error(c, rid, s.error());
+    if (s->state != ModelState::kLoading || !m.wait)
+      return send(c, Message{rid, protocol::LoadReply{*s}});
+    if (!may_park(c, rid)) return;
+    waiters_.emplace(store_key, Waiter{c.id, rid, Waiter::Kind::kLoad, s->seq, {}, 0, {}});
+    ++c.parked;
   }
 
   void load_resolved(Connection& c, uint64_t rid, const protocol::Load& m,
@@ -782,12 +807,39 @@ class ServerImpl final : public Server {
   }
 
   void on_unload(Connection& c, uint64_t rid, const protocol::Unload& m) {
+    if (m.to_host) {
+      if (!m.key.empty()) return offload_key(c, rid, m.key, m.force);
+      return resolve_then(
+          c, m.spec, [this, rid, force = m.force](Connection& conn, Result<ResolvedModel> model) {
+            if (!model.ok()) return reply_error(conn, rid, model.error());
+            offload_key(conn, rid, model->key, force);
+          });
+    }
     if (!m.key.empty()) return unload_key(c, rid, m.key, m.force);
     resolve_then(c, m.spec,
                  [this, rid, force = m.force](Connection& conn, Result<ResolvedModel> model) {
                    if (!model.ok()) return reply_error(conn, rid, model.error());
                    unload_key(conn, rid, model->key, force);
                  });
+  }
+
+  // The copy to the host tier runs on a worker; the reply comes back to the loop.
+  void offload_key(Connection& c, uint64_t rid, const std::string& key, bool force) {
+    if (!may_park(c, rid)) return;
+    ++c.parked;
+    uint64_t cid = c.id;
+    store_->offload_async(key, force, [this, cid, rid](Result<ModelStatus> result) {
+      auto held = std::make_shared<Result<ModelStatus>>(std::move(result));
+      loop_->post([this, cid, rid, held] {
+        auto it = connections_.find(cid);
+        if (it == connections_.end()) return;
+        Connection& conn = *it->second;
+        --conn.parked;
+        if (!held->ok()) return reply_error(conn, rid, held->error());
+        send(conn, Message{rid, protocol::UnloadReply{**held}});
+        reap(cid);
+      });
+    });
   }
 
   void unload_key(Connection& c, uint64_t rid, const std::string& key, bool force) {
@@ -1667,6 +1719,7 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
   if (!(options.idle_evict_s >= 0 && options.idle_evict_s < 1e9))
     return make_error(StatusCode::kInvalidArgument, "--idle-evict must be 0 or more seconds");
   config.idle_evict = std::chrono::milliseconds(static_cast<int64_t>(options.idle_evict_s * 1000));
+  COMPANION_TRY(parse_host_budget(options.host_budget, config));
   if (!(options.shutdown_timeout_s >= 0 && options.shutdown_timeout_s <= 3600))
     return make_error(StatusCode::kInvalidArgument, "--shutdown-timeout must be 0..3600 s");
   config.shutdown_timeout =

@@ -89,6 +89,9 @@ struct ServerOptions {
   std::string memory_budget;
   // --idle-evict: seconds after which a model no client holds is evicted (0: never).
   double idle_evict_s = 0;
+  // --host-budget: host memory for offloaded models' copies (the host tier), in bytes or as a
+  // share of the host's memory ("25%"); "0" = no host tier.
+  std::string host_budget = "0";
   // --shutdown-timeout: how long stopping waits for loads; one stuck longer is left behind.
   double shutdown_timeout_s = 5;
   // Restart without reload: the program run as `PROGRAM keeper ...` to hold committed memory

@@ -30,6 +30,10 @@ struct Generation {
   // The keeper's token (GenerationKeeper::keep): dropped with the generation, which tells the
   // keeper to let go of it.
   std::shared_ptr<void> kept;
+  // Offloaded (slab null): the bytes in the host tier, and the device slab's per-segment digests
+  // taken when they were copied there, checked again on wake.
+  std::shared_ptr<memory::Slab> host_copy;
+  std::vector<uint64_t> offload_digests;
 };
 
 // A publication in progress: the writer (a connection) and, once declared, its slab.
@@ -74,9 +78,22 @@ struct ModelStore::Entry {
     last_used = Clock::now();
     last_used_ms = unix_time_ms();
   }
+  // The host tier: a copy to it under way (offload()), and when the model was offloaded (the
+  // least recently offloaded host copy goes first).
+  bool offloading = false;
+  Clock::time_point offloaded_at{};
 
   Generation* current() { return generations.empty() ? nullptr : &generations.back(); }
   const Generation* current() const { return generations.empty() ? nullptr : &generations.back(); }
+  // The current generation while its bytes are in the host tier only (offloaded or waking).
+  Generation* offloaded() {
+    Generation* g = current();
+    return g != nullptr && g->host_copy ? g : nullptr;
+  }
+  const Generation* offloaded() const {
+    const Generation* g = current();
+    return g != nullptr && g->host_copy ? g : nullptr;
+  }
 };
 
 // What the store's workers share with its destructor, kept alive by the workers themselves so

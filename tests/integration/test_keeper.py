@@ -184,6 +184,31 @@ def test_the_keepers_descriptors_follow_loads_and_unloads(runtime_dir, models):
         assert server.stop() == 0
 
 
+def test_an_offloaded_model_leaves_the_keeper_and_a_woken_one_comes_back(runtime_dir, models):
+    """The host tier and the keeper together: an offload frees the device memory in the keeper
+    too (it lets go of the slab's handles), a wake hands the new slab to it, and a restart then
+    adopts the woken model."""
+    expected = tensor_crcs(models / "opt-a")
+    server = start(runtime_dir, models, "--host-budget", "64MiB")
+    keeper = server.keeper_pid()
+    server.cli("load", str(models / "opt-a"))
+    wait_kept(keeper, 1)
+    server.cli("offload", str(models / "opt-a"))
+    wait_kept(keeper, 0)
+    assert crcs(attach(server, models / "opt-a")) == expected  # woken by the attach
+    wait_kept(keeper, 1)
+    server.proc.kill()
+    server.proc.wait(timeout=20)
+    hide_checkpoint(models / "opt-a")
+    second = start(runtime_dir, models)
+    try:
+        assert "adopted 1 models" in second.log_text(), second.log_text()
+        assert crcs(attach(second, models / "opt-a")) == expected
+        second.cli("unload", str(models / "opt-a"))
+    finally:
+        assert second.stop() == 0
+
+
 def test_a_keeper_whose_server_never_comes_back_frees_everything(runtime_dir, models):
     server = start(runtime_dir, models, "--keep-for", "1")
     server.cli("load", str(models / "opt-a"))

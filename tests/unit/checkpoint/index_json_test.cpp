@@ -19,6 +19,11 @@ Result<IndexMap> parse(const std::string& text) {
   return parse_index_json(text, kOrigin);
 }
 
+std::string file_of(const IndexMap& index, const std::string& tensor) {
+  const IndexMap::Entry* entry = index.find(tensor);
+  return entry == nullptr ? "(none)" : index.files.at(entry->file);
+}
+
 TEST(IndexJson, MapsTensorsToFilesAndListsTheFilesSorted) {
   auto index = parse(R"({"metadata":{"total_size":96},"weight_map":{
       "b":"model-00002-of-00002.safetensors","a":"model-00001-of-00002.safetensors",
@@ -26,10 +31,14 @@ TEST(IndexJson, MapsTensorsToFilesAndListsTheFilesSorted) {
   ASSERT_TRUE(index.ok()) << index.error().to_string();
   EXPECT_EQ(index->files, (std::vector<std::string>{"model-00001-of-00002.safetensors",
                                                     "model-00002-of-00002.safetensors"}));
-  ASSERT_EQ(index->weight_map.size(), 3u);
-  EXPECT_EQ(index->weight_map.at("a"), "model-00001-of-00002.safetensors");
-  EXPECT_EQ(index->weight_map.at("b"), "model-00002-of-00002.safetensors");
-  EXPECT_EQ(index->weight_map.at("c"), "model-00001-of-00002.safetensors");
+  ASSERT_EQ(index->entries.size(), 3u);
+  EXPECT_EQ(file_of(*index, "a"), "model-00001-of-00002.safetensors");
+  EXPECT_EQ(file_of(*index, "b"), "model-00002-of-00002.safetensors");
+  EXPECT_EQ(file_of(*index, "c"), "model-00001-of-00002.safetensors");
+  EXPECT_EQ(index->find("d"), nullptr);
+  // The index's own order.
+  EXPECT_EQ(index->entries[0].tensor, "b");
+  EXPECT_EQ(index->entries[2].tensor, "c");
 }
 
 TEST(IndexJson, AcceptsNamesThatOnlyLookOdd) {
@@ -65,6 +74,17 @@ TEST(IndexJson, RefusesBadEntries) {
     expect_error(parse(std::string(R"({"weight_map":{"t":")") + file + "\"}}"), kBad,
                  {"not a plain file name"});
   }
+}
+
+// Streamed, yet refused for the same problem a document parse would find first: a syntax error
+// or repeated key anywhere, else the first bad entry in name order.
+TEST(IndexJson, ReportsTheProblemADocumentParseWould) {
+  expect_error(parse(R"({"weight_map":{"b":1,"a":"x/y"}})"), kBad, {"'a'", "x/y"});
+  expect_error(parse(R"({"weight_map":{"b":1,"":"f"}})"), kBad, {"empty tensor name"});
+  expect_error(parse(R"({"weight_map":{"b":1},"x":)"), kBad, {"not valid JSON"});
+  expect_error(parse(R"({"weight_map":{"b":1},"m":{"k":1,"k":2}})"), kBad, {"'k'", "twice"});
+  expect_error(parse(R"({"m":[{"k":1,"k":2}]})"), kBad, {"'k'", "twice"});
+  expect_error(parse(R"({"weight_map":{"b":"f"},"weight_map":5})"), kBad, {"twice"});
 }
 
 }  // namespace

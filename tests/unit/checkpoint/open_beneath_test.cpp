@@ -17,9 +17,9 @@
 #include <gtest/gtest.h>
 
 #include "checkpoint/checkpoint.hpp"
+#include "checkpoint/index_json.hpp"
 #include "checkpoint/open_beneath.hpp"
 #include "checkpoint/source.hpp"
-#include "checkpoint/strict_json.hpp"
 #include "test_support.hpp"
 
 namespace companion::checkpoint {
@@ -256,8 +256,31 @@ TEST_F(OpenBeneath, TheTensorCountIsCheckedBeforeTheHeaderIsParsed) {
   put("m/b.safetensors", file_with({"b0", "b1", "b2", "b3", "b4"}));
   EXPECT_TRUE(open("m", limits).ok());
   put("m/c.safetensors", file_with({"c0"}));
+  before = refusal_counts().tensors;
   expect_error(open("m", limits), StatusCode::kLimitExceeded,
                {root_ / "m/c.safetensors", "--max-tensors"});
+  // Once, though the headers are parsed ahead on threads of their own.
+  EXPECT_EQ(refusal_counts().tensors, before + 1);
+  // Past the limit in the first file: that file is the one named.
+  put("n/a.safetensors",
+      file_with({"a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7", "a8", "a9", "a10"}));
+  put("n/b.safetensors", file_with({"b0"}));
+  before = refusal_counts().tensors;
+  expect_error(open("n", limits), StatusCode::kLimitExceeded,
+               {root_ / "n/a.safetensors", "--max-tensors"});
+  EXPECT_EQ(refusal_counts().tensors, before + 1);
+}
+
+TEST_F(OpenBeneath, AnErrorInAnEarlierFileIsReportedWhateverTheLaterOnesHold) {
+  // Headers are parsed ahead, several at once; the error reported is still the first file's.
+  put("m/a.safetensors", testing::le64(4) + "nope");
+  put("m/b.safetensors", file_with({"b"}));
+  put("m/c.safetensors", testing::le64(5) + "{\"x\":");
+  expect_error(open("m"), kBad, {root_ / "m/a.safetensors", "not valid JSON"});
+  put("m/a.safetensors", file_with({"a"}));
+  expect_error(open("m"), kBad, {root_ / "m/c.safetensors", "not valid JSON"});
+  put("m/c.safetensors", file_with({"b"}));
+  expect_error(open("m"), kBad, {"'b'", "appears in both", "b.safetensors", "c.safetensors"});
 }
 
 TEST_F(OpenBeneath, TheIndexEntriesAreCountedBeforeTheIndexIsParsed) {
@@ -275,18 +298,33 @@ TEST_F(OpenBeneath, TheIndexEntriesAreCountedBeforeTheIndexIsParsed) {
   EXPECT_EQ(refusal_counts().tensors, before + 1);
 }
 
-TEST(EntryCounting, CountsTheKeysOfOneObjectOnly) {
-  const std::string header = R"({"a":{"x":1,"y":[{"z":2}]},"__metadata__":{"k":"v"},"b":3})";
-  EXPECT_FALSE(has_more_entries_than(header, 2, "", "__metadata__"));
-  EXPECT_TRUE(has_more_entries_than(header, 1, "", "__metadata__"));
-  EXPECT_TRUE(has_more_entries_than(header, 2, "", ""));
+TEST(EntryCounting, OnlyTheKeysOfWeightMapCount) {
   const std::string index =
       R"({"metadata":{"k":1,"l":2,"m":3},"weight_map":{"a":"f","b":{"n":{"o":1}},"c":"f"},"z":{}})";
-  EXPECT_FALSE(has_more_entries_than(index, 3, "weight_map", ""));
-  EXPECT_TRUE(has_more_entries_than(index, 2, "weight_map", ""));
-  EXPECT_FALSE(has_more_entries_than("[1,2,3]", 0, "", ""));
-  EXPECT_FALSE(has_more_entries_than(R"({"a":1,)", 5, "", ""));  // errors: the parse reports them
-  EXPECT_TRUE(has_more_entries_than(R"({"a":1,"b":2, oops)", 1, "", ""));
+  // Within the cap the entry for 'b' is what is wrong; one below it, the count is.
+  expect_error(parse_index_json(index, "index", 3), kBad, {"'b'", "file name string"});
+  expect_error(parse_index_json(index, "index", 2), StatusCode::kLimitExceeded,
+               {"index", "more than 2"});
+  // A syntax error met before the count passes the cap is reported; one after it is never read.
+  expect_error(parse_index_json(R"({"weight_map":{"a":"f",)", "index", 5), kBad,
+               {"not valid JSON"});
+  expect_error(parse_index_json(R"({"weight_map":{"a":"f","b":"f", oops)", "index", 1),
+               StatusCode::kLimitExceeded, {"more than 1"});
+  // Nor does a repeated key stop the count (the count comes first, as if made on its own).
+  expect_error(parse_index_json(R"({"weight_map":{"a":"f","a":"f","c":"f"}})", "index", 2),
+               StatusCode::kLimitExceeded, {"more than 2"});
+}
+
+TEST_F(OpenBeneath, OnlyTopLevelKeysButMetadataCountAsTensors) {
+  CheckpointLimits limits;
+  limits.max_tensors = 2;
+  const std::string empty = R"({"dtype":"U8","shape":[0],"data_offsets":[0,0]})";
+  std::string header =
+      R"({"a":)" + empty + R"(,"__metadata__":{"k":"v","l":"w","m":"x"},"b":)" + empty + "}";
+  put("two.safetensors", testing::le64(header.size()) + header);
+  EXPECT_TRUE(open("two.safetensors", limits).ok());
+  limits.max_tensors = 1;
+  expect_error(open("two.safetensors", limits), StatusCode::kLimitExceeded, {"--max-tensors"});
 }
 
 TEST_F(OpenBeneath, TheFileCountIsCheckedBeforeFilesAreOpened) {

@@ -156,6 +156,50 @@ TEST(SafetensorsHeader, RejectsBadMetadata) {
   expect_error(parse(R"({"__metadata__":{"total":5}})"), kBad, {"__metadata__", "total"});
 }
 
+// The header is streamed, not parsed into a document first, yet a header with several problems
+// is refused for the same one: a syntax error or repeated key anywhere, else the first bad entry
+// in name order, and within an entry the checks in their fixed order.
+TEST(SafetensorsHeader, ReportsTheProblemADocumentParseWould) {
+  constexpr StatusCode kUnknown = StatusCode::kUnknownDtype;
+  std::string w = entry("F32", "[1]", "[0,4]");
+  expect_error(parse(R"({"b":)" + entry("F32", "[2]", "[0,4]") + R"(,"a":)" +
+                     entry("F4", "[1]", "[4,8]") + "}"),
+               kUnknown, {"'a'", "F4"});
+  expect_error(parse(R"({"a":)" + entry("F4", "[1]", "[0,4]") + R"(,"b":)"), kBad,
+               {"not valid JSON"});
+  expect_error(
+      parse(R"({"a":)" + entry("F4", "[1]", "[0,4]") + R"(,"w":)" + w + R"(,"w":)" + w + "}"), kBad,
+      {"'w'", "twice"});
+  expect_error(parse(R"({"a":)" + entry("F4", "[1]", "[0,4]") + R"(,"x":{"y":[{"z":1,"z":2}]}})"),
+               kBad, {"'z'", "twice"});
+  // __metadata__ sorts among the tensor names ('A' < '_' < 'z').
+  expect_error(parse(R"({"z":5,"__metadata__":{"k":1}})"), kBad, {"__metadata__", "\"k\""});
+  expect_error(parse(R"({"A":5,"__metadata__":{"k":1}})"), kBad, {"'A'", "object"});
+  // The checks' order, not the fields' order.
+  expect_error(parse(R"({"w":{"data_offsets":[0],"shape":[1.5],"dtype":"F4"}})"), kUnknown,
+               {"'w'", "F4"});
+  expect_error(parse(R"({"w":{"zz":1,"data_offsets":[0,4],"shape":[1],"dtype":"F32","yy":2}})"),
+               kBad, {"'w'", "unexpected field \"yy\""});
+}
+
+TEST(SafetensorsHeader, ShowsOffendingValuesWhole) {
+  expect_error(parse(R"({"__metadata__":{"b":[1,{"x":null}],"a":2.5}})"), kBad,
+               {"\"a\"", "got 2.5"});
+  expect_error(parse(R"({"__metadata__":{"b":[1,{"x":null}]}})"), kBad,
+               {"\"b\"", R"(got [1,{"x":null}])"});
+  expect_error(parse(R"({"w":)" + entry("F32", R"([2,{"a":[-1]}])", "[0,8]") + "}"), kBad,
+               {"'w'", R"(got {"a":[-1]})"});
+  expect_error(parse(R"({"w":)" + entry("F32", "[1]", R"([0,[4]])") + "}"), kBad,
+               {"'w'", "data_offsets", "got [4]"});
+  // The whole shape, past the dimension that overflows and whatever it holds.
+  expect_error(
+      parse(R"({"w":)" + entry("F32", R"([4611686018427387904,4611686018427387904,"x"])", "[0,0]") +
+            "}"),
+      kBad, {"'w'", R"(shape [4611686018427387904,4611686018427387904,"x"] overflows)"});
+  expect_error(parse(R"({"w":)" + entry("F32", "[3,5]", "[0,8]") + "}"), kBad,
+               {"'w'", "shape [3,5] of F32 needs 60 bytes"});
+}
+
 class SafetensorsFiles : public ::testing::Test {
  protected:
   std::string write(const std::string& name, const std::string& bytes) {

@@ -226,6 +226,31 @@ TEST(ClientConnection, FieldsAnOldMinorMayNotKnowAreRefused) {
   EXPECT_EQ(std::count(seen.begin(), seen.end(), "Reload"), 0);
 }
 
+// A server before 1.3 would take an offload for an unload, and a load by key for one by an
+// empty spec: both are refused before they are sent.
+TEST(ClientConnection, HostTierRequestsNeedMinorThree) {
+  FakeServer server(2);
+  auto connection = Connection::open(server.socket_path(), "test");
+  ASSERT_TRUE(connection.ok()) << connection.error().to_string();
+  auto c = *connection;
+  protocol::Unload offload;
+  offload.key = "5f3a9c";
+  offload.to_host = true;
+  auto r = c->call(offload, 2000);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, StatusCode::kVersionMismatch) << r.error().to_string();
+  EXPECT_NE(r.error().message.find("offload"), std::string::npos) << r.error().message;
+  protocol::Load by_key;
+  by_key.key = "5f3a9c";
+  auto l = c->call(by_key, 2000);
+  ASSERT_FALSE(l.ok());
+  EXPECT_EQ(l.error().code, StatusCode::kVersionMismatch) << l.error().to_string();
+  ASSERT_TRUE(c->call(protocol::List{}, 2000).ok());
+  auto seen = server.received();
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), "Unload"), 0);
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), "Load"), 0);
+}
+
 // The same requests go to a current server.
 TEST(ClientConnection, ACurrentMinorTakesThem) {
   FakeServer server(kProtocolMinor);

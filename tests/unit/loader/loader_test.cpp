@@ -226,6 +226,56 @@ INSTANTIATE_TEST_SUITE_P(, LoaderBackends,
                                            Kind::kSmallNoHostAddress),
                          [](const auto& tp) { return kind_name(tp.param); });
 
+// The host tier's wake: a sealed host slab copied into another slab, straight into host memory
+// or through write(), in pieces of chunk_bytes over several threads.
+TEST(Loader, CopySlabCopiesEverySegmentByteForByte) {
+  auto backend = memory::make_host_backend();
+  const uint64_t page = testing::page_size();
+  const std::vector<uint64_t> sizes = {page * 37, page * 5};
+  auto source = backend->allocate(sizes, "copy-source");
+  ASSERT_TRUE(source.ok()) << source.error().to_string();
+  std::vector<std::string> bytes;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    bytes.push_back(testing::random_bytes(sizes[i], 70 + static_cast<uint32_t>(i)));
+    ASSERT_TRUE((*source)->write(i, 0, bytes[i].data(), sizes[i]).ok());
+  }
+  ASSERT_TRUE((*source)->seal().ok());
+  for (bool hide : {false, true}) {
+    SCOPED_TRACE(hide ? "write()" : "direct");
+    auto inner = backend->allocate(sizes, "copy-target");
+    ASSERT_TRUE(inner.ok()) << inner.error().to_string();
+    WrappedSlab target(std::move(*inner), hide);
+    LoadOptions options;
+    options.chunk_bytes = page * 4;
+    options.reader_threads = 3;
+    uint64_t last = 0;
+    bool monotonic = true;
+    std::atomic<bool> cancel{false};
+    auto copied = copy_slab(
+        **source, target,
+        [&](uint64_t done, uint64_t total) {
+          monotonic = monotonic && done >= last && total == page * 42;
+          last = done;
+        },
+        cancel, options);
+    ASSERT_TRUE(copied.ok()) << copied.error().to_string();
+    EXPECT_TRUE(monotonic);
+    EXPECT_EQ(last, page * 42);
+    EXPECT_EQ(target.writes > 0, hide);
+    EXPECT_EQ(read_back(target), bytes);
+  }
+  // A cancelled copy says so; slabs of other shapes are refused.
+  auto inner = backend->allocate(sizes, "copy-cancelled");
+  ASSERT_TRUE(inner.ok());
+  WrappedSlab target(std::move(*inner), true);
+  std::atomic<bool> cancel{true};
+  EXPECT_EQ(copy_slab(**source, target, {}, cancel).error().code, StatusCode::kCancelled);
+  auto other = backend->allocate({page}, "copy-other");
+  ASSERT_TRUE(other.ok());
+  std::atomic<bool> go{false};
+  EXPECT_EQ(copy_slab(**source, **other, {}, go).error().code, StatusCode::kInternal);
+}
+
 TEST(Loader, PlanUsesSeveralSegmentsOnSmallBackends) {
   TempDir dir;
   std::vector<TensorData> tensors;

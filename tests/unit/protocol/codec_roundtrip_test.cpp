@@ -310,6 +310,29 @@ TEST(CodecRoundTrip, UnloadAndUnloadReply) {
   expect_status_eq(round_trip(18, r).model, r.model);
 }
 
+// 1.3, the host tier: an offload is an Unload with to_host, a load may name a held model by key,
+// and a status carries the bytes held in host memory.
+TEST(CodecRoundTrip, HostTierFields) {
+  Unload offload{spec_without_dtype(), "5f3a9c", true, true};
+  Unload out = round_trip(21, offload);
+  EXPECT_TRUE(out.to_host);
+  EXPECT_TRUE(out.force);
+  EXPECT_EQ(out.key, "5f3a9c");
+  EXPECT_FALSE(round_trip(21, Unload{spec_with_dtype(), "", false}).to_host);
+
+  Load by_key{ModelSpec{}, true, "engine/x"};
+  Load loaded = round_trip(22, by_key);
+  EXPECT_EQ(loaded.key, "engine/x");
+  EXPECT_TRUE(loaded.wait);
+  EXPECT_EQ(round_trip(22, Load{spec_with_dtype(), false}).key, "");
+
+  UnloadReply r{status(23)};
+  r.model.state = ModelState::kUnloaded;
+  r.model.host_bytes = 0x1234'5678'9abcull;
+  EXPECT_EQ(round_trip(23, r).model.host_bytes, 0x1234'5678'9abcull);
+  EXPECT_EQ(round_trip(23, UnloadReply{status(24)}).model.host_bytes, 0u);
+}
+
 TEST(CodecRoundTrip, ListAndListReply) {
   round_trip(19, List{});
   ListReply empty = round_trip(20, ListReply{});

@@ -1476,5 +1476,310 @@ TEST_F(ModelStoreTest, AnAbortedFirstPublicationLeavesNothingBehind) {
   EXPECT_EQ(store->acquire_published("gone", 0, std::nullopt).error().code, StatusCode::kNotFound);
 }
 
+// ---- the host tier: offload and wake ----
+
+class HostTierTest : public ModelStoreTest {
+ protected:
+  // A store whose host tier holds `budget` bytes.
+  ModelStore& make_tier_store(uint64_t budget) {
+    return make_store(2, [budget](StoreConfig& c) { c.host_budget_bytes = budget; });
+  }
+
+  // Loads `path` and waits for it.
+  ResolvedModel load(const std::string& path) {
+    ResolvedModel model = resolve(path);
+    EXPECT_TRUE(store->ensure_loading(model).ok());
+    EXPECT_EQ(wait_final(model.key).state, ModelState::kLoaded);
+    return model;
+  }
+
+  // The slab bytes of one model of small_tensors(), as a store lays it out.
+  uint64_t small_model_bytes() {
+    make_store();
+    ResolvedModel model = load(write_model("sizing", small_tensors(99)));
+    uint64_t bytes = store->status(model.key).slab_bytes;
+    store.reset();
+    return bytes;
+  }
+
+  static bool offloaded(const ModelStatus& s) {
+    return s.state == ModelState::kUnloaded && s.host_bytes > 0;
+  }
+};
+
+TEST_F(HostTierTest, OffloadFreesTheDeviceSlabAndAWakeBringsTheSameBytesBack) {
+  make_tier_store(64ull << 20);
+  std::string path = write_model("m", small_tensors(11));
+  ResolvedModel model = load(path);
+  const uint64_t bytes = store->status(model.key).slab_bytes;
+  ASSERT_GT(bytes, 0u);
+  EXPECT_EQ(counters->live_slabs.load(), 1);
+
+  auto off = store->offload(model.key, false);
+  ASSERT_TRUE(off.ok()) << off.error().to_string();
+  EXPECT_TRUE(offloaded(*off));
+  EXPECT_EQ(off->host_bytes, bytes);
+  EXPECT_EQ(off->slab_bytes, 0u);
+  EXPECT_EQ(off->tensors, models[path].size());  // the table is kept
+  // The device slab is gone when offload returns; the host copy is counted.
+  EXPECT_EQ(counters->live_slabs.load(), 0);
+  EXPECT_EQ(store->slab_bytes(), 0u);
+  EXPECT_EQ(store->host_tier_bytes(), bytes);
+  EXPECT_TRUE(offloaded(store->status(model.key)));
+  ASSERT_EQ(store->list().size(), 1u);
+  EXPECT_TRUE(offloaded(store->list()[0]));
+  // Offloaded again: nothing to do. Leased: not until it is woken.
+  EXPECT_TRUE(store->offload(short_id(model.key), false).ok());
+  EXPECT_EQ(store->acquire(model.key).error().code, StatusCode::kNotReady);
+  EXPECT_EQ(store->acquire_generation(model.key, 0, std::nullopt).error().code,
+            StatusCode::kNotReady);
+
+  // The next load wakes it: from the host copy, not the files (which are gone now).
+  std::filesystem::remove_all(path);
+  auto woken = store->ensure_loading(model);
+  ASSERT_TRUE(woken.ok()) << woken.error().to_string();
+  EXPECT_EQ(woken->state, ModelState::kLoading);
+  ModelStatus s = wait_final(model.key);
+  ASSERT_EQ(s.state, ModelState::kLoaded) << s.message;
+  EXPECT_EQ(s.host_bytes, 0u);
+  EXPECT_EQ(s.slab_bytes, bytes);
+  EXPECT_EQ(s.generation, 1u);  // the same generation, back on the device
+  EXPECT_EQ(store->host_tier_bytes(), 0u);
+  EXPECT_EQ(counters->allocations.load(), 2);
+  auto grant = store->acquire(model.key);
+  ASSERT_TRUE(grant.ok()) << grant.error().to_string();
+  expect_grant_bytes(*grant, path);
+  store->release(model.key, grant->generation);
+}
+
+TEST_F(HostTierTest, WithoutAHostTierOffloadIsRefused) {
+  make_store();
+  ResolvedModel model = load(write_model("m", small_tensors(12)));
+  auto off = store->offload(model.key, false);
+  ASSERT_FALSE(off.ok());
+  EXPECT_EQ(off.error().code, StatusCode::kInvalidArgument);
+  EXPECT_NE(off.error().message.find("--host-budget"), std::string::npos);
+  EXPECT_EQ(store->status(model.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->offload("nothing-here", false).error().code, StatusCode::kNotFound);
+}
+
+TEST_F(HostTierTest, OffloadOfALeasedModelNeedsForceAndTheLeaseKeepsItsMemory) {
+  make_tier_store(64ull << 20);
+  std::string path = write_model("m", small_tensors(13));
+  ResolvedModel model = load(path);
+  auto lease = store->acquire(model.key);
+  ASSERT_TRUE(lease.ok());
+  auto refused = store->offload(model.key, false);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code, StatusCode::kModelInUse);
+  EXPECT_EQ(store->status(model.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->host_tier_bytes(), 0u);
+
+  auto forced = store->offload(model.key, true);
+  ASSERT_TRUE(forced.ok()) << forced.error().to_string();
+  EXPECT_TRUE(offloaded(*forced));
+  EXPECT_EQ(forced->leases, 0u);
+  // The lease still maps the old slab, with the model's bytes.
+  EXPECT_EQ(counters->live_slabs.load(), 1);
+  expect_grant_bytes(*lease, path);
+  // Its release matches nothing now, and the model wakes as usual.
+  store->release(model.key, lease->generation);
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
+  auto again = store->acquire(model.key);
+  ASSERT_TRUE(again.ok());
+  EXPECT_NE(again->generation, lease->generation);
+  store->release(model.key, lease->generation);  // stale: does not drop the new lease
+  EXPECT_EQ(store->status(model.key).leases, 1u);
+  store->release(model.key, again->generation);
+}
+
+TEST_F(HostTierTest, TheHostBudgetDropsTheLeastRecentlyOffloadedCopy) {
+  const uint64_t bytes = small_model_bytes();
+  make_tier_store(bytes * 2 + bytes / 2);  // two copies fit, three do not
+  ResolvedModel a = load(write_model("a", small_tensors(21)));
+  ResolvedModel b = load(write_model("b", small_tensors(22)));
+  ResolvedModel c = load(write_model("c", small_tensors(23)));
+  ASSERT_TRUE(store->offload(a.key, false).ok());
+  ASSERT_TRUE(store->offload(b.key, false).ok());
+  EXPECT_EQ(store->host_tier_bytes(), 2 * bytes);
+  auto third = store->offload(c.key, false);
+  ASSERT_TRUE(third.ok()) << third.error().to_string();
+  // a went (unloaded: the store no longer holds it); b and c stay offloaded.
+  EXPECT_EQ(store->status(a.key).state, ModelState::kReady);
+  EXPECT_TRUE(recorder.wait_for(a.key, [](const ModelStatus& s) {
+    return s.state == ModelState::kUnloaded && s.host_bytes == 0;
+  }));
+  EXPECT_TRUE(offloaded(store->status(b.key)));
+  EXPECT_TRUE(offloaded(store->status(c.key)));
+  EXPECT_EQ(store->host_tier_bytes(), 2 * bytes);
+  // A woken copy leaves the tier; a model larger than the whole budget is refused.
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  ASSERT_EQ(wait_final(b.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->host_tier_bytes(), bytes);
+  store.reset();
+  make_tier_store(bytes / 2);
+  ResolvedModel d = load(write_model("d", small_tensors(24)));
+  auto too_big = store->offload(d.key, false);
+  ASSERT_FALSE(too_big.ok());
+  EXPECT_EQ(too_big.error().code, StatusCode::kOutOfMemory);
+  EXPECT_EQ(store->status(d.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->host_tier_bytes(), 0u);
+}
+
+TEST_F(HostTierTest, UnloadingAnOffloadedModelReturnsItsHostMemory) {
+  make_tier_store(64ull << 20);
+  ResolvedModel model = load(write_model("m", small_tensors(31)));
+  ASSERT_TRUE(store->offload(model.key, false).ok());
+  EXPECT_GT(store->host_tier_bytes(), 0u);
+  auto unloaded = store->unload(short_id(model.key), false);
+  ASSERT_TRUE(unloaded.ok()) << unloaded.error().to_string();
+  EXPECT_EQ(unloaded->host_bytes, 0u);
+  EXPECT_EQ(store->host_tier_bytes(), 0u);
+  EXPECT_TRUE(store->list().empty());
+}
+
+TEST_F(HostTierTest, APublishedModelIsOffloadedAndWokenWithItsDigestsChecked) {
+  make_tier_store(64ull << 20);
+  std::vector<protocol::TensorDeclInfo> table = {{"a", DType::kF32, {1024}, ""},
+                                                 {"b", DType::kI8, {333}, ""}};
+  ASSERT_TRUE(store->claim("pub", {{"engine", "x"}}, protocol::ClaimMode::kNow, 1).ok());
+  auto writer = store->declare("pub", 1, table);
+  ASSERT_TRUE(writer.ok()) << writer.error().to_string();
+  std::vector<std::string> written;
+  {
+    std::vector<std::unique_ptr<memory::MappedSegment>> mapped;
+    for (auto& e : writer->exports) {
+      auto m =
+          memory::import_segment(std::move(e), memory::ImportTarget{}, memory::Access::kReadWrite);
+      ASSERT_TRUE(m.ok()) << m.error().to_string();
+      mapped.push_back(std::move(m).value());
+    }
+    for (size_t i = 0; i < writer->table->size(); ++i) {
+      const protocol::TensorRef t = writer->table->view()[i];
+      std::string bytes = testing::random_bytes(t.nbytes, 40 + static_cast<uint32_t>(i));
+      std::memcpy(static_cast<char*>(const_cast<void*>(mapped[t.segment]->address())) + t.offset,
+                  bytes.data(), bytes.size());
+      written.push_back(std::move(bytes));
+    }
+  }
+  std::promise<Result<LeaseGrant>> committed;
+  store->commit("pub", 1, [&](Result<LeaseGrant> r) { committed.set_value(std::move(r)); });
+  auto lease = committed.get_future().get();
+  ASSERT_TRUE(lease.ok()) << lease.error().to_string();
+  const std::string key = published_store_key("pub");
+  const std::vector<std::string> digests = store->status(key).generations.at(0).digests;
+  EXPECT_EQ(store->offload("pub", false).error().code, StatusCode::kModelInUse);
+  store->release(lease->key, lease->generation);
+  lease = make_error(StatusCode::kCancelled, "released");
+
+  auto off = store->offload("pub", false);
+  ASSERT_TRUE(off.ok()) << off.error().to_string();
+  EXPECT_TRUE(off->published);
+  EXPECT_TRUE(offloaded(*off));
+  EXPECT_EQ(counters->live_slabs.load(), 0);
+  EXPECT_EQ(store->acquire_published("pub", 0, std::nullopt).error().code, StatusCode::kNotReady);
+  // attach-or-publish still finds it published.
+  EXPECT_EQ(store->claim("pub", {{"engine", "x"}}, protocol::ClaimMode::kIfUnpublished, 2)->kind,
+            ClaimOutcome::Kind::kPublished);
+
+  auto woken = store->wake("pub");
+  ASSERT_TRUE(woken.ok()) << woken.error().to_string();
+  EXPECT_EQ(woken->state, ModelState::kLoading);
+  ModelStatus s = wait_final(key);
+  ASSERT_EQ(s.state, ModelState::kLoaded) << s.message;
+  EXPECT_EQ(s.generation, 1u);
+  ASSERT_EQ(s.generations.size(), 1u);
+  EXPECT_EQ(s.generations[0].digests, digests);
+  auto reader = store->acquire_published("pub", 0, Fingerprint{{"engine", "x"}});
+  ASSERT_TRUE(reader.ok()) << reader.error().to_string();
+  for (size_t i = 0; i < reader->slab->segment_count(); ++i)
+    EXPECT_EQ("wsum64:" + hex64(reader->slab->digest(i).value()), digests.at(i));
+  auto exports = reader->slab->export_segments();
+  ASSERT_TRUE(exports.ok());
+  std::vector<std::unique_ptr<memory::MappedSegment>> mapped;
+  for (auto& e : *exports) {
+    auto m = memory::import_segment(std::move(e), memory::ImportTarget{});
+    ASSERT_TRUE(m.ok()) << m.error().to_string();
+    mapped.push_back(std::move(m).value());
+  }
+  for (size_t i = 0; i < reader->table->size(); ++i) {
+    const protocol::TensorRef t = reader->table->view()[i];
+    EXPECT_EQ(std::memcmp(static_cast<const char*>(mapped[t.segment]->address()) + t.offset,
+                          written[i].data(), written[i].size()),
+              0);
+  }
+  store->release(reader->key, reader->generation);
+}
+
+TEST_F(HostTierTest, AWakeWhoseBytesDifferFailsAndTheModelStaysOffloaded) {
+  make_tier_store(64ull << 20);
+  std::string path = write_model("m", small_tensors(51));
+  ResolvedModel model = load(path);
+  ASSERT_TRUE(store->offload(model.key, false).ok());
+  // The copy back (with write(), as into device memory) lands with a byte changed: the digest
+  // check catches it.
+  counters->hide_address = true;
+  counters->corrupt_writes = true;
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_TRUE(recorder.wait_for(
+      model.key, [](const ModelStatus& s) { return s.state == ModelState::kError; }));
+  ModelStatus failed;
+  for (const ModelStatus& s : recorder.by_seq(model.key))
+    if (s.state == ModelState::kError) failed = s;
+  EXPECT_EQ(failed.error_code, StatusCode::kInternal);
+  EXPECT_NE(failed.message.find("does not hold the bytes offloaded"), std::string::npos)
+      << failed.message;
+  // Still offloaded, the reason in its note; the bad slab is gone.
+  ASSERT_TRUE(wait_until([&] { return offloaded(store->status(model.key)); }));
+  ModelStatus s = store->status(model.key);
+  EXPECT_NE(s.message.find("wake failed"), std::string::npos) << s.message;
+  EXPECT_GT(store->host_tier_bytes(), 0u);
+  EXPECT_TRUE(wait_until([&] { return counters->live_slabs.load() == 0; }));
+  EXPECT_EQ(store->admitted_bytes(), 0u);
+  // The next wake, with faithful copies, brings the model back.
+  counters->corrupt_writes = false;
+  ASSERT_TRUE(store->ensure_loading(model).ok());
+  ASSERT_EQ(wait_final(model.key).state, ModelState::kLoaded);
+  auto grant = store->acquire(model.key);
+  ASSERT_TRUE(grant.ok()) << grant.error().to_string();
+  expect_grant_bytes(*grant, path);
+  store->release(model.key, grant->generation);
+}
+
+TEST(HostBudget, TakesBytesOrAShareOfTheHostsMemory) {
+  StoreConfig config;
+  ASSERT_TRUE(parse_host_budget("64GiB", config).ok());
+  EXPECT_EQ(config.host_budget_bytes, 64ull << 30);
+  ASSERT_TRUE(parse_host_budget("0", config).ok());
+  EXPECT_EQ(config.host_budget_bytes, 0u);
+  ASSERT_TRUE(parse_host_budget("50%", config).ok());
+  EXPECT_GT(config.host_budget_bytes, 0u);
+  auto bad = parse_host_budget("lots", config);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.error().message.find("--host-budget"), std::string::npos);
+}
+
+TEST_F(HostTierTest, AWakeIsAdmittedAgainstTheBudgetAndEvictsToFit) {
+  uint64_t page = testing::page_size();
+  make_store(2, [&](StoreConfig& c) {
+    c.host_budget_bytes = 64ull << 20;
+    c.memory_budget_bytes = 150 * page;
+  });
+  ResolvedModel a = load(write_model("a", pages_of(100, 1)));
+  ASSERT_TRUE(store->offload(a.key, false).ok());
+  EXPECT_EQ(store->budget_used(), 0u);  // the host copy is the host tier's, not the device's
+  ResolvedModel b = load(write_model("b", pages_of(100, 2)));
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  // Waking a needs b's room: b, idle, is evicted; the count is exact afterwards.
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ModelStatus s = wait_final(a.key);
+  ASSERT_EQ(s.state, ModelState::kLoaded) << s.message;
+  EXPECT_EQ(store->status(b.key).state, ModelState::kReady);
+  EXPECT_EQ(store->evictions(), 1u);
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  EXPECT_EQ(s.eviction_rank, 1u);
+}
+
 }  // namespace
 }  // namespace companion::server

@@ -57,7 +57,8 @@ struct BackendCounters {
   std::atomic<bool> allocation_is_resident{false};  // as GPU backends: taken at allocate()
   // allocate() throws: 0 = never, 1 = std::bad_alloc, 2 = std::runtime_error (then resets).
   std::atomic<int> throw_on_allocate{0};
-  std::atomic<bool> throw_on_seal{false};  // the next seal() throws std::bad_alloc
+  std::atomic<bool> throw_on_seal{false};   // the next seal() throws std::bad_alloc
+  std::atomic<bool> corrupt_writes{false};  // write() stores its first byte flipped
 };
 
 class CountingSlab final : public memory::Slab {
@@ -79,7 +80,15 @@ class CountingSlab final : public memory::Slab {
     counters_->writes++;
     int delay = counters_->write_delay_ms.load();
     if (delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+    if (counters_->corrupt_writes.load() && bytes > 0) {
+      std::string changed(static_cast<const char*>(src), bytes);
+      changed[0] = static_cast<char>(~changed[0]);
+      return inner_->write(i, offset, changed.data(), bytes);
+    }
     return inner_->write(i, offset, src, bytes);
+  }
+  Result<void> read(size_t i, uint64_t offset, void* dst, uint64_t bytes) override {
+    return inner_->read(i, offset, dst, bytes);
   }
   Result<void> seal() override {
     if (counters_->throw_on_seal.exchange(false)) throw std::bad_alloc();
