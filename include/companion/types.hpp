@@ -108,6 +108,11 @@ struct ModelStatus {
   // Bytes of the model held in the server's host tier. With state kUnloaded: offloaded (the
   // tensor table is kept; the next load or attach copies the bytes back to the device).
   uint64_t host_bytes = 0;
+  // 1.3: when a client last acquired or released the model, or its load ended (unix epoch
+  // milliseconds), and its place in the eviction order (1: the first to go when room is needed; 0:
+  // not evictable now: leased, loading, being written, or published).
+  int64_t last_used_ms = 0;
+  uint32_t eviction_rank = 0;
 
   double progress() const noexcept {
     return bytes_total == 0 ? (state == ModelState::kLoaded ? 1.0 : 0.0)
@@ -148,6 +153,9 @@ struct HealthInfo {
   // Requests and connections refused by a limit or the peer policy since start, by reason
   // ("descriptors", "connections", "peer_not_permitted", ...).
   std::map<std::string, uint64_t> refused;
+  // 1.3: the memory budget (0: none) and how many models were evicted since start.
+  uint64_t memory_budget = 0;
+  uint64_t evictions = 0;
 };
 
 // Protocol version spoken by this build. Majors must match; minors may differ.

@@ -256,6 +256,8 @@ class ModelStatus:
     generation: int = 0              # the current generation (0: none committed yet)
     fingerprint: Dict[str, str] = dataclasses.field(default_factory=dict, compare=False)
     generations: Tuple[GenerationInfo, ...] = dataclasses.field(default=(), compare=False)
+    last_used_ms: int = 0            # last acquire, release or load end (unix ms; 0: unknown)
+    eviction_rank: int = 0           # 1: evicted first when room is needed; 0: not evictable
     raw: Dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -274,6 +276,8 @@ class ModelStatus:
                    fingerprint=_strings(doc.get("fingerprint")),
                    generations=tuple(GenerationInfo.from_json(g)
                                      for g in doc.get("generations") or ()),
+                   last_used_ms=int(doc.get("last_used_ms", 0)),
+                   eviction_rank=int(doc.get("eviction_rank", 0)),
                    raw=doc)
 
     @property

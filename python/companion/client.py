@@ -214,7 +214,8 @@ class Client:
         """state ("serving"), uptime_ms, models_loaded, models_total, clients, leases,
         slab_bytes, server (the identity), registry ("local" or the etcd URL), registered and
         registry_error (etcd: whether the record is in etcd now, and why not), refused (requests
-        and connections refused by a limit or the peer policy since start, by reason)."""
+        and connections refused by a limit or the peer policy since start, by reason),
+        memory_budget (bytes; 0: none) and evictions (models evicted since start)."""
         return self._json_call(_lib.load_library().companion_client_health)
 
     def instances(self) -> List[Dict[str, Any]]:

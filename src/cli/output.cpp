@@ -72,9 +72,21 @@ std::string variant_text(const ModelStatus& s) {
   return out;
 }
 
+namespace {
+// "12 s ago", "5 min ago", "3 h ago"; "-" when the server did not say.
+std::string time_ago(int64_t then_ms, int64_t now_ms) {
+  if (then_ms <= 0) return "-";
+  int64_t s = std::max<int64_t>(0, (now_ms - then_ms) / 1000);
+  if (s < 120) return std::to_string(s) + " s ago";
+  if (s < 7200) return std::to_string(s / 60) + " min ago";
+  return std::to_string(s / 3600) + " h ago";
+}
+}  // namespace
+
 std::string render_models(const std::vector<ModelStatus>& models) {
   if (models.empty()) return "no models\n";
   std::vector<std::vector<std::string>> rows;
+  int64_t now_ms = unix_time_ms();
   for (const auto& s : models) {
     char pct[16];
     std::snprintf(pct, sizeof(pct), "%.0f%%", s.progress() * 100.0);
@@ -87,13 +99,15 @@ std::string render_models(const std::vector<ModelStatus>& models) {
       generation += " (+" + std::to_string(s.generations.size() - 1) + " held)";
     std::string size = format_bytes(s.published ? s.slab_bytes : s.bytes_total);
     std::string source = s.published ? "published: " + printable_text(s.key) : s.source;
+    // EVICT: 1 goes first when room is needed; "-" cannot be evicted now.
+    std::string evict = s.eviction_rank == 0 ? "-" : std::to_string(s.eviction_rank);
     rows.push_back({s.id, state, generation, std::to_string(s.tensors), size,
-                    std::to_string(s.leases), s.backend, source, variant_text(s),
-                    printable_text(s.message)});
+                    std::to_string(s.leases), time_ago(s.last_used_ms, now_ms), evict, s.backend,
+                    source, variant_text(s), printable_text(s.message)});
   }
-  return render_table(
-      {"ID", "STATE", "GEN", "TENSORS", "SIZE", "LEASES", "BACKEND", "SOURCE", "VARIANT", "NOTE"},
-      rows);
+  return render_table({"ID", "STATE", "GEN", "TENSORS", "SIZE", "LEASES", "LAST USE", "EVICT",
+                       "BACKEND", "SOURCE", "VARIANT", "NOTE"},
+                      rows);
 }
 
 // One line per live generation of each model that has more than one, or that is published:
@@ -124,7 +138,10 @@ std::string render_health(const HealthInfo& h) {
       {"pid", std::to_string(s.pid) + " on " + s.hostname},
       {"uptime", std::to_string(h.uptime_ms / 1000) + " s"},
       {"models", std::to_string(h.models_loaded) + " loaded of " + std::to_string(h.models_total)},
-      {"memory", format_bytes(h.slab_bytes)},
+      {"memory",
+       format_bytes(h.slab_bytes) +
+           (h.memory_budget == 0 ? "" : " of " + format_bytes(h.memory_budget) + " budget") + ", " +
+           std::to_string(h.evictions) + " evictions"},
       {"clients",
        std::to_string(h.clients) + " connected, " + std::to_string(h.leases) + " leases"},
       {"socket", s.socket_path},

@@ -89,6 +89,16 @@ void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve) 
       .add_option("--memory-reserve", serve.memory_reserve,
                   "Device memory loads must leave free: bytes (1GiB, 512MiB) or a share (10%)")
       ->capture_default_str();
+  serve_cmd.add_option(
+      "--memory-budget", serve.memory_budget,
+      "Memory all models together may hold: bytes (8GiB, 512MiB) or a share of the device "
+      "(80%). Default: what is available at start less --memory-reserve. A load or publication "
+      "past it evicts models no client holds, least recently used first (published ones never), "
+      "else is refused with OUT_OF_MEMORY");
+  serve_cmd
+      .add_option("--idle-evict", serve.idle_evict_s,
+                  "Evict a model that no client has held for this many seconds (0: never)")
+      ->capture_default_str();
   serve_cmd
       .add_option("--host-budget", serve.host_budget,
                   "Host memory for offloaded models (companion offload): bytes (64GiB) or a share "

@@ -37,6 +37,8 @@ nlohmann::json to_json(const ModelStatus& s) {
   j["generations"] = std::move(generations);
   j["host_bytes"] = s.host_bytes;
   j["offloaded"] = s.state == ModelState::kUnloaded && s.host_bytes > 0;
+  j["last_used_ms"] = s.last_used_ms;
+  j["eviction_rank"] = s.eviction_rank;
   return j;
 }
 
@@ -69,7 +71,9 @@ nlohmann::json to_json(const HealthInfo& h) {
           {"registry", h.registry},
           {"registered", h.registered},
           {"registry_error", h.registry_error},
-          {"refused", h.refused}};
+          {"refused", h.refused},
+          {"memory_budget", h.memory_budget},
+          {"evictions", h.evictions}};
 }
 
 nlohmann::json to_json(const Error& e) {

@@ -68,11 +68,11 @@ fb::Offset<wire::ModelStatus> put_status(Builder& b, const ModelStatus& s) {
     }
     generations = b.CreateVector(gens);
   }
-  return wire::CreateModelStatus(b, str(b, s.key), str(b, s.id), str(b, s.source),
-                                 static_cast<wire::ModelState>(s.state), s.bytes_done,
-                                 s.bytes_total, static_cast<int>(s.error_code), str(b, s.message),
-                                 s.tensors, s.leases, str(b, s.backend), s.slab_bytes, s.seq,
-                                 s.published, s.generation, fingerprint, generations, s.host_bytes);
+  return wire::CreateModelStatus(
+      b, str(b, s.key), str(b, s.id), str(b, s.source), static_cast<wire::ModelState>(s.state),
+      s.bytes_done, s.bytes_total, static_cast<int>(s.error_code), str(b, s.message), s.tensors,
+      s.leases, str(b, s.backend), s.slab_bytes, s.seq, s.published, s.generation, fingerprint,
+      generations, s.host_bytes, s.last_used_ms, s.eviction_rank);
 }
 
 // A payload no frame may carry is refused here, where it is built, not by the peer that would
@@ -163,11 +163,12 @@ struct Encoder {
     std::vector<fb::Offset<wire::Count>> refused;
     for (const auto& [name, value] : h.refused)
       refused.push_back(wire::CreateCount(b, str(b, name), value));
-    return finish(b, id, wire::Body::HealthReply,
-                  wire::CreateHealthReply(
-                      b, str(b, h.state), h.uptime_ms, h.models_loaded, h.models_total, h.clients,
-                      h.leases, h.slab_bytes, put_identity(b, h.server), str(b, h.registry),
-                      h.registered, str(b, h.registry_error), b.CreateVector(refused)));
+    return finish(
+        b, id, wire::Body::HealthReply,
+        wire::CreateHealthReply(b, str(b, h.state), h.uptime_ms, h.models_loaded, h.models_total,
+                                h.clients, h.leases, h.slab_bytes, put_identity(b, h.server),
+                                str(b, h.registry), h.registered, str(b, h.registry_error),
+                                b.CreateVector(refused), h.memory_budget, h.evictions));
   }
   Result<std::vector<uint8_t>> operator()(const ErrorReply& m) {
     return finish(
@@ -309,6 +310,8 @@ Result<ModelStatus> get_status(const wire::ModelStatus* s) {
   st.published = s->published();
   st.generation = s->generation();
   st.host_bytes = s->host_bytes();
+  st.last_used_ms = s->last_used_ms();
+  st.eviction_rank = s->eviction_rank();
   COMPANION_ASSIGN_OR_RETURN(st.fingerprint, get_fingerprint(s->fingerprint()));
   if (s->generations() != nullptr) {
     if (s->generations()->size() > kMaxGenerationsPerKey + 1)
@@ -663,6 +666,8 @@ Result<Message> decode(std::vector<uint8_t> payload) {
       v.info.clients = h->clients();
       v.info.leases = h->leases();
       v.info.slab_bytes = h->slab_bytes();
+      v.info.memory_budget = h->memory_budget();
+      v.info.evictions = h->evictions();
       COMPANION_ASSIGN_OR_RETURN(v.info.server, get_identity(h->server()));
       if (h->registry() != nullptr) {  // absent from servers of protocol 1.0
         COMPANION_ASSIGN_OR_RETURN(v.info.registry,

@@ -104,11 +104,15 @@ std::string short_id(const std::string& key) {
   return hex64(fnv1a64(key)).substr(0, 12);
 }
 
-Result<void> parse_memory_reserve(const std::string& text, StoreConfig& config) {
+namespace {
+// "1GiB", "512MiB", "64KiB", "4096" (bytes) into `bytes`, or "10%" into `fraction` (the other one
+// set to 0); a share of 100% only when `whole` allows it.
+Result<void> parse_bytes_or_share(const std::string& text, const char* flag, bool whole,
+                                  uint64_t& out_bytes, double& out_fraction) {
   auto bad = [&] {
-    return make_error(
-        StatusCode::kInvalidArgument,
-        "--memory-reserve takes bytes (1GiB, 512MiB, 4096) or a share (10%), not '" + text + "'");
+    return make_error(StatusCode::kInvalidArgument,
+                      std::string(flag) +
+                          " takes bytes (1GiB, 512MiB, 4096) or a share (10%), not '" + text + "'");
   };
   size_t digits = 0;
   while (digits < text.size() &&
@@ -125,9 +129,9 @@ Result<void> parse_memory_reserve(const std::string& text, StoreConfig& config) 
   }
   std::string unit = text.substr(digits);
   if (unit == "%") {
-    if (number >= 100) return bad();
-    config.memory_reserve_fraction = number / 100.0;
-    config.memory_reserve_bytes = 0;
+    if (number > 100 || (number == 100 && !whole)) return bad();
+    out_fraction = number / 100.0;
+    out_bytes = 0;
     return ok_result();
   }
   static const struct {
@@ -143,11 +147,25 @@ Result<void> parse_memory_reserve(const std::string& text, StoreConfig& config) 
     if (unit != u.name) continue;
     double bytes = number * u.scale;
     if (bytes >= 9.0e18) return bad();
-    config.memory_reserve_bytes = static_cast<uint64_t>(bytes);
-    config.memory_reserve_fraction = 0.0;
+    out_bytes = static_cast<uint64_t>(bytes);
+    out_fraction = 0.0;
     return ok_result();
   }
   return bad();
+}
+}  // namespace
+
+Result<void> parse_memory_reserve(const std::string& text, StoreConfig& config) {
+  return parse_bytes_or_share(text, "--memory-reserve", false, config.memory_reserve_bytes,
+                              config.memory_reserve_fraction);
+}
+
+Result<void> parse_memory_budget(const std::string& text, StoreConfig& config) {
+  COMPANION_TRY(parse_bytes_or_share(text, "--memory-budget", true, config.memory_budget_bytes,
+                                     config.memory_budget_fraction));
+  if (config.memory_budget_bytes == 0 && config.memory_budget_fraction == 0.0)
+    return make_error(StatusCode::kInvalidArgument, "--memory-budget must be more than 0");
+  return ok_result();
 }
 
 Result<void> StoreConfig::validate() const {
@@ -164,6 +182,9 @@ Result<void> StoreConfig::validate() const {
   if (error_ttl.count() <= 0) return bad("--error-ttl must be positive");
   if (!(memory_reserve_fraction >= 0.0 && memory_reserve_fraction < 1.0))
     return bad("--memory-reserve as a fraction must be in [0%, 100%)");
+  if (!(memory_budget_fraction >= 0.0 && memory_budget_fraction <= 1.0))
+    return bad("--memory-budget as a fraction must be in (0%, 100%]");
+  if (idle_evict.count() < 0) return bad("--idle-evict must not be negative");
   if (shutdown_timeout.count() < 0) return bad("the shutdown timeout must not be negative");
   return ok_result();
 }
@@ -180,6 +201,31 @@ ModelStore::ModelStore(std::unique_ptr<memory::Backend> backend, StoreConfig con
   std::vector<std::string> roots = config_.model_roots;
   roots.push_back(config_.hf_cache);
   roots_ = checkpoint::canonical_roots(roots);
+  // The budget, fixed at start. By default what is available now less the reserve: the engines
+  // that run beside the server keep the reserve, and memory that others hold at start is theirs.
+  auto device = backend_->available_bytes();
+  if (config_.memory_budget_bytes > 0) {
+    budget_ = config_.memory_budget_bytes;
+  } else if (!device.ok()) {
+    if (config_.memory_budget_fraction > 0)
+      log::warn("--memory-budget as a share needs the device's size, which " + backend_->name() +
+                " cannot tell: no budget");
+  } else if (config_.memory_budget_fraction > 0) {
+    budget_ =
+        static_cast<uint64_t>(config_.memory_budget_fraction * static_cast<double>(device->total));
+  } else {
+    uint64_t reserve = std::max(config_.memory_reserve_bytes,
+                                static_cast<uint64_t>(config_.memory_reserve_fraction *
+                                                      static_cast<double>(device->total)));
+    budget_ = device->available > reserve ? device->available - reserve : 0;
+    budget_from_available_ = true;
+  }
+  if (budget_ != UINT64_MAX)
+    log::info("memory budget " + format_bytes(budget_) +
+              (config_.idle_evict.count() > 0
+                   ? ", idle models evicted after " +
+                         std::to_string(config_.idle_evict.count() / 1000) + " s"
+                   : std::string()));
   if (config_.host_budget_bytes > 0) host_tier_ = memory::make_host_backend();
   size_t threads = config_.load_threads == 0 ? 1 : config_.load_threads;
   pool_->busy.assign(threads, false);
@@ -307,6 +353,8 @@ ModelStatus ModelStore::snapshot(const Entry& e) const {
     s.generations.push_back(std::move(info));
   }
   if (e.writer && e.writer->slab) s.slab_bytes += e.writer->slab->total_bytes();
+  s.last_used_ms = e.last_used_ms;
+  s.eviction_rank = eviction_rank_locked(e);
   if (const Generation* g = e.offloaded()) s.host_bytes = g->host_copy->total_bytes();
   s.seq = ++seq_;  // always under mutex_
   return s;
@@ -492,36 +540,232 @@ Result<ModelStatus> ModelStore::ensure_loading(const ResolvedModel& model) {
   return result;
 }
 
-Result<void> ModelStore::admit(uint64_t bytes, const std::string& what) {
-  auto device = backend_->available_bytes();
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!device.ok()) {  // the backend cannot tell: count the bytes, admit unchecked
-    admitted_bytes_ += bytes;
-    return ok_result();
+uint64_t ModelStore::held_bytes_locked() const {
+  uint64_t total = 0;
+  for (const auto& [key, e] : entries_) {
+    for (const auto& g : e->generations)
+      if (g.slab) total += g.slab->total_bytes();
+    if (e->writer && e->writer->slab) total += e->writer->slab->total_bytes();
   }
-  uint64_t reserve = std::max(
-      config_.memory_reserve_bytes,
-      static_cast<uint64_t>(config_.memory_reserve_fraction * static_cast<double>(device->total)));
-  uint64_t taken = reserve + admitted_bytes_;
-  uint64_t room = device->available > taken ? device->available - taken : 0;
-  if (bytes > room) {
-    refusals_["memory"]++;
-    uint64_t resident = 0;
-    for (const auto& [key, e] : entries_) {
-      for (const auto& g : e->generations)
-        if (g.slab) resident += g.slab->total_bytes();
-      if (e->writer && e->writer->slab) resident += e->writer->slab->total_bytes();
+  return total;
+}
+
+bool ModelStore::evictable_locked(const Entry& e) const {
+  // Published models are never evicted: their bytes exist nowhere else to be read again.
+  if (e.published || e.state != ModelState::kLoaded || e.reloading || e.writer || e.offloading ||
+      e.generations.empty())
+    return false;
+  return std::none_of(e.generations.begin(), e.generations.end(),
+                      [](const Generation& g) { return g.leases > 0; });
+}
+
+std::vector<ModelStore::Entry*> ModelStore::eviction_order_locked() const {
+  std::vector<Entry*> order;
+  for (const auto& [key, e] : entries_)
+    if (evictable_locked(*e)) order.push_back(e.get());
+  std::stable_sort(order.begin(), order.end(),
+                   [](const Entry* a, const Entry* b) { return a->last_used < b->last_used; });
+  return order;
+}
+
+uint32_t ModelStore::eviction_rank_locked(const Entry& e) const {
+  if (!evictable_locked(e)) return 0;
+  // Its place in eviction_order_locked() without sorting: the evictable models used before it,
+  // and those used at the same time whose keys come first (the sort is stable, in key order).
+  uint32_t rank = 1;
+  bool before = true;
+  for (const auto& [key, other] : entries_) {
+    if (other.get() == &e) {
+      before = false;
+      continue;
     }
-    return make_error(StatusCode::kOutOfMemory,
-                      what + " needs " + format_bytes(bytes) + "; " + backend_->name() + " has " +
-                          format_bytes(device->available) + " available of " +
-                          format_bytes(device->total) + ", less " + format_bytes(reserve) +
-                          " reserve (--memory-reserve) and " + format_bytes(admitted_bytes_) +
-                          " admitted to loads in flight: " + format_bytes(room) +
-                          " left (models resident: " + format_bytes(resident) + ")");
+    if ((other->last_used < e.last_used || (before && other->last_used == e.last_used)) &&
+        evictable_locked(*other))
+      ++rank;
   }
-  admitted_bytes_ += bytes;
-  return ok_result();
+  return rank;
+}
+
+ModelStatus ModelStore::evict_locked(Entry& e, const std::string& why,
+                                     std::vector<std::shared_ptr<memory::Slab>>& freed) {
+  uint64_t bytes = 0;
+  for (auto& g : e.generations) {
+    if (g.slab) bytes += g.slab->total_bytes();
+    freed.push_back(std::move(g.slab));
+  }
+  e.generations.clear();
+  e.generation = next_generation();
+  e.state = ModelState::kUnloaded;
+  ModelStatus s = snapshot(e);
+  s.message = "evicted: " + why;
+  if (s.message.size() > protocol::kMaxStatusMessageBytes)
+    s.message = std::string(utf8_prefix(s.message, protocol::kMaxStatusMessageBytes - 3)) + "...";
+  ++evictions_;
+  log::info("evicted " + printable_text(e.model.spec.describe()) + " (" + format_bytes(bytes) +
+            "): " + why);
+  entries_.erase(e.model.key);  // e dies here
+  return s;
+}
+
+void ModelStore::evict_idle(Clock::time_point now) {
+  if (config_.idle_evict.count() <= 0) return;
+  std::vector<ModelStatus> evicted;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<std::shared_ptr<memory::Slab>> freed;
+    for (Entry* e : eviction_order_locked()) {
+      if (now - e->last_used < config_.idle_evict) break;  // the rest were used later
+      auto idle = std::chrono::duration_cast<std::chrono::seconds>(now - e->last_used);
+      evicted.push_back(evict_locked(*e,
+                                     "no client held it for " + std::to_string(idle.count()) +
+                                         " s (--idle-evict " +
+                                         std::to_string(config_.idle_evict.count() / 1000) + ")",
+                                     freed));
+    }
+    retire_locked(std::move(freed));
+  }
+  for (const auto& s : evicted) notify(s);
+}
+
+uint64_t ModelStore::memory_budget() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return budget_;
+}
+
+uint64_t ModelStore::budget_used() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return held_bytes_locked() + budget_pending_;
+}
+
+uint64_t ModelStore::evictions() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return evictions_;
+}
+
+namespace {
+// "3f2a1b0c9d8e /models/a (64 MiB, 2 leases)": one model of a refusal's list, bounded.
+std::string describe_resident(const std::string& id, const std::string& name, uint64_t bytes,
+                              const std::string& note) {
+  std::string shown = printable_text(name);
+  if (shown.size() > 48) shown = std::string(utf8_prefix(shown, 45)) + "...";
+  return id + " " + shown + " (" + format_bytes(bytes) + ", " + note + ")";
+}
+}  // namespace
+
+Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
+                               const std::string& store_key) {
+  // Each round either admits, refuses, or evicts one idle model and looks again: the memory an
+  // eviction frees shows on the device only once its slab is gone, so the slab is freed here,
+  // on the caller's thread (a load's worker, or a declare), before the next look. Memory that
+  // another holder of the slab (a keeper) lets go of later is counted as free once evicted, so
+  // that waiting for it never evicts more models.
+  uint64_t evicted_bytes = 0;
+  std::optional<uint64_t> available_before;  // at the first eviction
+  for (;;) {
+    auto device = backend_->available_bytes();
+    std::vector<std::shared_ptr<memory::Slab>> freed;
+    ModelStatus evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      uint64_t held = held_bytes_locked();
+      uint64_t used = held + budget_pending_;
+      bool budget_fits = used <= budget_ && bytes <= budget_ - used;
+      uint64_t reserve = 0;
+      uint64_t room = UINT64_MAX;
+      if (device.ok()) {
+        reserve = std::max(config_.memory_reserve_bytes,
+                           static_cast<uint64_t>(config_.memory_reserve_fraction *
+                                                 static_cast<double>(device->total)));
+        uint64_t taken = reserve + admitted_bytes_;
+        room = device->available > taken ? device->available - taken : 0;
+        if (available_before) {
+          uint64_t shown =
+              device->available > *available_before ? device->available - *available_before : 0;
+          room += evicted_bytes > shown ? evicted_bytes - shown : 0;
+        }
+      }
+      bool device_fits = bytes <= room;
+      if (budget_fits && device_fits) {
+        admitted_bytes_ += bytes;  // counted even when the backend cannot tell what is available
+        budget_pending_ += bytes;
+        return ok_result();
+      }
+      std::vector<Entry*> order = eviction_order_locked();
+      uint64_t evictable = 0;
+      for (const Entry* e : order)
+        for (const auto& g : e->generations)
+          if (g.slab) evictable += g.slab->total_bytes();
+      // Evicting is worth it only when evicting every idle model would make room.
+      bool could_fit = bytes <= budget_ && used - std::min(used, evictable) <= budget_ - bytes &&
+                       (room == UINT64_MAX || bytes <= room + evictable);
+      if (!order.empty() && could_fit) {
+        Entry& victim = *order.front();
+        if (device.ok() && !available_before) available_before = device->available;
+        for (const auto& g : victim.generations)
+          if (g.slab) evicted_bytes += g.slab->total_bytes();
+        std::string why =
+            "to make room for " + printable_text(what) + " (" + format_bytes(bytes) + ": " +
+            (budget_fits ? std::string("the device is short")
+                         : std::string("the memory budget (--memory-budget) is full")) +
+            "); it was the least recently used model that no client held";
+        evicted = evict_locked(victim, why, freed);
+      } else {
+        refusals_["memory"]++;
+        std::string message = what + " needs " + format_bytes(bytes);
+        if (!budget_fits)
+          message += "; the memory budget (--memory-budget) is " + format_bytes(budget_) + ": " +
+                     format_bytes(held) + " held by models and " + format_bytes(budget_pending_) +
+                     " admitted to loads in flight, " +
+                     format_bytes(used < budget_ ? budget_ - used : 0) + " left";
+        if (!device_fits)
+          message += "; " + backend_->name() + " has " + format_bytes(device->available) +
+                     " available of " + format_bytes(device->total) + ", less " +
+                     format_bytes(reserve) + " reserve (--memory-reserve) and " +
+                     format_bytes(admitted_bytes_) +
+                     " admitted to loads in flight: " + format_bytes(room) + " left";
+        message += order.empty() ? "; no model is idle to evict"
+                                 : "; evicting every idle model (" + format_bytes(evictable) +
+                                       ") would not make room";
+        // What is resident and what holds it, the largest first, bounded.
+        struct Row {
+          uint64_t bytes;
+          std::string text;
+        };
+        std::vector<Row> rows;
+        for (const auto& [key, e] : entries_) {
+          if (e->state != ModelState::kLoaded && e->state != ModelState::kLoading) continue;
+          if (key == store_key) continue;  // the one asking
+          uint64_t b = 0;
+          uint32_t leases = 0;
+          for (const auto& g : e->generations) {
+            if (g.slab) b += g.slab->total_bytes();
+            leases += g.leases;
+          }
+          if (e->writer && e->writer->slab) b += e->writer->slab->total_bytes();
+          std::string note = leases > 0 ? std::to_string(leases) + " lease(s)"
+                             : e->state == ModelState::kLoading ? "loading"
+                             : e->writer                        ? "being written"
+                             : e->reloading                     ? "reloading"
+                             : e->published                     ? "published, not evicted"
+                                                                : "idle";
+          rows.push_back(
+              {b, describe_resident(e->id, e->published ? e->publish_key : e->model.spec.source, b,
+                                    note)});
+        }
+        std::stable_sort(rows.begin(), rows.end(),
+                         [](const Row& a, const Row& b) { return a.bytes > b.bytes; });
+        constexpr size_t kListed = 6;
+        message += rows.empty() ? "; nothing is resident" : "; resident: ";
+        for (size_t i = 0; i < rows.size() && i < kListed; ++i)
+          message += (i ? ", " : "") + rows[i].text;
+        if (rows.size() > kListed)
+          message += ", and " + std::to_string(rows.size() - kListed) + " more";
+        return make_error(StatusCode::kOutOfMemory, message);
+      }
+    }
+    notify(evicted);
+    freed.clear();  // the victim's memory goes before the next look
+  }
 }
 
 void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, bool reload,
@@ -598,7 +842,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
                            "model needs more segments than one reply carries"));
   uint64_t slab_bytes = 0;
   for (uint64_t size : plan->segment_sizes) slab_bytes += size;
-  if (auto admitted = admit(slab_bytes, model.spec.describe()); !admitted.ok())
+  if (auto admitted = admit(slab_bytes, model.spec.describe(), model.key); !admitted.ok())
     return fail(admitted.error());
   // The bytes of this load that the device does not show as taken yet. They shrink as the
   // memory becomes resident (at allocation on GPUs and reserving hosts, else as it is written), so
@@ -608,6 +852,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     ModelStore* store;
     WorkerPool* pool;
     uint64_t outstanding;
+    uint64_t budget;  // in budget_pending_ until the slab becomes the entry's
     void settle_locked(uint64_t now_outstanding) {
       if (now_outstanding >= outstanding) return;
       store->admitted_bytes_ -= std::min(outstanding - now_outstanding, store->admitted_bytes_);
@@ -617,8 +862,9 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
       if (pool->stopping) return;
       std::lock_guard<std::mutex> lock(store->mutex_);
       settle_locked(0);
+      store->budget_pending_ -= std::min(budget, store->budget_pending_);
     }
-  } admission{this, pool.get(), slab_bytes};
+  } admission{this, pool.get(), slab_bytes, slab_bytes};
   if (auto f = fault::point(fault::Stage::kAllocate, model.source.path); !f.ok())
     return fail(f.error());
   auto slab = backend_->allocate(plan->segment_sizes, short_id(model.key));
@@ -696,6 +942,10 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     g.files = files;
     g.created_at_ms = unix_time_ms();
     e.generations.push_back(std::move(g));
+    // The slab is the entry's now: counted as held, no longer as admitted.
+    budget_pending_ -= std::min(admission.budget, budget_pending_);
+    admission.budget = 0;
+    e.touch();
     keep_locked(e, e.generations.back());
     drop_unleased_locked(e);
   });
@@ -822,6 +1072,7 @@ Result<LeaseGrant> ModelStore::lease_locked(Entry& e, size_t index) {
   COMPANION_TRY(fault::point(fault::Stage::kExport, e.model.source.path));
   COMPANION_ASSIGN_OR_RETURN(grant.exports, g.slab->export_segments());
   g.leases++;
+  e.touch();
   grant.key = e.published ? published_store_key(e.publish_key) : e.model.key;
   grant.status = snapshot(e);
   grant.status.generation = g.number;  // the one leased, which may be an older one
@@ -922,6 +1173,7 @@ void ModelStore::release(const std::string& key, uint64_t generation) {
   for (auto& g : e.generations) {
     if (g.token != generation) continue;
     if (g.leases > 0) g.leases--;
+    e.touch();  // idle from now, as far as eviction goes
     break;
   }
   drop_unleased_locked(e);
@@ -1002,13 +1254,7 @@ Result<ModelStatus> ModelStore::unload(const std::string& key_or_id, bool force)
 
 uint64_t ModelStore::slab_bytes() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  uint64_t total = 0;
-  for (const auto& [key, e] : entries_) {
-    for (const auto& g : e->generations)
-      if (g.slab) total += g.slab->total_bytes();
-    if (e->writer && e->writer->slab) total += e->writer->slab->total_bytes();
-  }
-  return total;
+  return held_bytes_locked();
 }
 
 uint64_t ModelStore::admitted_bytes() const {
@@ -1111,7 +1357,11 @@ Result<ModelStatus> ModelStore::adopt(AdoptedGeneration a) {
     g.created_at_ms = a.created_at_ms;
     g.kept = std::move(a.kept);
     e.next_number = a.number + 1;
+    // The memory was taken before this server started: the default budget, made of what was
+    // available then, did not count it as available, and must not count it twice.
+    if (budget_from_available_ && g.slab) budget_ += g.slab->total_bytes();
     e.generations.push_back(std::move(g));
+    e.touch();
     entries_[key] = entry;
     s = snapshot(e);
   }

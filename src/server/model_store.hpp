@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdint>
 #include <deque>
 #include <functional>
 #include <map>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "checkpoint/source.hpp"
+#include "common/util.hpp"
 #include "companion/types.hpp"
 #include "keeper/keeper_protocol.hpp"
 #include "loader/loader.hpp"
@@ -43,6 +45,14 @@ struct StoreConfig {
   // this reserve (the larger of the two) and less what loads in flight were admitted.
   uint64_t memory_reserve_bytes = 1ull << 30;
   double memory_reserve_fraction = 0.0;  // of the device's total memory, 0..1
+  // The memory budget: every slab the store holds (each generation's, writers'), plus what loads
+  // and publications in flight were admitted, stays within it; a load or publication past it
+  // first evicts idle models (least recently used first), else is refused. Both 0: the memory
+  // available when the store starts, less the reserve (no bound when the backend cannot tell).
+  uint64_t memory_budget_bytes = 0;
+  double memory_budget_fraction = 0.0;  // of the device's total memory, 0..1
+  // A model that no client has held for this long is evicted by evict_idle(); 0: never.
+  std::chrono::milliseconds idle_evict{0};
   // How long destruction waits for loads to stop; a worker stuck longer (a read that never
   // returns) is abandoned, see ~ModelStore.
   std::chrono::milliseconds shutdown_timeout{std::chrono::seconds(5)};
@@ -207,6 +217,15 @@ class ModelStore {
   uint32_t total_leases() const;
   // Bytes admitted to loads in flight (their slabs, allocated or about to be).
   uint64_t admitted_bytes() const;
+  // The memory budget in bytes (UINT64_MAX: none), and the bytes counted against it now.
+  uint64_t memory_budget() const;
+  uint64_t budget_used() const;
+  // Models evicted since start (to make room, or idle).
+  uint64_t evictions() const;
+  // Evicts the models that no client has held for config.idle_evict by `now` (the server calls
+  // it periodically); nothing when idle_evict is 0.
+  void evict_idle(Clock::time_point now);
+  std::chrono::milliseconds idle_evict() const { return config_.idle_evict; }
   // From now on every committed generation is handed to `keeper` (nullptr: none).
   void set_keeper(std::shared_ptr<GenerationKeeper> keeper);
   // Registers a kept generation as the loaded (or published) model it was, with its number and
@@ -265,8 +284,24 @@ class ModelStore {
   // Drops failed loads past error_ttl, then the oldest past max_error_entries; their kUnloaded
   // statuses go to `gone` for the listener.
   void trim_errors_locked(std::vector<ModelStatus>& gone);
-  // Reserves `bytes` for a load against the backend's available memory; kOutOfMemory when short.
-  Result<void> admit(uint64_t bytes, const std::string& what);
+  // Reserves `bytes` for a load against the memory budget and the backend's available memory,
+  // evicting idle models (least recently used first) when that makes room; kOutOfMemory, naming
+  // what is resident and what is leased, when it cannot. The bytes count against the budget
+  // (budget_pending_) until the caller hands the slab to an entry or gives it up. `store_key`
+  // is the entry asking, left out of the refusal's list of what is resident.
+  Result<void> admit(uint64_t bytes, const std::string& what, const std::string& store_key);
+  // Slab bytes of every generation and writer the store holds.
+  uint64_t held_bytes_locked() const;
+  // Whether a model may be evicted now: loaded, not published, no lease, no reload or writer.
+  bool evictable_locked(const Entry& e) const;
+  // The evictable models, the least recently used first (ties in key order).
+  std::vector<Entry*> eviction_order_locked() const;
+  // e's place in that order, from 1; 0 when it is not evictable.
+  uint32_t eviction_rank_locked(const Entry& e) const;
+  // Drops an idle model: its slabs go to `freed`, its entry is erased; returns its final status
+  // (kUnloaded, with `why` in its message).
+  ModelStatus evict_locked(Entry& e, const std::string& why,
+                           std::vector<std::shared_ptr<memory::Slab>>& freed);
   void notify(const ModelStatus& status);
   // The host tier: a wake's worker job (as load_job), its copy, and its failure (the model
   // stays offloaded); dropping host copies, least recently offloaded first, until `bytes` more
@@ -291,6 +326,15 @@ class ModelStore {
   std::condition_variable jobs_cv_;
   bool stopping_ = false;
   uint64_t admitted_bytes_ = 0;
+  uint64_t budget_ = UINT64_MAX;  // resolved from the config at start
+  // The default budget (what was available at start, less the reserve): models adopted after
+  // start were in memory before it, so their bytes are added to it.
+  bool budget_from_available_ = false;
+  // Bytes admitted against the budget whose slab no entry holds yet (loads and declares in
+  // flight); exact: each admission's bytes leave it in the same critical section that hands the
+  // slab to its entry, or when the slab is given up.
+  uint64_t budget_pending_ = 0;
+  uint64_t evictions_ = 0;
   std::map<std::string, uint64_t> refusals_;
   std::shared_ptr<WorkerPool> pool_;
   std::vector<std::thread> workers_;
@@ -307,6 +351,9 @@ std::string short_id(const std::string& key);
 // --memory-reserve: "1GiB", "512MiB", "64KiB", "4096" (bytes) or "10%" (of the device) into
 // config's memory_reserve_bytes / memory_reserve_fraction (the other one set to 0).
 Result<void> parse_memory_reserve(const std::string& text, StoreConfig& config);
+// --memory-budget: the same spellings ("8GiB", "512MiB", bytes, "80%" of the device, up to 100%)
+// into config's memory_budget_bytes / memory_budget_fraction.
+Result<void> parse_memory_budget(const std::string& text, StoreConfig& config);
 // --host-budget: bytes as --memory-reserve takes them, or "25%" of the host's memory (MemTotal),
 // into config.host_budget_bytes.
 Result<void> parse_host_budget(const std::string& text, StoreConfig& config);

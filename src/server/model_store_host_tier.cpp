@@ -348,6 +348,7 @@ void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {
   uint64_t token = 0;
   std::string what;
   std::string label;
+  std::string store_key;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     const Generation* g = entry->offloaded();
@@ -359,6 +360,7 @@ void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {
     token = g->token;
     what = describe(entry->published, entry->publish_key, entry->model.spec);
     label = short_id(entry->model.key);
+    store_key = entry->model.key;
   }
   auto fail = [&](const Error& error) {
     if (cancel->load() || pool->stopping) return;
@@ -366,7 +368,7 @@ void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {
   };
   auto start = Clock::now();
   const uint64_t bytes = host->total_bytes();
-  if (auto admitted = admit(bytes, what + " (from the host tier)"); !admitted.ok())
+  if (auto admitted = admit(bytes, what + " (from the host tier)", store_key); !admitted.ok())
     return fail(admitted.error());
   // The admitted bytes go when the device shows them taken (at allocation on GPUs), or at the
   // end however it ends; not once the store is gone.
@@ -374,14 +376,20 @@ void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {
     ModelStore* store;
     WorkerPool* pool;
     uint64_t outstanding;
+    uint64_t budget;  // in budget_pending_ until the device slab is the generation's
     void settle() {
       if (pool->stopping) return;
       std::lock_guard<std::mutex> lock(store->mutex_);
       store->admitted_bytes_ -= std::min(outstanding, store->admitted_bytes_);
       outstanding = 0;
     }
-    ~Admission() { settle(); }
-  } admission{this, pool.get(), bytes};
+    ~Admission() {
+      settle();
+      if (pool->stopping || budget == 0) return;
+      std::lock_guard<std::mutex> lock(store->mutex_);
+      store->budget_pending_ -= std::min(budget, store->budget_pending_);
+    }
+  } admission{this, pool.get(), bytes, bytes};
 
   std::vector<uint64_t> sizes;
   for (size_t i = 0; i < host->segment_count(); ++i) sizes.push_back(host->segment_size(i));
@@ -432,6 +440,9 @@ void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {
                           [&](const Generation& x) { return x.token == token; });
     if (g == entry->generations.end() || !g->host_copy) return;  // a publish replaced it
     g->slab = device;
+    budget_pending_ -= std::min(admission.budget, budget_pending_);
+    admission.budget = 0;
+    entry->touch();
     released = std::move(g->host_copy);
     host_tier_bytes_ -= std::min(released->total_bytes(), host_tier_bytes_);
     g->offload_digests.clear();

@@ -199,7 +199,18 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     return invalid("the table needs more segments than one reply carries");
   uint64_t slab_bytes = 0;
   for (uint64_t size : layout.segment_sizes) slab_bytes += size;
-  COMPANION_TRY(admit(slab_bytes, "publication of '" + printable_text(key) + "'"));
+  COMPANION_TRY(admit(slab_bytes, "publication of '" + printable_text(key) + "'", store_key));
+  // The admitted bytes count against the budget until the writer holds the slab (then they are
+  // the entry's), or until this function gives up, however it returns.
+  struct BudgetHold {
+    ModelStore* store;
+    uint64_t bytes;
+    ~BudgetHold() {
+      if (bytes == 0) return;
+      std::lock_guard<std::mutex> lock(store->mutex_);
+      store->budget_pending_ -= std::min(bytes, store->budget_pending_);
+    }
+  } budget_hold{this, slab_bytes};
   uint64_t outstanding = slab_bytes;
   auto settle = [&](uint64_t keep) {  // under mutex_
     admitted_bytes_ -= std::min(outstanding - keep, admitted_bytes_);
@@ -278,6 +289,8 @@ Result<WriterGrant> ModelStore::declare(const std::string& key, uint64_t writer,
     // that cannot reserve them only as the writer fills them.
     if (backend_->allocation_is_resident()) settle(0);
     e.writer->slab = std::shared_ptr<memory::Slab>(std::move(*slab));
+    budget_pending_ -= std::min(budget_hold.bytes, budget_pending_);
+    budget_hold.bytes = 0;
     e.writer->table = *tensors;
     e.writer->token = next_generation();
     e.writer->admitted = outstanding;

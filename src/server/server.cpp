@@ -1409,13 +1409,16 @@ class ServerImpl final : public Server {
   std::chrono::nanoseconds sweep_period() const {
     double shortest = limits_.frame_timeout_s;
     if (limits_.idle_timeout_s > 0) shortest = std::min(shortest, limits_.idle_timeout_s);
+    if (options_.idle_evict_s > 0) shortest = std::min(shortest, options_.idle_evict_s);
     double period = std::clamp(shortest / 4, 0.02, 1.0);
     return std::chrono::nanoseconds(static_cast<int64_t>(period * 1e9));
   }
 
-  // Drops connections whose frame is overdue and closes idle ones.
+  // Drops connections whose frame is overdue and closes idle ones; evicts idle models
+  // (--idle-evict).
   void sweep() {
     auto now = Clock::now();
+    if (store_) store_->evict_idle(now);
     auto seconds = [](double s) {
       return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
     };
@@ -1481,6 +1484,9 @@ class ServerImpl final : public Server {
     h.refused["checkpoint_files"] += files.files;
     h.leases = store_->total_leases();
     h.slab_bytes = store_->slab_bytes();
+    uint64_t budget = store_->memory_budget();
+    h.memory_budget = budget == UINT64_MAX ? 0 : budget;
+    h.evictions = store_->evictions();
     h.server = identity_;
     h.registry = registry_url_;
     if (announcer_) {
@@ -1751,6 +1757,11 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
     return make_error(StatusCode::kInvalidArgument, "--error-ttl must be a positive number of s");
   config.error_ttl = std::chrono::milliseconds(static_cast<int64_t>(options.error_ttl_s * 1000));
   COMPANION_TRY(parse_memory_reserve(options.memory_reserve, config));
+  if (!options.memory_budget.empty())
+    COMPANION_TRY(parse_memory_budget(options.memory_budget, config));
+  if (!(options.idle_evict_s >= 0 && options.idle_evict_s < 1e9))
+    return make_error(StatusCode::kInvalidArgument, "--idle-evict must be 0 or more seconds");
+  config.idle_evict = std::chrono::milliseconds(static_cast<int64_t>(options.idle_evict_s * 1000));
   COMPANION_TRY(parse_host_budget(options.host_budget, config));
   if (!(options.shutdown_timeout_s >= 0 && options.shutdown_timeout_s <= 3600))
     return make_error(StatusCode::kInvalidArgument, "--shutdown-timeout must be 0..3600 s");

@@ -84,6 +84,11 @@ struct ServerOptions {
   // --memory-reserve: device memory no load may take, in bytes ("1GiB", "512MiB", "4096") or as
   // a share of the device ("10%").
   std::string memory_reserve = "1GiB";
+  // --memory-budget: what all models together may hold, as bytes or a share of the device; ""
+  // = what is available at start less the reserve.
+  std::string memory_budget;
+  // --idle-evict: seconds after which a model no client holds is evicted (0: never).
+  double idle_evict_s = 0;
   // --host-budget: host memory for offloaded models' copies (the host tier), in bytes or as a
   // share of the host's memory ("25%"); "0" = no host tier.
   std::string host_budget = "0";

@@ -70,6 +70,14 @@ struct ModelStore::Entry {
   bool reloading = false;
   std::optional<Error> reload_error;
   std::string reload_note;
+  // The last acquire, release or load end: eviction takes the least recent first.
+  Clock::time_point last_used{};
+  int64_t last_used_ms = 0;  // the same as unix time, for `ls`
+
+  void touch() {
+    last_used = Clock::now();
+    last_used_ms = unix_time_ms();
+  }
   // The host tier: a copy to it under way (offload()), and when the model was offloaded (the
   // least recently offloaded host copy goes first).
   bool offloading = false;

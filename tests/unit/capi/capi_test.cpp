@@ -812,10 +812,11 @@ TEST_F(CapiTest, LoadWithoutWaitThenWaitForReady) {
   EXPECT_EQ(status["id"], started["id"]);
   std::set<std::string> keys;
   for (const auto& [k, v] : status.items()) keys.insert(k);
-  EXPECT_EQ(keys, (std::set<std::string>{"id", "key", "source", "state", "bytes_done",
-                                         "bytes_total", "progress", "tensors", "leases", "backend",
-                                         "slab_bytes", "published", "generation", "fingerprint",
-                                         "generations", "host_bytes", "offloaded"}));
+  EXPECT_EQ(keys,
+            (std::set<std::string>{"id", "key", "source", "state", "bytes_done", "bytes_total",
+                                   "progress", "tensors", "leases", "backend", "slab_bytes",
+                                   "published", "generation", "fingerprint", "generations",
+                                   "host_bytes", "offloaded", "last_used_ms", "eviction_rank"}));
 
   json entry = listed(client.get(), path);
   ASSERT_FALSE(entry.is_null());

@@ -81,6 +81,8 @@ ModelStatus status(uint64_t seq) {
   s.backend = "host";
   s.slab_bytes = 16'060'522'496ull;
   s.seq = seq;
+  s.last_used_ms = 1'796'178'810'091;
+  s.eviction_rank = 3;
   return s;
 }
 
@@ -129,6 +131,8 @@ void expect_status_eq(const ModelStatus& a, const ModelStatus& b) {
   EXPECT_EQ(a.backend, b.backend);
   EXPECT_EQ(a.slab_bytes, b.slab_bytes);
   EXPECT_EQ(a.seq, b.seq);
+  EXPECT_EQ(a.last_used_ms, b.last_used_ms);
+  EXPECT_EQ(a.eviction_rank, b.eviction_rank);
 }
 
 void expect_health_eq(const HealthInfo& a, const HealthInfo& b) {
@@ -139,6 +143,8 @@ void expect_health_eq(const HealthInfo& a, const HealthInfo& b) {
   EXPECT_EQ(a.clients, b.clients);
   EXPECT_EQ(a.leases, b.leases);
   EXPECT_EQ(a.slab_bytes, b.slab_bytes);
+  EXPECT_EQ(a.memory_budget, b.memory_budget);
+  EXPECT_EQ(a.evictions, b.evictions);
   expect_identity_eq(a.server, b.server);
 }
 
@@ -354,6 +360,8 @@ TEST(CodecRoundTrip, HealthAndHealthReply) {
   r.info.clients = 12;
   r.info.leases = 9;
   r.info.slab_bytes = 1ull << 40;
+  r.info.memory_budget = 80ull << 30;
+  r.info.evictions = 17;
   r.info.server = identity();
   expect_health_eq(round_trip(23, r).info, r.info);
   EXPECT_EQ(round_trip(23, r).info.registry, "local");

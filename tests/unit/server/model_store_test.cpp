@@ -27,6 +27,7 @@
 #include "loader/loader.hpp"
 #include "protocol/limits.hpp"
 #include "server/model_store.hpp"
+#include "server/store_entry.hpp"
 #include "test_support.hpp"
 
 namespace companion::server {
@@ -971,6 +972,256 @@ TEST_F(ModelStoreTest, MemoryTakenAtAllocationIsNotCountedTwice) {
   EXPECT_EQ(wait_final(a.key).state, ModelState::kLoaded);
 }
 
+// ---- the memory budget and eviction --------------------------------------------------------
+
+// `pages` pages of F32 in one tensor: a slab of exactly that many pages.
+std::vector<TensorData> pages_of(uint64_t pages, uint32_t seed) {
+  return {random_tensor(
+      "w", DType::kF32,
+      {static_cast<int64_t>(testing::page_size() / 4), static_cast<int64_t>(pages)}, seed)};
+}
+
+TEST_F(ModelStoreTest, LoadsPastTheBudgetAreRefusedNamingWhatIsResidentAndLeased) {
+  uint64_t page = testing::page_size();
+  make_store(2, [&](StoreConfig& c) { c.memory_budget_bytes = 150 * page; });
+  EXPECT_EQ(store->memory_budget(), 150 * page);
+  ResolvedModel a = resolve(write_model("a", pages_of(100, 1)));
+  ResolvedModel b = resolve(write_model("b", pages_of(100, 2)));
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ASSERT_EQ(wait_final(a.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  auto lease = store->acquire(a.key);
+  ASSERT_TRUE(lease.ok());
+  // b does not fit beside a, and a is leased: refused, and a stays.
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  ModelStatus sb = wait_final(b.key);
+  ASSERT_EQ(sb.state, ModelState::kError);
+  EXPECT_EQ(sb.error_code, StatusCode::kOutOfMemory);
+  EXPECT_NE(sb.message.find("--memory-budget"), std::string::npos) << sb.message;
+  EXPECT_NE(sb.message.find(short_id(a.key) + " " + a.spec.source), std::string::npos)
+      << sb.message;
+  EXPECT_NE(sb.message.find("1 lease(s)"), std::string::npos) << sb.message;
+  EXPECT_NE(sb.message.find("no model is idle to evict"), std::string::npos) << sb.message;
+  EXPECT_EQ(counters->allocations.load(), 1);  // b was refused before allocating
+  EXPECT_EQ(store->refusal_counts()["memory"], 1u);
+  EXPECT_EQ(store->status(a.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->status(a.key).eviction_rank, 0u);  // leased: never evicted
+  EXPECT_EQ(store->evictions(), 0u);
+  // Released, a is idle: b's load evicts it and fits.
+  store->release(lease->key, lease->generation);
+  EXPECT_EQ(store->status(a.key).eviction_rank, 1u);
+  lease = make_error(StatusCode::kCancelled, "dropped");
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  ASSERT_EQ(wait_final(b.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->evictions(), 1u);
+  EXPECT_EQ(store->status(a.key).state, ModelState::kReady);  // no longer held
+  EXPECT_TRUE(recorder.wait_for(a.key, [](const ModelStatus& s) {
+    return s.state == ModelState::kUnloaded && s.message.starts_with("evicted: ") &&
+           s.message.find("--memory-budget") != std::string::npos;
+  }));
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  // A model larger than the whole budget is refused without evicting anything.
+  ResolvedModel huge = resolve(write_model("huge", pages_of(200, 3)));
+  ASSERT_TRUE(store->ensure_loading(huge).ok());
+  ModelStatus sh = wait_final(huge.key);
+  EXPECT_EQ(sh.error_code, StatusCode::kOutOfMemory);
+  EXPECT_NE(sh.message.find("would not make room"), std::string::npos) << sh.message;
+  EXPECT_EQ(store->status(b.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->evictions(), 1u);
+}
+
+TEST_F(ModelStoreTest, EvictionTakesTheLeastRecentlyUsedFirst) {
+  uint64_t page = testing::page_size();
+  make_store(2, [&](StoreConfig& c) { c.memory_budget_bytes = 130 * page; });
+  ResolvedModel a = resolve(write_model("a", pages_of(50, 1)));
+  ResolvedModel b = resolve(write_model("b", pages_of(50, 2)));
+  ResolvedModel c = resolve(write_model("c", pages_of(50, 3)));
+  for (const auto* m : {&a, &b}) {
+    ASSERT_TRUE(store->ensure_loading(*m).ok());
+    ASSERT_EQ(wait_final(m->key).state, ModelState::kLoaded);
+  }
+  // a is used after b was loaded: b is now the least recently used.
+  auto lease = store->acquire(a.key);
+  ASSERT_TRUE(lease.ok());
+  store->release(lease->key, lease->generation);
+  std::map<std::string, ModelStatus> listed;
+  for (const auto& s : store->list()) listed[s.key] = s;
+  EXPECT_EQ(listed[b.key].eviction_rank, 1u);
+  EXPECT_EQ(listed[a.key].eviction_rank, 2u);
+  EXPECT_GE(listed[a.key].last_used_ms, listed[b.key].last_used_ms);
+  EXPECT_GT(listed[b.key].last_used_ms, 0);
+  // c needs one of them to go: b, not a.
+  ASSERT_TRUE(store->ensure_loading(c).ok());
+  ASSERT_EQ(wait_final(c.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->status(b.key).state, ModelState::kReady);
+  EXPECT_EQ(store->status(a.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->evictions(), 1u);
+  // An evicted model loads again as usual (evicting a, now the least recently used).
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  ASSERT_EQ(wait_final(b.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->status(a.key).state, ModelState::kReady);
+  EXPECT_EQ(store->status(c.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->evictions(), 2u);
+  EXPECT_LE(store->budget_used(), 130 * page);
+}
+
+TEST_F(ModelStoreTest, ConcurrentLoadsAreNeverOverCommittedAgainstTheBudget) {
+  uint64_t page = testing::page_size();
+  BlockingReadSource reads;
+  make_store(2, [&](StoreConfig& c) {
+    c.memory_budget_bytes = 150 * page;
+    c.read_source = &reads;
+  });
+  ResolvedModel a = resolve(write_model("a", pages_of(100, 1)));
+  ResolvedModel b = resolve(write_model("b", pages_of(100, 2)));
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ASSERT_TRUE(reads.wait_blocked());  // a is admitted (100 pages) and reading
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  // b's load runs while a's is in flight: a loading model is never evicted, and its bytes count.
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  ModelStatus sb = wait_final(b.key);
+  ASSERT_EQ(sb.state, ModelState::kError);
+  EXPECT_EQ(sb.error_code, StatusCode::kOutOfMemory);
+  EXPECT_NE(sb.message.find("admitted to loads in flight"), std::string::npos) << sb.message;
+  EXPECT_NE(sb.message.find("loading"), std::string::npos) << sb.message;
+  reads.release();
+  EXPECT_EQ(wait_final(a.key).state, ModelState::kLoaded);
+  // Exact: a's slab, counted once, and nothing left admitted.
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  ASSERT_TRUE(store->unload(a.key, false).ok());
+  EXPECT_EQ(store->budget_used(), 0u);
+}
+
+TEST_F(ModelStoreTest, ManyConcurrentLoadsStayWithinTheBudget) {
+  uint64_t page = testing::page_size();
+  make_store(4, [&](StoreConfig& c) { c.memory_budget_bytes = 250 * page; });
+  std::vector<ResolvedModel> loads;
+  for (uint32_t i = 0; i < 8; ++i)
+    loads.push_back(resolve(write_model("m" + std::to_string(i), pages_of(100, 10 * i))));
+  std::atomic<bool> done{false};
+  std::atomic<uint64_t> most{0};
+  std::thread watcher([&] {
+    while (!done) {
+      uint64_t used = store->budget_used();
+      if (used > most) most = used;
+    }
+  });
+  for (const auto& m : loads) ASSERT_TRUE(store->ensure_loading(m).ok());
+  // Each ends loaded, refused, or loaded and then evicted by a later one.
+  EXPECT_TRUE(wait_until([&] {
+    for (const auto& s : store->list())
+      if (s.state == ModelState::kLoading) return false;
+    return true;
+  }));
+  done = true;
+  watcher.join();
+  EXPECT_LE(most.load(), 250 * page);
+  EXPECT_LE(store->slab_bytes(), 250 * page);
+  EXPECT_EQ(store->budget_used(), store->slab_bytes());
+  EXPECT_TRUE(wait_until([&] { return store->admitted_bytes() == 0; }));
+}
+
+TEST_F(ModelStoreTest, ModelsNoClientHeldForIdleEvictAreEvicted) {
+  make_store(2, [&](StoreConfig& c) { c.idle_evict = std::chrono::hours(1); });
+  ResolvedModel a = resolve(write_model("a", small_tensors(1)));
+  ResolvedModel b = resolve(write_model("b", small_tensors(10)));
+  for (const auto* m : {&a, &b}) {
+    ASSERT_TRUE(store->ensure_loading(*m).ok());
+    ASSERT_EQ(wait_final(m->key).state, ModelState::kLoaded);
+  }
+  auto lease = store->acquire(b.key);
+  ASSERT_TRUE(lease.ok());
+  auto now = std::chrono::steady_clock::now();
+  store->evict_idle(now);  // nothing is idle for an hour yet
+  EXPECT_EQ(store->status(a.key).state, ModelState::kLoaded);
+  store->evict_idle(now + std::chrono::hours(2));
+  EXPECT_EQ(store->status(a.key).state, ModelState::kReady);
+  EXPECT_EQ(store->status(b.key).state, ModelState::kLoaded);  // leased
+  EXPECT_EQ(store->evictions(), 1u);
+  EXPECT_TRUE(recorder.wait_for(a.key, [](const ModelStatus& s) {
+    return s.state == ModelState::kUnloaded && s.message.find("--idle-evict") != std::string::npos;
+  }));
+  // Idle from its release on.
+  store->release(lease->key, lease->generation);
+  auto released = std::chrono::steady_clock::now();
+  store->evict_idle(released + std::chrono::minutes(59));
+  EXPECT_EQ(store->status(b.key).state, ModelState::kLoaded);
+  store->evict_idle(released + std::chrono::hours(2));
+  EXPECT_EQ(store->status(b.key).state, ModelState::kReady);
+  EXPECT_EQ(store->evictions(), 2u);
+  EXPECT_TRUE(wait_until([&] { return counters->live_slabs.load() == 1; }));  // b's lease's
+  lease = make_error(StatusCode::kCancelled, "dropped");
+  EXPECT_TRUE(wait_until([&] { return counters->live_slabs.load() == 0; }));
+  // Loaded again as usual.
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  EXPECT_EQ(wait_final(a.key).state, ModelState::kLoaded);
+}
+
+TEST_F(ModelStoreTest, PublishedModelsAreNeverEvicted) {
+  uint64_t page = testing::page_size();
+  make_store(2, [&](StoreConfig& c) {
+    c.memory_budget_bytes = 150 * page;
+    c.idle_evict = std::chrono::seconds(1);
+  });
+  std::vector<protocol::TensorDeclInfo> table = {
+      {"w", DType::kF32, {static_cast<int64_t>(page / 4), 100}, ""}};
+  ASSERT_TRUE(store->claim("pub", {}, protocol::ClaimMode::kNow, 1).ok());
+  ASSERT_TRUE(store->declare("pub", 1, table).ok());
+  std::promise<Result<LeaseGrant>> committed;
+  store->commit("pub", 1, [&](Result<LeaseGrant> r) { committed.set_value(std::move(r)); });
+  {
+    auto lease = committed.get_future().get();
+    ASSERT_TRUE(lease.ok()) << lease.error().to_string();
+    store->release(lease->key, lease->generation);
+  }
+  std::string key = published_store_key("pub");
+  EXPECT_EQ(store->status(key).eviction_rank, 0u);
+  store->evict_idle(std::chrono::steady_clock::now() + std::chrono::hours(2));
+  EXPECT_EQ(store->status(key).state, ModelState::kLoaded);
+  ResolvedModel a = resolve(write_model("a", pages_of(100, 1)));
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ModelStatus sa = wait_final(a.key);
+  EXPECT_EQ(sa.error_code, StatusCode::kOutOfMemory);
+  EXPECT_NE(sa.message.find("published, not evicted"), std::string::npos) << sa.message;
+  EXPECT_EQ(store->status(key).state, ModelState::kLoaded);
+  // A second publication past the budget is refused at its declare.
+  ASSERT_TRUE(store->claim("pub2", {}, protocol::ClaimMode::kNow, 2).ok());
+  auto declared = store->declare("pub2", 2, table);
+  ASSERT_FALSE(declared.ok());
+  EXPECT_EQ(declared.error().code, StatusCode::kOutOfMemory);
+  EXPECT_EQ(store->budget_used(), store->slab_bytes());
+  EXPECT_EQ(store->evictions(), 0u);
+}
+
+TEST_F(ModelStoreTest, AdoptedModelsAddTheirMemoryToTheDefaultBudget) {
+  // The default budget is what was available at start; a model adopted from a keeper was in
+  // memory before that, so it must not count twice.
+  uint64_t page = testing::page_size();
+  counters->available_bytes = static_cast<int64_t>(200 * page);
+  make_store(2, [](StoreConfig& c) { c.memory_reserve_bytes = 0; });
+  EXPECT_EQ(store->memory_budget(), 200 * page);
+  ResolvedModel a = resolve(write_model("a", pages_of(100, 1)));
+  auto host = memory::make_host_backend();
+  auto slab = host->allocate({100 * page}, "adopted");
+  ASSERT_TRUE(slab.ok()) << slab.error().to_string();
+  protocol::TensorTableBuilder builder(1, 1);
+  std::vector<int64_t> shape = {static_cast<int64_t>(page / 4), 100};
+  ASSERT_TRUE(builder.add("w", DType::kF32, shape, {}, 0, 0, 100 * page).ok());
+  auto table = make_shared_table(builder, **slab);
+  ASSERT_TRUE(table.ok()) << table.error().to_string();
+  AdoptedGeneration adopted;
+  adopted.model = a;
+  adopted.number = 1;
+  adopted.slab = std::shared_ptr<memory::Slab>(std::move(*slab));
+  adopted.table = *table;
+  ASSERT_TRUE(store->adopt(std::move(adopted)).ok());
+  EXPECT_EQ(store->memory_budget(), 300 * page);
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  ModelStatus s = store->status(a.key);
+  EXPECT_EQ(s.eviction_rank, 1u);  // idle, and its last use is its adoption
+  EXPECT_GT(s.last_used_ms, 0);
+}
+
 // ---- exceptions on worker and reader threads fail one load, never the server ---------------
 
 TEST_F(ModelStoreTest, BadAllocOnTheWorkerFailsThatLoadAndTheWorkerServesOn) {
@@ -1507,6 +1758,27 @@ TEST(HostBudget, TakesBytesOrAShareOfTheHostsMemory) {
   auto bad = parse_host_budget("lots", config);
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.error().message.find("--host-budget"), std::string::npos);
+}
+
+TEST_F(HostTierTest, AWakeIsAdmittedAgainstTheBudgetAndEvictsToFit) {
+  uint64_t page = testing::page_size();
+  make_store(2, [&](StoreConfig& c) {
+    c.host_budget_bytes = 64ull << 20;
+    c.memory_budget_bytes = 150 * page;
+  });
+  ResolvedModel a = load(write_model("a", pages_of(100, 1)));
+  ASSERT_TRUE(store->offload(a.key, false).ok());
+  EXPECT_EQ(store->budget_used(), 0u);  // the host copy is the host tier's, not the device's
+  ResolvedModel b = load(write_model("b", pages_of(100, 2)));
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  // Waking a needs b's room: b, idle, is evicted; the count is exact afterwards.
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ModelStatus s = wait_final(a.key);
+  ASSERT_EQ(s.state, ModelState::kLoaded) << s.message;
+  EXPECT_EQ(store->status(b.key).state, ModelState::kReady);
+  EXPECT_EQ(store->evictions(), 1u);
+  EXPECT_EQ(store->budget_used(), 100 * page);
+  EXPECT_EQ(s.eviction_rank, 1u);
 }
 
 }  // namespace

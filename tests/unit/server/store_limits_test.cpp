@@ -36,6 +36,28 @@ TEST(StoreLimits, MemoryReserveTakesBytesOrAShare) {
   }
 }
 
+TEST(StoreLimits, MemoryBudgetTakesBytesOrAShareUpToTheWholeDevice) {
+  StoreConfig c;
+  ASSERT_TRUE(parse_memory_budget("8GiB", c).ok());
+  EXPECT_EQ(c.memory_budget_bytes, 8ull << 30);
+  EXPECT_EQ(c.memory_budget_fraction, 0.0);
+  ASSERT_TRUE(parse_memory_budget("100%", c).ok());
+  EXPECT_DOUBLE_EQ(c.memory_budget_fraction, 1.0);
+  EXPECT_EQ(c.memory_budget_bytes, 0u);
+  ASSERT_TRUE(parse_memory_budget("80%", c).ok());
+  EXPECT_DOUBLE_EQ(c.memory_budget_fraction, 0.8);
+  ASSERT_TRUE(parse_memory_budget("4096", c).ok());
+  EXPECT_EQ(c.memory_budget_bytes, 4096u);
+  EXPECT_TRUE(c.validate().ok());
+  for (const char* bad : {"", "0", "0%", "101%", "8GB", "-1", "x"}) {
+    SCOPED_TRACE(bad);
+    auto r = parse_memory_budget(bad, c);
+    ASSERT_FALSE(r.ok());
+    EXPECT_EQ(r.error().code, StatusCode::kInvalidArgument);
+    EXPECT_NE(r.error().message.find("--memory-budget"), std::string::npos);
+  }
+}
+
 TEST(StoreLimits, AStatusAtEveryBoundFitsItsWireBudget) {
   // The largest status the server can emit: longest key, source and message, a full fingerprint,
   // and every generation with a full fingerprint and its listed digests.
