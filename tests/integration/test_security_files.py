@@ -14,7 +14,7 @@ import zlib
 import pytest
 
 from checkpoints import write_opt_like
-from harness import TSAN_BUILD, Server
+from harness import ASAN_BUILD, TSAN_BUILD, Server
 
 INSIDE_BYTE = 0x11
 OUTSIDE_BYTE = 0x77
@@ -200,7 +200,7 @@ def write_many_tensor_header(path, tensors):
     return len(header)
 
 
-def test_a_header_of_millions_of_tensors_is_refused_before_it_is_parsed(tmp_path, runtime_dir):
+def test_a_header_of_millions_of_tensors_is_refused_at_the_limit(tmp_path, runtime_dir):
     root = tmp_path / "models"
     header_bytes = write_many_tensor_header(root / "many" / "model.safetensors", 1_500_000)
     assert 80 << 20 < header_bytes < 100 << 20
@@ -218,10 +218,15 @@ def test_a_header_of_millions_of_tensors_is_refused_before_it_is_parsed(tmp_path
               f"peak RSS +{grown_mb:.0f} MB")
         assert code == "LIMIT_EXCEEDED", (code, message)
         assert "--max-tensors" in message and "1000000" in message, message
-        # Reading the header costs its size; nothing is built for its entries.
-        if not TSAN_BUILD:  # ThreadSanitizer's allocator makes every allocated page resident
+        # Refused at the first entry past the limit: what it costs is bounded by what a
+        # checkpoint of --max-tensors entries costs to open (the header, the entries read).
+        # The sanitizers' allocators keep freed memory resident (ThreadSanitizer every page,
+        # AddressSanitizer its 256 MiB quarantine): measured in the plain build only.
+        if not (TSAN_BUILD or ASAN_BUILD):
             assert grown_mb < 300, grown_mb
-        assert elapsed < (30 if TSAN_BUILD else 5), elapsed  # ThreadSanitizer: ~10x slower
+        # Sanitizers: ThreadSanitizer ~10x slower, AddressSanitizer ~3x (entries up to the
+        # limit are parsed, a million here).
+        assert elapsed < (30 if TSAN_BUILD or ASAN_BUILD else 5), elapsed
         assert server.cli_json("load", str(root / "good"), "--tag", "after")[1] == 0
     finally:
         code = server.stop()
