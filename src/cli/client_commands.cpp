@@ -2,6 +2,7 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <functional>
 #include <iostream>
 
 #include "cli/commands.hpp"
@@ -166,29 +167,29 @@ int run_load(const CommonArgs& args, const ModelArgs& model, bool wait) {
   return 0;
 }
 
-int run_unload(const CommonArgs& args, const ModelArgs& model, bool force) {
-  auto client = Client::connect(args.connect);
-  if (!client.ok()) return fail(args, client.error());
-  Result<ModelStatus> s = make_error(StatusCode::kInternal, "");
-  // An id or key from `companion ls` (a published key too), or a model source.
+// A model named by an id or key from `companion ls` (a published key too) or by its source, for
+// unload and offload: "org/name" may be a published key or a Hugging Face id, so the key is
+// tried first and the source after it when no model has that key.
+static Result<ModelStatus> by_key_or_spec(
+    const ModelArgs& model, const std::function<Result<ModelStatus>(const std::string&)>& by_key,
+    const std::function<Result<ModelStatus>(const ModelSpec&)>& by_spec) {
   bool local_path = ::access(model.source.c_str(), F_OK) == 0;
   bool key_like = model.published || model.source.rfind("source=", 0) == 0 ||
                   model.source.find('/') == std::string::npos;
-  if (!local_path && !key_like) {
-    // "org/name" may be a published key or a Hugging Face id: the key first.
-    s = (*client)->unload_key(model.source, force);
-    if (!s.ok() && s.error().code == StatusCode::kNotFound) {
-      auto spec = make_spec(model);
-      if (!spec.ok()) return fail(args, spec.error());
-      s = (*client)->unload(*spec, force);
-    }
-  } else if (!local_path) {
-    s = (*client)->unload_key(model.source, force);
-  } else {
-    auto spec = make_spec(model);
-    if (!spec.ok()) return fail(args, spec.error());
-    s = (*client)->unload(*spec, force);
+  if (!local_path) {
+    auto s = by_key(model.source);
+    if (key_like || s.ok() || s.error().code != StatusCode::kNotFound) return s;
   }
+  COMPANION_ASSIGN_OR_RETURN(ModelSpec spec, make_spec(model));
+  return by_spec(spec);
+}
+
+int run_unload(const CommonArgs& args, const ModelArgs& model, bool force) {
+  auto client = Client::connect(args.connect);
+  if (!client.ok()) return fail(args, client.error());
+  auto s = by_key_or_spec(
+      model, [&](const std::string& key) { return (*client)->unload_key(key, force); },
+      [&](const ModelSpec& spec) { return (*client)->unload(spec, force); });
   if (!s.ok()) return fail(args, s.error());
   if (args.json)
     std::cout << json_text(to_json(*s), 2) << std::endl;
@@ -200,23 +201,9 @@ int run_unload(const CommonArgs& args, const ModelArgs& model, bool force) {
 int run_offload(const CommonArgs& args, const ModelArgs& model, bool force) {
   auto client = Client::connect(args.connect);
   if (!client.ok()) return fail(args, client.error());
-  Result<ModelStatus> s = make_error(StatusCode::kInternal, "");
-  // As unload: an id or key from `companion ls` (a published key too), or a model source.
-  bool local_path = ::access(model.source.c_str(), F_OK) == 0;
-  bool key_like = model.published || model.source.rfind("source=", 0) == 0 ||
-                  model.source.find('/') == std::string::npos;
-  if (!local_path) {
-    s = (*client)->offload_key(model.source, force);
-    if (!key_like && !s.ok() && s.error().code == StatusCode::kNotFound) {
-      auto spec = make_spec(model);
-      if (!spec.ok()) return fail(args, spec.error());
-      s = (*client)->offload(*spec, force);
-    }
-  } else {
-    auto spec = make_spec(model);
-    if (!spec.ok()) return fail(args, spec.error());
-    s = (*client)->offload(*spec, force);
-  }
+  auto s = by_key_or_spec(
+      model, [&](const std::string& key) { return (*client)->offload_key(key, force); },
+      [&](const ModelSpec& spec) { return (*client)->offload(spec, force); });
   if (!s.ok()) return fail(args, s.error());
   if (args.json)
     std::cout << json_text(to_json(*s), 2) << std::endl;

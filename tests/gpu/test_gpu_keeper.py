@@ -8,20 +8,11 @@ import signal
 import time
 
 from checkpoints import tensor_wsums
-from harness import Server, wait_until
+from harness import Server, alive, wait_until
 
 
 def checksums(report):
     return {t["name"]: (t["dtype"], t["shape"], t["wsum64"]) for t in report["tensors"]}
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def test_kill_9_restart_adopts_the_model_with_one_copy_on_the_gpu(runtime_dir, gpu_model_root):

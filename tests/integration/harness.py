@@ -104,6 +104,16 @@ class Server:
         return self.proc.returncode
 
 
+def alive(pid):
+    """Whether process pid runs (a zombie is gone for our purposes: its descriptors are closed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
 def wait_until(predicate, timeout=10.0, interval=0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

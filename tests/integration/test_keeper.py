@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 from checkpoints import tensor_crcs, write_opt_like
-from harness import Server, wait_until
+from harness import Server, alive, wait_until
 from test_publish import run_writer
 
 
@@ -23,16 +23,6 @@ def models(tmp_path):
 
 def start(runtime_dir, models, *extra, env=None):
     return Server(runtime_dir, [models], keep=True, extra=list(extra), env=env)
-
-
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone for our purposes (its descriptors are closed).
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def memfds(pid):
