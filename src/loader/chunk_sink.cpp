@@ -386,6 +386,16 @@ class CudaStagedSink final : public ChunkSink {
     return result;
   }
 
+  bool copies_from_pinned_host() const noexcept override { return true; }
+  Result<void> submit_pinned(const char* src, const CopyOp& op) override {
+    memory::cuda::Stream& stream =
+        streams_[next_stream_.fetch_add(1, std::memory_order_relaxed) % streams_.size()];
+    // finish() synchronizes every stream: nothing else waits for these copies.
+    auto result = stream.copy_to_device_async(device_[op.segment] + op.dst_offset, src, op.bytes);
+    if (!result.ok()) pool_.fail(result.error());
+    return result;
+  }
+
   void release(StagingBuffer* buffer) override { pool_.put(buffer); }
   void wake() override { pool_.wake(); }
 

@@ -79,6 +79,15 @@ class ChunkSink {
   // it after this call, whatever the result.
   virtual Result<void> submit(StagingBuffer* buffer, const char* base,
                               std::span<const CopyOp> ops) = 0;
+  // True when submit_pinned() copies page-locked host memory straight into the slab (CUDA).
+  virtual bool copies_from_pinned_host() const noexcept { return false; }
+  // Copies op.bytes at `src` (page-locked host memory, see Slab::pinned_host_bytes, that stays
+  // valid until finish() returns) to op.dst_offset of op.segment, asynchronously; no staging
+  // buffer is used. Only where copies_from_pinned_host().
+  virtual Result<void> submit_pinned(const char* src, const CopyOp& op) {
+    (void)src, (void)op;
+    return make_error(StatusCode::kInternal, std::string(name()) + " copies through staging only");
+  }
   // Gives back a buffer acquired but not submitted.
   virtual void release(StagingBuffer* buffer) = 0;
   // Wakes readers blocked in acquire() (the load is stopping).

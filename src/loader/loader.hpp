@@ -159,7 +159,9 @@ Result<void> load_into_slab(const LoadPlan& plan, memory::Slab& slab, const Prog
 // which has the same segment sizes, the way a load fills a slab: reader threads read pieces of at
 // most chunk_bytes straight into host-addressable segments, or into the load's staging (pinned
 // buffers and asynchronous copies on several streams for CUDA slabs, reusing the buffers loads
-// keep). Progress and cancel as load_into_slab; when it returns, no copy into target is in flight.
+// keep); a source whose bytes are page-locked (Slab::pinned_host_bytes) goes into a CUDA slab by
+// DMA straight from them. Progress and cancel as load_into_slab; when it returns, no copy into
+// target is in flight.
 Result<void> copy_slab(memory::Slab& source, memory::Slab& target, const ProgressFn& progress,
                        const std::atomic<bool>& cancel, const LoadOptions& options = {});
 

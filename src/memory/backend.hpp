@@ -49,6 +49,13 @@ class Slab {
     (void)segment, (void)offset, (void)dst, (void)bytes;
     return make_error(StatusCode::kInvalidArgument, "this slab cannot be read back");
   }
+  // Bytes of a segment in host memory that is page-locked for DMA by the device the slab is
+  // copied to (a host-tier copy registered with the driver), or nullptr: copies into device
+  // memory may then read them directly, without staging. Read-only, valid while the slab lives.
+  virtual const void* pinned_host_bytes(size_t segment) const noexcept {
+    (void)segment;
+    return nullptr;
+  }
   // Ends writing: seals the memory so that clients can only read it. Exports need it done.
   // Host: kModelInUse while any process still has a writable mapping of it (a publisher that did
   // not drop its mapping), and the slab stays unsealed.
@@ -67,6 +74,12 @@ class Slab {
 struct MemoryAvailability {
   uint64_t available = 0;
   uint64_t total = 0;
+};
+
+// Host memory page-locked for one device's DMA while this lives (see Backend::pin_host_range).
+class PinnedHostRange {
+ public:
+  virtual ~PinnedHostRange() = default;
 };
 
 // Allocates slabs on one device.
@@ -91,6 +104,15 @@ class Backend {
   virtual bool allocation_is_resident() const noexcept { return false; }
   virtual Result<MemoryAvailability> available_bytes() const {
     return make_error(StatusCode::kUnavailable, name() + " does not report free memory");
+  }
+  // Page-locks [data, data + bytes), a mapping of this process that outlives the result, for
+  // direct copies between it and this backend's slabs (cuMemHostRegister; read_only for a
+  // mapping without write access). kUnavailable where that gains nothing (host memory) or the
+  // driver refuses: copies then go through staging.
+  virtual Result<std::unique_ptr<PinnedHostRange>> pin_host_range(void* data, uint64_t bytes,
+                                                                  bool read_only) const {
+    (void)data, (void)bytes, (void)read_only;
+    return make_error(StatusCode::kUnavailable, name() + " memory needs no page-locked host copy");
   }
   // Restart without reload: true when a slab's exported handles keep its memory alive after this
   // process is gone (host memfds, cuda-vmm shareable fds), so that a keeper holding them can hand

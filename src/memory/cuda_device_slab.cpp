@@ -102,4 +102,23 @@ Result<MemoryAvailability> DeviceBackend::available_bytes() const {
   return MemoryAvailability{info.first, info.second};
 }
 
+namespace {
+class RegisteredHostRange final : public PinnedHostRange {
+ public:
+  explicit RegisteredHostRange(cuda::HostRegistration registration)
+      : registration_(std::move(registration)) {}
+
+ private:
+  cuda::HostRegistration registration_;
+};
+}  // namespace
+
+Result<std::unique_ptr<PinnedHostRange>> DeviceBackend::pin_host_range(void* data, uint64_t bytes,
+                                                                       bool read_only) const {
+  COMPANION_ASSIGN_OR_RETURN(auto registration,
+                             cuda::HostRegistration::make(ordinal_, data, bytes, read_only));
+  return std::unique_ptr<PinnedHostRange>(
+      std::make_unique<RegisteredHostRange>(std::move(registration)));
+}
+
 }  // namespace companion::memory

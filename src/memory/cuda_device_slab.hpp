@@ -103,6 +103,8 @@ class DeviceBackend : public Backend {
   bool allocation_is_resident() const noexcept final { return true; }
   // cuMemGetInfo's free memory of the device.
   Result<MemoryAvailability> available_bytes() const final;
+  Result<std::unique_ptr<PinnedHostRange>> pin_host_range(void* data, uint64_t bytes,
+                                                          bool read_only) const final;
 
  protected:
   // An empty slab of this backend.

@@ -306,6 +306,9 @@ Result<void> RegisteredHostMemory::release(const DriverApi& api, const Value& va
 void RegisteredHostMemory::release_host(const Value& value) noexcept {
   ::munmap(value.data, value.size);
 }
+Result<void> RegisteredRange::release(const DriverApi& api, const Value& value) {
+  return COMPANION_CU(api, cuMemHostUnregister, value.data);
+}
 Result<void> StreamObject::release(const DriverApi& api, const Value& value) {
   return COMPANION_CU(api, cuStreamDestroy, value);
 }
@@ -345,6 +348,20 @@ Result<RegisteredHostBuffer> RegisteredHostBuffer::allocate(int ordinal, std::si
   RegisteredHostBuffer buffer;
   buffer.memory_ = DriverOwned<RegisteredHostMemory>(ordinal, HostRange{data, bytes});
   return buffer;
+}
+
+Result<HostRegistration> HostRegistration::make(int ordinal, void* data, std::size_t bytes,
+                                                bool read_only) {
+  if (data == nullptr || bytes == 0)
+    return make_error(StatusCode::kInvalidArgument, "registering an empty host range");
+  COMPANION_ASSIGN_OR_RETURN(const DriverApi* api, driver());
+  COMPANION_ASSIGN_OR_RETURN(auto scope, ScopedContext::enter(ordinal));
+  const unsigned int flags =
+      cu::kMemHostRegisterPortable | (read_only ? cu::kMemHostRegisterReadOnly : 0u);
+  COMPANION_TRY(COMPANION_CU(*api, cuMemHostRegister, data, bytes, flags));
+  HostRegistration registration;
+  registration.range_ = DriverOwned<RegisteredRange>(ordinal, HostRange{data, bytes});
+  return registration;
 }
 
 Result<Stream> Stream::create(int ordinal) {

@@ -27,6 +27,7 @@ inline constexpr unsigned int kEventBlockingSync = 1;        // CU_EVENT_BLOCKIN
 inline constexpr unsigned int kEventDisableTiming = 2;       // CU_EVENT_DISABLE_TIMING
 inline constexpr CUresult kErrorNotReady = 600;              // CUDA_ERROR_NOT_READY (cuEventQuery)
 inline constexpr unsigned int kMemHostRegisterPortable = 1;  // CU_MEMHOSTREGISTER_PORTABLE
+inline constexpr unsigned int kMemHostRegisterReadOnly = 8;  // CU_MEMHOSTREGISTER_READ_ONLY
 }  // namespace companion::memory::cu
 
 namespace companion::memory::cuda {
@@ -234,6 +235,11 @@ struct RegisteredHostMemory {  // an anonymous mapping, cuMemHostRegister'ed
   static Result<void> release(const DriverApi& api, const Value& value);
   static void release_host(const Value& value) noexcept;  // munmap
 };
+struct RegisteredRange {  // a range of a mapping someone else owns, cuMemHostRegister'ed
+  using Value = HostRange;
+  static constexpr const char* kReleasing = "unregistering a page-locked host range";
+  static Result<void> release(const DriverApi& api, const Value& value);
+};
 struct StreamObject {
   using Value = cu::CUstream;
   static constexpr const char* kReleasing = "destroying a CUDA stream";
@@ -288,6 +294,18 @@ class RegisteredHostBuffer {
 
  private:
   DriverOwned<RegisteredHostMemory> memory_;
+};
+
+// An existing mapping of this process page-locked for DMA (cuMemHostRegister, PORTABLE; READ_ONLY
+// for a mapping without write access), so that copies between it and device memory skip staging.
+// Unregistered on destruction; the mapping itself stays the caller's and must outlive this.
+class HostRegistration {
+ public:
+  static Result<HostRegistration> make(int ordinal, void* data, std::size_t bytes, bool read_only);
+  HostRegistration() = default;
+
+ private:
+  DriverOwned<RegisteredRange> range_;
 };
 
 // A non-blocking stream in a device's primary context. Destroyed on destruction (after the

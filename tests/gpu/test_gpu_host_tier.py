@@ -76,14 +76,17 @@ def test_offload_frees_device_memory_and_load_wakes_it(runtime_dir, tier_model_r
         assert {t["name"]: t["wsum64"] for t in out["tensors"]} == \
             {n: w for n, (_, _, w) in expected.items()}
 
-        logged = re.search(r"woke .* from the host tier in ([0-9.]+) s \(([0-9.]+) GB/s\)",
+        logged = re.search(r"woke .* from the host tier in ([0-9.]+) s \(([0-9.]+) GB/s, ([^)]*)\)",
                            s.log_text())
         assert logged, s.log_text()
+        # Both CUDA backends page-lock the host copy and wake it by DMA straight from it.
+        assert logged.group(3) == "DMA from page-locked host memory", s.log_text()
+        assert "page-locked for its wake" in s.log_text(), s.log_text()
         print(f"\nhost tier, {backend}, {size / 1e9:.2f} GB model:")
         print(f"  {'load from files (page cache)':34} {cold_s:8.3f} s")
         print(f"  {'offload (CLI round trip)':34} {offload_s:8.3f} s")
         print(f"  {'wake (CLI round trip)':34} {wake_s:8.3f} s")
         print(f"  {'wake copy (server log)':34} {float(logged.group(1)):8.3f} s  "
-              f"{float(logged.group(2)):6.1f} GB/s")
+              f"{float(logged.group(2)):6.1f} GB/s ({logged.group(3)})")
     finally:
         assert s.stop() == 0, s.log_text()
