@@ -557,8 +557,9 @@ def report(res):
                 log(f"| device memory used: empty / loaded / offloaded / woken | "
                     f"{gbytes(m['empty'])} / {gbytes(m['loaded'])} / {gbytes(m.get('offloaded'))}"
                     f" / {gbytes(m.get('woken'))} | model {size / gb:.2f} GB | — | — |")
-    log("\nRestart times run from the new server's process start; the baseline's from a fresh "
-        "server's start to the same point, its load from the page cache included.")
+    if r is not None:
+        log("\nRestart times run from the new server's process start; the baseline's from a "
+            "fresh server's start to the same point, its load from the page cache included.")
     if res["backend"] == "host":
         log("The goals are issue 15's for an H200 (a wake at pinned H2D speed); on the host "
             "backend they are shown for reference, not judged meaningfully.")
@@ -579,6 +580,9 @@ def main():
     parser.add_argument("--skip-restart", action="store_true")
     parser.add_argument("--skip-host-tier", action="store_true")
     args = parser.parse_args()
+    # SIGTERM (a timeout, a ^C from a wrapper) unwinds like an error: servers, keepers and
+    # client processes are stopped by the finally blocks.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     host = args.backend == "host"
