@@ -263,7 +263,8 @@ def keeper_pids(server, seen):
 
 
 def restart_bench(args, model, size, files, work, memory, extra, device):
-    """Restart rows: (kept figures, baseline figures, a note when there is no keeper)."""
+    """The restart figures: runs, baseline, memory; no_keeper (what the server said) when the
+    backend keeps nothing past its process."""
     res = {"runs": [], "baseline": [], "memory": {}}
     runtime = work / "runtime-restart"
     runtime.mkdir(exist_ok=True)
