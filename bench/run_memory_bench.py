@@ -589,6 +589,9 @@ def main():
     host = args.backend == "host"
     device = "host" if host else args.device
     extra = [] if host else ["--backend", args.backend]
+    if host and not (args.small or args.model):
+        parser.error("the 16 GB Llama-3-8B-shaped checkpoint is written on a GPU: with "
+                     "--backend host, pass --small or --model")
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="companion-memory-bench-"))
     if args.model:
         model, name = pathlib.Path(args.model).resolve(), pathlib.Path(args.model).name
@@ -597,9 +600,6 @@ def main():
         model, name = work / "models" / "opt-125m", "OPT-125m shape, fp16"
         if not list(model.glob("*.safetensors")):
             write_opt_like(model, dtype="float16")
-    elif host:
-        parser.error("the 16 GB Llama-3-8B-shaped checkpoint is written on a GPU: with "
-                     "--backend host, pass --small or --model")
     else:
         from run_attach_bench import write_llama3_8b_like
         model, name = work / "models" / "llama-3-8b", "Llama-3-8B shape, bf16"
