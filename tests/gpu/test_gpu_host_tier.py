@@ -76,8 +76,13 @@ def test_offload_frees_device_memory_and_load_wakes_it(runtime_dir, tier_model_r
         assert {t["name"]: t["wsum64"] for t in out["tensors"]} == \
             {n: w for n, (_, _, w) in expected.items()}
 
-        logged = re.search(r"woke .* from the host tier in ([0-9.]+) s \(([0-9.]+) GB/s, ([^)]*)\)",
-                           s.log_text())
+        # The server answers the wake before it frees the host copy and logs the wake.
+        woke = r"woke .* from the host tier in ([0-9.]+) s \(([0-9.]+) GB/s, ([^)]*)\)"
+        deadline = time.monotonic() + 30
+        logged = re.search(woke, s.log_text())
+        while logged is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            logged = re.search(woke, s.log_text())
         assert logged, s.log_text()
         # Both CUDA backends page-lock the host copy and wake it by DMA straight from it.
         assert logged.group(3) == "DMA from page-locked host memory", s.log_text()
