@@ -1791,6 +1791,27 @@ TEST(HostBudget, TakesBytesOrAShareOfTheHostsMemory) {
   EXPECT_NE(bad.error().message.find("--host-budget"), std::string::npos);
 }
 
+TEST_F(HostTierTest, IdleEvictionOffloadsOnAWorkerAndTheNextLoadWakes) {
+  uint64_t page = testing::page_size();
+  make_store(2, [&](StoreConfig& c) {
+    c.host_budget_bytes = 64ull << 20;
+    c.idle_evict = std::chrono::hours(1);
+  });
+  ResolvedModel a = load(write_model("a", pages_of(20, 1)));
+  store->evict_idle(std::chrono::steady_clock::now() + std::chrono::hours(2));
+  EXPECT_TRUE(recorder.wait_for(a.key, [&](const ModelStatus& s) {
+    return s.state == ModelState::kUnloaded && s.host_bytes == 20 * page &&
+           s.message.rfind("evicted to the host tier: no client held it", 0) == 0;
+  }));
+  EXPECT_EQ(store->evictions(), 1u);
+  EXPECT_EQ(store->budget_used(), 0u);
+  ASSERT_TRUE(store->ensure_loading(a).ok());  // woken from the host copy
+  ModelStatus woken = wait_final(a.key);
+  ASSERT_EQ(woken.state, ModelState::kLoaded) << woken.message;
+  EXPECT_EQ(woken.host_bytes, 0u);
+  EXPECT_EQ(store->host_tier_bytes(), 0u);
+}
+
 TEST_F(HostTierTest, AWakeIsAdmittedAgainstTheBudgetAndEvictsToFit) {
   uint64_t page = testing::page_size();
   make_store(2, [&](StoreConfig& c) {
