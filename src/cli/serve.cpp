@@ -101,9 +101,9 @@ void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve) 
       ->capture_default_str();
   serve_cmd
       .add_option("--host-budget", serve.host_budget,
-                  "Host memory for offloaded models (companion offload): bytes (64GiB) or a share "
-                  "of the host's memory (25%); past it the least recently offloaded is dropped. "
-                  "0: no host tier")
+                  "Host memory for offloaded models (companion offload, and evicted models, "
+                  "which then wake from it): bytes (64GiB) or a share of the host's memory "
+                  "(25%); past it the least recently offloaded is dropped. 0: no host tier")
       ->capture_default_str();
   serve_cmd
       .add_option("--shutdown-timeout", serve.shutdown_timeout_s,

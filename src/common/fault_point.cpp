@@ -4,20 +4,25 @@
 
 #include <atomic>
 #include <charconv>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <thread>
+#include <vector>
 
 namespace companion::fault {
 
 namespace {
 
-constexpr Stage kStages[] = {Stage::kOpen, Stage::kAllocate, Stage::kRead,
-                             Stage::kCopy, Stage::kSeal,     Stage::kExport};
+constexpr Stage kStages[] = {Stage::kOpen, Stage::kAllocate, Stage::kRead, Stage::kCopy,
+                             Stage::kSeal, Stage::kExport,   Stage::kGrant};
 
 struct Plan {
-  bool pause = false;
+  enum class Action { kFail, kPause, kWait };
+  Action action = Action::kFail;
+  std::string until;  // kWait: the file whose existence ends the wait
   Stage stage = Stage::kOpen;
   uint64_t nth = 1;
   StatusCode code = StatusCode::kInternal;
@@ -26,7 +31,7 @@ struct Plan {
 };
 
 // Never destroyed: a load thread left behind at shutdown may still pass a point at exit.
-Plan& plan = *new Plan;
+std::vector<Plan*>& plans = *new std::vector<Plan*>;
 
 Result<void> parse_into(std::string_view spec, Plan& out) {
   const std::string whole(spec);
@@ -46,13 +51,20 @@ Result<void> parse_into(std::string_view spec, Plan& out) {
       out.path = std::string(value);
       continue;
     }
-    if (key != "pause-at" && key != "fail-at")
-      return bad("unknown key '" + std::string(key) + "' (pause-at, fail-at, path)");
-    if (have_point) return bad("one pause-at or fail-at only");
+    if (key == "until") {
+      out.until = std::string(value);
+      continue;
+    }
+    if (key != "pause-at" && key != "fail-at" && key != "wait-at")
+      return bad("unknown key '" + std::string(key) +
+                 "' (pause-at, fail-at, wait-at, path, until)");
+    if (have_point) return bad("one pause-at, fail-at or wait-at per point (points: ';')");
     have_point = true;
-    out.pause = key == "pause-at";
+    out.action = key == "pause-at"  ? Plan::Action::kPause
+                 : key == "wait-at" ? Plan::Action::kWait
+                                    : Plan::Action::kFail;
     std::string_view code;
-    if (!out.pause) {
+    if (out.action == Plan::Action::kFail) {
       size_t colon = value.find(':');
       if (colon == std::string_view::npos) return bad("fail-at=STAGE[@N]:CODE needs a CODE");
       code = value.substr(colon + 1);
@@ -75,8 +87,8 @@ Result<void> parse_into(std::string_view spec, Plan& out) {
     }
     if (!known)
       return bad("unknown stage '" + std::string(value) +
-                 "' (open, allocate, read, copy, seal, export)");
-    if (!out.pause) {
+                 "' (open, allocate, read, copy, seal, export, grant)");
+    if (out.action == Plan::Action::kFail) {
       bool found = false;
 #define COMPANION_X(cname, name, value, text) \
   if (code == #cname) {                       \
@@ -89,7 +101,9 @@ Result<void> parse_into(std::string_view spec, Plan& out) {
         return bad("unknown status code '" + std::string(code) + "' (IO_ERROR, OUT_OF_MEMORY...)");
     }
   }
-  if (!have_point) return bad("needs pause-at=STAGE or fail-at=STAGE:CODE");
+  if (!have_point) return bad("needs pause-at=STAGE, fail-at=STAGE:CODE or wait-at=STAGE");
+  if ((out.action == Plan::Action::kWait) != !out.until.empty())
+    return bad("until=FILE goes with wait-at, and only with it");
   return ok_result();
 }
 
@@ -121,6 +135,8 @@ const char* stage_name(Stage stage) noexcept {
       return "seal";
     case Stage::kExport:
       return "export";
+    case Stage::kGrant:
+      return "grant";
   }
   return "?";
 }
@@ -130,19 +146,32 @@ namespace detail {
 bool armed = false;
 
 Result<void> hit(Stage stage, std::string_view path) {
-  if (stage != plan.stage) return ok_result();
-  if (!plan.path.empty() && path.find(plan.path) == std::string_view::npos) return ok_result();
-  if (plan.hits.fetch_add(1, std::memory_order_relaxed) + 1 != plan.nth) return ok_result();
-  std::string where = std::string(stage_name(stage)) + " " + std::string(path);
-  if (plan.pause) {
-    // Written straight to stderr whatever the log level: tests wait for this line to kill -9.
-    std::fprintf(stderr, "companion: fault point: paused at %s (pid %d); waiting to be killed\n",
-                 where.c_str(), static_cast<int>(::getpid()));
-    std::fflush(stderr);
-    for (;;) ::sleep(60);
+  for (Plan* plan : plans) {
+    if (stage != plan->stage) continue;
+    if (!plan->path.empty() && path.find(plan->path) == std::string_view::npos) continue;
+    if (plan->hits.fetch_add(1, std::memory_order_relaxed) + 1 != plan->nth) continue;
+    std::string where = std::string(stage_name(stage)) + " " + std::string(path);
+    // Written straight to stderr whatever the log level: tests wait for these lines.
+    if (plan->action == Plan::Action::kPause) {
+      std::fprintf(stderr, "companion: fault point: paused at %s (pid %d); waiting to be killed\n",
+                   where.c_str(), static_cast<int>(::getpid()));
+      std::fflush(stderr);
+      for (;;) ::sleep(60);
+    }
+    if (plan->action == Plan::Action::kWait) {
+      std::fprintf(stderr, "companion: fault point: waiting at %s until %s exists\n", where.c_str(),
+                   plan->until.c_str());
+      std::fflush(stderr);
+      while (::access(plan->until.c_str(), F_OK) != 0)
+        std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      std::fprintf(stderr, "companion: fault point: going on from %s\n", where.c_str());
+      std::fflush(stderr);
+      continue;
+    }
+    return make_error(plan->code, where + ": injected " + status_code_text(plan->code) +
+                                      " (COMPANION_TEST_FAULT)");
   }
-  return make_error(
-      plan.code, where + ": injected " + status_code_text(plan.code) + " (COMPANION_TEST_FAULT)");
+  return ok_result();
 }
 
 }  // namespace detail
@@ -152,14 +181,23 @@ Result<void> configure(std::string_view spec) {
     detail::armed = false;
     return ok_result();
   }
-  Plan parsed;
-  COMPANION_TRY(parse_into(spec, parsed));
-  plan.pause = parsed.pause;
-  plan.stage = parsed.stage;
-  plan.nth = parsed.nth;
-  plan.code = parsed.code;
-  plan.path = std::move(parsed.path);
-  plan.hits.store(0);
+  std::vector<Plan*> parsed;
+  auto discard = [&] {
+    for (Plan* p : parsed) delete p;
+  };
+  while (true) {
+    size_t semicolon = spec.find(';');
+    auto* plan = new Plan;
+    parsed.push_back(plan);
+    if (auto r = parse_into(spec.substr(0, semicolon), *plan); !r.ok()) {
+      discard();
+      return r;
+    }
+    if (semicolon == std::string_view::npos) break;
+    spec = spec.substr(semicolon + 1);
+  }
+  for (Plan* p : plans) delete p;  // no hook runs now (see the header)
+  plans = std::move(parsed);
   detail::armed = true;
   return ok_result();
 }

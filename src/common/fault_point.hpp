@@ -9,9 +9,16 @@
 //                                                         the third read of a file whose path
 //                                                         contains "opt-victim" fails
 //
+//   COMPANION_TEST_FAULT="wait-at=grant,path=a,until=/tmp/t/go"
+//                                                         log a line at the first grant of a
+//                                                         lease to a request parked on a model
+//                                                         whose source contains "a", then wait
+//                                                         until the file /tmp/t/go exists
+//
 // STAGE@N: the Nth hit of the stage (counted among those matching path=, from 1) triggers, and
-// only that one: later loads go through. A spec that does not parse stops the process at start
-// (exit status 2), so that a mistyped test does not pass without its fault.
+// only that one: later loads go through. Several points: specs separated by ';', each with its
+// own count. A spec that does not parse stops the process at start (exit status 2), so that a
+// mistyped test does not pass without its fault.
 #pragma once
 
 #include <string>
@@ -28,6 +35,7 @@ enum class Stage {
   kCopy,      // a work item's bytes are in the slab (loader: after it; mid-load)
   kSeal,      // the loaded slab is sealed (server: before Slab::seal)
   kExport,    // a lease exports the slab's segments (server: before export_segments)
+  kGrant,     // a request parked on a model's load is granted its lease (server's event loop)
 };
 const char* stage_name(Stage stage) noexcept;
 

@@ -10,6 +10,7 @@
 #include <iterator>
 #include <new>
 #include <optional>
+#include <set>
 
 #include <sys/stat.h>
 
@@ -553,7 +554,7 @@ uint64_t ModelStore::held_bytes_locked() const {
 bool ModelStore::evictable_locked(const Entry& e) const {
   // Published models are never evicted: their bytes exist nowhere else to be read again.
   if (e.published || e.state != ModelState::kLoaded || e.reloading || e.writer || e.offloading ||
-      e.generations.empty())
+      e.generations.empty() || waiter_holds_.count(e.model.key) != 0)
     return false;
   return std::none_of(e.generations.begin(), e.generations.end(),
                       [](const Generation& g) { return g.leases > 0; });
@@ -607,8 +608,25 @@ ModelStatus ModelStore::evict_locked(Entry& e, const std::string& why,
   return s;
 }
 
+std::optional<ModelStore::StartedOffload> ModelStore::start_eviction_locked(
+    Entry& e, const std::string& why, std::vector<ModelStatus>& gone,
+    std::vector<std::shared_ptr<memory::Slab>>& freed, std::vector<ModelStatus>& evicted,
+    bool keep_in_host_tier) {
+  std::string dropped_because = why;
+  if (host_tier_ && (!keep_in_host_tier || e.host_copy_failed)) {
+    dropped_because += "; not kept in the host tier: its copy there failed before";
+  } else if (host_tier_) {
+    auto started = start_offload_locked(e, false, why, gone);
+    if (started.ok()) return std::move(*started);
+    dropped_because += "; not kept in the host tier: " + started.error().message;
+  }
+  evicted.push_back(evict_locked(e, dropped_because, freed));
+  return std::nullopt;
+}
+
 void ModelStore::evict_idle(Clock::time_point now) {
   if (config_.idle_evict.count() <= 0) return;
+  std::vector<ModelStatus> gone;
   std::vector<ModelStatus> evicted;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -616,14 +634,22 @@ void ModelStore::evict_idle(Clock::time_point now) {
     for (Entry* e : eviction_order_locked()) {
       if (now - e->last_used < config_.idle_evict) break;  // the rest were used later
       auto idle = std::chrono::duration_cast<std::chrono::seconds>(now - e->last_used);
-      evicted.push_back(evict_locked(*e,
-                                     "no client held it for " + std::to_string(idle.count()) +
-                                         " s (--idle-evict " +
-                                         std::to_string(config_.idle_evict.count() / 1000) + ")",
-                                     freed));
+      const std::string why = "no client held it for " + std::to_string(idle.count()) +
+                              " s (--idle-evict " +
+                              std::to_string(config_.idle_evict.count() / 1000) + ")";
+      auto to_host = start_eviction_locked(*e, why, gone, freed, evicted, true);
+      if (!to_host) continue;
+      // The copy (gigabytes) runs on a worker: this is the server's event loop. The model is
+      // marked offloading meanwhile, so later sweeps leave it alone.
+      jobs_.push_back([this, pool = pool_, started = std::move(*to_host)]() mutable {
+        if (pool->stopping) return;
+        (void)finish_offload(std::move(started));
+      });
+      jobs_cv_.notify_one();
     }
     retire_locked(std::move(freed));
   }
+  for (const auto& s : gone) notify(s);
   for (const auto& s : evicted) notify(s);
 }
 
@@ -661,10 +687,17 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
   // that waiting for it never evicts more models.
   uint64_t evicted_bytes = 0;
   std::optional<uint64_t> available_before;  // at the first eviction
+  // Models whose copy to the host tier failed during this admission: a failure never fails the
+  // admission by itself, and the next look drops such a model instead of copying it again.
+  std::set<std::string> offload_failed;
   for (;;) {
     auto device = backend_->available_bytes();
     std::vector<std::shared_ptr<memory::Slab>> freed;
-    ModelStatus evicted;
+    std::vector<ModelStatus> gone;     // host copies dropped to make room in the host tier
+    std::vector<ModelStatus> evicted;  // dropped
+    std::optional<StartedOffload> to_host;
+    std::string to_host_key;
+    uint64_t to_host_bytes = 0;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       uint64_t held = held_bytes_locked();
@@ -701,14 +734,21 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
       if (!order.empty() && could_fit) {
         Entry& victim = *order.front();
         if (device.ok() && !available_before) available_before = device->available;
+        uint64_t victim_bytes = 0;
         for (const auto& g : victim.generations)
-          if (g.slab) evicted_bytes += g.slab->total_bytes();
+          if (g.slab) victim_bytes += g.slab->total_bytes();
         std::string why =
             "to make room for " + printable_text(what) + " (" + format_bytes(bytes) + ": " +
             (budget_fits ? std::string("the device is short")
                          : std::string("the memory budget (--memory-budget) is full")) +
             "); it was the least recently used model that no client held";
-        evicted = evict_locked(victim, why, freed);
+        to_host_key = victim.model.key;
+        to_host = start_eviction_locked(victim, why, gone, freed, evicted,
+                                        offload_failed.count(victim.model.key) == 0);
+        if (to_host)
+          to_host_bytes = victim_bytes;  // freed only once the copy is done
+        else
+          evicted_bytes += victim_bytes;
       } else {
         refusals_["memory"]++;
         std::string message = what + " needs " + format_bytes(bytes);
@@ -744,6 +784,7 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
           if (e->writer && e->writer->slab) b += e->writer->slab->total_bytes();
           std::string note = leases > 0 ? std::to_string(leases) + " lease(s)"
                              : e->state == ModelState::kLoading ? "loading"
+                             : waiter_holds_.count(key) != 0    ? "a client is waiting for it"
                              : e->writer                        ? "being written"
                              : e->reloading                     ? "reloading"
                              : e->published                     ? "published, not evicted"
@@ -763,8 +804,18 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
         return make_error(StatusCode::kOutOfMemory, message);
       }
     }
-    notify(evicted);
+    for (const auto& s : gone) notify(s);
+    for (const auto& s : evicted) notify(s);
     freed.clear();  // the victim's memory goes before the next look
+    if (to_host) {
+      // The victim's bytes go to the host tier on this thread, with the lock released (the
+      // copy takes it to finish); its device slab is freed once they are there. Until then its
+      // bytes stay counted as held, so the next look sees them gone only when they are.
+      if (finish_offload(std::move(*to_host)).ok())
+        evicted_bytes += to_host_bytes;
+      else
+        offload_failed.insert(to_host_key);  // dropped instead if it is chosen again
+    }
   }
 }
 
@@ -1177,6 +1228,19 @@ void ModelStore::release(const std::string& key, uint64_t generation) {
     break;
   }
   drop_unleased_locked(e);
+}
+
+std::shared_ptr<void> ModelStore::hold_for_waiter(const std::string& store_key) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    ++waiter_holds_[store_key];
+  }
+  // The deleter runs once, when the last copy of the waiter holding it goes.
+  return std::shared_ptr<void>(nullptr, [this, store_key](void*) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = waiter_holds_.find(store_key);
+    if (it != waiter_holds_.end() && --it->second == 0) waiter_holds_.erase(it);
+  });
 }
 
 ModelStore::Entry* ModelStore::find_locked(const std::string& key_or_id) const {

@@ -180,6 +180,11 @@ class ModelStore {
   Result<LeaseGrant> acquire_generation(const std::string& store_key, uint64_t generation,
                                         const std::optional<Fingerprint>& fingerprint);
   void release(const std::string& key, uint64_t generation);
+  // A client parked waiting for the model under `store_key` (loading or waking) to grant it a
+  // lease: until the hold returned is dropped, that model is not evicted, so that the lease the
+  // waiter is about to get is not lost to another admission in between. Dropped exactly once,
+  // whatever ends the wait; must not outlive the store.
+  std::shared_ptr<void> hold_for_waiter(const std::string& store_key);
 
   // ---- publishing: `writer` identifies the connection that holds a key ----
   // kNow/kWait: claims the key for its next generation unless another writer holds it (kBusy);
@@ -292,7 +297,8 @@ class ModelStore {
   Result<void> admit(uint64_t bytes, const std::string& what, const std::string& store_key);
   // Slab bytes of every generation and writer the store holds.
   uint64_t held_bytes_locked() const;
-  // Whether a model may be evicted now: loaded, not published, no lease, no reload or writer.
+  // Whether a model may be evicted now: loaded, not published, no lease, no reload or writer,
+  // no client parked waiting for it (hold_for_waiter).
   bool evictable_locked(const Entry& e) const;
   // The evictable models, the least recently used first (ties in key order).
   std::vector<Entry*> eviction_order_locked() const;
@@ -311,6 +317,32 @@ class ModelStore {
   void fail_wake(const std::shared_ptr<Entry>& entry, uint64_t generation, const Error& error);
   void start_wake_locked(const std::shared_ptr<Entry>& entry);
   Result<void> make_host_room_locked(uint64_t bytes, std::vector<ModelStatus>& gone);
+  // An offload between its two critical sections: the host room is reserved and the entry
+  // marked offloading; the copy has not run yet.
+  struct StartedOffload {
+    std::shared_ptr<Entry> entry;
+    std::shared_ptr<memory::Slab> device;
+    uint64_t generation = 0;
+    uint64_t token = 0;
+    uint64_t bytes = 0;
+    std::string what;
+    bool force = false;
+    std::string evicted_because;  // an eviction's reason; "" for `companion offload`
+  };
+  // Reserves host room for e's current generation (dropping older host copies, their statuses
+  // to `gone`) and marks it offloading; kOutOfMemory when it cannot fit the host tier.
+  Result<StartedOffload> start_offload_locked(Entry& e, bool force, std::string evicted_because,
+                                              std::vector<ModelStatus>& gone);
+  // Copies the bytes into the host tier with the store's lock released, then frees the device
+  // slab; an eviction gives up (the model stays loaded) when it is no longer evictable then.
+  Result<ModelStatus> finish_offload(StartedOffload started);
+  // Evicts e: with a host tier (and keep_in_host_tier), starts its offload and returns it for
+  // the caller to finish; else, or when it cannot fit the host tier, drops it (evict_locked, its
+  // status to `evicted`, its slabs to `freed`).
+  std::optional<StartedOffload> start_eviction_locked(
+      Entry& e, const std::string& why, std::vector<ModelStatus>& gone,
+      std::vector<std::shared_ptr<memory::Slab>>& freed, std::vector<ModelStatus>& evicted,
+      bool keep_in_host_tier);
   Entry* find_locked(const std::string& key_or_id) const;
   size_t held_locked() const;
 
@@ -336,6 +368,9 @@ class ModelStore {
   uint64_t budget_pending_ = 0;
   uint64_t evictions_ = 0;
   std::map<std::string, uint64_t> refusals_;
+  // Clients parked waiting for a model, by store key (hold_for_waiter); such a model is not
+  // evictable.
+  std::map<std::string, uint32_t> waiter_holds_;
   std::shared_ptr<WorkerPool> pool_;
   std::vector<std::thread> workers_;
   std::shared_ptr<GenerationKeeper> keeper_;

@@ -51,9 +51,10 @@ class PinnedHostCopy final : public memory::Slab {
       auto pinned = device.pin_host_range(p, segment.size, /*read_only=*/true);
       if (!pinned.ok()) {
         if (pinned.error().code != StatusCode::kUnavailable || device.name() != "host")
-          log::info("host tier: page-locking a copy for direct copies failed (its wake stages "
-                    "instead): " +
-                    pinned.error().message);
+          log::info(
+              "host tier: page-locking a copy for direct copies failed (its wake stages "
+              "instead): " +
+              pinned.error().message);
         return sealed;
       }
       copy->pins_.push_back(std::move(*pinned));
@@ -228,13 +229,27 @@ Result<void> ModelStore::make_host_room_locked(uint64_t bytes, std::vector<Model
   return ok_result();
 }
 
+Result<ModelStore::StartedOffload> ModelStore::start_offload_locked(
+    Entry& e, bool force, std::string evicted_because, std::vector<ModelStatus>& gone) {
+  Generation* g = e.current();
+  const uint64_t bytes = g->slab->total_bytes();
+  COMPANION_TRY(make_host_room_locked(bytes, gone));
+  host_tier_bytes_ += bytes;  // reserved for the copy
+  e.offloading = true;
+  StartedOffload started;
+  started.entry = entries_.at(e.model.key);
+  started.device = g->slab;
+  started.generation = e.generation;
+  started.token = g->token;
+  started.bytes = bytes;
+  started.what = describe(e.published, e.publish_key, e.model.spec);
+  started.force = force;
+  started.evicted_because = std::move(evicted_because);
+  return started;
+}
+
 Result<ModelStatus> ModelStore::offload(const std::string& key_or_id, bool force) {
-  std::shared_ptr<Entry> entry;
-  std::shared_ptr<memory::Slab> device;
-  uint64_t generation = 0;
-  uint64_t token = 0;
-  uint64_t bytes = 0;
-  std::string what;
+  std::optional<StartedOffload> started;
   std::vector<ModelStatus> gone;
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -242,7 +257,7 @@ Result<ModelStatus> ModelStore::offload(const std::string& key_or_id, bool force
     if (found == nullptr)
       return make_error(StatusCode::kNotFound,
                         "no model " + printable_text(key_or_id) + " on this server");
-    what = describe(found->published, found->publish_key, found->model.spec);
+    const std::string what = describe(found->published, found->publish_key, found->model.spec);
     if (found->state == ModelState::kUnloaded && found->offloaded() != nullptr)
       return snapshot(*found);  // offloaded already
     if (!host_tier_)
@@ -266,17 +281,19 @@ Result<ModelStatus> ModelStore::offload(const std::string& key_or_id, bool force
                         std::to_string(leases) +
                             " client lease(s) hold the model; offload with force to move it "
                             "anyway (clients keep their mappings)");
-    bytes = g->slab->total_bytes();
-    COMPANION_TRY(make_host_room_locked(bytes, gone));
-    host_tier_bytes_ += bytes;  // reserved for the copy
-    found->offloading = true;
-    entry = entries_.at(found->model.key);
-    device = g->slab;
-    generation = found->generation;
-    token = g->token;
+    COMPANION_ASSIGN_OR_RETURN(started, start_offload_locked(*found, force, "", gone));
   }
   for (const auto& s : gone) notify(s);
+  return finish_offload(std::move(*started));
+}
 
+Result<ModelStatus> ModelStore::finish_offload(StartedOffload started) {
+  const std::shared_ptr<Entry>& entry = started.entry;
+  std::shared_ptr<memory::Slab> device = std::move(started.device);
+  const uint64_t bytes = started.bytes;
+  const std::string& what = started.what;
+  const bool force = started.force;
+  const bool eviction = !started.evicted_because.empty();
   auto start = Clock::now();
   Result<HostCopy> copied = make_error(StatusCode::kInternal, "offload did not run");
   try {
@@ -290,17 +307,19 @@ Result<ModelStatus> ModelStore::offload(const std::string& key_or_id, bool force
   const bool pinned = copied.ok() && copied->slab->pinned_host_bytes(0) != nullptr;
   std::string phases;
   if (copied.ok())
-    phases = " (host memory " + std::to_string(copied->allocate_seconds) +
-             " s, digests and copy " + std::to_string(copied->copy_seconds) + " s, seal" +
+    phases = " (host memory " + std::to_string(copied->allocate_seconds) + " s, digests and copy " +
+             std::to_string(copied->copy_seconds) + " s, seal" +
              (pinned ? " and page-lock " : " ") + std::to_string(copied->seal_seconds) + " s)";
   std::vector<std::shared_ptr<memory::Slab>> freed;
   ModelStatus s;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     Generation* g = entry->current();
-    const bool same = entry->generation == generation && entry->offloading && g != nullptr &&
-                      g->token == token && entries_.count(entry->model.key) != 0;
+    const bool same = entry->generation == started.generation && entry->offloading &&
+                      g != nullptr && g->token == started.token &&
+                      entries_.count(entry->model.key) != 0;
     if (same) entry->offloading = false;
+    if (same && eviction && !copied.ok()) entry->host_copy_failed = true;
     if (!same) {
       outcome = make_error(StatusCode::kCancelled, what + " was unloaded while it was offloaded");
     } else if (outcome.ok()) {
@@ -315,6 +334,9 @@ Result<ModelStatus> ModelStore::offload(const std::string& key_or_id, bool force
                              "a new generation of " + what + " is being published");
       else if (entry->reloading)
         outcome = make_error(StatusCode::kNotReady, what + " is being reloaded");
+      else if (eviction && !evictable_locked(*entry))
+        outcome = make_error(StatusCode::kModelInUse,
+                             "a client asked for " + what + " while it was copied to the host");
     }
     if (!outcome.ok()) {
       host_tier_bytes_ -= std::min(bytes, host_tier_bytes_);
@@ -336,6 +358,15 @@ Result<ModelStatus> ModelStore::offload(const std::string& key_or_id, bool force
       entry->offloaded_at = Clock::now();
       entry->reload_error.reset();
       entry->reload_note.clear();
+      if (eviction) {
+        ++evictions_;
+        // Shown by `ls` until the model is woken.
+        entry->reload_note = "evicted to the host tier: " + started.evicted_because;
+        if (entry->reload_note.size() > protocol::kMaxStatusMessageBytes)
+          entry->reload_note =
+              std::string(utf8_prefix(entry->reload_note, protocol::kMaxStatusMessageBytes - 3)) +
+              "...";
+      }
       s = snapshot(*entry);
     }
   }
@@ -343,12 +374,18 @@ Result<ModelStatus> ModelStore::offload(const std::string& key_or_id, bool force
   device.reset();
   freed.clear();
   if (!outcome.ok()) {
-    log::warn("offload of " + what + " failed: " + outcome.error().to_string());
+    log::warn((eviction ? "eviction of " + what + " to the host tier" : "offload of " + what) +
+              " failed: " + outcome.error().to_string());
     return outcome.error();
   }
   const double secs = std::chrono::duration<double>(Clock::now() - start).count();
-  log::info("offloaded " + what + ": " + format_bytes(bytes) + " to the host tier in " +
-            std::to_string(secs) + " s" + phases + (pinned ? ", page-locked for its wake" : ""));
+  const std::string locked = pinned ? ", page-locked for its wake" : "";
+  if (eviction)
+    log::info("evicted " + what + " to the host tier (" + format_bytes(bytes) + " in " +
+              std::to_string(secs) + " s" + phases + locked + "): " + started.evicted_because);
+  else
+    log::info("offloaded " + what + ": " + format_bytes(bytes) + " to the host tier in " +
+              std::to_string(secs) + " s" + phases + locked);
   notify(s);
   return s;
 }

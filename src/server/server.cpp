@@ -26,6 +26,7 @@
 
 #include "checkpoint/checkpoint.hpp"
 #include "checkpoint/source.hpp"
+#include "common/fault_point.hpp"
 #include "common/log.hpp"
 #include "common/util.hpp"
 #include "keeper/systemd_fd_store.hpp"
@@ -124,6 +125,9 @@ struct Waiter {
   std::string key;
   uint64_t generation = 0;
   std::optional<Fingerprint> fingerprint;
+  // kLease, kPublished: keeps the model from being evicted until the lease is granted (or the
+  // wait ends otherwise); shared by the copies of the waiter, dropped with the last.
+  std::shared_ptr<void> hold;
 };
 
 // A PublishClaim parked while another connection writes the key.
@@ -313,6 +317,7 @@ class ServerImpl final : public Server {
     // What the store frees as it goes away stays with the keeper for the next server.
     if (keeper_) keeper_->detach();
     resolver_.reset();  // resolves still running drop their results
+    waiters_.clear();   // their holds on models go before the store
     store_.reset();     // joins loaders before the loop they post to goes away
     keeper_.reset();    // sends what is queued, then ends the session
   }
@@ -736,6 +741,7 @@ class ServerImpl final : public Server {
                                       "'" + printable_text(m.key) + "' is being published"));
       if (!may_park(c, rid)) return;
       Waiter w{c.id, rid, Waiter::Kind::kPublished, now.seq, m.key, m.generation, m.fingerprint};
+      w.hold = store_->hold_for_waiter(store_key);
       waiters_.emplace(store_key, std::move(w));
       ++c.parked;
       return;
@@ -765,9 +771,9 @@ class ServerImpl final : public Server {
           make_error(StatusCode::kNotReady, "model is loading (" + std::to_string(s->bytes_done) +
                                                 "/" + std::to_string(s->bytes_total) + " bytes)"));
     if (!may_park(c, rid)) return;
-    waiters_.emplace(
-        model->key,
-        Waiter{c.id, rid, Waiter::Kind::kLease, s->seq, {}, m.generation, m.fingerprint});
+    Waiter w{c.id, rid, Waiter::Kind::kLease, s->seq, {}, m.generation, m.fingerprint};
+    w.hold = store_->hold_for_waiter(model->key);
+    waiters_.emplace(model->key, std::move(w));
     ++c.parked;
   }
 
@@ -920,6 +926,10 @@ class ServerImpl final : public Server {
       return send(c, Message{w.request_id, protocol::LoadReply{s}});
     }
     if (s.state == ModelState::kLoaded) {
+      if (w.kind == Waiter::Kind::kLease || w.kind == Waiter::Kind::kPublished)
+        if (auto f = fault::point(fault::Stage::kGrant, s.source.empty() ? s.key : s.source);
+            !f.ok())
+          return reply_error(c, w.request_id, f.error());
       if (w.kind == Waiter::Kind::kLease)
         return grant(c, w.request_id,
                      w.generation != 0 || w.fingerprint

@@ -82,6 +82,9 @@ struct ModelStore::Entry {
   // least recently offloaded host copy goes first).
   bool offloading = false;
   Clock::time_point offloaded_at{};
+  // An eviction's copy to the host tier failed: the next eviction drops the model instead of
+  // trying the copy again (each idle sweep would).
+  bool host_copy_failed = false;
 
   Generation* current() { return generations.empty() ? nullptr : &generations.back(); }
   const Generation* current() const { return generations.empty() ? nullptr : &generations.back(); }

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -163,4 +164,62 @@ def test_an_evicted_model_leaves_the_keeper_too(runtime_dir, budget_models):
         assert health["evictions"] == 1
     finally:
         server.cli("unload", str(budget_models / "a"), check=False)
+        assert server.stop() == 0, server.log_text()
+
+
+def test_a_model_with_a_parked_attach_is_not_evicted_before_its_lease(runtime_dir, tmp_path):
+    """The race: an attach parked on a load, the load done, and another load's admission
+    evicting the model before the server granted the parked attach its lease (which then got
+    NOT_READY). Made deterministic with fault points: one load worker; race-a's load waits
+    before its seal until race-b's load is queued behind it, and the event loop waits before
+    granting race-a's attach until race-b's admission is over."""
+    root = tmp_path / "models"
+    for seed, name in enumerate(("race-a", "race-b")):
+        (root / name).mkdir(parents=True)
+        rng = np.random.default_rng(seed)
+        save_file({"w": rng.standard_normal((256, 1024)).astype(np.float32)},
+                  str(root / name / "model.safetensors"))
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    fault = (f"wait-at=seal,path=race-a,until={gates / 'sealed'};"
+             f"wait-at=grant,path=race-a,until={gates / 'granted'}")
+    server = Server(runtime_dir, [root], env={**os.environ, "COMPANION_TEST_FAULT": fault},
+                    extra=["--memory-reserve", "0", "--memory-budget", "1536KiB",  # room for one
+                           "--load-threads", "1"])
+    attached = {}
+
+    def attach():
+        # GetParameters straight away (not a Load first, as `companion attach` does): it parks.
+        try:
+            with companion.connect(socket_path=server.socket) as client:
+                with client.get_model_parameters(companion.ModelSpec(str(root / "race-a")),
+                                                 timeout=60) as model:
+                    attached["shape"] = model["w"].shape
+        except errors.Error as e:
+            attached["error"] = e
+
+    attacher = threading.Thread(target=attach)
+    attacher.start()
+    try:
+        assert wait_until(lambda: "waiting at seal" in server.log_text(), timeout=30), \
+            server.log_text()
+        server.cli("load", str(root / "race-b"), "--no-wait")  # queued behind race-a's load
+        (gates / "sealed").touch()
+        # race-a is loaded and its attach about to be granted; race-b's admission runs now.
+        assert wait_until(lambda: "waiting at grant" in server.log_text() and
+                          ("evicted" in server.log_text() or
+                           "race-b failed" in server.log_text()), timeout=30), server.log_text()
+        (gates / "granted").touch()
+        attacher.join(timeout=60)
+        assert attached == {"shape": (256, 1024)}, (attached, server.log_text())
+        # race-b could not have race-a's memory: it was refused, naming what held it.
+        log = server.log_text()
+        assert "evicted" not in log, log
+        [b] = [m for m in server.cli_json("ls")[0] if m["source"].endswith("race-b")]
+        assert b["state"] == "error" and b["error"]["code"] == "OUT_OF_MEMORY", b
+        assert "a client is waiting for it" in b["error"]["message"], b
+    finally:
+        for gate in ("sealed", "granted"):
+            (gates / gate).touch()
+        attacher.join(timeout=60)
         assert server.stop() == 0, server.log_text()

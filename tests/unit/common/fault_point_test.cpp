@@ -2,6 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <string>
+
 namespace companion::fault {
 namespace {
 
@@ -48,10 +51,37 @@ TEST_F(FaultPointTest, RejectsSpecsThatDoNotParse) {
   EXPECT_TRUE(point(Stage::kRead, "/m/x").ok());
 }
 
+TEST_F(FaultPointTest, SeveralPointsEachWithItsOwnCount) {
+  ASSERT_TRUE(configure("fail-at=read@2:IO_ERROR,path=a;fail-at=seal:OUT_OF_MEMORY,path=b").ok());
+  EXPECT_TRUE(point(Stage::kRead, "/m/a").ok());
+  EXPECT_TRUE(point(Stage::kSeal, "/m/a").ok());
+  auto sealed = point(Stage::kSeal, "/m/b");
+  ASSERT_FALSE(sealed.ok());
+  EXPECT_EQ(sealed.error().code, StatusCode::kOutOfMemory);
+  auto read = point(Stage::kRead, "/m/a");
+  ASSERT_FALSE(read.ok());
+  EXPECT_EQ(read.error().code, StatusCode::kIoError);
+}
+
+TEST_F(FaultPointTest, WaitAtGoesOnOnceItsFileExists) {
+  const std::string gate = ::testing::TempDir() + "fault_point_gate";
+  ASSERT_TRUE(configure("wait-at=grant,until=" + gate).ok());
+  std::FILE* f = std::fopen(gate.c_str(), "w");  // there already: no wait
+  ASSERT_NE(f, nullptr);
+  std::fclose(f);
+  EXPECT_TRUE(point(Stage::kGrant, "/m/a").ok());
+  std::remove(gate.c_str());
+  for (const char* spec : {"wait-at=grant", "pause-at=read,until=/x", "wait-at=read:IO_ERROR"}) {
+    auto r = configure(spec);
+    EXPECT_FALSE(r.ok()) << spec;
+  }
+}
+
 TEST_F(FaultPointTest, StageNames) {
   EXPECT_STREQ(stage_name(Stage::kOpen), "open");
   EXPECT_STREQ(stage_name(Stage::kAllocate), "allocate");
   EXPECT_STREQ(stage_name(Stage::kExport), "export");
+  EXPECT_STREQ(stage_name(Stage::kGrant), "grant");
 }
 
 }  // namespace

@@ -1157,6 +1157,37 @@ TEST_F(ModelStoreTest, ModelsNoClientHeldForIdleEvictAreEvicted) {
   EXPECT_EQ(wait_final(a.key).state, ModelState::kLoaded);
 }
 
+TEST_F(ModelStoreTest, AModelWithAParkedWaiterIsNotEvictedUntilTheHoldGoes) {
+  uint64_t page = testing::page_size();
+  make_store(2, [&](StoreConfig& c) {
+    c.memory_budget_bytes = 80 * page;
+    c.idle_evict = std::chrono::hours(1);
+  });
+  ResolvedModel a = resolve(write_model("a", pages_of(50, 1)));
+  ResolvedModel b = resolve(write_model("b", pages_of(50, 2)));
+  auto hold = store->hold_for_waiter(a.key);  // parked before its load
+  ASSERT_TRUE(store->ensure_loading(a).ok());
+  ASSERT_EQ(wait_final(a.key).state, ModelState::kLoaded);
+  auto copy = hold;  // a waiter's copies share one hold
+  EXPECT_EQ(store->status(a.key).eviction_rank, 0u);
+  store->evict_idle(std::chrono::steady_clock::now() + std::chrono::hours(2));
+  EXPECT_EQ(store->status(a.key).state, ModelState::kLoaded);
+  // b cannot have a's room, and is told why.
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  ModelStatus refused = wait_final(b.key);
+  ASSERT_EQ(refused.state, ModelState::kError);
+  EXPECT_EQ(refused.error_code, StatusCode::kOutOfMemory);
+  EXPECT_NE(refused.message.find("a client is waiting for it"), std::string::npos)
+      << refused.message;
+  hold.reset();
+  EXPECT_EQ(store->status(a.key).eviction_rank, 0u);  // one copy left
+  copy.reset();
+  EXPECT_EQ(store->status(a.key).eviction_rank, 1u);  // released once, by the last copy
+  ASSERT_TRUE(store->ensure_loading(b).ok());
+  ASSERT_EQ(wait_final(b.key).state, ModelState::kLoaded);
+  EXPECT_EQ(store->status(a.key).state, ModelState::kReady);
+}
+
 TEST_F(ModelStoreTest, PublishedModelsAreNeverEvicted) {
   uint64_t page = testing::page_size();
   make_store(2, [&](StoreConfig& c) {
@@ -1760,6 +1791,27 @@ TEST(HostBudget, TakesBytesOrAShareOfTheHostsMemory) {
   EXPECT_NE(bad.error().message.find("--host-budget"), std::string::npos);
 }
 
+TEST_F(HostTierTest, IdleEvictionOffloadsOnAWorkerAndTheNextLoadWakes) {
+  uint64_t page = testing::page_size();
+  make_store(2, [&](StoreConfig& c) {
+    c.host_budget_bytes = 64ull << 20;
+    c.idle_evict = std::chrono::hours(1);
+  });
+  ResolvedModel a = load(write_model("a", pages_of(20, 1)));
+  store->evict_idle(std::chrono::steady_clock::now() + std::chrono::hours(2));
+  EXPECT_TRUE(recorder.wait_for(a.key, [&](const ModelStatus& s) {
+    return s.state == ModelState::kUnloaded && s.host_bytes == 20 * page &&
+           s.message.rfind("evicted to the host tier: no client held it", 0) == 0;
+  }));
+  EXPECT_EQ(store->evictions(), 1u);
+  EXPECT_EQ(store->budget_used(), 0u);
+  ASSERT_TRUE(store->ensure_loading(a).ok());  // woken from the host copy
+  ModelStatus woken = wait_final(a.key);
+  ASSERT_EQ(woken.state, ModelState::kLoaded) << woken.message;
+  EXPECT_EQ(woken.host_bytes, 0u);
+  EXPECT_EQ(store->host_tier_bytes(), 0u);
+}
+
 TEST_F(HostTierTest, AWakeIsAdmittedAgainstTheBudgetAndEvictsToFit) {
   uint64_t page = testing::page_size();
   make_store(2, [&](StoreConfig& c) {
@@ -1771,11 +1823,16 @@ TEST_F(HostTierTest, AWakeIsAdmittedAgainstTheBudgetAndEvictsToFit) {
   EXPECT_EQ(store->budget_used(), 0u);  // the host copy is the host tier's, not the device's
   ResolvedModel b = load(write_model("b", pages_of(100, 2)));
   EXPECT_EQ(store->budget_used(), 100 * page);
-  // Waking a needs b's room: b, idle, is evicted; the count is exact afterwards.
+  // Waking a needs b's room: b, idle, is evicted into the host tier (where a's copy was); the
+  // count is exact afterwards.
   ASSERT_TRUE(store->ensure_loading(a).ok());
   ModelStatus s = wait_final(a.key);
   ASSERT_EQ(s.state, ModelState::kLoaded) << s.message;
-  EXPECT_EQ(store->status(b.key).state, ModelState::kReady);
+  ModelStatus evicted = store->status(b.key);
+  EXPECT_EQ(evicted.state, ModelState::kUnloaded);
+  EXPECT_EQ(evicted.host_bytes, 100 * page);
+  EXPECT_EQ(evicted.message.rfind("evicted to the host tier: ", 0), 0u) << evicted.message;
+  EXPECT_EQ(store->host_tier_bytes(), 100 * page);
   EXPECT_EQ(store->evictions(), 1u);
   EXPECT_EQ(store->budget_used(), 100 * page);
   EXPECT_EQ(s.eviction_rank, 1u);
