@@ -128,8 +128,8 @@ Result<void> copy_slab(memory::Slab& source, memory::Slab& target, const Progres
       const auto* pinned = static_cast<const char*>(source.pinned_host_bytes(part.segment));
       if (pinned != nullptr && sink->copies_from_pinned_host()) {
         // A page-locked host copy: DMA straight from it, no staging.
-        COMPANION_TRY(sink->submit_pinned(
-            pinned + part.offset, CopyOp{0, part.bytes, part.segment, part.offset}));
+        COMPANION_TRY(sink->submit_pinned(pinned + part.offset,
+                                          CopyOp{0, part.bytes, part.segment, part.offset}));
       } else if (char* direct = sink->host_address(part.segment)) {
         COMPANION_TRY(source.read(part.segment, part.offset, direct + part.offset, part.bytes));
       } else {
