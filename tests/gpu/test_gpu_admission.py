@@ -1,22 +1,11 @@
 """Memory admission on a real GPU: a load that does not fit the device's free memory (as the driver
 reports it, less --memory-reserve) is refused at once with OUT_OF_MEMORY, nothing is allocated,
 and the server goes on serving."""
-import subprocess
 
 import pytest
 
 from harness import Server
-
-
-def gpu_memory_mib(uuid):
-    r = subprocess.run(["nvidia-smi", "--query-gpu=uuid,memory.used,memory.free",
-                        "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                       check=True)
-    for line in r.stdout.splitlines():
-        u, used, free = [x.strip() for x in line.split(",")]
-        if u == uuid:
-            return int(used), int(free)
-    raise KeyError(uuid)
+from gpu_memory import gpu_memory_mib
 
 
 @pytest.mark.parametrize("backend", ["cuda-vmm", "cuda-ipc"])

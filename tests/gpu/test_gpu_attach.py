@@ -3,22 +3,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
 from checkpoints import tensor_wsums
-from harness import Server, wait_until
-
-
-def gpu_memory_used_mib(uuid):
-    r = subprocess.run(["nvidia-smi", "--query-gpu=uuid,memory.used", "--format=csv,noheader,nounits"],
-                       capture_output=True, text=True, check=True)
-    for line in r.stdout.splitlines():
-        u, used = [x.strip() for x in line.split(",")]
-        if u == uuid:
-            return int(used)
-    raise KeyError(uuid)
+from harness import Server
+from gpu_memory import gpu_memory_used_mib
 
 
 def checksums(report):

@@ -3,12 +3,12 @@ models, loading the third evicts the least recently used one into the host tier 
 memory freed, as nvidia-smi shows), and attaching it again wakes it with its checkpoint's bytes
 (wsum64 checked on the GPU); `--idle-evict` moves an idle model to the host tier the same way."""
 import pathlib
-import subprocess
 
 import pytest
 
 from checkpoints import tensor_wsums, write_opt_like
 from harness import Server, wait_until
+from gpu_memory import gpu_memory_used_mib
 
 MIB = 1 << 20
 
@@ -21,17 +21,6 @@ def three_models(tmp_path_factory):
         write_opt_like(root / name, hidden=1024, layers=4, vocab=50272, positions=2050,
                        dtype="float16", seed=i)
     return root
-
-
-def used_mib(uuid):
-    r = subprocess.run(["nvidia-smi", "--query-gpu=uuid,memory.used",
-                        "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                       check=True)
-    for line in r.stdout.splitlines():
-        u, used = [x.strip() for x in line.split(",")]
-        if u == uuid:
-            return int(used)
-    raise KeyError(uuid)
 
 
 def listed(server):
@@ -62,7 +51,7 @@ def test_the_least_recently_used_model_is_evicted_into_the_host_tier(runtime_dir
         size = listed(s)["b"]["slab_bytes"]
         assert 2 * size <= 480 * MIB < 3 * size, size
         assert attached_wsums(s, a) == expected_wsums(a)  # a used last: b goes first
-        before = used_mib(gpu["uuid"])
+        before = gpu_memory_used_mib(gpu["uuid"])
         out, code = s.cli_json("load", str(c))
         assert code == 0 and out["state"] == "loaded", out
         models = listed(s)
@@ -70,7 +59,7 @@ def test_the_least_recently_used_model_is_evicted_into_the_host_tier(runtime_dir
         assert "evicted to the host tier" in models["b"]["message"], models["b"]
         assert models["a"]["state"] == "loaded" and models["c"]["state"] == "loaded", models
         # c's slab took b's place: one model's worth more at most (the driver's own rounding).
-        assert used_mib(gpu["uuid"]) - before < size / MIB / 2, (before, used_mib(gpu["uuid"]))
+        assert gpu_memory_used_mib(gpu["uuid"]) - before < size / MIB / 2, (before, gpu_memory_used_mib(gpu["uuid"]))
         health, _ = s.cli_json("health")
         assert health["evictions"] == 1, health
 
@@ -90,11 +79,11 @@ def test_an_idle_model_is_evicted_into_the_host_tier(runtime_dir, three_models, 
                extra=["--backend", backend, "--idle-evict", "1", "--host-budget", "2GiB"])
     try:
         s.cli_json("load", str(a))
-        loaded = used_mib(gpu["uuid"])
+        loaded = gpu_memory_used_mib(gpu["uuid"])
         size = listed(s)["a"]["slab_bytes"]
         assert wait_until(lambda: listed(s)["a"].get("offloaded"), timeout=30), listed(s)
-        freed = wait_until(lambda: loaded - used_mib(gpu["uuid"]) >= size / MIB * 0.9, timeout=10)
-        assert freed, (loaded, used_mib(gpu["uuid"]), size)
+        freed = wait_until(lambda: loaded - gpu_memory_used_mib(gpu["uuid"]) >= size / MIB * 0.9, timeout=10)
+        assert freed, (loaded, gpu_memory_used_mib(gpu["uuid"]), size)
         assert attached_wsums(s, a) == expected_wsums(a)
     finally:
         assert s.stop() == 0, s.log_text()

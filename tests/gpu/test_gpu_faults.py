@@ -14,22 +14,12 @@ import pytest
 
 from checkpoints import tensor_wsums, write_opt_like
 from harness import Server, SessionClient, wait_until
+from gpu_memory import gpu_memory_used_mib
 
 BACKENDS = ["cuda-vmm", "cuda-ipc"]
 VICTIM = "opt-1g"  # gpu_model_root's model, about 1.1 GB
 # GPU memory may differ this much from the baseline (driver bookkeeping).
 TOLERANCE_MIB = 64
-
-
-def gpu_memory_used_mib(uuid):
-    r = subprocess.run(["nvidia-smi", "--query-gpu=uuid,memory.used",
-                        "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                       check=True)
-    for line in r.stdout.splitlines():
-        u, used = [x.strip() for x in line.split(",")]
-        if u == uuid:
-            return int(used)
-    raise KeyError(uuid)
 
 
 @pytest.fixture(scope="module")

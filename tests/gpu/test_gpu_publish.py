@@ -29,6 +29,7 @@ import time
 import pytest
 
 from harness import BUILD, Server, wait_until
+from gpu_memory import gpu_memory_used_mib
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PYTHON_PACKAGE = REPO / "python"
@@ -129,17 +130,6 @@ def run_child(tmp_path, name, code, *args, timeout=300):
         return report
     finally:
         child.kill()
-
-
-def gpu_memory_used_mib(uuid):
-    r = subprocess.run(["nvidia-smi", "--query-gpu=uuid,memory.used",
-                        "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                       check=True)
-    for line in r.stdout.splitlines():
-        u, used = [x.strip() for x in line.split(",")]
-        if u == uuid:
-            return int(used)
-    raise KeyError(uuid)
 
 
 def empty_root(tmp_path):
