@@ -108,7 +108,9 @@ def test_the_server_runs_with_the_units_exec_start(tmp_path):
                                 capture_output=True, text=True, timeout=60)
         assert health.returncode == 0, health.stderr
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=20)
         log.close()
         systemd.close()
+    assert code == 0
