@@ -17,6 +17,7 @@ PACKAGES=(
   libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev libsystemd-dev
   python3 python3-venv python3-pip python3-numpy python3-pytest python3-torch
   etcd-server etcd-client clang-format clang libclang-rt-14-dev openssl
+  systemd  # systemd-analyze, which verifies packaging/systemd/companion@.service
 )
 
 asan=0 tsan=0 fuzz=0 vllm=0

@@ -11,6 +11,7 @@
 #include "cli/commands.hpp"
 #include "common/log.hpp"
 #include "keeper/keeper_process.hpp"
+#include "keeper/systemd_notify.hpp"
 
 namespace companion::cli {
 
@@ -111,6 +112,19 @@ void add_store_limit_options(CLI::App& serve_cmd, server::ServerOptions& serve) 
       ->capture_default_str();
 }
 
+namespace {
+
+// A notification that cannot be sent is logged, never fatal: the server serves either way (a
+// Type=notify unit whose READY=1 never comes fails its start on its own, after TimeoutStartSec=).
+void tell_systemd(const std::string& state) {
+  auto sent = keeper::notify_systemd(state);
+  if (!sent.ok())
+    log::warn("cannot notify systemd (" + sent.error().message +
+              "): a Type=notify unit would wait for this server in vain (use Type=exec)");
+}
+
+}  // namespace
+
 int run_serve(const server::ServerOptions& options, const std::string& log_level) {
   if (!log::set_level(log_level)) {
     std::fprintf(stderr, "unknown log level '%s'\n", log_level.c_str());
@@ -134,10 +148,15 @@ int run_serve(const server::ServerOptions& options, const std::string& log_level
   std::printf("companion serving %s/%s instance %s socket %s\n", id.ns.c_str(),
               id.component.c_str(), id.instance_id.c_str(), id.socket_path.c_str());
   std::fflush(stdout);
+  // The socket listens, the record is written and what was kept is adopted: under systemd
+  // (Type=notify), `systemctl start` returns now.
+  tell_systemd("READY=1\nSTATUS=serving " + id.ns + "/" + id.component + " instance " +
+               id.instance_id + " on " + id.socket_path);
 
   std::thread waiter([&] {
     int sig = 0;
     sigwait(&signals, &sig);
+    tell_systemd("STOPPING=1\nSTATUS=stopping");
     (*server)->stop();
   });
   auto result = (*server)->run();

@@ -1,7 +1,7 @@
 """Restart without reload under systemd: a server run with a file-descriptor store keeps each
 committed generation's descriptors there (sd_notify FDSTORE=1 with the descriptors), the next
 server takes them back from LISTEN_FDS / LISTEN_FDNAMES, and unloading removes them
-(FDSTOREREMOVE=1). systemd's side is played by the test, through the same interface: a datagram
+(FDSTOREREMOVE=1). A server says READY=1 once it serves and STOPPING=1 when it stops. systemd's side is played by the test, through the same interface: a datagram
 socket named by NOTIFY_SOCKET, and descriptors passed from 3 on to a process whose pid
 LISTEN_PID names. Real processes and sockets."""
 import fcntl
@@ -160,8 +160,9 @@ def test_a_server_under_systemd_keeps_models_in_its_fd_store(runtime_dir, models
     finally:
         getattr(first.proc, "terminate" if how == "SIGTERM" else "kill")()
         first.proc.wait(timeout=20)
-    # Stopping or dying, the server removed nothing from the store.
-    assert systemd.drain() == []
+    # Stopping or dying, the server removed nothing from the store (stopping, it said so).
+    assert systemd.drain() == ([{"STOPPING": "1", "STATUS": "stopping"}] if how == "SIGTERM"
+                               else [])
     assert len(systemd.store) == 6
     hide_checkpoint(models / "opt-a")
 
@@ -193,6 +194,21 @@ def test_a_server_under_systemd_keeps_models_in_its_fd_store(runtime_dir, models
         assert sorted(removed) == ["companion.1.catalog", "companion.1.s0", "companion.1.table"]
     finally:
         assert second.stop() == 0
+
+
+def test_a_server_under_systemd_says_when_it_serves_and_when_it_stops(runtime_dir, models,
+                                                                      systemd):
+    # Type=notify: systemd waits for READY=1 before `systemctl start` returns and units ordered
+    # after this one start; STOPPING=1 and STATUS= show in `systemctl status`.
+    server = Server(runtime_dir, [models], env=systemd.env(fdstore_max=None))  # --no-keep
+    try:
+        ready = systemd.receive()
+        assert ready == {"READY": "1", "STATUS": "serving companion/model_server_host instance "
+                         f"{server.instance} on {server.socket}"}
+        server.cli("health")  # ready means serving
+    finally:
+        assert server.stop() == 0
+    assert systemd.drain() == [{"STOPPING": "1", "STATUS": "stopping"}]
 
 
 def test_an_incomplete_generation_in_the_store_is_removed_not_adopted(runtime_dir, models,
