@@ -108,11 +108,14 @@ def test_cpp_program_built_with_find_package(prefix, server, model_root, tmp_pat
     [example] = code_blocks(readme_section("## C++ client API"), "cpp")
     (project / "example.cpp").write_text(example)
     env = user_env()
-    run(["cmake", "-S", ".", "-B", "build", "-G", "Ninja", f"-DCMAKE_PREFIX_PATH={prefix}"],
-        env=env, cwd=project)
+    # As the README builds it, with warnings as errors on top, in the installed headers too (not
+    # -isystem, which would hide theirs).
+    run(["cmake", "-S", ".", "-B", "build", "-G", "Ninja", f"-DCMAKE_PREFIX_PATH={prefix}",
+         "-DCMAKE_CXX_FLAGS=-Wall -Wextra -Wpedantic -Werror",
+         "-DCMAKE_NO_SYSTEM_FROM_IMPORTED=ON"], env=env, cwd=project)
     run(["cmake", "--build", "build"], env=env, cwd=project)
     build_rules = (project / "build" / "build.ninja").read_text()
-    assert f"-isystem {prefix}/include" in build_rules or f"-I{prefix}/include" in build_rules
+    assert f"-I{prefix}/include" in build_rules
     assert str(REPO) not in build_rules, "the consumer used the checkout"
     # CMake gives the program an rpath to the library: no LD_LIBRARY_PATH needed.
     program = project / "build" / "example"
