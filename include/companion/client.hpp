@@ -4,6 +4,10 @@
 // and may be read from any thread.
 #pragma once
 
+#if __cplusplus < 202002L
+#error "companion/client.hpp needs C++20 (-std=c++20; CMake: link Companion::companion)"
+#endif
+
 #include <cstdint>
 #include <functional>
 #include <memory>

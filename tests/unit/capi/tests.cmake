@@ -19,10 +19,12 @@ target_link_libraries(capi_c_check PRIVATE companion_capi)
 add_test(NAME capi_c_check COMMAND capi_c_check)
 set_tests_properties(capi_c_check PROPERTIES LABELS "unit")
 
-# libcompanion.so exports exactly the functions of companion.h (and has the right SONAME/deps).
+# libcompanion.so exports exactly the functions of companion.h and of the C++ API (and has the
+# right SONAME/deps).
 add_test(NAME capi_exported_symbols
   COMMAND sh ${CMAKE_CURRENT_LIST_DIR}/check_symbols.sh $<TARGET_FILE:companion_capi>
-    ${PROJECT_SOURCE_DIR}/include/companion/companion.h)
+    ${PROJECT_SOURCE_DIR}/include/companion/companion.h
+    ${PROJECT_BINARY_DIR}/src/capi/companion.map)
 set_tests_properties(capi_exported_symbols PROPERTIES LABELS "unit"
   ENVIRONMENT "NM=${CMAKE_NM};OBJDUMP=${CMAKE_OBJDUMP}")
 
