@@ -543,11 +543,7 @@ Result<ModelStatus> ModelStore::ensure_loading(const ResolvedModel& model) {
 
 uint64_t ModelStore::held_bytes_locked() const {
   uint64_t total = 0;
-  for (const auto& [key, e] : entries_) {
-    for (const auto& g : e->generations)
-      if (g.slab) total += g.slab->total_bytes();
-    if (e->writer && e->writer->slab) total += e->writer->slab->total_bytes();
-  }
+  for (const auto& [key, e] : entries_) total += e->device_bytes(/*with_writer=*/true);
   return total;
 }
 
@@ -589,11 +585,8 @@ uint32_t ModelStore::eviction_rank_locked(const Entry& e) const {
 
 ModelStatus ModelStore::evict_locked(Entry& e, const std::string& why,
                                      std::vector<std::shared_ptr<memory::Slab>>& freed) {
-  uint64_t bytes = 0;
-  for (auto& g : e.generations) {
-    if (g.slab) bytes += g.slab->total_bytes();
-    freed.push_back(std::move(g.slab));
-  }
+  const uint64_t bytes = e.device_bytes(/*with_writer=*/false);
+  for (auto& g : e.generations) freed.push_back(std::move(g.slab));
   e.generations.clear();
   e.generation = next_generation();
   e.state = ModelState::kUnloaded;
@@ -725,18 +718,14 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
       }
       std::vector<Entry*> order = eviction_order_locked();
       uint64_t evictable = 0;
-      for (const Entry* e : order)
-        for (const auto& g : e->generations)
-          if (g.slab) evictable += g.slab->total_bytes();
+      for (const Entry* e : order) evictable += e->device_bytes(/*with_writer=*/false);
       // Evicting is worth it only when evicting every idle model would make room.
       bool could_fit = bytes <= budget_ && used - std::min(used, evictable) <= budget_ - bytes &&
                        (room == UINT64_MAX || bytes <= room + evictable);
       if (!order.empty() && could_fit) {
         Entry& victim = *order.front();
         if (device.ok() && !available_before) available_before = device->available;
-        uint64_t victim_bytes = 0;
-        for (const auto& g : victim.generations)
-          if (g.slab) victim_bytes += g.slab->total_bytes();
+        const uint64_t victim_bytes = victim.device_bytes(/*with_writer=*/false);
         std::string why =
             "to make room for " + printable_text(what) + " (" + format_bytes(bytes) + ": " +
             (budget_fits ? std::string("the device is short")
@@ -775,13 +764,9 @@ Result<void> ModelStore::admit(uint64_t bytes, const std::string& what,
         for (const auto& [key, e] : entries_) {
           if (e->state != ModelState::kLoaded && e->state != ModelState::kLoading) continue;
           if (key == store_key) continue;  // the one asking
-          uint64_t b = 0;
+          const uint64_t b = e->device_bytes(/*with_writer=*/true);
           uint32_t leases = 0;
-          for (const auto& g : e->generations) {
-            if (g.slab) b += g.slab->total_bytes();
-            leases += g.leases;
-          }
-          if (e->writer && e->writer->slab) b += e->writer->slab->total_bytes();
+          for (const auto& g : e->generations) leases += g.leases;
           std::string note = leases > 0 ? std::to_string(leases) + " lease(s)"
                              : e->state == ModelState::kLoading ? "loading"
                              : waiter_holds_.count(key) != 0    ? "a client is waiting for it"

@@ -452,6 +452,9 @@ void ModelStore::run_commit(std::shared_ptr<Entry> entry, uint64_t writer, uint6
       committed = true;
     }
   }
+  // The generation (or nothing, if the publication was unloaded) holds the slab now: this
+  // worker lets go before anyone hears of the commit, so the slab is freed with the last lease.
+  slab.reset();
   if (committed) {
     auto ms = [](Clock::duration d) {
       return std::chrono::duration<double, std::milli>(d).count();

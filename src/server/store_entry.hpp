@@ -86,6 +86,15 @@ struct ModelStore::Entry {
   // trying the copy again (each idle sweep would).
   bool host_copy_failed = false;
 
+  // Device bytes its generations' slabs hold; with_writer adds the slab a writer is filling.
+  uint64_t device_bytes(bool with_writer) const {
+    uint64_t total = 0;
+    for (const auto& g : generations)
+      if (g.slab) total += g.slab->total_bytes();
+    if (with_writer && writer && writer->slab) total += writer->slab->total_bytes();
+    return total;
+  }
+
   Generation* current() { return generations.empty() ? nullptr : &generations.back(); }
   const Generation* current() const { return generations.empty() ? nullptr : &generations.back(); }
   // The current generation while its bytes are in the host tier only (offloaded or waking).
