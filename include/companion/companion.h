@@ -30,6 +30,8 @@
  * - companion_client: may be used from several threads; requests are serialised internally.
  * - companion_model: immutable; any thread may read it; release it once.
  * - companion_status_stream: one thread at a time.
+ * - companion_set_log_handler: any thread; the handler is called from library threads too (see
+ *   there).
  */
 #ifndef COMPANION_COMPANION_H
 #define COMPANION_COMPANION_H
@@ -209,6 +211,36 @@ COMPANION_API const char* companion_last_error(void);
 COMPANION_API const char* companion_version(void);
 /** Frees a string or buffer the library returned. NULL is fine. */
 COMPANION_API void companion_free(void* pointer);
+
+/** ---- logging ------------------------------------------------------------------------------ */
+
+/** Levels of the library's messages (companion_set_log_handler). */
+typedef enum companion_log_level {
+  COMPANION_LOG_DEBUG = 0,
+  COMPANION_LOG_INFO = 1,
+  COMPANION_LOG_WARN = 2,
+  COMPANION_LOG_ERROR = 3,
+  COMPANION_LOG_OFF = 4 /* as min_level: no message */
+} companion_log_level;
+
+/** Receives one message of the library: level is a companion_log_level, message one line of
+ * printable UTF-8 (no newline; control bytes escaped as \n, \xNN), valid during the call only. */
+typedef void (*companion_log_fn)(void* user, int level, const char* message);
+
+/** Where the library's messages go, process-wide (one handler for every client). By default
+ * nowhere: the library writes nothing to stderr, or anywhere else, until a handler is set.
+ * fn(user, level, message) then receives the messages at min_level and above; fn = NULL sends
+ * them nowhere again (the default). COMPANION_INVALID_ARGUMENT for a min_level that is not a
+ * companion_log_level.
+ *
+ * Threads: fn is called from whichever thread logs, the library's own threads included, and
+ * never from two threads at once (the library holds a lock while it runs). Keep it short and do
+ * not call into the library from it: the library may hold locks of its own while it logs, and
+ * companion_set_log_handler called there fails with COMPANION_INVALID_ARGUMENT. Any other
+ * thread may call companion_set_log_handler at any time: when it returns, the previous handler
+ * has returned from its every call and is never called again, so its user data may be freed. */
+COMPANION_API companion_status companion_set_log_handler(companion_log_fn fn, void* user,
+                                                         int min_level);
 
 /** ---- options ------------------------------------------------------------------------------ */
 

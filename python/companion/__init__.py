@@ -20,12 +20,16 @@ See :func:`connect`, :class:`Client`, :class:`MappedModel`, :class:`Tensor`, :cl
 :func:`companion.torch.publish_module`, :func:`companion.torch.attach_module`,
 :func:`companion.torch.load_into_module` and the seed-compatible
 :func:`create_model_client` (``companion.dynamo_compat``).
+
+The library's log messages go to ``logging.getLogger("companion")`` (never straight to stderr);
+:func:`set_log_level` sets which of them the library passes on.
 """
 from __future__ import annotations
 
 from . import errors
 from ._lib import library_path, load_library
 from ._lib import version as library_version
+from ._log import set_log_level
 from ._types import DTYPES, DType, GenerationInfo, ModelSpec, ModelState, ModelStatus
 from .client import Client, StatusStream, connect
 from .dynamo_compat import (AsyncModelClient, ModelClient, RebuildInfo, create_model_client,
@@ -42,7 +46,7 @@ __version__ = "0.1.0"
 __all__ = [
     "__version__", "connect", "Client", "StatusStream", "ModelSpec", "ModelStatus", "ModelState",
     "MappedModel", "Tensor", "Publication", "WritableTensor", "GenerationInfo", "DType",
-    "DTYPES", "library_path", "load_library",
+    "DTYPES", "library_path", "load_library", "set_log_level",
     "library_version", "errors", "STATUS_CODES",
     "create_model_client", "create_model_client_sync", "ModelClient", "AsyncModelClient",
     "RebuildInfo",

@@ -11,6 +11,9 @@ The library is looked up on first use, not at import:
 
 Failing that, the call that needed it raises :class:`companion.LibraryNotFound`, naming every
 place it looked.
+
+Loading it also routes its log messages to ``logging.getLogger("companion")`` (see
+:mod:`companion._log`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import pathlib
 import threading
 from typing import Any, List, Optional
 
+from . import _log
 from .errors import Error, LibraryNotFound, error_for_code
 
 c_char_p = ctypes.c_char_p
@@ -196,6 +200,8 @@ _OPTIONAL_PROTOTYPES = {
     "companion_publication_tensor_sized": (_status, [c_void_p, c_size_t, _P(TensorC), c_size_t]),
     "companion_publication_declare_sized": (_status, [c_void_p, _P(TensorDeclC), c_size_t,
                                                       c_size_t]),
+    # Where the library's messages go (_log: the "companion" logger).
+    "companion_set_log_handler": (_status, [_log.LOG_FN, c_void_p, c_int]),
 }
 
 # In companion.h these names are macros passing sizeof the caller's struct to the *_sized call,
@@ -294,6 +300,7 @@ def load_library() -> ctypes.CDLL:
                     fn.restype = restype
                     fn.argtypes = argtypes
             _bind_sized(candidate)
+            _log.install(candidate)
             _lib, _lib_path = candidate, path
             return candidate
         detail = "; ".join(problems) if problems else "no candidate file exists"

@@ -22,6 +22,7 @@
 #include "capi/view_plan.hpp"
 #include "client/json.hpp"
 #include "client/publication.hpp"
+#include "common/log.hpp"
 #include "companion/client.hpp"
 
 // The C and C++ lists come from one X-macro; check anyway that the values agree.
@@ -48,6 +49,13 @@ static_assert(COMPANION_DTYPE_F64 == static_cast<int>(companion::DType::kF64));
 static_assert(COMPANION_DTYPE_F8_E4M3 == static_cast<int>(companion::DType::kF8E4M3));
 static_assert(COMPANION_DTYPE_F8_E5M2 == static_cast<int>(companion::DType::kF8E5M2));
 static_assert(companion::kDTypeCount == COMPANION_DTYPE_F8_E5M2 + 1);
+
+static_assert(COMPANION_LOG_DEBUG == static_cast<int>(companion::log::Level::kDebug));
+static_assert(COMPANION_LOG_INFO == static_cast<int>(companion::log::Level::kInfo));
+static_assert(COMPANION_LOG_WARN == static_cast<int>(companion::log::Level::kWarn));
+static_assert(COMPANION_LOG_ERROR == static_cast<int>(companion::log::Level::kError));
+static_assert(COMPANION_LOG_OFF == static_cast<int>(companion::log::Level::kOff));
+static_assert(std::is_same_v<companion_log_fn, companion::log::Handler>);
 
 // companion.h promises one layout for the record on every 64-bit compiler (the Python package
 // reads it with struct, not through a C compiler): all fields at their natural alignment, no
@@ -445,6 +453,18 @@ const char* companion_version(void) {
 
 void companion_free(void* pointer) {
   std::free(pointer);
+}
+
+// ---- logging -------------------------------------------------------------------------------
+
+companion_status companion_set_log_handler(companion_log_fn fn, void* user, int min_level) {
+  return guarded([&]() -> companion_status {
+    if (min_level < COMPANION_LOG_DEBUG || min_level > COMPANION_LOG_OFF)
+      return invalid("min_level is not a companion_log_level (COMPANION_LOG_DEBUG..OFF)");
+    if (!companion::log::set_handler(fn, user, static_cast<companion::log::Level>(min_level)))
+      return invalid("companion_set_log_handler called from inside the log handler");
+    return COMPANION_OK;
+  });
 }
 
 // ---- options -------------------------------------------------------------------------------

@@ -3,10 +3,14 @@
 #include <cstdio>
 
 #include "cli/commands.hpp"
+#include "common/log.hpp"
 #include "companion/types.hpp"
 
 int main(int argc, char** argv) {
   using namespace companion;
+  // This program is the host: its log goes to stderr (journald under systemd). Warnings for the
+  // client commands; serve and keeper set --log-level.
+  log::to_stderr(log::Level::kWarn);
   CLI::App app{"Companion: load model weights on a GPU once, share them zero-copy"};
   app.require_subcommand(1);
   app.set_version_flag("--version", std::string(software_version()));

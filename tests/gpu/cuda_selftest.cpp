@@ -944,7 +944,7 @@ int parent_main(int argc, char** argv) {
     } else if (arg == "--backend" && i + 1 < argc) {
       which = argv[++i];
     } else if (arg == "--verbose") {
-      log::set_level(log::Level::kDebug);
+      log::to_stderr(log::Level::kDebug);
     } else {
       std::fprintf(
           stderr,
@@ -1083,6 +1083,7 @@ int parent_main(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  companion::log::to_stderr(companion::log::Level::kWarn);  // --verbose: debug
   if (argc >= 2 && std::strcmp(argv[1], "--child") == 0) return child_main(argc, argv);
   return parent_main(argc, argv);
 }

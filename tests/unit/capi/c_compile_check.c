@@ -22,6 +22,13 @@ struct guarded_older_model_spec {
   unsigned char canary[16];
 };
 
+/* A C function fits companion_log_fn. */
+static void count_messages(void* user, int level, const char* message) {
+  (void)level;
+  (void)message;
+  ++*(int*)user;
+}
+
 static void check(int ok, const char* what) {
   if (!ok) {
     fprintf(stderr, "FAILED: %s\n", what);
@@ -43,6 +50,16 @@ int main(void) {
   /* A value outside the list (C enums are ints) still gets a string. */
   check(companion_status_string((companion_status)99) != NULL, "status string of 99");
   check(strcmp(companion_last_error(), "") == 0, "no error yet");
+  {
+    int messages = 0;
+    check(companion_set_log_handler(count_messages, &messages, COMPANION_LOG_WARN) == COMPANION_OK,
+          "companion_set_log_handler");
+    check(
+        companion_set_log_handler(NULL, NULL, COMPANION_LOG_OFF + 1) == COMPANION_INVALID_ARGUMENT,
+        "a log level outside the list");
+    check(companion_set_log_handler(NULL, NULL, COMPANION_LOG_OFF) == COMPANION_OK,
+          "no log handler");
+  }
 
   companion_model_spec_init(&spec);
   check(spec.struct_size == sizeof(spec) && spec.tp_size == 1, "companion_model_spec_init");

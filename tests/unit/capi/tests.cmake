@@ -31,3 +31,7 @@ set_tests_properties(capi_exported_symbols PROPERTIES LABELS "unit"
 # The view planner behind companion_plan_views, tested directly (it is internal to the library).
 target_sources(${test_target} PRIVATE ${PROJECT_SOURCE_DIR}/src/capi/view_plan.cpp)
 target_link_libraries(${test_target} PRIVATE companion_common)
+
+# The library's log before any handler was set (capi_log_test.cpp): a process of its own.
+add_test(NAME capi_log_default COMMAND ${test_target} --gtest_filter=CapiLogDefault.*)
+set_tests_properties(capi_log_default PROPERTIES LABELS "unit")
