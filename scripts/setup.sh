@@ -16,6 +16,7 @@ PACKAGES=(
   libflatbuffers-dev flatbuffers-compiler nlohmann-json3-dev libcli11-dev
   libgtest-dev libgmock-dev libbenchmark-dev libcurl4-openssl-dev libsystemd-dev
   python3 python3-venv python3-pip python3-numpy python3-pytest python3-torch
+  python3-setuptools python3-wheel  # scripts/build-wheel.sh builds offline (--no-build-isolation)
   etcd-server etcd-client clang-format clang libclang-rt-14-dev openssl
   systemd  # systemd-analyze, which verifies packaging/systemd/companion@.service
 )

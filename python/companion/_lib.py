@@ -6,8 +6,10 @@ The library is looked up on first use, not at import:
 2. ``libcompanion.so*`` beside this package's files (e.g. copied into ``python/companion/`` before
    ``pip install``);
 3. when the package is imported from the source tree (``python/companion`` of a checkout), that
-   tree's ``build/src/capi/libcompanion.so``;
-4. ``ctypes.util.find_library("companion")`` (the system's library path).
+   tree's ``build/src/capi/libcompanion.so``: a developer's fresh build;
+4. ``_native/libcompanion.so`` in this package: the copy an installed wheel carries (python/setup.py
+   bundles it); after the checkout's build, so that a stale copy never shadows a fresh build;
+5. ``ctypes.util.find_library("companion")`` (the system's library path).
 
 Failing that, the call that needed it raises :class:`companion.LibraryNotFound`, naming every
 place it looked.
@@ -243,10 +245,16 @@ def _candidates() -> List[str]:
     tree_build = _tree_build_library()
     if tree_build is not None and tree_build.exists():
         out.append(str(tree_build))
+    bundled = here / _BUNDLED
+    if bundled.exists():
+        out.append(str(bundled))
     found = ctypes.util.find_library("companion")
     if found:
         out.append(found)
     return out
+
+
+_BUNDLED = pathlib.Path("_native") / "libcompanion.so"  # python/setup.py puts it there
 
 
 def _tree_build_library() -> Optional[pathlib.Path]:
@@ -267,6 +275,7 @@ def _describe_search() -> str:
     tree_build = _tree_build_library()
     in_tree = f"{tree_build} (the source tree's build), " if tree_build is not None else ""
     return (f"$COMPANION_LIBRARY (not set), {here}/libcompanion.so*, {in_tree}"
+            f"{here / _BUNDLED} (a wheel's copy), "
             f"ctypes.util.find_library('companion') (the system library path)")
 
 

@@ -123,3 +123,32 @@ def test_library_of_the_source_tree_build(tmp_path):
 
 def test_library_in_use():
     assert companion.library_path() == str(LIBRARY)
+
+
+def test_the_checkout_build_wins_over_a_bundled_copy(tmp_path):
+    """companion/_native/libcompanion.so (a wheel's copy, python/setup.py) is used when nothing
+    else is; in a checkout, that checkout's fresh build/ comes first, so a stale copy never
+    shadows it."""
+    tree = tmp_path / "checkout"
+    shutil.copytree(REPO / "python", tree / "python", ignore=shutil.ignore_patterns(
+        "build", "*.egg-info", "__pycache__", "libcompanion.so*"))
+    (tree / "include" / "companion").mkdir(parents=True)
+    shutil.copy(REPO / "include" / "companion" / "companion.h", tree / "include" / "companion")
+    bundled = tree / "python" / "companion" / "_native" / "libcompanion.so"
+    bundled.parent.mkdir()
+    shutil.copy(LIBRARY, bundled)
+    code = f"""
+        import sys
+        sys.path.insert(0, {str(tree / 'python')!r})
+        import companion
+        print(companion.library_path())
+    """
+    r = run_python(code, env={"COMPANION_LIBRARY": ""}, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(bundled)
+    built = tree / "build" / "src" / "capi" / "libcompanion.so"
+    built.parent.mkdir(parents=True)
+    shutil.copy(LIBRARY, built)
+    r = run_python(code, env={"COMPANION_LIBRARY": ""}, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(built)
