@@ -23,7 +23,7 @@ def run_python(code, env=None, cwd=None):
 
 def test_pip_install_into_a_target_and_import(tmp_path):
     target = tmp_path / "site"
-    # The package is pure Python: no compiler, no network (--no-build-isolation uses the
+    # The package is ctypes only: no compiler, no network (--no-build-isolation uses the
     # setuptools already installed).
     source = tmp_path / "src"
     shutil.copytree(REPO / "python", source, ignore=shutil.ignore_patterns(
