@@ -69,6 +69,8 @@ int run_reload(const CommonArgs& args, const ModelArgs& model, bool force);
 // all: every live instance of the device, one line each; exit 0 when all of them serve.
 int run_health(const CommonArgs& args, bool all);
 int run_devices(bool json);
+// Checks the host (driver, GPUs, runtime directory, servers, registry); exit 1 when one failed.
+int run_doctor(const CommonArgs& args);
 int run_attach(const CommonArgs& args, const ModelSpec& spec, const AttachOptions& options);
 
 }  // namespace companion::cli

@@ -218,6 +218,11 @@ int main(int argc, char** argv) {
       ->add_option("--loading-timeout", attach.loading_timeout_s, "Seconds for the load to finish")
       ->capture_default_str();
 
+  auto* doctor_cmd = app.add_subcommand(
+      "doctor",
+      "Check this host: driver, GPUs, runtime directory, servers, etcd (exit 1 when one fails)");
+  add_common(doctor_cmd);
+
   bool devices_json = false;
   auto* devices_cmd = app.add_subcommand("devices", "List the GPUs this process sees");
   devices_cmd->add_flag("--json", devices_json, "JSON output for scripts");
@@ -273,6 +278,7 @@ int main(int argc, char** argv) {
   if (*ls_cmd) return cli::run_list(common);
   if (*health_cmd) return cli::run_health(common, health_all);
   if (*devices_cmd) return cli::run_devices(devices_json);
+  if (*doctor_cmd) return cli::run_doctor(common);
   if (*attach_cmd) {
     if (attach.published) {
       ModelSpec key;

@@ -27,6 +27,16 @@ Result<std::vector<GpuIdentity>> list_gpus();
 // PCI bus id ("0000:3b:00.0" or "3b:00.0"). kNotFound when no visible GPU matches.
 Result<GpuIdentity> resolve_gpu(const std::string& device);
 
+// The driver's CUDA version (cuDriverGetVersion: 13000 for CUDA 13.0).
+Result<int> cuda_driver_version();
+// What a GPU offers the backends: cuda-vmm needs both (virtual memory management, and exporting
+// memory as POSIX file descriptors); cuda-ipc works without them.
+struct GpuSupport {
+  bool virtual_memory = false;
+  bool posix_fd_export = false;
+};
+Result<GpuSupport> gpu_support(int ordinal);
+
 // Server side. ordinal is the local ordinal of the GPU to allocate on.
 Result<std::unique_ptr<Backend>> make_cuda_vmm_backend(int ordinal);
 Result<std::unique_ptr<Backend>> make_cuda_ipc_backend(int ordinal);

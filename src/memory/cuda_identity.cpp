@@ -80,4 +80,23 @@ Result<GpuIdentity> resolve_gpu(const std::string& device) {
                     "no visible GPU matches '" + device + "' (visible: " + describe(gpus) + ")");
 }
 
+Result<int> cuda_driver_version() {
+  COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
+  return api->driver_version;
+}
+
+Result<GpuSupport> gpu_support(int ordinal) {
+  COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
+  COMPANION_TRY(cuda::check_ordinal(*api, ordinal));
+  cu::CUdevice dev = 0;
+  COMPANION_TRY(COMPANION_CU(*api, cuDeviceGet, &dev, ordinal));
+  int vmm = 0;
+  int posix_fd = 0;
+  COMPANION_TRY(COMPANION_CU(*api, cuDeviceGetAttribute, &vmm,
+                             cu::kDevAttrVirtualMemoryManagementSupported, dev));
+  COMPANION_TRY(COMPANION_CU(*api, cuDeviceGetAttribute, &posix_fd,
+                             cu::kDevAttrHandleTypePosixFileDescriptorSupported, dev));
+  return GpuSupport{vmm != 0, posix_fd != 0};
+}
+
 }  // namespace companion::memory
