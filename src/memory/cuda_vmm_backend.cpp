@@ -251,21 +251,14 @@ class VmmImport final : public MappedSegment {
 
 Result<std::unique_ptr<Backend>> make_cuda_vmm_backend(int ordinal) {
   COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
-  COMPANION_TRY(cuda::check_ordinal(*api, ordinal));
-  cu::CUdevice dev = 0;
-  COMPANION_TRY(COMPANION_CU(*api, cuDeviceGet, &dev, ordinal));
-  int vmm = 0;
-  int posix_fd = 0;
-  COMPANION_TRY(COMPANION_CU(*api, cuDeviceGetAttribute, &vmm,
-                             cu::kDevAttrVirtualMemoryManagementSupported, dev));
-  COMPANION_TRY(COMPANION_CU(*api, cuDeviceGetAttribute, &posix_fd,
-                             cu::kDevAttrHandleTypePosixFileDescriptorSupported, dev));
-  if (vmm == 0 || posix_fd == 0) {
-    return make_error(StatusCode::kUnavailable,
-                      "GPU " + std::to_string(ordinal) +
-                          (vmm == 0 ? " does not support CUDA virtual memory management"
-                                    : " cannot export memory as POSIX file descriptors") +
-                          ": use the cuda-ipc backend");
+  COMPANION_ASSIGN_OR_RETURN(GpuSupport support, gpu_support(ordinal));
+  if (!support.virtual_memory || !support.posix_fd_export) {
+    return make_error(
+        StatusCode::kUnavailable,
+        "GPU " + std::to_string(ordinal) +
+            (!support.virtual_memory ? " does not support CUDA virtual memory management"
+                                     : " cannot export memory as POSIX file descriptors") +
+            ": use the cuda-ipc backend");
   }
   COMPANION_ASSIGN_OR_RETURN(auto scope, cuda::ScopedContext::enter(ordinal));
   COMPANION_ASSIGN_OR_RETURN(uint64_t granularity, cuda::vmm_granularity(ordinal));
