@@ -19,6 +19,7 @@ PACKAGES=(
   python3-setuptools python3-wheel  # scripts/build-wheel.sh builds offline (--no-build-isolation)
   etcd-server etcd-client clang-format clang libclang-rt-14-dev openssl
   systemd  # systemd-analyze, which verifies packaging/systemd/companion@.service
+  libmicrohttpd-dev curl python3-prometheus-client  # serve --metrics; its tests parse the scrape
 )
 
 asan=0 tsan=0 fuzz=0 vllm=0

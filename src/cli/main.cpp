@@ -111,6 +111,9 @@ int main(int argc, char** argv) {
   cli::add_store_limit_options(*serve_cmd, serve);
   serve_cmd->add_option("--log-level", log_level, "debug, info, warn, error")
       ->capture_default_str();
+  serve_cmd->add_option("--metrics", serve.metrics,
+                        "Serve Prometheus metrics at http://ADDRESS:PORT/metrics: PORT (on "
+                        "127.0.0.1), ADDRESS:PORT or [IPv6]:PORT (port 0: any free port, logged)");
   bool no_keep = false;
   std::string keep_mode = "auto";
   serve_cmd

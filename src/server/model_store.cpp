@@ -308,6 +308,22 @@ void ModelStore::notify(const ModelStatus& status) {
   if (listener_) listener_(status);
 }
 
+void ModelStore::report_load(const LoadReport& report) const {
+  if (config_.on_load_end) config_.on_load_end(report);
+}
+
+const char* load_kind_name(LoadReport::Kind kind) noexcept {
+  switch (kind) {
+    case LoadReport::Kind::kLoad:
+      return "load";
+    case LoadReport::Kind::kReload:
+      return "reload";
+    case LoadReport::Kind::kWake:
+      return "wake";
+  }
+  return "load";
+}
+
 ModelStatus ModelStore::snapshot(const Entry& e) const {
   ModelStatus s;
   s.key = e.published ? e.publish_key : e.model.key;
@@ -985,6 +1001,9 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     keep_locked(e, e.generations.back());
     drop_unleased_locked(e);
   });
+  if (!cancel->load())
+    report_load({reload ? LoadReport::Kind::kReload : LoadReport::Kind::kLoad, StatusCode::kOk,
+                 plan->bytes_to_read, std::chrono::duration<double>(Clock::now() - start).count()});
 }
 
 void ModelStore::load_job(std::shared_ptr<Entry> entry, uint64_t generation, bool reload,
@@ -1047,6 +1066,7 @@ void ModelStore::fail_load(const std::shared_ptr<Entry>& entry, uint64_t generat
   }
   notify(s);
   for (const auto& g : gone) notify(g);
+  report_load({reload ? LoadReport::Kind::kReload : LoadReport::Kind::kLoad, error.code, 0, 0});
 }
 
 void ModelStore::drop_unleased_locked(Entry& e) {

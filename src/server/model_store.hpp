@@ -27,6 +27,16 @@
 
 namespace companion::server {
 
+// How a load, a reload or a wake from the host tier ended: what `serve --metrics` counts.
+struct LoadReport {
+  enum class Kind { kLoad, kReload, kWake };
+  Kind kind = Kind::kLoad;
+  StatusCode code = StatusCode::kOk;  // kOk: loaded
+  uint64_t bytes = 0;                 // read from the checkpoint, or copied from the host tier
+  double seconds = 0;                 // from the start of the work to the model being served
+};
+const char* load_kind_name(LoadReport::Kind kind) noexcept;  // "load", "reload", "wake"
+
 struct StoreConfig {
   std::vector<std::string> model_roots;  // canonical; the only places checkpoints are read from
   std::string hf_cache;                  // Hugging Face hub cache (also readable)
@@ -63,6 +73,9 @@ struct StoreConfig {
   // The host tier: host copies of offloaded models are held up to this many bytes in all (the
   // least recently offloaded is dropped to make room); 0 = no host tier (offload is refused).
   uint64_t host_budget_bytes = 0;
+  // Told how every load, reload and wake ended (a cancelled one is not), on the thread that ran
+  // it, outside the store's lock; must be thread-safe. Empty: nobody is told.
+  std::function<void(const LoadReport&)> on_load_end;
 
   // kInvalidArgument when a limit is zero or out of range.
   Result<void> validate() const;
@@ -260,6 +273,7 @@ class ModelStore {
   Result<ModelStatus> wake(const std::string& key_or_id);
   // Bytes of host copies held (and being made).
   uint64_t host_tier_bytes() const;
+  uint64_t host_budget() const { return config_.host_budget_bytes; }
 
   // How often each limit refused or dropped something, by the name of its `serve` flag:
   // max-models, max-variants-per-source, memory (admission), key-length, max-error-entries
@@ -309,6 +323,7 @@ class ModelStore {
   ModelStatus evict_locked(Entry& e, const std::string& why,
                            std::vector<std::shared_ptr<memory::Slab>>& freed);
   void notify(const ModelStatus& status);
+  void report_load(const LoadReport& report) const;
   // The host tier: a wake's worker job (as load_job), its copy, and its failure (the model
   // stays offloaded); dropping host copies, least recently offloaded first, until `bytes` more
   // fit the host budget (their unloaded statuses go to `gone`).

@@ -483,6 +483,7 @@ void ModelStore::fail_wake(const std::shared_ptr<Entry>& entry, uint64_t generat
   log::warn("wake of " + what + " failed: " + error.to_string());
   notify(failed);
   notify(offloaded);
+  report_load({LoadReport::Kind::kWake, error.code, 0, 0});
 }
 
 void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {
@@ -599,6 +600,7 @@ void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {
     s = snapshot(*entry);
   }
   const double checked = seconds_since(copied_at);
+  report_load({LoadReport::Kind::kWake, StatusCode::kOk, bytes, seconds_since(start)});
   // Whoever waits is told first: giving many GB of page-locked memfd pages back to the kernel
   // takes longer than the copy did (H200 host, 16 GB: ~2 s). The host budget no longer counts
   // them from the step above.

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <condition_variable>
 #include <cstdlib>
@@ -20,6 +21,7 @@
 #include <new>
 #include <optional>
 #include <set>
+#include <stdexcept>
 #include <system_error>
 #include <thread>
 #include <unordered_map>
@@ -32,6 +34,7 @@
 #include "keeper/systemd_fd_store.hpp"
 #include "memory/cuda_backend.hpp"
 #include "memory/host_backend.hpp"
+#include "metrics/http_exporter.hpp"
 #include "protocol/frame.hpp"
 #include "protocol/limits.hpp"
 #include "protocol/messages.hpp"
@@ -39,6 +42,7 @@
 #include "registry/registry.hpp"
 #include "server/keeper_link.hpp"
 #include "server/model_store.hpp"
+#include "server/server_metrics.hpp"
 #include "transport/event_loop.hpp"
 #include "transport/unix_socket.hpp"
 
@@ -93,6 +97,9 @@ struct Connection {
   };
   std::map<std::string, Declaring> declaring;
   size_t declaring_bytes = 0;
+  // GetParameters requests not answered yet (at most the one being served and the parked ones),
+  // by request id: when each arrived, for the attach latency metric.
+  std::map<uint64_t, Clock::time_point> attaching;
 };
 
 // Refusal reasons, as counted in health (all present, zero or not).
@@ -315,6 +322,7 @@ class ServerImpl final : public Server {
 
   ~ServerImpl() override {
     // What the store frees as it goes away stays with the keeper for the next server.
+    exporter_.reset();  // no scrape reads the store from here on
     if (keeper_) keeper_->detach();
     resolver_.reset();  // resolves still running drop their results
     waiters_.clear();   // their holds on models go before the store
@@ -323,6 +331,21 @@ class ServerImpl final : public Server {
   }
 
   void attach_keeper(std::shared_ptr<KeeperLink> keeper) { keeper_ = std::move(keeper); }
+
+  // The counters exist from the start (the store reports loads to them); the endpoint that
+  // serves them, only with --metrics.
+  void attach_metrics(std::shared_ptr<ServerMetrics> metrics) { metrics_ = std::move(metrics); }
+  Result<void> serve_metrics(const metrics::ListenAddress& address) {
+    COMPANION_ASSIGN_OR_RETURN(exporter_, metrics::HttpExporter::start(address, [this] {
+                                 // The store and the announcer are attached while starting.
+                                 if (!metrics_ready_.load(std::memory_order_acquire))
+                                   throw std::runtime_error("the server is still starting");
+                                 return metrics_->render(metrics_state());
+                               }));
+    log::info("metrics on " + exporter_->url());
+    return ok_result();
+  }
+  void metrics_ready() { metrics_ready_.store(true, std::memory_order_release); }
 
   void attach_store(std::unique_ptr<ModelStore> store) {
     store_ = std::move(store);
@@ -351,6 +374,7 @@ class ServerImpl final : public Server {
               identity_.instance_id + " on " + identity_.socket_path + " (" +
               identity_.default_backend + ")");
     loop_->run();
+    exporter_.reset();  // scrapes read the announcer, which goes below
     std::vector<uint64_t> ids;
     for (auto& [id, c] : connections_) ids.push_back(id);
     for (uint64_t id : ids) destroy(id);
@@ -517,6 +541,7 @@ class ServerImpl final : public Server {
     log::debug("connection " + std::to_string(cid) + " from pid " + std::to_string(c->peer.pid) +
                " uid " + std::to_string(c->peer.uid));
     connections_[cid] = std::move(c);
+    client_count_.store(static_cast<uint32_t>(connections_.size()), std::memory_order_relaxed);
   }
 
   // Tells a connection it is not served, then closes it. Best effort: one small frame into an
@@ -535,7 +560,10 @@ class ServerImpl final : public Server {
     ::shutdown(fd.get(), SHUT_RDWR);
   }
 
-  void count_refusal(const char* reason) { ++refused_[reason]; }
+  void count_refusal(const char* reason) {
+    std::lock_guard<std::mutex> lock(refused_mutex_);
+    ++refused_[reason];
+  }
 
   // At most one line per kind every few seconds, however fast the cause repeats.
   void warn_limited(const std::string& kind, const std::string& message) {
@@ -704,6 +732,7 @@ class ServerImpl final : public Server {
   }
 
   void on_get(Connection& c, uint64_t rid, const protocol::GetParameters& m) {
+    c.attaching[rid] = Clock::now();
     if (m.key.empty())
       return resolve_then(c, m.spec, [this, rid, m](Connection& conn, Result<ResolvedModel> model) {
         get_checkpoint(conn, rid, m, std::move(model));
@@ -1217,6 +1246,17 @@ class ServerImpl final : public Server {
     }
     c.leases[lease_id] = Connection::Lease{key, g->generation, g->slab};
     enqueue(c, std::move(*payload), std::move(fds));
+    attach_answered(c, rid, StatusCode::kOk);
+  }
+
+  // A GetParameters request was answered (a lease, or an error): its latency is recorded.
+  void attach_answered(Connection& c, uint64_t rid, StatusCode code) {
+    auto it = c.attaching.find(rid);
+    if (it == c.attaching.end()) return;
+    if (metrics_)
+      metrics_->record_attach(std::chrono::duration<double>(Clock::now() - it->second).count(),
+                              code);
+    c.attaching.erase(it);
   }
 
   // A Parameters reply: the shared table's memfd (appended to fds) for clients of protocol 1.2,
@@ -1281,6 +1321,7 @@ class ServerImpl final : public Server {
 
   void reply_error(Connection& c, uint64_t rid, const Error& e) {
     send(c, Message{rid, protocol::ErrorReply{e}});
+    attach_answered(c, rid, e.code);
   }
 
   // Answers with the error, then closes: the stream can no longer be trusted.
@@ -1409,6 +1450,7 @@ class ServerImpl final : public Server {
     loop_->remove(c.token);
     log::debug("connection " + std::to_string(cid) + " closed");
     connections_.erase(it);
+    client_count_.store(static_cast<uint32_t>(connections_.size()), std::memory_order_relaxed);
     for (const auto& key : publishing) hand_over(key);
     // Hand the memory of a large unread queue back to the system, not only to malloc.
     if (large) ::malloc_trim(0);
@@ -1484,7 +1526,10 @@ class ServerImpl final : public Server {
     h.clients = static_cast<uint32_t>(connections_.size());
     // One map for every refusal: the connection's, the store's (load limits, memory) and the
     // checkpoint reader's (files outside the roots, non-regular files, header limits).
-    h.refused = refused_;
+    {
+      std::lock_guard<std::mutex> lock(refused_mutex_);
+      h.refused = refused_;
+    }
     for (const auto& [reason, count] : store_->refusal_counts()) h.refused[reason] += count;
     auto files = checkpoint::refusal_counts();
     h.refused["outside_roots"] += files.outside_roots;
@@ -1505,6 +1550,36 @@ class ServerImpl final : public Server {
       h.registry_error = state.last_error;
     }
     return h;
+  }
+
+  // For a scrape, on the metrics endpoint's thread: what it reads is the store's (locked), the
+  // announcer's (locked) and the few counters kept for it here.
+  MetricsState metrics_state() const {
+    MetricsState m;
+    m.identity = identity_;
+    m.models = store_->list();
+    m.device_bytes = store_->slab_bytes();
+    m.host_tier_bytes = store_->host_tier_bytes();
+    m.memory_budget = store_->memory_budget();
+    m.memory_budget_used = store_->budget_used();
+    m.host_budget = store_->host_budget();
+    m.leases = store_->total_leases();
+    m.clients = client_count_.load(std::memory_order_relaxed);
+    m.evictions = store_->evictions();
+    {
+      std::lock_guard<std::mutex> lock(refused_mutex_);
+      m.refused = refused_;
+    }
+    for (const auto& [reason, count] : store_->refusal_counts()) m.refused[reason] += count;
+    auto files = checkpoint::refusal_counts();
+    m.refused["outside_roots"] += files.outside_roots;
+    m.refused["not_regular_file"] += files.not_regular;
+    m.refused["header_bytes"] += files.header_bytes;
+    m.refused["tensors"] += files.tensors;
+    m.refused["checkpoint_files"] += files.files;
+    m.registry = registry_url_;
+    if (announcer_) m.registered = announcer_->state().registered;
+    return m;
   }
 
   struct LogLimit {
@@ -1535,7 +1610,9 @@ class ServerImpl final : public Server {
   std::unordered_map<uid_t, size_t> connections_per_uid_;
   std::set<uid_t> allowed_uids_;
   std::set<gid_t> allowed_gids_;
+  mutable std::mutex refused_mutex_;  // refused_ is read by scrapes
   std::map<std::string, uint64_t> refused_;
+  std::atomic<uint32_t> client_count_{0};  // connections_.size(), for scrapes
   std::map<std::string, LogLimit> log_limits_;
   size_t pending_frame_bytes_ = 0;  // claims of incomplete frames, all connections
   size_t queued_fds_ = 0;           // descriptors in unsent replies, all connections
@@ -1550,6 +1627,10 @@ class ServerImpl final : public Server {
   uint64_t next_connection_ = 1;
   uint64_t next_lease_ = 1;
   Clock::time_point started_;
+  std::shared_ptr<ServerMetrics> metrics_;
+  std::atomic<bool> metrics_ready_{false};
+  // Last: stopped first, before anything a scrape reads goes away.
+  std::unique_ptr<metrics::HttpExporter> exporter_;
 };
 
 }  // namespace
@@ -1721,6 +1802,12 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
       registry::choose_registry(options.registry, options.registry_security));
   if (options.registry_ttl_s < 1 || options.registry_ttl_s > 3600)
     return make_error(StatusCode::kInvalidArgument, "registry TTL must be 1..3600 s");
+  std::optional<metrics::ListenAddress> metrics_address;
+  if (!options.metrics.empty()) {
+    COMPANION_ASSIGN_OR_RETURN(metrics_address, metrics::parse_listen_address(options.metrics));
+    if (!metrics::http_exporter_available())
+      return metrics::HttpExporter::start(*metrics_address, {}).error();
+  }
   COMPANION_ASSIGN_OR_RETURN(DeviceSetup setup, setup_device(options));
   registry::LocalRegistry registry(options.runtime_dir.empty() ? registry::default_runtime_dir()
                                                                : options.runtime_dir);
@@ -1777,6 +1864,8 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
     return make_error(StatusCode::kInvalidArgument, "--shutdown-timeout must be 0..3600 s");
   config.shutdown_timeout =
       std::chrono::milliseconds(static_cast<int64_t>(options.shutdown_timeout_s * 1000));
+  auto metrics = std::make_shared<ServerMetrics>();
+  config.on_load_end = [metrics](const LoadReport& r) { metrics->record_load(r); };
   COMPANION_TRY(config.validate());
   if (!(options.keep_for_s >= 0 && options.keep_for_s <= 1e7))
     return make_error(StatusCode::kInvalidArgument, "--keep-for must be 0..10000000 s");
@@ -1785,6 +1874,9 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
                                              std::move(registration), registry_choice.url);
   ServerImpl* raw = server.get();
   raw->allow_peers(socket_group);
+  raw->attach_metrics(metrics);
+  // Early, so that a taken port fails the start before a keeper or a load is started.
+  if (metrics_address) COMPANION_TRY(raw->serve_metrics(*metrics_address));
   server->attach_store(std::make_unique<ModelStore>(
       std::move(setup.backend), std::move(config),
       [raw](const ModelStatus& s) { raw->loop().post([raw, s] { raw->on_model_status(s); }); }));
@@ -1810,6 +1902,7 @@ Result<std::unique_ptr<Server>> Server::create(const ServerOptions& options) {
                 announcer->state().last_error + "); serving local clients meanwhile");
     raw->attach_announcer(std::move(announcer));
   }
+  raw->metrics_ready();  // nothing a scrape reads changes from here on
   return std::unique_ptr<Server>(std::move(server));
 }
 

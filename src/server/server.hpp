@@ -102,6 +102,9 @@ struct ServerOptions {
   Keep keep = Keep::kAuto;
   // The program run as `PROGRAM keeper ...` (the companion executable); "": no keeper process.
   std::string keeper_program;
+  // --metrics: where the Prometheus endpoint listens ("PORT" on loopback, "ADDRESS:PORT",
+  // "[IPv6]:PORT"); "" = none.
+  std::string metrics;
   // --keep-for: how long the keeper waits for a server to come back before it frees everything.
   double keep_for_s = 600;
 };

@@ -1,0 +1,184 @@
+#include "metrics/http_exporter.hpp"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
+#include <charconv>
+#include <cstring>
+#include <exception>
+
+#include "common/log.hpp"
+
+#ifdef COMPANION_HAVE_MICROHTTPD
+#include <microhttpd.h>
+#endif
+
+namespace companion::metrics {
+
+Result<ListenAddress> parse_listen_address(const std::string& text) {
+  auto bad = [&](const std::string& why) {
+    return make_error(StatusCode::kInvalidArgument,
+                      "--metrics '" + text + "': " + why +
+                          " (PORT, HOST:PORT with an IPv4 address, or [IPv6]:PORT)");
+  };
+  ListenAddress out;
+  std::string port_text = text;
+  out.host = "127.0.0.1";
+  if (!text.empty() && text.front() == '[') {
+    size_t close = text.find(']');
+    if (close == std::string::npos || close + 1 >= text.size() || text[close + 1] != ':')
+      return bad("an IPv6 address is written [ADDRESS]:PORT");
+    out.host = text.substr(1, close - 1);
+    out.ipv6 = true;
+    port_text = text.substr(close + 2);
+  } else if (size_t colon = text.rfind(':'); colon != std::string::npos) {
+    out.host = text.substr(0, colon);
+    port_text = text.substr(colon + 1);
+    if (out.host == "localhost") out.host = "127.0.0.1";
+  }
+  unsigned port = 0;
+  auto [end, ec] = std::from_chars(port_text.data(), port_text.data() + port_text.size(), port);
+  if (port_text.empty() || ec != std::errc() || end != port_text.data() + port_text.size() ||
+      port > 65535)
+    return bad("the port must be a number from 0 to 65535");
+  out.port = static_cast<uint16_t>(port);
+  unsigned char buf[sizeof(in6_addr)];
+  if (inet_pton(out.ipv6 ? AF_INET6 : AF_INET, out.host.c_str(), buf) != 1)
+    return bad("'" + out.host + "' is not a numeric " + (out.ipv6 ? "IPv6" : "IPv4") + " address");
+  return out;
+}
+
+#ifndef COMPANION_HAVE_MICROHTTPD
+
+bool http_exporter_available() noexcept {
+  return false;
+}
+
+Result<std::unique_ptr<HttpExporter>> HttpExporter::start(const ListenAddress&, Render) {
+  return make_error(StatusCode::kUnavailable,
+                    "this build of companion has no metrics endpoint: it was built without "
+                    "libmicrohttpd (apt-get install libmicrohttpd-dev, then rebuild)");
+}
+
+#else
+
+bool http_exporter_available() noexcept {
+  return true;
+}
+
+namespace {
+
+// Bounds on scrapers: a Prometheus server makes one request per interval.
+constexpr unsigned kMaxConnections = 16;
+constexpr unsigned kMaxConnectionsPerAddress = 4;
+constexpr unsigned kConnectionTimeoutS = 10;
+constexpr size_t kConnectionMemory = 32 * 1024;  // request headers and buffers, per connection
+constexpr const char* kContentType = "text/plain; version=0.0.4; charset=utf-8";
+
+void log_from_microhttpd(void*, const char* format, va_list args) {
+  char buf[512];
+  std::vsnprintf(buf, sizeof buf, format, args);
+  std::string line(buf);
+  while (!line.empty() && (line.back() == '\n' || line.back() == '\r')) line.pop_back();
+  log::debug("metrics endpoint: " + line);
+}
+
+class MicrohttpdExporter final : public HttpExporter {
+ public:
+  MicrohttpdExporter(Render render, std::string url_prefix)
+      : render_(std::move(render)), url_prefix_(std::move(url_prefix)) {}
+  ~MicrohttpdExporter() override {
+    if (daemon_ != nullptr) MHD_stop_daemon(daemon_);  // joins its thread
+  }
+  std::string url() const override { return url_; }
+
+  Result<void> listen(const ListenAddress& address) {
+    sockaddr_storage storage{};
+    if (address.ipv6) {
+      auto* a = reinterpret_cast<sockaddr_in6*>(&storage);
+      a->sin6_family = AF_INET6;
+      a->sin6_port = htons(address.port);
+      inet_pton(AF_INET6, address.host.c_str(), &a->sin6_addr);
+    } else {
+      auto* a = reinterpret_cast<sockaddr_in*>(&storage);
+      a->sin_family = AF_INET;
+      a->sin_port = htons(address.port);
+      inet_pton(AF_INET, address.host.c_str(), &a->sin_addr);
+    }
+    unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
+    if (address.ipv6) flags |= MHD_USE_IPv6;
+    daemon_ = MHD_start_daemon(
+        flags, address.port, nullptr, nullptr, &MicrohttpdExporter::answer, this,
+        MHD_OPTION_SOCK_ADDR, reinterpret_cast<sockaddr*>(&storage), MHD_OPTION_CONNECTION_LIMIT,
+        kMaxConnections, MHD_OPTION_PER_IP_CONNECTION_LIMIT, kMaxConnectionsPerAddress,
+        MHD_OPTION_CONNECTION_TIMEOUT, kConnectionTimeoutS, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+        kConnectionMemory, MHD_OPTION_EXTERNAL_LOGGER, &log_from_microhttpd, nullptr,
+        MHD_OPTION_END);
+    if (daemon_ == nullptr)
+      return make_error(StatusCode::kUnavailable,
+                        "cannot serve metrics on " + url_prefix_ + ":" +
+                            std::to_string(address.port) +
+                            ": the address is in use or not one of this host's");
+    uint16_t port = address.port;
+    if (const MHD_DaemonInfo* info = MHD_get_daemon_info(daemon_, MHD_DAEMON_INFO_BIND_PORT);
+        info != nullptr && info->port != 0)
+      port = info->port;
+    url_ = url_prefix_ + ":" + std::to_string(port) + "/metrics";
+    return ok_result();
+  }
+
+ private:
+  static MHD_Result queue(MHD_Connection* connection, unsigned status, const std::string& body,
+                          const char* content_type, const char* allow = nullptr) {
+    MHD_Response* response = MHD_create_response_from_buffer(
+        body.size(), const_cast<char*>(body.data()), MHD_RESPMEM_MUST_COPY);
+    if (response == nullptr) return MHD_NO;
+    MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+    if (allow != nullptr) MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, allow);
+    MHD_Result queued = MHD_queue_response(connection, status, response);
+    MHD_destroy_response(response);
+    return queued;
+  }
+
+  static MHD_Result answer(void* self, MHD_Connection* connection, const char* url,
+                           const char* method, const char*, const char*, size_t*, void**) {
+    auto& exporter = *static_cast<MicrohttpdExporter*>(self);
+    const bool get = std::strcmp(method, MHD_HTTP_METHOD_GET) == 0;
+    const bool head = std::strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
+    if (!get && !head)
+      return queue(connection, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n",
+                   "text/plain; charset=utf-8", "GET, HEAD");
+    if (std::strcmp(url, "/metrics") != 0)
+      return queue(connection, MHD_HTTP_NOT_FOUND, "not found: metrics are at /metrics\n",
+                   "text/plain; charset=utf-8");
+    std::string body;
+    try {
+      body = exporter.render_();
+    } catch (const std::exception& e) {
+      return queue(connection, MHD_HTTP_INTERNAL_SERVER_ERROR,
+                   std::string("cannot render metrics: ") + e.what() + "\n",
+                   "text/plain; charset=utf-8");
+    }
+    return queue(connection, MHD_HTTP_OK, body, kContentType);
+  }
+
+  Render render_;
+  std::string url_prefix_;  // "http://127.0.0.1"
+  std::string url_;
+  MHD_Daemon* daemon_ = nullptr;
+};
+
+}  // namespace
+
+Result<std::unique_ptr<HttpExporter>> HttpExporter::start(const ListenAddress& address,
+                                                          Render render) {
+  std::string prefix = "http://" + (address.ipv6 ? "[" + address.host + "]" : address.host);
+  auto exporter = std::make_unique<MicrohttpdExporter>(std::move(render), prefix);
+  COMPANION_TRY(exporter->listen(address));
+  return std::unique_ptr<HttpExporter>(std::move(exporter));
+}
+
+#endif
+
+}  // namespace companion::metrics
