@@ -11,7 +11,11 @@
 #include "common/log.hpp"
 
 #ifdef COMPANION_HAVE_MICROHTTPD
+#include <dlfcn.h>
 #include <microhttpd.h>
+
+#include <cstdlib>
+#include <mutex>
 #endif
 
 namespace companion::metrics {
@@ -69,6 +73,55 @@ bool http_exporter_available() noexcept {
 
 namespace {
 
+// libmicrohttpd is loaded when an endpoint starts, not linked: a server binary runs on hosts
+// without it (a GPU host often lacks it), and only --metrics needs it there.
+constexpr const char* kLibraryName = "libmicrohttpd.so.12";
+
+struct Microhttpd {
+  decltype(&::MHD_start_daemon) start_daemon = nullptr;
+  decltype(&::MHD_stop_daemon) stop_daemon = nullptr;
+  decltype(&::MHD_get_daemon_info) get_daemon_info = nullptr;
+  decltype(&::MHD_create_response_from_buffer) create_response_from_buffer = nullptr;
+  decltype(&::MHD_add_response_header) add_response_header = nullptr;
+  decltype(&::MHD_queue_response) queue_response = nullptr;
+  decltype(&::MHD_destroy_response) destroy_response = nullptr;
+};
+
+// Loaded once per process (never unloaded); $COMPANION_MICROHTTPD_LIBRARY names another file.
+Result<const Microhttpd*> microhttpd() {
+  static std::once_flag once;
+  static Microhttpd table;
+  static std::string failure;
+  std::call_once(once, [] {
+    const char* override_name = std::getenv("COMPANION_MICROHTTPD_LIBRARY");
+    const std::string name =
+        override_name != nullptr && *override_name != '\0' ? override_name : kLibraryName;
+    void* lib = ::dlopen(name.c_str(), RTLD_NOW | RTLD_LOCAL);
+    if (lib == nullptr) {
+      const char* why = ::dlerror();
+      failure = "the metrics endpoint needs libmicrohttpd, which cannot be loaded (" +
+                std::string(why != nullptr ? why : name) +
+                "): install it (Debian and Ubuntu: apt-get install libmicrohttpd12)";
+      return;
+    }
+    bool complete = true;
+    auto bind = [&](auto& fn, const char* symbol) {
+      fn = reinterpret_cast<std::remove_reference_t<decltype(fn)>>(::dlsym(lib, symbol));
+      complete = complete && fn != nullptr;
+    };
+    bind(table.start_daemon, "MHD_start_daemon");
+    bind(table.stop_daemon, "MHD_stop_daemon");
+    bind(table.get_daemon_info, "MHD_get_daemon_info");
+    bind(table.create_response_from_buffer, "MHD_create_response_from_buffer");
+    bind(table.add_response_header, "MHD_add_response_header");
+    bind(table.queue_response, "MHD_queue_response");
+    bind(table.destroy_response, "MHD_destroy_response");
+    if (!complete) failure = name + " lacks functions the metrics endpoint calls: too old?";
+  });
+  if (!failure.empty()) return make_error(StatusCode::kUnavailable, failure);
+  return &table;
+}
+
 // Bounds on scrapers: a Prometheus server makes one request per interval.
 constexpr unsigned kMaxConnections = 16;
 constexpr unsigned kMaxConnectionsPerAddress = 4;
@@ -86,10 +139,10 @@ void log_from_microhttpd(void*, const char* format, va_list args) {
 
 class MicrohttpdExporter final : public HttpExporter {
  public:
-  MicrohttpdExporter(Render render, std::string url_prefix)
-      : render_(std::move(render)), url_prefix_(std::move(url_prefix)) {}
+  MicrohttpdExporter(const Microhttpd& mhd, Render render, std::string url_prefix)
+      : mhd_(mhd), render_(std::move(render)), url_prefix_(std::move(url_prefix)) {}
   ~MicrohttpdExporter() override {
-    if (daemon_ != nullptr) MHD_stop_daemon(daemon_);  // joins its thread
+    if (daemon_ != nullptr) mhd_.stop_daemon(daemon_);  // joins its thread
   }
   std::string url() const override { return url_; }
 
@@ -108,7 +161,7 @@ class MicrohttpdExporter final : public HttpExporter {
     }
     unsigned flags = MHD_USE_INTERNAL_POLLING_THREAD | MHD_USE_EPOLL | MHD_USE_ERROR_LOG;
     if (address.ipv6) flags |= MHD_USE_IPv6;
-    daemon_ = MHD_start_daemon(
+    daemon_ = mhd_.start_daemon(
         flags, address.port, nullptr, nullptr, &MicrohttpdExporter::answer, this,
         MHD_OPTION_SOCK_ADDR, reinterpret_cast<sockaddr*>(&storage), MHD_OPTION_CONNECTION_LIMIT,
         kMaxConnections, MHD_OPTION_PER_IP_CONNECTION_LIMIT, kMaxConnectionsPerAddress,
@@ -121,7 +174,7 @@ class MicrohttpdExporter final : public HttpExporter {
                             std::to_string(address.port) +
                             ": the address is in use or not one of this host's");
     uint16_t port = address.port;
-    if (const MHD_DaemonInfo* info = MHD_get_daemon_info(daemon_, MHD_DAEMON_INFO_BIND_PORT);
+    if (const MHD_DaemonInfo* info = mhd_.get_daemon_info(daemon_, MHD_DAEMON_INFO_BIND_PORT);
         info != nullptr && info->port != 0)
       port = info->port;
     url_ = url_prefix_ + ":" + std::to_string(port) + "/metrics";
@@ -129,15 +182,15 @@ class MicrohttpdExporter final : public HttpExporter {
   }
 
  private:
-  static MHD_Result queue(MHD_Connection* connection, unsigned status, const std::string& body,
-                          const char* content_type, const char* allow = nullptr) {
-    MHD_Response* response = MHD_create_response_from_buffer(
+  MHD_Result queue(MHD_Connection* connection, unsigned status, const std::string& body,
+                   const char* content_type, const char* allow = nullptr) const {
+    MHD_Response* response = mhd_.create_response_from_buffer(
         body.size(), const_cast<char*>(body.data()), MHD_RESPMEM_MUST_COPY);
     if (response == nullptr) return MHD_NO;
-    MHD_add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
-    if (allow != nullptr) MHD_add_response_header(response, MHD_HTTP_HEADER_ALLOW, allow);
-    MHD_Result queued = MHD_queue_response(connection, status, response);
-    MHD_destroy_response(response);
+    mhd_.add_response_header(response, MHD_HTTP_HEADER_CONTENT_TYPE, content_type);
+    if (allow != nullptr) mhd_.add_response_header(response, MHD_HTTP_HEADER_ALLOW, allow);
+    MHD_Result queued = mhd_.queue_response(connection, status, response);
+    mhd_.destroy_response(response);
     return queued;
   }
 
@@ -147,22 +200,23 @@ class MicrohttpdExporter final : public HttpExporter {
     const bool get = std::strcmp(method, MHD_HTTP_METHOD_GET) == 0;
     const bool head = std::strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
     if (!get && !head)
-      return queue(connection, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n",
-                   "text/plain; charset=utf-8", "GET, HEAD");
+      return exporter.queue(connection, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n",
+                            "text/plain; charset=utf-8", "GET, HEAD");
     if (std::strcmp(url, "/metrics") != 0)
-      return queue(connection, MHD_HTTP_NOT_FOUND, "not found: metrics are at /metrics\n",
-                   "text/plain; charset=utf-8");
+      return exporter.queue(connection, MHD_HTTP_NOT_FOUND, "not found: metrics are at /metrics\n",
+                            "text/plain; charset=utf-8");
     std::string body;
     try {
       body = exporter.render_();
     } catch (const std::exception& e) {
-      return queue(connection, MHD_HTTP_INTERNAL_SERVER_ERROR,
-                   std::string("cannot render metrics: ") + e.what() + "\n",
-                   "text/plain; charset=utf-8");
+      return exporter.queue(connection, MHD_HTTP_INTERNAL_SERVER_ERROR,
+                            std::string("cannot render metrics: ") + e.what() + "\n",
+                            "text/plain; charset=utf-8");
     }
-    return queue(connection, MHD_HTTP_OK, body, kContentType);
+    return exporter.queue(connection, MHD_HTTP_OK, body, kContentType);
   }
 
+  const Microhttpd& mhd_;
   Render render_;
   std::string url_prefix_;  // "http://127.0.0.1"
   std::string url_;
@@ -174,7 +228,8 @@ class MicrohttpdExporter final : public HttpExporter {
 Result<std::unique_ptr<HttpExporter>> HttpExporter::start(const ListenAddress& address,
                                                           Render render) {
   std::string prefix = "http://" + (address.ipv6 ? "[" + address.host + "]" : address.host);
-  auto exporter = std::make_unique<MicrohttpdExporter>(std::move(render), prefix);
+  COMPANION_ASSIGN_OR_RETURN(const Microhttpd* mhd, microhttpd());
+  auto exporter = std::make_unique<MicrohttpdExporter>(*mhd, std::move(render), prefix);
   COMPANION_TRY(exporter->listen(address));
   return std::unique_ptr<HttpExporter>(std::move(exporter));
 }

@@ -182,6 +182,21 @@ def test_a_bad_or_taken_address_is_refused_at_start(runtime_dir, models):
         taken.close()
 
 
+def test_a_host_without_libmicrohttpd_refuses_metrics_only(runtime_dir, models):
+    """The library is loaded when --metrics asks for it: a host without it runs the server, and
+    refuses --metrics with what to install."""
+    env = dict(os.environ, COMPANION_MICROHTTPD_LIBRARY="/nonexistent/libmicrohttpd.so.12")
+    r = subprocess.run([str(COMPANION), "serve", "--runtime-dir", str(runtime_dir), "--no-keep",
+                        "--metrics", "0"], capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode != 0, r.stderr
+    assert "libmicrohttpd" in r.stderr and "apt-get install libmicrohttpd12" in r.stderr, r.stderr
+    server = Server(runtime_dir, [models], env=env)
+    try:
+        assert server.cli_json("health")[0]["state"] == "serving"
+    finally:
+        assert server.stop() == 0
+
+
 def test_hostile_http_clients_do_not_stop_the_server(serve, models):
     server = serve()
     url = metrics_url(server)
