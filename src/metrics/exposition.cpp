@@ -54,23 +54,9 @@ bool valid_label_name(std::string_view name) {
   return valid_name(name, false) && name.substr(0, 2) != "__";  // reserved for Prometheus
 }
 
-std::string escape_label_value(std::string_view value) {
-  std::string out;
-  out.reserve(value.size());
-  for (char c : value) {
-    if (c == '\\')
-      out += "\\\\";
-    else if (c == '"')
-      out += "\\\"";
-    else if (c == '\n')
-      out += "\\n";
-    else
-      out += c;
-  }
-  return out;
-}
-
-std::string escape_help(std::string_view text) {
+namespace {
+// Backslash and line feed always; double quotes in label values only.
+std::string escape(std::string_view text, bool quotes) {
   std::string out;
   out.reserve(text.size());
   for (char c : text) {
@@ -78,10 +64,20 @@ std::string escape_help(std::string_view text) {
       out += "\\\\";
     else if (c == '\n')
       out += "\\n";
+    else if (c == '"' && quotes)
+      out += "\\\"";
     else
       out += c;
   }
   return out;
+}
+}  // namespace
+
+std::string escape_label_value(std::string_view value) {
+  return escape(value, true);
+}
+std::string escape_help(std::string_view text) {
+  return escape(text, false);
 }
 
 std::string format_value(double value) {

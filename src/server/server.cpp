@@ -1524,19 +1524,7 @@ class ServerImpl final : public Server {
       if (s.state == ModelState::kLoaded) h.models_loaded++;
     }
     h.clients = static_cast<uint32_t>(connections_.size());
-    // One map for every refusal: the connection's, the store's (load limits, memory) and the
-    // checkpoint reader's (files outside the roots, non-regular files, header limits).
-    {
-      std::lock_guard<std::mutex> lock(refused_mutex_);
-      h.refused = refused_;
-    }
-    for (const auto& [reason, count] : store_->refusal_counts()) h.refused[reason] += count;
-    auto files = checkpoint::refusal_counts();
-    h.refused["outside_roots"] += files.outside_roots;
-    h.refused["not_regular_file"] += files.not_regular;
-    h.refused["header_bytes"] += files.header_bytes;
-    h.refused["tensors"] += files.tensors;
-    h.refused["checkpoint_files"] += files.files;
+    h.refused = refusals();
     h.leases = store_->total_leases();
     h.slab_bytes = store_->slab_bytes();
     uint64_t budget = store_->memory_budget();
@@ -1550,6 +1538,24 @@ class ServerImpl final : public Server {
       h.registry_error = state.last_error;
     }
     return h;
+  }
+
+  // One map for every refusal: the connection's, the store's (load limits, memory) and the
+  // checkpoint reader's (files outside the roots, non-regular files, header limits). Any thread.
+  std::map<std::string, uint64_t> refusals() const {
+    std::map<std::string, uint64_t> out;
+    {
+      std::lock_guard<std::mutex> lock(refused_mutex_);
+      out = refused_;
+    }
+    for (const auto& [reason, count] : store_->refusal_counts()) out[reason] += count;
+    auto files = checkpoint::refusal_counts();
+    out["outside_roots"] += files.outside_roots;
+    out["not_regular_file"] += files.not_regular;
+    out["header_bytes"] += files.header_bytes;
+    out["tensors"] += files.tensors;
+    out["checkpoint_files"] += files.files;
+    return out;
   }
 
   // For a scrape, on the metrics endpoint's thread: what it reads is the store's (locked), the
@@ -1566,17 +1572,7 @@ class ServerImpl final : public Server {
     m.leases = store_->total_leases();
     m.clients = client_count_.load(std::memory_order_relaxed);
     m.evictions = store_->evictions();
-    {
-      std::lock_guard<std::mutex> lock(refused_mutex_);
-      m.refused = refused_;
-    }
-    for (const auto& [reason, count] : store_->refusal_counts()) m.refused[reason] += count;
-    auto files = checkpoint::refusal_counts();
-    m.refused["outside_roots"] += files.outside_roots;
-    m.refused["not_regular_file"] += files.not_regular;
-    m.refused["header_bytes"] += files.header_bytes;
-    m.refused["tensors"] += files.tensors;
-    m.refused["checkpoint_files"] += files.files;
+    m.refused = refusals();
     m.registry = registry_url_;
     if (announcer_) m.registered = announcer_->state().registered;
     return m;
