@@ -62,6 +62,9 @@ def scrape(url):
         assert family.documentation, family.name
         assert family.type in ("counter", "gauge", "histogram"), family
         for s in family.samples:
+            # Prometheus attaches job and instance to every series it scrapes: a label of the
+            # same name here would be renamed exported_job, exported_instance.
+            assert not {"job", "instance"} & s.labels.keys(), s
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -104,7 +107,7 @@ def test_counters_and_gauges_follow_what_clients_do(serve, models):
     assert families["companion_load_duration_seconds"].type == "histogram"
     [build] = families["companion_build_info"].samples
     assert build.value == 1 and build.labels["device"] == "host"
-    assert build.labels["instance"] == server.instance and build.labels["protocol"] == "1.3"
+    assert build.labels["instance_id"] == server.instance and build.labels["protocol"] == "1.3"
     assert value(samples, "companion_memory_budget_bytes") == 1536 * 1024
     assert value(samples, "companion_loads_total", kind="load") == 0
     assert value(samples, "companion_registry_registered", registry="local") == 1
