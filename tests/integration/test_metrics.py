@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,10 +49,10 @@ def metrics_url(server):
     return match.group(1)
 
 
-def scrape(url):
+def scrape(url, timeout=10):
     """{(name, ((label, value), ...)): value} of every sample, after checking the response is the
     text format and that every family has HELP and TYPE."""
-    with urllib.request.urlopen(url, timeout=10) as r:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
         assert r.status == 200
         assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         text = r.read().decode()
@@ -248,3 +249,43 @@ def _scrapes(url):
         return True
     except (OSError, urllib.error.URLError):
         return False
+
+
+def test_clients_that_trickle_a_request_do_not_hold_the_endpoint(serve):
+    """Connections from several addresses (more than the endpoint takes at once) that send a
+    request a byte every two seconds, which the idle timeout alone never ends: each is closed
+    when it has not sent a whole request in 10 s, and a scrape waiting behind them is answered."""
+    server = serve()
+    url = metrics_url(server)
+    host, port = re.match(r"http://([^:]+):(\d+)/", url).groups()
+    held = []
+    for address in range(2, 7):
+        for _ in range(4):
+            s = socket.socket()
+            s.bind((f"127.0.0.{address}", 0))
+            s.connect((host, int(port)))
+            s.sendall(b"GET /metr")
+            held.append(s)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(2):
+            for s in held:
+                try:
+                    s.send(b"i")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        time.sleep(1)
+        start = time.monotonic()
+        samples, _ = scrape(url, timeout=25)
+        assert time.monotonic() - start < 20
+        assert value(samples, "companion_clients") == 0
+    finally:
+        stop.set()
+        thread.join()
+        for s in held:
+            s.close()
