@@ -5,8 +5,13 @@
 #include <sys/socket.h>
 
 #include <charconv>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <exception>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
 
 #include "common/log.hpp"
 
@@ -81,6 +86,7 @@ struct Microhttpd {
   decltype(&::MHD_start_daemon) start_daemon = nullptr;
   decltype(&::MHD_stop_daemon) stop_daemon = nullptr;
   decltype(&::MHD_get_daemon_info) get_daemon_info = nullptr;
+  decltype(&::MHD_get_connection_info) get_connection_info = nullptr;
   decltype(&::MHD_create_response_from_buffer) create_response_from_buffer = nullptr;
   decltype(&::MHD_add_response_header) add_response_header = nullptr;
   decltype(&::MHD_queue_response) queue_response = nullptr;
@@ -112,6 +118,7 @@ Result<const Microhttpd*> microhttpd() {
     bind(table.start_daemon, "MHD_start_daemon");
     bind(table.stop_daemon, "MHD_stop_daemon");
     bind(table.get_daemon_info, "MHD_get_daemon_info");
+    bind(table.get_connection_info, "MHD_get_connection_info");
     bind(table.create_response_from_buffer, "MHD_create_response_from_buffer");
     bind(table.add_response_header, "MHD_add_response_header");
     bind(table.queue_response, "MHD_queue_response");
@@ -126,6 +133,9 @@ Result<const Microhttpd*> microhttpd() {
 constexpr unsigned kMaxConnections = 16;
 constexpr unsigned kMaxConnectionsPerAddress = 4;
 constexpr unsigned kConnectionTimeoutS = 10;
+// A request must arrive whole within this of its connection's start or of the previous answer:
+// the idle timeout alone lets a client that sends a byte every few seconds hold a connection.
+constexpr auto kRequestDeadline = std::chrono::seconds(10);
 constexpr size_t kConnectionMemory = 32 * 1024;  // request headers and buffers, per connection
 constexpr const char* kContentType = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -142,6 +152,14 @@ class MicrohttpdExporter final : public HttpExporter {
   MicrohttpdExporter(const Microhttpd& mhd, Render render, std::string url_prefix)
       : mhd_(mhd), render_(std::move(render)), url_prefix_(std::move(url_prefix)) {}
   ~MicrohttpdExporter() override {
+    if (watchdog_.joinable()) {
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        stopping_ = true;
+      }
+      wake_.notify_all();
+      watchdog_.join();
+    }
     if (daemon_ != nullptr) mhd_.stop_daemon(daemon_);  // joins its thread
   }
   std::string url() const override { return url_; }
@@ -166,8 +184,8 @@ class MicrohttpdExporter final : public HttpExporter {
         MHD_OPTION_SOCK_ADDR, reinterpret_cast<sockaddr*>(&storage), MHD_OPTION_CONNECTION_LIMIT,
         kMaxConnections, MHD_OPTION_PER_IP_CONNECTION_LIMIT, kMaxConnectionsPerAddress,
         MHD_OPTION_CONNECTION_TIMEOUT, kConnectionTimeoutS, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
-        kConnectionMemory, MHD_OPTION_EXTERNAL_LOGGER, &log_from_microhttpd, nullptr,
-        MHD_OPTION_END);
+        kConnectionMemory, MHD_OPTION_NOTIFY_CONNECTION, &MicrohttpdExporter::notify, this,
+        MHD_OPTION_EXTERNAL_LOGGER, &log_from_microhttpd, nullptr, MHD_OPTION_END);
     if (daemon_ == nullptr)
       return make_error(StatusCode::kUnavailable,
                         "cannot serve metrics on " + url_prefix_ + ":" +
@@ -178,10 +196,52 @@ class MicrohttpdExporter final : public HttpExporter {
         info != nullptr && info->port != 0)
       port = info->port;
     url_ = url_prefix_ + ":" + std::to_string(port) + "/metrics";
+    watchdog_ = std::thread([this] { watch(); });
     return ok_result();
   }
 
  private:
+  using Clock = std::chrono::steady_clock;
+
+  // Connections and when their next request must have arrived; microhttpd reports a connection
+  // closed before it closes the socket, so a descriptor here is still the connection's.
+  static void notify(void* self, MHD_Connection* connection, void**,
+                     MHD_ConnectionNotificationCode code) {
+    auto& exporter = *static_cast<MicrohttpdExporter*>(self);
+    std::lock_guard<std::mutex> lock(exporter.mutex_);
+    if (code == MHD_CONNECTION_NOTIFY_CLOSED) {
+      exporter.deadlines_.erase(connection);
+      return;
+    }
+    const MHD_ConnectionInfo* info =
+        exporter.mhd_.get_connection_info(connection, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (info != nullptr)
+      exporter.deadlines_[connection] = {info->connect_fd, Clock::now() + kRequestDeadline};
+  }
+
+  // A request arrived: the connection has the deadline's time again for its answer and the
+  // next request.
+  void request_arrived(MHD_Connection* connection) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (auto it = deadlines_.find(connection); it != deadlines_.end())
+      it->second.deadline = Clock::now() + kRequestDeadline;
+  }
+
+  // Shuts the sockets of connections past their deadline; microhttpd then finds them closed
+  // and lets them go.
+  void watch() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (!wake_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; })) {
+      const auto now = Clock::now();
+      for (auto& [connection, tracked] : deadlines_) {
+        if (tracked.deadline > now) continue;
+        log::debug("metrics endpoint: closing a connection that sent no whole request in time");
+        ::shutdown(tracked.fd, SHUT_RDWR);
+        tracked.deadline = Clock::time_point::max();
+      }
+    }
+  }
+
   MHD_Result queue(MHD_Connection* connection, unsigned status, const std::string& body,
                    const char* content_type, const char* allow = nullptr) const {
     MHD_Response* response = mhd_.create_response_from_buffer(
@@ -197,6 +257,7 @@ class MicrohttpdExporter final : public HttpExporter {
   static MHD_Result answer(void* self, MHD_Connection* connection, const char* url,
                            const char* method, const char*, const char*, size_t*, void**) {
     auto& exporter = *static_cast<MicrohttpdExporter*>(self);
+    exporter.request_arrived(connection);
     const bool get = std::strcmp(method, MHD_HTTP_METHOD_GET) == 0;
     const bool head = std::strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
     if (!get && !head)
@@ -221,6 +282,15 @@ class MicrohttpdExporter final : public HttpExporter {
   std::string url_prefix_;  // "http://127.0.0.1"
   std::string url_;
   MHD_Daemon* daemon_ = nullptr;
+  struct Tracked {
+    MHD_socket fd;
+    Clock::time_point deadline;
+  };
+  std::mutex mutex_;
+  std::unordered_map<MHD_Connection*, Tracked> deadlines_;
+  bool stopping_ = false;
+  std::condition_variable wake_;
+  std::thread watchdog_;
 };
 
 }  // namespace

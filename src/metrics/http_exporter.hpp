@@ -1,7 +1,7 @@
 // Serves a metrics text over HTTP (libmicrohttpd): GET or HEAD /metrics answers what `render`
 // returns, in the Prometheus text format; other paths are 404, other methods 405. One internal
-// thread polls every connection; connections, their memory and their idle time are bounded, so a
-// slow or hostile scraper costs the server little.
+// thread polls every connection; connections, their memory, their idle time and the time a
+// request may take to arrive are bounded, so a slow or hostile scraper costs the server little.
 #pragma once
 
 #include <cstdint>

@@ -835,6 +835,9 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
   // Taken while the store is certainly alive (the job started before any shutdown).
   std::shared_ptr<WorkerPool> pool = pool_;
   auto start = Clock::now();
+  // The load's report, once it has ended: made before the status goes out, so that whoever the
+  // status answers finds the load counted.
+  const LoadReport* ended = nullptr;
   // Publishes a result if this load is still the current one. A cancelled load (unloaded, or
   // the store shutting down) touches the store no more.
   auto publish = [&](std::function<void(Entry&)> apply) {
@@ -849,6 +852,7 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
       if (reload && entry->reloading) return;
       s = snapshot(*entry);
     }
+    if (ended != nullptr) report_load(*ended);
     notify(s);
   };
   auto fail = [&](const Error& error) {
@@ -980,6 +984,10 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
   log::info("loaded " + model.spec.describe() + ": " + std::to_string((*table)->size()) +
             " tensors, " + format_bytes(plan->bytes_to_read) + " in " + std::to_string(secs) +
             " s");
+  const LoadReport report{reload ? LoadReport::Kind::kReload : LoadReport::Kind::kLoad,
+                          StatusCode::kOk, plan->bytes_to_read,
+                          std::chrono::duration<double>(Clock::now() - start).count()};
+  ended = &report;
   publish([&](Entry& e) {
     e.state = ModelState::kLoaded;
     e.bytes_done = e.bytes_total;
@@ -1001,9 +1009,6 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
     keep_locked(e, e.generations.back());
     drop_unleased_locked(e);
   });
-  if (!cancel->load())
-    report_load({reload ? LoadReport::Kind::kReload : LoadReport::Kind::kLoad, StatusCode::kOk,
-                 plan->bytes_to_read, std::chrono::duration<double>(Clock::now() - start).count()});
 }
 
 void ModelStore::load_job(std::shared_ptr<Entry> entry, uint64_t generation, bool reload,
@@ -1064,9 +1069,10 @@ void ModelStore::fail_load(const std::shared_ptr<Entry>& entry, uint64_t generat
     }
     s = snapshot(e);
   }
+  // Counted before anyone is told: whoever the status answers finds the failure counted.
+  report_load({reload ? LoadReport::Kind::kReload : LoadReport::Kind::kLoad, error.code, 0, 0});
   notify(s);
   for (const auto& g : gone) notify(g);
-  report_load({reload ? LoadReport::Kind::kReload : LoadReport::Kind::kLoad, error.code, 0, 0});
 }
 
 void ModelStore::drop_unleased_locked(Entry& e) {

@@ -481,9 +481,9 @@ void ModelStore::fail_wake(const std::shared_ptr<Entry>& entry, uint64_t generat
     offloaded = snapshot(e);
   }
   log::warn("wake of " + what + " failed: " + error.to_string());
+  report_load({LoadReport::Kind::kWake, error.code, 0, 0});  // before whoever waits is told
   notify(failed);
   notify(offloaded);
-  report_load({LoadReport::Kind::kWake, error.code, 0, 0});
 }
 
 void ModelStore::run_wake(std::shared_ptr<Entry> entry, uint64_t generation) {

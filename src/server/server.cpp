@@ -1245,11 +1245,12 @@ class ServerImpl final : public Server {
       return reply_error(c, rid, payload.error());
     }
     c.leases[lease_id] = Connection::Lease{key, g->generation, g->slab};
-    enqueue(c, std::move(*payload), std::move(fds));
     attach_answered(c, rid, StatusCode::kOk);
+    enqueue(c, std::move(*payload), std::move(fds));
   }
 
-  // A GetParameters request was answered (a lease, or an error): its latency is recorded.
+  // A GetParameters request is answered (a lease, or an error): its latency is recorded. Before
+  // the reply is written, so that a client that has its reply finds it counted.
   void attach_answered(Connection& c, uint64_t rid, StatusCode code) {
     auto it = c.attaching.find(rid);
     if (it == c.attaching.end()) return;
@@ -1320,8 +1321,8 @@ class ServerImpl final : public Server {
   }
 
   void reply_error(Connection& c, uint64_t rid, const Error& e) {
-    send(c, Message{rid, protocol::ErrorReply{e}});
     attach_answered(c, rid, e.code);
+    send(c, Message{rid, protocol::ErrorReply{e}});
   }
 
   // Answers with the error, then closes: the stream can no longer be trusted.

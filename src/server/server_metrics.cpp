@@ -62,7 +62,7 @@ std::string ServerMetrics::render(const MetricsState& state) const {
             {"protocol", std::to_string(kProtocolMajor) + "." + std::to_string(kProtocolMinor)},
             {"device", id.device},
             {"backend", id.default_backend},
-            {"instance", id.instance_id}},
+            {"instance_id", id.instance_id}},
            1);
   w.family("companion_start_time_seconds", "When the server started, in seconds since the epoch",
            Type::kGauge);

@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,10 +49,10 @@ def metrics_url(server):
     return match.group(1)
 
 
-def scrape(url):
+def scrape(url, timeout=10):
     """{(name, ((label, value), ...)): value} of every sample, after checking the response is the
     text format and that every family has HELP and TYPE."""
-    with urllib.request.urlopen(url, timeout=10) as r:
+    with urllib.request.urlopen(url, timeout=timeout) as r:
         assert r.status == 200
         assert r.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         text = r.read().decode()
@@ -62,6 +63,9 @@ def scrape(url):
         assert family.documentation, family.name
         assert family.type in ("counter", "gauge", "histogram"), family
         for s in family.samples:
+            # Prometheus attaches job and instance to every series it scrapes: a label of the
+            # same name here would be renamed exported_job, exported_instance.
+            assert not {"job", "instance"} & s.labels.keys(), s
             samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
     for line in text.splitlines():
         if line.startswith("# TYPE "):
@@ -104,7 +108,7 @@ def test_counters_and_gauges_follow_what_clients_do(serve, models):
     assert families["companion_load_duration_seconds"].type == "histogram"
     [build] = families["companion_build_info"].samples
     assert build.value == 1 and build.labels["device"] == "host"
-    assert build.labels["instance"] == server.instance and build.labels["protocol"] == "1.3"
+    assert build.labels["instance_id"] == server.instance and build.labels["protocol"] == "1.3"
     assert value(samples, "companion_memory_budget_bytes") == 1536 * 1024
     assert value(samples, "companion_loads_total", kind="load") == 0
     assert value(samples, "companion_registry_registered", registry="local") == 1
@@ -129,8 +133,14 @@ def test_counters_and_gauges_follow_what_clients_do(serve, models):
             assert value(samples, "companion_attaches_total") == 1
             assert value(samples, "companion_attach_duration_seconds_count") == 1
             assert 0 < value(samples, "companion_attach_duration_seconds_sum") < 10
-    samples, _ = scrape(url)
-    assert value(samples, "companion_leases") == 0
+    # Every attach is counted by the time its client holds the lease, however soon it scrapes.
+    with companion.connect(socket_path=server.socket) as client:
+        for i in range(2, 22):
+            with client.get_model_parameters(companion.ModelSpec(str(models / "a"))):
+                samples, _ = scrape(url)
+                assert value(samples, "companion_attaches_total") == i
+    # The client releases without waiting for the server's answer.
+    assert wait_until(lambda: value(scrape(url)[0], "companion_leases") == 0)
 
     # Failed attach and failed load: counted by error code.
     with companion.connect(socket_path=server.socket) as client:
@@ -158,9 +168,9 @@ def test_counters_and_gauges_follow_what_clients_do(serve, models):
     assert value(samples, "companion_load_bytes_total", kind="wake") == loaded["slab_bytes"]
     assert value(samples, "companion_loads_total", kind="load") == 2  # a, then b
     assert value(samples, "companion_evictions_total") == 2
-    # Every attach so far that got a lease (the client's, the CLI's) is in the histogram.
-    assert value(samples, "companion_attaches_total") == 2
-    assert value(samples, "companion_attach_duration_seconds_count") == 2
+    # Every attach so far that got a lease (the clients', the CLI's) is in the histogram.
+    assert value(samples, "companion_attaches_total") == 22
+    assert value(samples, "companion_attach_duration_seconds_count") == 22
 
 
 def test_a_bad_or_taken_address_is_refused_at_start(runtime_dir, models):
@@ -254,3 +264,43 @@ def _scrapes(url):
         return True
     except (OSError, urllib.error.URLError):
         return False
+
+
+def test_clients_that_trickle_a_request_do_not_hold_the_endpoint(serve):
+    """Connections from several addresses (more than the endpoint takes at once) that send a
+    request a byte every two seconds, which the idle timeout alone never ends: each is closed
+    when it has not sent a whole request in 10 s, and a scrape waiting behind them is answered."""
+    server = serve()
+    url = metrics_url(server)
+    host, port = re.match(r"http://([^:]+):(\d+)/", url).groups()
+    held = []
+    for address in range(2, 7):
+        for _ in range(4):
+            s = socket.socket()
+            s.bind((f"127.0.0.{address}", 0))
+            s.connect((host, int(port)))
+            s.sendall(b"GET /metr")
+            held.append(s)
+    stop = threading.Event()
+
+    def trickle():
+        while not stop.wait(2):
+            for s in held:
+                try:
+                    s.send(b"i")
+                except OSError:
+                    pass
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        time.sleep(1)
+        start = time.monotonic()
+        samples, _ = scrape(url, timeout=25)
+        assert time.monotonic() - start < 20
+        assert value(samples, "companion_clients") == 0
+    finally:
+        stop.set()
+        thread.join()
+        for s in held:
+            s.close()
