@@ -273,6 +273,7 @@ struct LoaderArgs {
   std::string dtype;
   std::string pinned = "registered";
   int keep_staging = 1;
+  uint64_t bridge_kib = loader::LoadOptions{}.bridged_gap_bytes >> 10;
   int repeat = 1;
   bool verify = false;
   uint32_t tp_size = 1;
@@ -343,6 +344,7 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
   options.chunk_bytes = a.chunk_mib << 20;
   options.staging_bytes = a.staging_mib << 20;
   options.copy_streams = a.streams;
+  options.bridged_gap_bytes = a.bridge_kib << 10;
   if (a.direct == "on") {
     options.direct_io = loader::DirectIo::kOn;
   } else if (a.direct == "off") {
@@ -434,6 +436,7 @@ Result<std::vector<json>> run_loader(const LoaderArgs& a) {
                {"staging_buffers_peak", stats.staging_buffers_peak},
                {"staging_alloc_seconds", stats.staging_alloc_seconds},
                {"readers_started_seconds", stats.readers_started_seconds},
+               {"items_made_seconds", stats.items_made_seconds},
                {"reader_busy_seconds", stats.reader_busy_seconds},
                {"readers_first_done_seconds", stats.readers_first_done_seconds},
                {"readers_last_done_seconds", stats.readers_last_done_seconds}}}};
@@ -482,6 +485,10 @@ int main(int argc, char** argv) {
   loader_cmd->add_option("--chunk-mib", ld.chunk_mib, "Work item size")->capture_default_str();
   loader_cmd->add_option("--staging-mib", ld.staging_mib, "Staging bound")->capture_default_str();
   loader_cmd->add_option("--streams", ld.streams, "Copy streams")->capture_default_str();
+  loader_cmd
+      ->add_option("--bridge-kib", ld.bridge_kib,
+                   "Row shards: gaps read and dropped within one preadv (at most 1024)")
+      ->capture_default_str();
   loader_cmd->add_option("--direct", ld.direct, "O_DIRECT: auto, on or off")->capture_default_str();
   loader_cmd->add_option("--dtype", ld.dtype, "Cast floating tensors to this dtype");
   loader_cmd->add_option("--pinned", ld.pinned, "Staging memory: registered or hostalloc")

@@ -114,9 +114,12 @@ void check_gpus(const ConnectOptions& connect, Checks& checks) {
     return;
   }
   auto version = memory::cuda_driver_version();
-  if (version.ok())
-    checks.ok("driver", "NVIDIA driver", "supports CUDA " + cuda_version_text(*version));
-  else
+  if (version.ok()) {
+    auto release = memory::nvidia_driver_release();
+    checks.ok("driver", "NVIDIA driver",
+              (release ? *release + ", " : std::string()) + "supports CUDA " +
+                  cuda_version_text(*version));
+  } else
     checks.failed("driver", "NVIDIA driver", version.error().message, "check the driver install");
 
   auto gpus = memory::list_gpus();

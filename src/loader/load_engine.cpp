@@ -215,6 +215,19 @@ constexpr size_t kMaxDirectReads = 8;
 constexpr uint64_t kDirectMinBytes = 64ull << 10;
 // Progress is reported at most about this many times a load (plus the first and the last).
 constexpr uint64_t kProgressSteps = 256;
+// Readers when LoadOptions leaves it to the loader: a host slab's readers do all the work, one per
+// core (at most 16). A staged load also needs cores for the copy streams' completion thread, the
+// item maker and the kernel's page-cache work: on a 16-core H200 host 12 readers loaded the 16 GB
+// model and each TP=2 rank 3-5% faster than 16 (docs/benchmarks.md), so a quarter of the cores is
+// left to them.
+size_t default_reader_threads(bool host_slab) {
+  const size_t cores = std::max<size_t>(1, std::thread::hardware_concurrency());
+  return std::clamp<size_t>(host_slab ? cores : cores - cores / 4, 1, 16);
+}
+
+// Small items (many small tensors) are handed to the readers this many at a time, or a chunk's
+// worth of bytes, whichever comes first: one lock each.
+constexpr size_t kItemBatch = 64;
 // The calling thread looks at the cancel flag at least this often.
 constexpr auto kPollInterval = std::chrono::milliseconds(5);
 
@@ -312,7 +325,8 @@ class Engine {
         slab_(slab),
         cancel_(cancel),
         options_(options),
-        source_(options.read_source != nullptr ? options.read_source : &posix_source_) {}
+        source_(options.read_source != nullptr ? options.read_source : &posix_source_),
+        bridged_gap_(std::min(options.bridged_gap_bytes, kBridgedGapLimit)) {}
 
   Result<void> run(const ProgressFn& progress, LoadStats& stats) {
     if (cancel_.load()) return make_error(StatusCode::kCancelled, "load cancelled");
@@ -320,8 +334,7 @@ class Engine {
     chunk_ = chunk_bytes(options_);
     std::vector<uint64_t> sizes(slab_.segment_count());
     for (size_t i = 0; i < sizes.size(); ++i) sizes[i] = slab_.segment_size(i);
-    COMPANION_ASSIGN_OR_RETURN(items_, make_work_items(plan_, sizes, chunk_));
-    stats.work_items = items_.size();
+    COMPANION_ASSIGN_OR_RETURN(WorkItemMaker maker, WorkItemMaker::create(plan_, sizes, chunk_));
     COMPANION_TRY(open_files(stats));
 
     SinkOptions sink_options = staging_options(options_);
@@ -332,8 +345,8 @@ class Engine {
     direct_to_host_ = !host_.empty() && host_[0] != nullptr;
 
     size_t threads = options_.reader_threads;
-    if (threads == 0) threads = std::clamp<size_t>(std::thread::hardware_concurrency(), 1, 16);
-    threads = std::min(threads, items_.size());
+    if (threads == 0) threads = default_reader_threads(direct_to_host_);
+    threads = std::min(threads, maker.estimated_items());
     running_ = threads;
     std::vector<std::thread> readers;
     readers.reserve(threads);
@@ -353,10 +366,12 @@ class Engine {
     stats.reader_threads = readers.size();
     stats.readers_started_seconds = std::chrono::duration<double>(Clock::now() - start_).count();
 
-    // The readers are joined however watching ends: a progress callback that throws must not
-    // leave joinable threads behind (std::terminate) nor readers writing into a freed slab.
+    // The readers are joined however making items or watching ends: an exception (a progress
+    // callback's, bad_alloc) must not leave joinable threads behind (std::terminate) nor readers
+    // writing into a freed slab.
     std::exception_ptr watch_exception;
     try {
+      make_items(maker, stats);
       watch(progress);
     } catch (...) {
       watch_exception = std::current_exception();
@@ -391,6 +406,7 @@ class Engine {
     stats.gathered_reads = gathered_reads_.load();
     {
       std::lock_guard lock(mutex_);
+      stats.work_items = items_.size();
       stats.reader_busy_seconds = busy_seconds_;
       stats.readers_first_done_seconds = readers.empty() ? 0 : first_finish_;
       stats.readers_last_done_seconds = last_finish_;
@@ -456,6 +472,7 @@ class Engine {
     }
     stop_.store(true);
     cv_.notify_all();
+    items_cv_.notify_all();
     sink_->wake();
   }
 
@@ -487,6 +504,7 @@ class Engine {
     reader_fault_.compare_exchange_strong(none, code);
     stop_.store(true);
     cv_.notify_all();
+    items_cv_.notify_all();
     sink_->wake();
   }
 
@@ -508,27 +526,68 @@ class Engine {
         engine.last_finish_ = std::max(engine.last_finish_, finish);
       }
     } account{*this, busy};
-    while (!stopping()) {
-      size_t index = next_.fetch_add(1, std::memory_order_relaxed);
-      if (index >= items_.size()) break;
-      const WorkItem& item = items_[index];
+    const WorkItem* finished = nullptr;
+    for (;;) {
+      const WorkItem* item = nullptr;
+      {
+        // One lock per item: counting the last one's bytes and taking the next one.
+        std::unique_lock lock(mutex_);
+        if (finished != nullptr) {
+          done_ += finished->source_bytes;
+          progress_pending_ = true;
+        }
+        while (!stopping() && next_ >= items_.size() && !items_made_)
+          items_cv_.wait_for(lock, kPollInterval);
+        if (!stopping() && next_ < items_.size()) item = &items_[next_++];
+      }
+      if (finished != nullptr) cv_.notify_all();
+      if (item == nullptr) break;
       auto began = Clock::now();
-      auto r = process(item, buffers);
+      auto r = process(*item, buffers);
       busy += Clock::now() - began;
-      if (r.ok()) r = fault::point(fault::Stage::kCopy, files_[item.file].path);
+      if (r.ok()) r = fault::point(fault::Stage::kCopy, files_[item->file].path);
       if (!r.ok()) {
         fail(std::move(r).error());
         break;
       }
       if (stop_.load(std::memory_order_relaxed)) break;  // acquire() gave up: nothing submitted
-      {
-        std::lock_guard lock(mutex_);
-        done_ += item.source_bytes;
-        progress_pending_ = true;
-      }
-      cv_.notify_all();
+      finished = item;
     }
     if (cancel_.load() && !stop_.load()) fail(make_error(StatusCode::kCancelled, "load cancelled"));
+  }
+
+  // The calling thread, while the readers start on what it made: the plan's items, handed over
+  // a tensor at a time (see kItemBatch for small ones).
+  void make_items(WorkItemMaker& maker, LoadStats& stats) {
+    struct Made {  // however making ends, waiting readers learn that no more items come
+      Engine& engine;
+      ~Made() {
+        {
+          std::lock_guard lock(engine.mutex_);
+          engine.items_made_ = true;
+        }
+        engine.items_cv_.notify_all();
+      }
+    } made{*this};
+    std::vector<WorkItem> batch;
+    uint64_t batch_bytes = 0;
+    bool more = true;
+    while (more && !stopping()) {
+      const size_t before = batch.size();
+      auto next = maker.next(batch);
+      if (!next.ok()) return fail(std::move(next).error());
+      more = *next;
+      for (size_t i = before; i < batch.size(); ++i) batch_bytes += batch[i].source_bytes;
+      if (batch.empty() || (more && batch.size() < kItemBatch && batch_bytes < chunk_)) continue;
+      {
+        std::lock_guard lock(mutex_);
+        for (WorkItem& item : batch) items_.push_back(std::move(item));
+      }
+      items_cv_.notify_all();
+      batch.clear();
+      batch_bytes = 0;
+    }
+    stats.items_made_seconds = std::chrono::duration<double>(Clock::now() - start_).count();
   }
 
   // The calling thread: reports progress, watches the cancel flag, returns when the readers are
@@ -644,7 +703,7 @@ class Engine {
     return item.has_gaps() && !use_direct(f, item);
   }
 
-  // Reads the item's pieces, and only those (and gaps of at most kMaxBridgedGap), each straight to
+  // Reads the item's pieces, and only those (and gaps of at most bridged_gap_), each straight to
   // dst(piece); cast pieces go to their image place in the bounce buffer first and are converted
   // from there.
   template <typename Dst>
@@ -655,7 +714,7 @@ class Engine {
       COMPANION_ASSIGN_OR_RETURN(image, bounce_buffer(buffers.bounce));
     }
     if (!buffers.scratch) {
-      buffers.scratch.reset(static_cast<char*>(std::malloc(kMaxBridgedGap)));
+      buffers.scratch.reset(static_cast<char*>(std::malloc(std::max<uint64_t>(1, bridged_gap_))));
       if (!buffers.scratch)
         return make_error(StatusCode::kOutOfMemory, "cannot allocate a gather scratch buffer");
     }
@@ -663,7 +722,7 @@ class Engine {
     targets.reserve(item.pieces.size());
     for (const Piece& p : item.pieces)
       targets.push_back(cast ? image + (p.file_offset - item.lo) : dst(p));
-    GatherReads reads = gather_reads(item, targets, buffers.scratch.get());
+    GatherReads reads = gather_reads(item, targets, buffers.scratch.get(), bridged_gap_);
     for (const GatherReads::Call& call : reads.calls)
       COMPANION_TRY(read_vector(f, &reads.iovecs[call.first], call.count, call.bytes, call.offset));
     if (cast) {
@@ -780,14 +839,13 @@ class Engine {
   const LoadOptions& options_;
   PosixReadSource posix_source_;
   ReadSource* source_;
+  const uint64_t bridged_gap_;
   uint64_t chunk_ = 0;
-  std::vector<WorkItem> items_;
   std::unique_ptr<OpenFile[]> files_;
   std::unique_ptr<ChunkSink> sink_;
   std::vector<char*> host_;
   bool direct_to_host_ = false;
 
-  std::atomic<size_t> next_{0};
   Clock::time_point start_{};
   double busy_seconds_ = 0;  // guarded by mutex_, as are the two below
   double first_finish_ = std::numeric_limits<double>::infinity();
@@ -799,6 +857,10 @@ class Engine {
 
   std::mutex mutex_;  // guards what follows
   std::condition_variable cv_;
+  std::condition_variable items_cv_;  // items_ grew, or no more will come
+  std::deque<WorkItem> items_;        // made so far (a deque: taken items never move)
+  size_t next_ = 0;                   // the next item a reader takes
+  bool items_made_ = false;
   std::optional<Error> error_;
   uint64_t done_ = 0;
   bool progress_pending_ = false;  // done_ moved since the last progress report
@@ -850,33 +912,14 @@ GatherReads gather_reads(const WorkItem& item, std::span<char* const> piece_dst,
   return out;
 }
 
-Result<std::vector<WorkItem>> make_work_items(const LoadPlan& plan,
-                                              const std::vector<uint64_t>& segment_sizes,
-                                              uint64_t chunk_bytes, uint64_t max_gap) {
+Result<WorkItemMaker> WorkItemMaker::create(const LoadPlan& plan,
+                                            std::vector<uint64_t> segment_sizes,
+                                            uint64_t chunk_bytes, uint64_t max_gap) {
   if (chunk_bytes < 16) return make_error(StatusCode::kInternal, "load chunk below 16 bytes");
-  struct Run {
-    size_t tensor;
-    uint32_t file;
-    uint64_t offset;
-    uint64_t bytes;
-    DType from;
-    DType to;
-    uint64_t in;
-    uint64_t out;
-    uint32_t segment;
-    uint64_t dst;
-  };
-  // A tensor's extents are in file order (LoadPlan says so; checked here), so ordering the
-  // tensors by their first extent puts every run in file order without sorting the runs: a
-  // row-split shard has one extent per row, hundreds of thousands in a model, and sorting and
-  // copying them cost tens of milliseconds before the first read.
-  struct Order {
-    uint32_t file;
-    uint64_t offset;
-    size_t tensor;
-  };
-  std::vector<Order> order;
-  order.reserve(plan.tensors.size());
+  WorkItemMaker maker(plan, std::move(segment_sizes), chunk_bytes, max_gap);
+  // A tensor's extents are in file order (LoadPlan says so; next() checks), so ordering the
+  // tensors by their first extent puts every run in file order without sorting the runs.
+  maker.order_.reserve(plan.tensors.size());
   for (size_t ti = 0; ti < plan.tensors.size(); ++ti) {
     const TensorCopy& t = plan.tensors[ti];
     const std::string& name = t.source.name;
@@ -886,38 +929,55 @@ Result<std::vector<WorkItem>> make_work_items(const LoadPlan& plan,
     uint64_t out = dtype_size(t.target_dtype);
     if (in == 0 || out == 0 || in > 8 || out > 8)
       return make_error(StatusCode::kInternal, "tensor " + name + " has an unsized dtype");
-    if (t.placement.segment >= segment_sizes.size())
+    if (t.placement.segment >= maker.segment_sizes_.size())
       return make_error(StatusCode::kInternal, "tensor " + name + " placed past the last segment");
-    const uint64_t size = segment_sizes[t.placement.segment];
-    uint64_t previous_end = 0;
-    for (const ReadExtent& e : t.extents) {
-      if (e.bytes == 0) continue;
-      if (e.bytes % in != 0)
-        return make_error(StatusCode::kInternal,
-                          "tensor " + name + " has an extent of partial elements");
-      if (e.file_offset < previous_end)
-        return make_error(StatusCode::kInternal,
-                          "tensor " + name + " has extents out of file order");
-      previous_end = e.file_offset + e.bytes;
-      uint64_t dst = t.placement.offset + e.dst_offset;
-      uint64_t dst_bytes = e.bytes / in * out;
-      if (dst > size || dst_bytes > size - dst)
-        return make_error(StatusCode::kInternal,
-                          "tensor " + name + " runs past the end of its segment");
-    }
     auto first = std::find_if(t.extents.begin(), t.extents.end(),
                               [](const ReadExtent& e) { return e.bytes > 0; });
     if (first != t.extents.end())
-      order.push_back(Order{t.source.file_index, first->file_offset, ti});
+      maker.order_.push_back(Order{t.source.file_index, first->file_offset, ti});
   }
-  std::stable_sort(order.begin(), order.end(), [](const Order& a, const Order& b) {
+  std::stable_sort(maker.order_.begin(), maker.order_.end(), [](const Order& a, const Order& b) {
     return a.file != b.file ? a.file < b.file : a.offset < b.offset;
   });
+  return maker;
+}
 
-  std::vector<WorkItem> items;
+size_t WorkItemMaker::estimated_items() const {
+  return order_.size() + static_cast<size_t>(plan_->bytes_to_read / chunk_);
+}
+
+Result<void> WorkItemMaker::check_extents(const TensorCopy& t) const {
+  const std::string& name = t.source.name;
+  const uint64_t in = dtype_size(t.source.dtype);
+  const uint64_t out = dtype_size(t.target_dtype);
+  const uint64_t size = segment_sizes_[t.placement.segment];
+  uint64_t previous_end = 0;
+  for (const ReadExtent& e : t.extents) {
+    if (e.bytes == 0) continue;
+    if (e.bytes % in != 0)
+      return make_error(StatusCode::kInternal,
+                        "tensor " + name + " has an extent of partial elements");
+    if (e.file_offset < previous_end)
+      return make_error(StatusCode::kInternal, "tensor " + name + " has extents out of file order");
+    previous_end = e.file_offset + e.bytes;
+    uint64_t dst = t.placement.offset + e.dst_offset;
+    uint64_t dst_bytes = e.bytes / in * out;
+    if (dst > size || dst_bytes > size - dst)
+      return make_error(StatusCode::kInternal,
+                        "tensor " + name + " runs past the end of its segment");
+  }
+  return ok_result();
+}
+
+Result<bool> WorkItemMaker::next(std::vector<WorkItem>& items) {
+  if (next_ >= order_.size()) return false;
+  const TensorCopy& t = plan_->tensors[order_[next_++].tensor];
+  COMPANION_TRY(check_extents(t));
+  const uint64_t in = dtype_size(t.source.dtype);
+  const uint64_t out = dtype_size(t.target_dtype);
+  const uint64_t chunk = chunk_;
   WorkItem cur;
   bool open = false;
-  size_t cur_tensor = 0;
   uint64_t staged = 0;  // target bytes of the current item's pieces
   auto close = [&] {
     if (!open) return;
@@ -926,25 +986,27 @@ Result<std::vector<WorkItem>> make_work_items(const LoadPlan& plan,
     cur = WorkItem{};
     open = false;
   };
-  auto add_run = [&](Run r) -> Result<void> {
-    while (r.bytes > 0) {
-      if (open && (cur_tensor != r.tensor || r.offset < cur.lo || r.offset > cur.hi + max_gap))
-        close();
+  for (const ReadExtent& e : t.extents) {
+    if (e.bytes == 0) continue;
+    uint64_t offset = e.file_offset;
+    uint64_t bytes = e.bytes;
+    uint64_t dst = t.placement.offset + e.dst_offset;
+    while (bytes > 0) {
+      if (open && (offset < cur.lo || offset > cur.hi + max_gap_)) close();
       if (!open) {
         open = true;
-        cur.file = r.file;
-        cur.lo = cur.hi = r.offset;
-        cur_tensor = r.tensor;
+        cur.file = t.source.file_index;
+        cur.lo = cur.hi = offset;
         staged = 0;
       }
-      uint64_t from_lo = r.offset - cur.lo;
-      uint64_t take = std::min(r.bytes, from_lo < chunk_bytes ? chunk_bytes - from_lo : 0);
-      take = std::min(take, (chunk_bytes - staged) / r.out * r.in);
-      take = take / r.in * r.in;
-      if (take > 0 && take < r.bytes) {
+      uint64_t from_lo = offset - cur.lo;
+      uint64_t take = std::min(bytes, from_lo < chunk ? chunk - from_lo : 0);
+      take = std::min(take, (chunk - staged) / out * in);
+      take = take / in * in;
+      if (take > 0 && take < bytes) {
         // Split where an O_DIRECT read of the next item starts aligned, when elements allow.
-        uint64_t end = align_down(r.offset + take);
-        if (end > r.offset && (end - r.offset) % r.in == 0) take = end - r.offset;
+        uint64_t end = align_down(offset + take);
+        if (end > offset && (end - offset) % in == 0) take = end - offset;
       }
       if (take == 0) {
         if (cur.pieces.empty())
@@ -952,30 +1014,31 @@ Result<std::vector<WorkItem>> make_work_items(const LoadPlan& plan,
         close();
         continue;
       }
-      cur.pieces.push_back(Piece{r.offset, take, r.from, r.to, r.segment, r.dst, staged});
-      cur.hi = std::max(cur.hi, r.offset + take);
+      cur.pieces.push_back(
+          Piece{offset, take, t.source.dtype, t.target_dtype, t.placement.segment, dst, staged});
+      cur.hi = std::max(cur.hi, offset + take);
       cur.source_bytes += take;
-      staged += take / r.in * r.out;
-      r.offset += take;
-      r.dst += take / r.in * r.out;
-      r.bytes -= take;
-      if (r.bytes > 0) close();  // full
-    }
-    return ok_result();
-  };
-  for (const Order& o : order) {
-    const TensorCopy& t = plan.tensors[o.tensor];
-    const uint64_t in = dtype_size(t.source.dtype);
-    const uint64_t out = dtype_size(t.target_dtype);
-    for (const ReadExtent& e : t.extents) {
-      if (e.bytes == 0) continue;
-      COMPANION_TRY(add_run(Run{o.tensor, t.source.file_index, e.file_offset, e.bytes,
-                                t.source.dtype, t.target_dtype, in, out, t.placement.segment,
-                                t.placement.offset + e.dst_offset}));
+      staged += take / in * out;
+      offset += take;
+      dst += take / in * out;
+      bytes -= take;
+      if (bytes > 0) close();  // full
     }
   }
   close();
-  return items;
+  return true;
+}
+
+Result<std::vector<WorkItem>> make_work_items(const LoadPlan& plan,
+                                              const std::vector<uint64_t>& segment_sizes,
+                                              uint64_t chunk_bytes, uint64_t max_gap) {
+  COMPANION_ASSIGN_OR_RETURN(WorkItemMaker maker,
+                             WorkItemMaker::create(plan, segment_sizes, chunk_bytes, max_gap));
+  std::vector<WorkItem> items;
+  for (;;) {
+    COMPANION_ASSIGN_OR_RETURN(bool more, maker.next(items));
+    if (!more) return items;
+  }
 }
 
 Result<void> run(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,

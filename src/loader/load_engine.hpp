@@ -9,6 +9,7 @@
 #include <climits>
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "companion/result.hpp"
@@ -29,6 +30,9 @@ inline constexpr uint64_t kMaxGapBytes = 128ull << 10;
 // out of the page cache into a cache-hot scratch costs about what a system call does (measured:
 // 4 KiB gaps read faster bridged, 14 KiB ones split).
 inline constexpr uint64_t kMaxBridgedGap = 8ull << 10;
+static_assert(kMaxBridgedGap == LoadOptions{}.bridged_gap_bytes);
+// The largest bridged gap LoadOptions may ask for (a reader's scratch buffer).
+inline constexpr uint64_t kBridgedGapLimit = 1ull << 20;
 
 // The most iovecs one preadv(2) takes.
 inline constexpr size_t kMaxIovecs = IOV_MAX;
@@ -95,6 +99,43 @@ Result<std::vector<WorkItem>> make_work_items(const LoadPlan& plan,
                                               const std::vector<uint64_t>& segment_sizes,
                                               uint64_t chunk_bytes,
                                               uint64_t max_gap = kMaxGapBytes);
+
+// make_work_items one tensor at a time, so that reading starts when the first tensor's items
+// exist: a row-split shard has one extent per row (260,000 in an 8B model's rank), and making
+// all of its items first cost tens of milliseconds before the first read.
+class WorkItemMaker {
+ public:
+  // Checks each tensor's file, dtypes and segment and orders the tensors by their first extent
+  // (O(tensors)); the extents themselves are checked as next() reaches them.
+  static Result<WorkItemMaker> create(const LoadPlan& plan, std::vector<uint64_t> segment_sizes,
+                                      uint64_t chunk_bytes, uint64_t max_gap = kMaxGapBytes);
+  // Appends the items of the next tensor in file order to `out`; false once every tensor is done.
+  Result<bool> next(std::vector<WorkItem>& out);
+  // Tensors with bytes to read, plus the plan's bytes in chunks: about how many items there are
+  // (how many reader threads can be busy).
+  size_t estimated_items() const;
+
+ private:
+  struct Order {
+    uint32_t file;
+    uint64_t offset;
+    size_t tensor;
+  };
+  WorkItemMaker(const LoadPlan& plan, std::vector<uint64_t> segment_sizes, uint64_t chunk_bytes,
+                uint64_t max_gap)
+      : plan_(&plan),
+        segment_sizes_(std::move(segment_sizes)),
+        chunk_(chunk_bytes),
+        max_gap_(max_gap) {}
+  Result<void> check_extents(const TensorCopy& tensor) const;
+
+  const LoadPlan* plan_;
+  std::vector<uint64_t> segment_sizes_;
+  uint64_t chunk_;
+  uint64_t max_gap_;
+  std::vector<Order> order_;
+  size_t next_ = 0;
+};
 
 // load_into_slab with its options resolved.
 Result<void> run(const LoadPlan& plan, memory::Slab& slab, const ProgressFn& progress,

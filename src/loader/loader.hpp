@@ -104,7 +104,9 @@ struct LoadStats {
   size_t staging_buffers_reused = 0;      // of those, kept from an earlier load (GPU slabs)
   size_t staging_buffers_peak = 0;        // most held at once by readers and copies in flight
   double staging_alloc_seconds = 0;       // time spent allocating them (pinned memory is slow)
-  double readers_started_seconds = 0;     // since the start: work planned, files opened, threads up
+  double readers_started_seconds = 0;     // since the start: files opened, staging, threads up
+  double items_made_seconds = 0;          // since the start: the last work item made (readers
+                                          // start on the first ones while the rest are made)
   double reader_busy_seconds = 0;         // summed over reader threads: time reading/staging items
   double readers_first_done_seconds = 0;  // since the start: the first reader out of work
   double readers_last_done_seconds = 0;   // and the last (the spread is the load's tail)
@@ -113,7 +115,8 @@ struct LoadStats {
 
 // How to load. The defaults suit a GPU server; every field has a safe fallback.
 struct LoadOptions {
-  // Threads reading the checkpoint; 0: min(16, hardware threads).
+  // Threads reading the checkpoint; 0: min(16, cores) for host slabs, min(16, cores - cores / 4)
+  // when the bytes go through staging (GPU slabs).
   size_t reader_threads = 0;
   // Largest piece of work: bytes read at once, and bytes of one staging buffer (casts count the
   // larger of source and target bytes). Rounded down to a multiple of 8, at least 64.
@@ -132,6 +135,10 @@ struct LoadOptions {
   // GPU slabs: pinned staging buffers are kept for later loads of this process (at most 256 MiB
   // per GPU) rather than freed, so that only the first load pays for pinning them.
   bool keep_staging = true;
+  // Buffered reads of a row shard (pieces of each row with other ranks' bytes between): a gap of
+  // at most this many bytes is read within the same preadv(2) and dropped, a longer one starts
+  // another call (at most 1 MiB; see engine::kMaxBridgedGap for why 8 KiB).
+  uint64_t bridged_gap_bytes = 8ull << 10;
   // Test hook: nullptr reads with pread(2).
   ReadSource* read_source = nullptr;
   // Filled in when not null (also when the load fails).

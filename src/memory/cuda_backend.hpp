@@ -5,6 +5,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -29,6 +30,9 @@ Result<GpuIdentity> resolve_gpu(const std::string& device);
 
 // The driver's CUDA version (cuDriverGetVersion: 13000 for CUDA 13.0).
 Result<int> cuda_driver_version();
+// The NVIDIA kernel module's version ("580.159.04", what nvidia-smi calls the driver version),
+// read from /proc/driver/nvidia/version; nullopt where that file is missing or unreadable.
+std::optional<std::string> nvidia_driver_release();
 // What a GPU offers the backends: cuda-vmm needs both (virtual memory management, and exporting
 // memory as POSIX file descriptors); cuda-ipc works without them.
 struct GpuSupport {

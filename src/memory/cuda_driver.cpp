@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <sys/mman.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cctype>
 #include <cerrno>
@@ -516,6 +517,25 @@ Result<void> synchronize_device(int ordinal) {
 }
 
 // ---- GPU identity parsing --------------------------------------------------------------------
+
+std::optional<std::string> parse_nvidia_module_version(std::string_view text) {
+  text = text.substr(0, text.find('\n'));
+  size_t at = 0;
+  while (at < text.size()) {
+    while (at < text.size() && std::isspace(static_cast<unsigned char>(text[at]))) ++at;
+    size_t end = at;
+    while (end < text.size() && !std::isspace(static_cast<unsigned char>(text[end]))) ++end;
+    std::string_view word = text.substr(at, end - at);
+    at = end;
+    if (word.empty() || word.front() == '.' || word.back() == '.' ||
+        word.find('.') == std::string_view::npos)
+      continue;
+    if (std::all_of(word.begin(), word.end(),
+                    [](char c) { return c == '.' || (c >= '0' && c <= '9'); }))
+      return std::string(word);
+  }
+  return std::nullopt;
+}
 
 std::string format_gpu_uuid(const unsigned char (&bytes)[16]) {
   static constexpr char kDigits[] = "0123456789abcdef";

@@ -373,6 +373,11 @@ Result<void> synchronize_device(int ordinal);
 
 // ---- GPU identity parsing (pure; no driver needed) -------------------------------------------
 
+// The kernel module's version ("580.159.04") from the text of /proc/driver/nvidia/version
+// ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release Build ..."):
+// the first word of its first line made of digits and dots, with at least one dot.
+std::optional<std::string> parse_nvidia_module_version(std::string_view proc_text);
+
 // "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx", lowercase hex, like nvidia-smi -L.
 std::string format_gpu_uuid(const unsigned char (&bytes)[16]);
 // Accepts a UUID with or without the "GPU-" prefix, any case, with the dashes at their usual

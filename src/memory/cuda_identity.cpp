@@ -1,5 +1,6 @@
 // GPU identity: list the visible GPUs and resolve a user's device string (ordinal, UUID, PCI bus
 // id) to one of them.
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -83,6 +84,13 @@ Result<GpuIdentity> resolve_gpu(const std::string& device) {
 Result<int> cuda_driver_version() {
   COMPANION_ASSIGN_OR_RETURN(const cuda::DriverApi* api, cuda::driver());
   return api->driver_version;
+}
+
+std::optional<std::string> nvidia_driver_release() {
+  std::ifstream in("/proc/driver/nvidia/version");
+  std::string first;
+  if (!in || !std::getline(in, first)) return std::nullopt;
+  return cuda::parse_nvidia_module_version(first);
 }
 
 Result<GpuSupport> gpu_support(int ordinal) {

@@ -735,6 +735,72 @@ INSTANTIATE_TEST_SUITE_P(, EngineBytes,
                                            Case{Sink::kHost, std::nullopt, DirectIo::kOff, true}),
                          [](const auto& tp) { return case_name(tp.param); });
 
+// Items are made while the readers read: hundreds of small tensors (many hand-overs, several
+// batches each) load byte-exact with one reader and with many, into both sinks.
+TEST(Engine, ItemsHandedOverWhileMadeAreByteExact) {
+  auto model = make_model(17, 400, 3, 300);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, std::nullopt, *backend);
+  ASSERT_TRUE(plan.ok()) << plan.error().to_string();
+  for (Sink sink : {Sink::kHost, Sink::kWrite}) {
+    for (size_t threads : {1u, 3u, 16u}) {
+      SCOPED_TRACE(threads);
+      auto slab = allocate(*plan, sink, nullptr);
+      ASSERT_TRUE(slab);
+      LoadOptions options;
+      options.reader_threads = threads;
+      options.chunk_bytes = 4 * kKiB;
+      std::atomic<bool> cancel{false};
+      Outcome run = load(*plan, *slab, options, cancel);
+      ASSERT_TRUE(run.result.ok()) << run.result.error().to_string();
+      expect_progress_sane(run, plan->bytes_to_read);
+      auto items = engine::make_work_items(*plan, plan->segment_sizes, options.chunk_bytes);
+      ASSERT_TRUE(items.ok());
+      EXPECT_EQ(run.stats.work_items, items->size());
+      EXPECT_GT(run.stats.items_made_seconds, 0.0);
+      expect_plan_contents(*plan, read_back(*slab), read_files(*plan));
+    }
+  }
+}
+
+// A fault in the plan found when the readers have long started (the last tensor in file order
+// has its extents out of order) fails the load as an internal error; nothing hangs.
+TEST(Engine, APlanFaultFoundWhileReadingStopsTheLoad) {
+  auto model = make_model(23, 300, 1, 2000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, std::nullopt, *backend);
+  ASSERT_TRUE(plan.ok()) << plan.error().to_string();
+  std::optional<size_t> last;
+  for (size_t i = 0; i < plan->tensors.size(); ++i) {
+    const auto& extents = plan->tensors[i].extents;
+    if (extents.empty() || extents.front().bytes == 0) continue;
+    if (!last || extents.front().file_offset > plan->tensors[*last].extents.front().file_offset)
+      last = i;
+  }
+  ASSERT_TRUE(last.has_value());
+  TensorCopy& t = plan->tensors[*last];
+  ASSERT_EQ(t.extents.size(), 1u);
+  const uint64_t element = dtype_size(t.source.dtype);
+  const ReadExtent whole = t.extents.front();
+  ASSERT_GE(whole.bytes, 2 * element);
+  const uint64_t half = whole.bytes / element / 2 * element;
+  t.extents = {ReadExtent{whole.file_offset + half, whole.bytes - half, half},
+               ReadExtent{whole.file_offset, half, 0}};
+  for (size_t threads : {1u, 4u}) {
+    auto slab = allocate(*plan, Sink::kWrite, nullptr);
+    ASSERT_TRUE(slab);
+    LoadOptions options;
+    options.reader_threads = threads;
+    options.chunk_bytes = 1 * kKiB;
+    std::atomic<bool> cancel{false};
+    Outcome run = load(*plan, *slab, options, cancel);
+    ASSERT_FALSE(run.result.ok());
+    EXPECT_EQ(run.result.error().code, StatusCode::kInternal);
+    EXPECT_NE(run.result.error().message.find("out of file order"), std::string::npos);
+    EXPECT_LT(run.seconds, 10.0);
+  }
+}
+
 TEST(Engine, BigChunksWithODirectAreByteExact) {
   // Chunks well above the O_DIRECT threshold, over several files, both sinks.
   auto model = make_model(99, 12, 2, 100000);

@@ -18,6 +18,21 @@ TEST(CudaIdentity, FormatsUuidLikeNvidiaSmi) {
   EXPECT_EQ(format_gpu_uuid(zeros), "GPU-00000000-0000-0000-0000-000000000000");
 }
 
+TEST(CudaIdentity, ReadsTheKernelModuleVersion) {
+  EXPECT_EQ(parse_nvidia_module_version(
+                "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.159.04  Release "
+                "Build  (nixbld@)  \nGCC version:  gcc version 15.3.0 (GCC) \n"),
+            "580.159.04");
+  EXPECT_EQ(parse_nvidia_module_version("NVRM version: NVIDIA UNIX x86_64 Kernel Module  "
+                                        "535.104.05  Sat Aug 19 01:15:15 UTC 2023\n"),
+            "535.104.05");
+  EXPECT_EQ(parse_nvidia_module_version("NVRM version: NVIDIA UNIX aarch64 Kernel Module  570.86"),
+            "570.86");
+  // Only the first line counts; words with no dot, a leading or trailing dot are not versions.
+  EXPECT_EQ(parse_nvidia_module_version("NVRM version: 2023 x86_64 .5 5.\n1.2.3"), std::nullopt);
+  EXPECT_EQ(parse_nvidia_module_version(""), std::nullopt);
+}
+
 TEST(CudaIdentity, NormalizesUuids) {
   const std::string canonical = "GPU-5b8a1c2d-00ff-1234-abcd-ef0123456789";
   EXPECT_EQ(normalize_gpu_uuid(canonical), canonical);
