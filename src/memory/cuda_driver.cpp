@@ -12,6 +12,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <sstream>
 #include <utility>
 
 #include "common/log.hpp"
@@ -519,20 +520,13 @@ Result<void> synchronize_device(int ordinal) {
 // ---- GPU identity parsing --------------------------------------------------------------------
 
 std::optional<std::string> parse_nvidia_module_version(std::string_view text) {
-  text = text.substr(0, text.find('\n'));
-  size_t at = 0;
-  while (at < text.size()) {
-    while (at < text.size() && std::isspace(static_cast<unsigned char>(text[at]))) ++at;
-    size_t end = at;
-    while (end < text.size() && !std::isspace(static_cast<unsigned char>(text[end]))) ++end;
-    std::string_view word = text.substr(at, end - at);
-    at = end;
-    if (word.empty() || word.front() == '.' || word.back() == '.' ||
-        word.find('.') == std::string_view::npos)
-      continue;
-    if (std::all_of(word.begin(), word.end(),
-                    [](char c) { return c == '.' || (c >= '0' && c <= '9'); }))
-      return std::string(word);
+  std::istringstream words{std::string(text.substr(0, text.find('\n')))};
+  for (std::string word; words >> word;) {
+    const bool digits_and_dots = std::all_of(
+        word.begin(), word.end(), [](char c) { return c == '.' || (c >= '0' && c <= '9'); });
+    if (digits_and_dots && word.find('.') != std::string::npos && word.front() != '.' &&
+        word.back() != '.')
+      return word;
   }
   return std::nullopt;
 }
