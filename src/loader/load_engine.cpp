@@ -467,8 +467,10 @@ class Engine {
 
   void fail(Error error) {
     {
+      // The first failure is the load's: a reader's fault (recorded before stop_ is set, so seen
+      // here by anyone who stopped because of it) comes before the "load stopped" it causes.
       std::lock_guard lock(mutex_);
-      if (!error_) error_ = std::move(error);
+      if (!error_ && reader_fault_.load() == StatusCode::kOk) error_ = std::move(error);
     }
     stop_.store(true);
     cv_.notify_all();

@@ -959,10 +959,9 @@ void ModelStore::run_load(std::shared_ptr<Entry> entry, uint64_t generation, boo
   load_options.read_source = config_.read_source;
   auto loaded = loader::load_into_slab(*plan, **slab, progress, *cancel, load_options);
   if (cancel->load()) return;  // reads can block; the store may be gone since
-  if (!loaded.ok()) {
-    if (loaded.error().code == StatusCode::kCancelled) return;  // unload already published
-    return fail(loaded.error());
-  }
+  // Not cancelled, so any error is this load's to show, even one that reads "stopped": a model
+  // must never stay loading once its worker is done with it.
+  if (!loaded.ok()) return fail(loaded.error());
   if (auto f = fault::point(fault::Stage::kSeal, model.source.path); !f.ok())
     return fail(f.error());
   auto sealed = (*slab)->seal();

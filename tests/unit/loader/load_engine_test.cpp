@@ -1210,6 +1210,53 @@ TEST_P(EngineFailures, FileEndingEarlyIsBadCheckpoint) {
   EXPECT_EQ(run.result.error().code, StatusCode::kBadCheckpoint) << run.result.error().to_string();
 }
 
+// The first read waits until the second has thrown std::bad_alloc on another reader thread, then
+// comes back short, so that its thread notices the load stopping in the middle of an item.
+class BadAllocThenShortSource final : public ReadSource {
+ public:
+  ssize_t pread(int fd, void* dst, size_t bytes, uint64_t offset) override {
+    const int call = ++calls_;
+    if (call == 2) {
+      thrown_.store(true);
+      throw std::bad_alloc();
+    }
+    if (call == 1) {
+      for (auto until = Clock::now() + std::chrono::seconds(5);
+           !thrown_.load() && Clock::now() < until;)
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));  // the fault is recorded
+      bytes = std::min<size_t>(bytes, 1);
+    }
+    return ::pread(fd, dst, bytes, static_cast<off_t>(offset));
+  }
+  bool thrown() const { return thrown_.load(); }
+
+ private:
+  std::atomic<int> calls_{0};
+  std::atomic<bool> thrown_{false};
+};
+
+// A reader that runs out of memory fails the load as out of memory, even when another reader
+// stopped because of it before the load ended ("load stopped" is not the load's error).
+TEST_P(EngineFailures, AReaderOutOfMemoryIsTheLoadsErrorNotTheStopItCauses) {
+  auto model = make_model(41, 8, 1, 20000);
+  auto backend = memory::make_host_backend();
+  auto plan = make_load_plan(model->ckpt, std::nullopt, *backend);
+  ASSERT_TRUE(plan.ok());
+  auto slab = allocate(*plan, GetParam(), nullptr);
+  BadAllocThenShortSource source;
+  LoadOptions options;
+  options.reader_threads = 2;
+  options.chunk_bytes = 16 * kKiB;
+  options.direct_io = DirectIo::kOff;
+  options.read_source = &source;
+  std::atomic<bool> cancel{false};
+  Outcome run = load(*plan, *slab, options, cancel);
+  ASSERT_TRUE(source.thrown());
+  ASSERT_FALSE(run.result.ok());
+  EXPECT_EQ(run.result.error().code, StatusCode::kOutOfMemory) << run.result.error().to_string();
+}
+
 TEST(EngineWriteFailure, StopsEverything) {
   auto model = make_model(31, 16, 2, 60000);
   auto backend = memory::make_host_backend();
